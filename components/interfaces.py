@@ -1,0 +1,132 @@
+"""The abstract bases every registry checks against.
+
+Each kind of swappable block has one base here. A registered class must subclass its
+kind's base; a registered factory must be annotated to return it. The bases are kept
+small on purpose: they state the forward contract and tensor shapes that any
+implementation honours, so a recipe can swap one implementation for another.
+
+Shape letters: B batch, T sequence length, D model width, H heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+PositionKind = Literal["rotary", "additive", "absolute", "none"]
+
+
+class Norm(nn.Module, abc.ABC):
+    """Normalises over the last dimension.
+
+    forward(x: [..., D]) -> [..., D], same dtype as `x`.
+    """
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def reset_parameters(self) -> None:
+        """Re-initialise parameters in place (called after meta-device materialisation)."""
+
+
+class PositionEncoding(nn.Module, abc.ABC):
+    """Injects token positions. `kind` says where it acts:
+
+    - "rotary": rotates queries and keys inside attention (`RotaryEncoding`);
+    - "additive": produces a per-head bias added to attention scores;
+    - "absolute": adds a vector to the token embeddings;
+    - "none": does nothing (NoPE).
+
+    An attention declares in `Attention.supported_positions` which kinds it accepts.
+    """
+
+    kind: ClassVar[PositionKind]
+
+
+class RotaryEncoding(PositionEncoding):
+    """Rotary encoding applied to queries and keys.
+
+    forward(x: [B, H, T, Dh], positions: [T] or [B, T] int64) -> [B, H, T, Dh].
+    Dh must be even. Parameter-free; frequencies are derived from Dh at call time so the
+    same encoding object serves any head width.
+    """
+
+    kind: ClassVar[PositionKind] = "rotary"
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+
+class Attention(nn.Module, abc.ABC):
+    """Causal self-attention over a full sequence (no KV cache).
+
+    forward(x: [B, T, D], *, doc_ids: [B, T] int | None = None) -> [B, T, D].
+    With `doc_ids`, a token attends only to earlier tokens of the same document, which is
+    how packed sequences of several documents are trained.
+    """
+
+    supported_positions: ClassVar[frozenset[str]] = frozenset({"rotary", "none"})
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def score_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token spent outside parameter matmuls (scores and weighted sum).
+
+        Uses the full-sequence convention (no causal halving), as MFU reports usually do.
+        """
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        """Re-initialise projections: inputs with `init_std`, output with `out_std`."""
+
+
+class FeedForward(nn.Module, abc.ABC):
+    """Position-wise feed-forward network.
+
+    forward(x: [B, T, D]) -> [B, T, D].
+    """
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        """Re-initialise projections: inputs with `init_std`, output with `out_std`."""
+
+
+class ParallelPlan(abc.ABC):
+    """How a model is laid out across processes.
+
+    `apply` receives the model still on the meta device and returns the module to train
+    (possibly wrapped or sharded); it must not materialise weights.
+    """
+
+    @abc.abstractmethod
+    def apply(self, model: nn.Module) -> nn.Module: ...
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on the process that logs and writes files."""
+        return True
+
+
+class Schedule(abc.ABC):
+    """A scalar as a function of the optimizer step: learning-rate multiplier and the like.
+
+    `__call__(step)` returns the multiplier for `step` (0-based). For learning rates the
+    multiplier scales each parameter group's base `lr`.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, step: int) -> float: ...
+
+
+ParamGroups = Iterable[dict[str, Any]]
+"""What an optimizer factory receives: torch-style parameter groups."""
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""A built `OPTIMIZER` partial: call it with `ParamGroups` to get the optimizer."""

@@ -1,0 +1,16 @@
+"""The trivial parallel plan: one process, the model unchanged."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from components.interfaces import ParallelPlan
+from registry.kinds import PARALLEL_PLAN
+
+
+@PARALLEL_PLAN.register("single")
+class SingleProcess(ParallelPlan):
+    """Trains in the current process without wrapping or sharding."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return model

@@ -1,0 +1,27 @@
+"""Turns a validated run config into a running job: the model is built on the meta device."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import fiddle as fdl
+import torch
+
+
+def build_model_on_meta(model_config: fdl.Buildable) -> torch.nn.Module:
+    """Build the model config with every parameter on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return fdl.build(model_config)
+
+
+def launch(config: fdl.Partial) -> Any:
+    """Build `config` (a `fdl.Partial` of a train function with a `model` argument) and call it.
+
+    The model is built on the meta device first so that the parallel plan can shard it
+    before weights are materialised; everything else is built normally.
+    """
+    run = copy.copy(config)
+    if "model" in config.__arguments__:
+        run.model = build_model_on_meta(config.model)
+    return fdl.build(run)()

@@ -1,0 +1,117 @@
+"""The training loop: seed, lay out and initialise the model, then step the optimizer.
+
+A recipe preset is `fdl.Partial(train, model=..., data=..., ...)`. The model arrives built
+on the meta device (see `components.train.launch`), so the parallel plan sees it before
+any weight exists; here it is materialised on the CPU and initialised from `seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torchtitan.distributed.utils import clip_grad_norm_
+
+from components.data.stdlib_bytes import StdlibBytes
+from components.interfaces import OptimizerFactory, ParallelPlan, Schedule
+from components.model.decoder import DecoderLM
+from components.optim.param_groups import decay_groups
+from components.train.progress import TrainProgress
+from registry.invariants import invariant
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run measured: per-step training loss, final validation loss, throughput."""
+
+    losses: list[float]
+    val_loss: float
+    tokens_per_second: float
+    seconds: float
+
+
+@invariant("steps > 0 and batch_size > 0 and seq_len > 0",
+           lambda steps, batch_size, seq_len: steps > 0 and batch_size > 0 and seq_len > 0,
+           fix="use positive steps, batch_size and seq_len")
+@invariant("grad_clip is None or grad_clip > 0", lambda grad_clip: grad_clip is None or grad_clip > 0,
+           fix="set grad_clip to a positive max norm, or None to disable clipping")
+def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, scheduler: Schedule,
+          parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, grad_clip: float | None = 1.0,
+          autocast_dtype: torch.dtype | None = None, seed: int = 0, eval_batches: int = 8,
+          threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
+    """Train `model` for `steps` optimizer steps on next-token prediction.
+
+    Args:
+        model: the language model (on the meta device or already materialised).
+        data: where batches come from.
+        optimizer: a built `OPTIMIZER` partial, called with the parameter groups.
+        scheduler: learning-rate multiplier per step.
+        parallel: the parallel plan applied before materialisation.
+        steps, batch_size, seq_len: run length and batch shape [batch_size, seq_len].
+        grad_clip: max global gradient norm (pre-clip norm is reported), None to disable.
+        autocast_dtype: e.g. torch.bfloat16 for CPU autocast; None trains in fp32.
+        seed: seeds weights and batch sampling; the same seed gives the same run.
+        eval_batches: validation batches averaged at the end.
+        threads: torch intra-op threads (None leaves torch's default).
+    """
+    if data.vocab_size > model.vocab_size:
+        raise ValueError(f"data has {data.vocab_size} token ids but model.vocab_size is {model.vocab_size}; "
+                         f"set model.vocab_size >= {data.vocab_size}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = parallel.apply(model)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu")
+        model.init_weights()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(decay_groups(model))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, scheduler)
+    generator = torch.Generator().manual_seed(seed)
+    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    with TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
+        for step in range(steps):
+            batch = data.batch("train", batch_size=batch_size, seq_len=seq_len, generator=generator)
+            with autocast:
+                logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+            loss.backward()
+            grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            lr_schedule.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(step=step, loss=losses[-1], lr=lr, tokens=batch_size * seq_len, grad_norm=grad_norm.item())
+        tokens_per_second = bar.tokens_per_second
+    val_loss = evaluate(model, data, batches=eval_batches, batch_size=batch_size, seq_len=seq_len,
+                        autocast_dtype=autocast_dtype, seed=seed)
+    seconds = time.perf_counter() - start
+    if progress:
+        bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
+                          f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
+    return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
+
+
+@torch.no_grad()
+def evaluate(model: DecoderLM, data: StdlibBytes, *, batches: int, batch_size: int, seq_len: int,
+             autocast_dtype: torch.dtype | None, seed: int) -> float:
+    """Mean next-token cross-entropy on `batches` validation batches (a fixed sample per seed)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    total = 0.0
+    for _ in range(batches):
+        batch = data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator)
+        with autocast:
+            logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten()).item()
+    model.train()
+    return total / max(1, batches)

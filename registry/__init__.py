@@ -1,0 +1,17 @@
+"""Typed registries and the config machinery: registration, validation, CLI, serialization.
+
+    from registry import ATTENTION, validate
+    cfg = ATTENTION.config("gqa", dim=256, n_heads=8, n_kv_heads=2)
+"""
+
+from registry.errors import ConfigError, Fault, RegistryError
+from registry.invariants import invariant
+from registry.kinds import ATTENTION, FEED_FORWARD, NORM, OPTIMIZER, PARALLEL_PLAN, POSITION, SCHEDULER
+from registry.recipe import Recipe
+from registry.registry import Registry, all_registries
+from registry.validate import validate
+
+__all__ = [
+    "ATTENTION", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION", "SCHEDULER",
+    "ConfigError", "Fault", "Recipe", "Registry", "RegistryError", "all_registries", "invariant", "validate",
+]

@@ -1,0 +1,102 @@
+"""The command line shared by every recipe:
+
+    python recipes/X.py [PRESET] [path=value ...] [--print | --dump FILE | --dry-run] [--load FILE]
+
+Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
+(print the tree, dump JSON, dry-run plan, or build and run). Config faults exit with
+status 2 and a message naming each path and its fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+import fiddle as fdl
+from rich.console import Console
+from rich.markup import escape
+
+from registry import serialize
+from registry.errors import ConfigError, Fault, RegistryError
+from registry.overrides import apply_overrides
+from registry.printing import config_tree
+from registry.registry import all_registries
+from registry.validate import validate
+
+if TYPE_CHECKING:
+    from registry.recipe import Recipe
+
+
+def _parser(recipe: Recipe) -> argparse.ArgumentParser:
+    presets = "\n".join(
+        f"  {name:<20} {recipe.summary(name)}{'  (default)' if name == recipe.default else ''}"
+        for name in recipe.presets
+    )
+    registries = "\n".join(f"  {reg.kind:<14} {', '.join(reg.names())}" for reg in all_registries())
+    parser = argparse.ArgumentParser(
+        prog=f"python recipes/{recipe.name}.py",
+        description=(recipe.doc or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            f"presets:\n{presets}\n\nregistered components (swap with path=@name(arg=value)):\n{registries}\n\n"
+            "overrides:\n"
+            "  steps=200  optimizer.lr=1e-3  autocast_dtype=torch.bfloat16\n"
+            "  model.layers[*].attention.n_kv_heads=2      ([*] broadcasts over a list)\n"
+            "  model.layers[*].attention=@gqa(n_kv_heads=2) (swap by registry name)"
+        ),
+    )
+    parser.add_argument("args", nargs="*", metavar="[PRESET] [path=value ...]",
+                        help="preset name (optional), then overrides")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--print", action="store_true", help="print the resolved config tree and exit")
+    action.add_argument("--dump", metavar="FILE", help="write the resolved config as JSON and exit")
+    action.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device; print parameters and FLOPs per token")
+    parser.add_argument("--load", metavar="FILE", help="start from a JSON config written by --dump")
+    return parser
+
+
+def resolve(recipe: Recipe, args: list[str], load: str | None = None) -> tuple[Any, list[str]]:
+    """The validated config for positional `args` (preset then overrides); returns (config, notes)."""
+    overrides = list(args)
+    preset = None
+    if overrides and "=" not in overrides[0]:
+        preset = overrides.pop(0)
+    if load is not None:
+        if preset is not None:
+            raise ConfigError([Fault(
+                preset, "a preset name cannot be combined with --load", "drop the preset or --load")])
+        config = serialize.load(load)
+    else:
+        config = recipe.config(preset)
+    notes = apply_overrides(config, overrides)
+    validate(config)
+    return config, notes
+
+
+def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
+    parser = _parser(recipe)
+    ns = parser.parse_args(argv)
+    err = Console(stderr=True)
+    try:
+        config, notes = resolve(recipe, ns.args, ns.load)
+    except (ConfigError, RegistryError) as error:
+        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    for note in notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    out = Console()
+    if ns.print:
+        out.print(config_tree(config, label=f"{recipe.name}"))
+    elif ns.dump:
+        serialize.dump(config, ns.dump)
+        out.print(f"wrote {ns.dump}", markup=False)
+    elif ns.dry_run:
+        from components.train.plan import dry_run
+
+        dry_run(config, console=out)
+    else:
+        from components.train.launch import launch
+
+        launch(config)

@@ -1,0 +1,16 @@
+"""One registry per kind of component. Later kinds (data stages, losses, ...) are added here."""
+
+from __future__ import annotations
+
+import torch
+
+from components.interfaces import Attention, FeedForward, Norm, ParallelPlan, PositionEncoding, Schedule
+from registry.registry import Registry
+
+ATTENTION: Registry[Attention] = Registry(kind="ATTENTION", base=Attention)
+FEED_FORWARD: Registry[FeedForward] = Registry(kind="FEED_FORWARD", base=FeedForward)
+NORM: Registry[Norm] = Registry(kind="NORM", base=Norm)
+POSITION: Registry[PositionEncoding] = Registry(kind="POSITION", base=PositionEncoding)
+PARALLEL_PLAN: Registry[ParallelPlan] = Registry(kind="PARALLEL_PLAN", base=ParallelPlan)
+OPTIMIZER: Registry[torch.optim.Optimizer] = Registry(kind="OPTIMIZER", base=torch.optim.Optimizer)
+SCHEDULER: Registry[Schedule] = Registry(kind="SCHEDULER", base=Schedule)

@@ -1,0 +1,82 @@
+"""JSON dump/load of config trees, on fiddle's serializer, with a restrictive import policy.
+
+`load` imports only: modules of this project (`registry`, `components`, `recipes`), modules
+of plugins that loaded, components registered in any registry (which may live in torch,
+e.g. `torch.optim.AdamW`), fiddle's own config types, JSON-like builtins and torch dtypes.
+Anything else in a JSON file is refused before it is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from fiddle.experimental import serialization
+
+from registry.errors import ConfigError, Fault
+from registry.plugins import plugin_packages
+from registry.registry import all_registries
+
+PROJECT_PACKAGES = frozenset({"registry", "components", "recipes"})
+_DTYPE_NAMES = frozenset(n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype))
+_SAFE_BUILTINS = frozenset({"tuple", "list", "dict", "set", "frozenset"})
+
+for _name in sorted(_DTYPE_NAMES):
+    serialization.register_constant("torch", _name, compare_by_identity=True)
+
+
+class ProjectPolicy(serialization.PyrefPolicy):
+    """Allows only the imports listed in the module docstring."""
+
+    def allows_import(self, module: str, symbol: str) -> bool:
+        top = module.split(".")[0]
+        if top in PROJECT_PACKAGES or top in plugin_packages():
+            return True
+        if module == "torch" and symbol in _DTYPE_NAMES:
+            return True
+        if module == "builtins":
+            return symbol in _SAFE_BUILTINS
+        if top == "fiddle":
+            return symbol in {"Config", "Partial"}
+        return self._is_registered(module, symbol)
+
+    def allows_value(self, value: Any) -> bool:
+        return True
+
+    @staticmethod
+    def _is_registered(module: str, symbol: str) -> bool:
+        for reg in all_registries():
+            for name in reg.names():
+                entry = reg.get(name)
+                if getattr(entry, "__module__", None) == module and getattr(entry, "__qualname__", None) == symbol:
+                    return True
+        return False
+
+    def __str__(self) -> str:
+        return "tessera's project-only import policy"
+
+
+def dumps(config: Any) -> str:
+    return serialization.dump_json(config, pyref_policy=ProjectPolicy(), indent=2)
+
+
+def dump(config: Any, path: str | Path) -> None:
+    Path(path).write_text(dumps(config))
+
+
+def load(path: str | Path) -> Any:
+    """Read a config written by `dump`; any problem becomes a `ConfigError` naming the file."""
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError([Fault(where, f"cannot read the file ({err.strerror})", "pass an existing --load file")]) from None
+    try:
+        return serialization.load_json(text, pyref_policy=ProjectPolicy())
+    except serialization.PyrefPolicyError as err:
+        raise ConfigError([Fault(where, f"refers to {err.module}.{err.symbol}, which --load does not import",
+                                 "only configs of this project's and registered plugins' components can be loaded")]) from None
+    except Exception as err:  # noqa: BLE001 - JSON syntax, missing modules, format errors
+        raise ConfigError([Fault(where, f"is not a loadable config ({type(err).__name__}: {err})",
+                                 "load a file written by --dump, unedited or edited as valid JSON")]) from None
