@@ -57,8 +57,11 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(recipe: Recipe, args: list[str], load: str | None = None) -> tuple[Any, list[str]]:
-    """The validated config for positional `args` (preset then overrides); returns (config, notes)."""
+def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: bool = True) -> tuple[Any, list[str]]:
+    """The config for positional `args` (preset then overrides), validated when `check`.
+
+    Returns (config, notes), the notes being what swaps want the user to know.
+    """
     overrides = list(args)
     preset = None
     if overrides and "=" not in overrides[0]:
@@ -71,25 +74,28 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None) -> tuple[A
     else:
         config = recipe.config(preset)
     notes = apply_overrides(config, overrides)
-    validate(config)
+    if check:
+        validate(config)
     return config, notes
 
 
 def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
     parser = _parser(recipe)
     ns = parser.parse_args(argv)
-    err = Console(stderr=True)
+    err, out = Console(stderr=True), Console()
     try:
-        config, notes = resolve(recipe, ns.args, ns.load)
+        config, notes = resolve(recipe, ns.args, ns.load, check=False)
+        for note in notes:
+            err.print(f"note: {note}", markup=False, highlight=False)
+        if ns.print:  # printed before validation so a faulty tree can be inspected
+            out.print(config_tree(config, label=f"{recipe.name}"))
+        validate(config)
     except (ConfigError, RegistryError) as error:
         err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
-    for note in notes:
-        err.print(f"note: {note}", markup=False, highlight=False)
-    out = Console()
     if ns.print:
-        out.print(config_tree(config, label=f"{recipe.name}"))
-    elif ns.dump:
+        return
+    if ns.dump:
         serialize.dump(config, ns.dump)
         out.print(f"wrote {ns.dump}", markup=False)
     elif ns.dry_run:

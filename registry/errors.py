@@ -8,7 +8,15 @@ from collections.abc import Iterable
 
 
 class RegistryError(LookupError):
-    """A registry was asked for something it cannot give (unknown name, wrong kind, ...)."""
+    """A registry was asked for something it cannot give (unknown name, wrong kind, ...).
+
+    `problem` says what is wrong, `fix` what to do; str() joins them in one paragraph.
+    """
+
+    def __init__(self, problem: str, fix: str):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}. Fix: {fix}")
 
 
 @dataclasses.dataclass(frozen=True)

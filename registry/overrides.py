@@ -21,7 +21,7 @@ import fiddle as fdl
 import torch
 from fiddle import daglish
 
-from registry.errors import ConfigError, Fault, suggest
+from registry.errors import ConfigError, Fault, RegistryError, suggest
 from registry.registry import Registry, accepted_arguments, all_registries, registry_for
 from registry.typecheck import annotations_of
 
@@ -181,8 +181,8 @@ def _swap(old: Any, parent: Any, element: Any, swap: Swap, where: str) -> tuple[
     make = reg.partial if isinstance(old, fdl.Partial) else reg.config
     try:
         new = make(swap.name, **swap.arguments)
-    except Exception as err:  # RegistryError: unknown name or argument
-        raise ConfigError([Fault(where, str(err), f"use one of {reg.kind}: {', '.join(reg.names())}")]) from None
+    except RegistryError as err:  # unknown name or argument
+        raise ConfigError([Fault(where, err.problem, err.fix)]) from None
     notes = [f"{where}: swapped to {reg.kind} {swap.name!r}"]
     if isinstance(old, fdl.Buildable):
         accepted = accepted_arguments(fdl.get_callable(new))

@@ -57,10 +57,9 @@ class Registry(Generic[T]):
             self._check_kind(name, target)
             if name in self._entries and not replace and self._entries[name] is not target:
                 raise RegistryError(
-                    f"{self.kind} already has an entry named {name!r} "
-                    f"({_qualname(self._entries[name])}); registering {_qualname(target)} under "
-                    f"the same name would hide it. Fix: choose another name, or pass "
-                    f"replace=True to override it deliberately."
+                    f"{self.kind} already has an entry named {name!r} ({_qualname(self._entries[name])}); "
+                    f"registering {_qualname(target)} under the same name would hide it",
+                    "choose another name, or pass replace=True to override it deliberately",
                 )
             self._entries[name] = target
             return target
@@ -73,21 +72,21 @@ class Registry(Generic[T]):
             if not issubclass(target, self.base):
                 raise RegistryError(
                     f"cannot register {_qualname(target)} as {self.kind} {name!r}: it is not a "
-                    f"subclass of {self.base.__qualname__}. Fix: subclass "
-                    f"{self.base.__module__}.{self.base.__qualname__}, or register it in the "
-                    f"registry of its own kind{_kind_hint(target)}."
+                    f"subclass of {self.base.__qualname__}",
+                    f"subclass {self.base.__module__}.{self.base.__qualname__}, or register it in the "
+                    f"registry of its own kind{_kind_hint(target)}",
                 )
             return
         if not callable(target):
             raise RegistryError(
-                f"cannot register {target!r} as {self.kind} {name!r}: only classes and factory "
-                f"functions can be registered."
+                f"cannot register {target!r} as {self.kind} {name!r}: it is not callable",
+                "register a class or a factory function",
             )
         if produced is None or not issubclass(produced, self.base):
             got = "no return annotation" if produced is None else f"returns {produced.__qualname__}"
             raise RegistryError(
-                f"cannot register factory {_qualname(target)} as {self.kind} {name!r}: it has {got}. "
-                f"Fix: annotate it `-> {self.base.__qualname__}` (or a subclass) and return one."
+                f"cannot register factory {_qualname(target)} as {self.kind} {name!r}: it has {got}",
+                f"annotate it `-> {self.base.__qualname__}` (or a subclass) and return one",
             )
 
     # -- lookup ---------------------------------------------------------------------------
@@ -109,10 +108,12 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
+            elsewhere = [r.kind for r in _ALL if r is not self and name in r._entries]
+            hint = f" ({name!r} is a {' / '.join(elsewhere)} entry)" if elsewhere else suggest(name, self._entries)
             raise RegistryError(
-                f"{self.kind} has no entry named {name!r}{suggest(name, self._entries)}. "
-                f"Known {self.kind} names: {', '.join(sorted(self._entries)) or '(none)'}. "
-                f"Fix: use one of those, or register yours with @{self.kind}.register({name!r})."
+                f"{self.kind} has no entry named {name!r}{hint}; "
+                f"known {self.kind} names: {', '.join(sorted(self._entries)) or '(none)'}",
+                f"use one of those, or register yours with @{self.kind}.register({name!r})",
             ) from None
 
     def name_of(self, target: Any) -> str | None:
@@ -136,10 +137,10 @@ class Registry(Generic[T]):
         accepted = accepted_arguments(target)
         unknown = [a for a in arguments if accepted is not None and a not in accepted]
         if unknown:
-            hints = "".join(f"\n  {a!r}{suggest(a, accepted or ())}" for a in unknown)
+            hints = ", ".join(f"{a!r}{suggest(a, accepted or ())}" for a in unknown)
             raise RegistryError(
-                f"{self.kind} {name!r} ({_qualname(target)}) has no argument(s):{hints}\n"
-                f"Accepted arguments: {', '.join(accepted or ())}. Fix: correct the spelling."
+                f"{self.kind} {name!r} ({_qualname(target)}) has no argument {hints}",
+                f"correct the spelling; accepted arguments: {', '.join(accepted or ())}",
             )
         return cls(target, **arguments)
 

@@ -2,7 +2,7 @@
 
 `load` imports only: modules of this project (`registry`, `components`, `recipes`), modules
 of plugins that loaded, components registered in any registry (which may live in torch,
-e.g. `torch.optim.AdamW`), fiddle's own config types, JSON-like builtins and torch dtypes.
+e.g. `torch.optim.AdamW`), fiddle's own types, JSON-like builtins and torch dtypes.
 Anything else in a JSON file is refused before it is imported.
 """
 
@@ -38,7 +38,7 @@ class ProjectPolicy(serialization.PyrefPolicy):
         if module == "builtins":
             return symbol in _SAFE_BUILTINS
         if top == "fiddle":
-            return symbol in {"Config", "Partial"}
+            return True  # fiddle's own config and metadata types
         return self._is_registered(module, symbol)
 
     def allows_value(self, value: Any) -> bool:
