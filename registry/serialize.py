@@ -72,6 +72,7 @@ def load(path: str | Path) -> Any:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError([Fault(where, f"cannot read the file ({err.strerror})", "pass an existing --load file")]) from None
+    all_registries()  # load plugins first: their modules are trusted only once they loaded
     try:
         return serialization.load_json(text, pyref_policy=ProjectPolicy())
     except serialization.PyrefPolicyError as err:

@@ -80,13 +80,16 @@ def _type_fault(where: str, value: Any, annotation: Any) -> Fault:
 
 
 def _sharing_faults(config: Any) -> list[Fault]:
+    """One fault per outermost shared sub-config (its shared children are not repeated)."""
     faults = []
-    for paths in daglish.collect_paths_by_id(config, memoizable_only=True).values():
-        if len(paths) < 2:
+    reported: list[daglish.Path] = []
+    groups = sorted(daglish.collect_paths_by_id(config, memoizable_only=True).values(), key=lambda p: len(p[0]))
+    for paths in groups:
+        if len(paths) < 2 or not isinstance(daglish.follow_path(config, paths[0]), fdl.Buildable):
             continue
-        value = daglish.follow_path(config, paths[0])
-        if not isinstance(value, fdl.Buildable):
+        if all(any(daglish.is_prefix(r, p) for r in reported) for p in paths):
             continue
+        reported.extend(paths)
         shown = ", ".join(path_str(p) for p in paths)
         faults.append(Fault(
             path_str(paths[0]),

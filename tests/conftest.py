@@ -1,0 +1,53 @@
+"""Shared test setup: one torch thread per process (two threads under load run far slower)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python recipes/<recipe>.py ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+@pytest.fixture
+def scratch_registry():
+    """Yields a factory of throwaway registries, removed from the global list afterwards."""
+    from registry import registry as reg_mod
+
+    made = []
+
+    def make(kind: str, base: type):
+        reg = reg_mod.Registry(kind=kind, base=base)
+        made.append(reg)
+        return reg
+
+    yield make
+    for reg in made:
+        reg_mod._ALL.remove(reg)
+
+
+@pytest.fixture
+def temporary_entries():
+    """Lets a test register into the real registries; its entries are removed afterwards."""
+    from registry.registry import all_registries
+
+    saved = {id(r): dict(r._entries) for r in all_registries()}
+    yield
+    for r in all_registries():
+        if id(r) in saved:
+            r._entries.clear()
+            r._entries.update(saved[id(r)])
