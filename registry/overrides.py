@@ -3,8 +3,8 @@
 Paths are dotted attribute names with `[i]` list indices; `[*]` broadcasts over every
 element. Values are Python literals (`3`, `1e-3`, `(0.9, 0.95)`, `None`, `'text'`),
 torch dtype names (`torch.bfloat16`), or else taken as a plain string. A swap replaces a
-sub-config by another registry entry: the registry is the one of the current entry (or of
-the field's annotated interface), arguments both entries share carry over, and arguments
+sub-config by another registry entry: the registry is the one of the field's annotated
+interface (or, for fields annotated loosely, of the current entry), arguments both entries share carry over, and arguments
 the new entry lacks are reported back to the caller instead of being silently kept.
 """
 
@@ -174,7 +174,7 @@ def _assign(root: Any, path: tuple[Any, ...], value: Any) -> list[str]:
 
 
 def _swap(old: Any, parent: Any, element: Any, swap: Swap, where: str) -> tuple[fdl.Buildable, list[str]]:
-    reg = _registry_of(old) or _registry_of_field(parent, element)
+    reg = _registry_of_field(parent, element) or _registry_of(old)
     if reg is None:
         raise ConfigError([Fault(where, f"cannot tell which registry @{swap.name} belongs to",
                                  "swap only fields whose current value or annotation is a registered kind")])
