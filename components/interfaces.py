@@ -60,6 +60,53 @@ class RotaryEncoding(PositionEncoding):
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
+    def softmax_scale_multiplier(self) -> float:
+        """Factor on the attention softmax scale (context-extension schemes such as YaRN raise it)."""
+        return 1.0
+
+
+class AdditiveBias(PositionEncoding):
+    """A per-head bias added to attention scores before the softmax (e.g. ALiBi).
+
+    forward(n_heads: int, positions: [T] int64) -> bias [H, T, T] fp32, entry [h, i, j] added
+    to the score of query i against key j. Parameter-free; derived from `n_heads` at call time.
+    """
+
+    kind: ClassVar[PositionKind] = "additive"
+
+    @abc.abstractmethod
+    def forward(self, n_heads: int, positions: torch.Tensor) -> torch.Tensor: ...
+
+
+class AbsoluteEncoding(PositionEncoding):
+    """A vector per position added to the token embeddings (learned or sinusoidal).
+
+    forward(positions: [T] int64, dim: int) -> [T, dim] fp32.
+    """
+
+    kind: ClassVar[PositionKind] = "absolute"
+
+    @abc.abstractmethod
+    def forward(self, positions: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    def reset_parameters(self, *, init_std: float) -> None:
+        """Re-initialise learned tables (no-op for fixed encodings)."""
+
+
+class NoPosition(PositionEncoding):
+    """Marker base of encodings that inject nothing (NoPE)."""
+
+    kind: ClassVar[PositionKind] = "none"
+
+
+def position_kind(value: Any) -> str | None:
+    """The `kind` of a position encoding given as a module, a class, or a fiddle config of one."""
+    if value is None:
+        return None
+    target = getattr(value, "__fn_or_cls__", value)
+    target = target if isinstance(target, type) else type(target)
+    return getattr(target, "kind", None)
+
 
 class Attention(nn.Module, abc.ABC):
     """Causal self-attention over a full sequence (no KV cache).
@@ -69,7 +116,9 @@ class Attention(nn.Module, abc.ABC):
     how packed sequences of several documents are trained.
     """
 
-    supported_positions: ClassVar[frozenset[str]] = frozenset({"rotary", "none"})
+    supported_positions: ClassVar[frozenset[str]] = frozenset({"rotary", "additive", "none"})
+    """Position kinds this attention accepts as its `position` argument (absolute ones belong
+    to the model, which adds them to the embeddings)."""
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor: ...

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from components.attention.gqa import GroupedQueryAttention
-from components.mlp.swiglu import SwiGLU
+from components.mlp.gated import SwiGLU
 from components.model.block import TransformerBlock
 from components.norm.rmsnorm import RMSNorm
 from components.position.rope import RoPE

@@ -33,16 +33,19 @@ class Invariant:
     def arg_names(self) -> tuple[str, ...]:
         return tuple(inspect.signature(self.check).parameters)
 
-    def violated(self, arguments: Mapping[str, Any]) -> bool:
+    def violated(self, arguments: Mapping[str, Any], target: Any = None) -> bool:
         """True when every argument the rule reads is present and the rule fails.
 
+        A rule parameter named `cls` receives `target` (the class being configured), so a
+        rule declared on a base class can read class attributes of the concrete subclass.
         Arguments that are unset or of an unexpected type are left to the type checks:
         a rule that cannot be evaluated is not reported.
         """
-        if any(name not in arguments for name in self.arg_names):
+        values = {**arguments, "cls": target}
+        if any(name not in values for name in self.arg_names):
             return False
         try:
-            return not self.check(*(arguments[n] for n in self.arg_names))
+            return not self.check(*(values[n] for n in self.arg_names))
         except Exception:  # noqa: BLE001 - an unevaluable rule is not a violation
             return False
 
@@ -54,7 +57,7 @@ def invariant(rule: str, check: Callable[..., bool], *, fix: str) -> Callable[[T
         inv = Invariant(rule=rule, check=check, fix=fix)
         if isinstance(target, type):
             existing = list(target.__dict__.get(_ATTR, ()))
-            if not existing:
+            if not existing and "__init__" in target.__dict__:
                 target.__init__ = _checked(target.__init__, target, skip_self=True)
             setattr(target, _ATTR, tuple(existing) + (inv,))
             return target
@@ -90,8 +93,8 @@ def _checked(fn: Callable[..., Any], owner: Any, *, skip_self: bool) -> Callable
         else:
             target = owner
         for inv in invariants_of(target):
-            if inv.violated(values):
-                shown = ", ".join(f"{n}={values[n]!r}" for n in inv.arg_names)
+            if inv.violated(values, target):
+                shown = ", ".join(f"{n}={values[n]!r}" for n in inv.arg_names if n != "cls")
                 raise ValueError(
                     f"{getattr(target, '__qualname__', target)}: rule `{inv.rule}` fails for {shown}. "
                     f"Fix: {inv.fix}"

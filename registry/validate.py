@@ -59,8 +59,8 @@ def _buildable_faults(buildable: fdl.Buildable, where: str) -> list[Fault]:
             faults.append(_type_fault(f"{prefix}{arg}", value, hints[arg]))
     values = fdl.ordered_arguments(buildable, include_defaults=True)
     for inv in invariants_of(target):
-        if inv.violated(values):
-            shown = ", ".join(f"{n}={_short(values[n])}" for n in inv.arg_names)
+        if inv.violated(values, target):
+            shown = ", ".join(f"{n}={_short(values[n])}" for n in inv.arg_names if n != "cls")
             faults.append(Fault(where, f"{name} rule `{inv.rule}` fails for {shown}", inv.fix))
     return faults
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from components.attention.gqa import GroupedQueryAttention
-from components.mlp.swiglu import SwiGLU
+from components.mlp.gated import SwiGLU
 from components.model.block import TransformerBlock
 from components.model.decoder import DecoderLM
 from components.model.stats import count_parameters

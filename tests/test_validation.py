@@ -41,7 +41,7 @@ def test_several_faults_reported_together_with_paths():
     text = str(err)
     assert "required argument of GroupedQueryAttention is not set" in text
     assert "expected int, got str 'four'" in text
-    assert "a config of SwiGLU where Attention belongs" in text and "one of: gqa" in text
+    assert "a config of SwiGLU where Attention belongs" in text and "one of: block_sparse, gqa, linear" in text
     assert "dim % n_heads == 0" in text and "n_heads=5" in text
     assert all(f.fix for f in err.faults)
 

@@ -2,62 +2,102 @@
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.attention import rules
 from components.attention.masks import causal_document_mask
-from components.interfaces import Attention, RotaryEncoding
+from components.interfaces import Attention, Norm, PositionEncoding
 from registry.invariants import invariant
 from registry.kinds import ATTENTION
 
 
 @ATTENTION.register("gqa")
-@invariant("n_heads % n_kv_heads == 0", lambda n_heads, n_kv_heads: n_kv_heads is None or n_heads % n_kv_heads == 0,
-           fix="choose n_kv_heads that divides n_heads (n_kv_heads=n_heads is MHA, 1 is MQA)")
-@invariant("dim % n_heads == 0 unless head_dim is given",
-           lambda dim, n_heads, head_dim: head_dim is not None or dim % n_heads == 0,
-           fix="choose n_heads that divides dim, or set head_dim explicitly")
+@invariant(**rules.HEADS_DIVIDE_DIM)
+@invariant(**rules.KV_HEADS_DIVIDE)
+@invariant(**rules.POSITION_SUPPORTED)
+@invariant(**rules.EVEN_ROTARY_DIM)
+@invariant(**rules.QK_NORM_DIMS)
+@invariant(**rules.DROPOUT_RANGE)
 class GroupedQueryAttention(Attention):
     """Causal softmax attention where groups of query heads share one key/value head.
 
     Args:
         dim: model width D.
         n_heads: query heads H.
-        n_kv_heads: key/value heads (default H); must divide H.
+        n_kv_heads: key/value heads (default H); must divide H. H is MHA, 1 is MQA.
         head_dim: per-head width Dh (default D // H).
-        position: rotary encoding applied to q and k, or None for no position signal here.
+        position: a rotary encoding (applied to q and k), an additive one (a score bias,
+            e.g. ALiBi), NoPE, or None.
         bias: whether the q/k/v/o projections have biases.
+        dropout: dropout probability on the attention weights (training only).
+        q_norm, k_norm: optional norms of width Dh applied per head to q and k before the
+            rotary encoding (QK-norm); both or neither.
 
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D]. Runs on
-    `F.scaled_dot_product_attention` (causal flag when there is no document mask).
+    `F.scaled_dot_product_attention`, with the causal flag when no mask or bias is needed.
+    Subclasses change which keys a query may see by overriding `allowed`.
     """
 
     def __init__(self, *, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
-                 position: RotaryEncoding | None = None, bias: bool = False):
+                 position: PositionEncoding | None = None, bias: bool = False, dropout: float = 0.0,
+                 q_norm: Norm | None = None, k_norm: Norm | None = None):
         super().__init__()
         self.dim = dim
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = head_dim or dim // n_heads
         self.position = position
+        self.dropout = dropout
+        self.q_norm = q_norm
+        self.k_norm = k_norm
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def softmax_scale(self) -> float:
+        multiplier = self.position.softmax_scale_multiplier() if self._position_kind == "rotary" else 1.0
+        return multiplier / math.sqrt(self.head_dim)
+
+    @property
+    def _position_kind(self) -> str | None:
+        return None if self.position is None else self.position.kind
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, Dh], k and v [B, Hkv, T, Dh], with QK-norm and rotary encoding applied."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.position is not None:
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self._position_kind == "rotary":
             positions = torch.arange(t, device=x.device)
             q, k = self.position(q, positions), self.position(k, positions)
-        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        return q, k, v
+
+    def allowed(self, seq_len: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """Boolean [B or 1, 1, T, T] of the keys each query may see; None means plain causal."""
+        return causal_document_mask(doc_ids) if doc_ids is not None else None
+
+    def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
+        allowed = self.allowed(t, doc_ids, x.device)
+        mask: torch.Tensor | None = allowed
+        if self._position_kind == "additive":
+            bias = self.position(self.n_heads, torch.arange(t, device=x.device)).to(q.dtype)  # [H, T, T]
+            if allowed is None:
+                allowed = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = bias.masked_fill(~allowed, float("-inf"))
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -69,5 +109,6 @@ class GroupedQueryAttention(Attention):
             nn.init.normal_(linear.weight, std=std)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
-
-
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()

@@ -1,9 +1,12 @@
-"""Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+"""Transformer block: attention and feed-forward sublayers with residuals, pre- or post-norm."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from components.interfaces import Attention, FeedForward, Norm
 from registry.invariants import invariant
@@ -12,28 +15,46 @@ from registry.invariants import invariant
 @invariant("attention.dim == feed_forward.dim",
            lambda attention, feed_forward: attention.dim == feed_forward.dim,
            fix="give the attention and the feed-forward the same dim")
+@invariant("0 <= residual_dropout < 1", lambda residual_dropout: 0 <= residual_dropout < 1,
+           fix="use a probability in [0, 1)")
 class TransformerBlock(nn.Module):
     """One residual layer of a decoder, built from any attention, feed-forward and norms.
 
     Args:
-        attention: an `Attention` (e.g. `GroupedQueryAttention`).
-        feed_forward: a `FeedForward` (e.g. `SwiGLU`).
-        attention_norm: the `Norm` applied before attention.
-        ffn_norm: the `Norm` applied before the feed-forward.
+        attention: an `Attention`. feed_forward: a `FeedForward`.
+        attention_norm, ffn_norm: the `Norm` of each sublayer.
+        norm_position: "pre" (x + f(norm(x)), GPT-2/Llama) or "post" (norm(x + f(x)), the
+            original Transformer/BERT).
+        residual_dropout: dropout on each sublayer's output before it joins the residual.
+        checkpoint_activations: recompute this block's activations in the backward pass
+            instead of storing them (less memory, about one more forward of compute).
 
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
     """
 
-    def __init__(self, *, attention: Attention, feed_forward: FeedForward, attention_norm: Norm, ffn_norm: Norm):
+    def __init__(self, *, attention: Attention, feed_forward: FeedForward, attention_norm: Norm, ffn_norm: Norm,
+                 norm_position: Literal["pre", "post"] = "pre", residual_dropout: float = 0.0,
+                 checkpoint_activations: bool = False):
         super().__init__()
         self.attention = attention
         self.feed_forward = feed_forward
         self.attention_norm = attention_norm
         self.ffn_norm = ffn_norm
+        self.norm_position = norm_position
+        self.dropout = nn.Dropout(residual_dropout)
+        self.checkpoint_activations = checkpoint_activations
 
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), doc_ids=doc_ids)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, doc_ids, use_reentrant=False)
+        return self._forward(x, doc_ids)
+
+    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.norm_position == "pre":
+            x = x + self.dropout(self.attention(self.attention_norm(x), doc_ids=doc_ids))
+            return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, doc_ids=doc_ids)))
+        return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
         self.attention.reset_parameters(init_std=init_std, out_std=out_std)

@@ -1,4 +1,4 @@
-"""Decoder-only language model: embedding -> blocks -> final norm -> output head."""
+"""Decoder-only language model: embedding (+ absolute positions) -> blocks -> final norm -> head."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from components.interfaces import Norm
+from components.interfaces import AbsoluteEncoding, Norm, PositionEncoding, position_kind
 from components.model.block import TransformerBlock
 from registry.invariants import invariant
 
@@ -16,30 +16,46 @@ from registry.invariants import invariant
            lambda dim, layers: all(layer.attention.dim == dim for layer in layers),
            fix="give every layer the model's dim (e.g. model.layers[*].attention.dim=<dim>)")
 @invariant("norm.dim == dim", lambda dim, norm: norm.dim == dim, fix="set model.norm.dim to the model's dim")
+@invariant("position is absolute (or NoPE/None)",
+           lambda position: position_kind(position) in (None, "absolute", "none"),
+           fix="put rotary and additive encodings on each attention (model.layers[*].attention.position); "
+               "the model takes only absolute ones such as @learned or @sinusoidal")
+@invariant("a learned position table has the model's dim",
+           lambda position, dim: getattr(position, "dim", dim) == dim, fix="set model.position.dim to the model's dim")
+@invariant("0 <= embedding_dropout < 1", lambda embedding_dropout: 0 <= embedding_dropout < 1,
+           fix="use a probability in [0, 1)")
 class DecoderLM(nn.Module):
-    """A causal language model over a list of blocks (layers may differ from one another).
+    """A causal language model over a list of blocks (layers may differ: dense then MoE,
+    linear attention here and softmax there).
 
     Args:
         vocab_size: V, size of the token embedding and the output head.
         dim: model width D.
         layers: the blocks, applied in order.
         norm: final `Norm` before the head.
+        position: an absolute encoding added to the embeddings (GPT-2's learned table),
+            or None when the attentions carry position themselves (RoPE, ALiBi).
         tie_embeddings: share the embedding matrix with the output head.
-        init_std: std of the normal init of embeddings and input projections.
+        embedding_dropout: dropout on the (position-added) embeddings.
+        init_std: std of the normal init of embeddings and input projections
+            (DeepSeek uses 0.006, GPT-2 0.02).
         depth_scaled_init: output projections of each block use init_std / sqrt(2 * n_layers)
-            (GPT-2 style) so the residual stream's variance does not grow with depth.
+            so the residual stream's variance does not grow with depth (GPT-2).
 
     forward(tokens: [B, T] int64, *, doc_ids: [B, T] | None) -> logits [B, T, V].
     """
 
     def __init__(self, *, vocab_size: int, dim: int, layers: list[TransformerBlock], norm: Norm,
-                 tie_embeddings: bool = False, init_std: float = 0.02, depth_scaled_init: bool = True):
+                 position: PositionEncoding | None = None, tie_embeddings: bool = False,
+                 embedding_dropout: float = 0.0, init_std: float = 0.02, depth_scaled_init: bool = True):
         super().__init__()
         self.vocab_size = vocab_size
         self.dim = dim
         self.init_std = init_std
         self.depth_scaled_init = depth_scaled_init
         self.embedding = nn.Embedding(vocab_size, dim)
+        self.position = position
+        self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.head = nn.Linear(dim, vocab_size, bias=False)
@@ -50,17 +66,26 @@ class DecoderLM(nn.Module):
     def tied(self) -> bool:
         return self.head.weight is self.embedding.weight
 
-    def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, D] (what the head reads)."""
         x = self.embedding(tokens)
+        if isinstance(self.position, AbsoluteEncoding):
+            x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device), self.dim).to(x.dtype)
+        x = self.embedding_dropout(x)
         for layer in self.layers:
             x = layer(x, doc_ids=doc_ids)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden_states(tokens, doc_ids=doc_ids))
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter in place (after materialising from the meta device)."""
         out_std = self.init_std / math.sqrt(2 * len(self.layers)) if self.depth_scaled_init else self.init_std
         nn.init.normal_(self.embedding.weight, std=self.init_std)
+        if isinstance(self.position, AbsoluteEncoding):
+            self.position.reset_parameters(init_std=self.init_std)
         for layer in self.layers:
             layer.reset_parameters(init_std=self.init_std, out_std=out_std)
         self.norm.reset_parameters()

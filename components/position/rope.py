@@ -31,12 +31,17 @@ class RoPE(RotaryEncoding):
         exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
         return self.theta ** -exponents
 
+    def amplitude(self) -> float:
+        """Multiplier on cos/sin (1 for plain RoPE; context-extension schemes may change it)."""
+        return 1.0
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         head_dim = x.shape[-1]
         angles = positions.to(torch.float32)[..., None] * self.inv_freq(head_dim, x.device)  # [(B,) T, Dh/2]
         if angles.dim() == 3:
             angles = angles[:, None]  # [B, 1, T, Dh/2] broadcasts over heads
-        cos, sin = angles.cos(), angles.sin()
+        amplitude = self.amplitude()
+        cos, sin = angles.cos() * amplitude, angles.sin() * amplitude
         xf = x.float()
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]

@@ -1,0 +1,148 @@
+"""Block-sparse attention: fixed local + global + strided block layouts (Sparse Transformer style)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from components.attention.gqa import GroupedQueryAttention
+from components.attention.masks import causal_document_mask
+from components.interfaces import Norm, PositionEncoding
+from registry.invariants import invariant
+from registry.kinds import ATTENTION
+
+Backend = Literal["gather", "mask", "flex"]
+
+
+@ATTENTION.register("block_sparse")
+@invariant("block_size >= 1 and local_blocks >= 1 and global_blocks >= 0 and stride >= 0",
+           lambda block_size, local_blocks, global_blocks, stride:
+           block_size >= 1 and local_blocks >= 1 and global_blocks >= 0 and stride >= 0,
+           fix="use block_size >= 1, local_blocks >= 1 (the diagonal block), global_blocks >= 0, stride >= 0")
+class BlockSparseAttention(GroupedQueryAttention):
+    """Causal attention where query block qb sees key block kb <= qb only if the layout allows it:
+
+    - local: qb - kb < local_blocks (the diagonal block and the ones just before it);
+    - global: kb < global_blocks (the first blocks, seen by every query: "sink" / summary tokens);
+    - strided: stride > 0 and kb % stride == stride - 1 (every stride-th block, as in the
+      Sparse Transformer's fixed pattern, so information hops across the sequence).
+
+    Inside allowed blocks the usual token-level causal and document masks apply.
+
+    Backends compute the same function:
+    - "gather" (default, trains): gathers each query block's allowed key blocks and runs SDPA
+      on [B, H, n_blocks, block, k_max * block] scores, so time and memory grow as
+      T * k_max * block instead of T^2.
+    - "mask": dense SDPA with the layout as a boolean mask (T^2 cost; the reference).
+    - "flex": FlexAttention with a `BlockMask` of the layout (skips masked blocks; on CPU
+      torch runs it forward-only, so use it for evaluation there).
+
+    The training sequence length must be a multiple of `block_size` (checked at validation).
+    forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
+    """
+
+    supported_positions = frozenset({"rotary", "none"})
+
+    def __init__(self, *, dim: int, n_heads: int, block_size: int, local_blocks: int = 1, global_blocks: int = 0,
+                 stride: int = 0, backend: Backend = "gather", n_kv_heads: int | None = None,
+                 head_dim: int | None = None, position: PositionEncoding | None = None, bias: bool = False,
+                 dropout: float = 0.0, q_norm: Norm | None = None, k_norm: Norm | None = None):
+        super().__init__(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, position=position,
+                         bias=bias, dropout=dropout, q_norm=q_norm, k_norm=k_norm)
+        self.block_size = block_size
+        self.local_blocks = local_blocks
+        self.global_blocks = global_blocks
+        self.stride = stride
+        self.backend = backend
+
+    # -- the layout ----------------------------------------------------------------------------
+    def block_allowed(self, q_block: torch.Tensor, k_block: torch.Tensor) -> torch.Tensor:
+        """Elementwise layout rule on block indices (broadcasting tensors)."""
+        keep = (q_block - k_block < self.local_blocks) | (k_block < self.global_blocks)
+        if self.stride > 0:
+            keep = keep | (k_block % self.stride == self.stride - 1)
+        return keep & (k_block <= q_block)
+
+    def layout(self, n_blocks: int, device: torch.device | None = None) -> torch.Tensor:
+        """Boolean [n_blocks, n_blocks]: which key blocks each query block attends to."""
+        idx = torch.arange(n_blocks, device=device)
+        return self.block_allowed(idx[:, None], idx[None, :])
+
+    def allowed(self, seq_len: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The token-level boolean mask [B or 1, 1, T, T] equivalent to the layout."""
+        self._check_length(seq_len)
+        blocks = torch.arange(seq_len, device=device) // self.block_size
+        pos = torch.arange(seq_len, device=device)
+        mask = (self.block_allowed(blocks[:, None], blocks[None, :]) & (pos[None, :] <= pos[:, None]))[None, None]
+        return mask & causal_document_mask(doc_ids) if doc_ids is not None else mask
+
+    def block_mask(self, seq_len: int, doc_ids: torch.Tensor | None = None, device: str | torch.device = "cpu"):
+        """The layout as a FlexAttention `BlockMask` (block size = `block_size`)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self._check_length(seq_len)
+        size = self.block_size
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = self.block_allowed(q_idx // size, kv_idx // size) & (kv_idx <= q_idx)
+            if doc_ids is not None:
+                keep = keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+            return keep
+
+        batch = None if doc_ids is None else doc_ids.shape[0]
+        return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, BLOCK_SIZE=size)
+
+    def _check_length(self, seq_len: int) -> None:
+        if seq_len % self.block_size:
+            raise ValueError(f"sequence length {seq_len} is not a multiple of block_size {self.block_size}")
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backend == "mask":
+            return super().forward(x, doc_ids=doc_ids)
+        b, t, _ = x.shape
+        self._check_length(t)
+        q, k, v = self.project(x)
+        if self.backend == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            out = flex_attention(q, k, v, block_mask=self.block_mask(t, doc_ids, x.device), scale=self.softmax_scale,
+                                 enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            out = self._gather_attention(q, k, v, doc_ids)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _gather_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          doc_ids: torch.Tensor | None) -> torch.Tensor:
+        b, h, t, d = q.shape
+        size, n_blocks = self.block_size, t // self.block_size
+        layout = self.layout(n_blocks, q.device)
+        k_max = int(layout.sum(-1).max())
+        # For each query block, the indices of its allowed key blocks, padded with block 0 (masked).
+        order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max]
+        valid = torch.gather(layout, 1, order)                                   # [nb, k_max]
+        groups = self.n_heads // self.n_kv_heads
+        k_blocks = k.repeat_interleave(groups, dim=1).view(b, h, n_blocks, size, d)[:, :, order]
+        v_blocks = v.repeat_interleave(groups, dim=1).view(b, h, n_blocks, size, d)[:, :, order]
+        k_blocks = k_blocks.reshape(b, h, n_blocks, k_max * size, d)
+        v_blocks = v_blocks.reshape(b, h, n_blocks, k_max * size, d)
+        q_pos = torch.arange(t, device=q.device).view(n_blocks, size)                                 # [nb, bs]
+        k_pos = (order[:, :, None] * size + torch.arange(size, device=q.device)).reshape(n_blocks, -1)  # [nb, k_max*bs]
+        mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid.repeat_interleave(size, dim=1)[:, None, :]
+        if doc_ids is not None:
+            q_doc = doc_ids.view(b, n_blocks, size)
+            k_doc = doc_ids[:, k_pos]                                            # [B, nb, k_max*bs]
+            mask = mask[None] & (q_doc[:, :, :, None] == k_doc[:, :, None, :])  # [B, nb, bs, k_max*bs]
+        mask = mask.unsqueeze(-4) if mask.dim() == 4 else mask[None, None]     # broadcast over heads
+        out = F.scaled_dot_product_attention(
+            q.view(b, h, n_blocks, size, d), k_blocks, v_blocks, attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
+        )
+        return out.reshape(b, h, t, d)
+
+    def score_flops_per_token(self, seq_len: int) -> float:
+        n_blocks = max(1, seq_len // self.block_size)
+        mean_blocks = float(self.layout(n_blocks).sum()) / n_blocks
+        return 4.0 * self.n_heads * self.head_dim * mean_blocks * self.block_size

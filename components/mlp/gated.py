@@ -1,0 +1,69 @@
+"""Gated linear-unit feed-forward (Shazeer, 2020): down(act(gate(x)) * up(x)); SwiGLU, GeGLU, ReGLU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from components.interfaces import FeedForward
+from components.mlp.activations import ACTIVATIONS, Activation
+from registry.invariants import invariant
+from registry.kinds import FEED_FORWARD
+
+
+@FEED_FORWARD.register("gated_mlp")
+@invariant("0 <= dropout < 1", lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)")
+class GatedMLP(FeedForward):
+    """Gated MLP with any activation on the gate branch.
+
+    Args:
+        dim: model width D. hidden_dim: inner width F (Llama: about 8/3 D, rounded).
+        activation: the gate activation ("silu" is SwiGLU, "gelu" GeGLU, "relu" ReGLU).
+        bias: whether the projections have biases. dropout: on the output (training only).
+
+    forward(x: [B, T, D]) -> [B, T, D].
+    """
+
+    def __init__(self, *, dim: int, hidden_dim: int, activation: Activation = "silu", bias: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.w_gate = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w_up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w_down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w_down(ACTIVATIONS[self.activation](self.w_gate(x)) * self.w_up(x)))
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        for linear, std in ((self.w_gate, init_std), (self.w_up, init_std), (self.w_down, out_std)):
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+
+@FEED_FORWARD.register("swiglu")
+class SwiGLU(GatedMLP):
+    """GatedMLP with a SiLU gate (Llama, DeepSeek)."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__(dim=dim, hidden_dim=hidden_dim, activation="silu", bias=bias, dropout=dropout)
+
+
+@FEED_FORWARD.register("geglu")
+class GeGLU(GatedMLP):
+    """GatedMLP with an exact-GELU gate."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__(dim=dim, hidden_dim=hidden_dim, activation="gelu", bias=bias, dropout=dropout)
+
+
+@FEED_FORWARD.register("reglu")
+class ReGLU(GatedMLP):
+    """GatedMLP with a ReLU gate."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__(dim=dim, hidden_dim=hidden_dim, activation="relu", bias=bias, dropout=dropout)

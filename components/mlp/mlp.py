@@ -1,0 +1,44 @@
+"""Two-layer feed-forward network: down(dropout(act(up(x))))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from components.interfaces import FeedForward
+from components.mlp.activations import ACTIVATIONS, Activation
+from registry.invariants import invariant
+from registry.kinds import FEED_FORWARD
+
+
+@FEED_FORWARD.register("mlp")
+@invariant("0 <= dropout < 1", lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)")
+class MLP(FeedForward):
+    """The classic transformer MLP (GPT-2: gelu_tanh, hidden 4D, biases).
+
+    Args:
+        dim: model width D. hidden_dim: inner width F.
+        activation: "gelu", "gelu_tanh", "relu" or "silu".
+        bias: whether the projections have biases. dropout: on the output (training only).
+
+    forward(x: [B, T, D]) -> [B, T, D].
+    """
+
+    def __init__(self, *, dim: int, hidden_dim: int, activation: Activation = "gelu", bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.w_up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w_down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w_down(ACTIVATIONS[self.activation](self.w_up(x))))
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        for linear, std in ((self.w_up, init_std), (self.w_down, out_std)):
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
