@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from components.attention.gqa import GroupedQueryAttention
 from components.mlp.gated import SwiGLU
@@ -16,6 +13,7 @@ from components.model.stats import count_parameters
 from components.norm.layernorm import LayerNorm
 from components.norm.rmsnorm import RMSNorm
 from components.position.rope import RoPE
+from tests.reference import causal_doc_allowed, plain_inv_freq, rope_reference, softmax_attention_reference
 
 
 def test_rmsnorm_matches_formula():
@@ -43,27 +41,13 @@ def test_layernorm_matches_formula_with_and_without_bias():
         assert (norm.bias is None) == (not bias)
 
 
-def naive_rope(x: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:
-    """Rotation as complex multiplication: pair p is rotated by angle pos * theta^(-2p/D)."""
-    b, h, t, d = x.shape
-    freqs = torch.tensor([theta ** (-2 * p / d) for p in range(d // 2)], dtype=torch.float64)
-    angles = torch.arange(t, dtype=torch.float64)[:, None] * freqs  # [T, D/2]
-    rot = torch.polar(torch.ones_like(angles), angles)
-    xd = x.double()
-    if interleaved:
-        pairs = torch.complex(xd[..., 0::2], xd[..., 1::2]) * rot
-        return torch.stack((pairs.real, pairs.imag), dim=-1).flatten(-2).float()
-    pairs = torch.complex(xd[..., : d // 2], xd[..., d // 2:]) * rot
-    return torch.cat((pairs.real, pairs.imag), dim=-1).float()
-
-
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rope_matches_complex_rotation(interleaved):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 8)
     rope = RoPE(theta=100.0, interleaved=interleaved)
     out = rope(x, torch.arange(7))
-    torch.testing.assert_close(out, naive_rope(x, 100.0, interleaved), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, rope_reference(x, plain_inv_freq(8, 100.0), interleaved), rtol=1e-5, atol=1e-5)
     # relative property: <R(m)q, R(n)k> depends only on m - n
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     a = (rope(q, torch.tensor([5])) * rope(k, torch.tensor([2]))).sum()
@@ -71,34 +55,17 @@ def test_rope_matches_complex_rotation(interleaved):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def naive_attention(attn: GroupedQueryAttention, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """Repeat k/v per query group, then explicit masked softmax(q k^T / sqrt(d)) v."""
-    b, t, _ = x.shape
-    h, kvh, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q = (x @ attn.wq.weight.T).view(b, t, h, d).transpose(1, 2)
-    k = (x @ attn.wk.weight.T).view(b, t, kvh, d).transpose(1, 2)
-    v = (x @ attn.wv.weight.T).view(b, t, kvh, d).transpose(1, 2)
-    pos = torch.arange(t)
-    q, k = naive_rope(q, attn.position.theta, False), naive_rope(k, attn.position.theta, False)
-    k = k.repeat_interleave(h // kvh, dim=1)
-    v = v.repeat_interleave(h // kvh, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
-    allowed = pos[None, :] <= pos[:, None]
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    out = scores.softmax(-1) @ v
-    return out.transpose(1, 2).reshape(b, t, h * d) @ attn.wo.weight.T
-
-
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # MHA, GQA, MQA
 def test_gqa_matches_repeat_kv_reference(n_kv_heads):
     torch.manual_seed(0)
     attn = GroupedQueryAttention(dim=32, n_heads=4, n_kv_heads=n_kv_heads, position=RoPE(theta=10000.0))
     x = torch.randn(2, 9, 32)
-    torch.testing.assert_close(attn(x), naive_attention(attn, x, None), rtol=1e-4, atol=1e-5)
+    inv_freq = plain_inv_freq(8, 10000.0)
+    expected = softmax_attention_reference(attn, x, rope_inv_freq=inv_freq)
+    torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0] * 9])
-    torch.testing.assert_close(attn(x, doc_ids=doc_ids), naive_attention(attn, x, doc_ids), rtol=1e-4, atol=1e-5)
+    expected = softmax_attention_reference(attn, x, allowed=causal_doc_allowed(doc_ids, 9), rope_inv_freq=inv_freq)
+    torch.testing.assert_close(attn(x, doc_ids=doc_ids), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_document_mask_blocks_other_documents():

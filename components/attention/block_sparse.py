@@ -44,6 +44,9 @@ class BlockSparseAttention(GroupedQueryAttention):
     """
 
     supported_positions = frozenset({"rotary", "none"})
+    flex_compile: bool = True
+    """Run the "flex" backend through torch.compile (fused, skips masked blocks); eager
+    FlexAttention materialises the full score matrix and is only useful for checking numerics."""
 
     def __init__(self, *, dim: int, n_heads: int, block_size: int, local_blocks: int = 1, global_blocks: int = 0,
                  stride: int = 0, backend: Backend = "gather", n_kv_heads: int | None = None,
@@ -106,10 +109,9 @@ class BlockSparseAttention(GroupedQueryAttention):
         self._check_length(t)
         q, k, v = self.project(x)
         if self.backend == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, k, v, block_mask=self.block_mask(t, doc_ids, x.device), scale=self.softmax_scale,
-                                 enable_gqa=self.n_kv_heads != self.n_heads)
+            out = _flex_attention(compiled=self.flex_compile)(
+                q, k, v, block_mask=self.block_mask(t, doc_ids, x.device), scale=self.softmax_scale,
+                enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             out = self._gather_attention(q, k, v, doc_ids)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -146,3 +148,15 @@ class BlockSparseAttention(GroupedQueryAttention):
         n_blocks = max(1, seq_len // self.block_size)
         mean_blocks = float(self.layout(n_blocks).sum()) / n_blocks
         return 4.0 * self.n_heads * self.head_dim * mean_blocks * self.block_size
+
+
+_FLEX: dict[bool, object] = {}
+
+
+def _flex_attention(*, compiled: bool):
+    """FlexAttention, compiled once per process when `compiled`."""
+    if compiled not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[compiled] = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return _FLEX[compiled]

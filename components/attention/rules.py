@@ -47,3 +47,26 @@ KV_HEADS_DIVIDE = dict(
 DROPOUT_RANGE = dict(
     rule="0 <= dropout < 1", check=lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)",
 )
+
+
+def _attention_settings(model: Any, name: str) -> list[int]:
+    """The `name` argument of every layer's attention that has one (configs or modules)."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        value = getattr(getattr(layer, "attention", None), name, None)
+        if isinstance(value, int):
+            found.append(value)
+    return found
+
+
+WINDOW_FITS_SEQUENCE = dict(
+    rule="every attention window <= seq_len",
+    check=lambda model, seq_len: all(w <= seq_len for w in _attention_settings(model, "window")),
+    fix="use a window no longer than the training sequence, or plain causal attention",
+)
+
+SEQUENCE_FILLS_BLOCKS = dict(
+    rule="seq_len % block_size == 0 for every block-sparse attention",
+    check=lambda model, seq_len: all(seq_len % b == 0 for b in _attention_settings(model, "block_size")),
+    fix="make seq_len a multiple of the attention block_size",
+)

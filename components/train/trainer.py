@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchtitan.distributed.utils import clip_grad_norm_
 
+from components.attention import rules
 from components.data.stdlib_bytes import StdlibBytes
 from components.interfaces import OptimizerFactory, ParallelPlan, Schedule
 from components.model.decoder import DecoderLM
@@ -37,6 +38,8 @@ class TrainResult:
 @invariant("steps > 0 and batch_size > 0 and seq_len > 0",
            lambda steps, batch_size, seq_len: steps > 0 and batch_size > 0 and seq_len > 0,
            fix="use positive steps, batch_size and seq_len")
+@invariant(**rules.WINDOW_FITS_SEQUENCE)
+@invariant(**rules.SEQUENCE_FILLS_BLOCKS)
 @invariant("grad_clip is None or grad_clip > 0", lambda grad_clip: grad_clip is None or grad_clip > 0,
            fix="set grad_clip to a positive max norm, or None to disable clipping")
 def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, scheduler: Schedule,
