@@ -180,3 +180,22 @@ def test_softmax_scale_uses_position_multiplier():
 
     attn = GroupedQueryAttention(dim=64, n_heads=2, position=YaRN(factor=40.0, mscale=1.0, mscale_all_dim=1.0))
     assert attn.softmax_scale == pytest.approx((0.1 * math.log(40) + 1) ** 2 / math.sqrt(32))
+
+
+def test_sliding_window_gathered_blocks_match_dense_mask_with_padding_and_gradients():
+    torch.manual_seed(0)
+    attn = SlidingWindowAttention(dim=32, n_heads=4, n_kv_heads=2, window=6, position=RoPE())
+    x = torch.randn(2, 23, 32)  # 23 is not a multiple of the window: the gathered path pads
+    doc_ids = torch.tensor([[0] * 9 + [1] * 14, [0] * 23])
+    grads = []
+    for forward in (attn.forward, lambda xi, doc_ids: GroupedQueryAttention.forward(attn, xi, doc_ids=doc_ids)):
+        attn.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi, doc_ids=doc_ids)
+        out.square().sum().backward()
+        grads.append((out.detach(), xi.grad, [p.grad.clone() for p in attn.parameters()]))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = grads
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gp_a, gp_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

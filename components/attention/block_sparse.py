@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from components.attention.block_gather import block_gather_attention
 from components.attention.gqa import GroupedQueryAttention
 from components.attention.masks import causal_document_mask
 from components.interfaces import Norm, PositionEncoding
@@ -32,8 +32,8 @@ class BlockSparseAttention(GroupedQueryAttention):
     Inside allowed blocks the usual token-level causal and document masks apply.
 
     Backends compute the same function:
-    - "gather" (default, trains): gathers each query block's allowed key blocks and runs SDPA
-      on [B, H, n_blocks, block, k_max * block] scores, so time and memory grow as
+    - "gather" (default, trains): each query block's allowed key blocks are gathered and
+      attended with SDPA (`block_gather_attention`): time and memory grow as
       T * k_max * block instead of T^2.
     - "mask": dense SDPA with the layout as a boolean mask (T^2 cost; the reference).
     - "flex": FlexAttention with a `BlockMask` of the layout (skips masked blocks; on CPU
@@ -118,31 +118,10 @@ class BlockSparseAttention(GroupedQueryAttention):
 
     def _gather_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           doc_ids: torch.Tensor | None) -> torch.Tensor:
-        b, h, t, d = q.shape
-        size, n_blocks = self.block_size, t // self.block_size
-        layout = self.layout(n_blocks, q.device)
-        k_max = int(layout.sum(-1).max())
-        # For each query block, the indices of its allowed key blocks, padded with block 0 (masked).
-        order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max]
-        valid = torch.gather(layout, 1, order)                                   # [nb, k_max]
-        groups = self.n_heads // self.n_kv_heads
-        k_blocks = k.repeat_interleave(groups, dim=1).view(b, h, n_blocks, size, d)[:, :, order]
-        v_blocks = v.repeat_interleave(groups, dim=1).view(b, h, n_blocks, size, d)[:, :, order]
-        k_blocks = k_blocks.reshape(b, h, n_blocks, k_max * size, d)
-        v_blocks = v_blocks.reshape(b, h, n_blocks, k_max * size, d)
-        q_pos = torch.arange(t, device=q.device).view(n_blocks, size)                                 # [nb, bs]
-        k_pos = (order[:, :, None] * size + torch.arange(size, device=q.device)).reshape(n_blocks, -1)  # [nb, k_max*bs]
-        mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid.repeat_interleave(size, dim=1)[:, None, :]
-        if doc_ids is not None:
-            q_doc = doc_ids.view(b, n_blocks, size)
-            k_doc = doc_ids[:, k_pos]                                            # [B, nb, k_max*bs]
-            mask = mask[None] & (q_doc[:, :, :, None] == k_doc[:, :, None, :])  # [B, nb, bs, k_max*bs]
-        mask = mask.unsqueeze(-4) if mask.dim() == 4 else mask[None, None]     # broadcast over heads
-        out = F.scaled_dot_product_attention(
-            q.view(b, h, n_blocks, size, d), k_blocks, v_blocks, attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
-        )
-        return out.reshape(b, h, t, d)
+        return block_gather_attention(
+            q, k, v, block_size=self.block_size, layout=self.layout(q.shape[2] // self.block_size, q.device),
+            token_rule=lambda q_pos, k_pos: k_pos <= q_pos, doc_ids=doc_ids, scale=self.softmax_scale,
+            dropout=self.dropout if self.training else 0.0)
 
     def score_flops_per_token(self, seq_len: int) -> float:
         n_blocks = max(1, seq_len // self.block_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from components.attention.block_gather import block_gather_attention
 from components.attention.gqa import GroupedQueryAttention
 from components.attention.masks import causal_document_mask
 from components.interfaces import Norm, PositionEncoding
@@ -17,7 +18,9 @@ class SlidingWindowAttention(GroupedQueryAttention):
     """Grouped-query attention restricted to keys j with i - window < j <= i (Longformer/Mistral style).
 
     Args: as `GroupedQueryAttention`, plus `window`, the number of keys a query sees
-    (itself included). The training sequence length must be at least `window`, or the
+    (itself included). Sequences longer than the window run on gathered key blocks (two
+    blocks of `window` keys per query block), so cost grows as T * window, not T^2; `allowed`
+    gives the equivalent dense mask. The training sequence length must be at least `window`, or the
     window would be pointless (checked at validation against the run's seq_len).
 
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
@@ -29,6 +32,22 @@ class SlidingWindowAttention(GroupedQueryAttention):
         super().__init__(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, position=position,
                          bias=bias, dropout=dropout, q_norm=q_norm, k_norm=k_norm)
         self.window = window
+
+    def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if t <= self.window:  # every key is inside the window: plain causal attention
+            return super().forward(x, doc_ids=doc_ids)
+        q, k, v = self.project(x)
+        # Blocks of `window` tokens: a query's window spans its own block and the previous one.
+        n_blocks = -(-t // self.window)
+        idx = torch.arange(n_blocks, device=x.device)
+        layout = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < 2)
+        window = self.window
+        out = block_gather_attention(
+            q, k, v, block_size=window, layout=layout,
+            token_rule=lambda q_pos, k_pos: (k_pos <= q_pos) & (q_pos - k_pos < window), doc_ids=doc_ids,
+            scale=self.softmax_scale, dropout=self.dropout if self.training else 0.0)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def allowed(self, seq_len: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         pos = torch.arange(seq_len, device=device)
