@@ -147,3 +147,18 @@ def test_meta_build_then_init_is_deterministic():
     # depth-scaled output projections: smaller std than the input projections
     wo, wq = a.layers[0].attention.wo.weight, a.layers[0].attention.wq.weight
     assert wo.std() < wq.std()
+
+
+@pytest.mark.slow
+def test_compiled_norm_fast_paths_match_eager():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    for eager, fast in ((RMSNorm(dim=16), RMSNorm(dim=16, compiled=True)),
+                        (LayerNorm(dim=16, bias=True), LayerNorm(dim=16, bias=True, compiled=True))):
+        with torch.no_grad():
+            eager.weight.uniform_(0.5, 1.5)
+        fast.load_state_dict(eager.state_dict())
+        torch.testing.assert_close(fast(x), eager(x), rtol=1e-5, atol=1e-5)
+        (g_fast,) = torch.autograd.grad(fast(x).square().sum(), x)
+        (g_eager,) = torch.autograd.grad(eager(x).square().sum(), x)
+        torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,119 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2 §2.1): keys and values from a shared low-rank latent."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.attention import rules
+from components.attention.masks import causal_document_mask
+from components.interfaces import Attention, Norm, RotaryEncoding
+from registry.invariants import invariant
+from registry.kinds import ATTENTION
+
+
+@ATTENTION.register("mla")
+@invariant(**rules.POSITION_SUPPORTED)
+@invariant("q_norm is set exactly when q_lora_rank is", lambda q_lora_rank, q_norm: (q_lora_rank is None) == (q_norm is None),
+           fix="with query compression (q_lora_rank) give q_norm=@rmsnorm(dim=q_lora_rank); without it, q_norm=None")
+@invariant("latent norms have the latent widths",
+           lambda kv_lora_rank, kv_norm, q_lora_rank, q_norm: kv_norm.dim == kv_lora_rank
+           and (q_norm is None or q_norm.dim == q_lora_rank),
+           fix="set kv_norm.dim=kv_lora_rank and q_norm.dim=q_lora_rank")
+@invariant("qk_rope_head_dim is even", lambda qk_rope_head_dim: qk_rope_head_dim % 2 == 0,
+           fix="use an even qk_rope_head_dim (RoPE rotates channel pairs)")
+@invariant("0 <= dropout < 1", lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)")
+class MultiHeadLatentAttention(Attention):
+    """MLA with optional query compression and a decoupled RoPE key shared by all heads.
+
+        c_q   = q_norm(W_dq x)             (only with q_lora_rank; else q = W_q x)
+        q     = W_uq c_q -> per head [q_nope (d_nope) | q_rope (d_rope)]
+        [c_kv | k_rope] = W_dkv x ;  c_kv = kv_norm(c_kv)
+        [k_nope | v] = W_ukv c_kv       (per head d_nope + d_v)
+        q = [q_nope; RoPE(q_rope)],  k = [k_nope; RoPE(k_rope) repeated over heads]
+        out = W_o softmax(q k^T * scale) v,  scale = (d_nope + d_rope)^-1/2 * position multiplier
+
+    The KV cache this implies at inference is `kv_cache_elements_per_token()` =
+    kv_lora_rank + qk_rope_head_dim per layer (576 for V2/V3 against 2 * 128 * 128 = 32768
+    for MHA with the same heads), since only c_kv and k_rope need caching.
+
+    Args:
+        dim: model width D. n_heads: heads H.
+        q_lora_rank: query latent width (None: no query compression, as in V2-Lite).
+        kv_lora_rank: key/value latent width. qk_nope_head_dim, qk_rope_head_dim, v_head_dim:
+            per-head widths of the position-free query/key part, the rotary part and values.
+        position: the rotary encoding of q_rope/k_rope (DeepSeek checkpoints: interleaved;
+            YaRN also scales the softmax).
+        kv_norm: norm of the kv latent (width kv_lora_rank); q_norm: of the query latent.
+        dropout: on attention weights (training only).
+
+    Parameter names follow the paper: wq or wq_a/wq_b, wkv_a, wkv_b, wo.
+    forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
+    """
+
+    supported_positions = frozenset({"rotary"})
+
+    def __init__(self, *, dim: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
+                 v_head_dim: int, position: RotaryEncoding, kv_norm: Norm, q_lora_rank: int | None = None,
+                 q_norm: Norm | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.n_heads = n_heads
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.position = position
+        self.dropout = dropout
+        if q_lora_rank is None:
+            self.wq = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False)
+            self.q_norm = q_norm
+            self.wq_b = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_norm = kv_norm
+        self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.position.softmax_scale_multiplier() / math.sqrt(self.qk_head_dim)
+
+    def kv_cache_elements_per_token(self) -> int:
+        """Elements cached per token for this layer at inference: the kv latent plus the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, nope, rope = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(b, t, h, self.qk_head_dim).transpose(1, 2)                      # [B, H, T, nope+rope]
+        q_nope, q_rope = q.split([nope, rope], dim=-1)
+        c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, rope], dim=-1)
+        kv = self.wkv_b(self.kv_norm(c_kv)).view(b, t, h, nope + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([nope, self.v_head_dim], dim=-1)
+        positions = torch.arange(t, device=x.device)
+        q_rope = self.position(q_rope, positions)
+        k_rope = self.position(k_rope.view(b, 1, t, rope), positions).expand(b, h, t, rope)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope), dim=-1)
+        mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale)
+        return self.wo(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
+
+    def score_flops_per_token(self, seq_len: int) -> float:
+        return 2.0 * self.n_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        for name, module in self.named_children():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=out_std if name == "wo" else init_std)
+            elif isinstance(module, Norm):
+                module.reset_parameters()
