@@ -11,6 +11,7 @@ from torch import nn
 from components.attention import rules
 from components.attention.masks import causal_document_mask
 from components.interfaces import Attention, Norm, PositionEncoding
+from components.model.init import init_linears
 from registry.invariants import invariant
 from registry.kinds import ATTENTION
 
@@ -105,10 +106,7 @@ class GroupedQueryAttention(Attention):
         return 4.0 * self.n_heads * self.head_dim * seq_len
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
-        for linear, std in ((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, out_std)):
-            nn.init.normal_(linear.weight, std=std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_linears(((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, out_std)))
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()

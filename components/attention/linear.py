@@ -10,6 +10,7 @@ from torch import nn
 
 from components.attention import rules
 from components.interfaces import Attention, PositionEncoding
+from components.model.init import init_linears
 from registry.invariants import invariant
 from registry.kinds import ATTENTION
 
@@ -125,7 +126,4 @@ class LinearAttention(Attention):
         return 4.0 * self.n_heads * self.head_dim * (min(seq_len, self.chunk_size) + self.head_dim)
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
-        for linear, std in ((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, out_std)):
-            nn.init.normal_(linear.weight, std=std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_linears(((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, out_std)))

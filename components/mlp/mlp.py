@@ -7,6 +7,7 @@ from torch import nn
 
 from components.interfaces import FeedForward
 from components.mlp.activations import ACTIVATIONS, Activation
+from components.model.init import init_linears
 from registry.invariants import invariant
 from registry.kinds import FEED_FORWARD
 
@@ -38,7 +39,4 @@ class MLP(FeedForward):
         return self.dropout(self.w_down(ACTIVATIONS[self.activation](self.w_up(x))))
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
-        for linear, std in ((self.w_up, init_std), (self.w_down, out_std)):
-            nn.init.normal_(linear.weight, std=std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        init_linears(((self.w_up, init_std), (self.w_down, out_std)))
