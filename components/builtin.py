@@ -6,9 +6,11 @@ The registries import this lazily on first lookup; add new component modules her
 import components.attention.block_sparse  # noqa: F401
 import components.attention.gqa  # noqa: F401
 import components.attention.linear  # noqa: F401
+import components.attention.mla  # noqa: F401
 import components.attention.sliding_window  # noqa: F401
 import components.mlp.gated  # noqa: F401
 import components.mlp.mlp  # noqa: F401
+import components.moe.moe  # noqa: F401
 import components.norm.layernorm  # noqa: F401
 import components.norm.rmsnorm  # noqa: F401
 import components.optim.adamw  # noqa: F401
@@ -17,4 +19,5 @@ import components.position.absolute  # noqa: F401
 import components.position.alibi  # noqa: F401
 import components.position.rope  # noqa: F401
 import components.position.yarn  # noqa: F401
+import components.schedule.multi_stage  # noqa: F401
 import components.schedule.warmup_cosine  # noqa: F401

@@ -147,6 +147,26 @@ class FeedForward(nn.Module, abc.ABC):
         """Re-initialise projections: inputs with `init_std`, output with `out_std`."""
 
 
+class OptimizerStepHook(abc.ABC):
+    """A module with state updated outside autograd once per optimizer step (e.g. the MoE
+    router's load-balancing bias). The trainer calls `after_optimizer_step()` on every such
+    module after `optimizer.step()`."""
+
+    @abc.abstractmethod
+    def after_optimizer_step(self) -> None: ...
+
+
+class AuxiliaryLoss(abc.ABC):
+    """A module that adds a term to the training loss (e.g. MoE balance losses).
+
+    `auxiliary_loss()` returns the term from the latest forward (a scalar tensor, already
+    weighted), or None when it has none.
+    """
+
+    @abc.abstractmethod
+    def auxiliary_loss(self) -> torch.Tensor | None: ...
+
+
 class ParallelPlan(abc.ABC):
     """How a model is laid out across processes.
 
@@ -164,14 +184,16 @@ class ParallelPlan(abc.ABC):
 
 
 class Schedule(abc.ABC):
-    """A scalar as a function of the optimizer step: learning-rate multiplier and the like.
+    """A scalar as a function of training progress: learning-rate multiplier and the like.
 
-    `__call__(step)` returns the multiplier for `step` (0-based). For learning rates the
-    multiplier scales each parameter group's base `lr`.
+    `__call__(step, tokens)` returns the value before optimizer step `step` (0-based), when
+    `tokens` training tokens have been consumed (schedules whose boundaries are in tokens,
+    like DeepSeek-V3's, read `tokens`; step-based ones ignore it). For learning rates the
+    value multiplies each parameter group's base `lr`.
     """
 
     @abc.abstractmethod
-    def __call__(self, step: int) -> float: ...
+    def __call__(self, step: int, tokens: int = 0) -> float: ...
 
 
 ParamGroups = Iterable[dict[str, Any]]

@@ -102,6 +102,10 @@ class GroupedQueryAttention(Attention):
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
+    def kv_cache_elements_per_token(self) -> int:
+        """Elements an inference KV cache holds per token for this layer: keys and values of every kv head."""
+        return 2 * self.n_kv_heads * self.head_dim
+
     def score_flops_per_token(self, seq_len: int) -> float:
         return 4.0 * self.n_heads * self.head_dim * seq_len
 

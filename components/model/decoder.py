@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from components.interfaces import AbsoluteEncoding, Norm, PositionEncoding, position_kind
+from components.interfaces import AbsoluteEncoding, AuxiliaryLoss, Norm, PositionEncoding, position_kind
 from components.model.block import TransformerBlock
+from components.model.mtp import MultiTokenPrediction
 from registry.invariants import invariant
 
 
@@ -41,13 +43,17 @@ class DecoderLM(nn.Module):
             (DeepSeek uses 0.006, GPT-2 0.02).
         depth_scaled_init: output projections of each block use init_std / sqrt(2 * n_layers)
             so the residual stream's variance does not grow with depth (GPT-2).
+        mtp: multi-token prediction modules, one per extra depth (DeepSeek-V3: one); they share
+            the embedding and the head. Used by `losses`, not by `forward`.
+        mtp_loss_weight: lambda of the MTP loss (V3: 0.3, later 0.1).
 
     forward(tokens: [B, T] int64, *, doc_ids: [B, T] | None) -> logits [B, T, V].
     """
 
     def __init__(self, *, vocab_size: int, dim: int, layers: list[TransformerBlock], norm: Norm,
                  position: PositionEncoding | None = None, tie_embeddings: bool = False,
-                 embedding_dropout: float = 0.0, init_std: float = 0.02, depth_scaled_init: bool = True):
+                 embedding_dropout: float = 0.0, init_std: float = 0.02, depth_scaled_init: bool = True,
+                 mtp: list[MultiTokenPrediction] | None = None, mtp_loss_weight: float = 0.3):
         super().__init__()
         self.vocab_size = vocab_size
         self.dim = dim
@@ -61,6 +67,8 @@ class DecoderLM(nn.Module):
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embedding.weight
+        self.mtp = nn.ModuleList(mtp or [])
+        self.mtp_loss_weight = mtp_loss_weight
 
     @property
     def tied(self) -> bool:
@@ -79,6 +87,33 @@ class DecoderLM(nn.Module):
     def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.hidden_states(tokens, doc_ids=doc_ids))
 
+    def losses(self, tokens: torch.Tensor, targets: torch.Tensor, *,
+               doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The training loss terms; their sum is what is minimised.
+
+        - "lm": next-token cross-entropy (mean over tokens, fp32 logits);
+        - "mtp" (with MTP modules): mtp_loss_weight / D * sum over depths k of the
+          cross-entropy of predicting targets[:, k:] (token i+k+1) at positions i < T-k;
+        - "balance" (with MoE layers): the sum of their weighted balance losses.
+
+        tokens, targets: [B, T] (targets are tokens shifted by one); doc_ids: [B, T].
+        """
+        hidden = self.hidden_states(tokens, doc_ids=doc_ids)
+        terms = {"lm": _cross_entropy(self.head(hidden), targets)}
+        if len(self.mtp):
+            depth_losses = []
+            for k, module in enumerate(self.mtp, start=1):
+                t = tokens.shape[1] - k
+                hidden = module(hidden[:, :t], self.embedding(tokens[:, k:]),
+                                doc_ids[:, :t] if doc_ids is not None else None)
+                depth_losses.append(_cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
+            terms["mtp"] = self.mtp_loss_weight * torch.stack(depth_losses).mean()
+        aux = [m.auxiliary_loss() for m in self.modules() if isinstance(m, AuxiliaryLoss)]
+        aux = [a for a in aux if a is not None]
+        if aux:
+            terms["balance"] = torch.stack(aux).sum()
+        return terms
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter in place (after materialising from the meta device)."""
@@ -91,3 +126,9 @@ class DecoderLM(nn.Module):
         self.norm.reset_parameters()
         if not self.tied:
             nn.init.normal_(self.head.weight, std=self.init_std)
+        for module in self.mtp:
+            module.reset_parameters(init_std=self.init_std, out_std=out_std)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

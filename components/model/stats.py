@@ -1,14 +1,21 @@
-"""Parameter and FLOP counts of a model, computable on the meta device (no weights needed)."""
+"""Parameter, FLOP and KV-cache counts of a model, computable on the meta device (no weights).
+
+Conventions (shared/reference/deepseek.md §2c): totals count every parameter of the main
+model (embedding and untied head included, MTP modules excluded); "activated" counts what
+runs for one token: routed experts scaled by top_k / n_experts, the head included, and the
+input embedding excluded (DeepSeek-V2/V3) or included (DeepSeekMoE 16B).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from components.interfaces import Attention
+from components.moe.moe import MoE
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (a tied embedding/head counts once)."""
+    """Unique parameters of the whole module tree (a tied embedding/head counts once)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -16,17 +23,52 @@ def embedding_parameters(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
 
 
-def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention scores.
+def mtp_parameters(model: nn.Module) -> int:
+    mtp = getattr(model, "mtp", None)
+    return count_parameters(mtp) if mtp is not None else 0
 
-    Matmul weights are those of every `nn.Linear` (the output head included, the input
-    embedding lookup excluded); attention adds 3x its forward score FLOPs at `seq_len`.
+
+def main_model_parameters(model: nn.Module) -> int:
+    """Total without the multi-token-prediction modules (how DeepSeek-V3's 671B is counted)."""
+    return count_parameters(model) - mtp_parameters(model)
+
+
+def _inactive_expert_parameters(module: nn.Module) -> float:
+    return sum(count_parameters(m.experts) * (1 - m.active_fraction()) for m in module.modules() if isinstance(m, MoE))
+
+
+def activated_parameters(model: nn.Module, *, include_embedding: bool) -> float:
+    """Main-model parameters one token uses (see the module docstring for the conventions)."""
+    mtp = getattr(model, "mtp", None)
+    inactive = _inactive_expert_parameters(model) - (_inactive_expert_parameters(mtp) if mtp is not None else 0)
+    active = main_model_parameters(model) - inactive
+    return active if include_embedding else active - embedding_parameters(model)
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight used (forward 2, backward 4) plus attention scores.
+
+    Matmul weights: every `nn.Linear` (the output head included, the input embedding lookup
+    excluded) and the routed experts' weights times top_k / n_experts. Attention adds 3x its
+    forward score FLOPs at `seq_len`. MTP modules are included (they run in training).
     """
     seen: set[int] = set()
-    matmul = 0
+    matmul = 0.0
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             matmul += module.weight.numel()
+        elif isinstance(module, MoE):
+            matmul += count_parameters(module.experts) * module.active_fraction()
     attention = sum(m.score_flops_per_token(seq_len) for m in model.modules() if isinstance(m, Attention))
     return 6.0 * matmul + 3.0 * attention
+
+
+def kv_cache_elements_per_token(model: nn.Module) -> int:
+    """Elements an inference KV cache stores per token over all main-model layers."""
+    total = 0
+    for layer in getattr(model, "layers", []):
+        attention = getattr(layer, "attention", None)
+        if hasattr(attention, "kv_cache_elements_per_token"):
+            total += attention.kv_cache_elements_per_token()
+    return total

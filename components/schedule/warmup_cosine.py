@@ -22,7 +22,7 @@ class WarmupCosine(Schedule):
         self.total_steps = total_steps
         self.min_ratio = min_ratio
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, tokens: int = 0) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         decay_steps = max(1, self.total_steps - self.warmup_steps)

@@ -18,18 +18,20 @@ from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
 from components.data.stdlib_bytes import StdlibBytes
-from components.interfaces import OptimizerFactory, ParallelPlan, Schedule
+from components.interfaces import OptimizerFactory, OptimizerStepHook, ParallelPlan, Schedule
 from components.model.decoder import DecoderLM
 from components.optim.param_groups import decay_groups
+from components.train.batch_ramp import BatchRamp
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a run measured: per-step training loss, final validation loss, throughput."""
+    """What a run measured: per-step LM loss (and every loss term), final validation loss, throughput."""
 
     losses: list[float]
+    terms: dict[str, list[float]]
     val_loss: float
     tokens_per_second: float
     seconds: float
@@ -42,10 +44,14 @@ class TrainResult:
 @invariant(**rules.SEQUENCE_FILLS_BLOCKS)
 @invariant("grad_clip is None or grad_clip > 0", lambda grad_clip: grad_clip is None or grad_clip > 0,
            fix="set grad_clip to a positive max norm, or None to disable clipping")
+@invariant("micro_batch_size divides batch_size",
+           lambda batch_size, micro_batch_size: micro_batch_size is None or batch_size % micro_batch_size == 0,
+           fix="choose a micro_batch_size that divides batch_size")
 def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, scheduler: Schedule,
-          parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, grad_clip: float | None = 1.0,
-          autocast_dtype: torch.dtype | None = None, seed: int = 0, eval_batches: int = 8,
-          threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
+          parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
+          batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
+          grad_clip: float | None = 1.0, autocast_dtype: torch.dtype | None = None, seed: int = 0,
+          eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
 
     Args:
@@ -54,7 +60,13 @@ def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, s
         optimizer: a built `OPTIMIZER` partial, called with the parameter groups.
         scheduler: learning-rate multiplier per step.
         parallel: the parallel plan applied before materialisation.
-        steps, batch_size, seq_len: run length and batch shape [batch_size, seq_len].
+        steps, batch_size, seq_len: run length and sequences per optimizer step of seq_len tokens.
+        micro_batch_size: sequences per forward/backward; a step accumulates
+            batch_size / micro_batch_size of them (default: the whole batch at once).
+        batch_ramp: grow the sequences per step from a smaller start (V2/V3).
+        scheduled: attribute name -> schedule of its value, set before every step on each
+            module of the model that has the attribute (e.g. "mtp_loss_weight",
+            "bias_update_speed").
         grad_clip: max global gradient norm (pre-clip norm is reported), None to disable.
         autocast_dtype: e.g. torch.bfloat16 for CPU autocast; None trains in fp32.
         seed: seeds weights and batch sampling; the same seed gives the same run.
@@ -72,27 +84,46 @@ def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, s
         model.to_empty(device="cpu")
         model.init_weights()
     params = [p for p in model.parameters() if p.requires_grad]
+    step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = optimizer(decay_groups(model))
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, scheduler)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    micro = micro_batch_size or batch_size
     generator = torch.Generator().manual_seed(seed)
     autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     losses: list[float] = []
+    history: dict[str, list[float]] = {}
     start = time.perf_counter()
     model.train()
+    tokens_seen = 0
     with TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         for step in range(steps):
-            batch = data.batch("train", batch_size=batch_size, seq_len=seq_len, generator=generator)
-            with autocast:
-                logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
-            loss.backward()
+            multiplier = scheduler(step, tokens_seen)
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * multiplier
+            for name, schedule in (scheduled or {}).items():
+                _set_everywhere(model, name, schedule(step, tokens_seen))
+            sequences = batch_ramp.batch_size(tokens_seen, full_batch=batch_size, micro_batch=micro) \
+                if batch_ramp is not None else batch_size
+            n_micro = sequences // micro
+            step_terms: dict[str, float] = {}
+            for _ in range(n_micro):
+                batch = data.batch("train", batch_size=micro, seq_len=seq_len, generator=generator)
+                with autocast:
+                    terms = model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
+                (torch.stack(list(terms.values())).sum() / n_micro).backward()
+                for name, value in terms.items():
+                    step_terms[name] = step_terms.get(name, 0.0) + value.item() / n_micro
             grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
-            lr = opt.param_groups[0]["lr"]
             opt.step()
-            lr_schedule.step()
+            for hook in step_hooks:
+                hook.after_optimizer_step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(step=step, loss=losses[-1], lr=lr, tokens=batch_size * seq_len, grad_norm=grad_norm.item())
+            tokens_seen += sequences * seq_len
+            for name, value in step_terms.items():
+                history.setdefault(name, []).append(value)
+            losses.append(history["lm"][-1])
+            bar.update(step=step, loss=losses[-1], lr=opt.param_groups[0]["lr"], tokens=sequences * seq_len,
+                       grad_norm=grad_norm.item())
         tokens_per_second = bar.tokens_per_second
     val_loss = evaluate(model, data, batches=eval_batches, batch_size=batch_size, seq_len=seq_len,
                         autocast_dtype=autocast_dtype, seed=seed)
@@ -100,7 +131,7 @@ def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, s
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
                           f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
-    return TrainResult(losses=losses, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
+    return TrainResult(losses=losses, terms=history, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
 
 
 @torch.no_grad()
@@ -118,3 +149,14 @@ def evaluate(model: DecoderLM, data: StdlibBytes, *, batches: int, batch_size: i
         total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten()).item()
     model.train()
     return total / max(1, batches)
+
+
+def _set_everywhere(model: torch.nn.Module, name: str, value: float) -> None:
+    """Set attribute `name` to `value` on every module of `model` that has it."""
+    found = False
+    for module in model.modules():
+        if hasattr(module, name) and not isinstance(getattr(module, name), (torch.Tensor, torch.nn.Module)):
+            setattr(module, name, value)
+            found = True
+    if not found:
+        raise ValueError(f"scheduled value {name!r}: no module of the model has this attribute")

@@ -1,0 +1,108 @@
+"""Config builder for DeepSeek-family decoders: MLA or MHA attention, dense then DeepSeekMoE
+layers, optional multi-token prediction. Every layer gets its own sub-configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import fiddle as fdl
+
+from components.model.block import TransformerBlock
+from components.model.decoder import DecoderLM
+from components.model.mtp import MultiTokenPrediction
+from components.moe.experts import GroupedExperts
+from components.moe.router import Router
+from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLASpec:
+    """Multi-head latent attention sizes (None q_lora_rank: no query compression)."""
+
+    n_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MHASpec:
+    """Plain multi-head attention (DeepSeekMoE 16B)."""
+
+    n_heads: int
+    head_dim: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoESpec:
+    """DeepSeekMoE sizes and routing (see `Router` and `MoE` for each field's meaning)."""
+
+    n_routed: int
+    n_shared: int
+    top_k: int
+    hidden_dim: int
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    n_groups: int = 1
+    topk_groups: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
+    normalize_weights: bool = False
+    scaling_factor: float = 1.0
+    aux_free_bias: bool = False
+    bias_update_speed: float = 0.0
+    balance_alpha: float = 0.0
+    device_balance_alpha: float = 0.0
+    n_devices: int = 1
+    capacity_factor: float | None = None
+
+
+def deepseek(*, vocab_size: int, dim: int, n_layers: int, n_dense_layers: int, dense_hidden_dim: int,
+             attention: MLASpec | MHASpec, moe: MoESpec, mtp_depth: int = 0, mtp_loss_weight: float = 0.3,
+             rope_theta: float = 10000.0, norm_eps: float = 1e-6, init_std: float = 0.006) -> fdl.Config[DecoderLM]:
+    """A DeepSeek decoder config: `n_dense_layers` SwiGLU layers, then MoE layers; all weights
+    drawn with std `init_std` (0.006 in the papers, no depth scaling); pre-norm
+    RMSNorm everywhere; interleaved RoPE (the checkpoints' layout); `mtp_depth` MTP modules
+    whose blocks are MoE layers like the last main layer."""
+
+    def attention_config():
+        if isinstance(attention, MHASpec):
+            return ATTENTION.config("gqa", dim=dim, n_heads=attention.n_heads, head_dim=attention.head_dim,
+                                    position=POSITION.config("rope", theta=rope_theta))
+        spec = attention
+        return ATTENTION.config(
+            "mla", dim=dim, n_heads=spec.n_heads, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+            qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
+            v_head_dim=spec.v_head_dim, position=POSITION.config("rope", theta=rope_theta, interleaved=True),
+            kv_norm=NORM.config("rmsnorm", dim=spec.kv_lora_rank, eps=norm_eps),
+            q_norm=NORM.config("rmsnorm", dim=spec.q_lora_rank, eps=norm_eps) if spec.q_lora_rank else None)
+
+    def moe_config():
+        return FEED_FORWARD.config(
+            "moe", dim=dim,
+            router=fdl.Config(Router, dim=dim, n_experts=moe.n_routed, top_k=moe.top_k, score_func=moe.score_func,
+                              n_groups=moe.n_groups, topk_groups=moe.topk_groups, group_score=moe.group_score,
+                              normalize_weights=moe.normalize_weights, scaling_factor=moe.scaling_factor,
+                              expert_bias=moe.aux_free_bias, bias_update_speed=moe.bias_update_speed),
+            experts=fdl.Config(GroupedExperts, n_experts=moe.n_routed, dim=dim, hidden_dim=moe.hidden_dim),
+            shared_experts=FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=moe.n_shared * moe.hidden_dim)
+            if moe.n_shared else None,
+            balance_alpha=moe.balance_alpha, device_balance_alpha=moe.device_balance_alpha,
+            n_devices=moe.n_devices, capacity_factor=moe.capacity_factor)
+
+    def block(dense: bool) -> fdl.Config[TransformerBlock]:
+        return fdl.Config(
+            TransformerBlock, attention=attention_config(),
+            feed_forward=FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=dense_hidden_dim) if dense else moe_config(),
+            attention_norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps),
+            ffn_norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps))
+
+    def rms():
+        return NORM.config("rmsnorm", dim=dim, eps=norm_eps)
+
+    mtp = [fdl.Config(MultiTokenPrediction, dim=dim, block=block(dense=n_dense_layers >= n_layers), embed_norm=rms(),
+                      hidden_norm=rms(), head_norm=rms()) for _ in range(mtp_depth)]
+    return fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim,
+                      layers=[block(dense=i < n_dense_layers) for i in range(n_layers)], norm=rms(),
+                      init_std=init_std, depth_scaled_init=False, mtp=mtp or None, mtp_loss_weight=mtp_loss_weight)

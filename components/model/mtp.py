@@ -1,0 +1,54 @@
+"""Multi-token prediction module (DeepSeek-V3 §2.2): predicts the token k+1 steps ahead."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from components.interfaces import Norm
+from components.model.block import TransformerBlock
+from components.model.init import init_linears
+from registry.invariants import invariant
+
+
+@invariant("norm widths equal dim", lambda dim, embed_norm, hidden_norm, head_norm:
+           embed_norm.dim == hidden_norm.dim == head_norm.dim == dim, fix="give every MTP norm the model's dim")
+class MultiTokenPrediction(nn.Module):
+    """One MTP depth. With h the previous depth's hidden states and e the embeddings of the
+    tokens one step further ahead:
+
+        h' = W [embed_norm(e); hidden_norm(h)]      (W: `proj`, [D, 2D]; order as released checkpoints)
+        h_k = block(h')                              (a full transformer block, V3: MLA + MoE)
+        logits = shared_head(head_norm(h_k))          (embedding and head shared with the main model)
+
+    `concat_order="hidden_first"` follows the paper's equation instead; the released V3
+    checkpoint (eh_proj) and its inference engines put the embedding first, so that is the default.
+
+    forward(hidden: [B, T', D], next_embeddings: [B, T', D], doc_ids: [B, T'] | None) -> h_k [B, T', D].
+    """
+
+    def __init__(self, *, dim: int, block: TransformerBlock, embed_norm: Norm, hidden_norm: Norm, head_norm: Norm,
+                 concat_order: Literal["embedding_first", "hidden_first"] = "embedding_first"):
+        super().__init__()
+        self.dim = dim
+        self.block = block
+        self.embed_norm = embed_norm
+        self.hidden_norm = hidden_norm
+        self.head_norm = head_norm
+        self.concat_order = concat_order
+        self.proj = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [self.embed_norm(next_embeddings), self.hidden_norm(hidden)]
+        if self.concat_order == "hidden_first":
+            parts.reverse()
+        return self.block(self.proj(torch.cat(parts, dim=-1)), doc_ids=doc_ids)
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        init_linears(((self.proj, init_std),))
+        self.block.reset_parameters(init_std=init_std, out_std=out_std)
+        for norm in (self.embed_norm, self.hidden_norm, self.head_norm):
+            norm.reset_parameters()

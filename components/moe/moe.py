@@ -1,0 +1,112 @@
+"""DeepSeekMoE feed-forward: shared experts plus fine-grained routed experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from components.interfaces import AuxiliaryLoss, FeedForward
+from components.moe.balance import device_balance_loss, expert_balance_loss
+from components.moe.experts import GroupedExperts
+from components.moe.router import Router
+from registry.invariants import invariant
+from registry.kinds import FEED_FORWARD
+
+
+def capacity_keep(weights: torch.Tensor, indices: torch.Tensor, n_experts: int, capacity_factor: float) -> torch.Tensor:
+    """bool [N, K]: which assignments fit each expert's capacity ceil(factor * N * K / E).
+
+    Over capacity, the assignments with the lowest gate values are dropped first (V2 §3.1.2
+    drops the lowest-affinity tokens; the capacity is per expert here).
+    """
+    n, k = indices.shape
+    capacity = math.ceil(capacity_factor * n * k / n_experts)
+    flat_expert, flat_weight = indices.flatten(), weights.flatten()
+    # Order by expert, and within an expert by descending gate; then rank within each expert.
+    by_gate = torch.argsort(-flat_weight, stable=True)
+    order = by_gate[torch.argsort(flat_expert[by_gate], stable=True)]
+    sorted_expert = flat_expert[order]
+    starts = torch.searchsorted(sorted_expert, sorted_expert, right=False)
+    rank = torch.arange(n * k, device=indices.device) - starts
+    keep = torch.empty(n * k, dtype=torch.bool, device=indices.device)
+    keep[order] = rank < capacity
+    return keep.view(n, k)
+
+
+@FEED_FORWARD.register("moe")
+@invariant("router, experts and shared experts agree on dim and n_experts",
+           lambda dim, router, experts, shared_experts: router.dim == dim and experts.dim == dim
+           and router.n_experts == experts.n_experts and (shared_experts is None or shared_experts.dim == dim),
+           fix="give router, experts and shared_experts the MoE's dim, and router.n_experts == experts.n_experts")
+@invariant("n_experts % n_devices == 0", lambda experts, n_devices: experts.n_experts % n_devices == 0,
+           fix="choose n_devices (expert groups for the device-level loss) that divides n_experts")
+class MoE(FeedForward, AuxiliaryLoss):
+    """h + sum_shared FFN_s(h) + sum_{i in top-k} g_i FFN_i(h) (the residual is added by the block).
+
+    Args:
+        dim: model width D.
+        router: a `Router` (softmax / sigmoid scores, group-limited top-k, aux-free bias).
+        experts: the routed `GroupedExperts`.
+        shared_experts: a `FeedForward` every token goes through (DeepSeekMoE's shared
+            experts, fused into one of width n_shared * expert width), or None.
+        balance_alpha: weight of the expert-level (DeepSeekMoE/V2, softmax) or complementary
+            sequence-wise (V3, sigmoid) balance loss; 0 disables it.
+        device_balance_alpha, n_devices: weight of V2's device-level loss over `n_devices`
+            equal groups of experts.
+        capacity_factor: per-expert capacity in training (V2 drops the lowest-gate
+            assignments over it); None never drops (V3). Nothing is dropped in eval.
+
+    forward(x: [B, T, D]) -> [B, T, D]. `auxiliary_loss()` returns the weighted balance
+    terms of the latest forward; `router.last_load` the per-expert load of the last step.
+    """
+
+    def __init__(self, *, dim: int, router: Router, experts: GroupedExperts, shared_experts: FeedForward | None = None,
+                 balance_alpha: float = 0.0, device_balance_alpha: float = 0.0, n_devices: int = 1,
+                 capacity_factor: float | None = None):
+        super().__init__()
+        self.dim = dim
+        self.router = router
+        self.experts = experts
+        self.shared_experts = shared_experts
+        self.balance_alpha = balance_alpha
+        self.device_balance_alpha = device_balance_alpha
+        self.n_devices = n_devices
+        self.capacity_factor = capacity_factor
+        self._aux: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        routing = self.router(flat)
+        keep = None
+        if self.training and self.capacity_factor is not None:
+            keep = capacity_keep(routing.weights, routing.indices, self.experts.n_experts, self.capacity_factor)
+        out = self.experts(flat, routing.indices, routing.weights, keep).view(b, t, d)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        self._aux = self._balance(routing, b, t) if self.training else None
+        return out
+
+    def _balance(self, routing, b: int, t: int) -> torch.Tensor | None:
+        terms = []
+        scores = routing.scores.view(b, t, -1)
+        indices = routing.indices.view(b, t, -1)
+        if self.balance_alpha:
+            terms.append(self.balance_alpha * expert_balance_loss(scores, indices))
+        if self.device_balance_alpha:
+            terms.append(self.device_balance_alpha * device_balance_loss(scores, indices, self.n_devices))
+        return sum(terms) if terms else None
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        return self._aux
+
+    def active_fraction(self) -> float:
+        """Share of the routed experts' parameters used per token (top_k / n_experts)."""
+        return self.router.top_k / self.experts.n_experts
+
+    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+        self.router.reset_parameters(init_std=init_std)
+        self.experts.reset_parameters(init_std=init_std, out_std=out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(init_std=init_std, out_std=out_std)

@@ -1,0 +1,114 @@
+"""Top-k expert routers of DeepSeekMoE, DeepSeek-V2 and DeepSeek-V3, with auxiliary-loss-free balancing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from components.interfaces import OptimizerStepHook
+from registry.invariants import invariant
+
+
+@dataclasses.dataclass
+class Routing:
+    """A router's decision for N tokens.
+
+    weights: [N, K] fp32 gate values (already normalised / scaled); indices: [N, K] experts;
+    scores: [N, E] fp32 affinities s_{i,t} (softmax or sigmoid, before any bias).
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+@invariant("n_experts % n_groups == 0 and topk_groups <= n_groups",
+           lambda n_experts, n_groups, topk_groups: n_experts % n_groups == 0 and 1 <= topk_groups <= n_groups,
+           fix="split the experts into n_groups equal groups and keep topk_groups <= n_groups")
+@invariant("top_k <= experts in the kept groups",
+           lambda n_experts, n_groups, topk_groups, top_k: 1 <= top_k <= n_experts // n_groups * topk_groups,
+           fix="lower top_k or keep more groups (topk_groups)")
+class Router(nn.Module, OptimizerStepHook):
+    """Scores every expert for each token and keeps the top `top_k`.
+
+    - score_func "softmax" (DeepSeekMoE, V2) or "sigmoid" (V3); logits in fp32.
+    - Group-limited routing (V2 device-limited, V3 node-limited): experts form `n_groups`
+      groups; a group's score is its max ("max", V2) or the sum of its two best ("top2_sum",
+      V3) selection scores; only the best `topk_groups` groups stay eligible.
+    - Auxiliary-loss-free balancing (V3): with `expert_bias`, a per-expert fp32 bias is added to
+      the scores for *selection only* (gates use unbiased scores). After each optimizer step
+      the bias moves by `bias_update_speed` (gamma) towards balance:
+      b_i += gamma * sign(mean load - load_i), with the load counted over the whole step
+      (every micro-batch, all data-parallel ranks). Never touched by gradients.
+    - Gates: the selected scores, optionally renormalised to sum to 1 (`normalize_weights`,
+      V3), times `scaling_factor` (V2 16.0, V3 2.5).
+
+    forward(x: [N, D]) -> Routing. `last_load` holds the per-expert token counts of the
+    latest completed step (for metrics).
+    """
+
+    def __init__(self, *, dim: int, n_experts: int, top_k: int, score_func: Literal["softmax", "sigmoid"] = "softmax",
+                 n_groups: int = 1, topk_groups: int = 1, group_score: Literal["max", "top2_sum"] = "max",
+                 normalize_weights: bool = False, scaling_factor: float = 1.0, expert_bias: bool = False,
+                 bias_update_speed: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.score_func = score_func
+        self.n_groups = n_groups
+        self.topk_groups = topk_groups
+        self.group_score = group_score
+        self.normalize_weights = normalize_weights
+        self.scaling_factor = scaling_factor
+        self.bias_update_speed = bias_update_speed
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        # fp32 buffers: saved in checkpoints, excluded from the optimizer and from autocast.
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32) if expert_bias else None)
+        self.register_buffer("step_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("last_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        if self.n_groups > 1:
+            grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
+            group_scores = grouped.amax(-1) if self.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(self.n_experts // self.n_groups, dim=1), float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.normalize_weights:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.training and not _in_backward():  # activation-checkpoint recomputation must not count twice
+            with torch.no_grad():
+                self.step_load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+        return Routing(weights=weights * self.scaling_factor, indices=indices, scores=scores)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Apply the bias update from this step's load, then start counting the next step."""
+        load = self.step_load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if self.expert_bias is not None and self.bias_update_speed and load.sum() > 0:
+            self.expert_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+        self.last_load.copy_(load)
+        self.step_load.zero_()
+
+    def reset_parameters(self, *, init_std: float) -> None:
+        nn.init.normal_(self.weight, std=init_std)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
+    return torch._C._current_graph_task_id() != -1
