@@ -1,0 +1,224 @@
+"""Hugging Face DeepSeek-V2 / V3 checkpoints <-> tessera models.
+
+The checkpoint layout is the one on the hub and written by transformers' `save_pretrained`
+(shared/reference/deepseek.md §5a): per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`,
+the V3 router bias as `mlp.gate.e_score_correction_bias`, MTP modules as extra layers
+`model.layers.{n_layers + k}` with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and copies
+of the shared embedding and head. Checkpoints store RoPE interleaved; a tessera model built
+with half-split RoPE gets the rope rows of its query and shared-key projections permuted.
+
+    model = load_pretrained("path/to/checkpoint")            # config.json + *.safetensors
+    save_pretrained(model, "out/", hf_config=config_dict)     # loads back in transformers
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import fiddle as fdl
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.attention.mla import MultiHeadLatentAttention
+from components.model.decoder import DecoderLM
+from components.model.deepseek import MLASpec, MoESpec, deepseek
+from components.moe.moe import MoE
+from components.position.yarn import YaRN
+from registry.kinds import POSITION
+
+
+def config_from_hf(hf: Mapping[str, Any], *, include_mtp: bool = True) -> fdl.Config[DecoderLM]:
+    """A tessera model config equivalent to a HF DeepSeek-V2/V3 `config.json` dict."""
+    model_type = hf.get("model_type")
+    if model_type not in ("deepseek_v2", "deepseek_v3"):
+        raise ValueError(f"model_type {model_type!r} is not supported; expected deepseek_v2 or deepseek_v3")
+    v3 = model_type == "deepseek_v3"
+    method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
+    grouped = method in ("noaux_tc", "group_limited_greedy")
+    moe = MoESpec(
+        n_routed=hf["n_routed_experts"], n_shared=hf.get("n_shared_experts") or 0, top_k=hf["num_experts_per_tok"],
+        hidden_dim=hf["moe_intermediate_size"], score_func="sigmoid" if v3 else "softmax",
+        n_groups=hf.get("n_group", 1) if grouped else 1, topk_groups=hf.get("topk_group", 1) if grouped else 1,
+        group_score="top2_sum" if method == "noaux_tc" else "max", normalize_weights=bool(hf.get("norm_topk_prob")),
+        scaling_factor=hf.get("routed_scaling_factor", 1.0), aux_free_bias=method == "noaux_tc")
+    config = deepseek(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_dense_layers=hf.get("first_k_dense_replace", 0), dense_hidden_dim=hf["intermediate_size"],
+        attention=MLASpec(n_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank"),
+                          kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+                          qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"]),
+        moe=moe, mtp_depth=hf.get("num_nextn_predict_layers", 0) if include_mtp else 0,
+        norm_eps=hf.get("rms_norm_eps", 1e-6))
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        position = fdl.Config(YaRN, theta=theta, interleaved=True, factor=rope["factor"],
+                              original_max_len=rope["original_max_position_embeddings"],
+                              beta_fast=rope.get("beta_fast", 32.0), beta_slow=rope.get("beta_slow", 1.0),
+                              mscale=rope.get("mscale", 1.0), mscale_all_dim=rope.get("mscale_all_dim", 0.0))
+    else:
+        position = POSITION.config("rope", theta=theta, interleaved=True)
+    for block in _blocks(config):
+        block.attention.position = fdl.Config(fdl.get_callable(position), **position.__arguments__)
+    return config
+
+
+def _blocks(config: fdl.Config[DecoderLM]) -> Iterator[Any]:
+    yield from config.layers
+    for module in config.mtp or []:
+        yield module.block
+
+
+def _pairs(model: DecoderLM) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(hf_name, our tensor, kind) for every checkpoint tensor; kind says how to convert it."""
+    yield "model.embed_tokens.weight", model.embedding.weight, "plain"
+    yield "model.norm.weight", model.norm.weight, "plain"
+    yield "lm_head.weight", model.head.weight, "plain"
+    n_layers = len(model.layers)
+    blocks = [(i, layer) for i, layer in enumerate(model.layers)]
+    blocks += [(n_layers + k, mtp.block) for k, mtp in enumerate(model.mtp)]
+    for index, block in blocks:
+        prefix = f"model.layers.{index}."
+        yield prefix + "input_layernorm.weight", block.attention_norm.weight, "plain"
+        yield prefix + "post_attention_layernorm.weight", block.ffn_norm.weight, "plain"
+        attn = block.attention
+        if not isinstance(attn, MultiHeadLatentAttention):
+            raise TypeError(f"layer {index}: only MLA attention maps onto DeepSeek-V2/V3 checkpoints")
+        a = prefix + "self_attn."
+        if attn.q_lora_rank is None:
+            yield a + "q_proj.weight", attn.wq.weight, "q_rope_rows"
+        else:
+            yield a + "q_a_proj.weight", attn.wq_a.weight, "plain"
+            yield a + "q_a_layernorm.weight", attn.q_norm.weight, "plain"
+            yield a + "q_b_proj.weight", attn.wq_b.weight, "q_rope_rows"
+        yield a + "kv_a_proj_with_mqa.weight", attn.wkv_a.weight, "kv_rope_rows"
+        yield a + "kv_a_layernorm.weight", attn.kv_norm.weight, "plain"
+        yield a + "kv_b_proj.weight", attn.wkv_b.weight, "plain"
+        yield a + "o_proj.weight", attn.wo.weight, "plain"
+        ffn = block.feed_forward
+        m = prefix + "mlp."
+        if isinstance(ffn, MoE):
+            yield m + "gate.weight", ffn.router.weight, "plain"
+            if ffn.router.expert_bias is not None:
+                yield m + "gate.e_score_correction_bias", ffn.router.expert_bias, "plain"
+            for e in range(ffn.experts.n_experts):
+                for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+                    yield f"{m}experts.{e}.{theirs}.weight", getattr(ffn.experts, ours)[e], "plain"
+            if ffn.shared_experts is not None:
+                m = m + "shared_experts."
+                ffn = ffn.shared_experts
+        if not isinstance(ffn, MoE):
+            yield m + "gate_proj.weight", ffn.w_gate.weight, "plain"
+            yield m + "up_proj.weight", ffn.w_up.weight, "plain"
+            yield m + "down_proj.weight", ffn.w_down.weight, "plain"
+    for k, mtp in enumerate(model.mtp):
+        prefix = f"model.layers.{n_layers + k}."
+        yield prefix + "enorm.weight", mtp.embed_norm.weight, "plain"
+        yield prefix + "hnorm.weight", mtp.hidden_norm.weight, "plain"
+        yield prefix + "eh_proj.weight", mtp.proj.weight, "mtp_proj"
+        yield prefix + "shared_head.norm.weight", mtp.head_norm.weight, "plain"
+        yield prefix + "embed_tokens.weight", model.embedding.weight, "copy"
+        yield prefix + "shared_head.head.weight", model.head.weight, "copy"
+
+
+def _rope_order(rope_dim: int, interleaved: bool) -> torch.Tensor:
+    """Row order taking checkpoint (interleaved) rope rows to our layout: identity, or
+    pairs (0,1),(2,3),... -> [0, 2, 4, ..., 1, 3, 5, ...] for half-split."""
+    if interleaved:
+        return torch.arange(rope_dim)
+    return torch.cat((torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)))
+
+
+def _convert(tensor: torch.Tensor, kind: str, block_attention: Any, to_ours: bool, mtp: Any = None) -> torch.Tensor:
+    if kind in ("plain", "copy"):
+        return tensor
+    if kind == "mtp_proj":
+        # Our proj follows `concat_order`; the checkpoint is always [embedding; hidden].
+        if mtp.concat_order == "embedding_first":
+            return tensor
+        return torch.cat(tensor.chunk(2, dim=1)[::-1], dim=1)
+    attn = block_attention
+    order = _rope_order(attn.qk_rope_head_dim, attn.position.interleaved)
+    if not to_ours:
+        order = torch.argsort(order)
+    if kind == "kv_rope_rows":
+        rows = torch.cat((torch.arange(attn.kv_lora_rank), attn.kv_lora_rank + order))
+        return tensor[rows]
+    per_head = torch.cat((torch.arange(attn.qk_nope_head_dim), attn.qk_nope_head_dim + order))
+    rows = (torch.arange(attn.n_heads)[:, None] * attn.qk_head_dim + per_head).flatten()
+    return tensor[rows]
+
+
+def _attention_for(model: DecoderLM, name: str) -> tuple[Any, Any]:
+    index = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+    n_layers = len(model.layers)
+    if index < 0:
+        return None, None
+    if index < n_layers:
+        return model.layers[index].attention, None
+    mtp = model.mtp[index - n_layers]
+    return mtp.block.attention, mtp
+
+
+def to_hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
+    """Our weights under checkpoint names (rope rows in the checkpoints' interleaved layout)."""
+    out = {}
+    for name, tensor, kind in _pairs(model):
+        attention, mtp = _attention_for(model, name)
+        out[name] = _convert(tensor.detach(), kind, attention, to_ours=False, mtp=mtp).contiguous().clone()
+    return out
+
+
+@torch.no_grad()
+def load_hf_state_dict(model: DecoderLM, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into `model`; every expected name must be present, and names
+    the model has no place for are reported (both raise `KeyError` listing them)."""
+    pairs = list(_pairs(model))
+    missing = [name for name, _, kind in pairs if name not in state and kind != "copy"]
+    unexpected = sorted(set(state) - {name for name, _, _ in pairs})
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+                       f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for name, tensor, kind in pairs:
+        if kind == "copy":
+            continue
+        attention, mtp = _attention_for(model, name)
+        tensor.copy_(_convert(state[name].to(tensor.dtype), kind, attention, to_ours=True, mtp=mtp))
+
+
+def load_pretrained(path: str | Path, *, include_mtp: bool | None = None) -> DecoderLM:
+    """Build a model from a HF checkpoint folder (config.json + one or more *.safetensors).
+
+    `include_mtp` None: load the MTP modules exactly when the checkpoint has them
+    (transformers' `DeepseekV3ForCausalLM` saves none; the hub release does).
+    """
+    folder = Path(path)
+    hf = json.loads((folder / "config.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    n_layers = hf["num_hidden_layers"]
+    has_mtp = any(_is_layer_at_or_after(name, n_layers) for name in state)
+    if include_mtp is None:
+        include_mtp = has_mtp
+    if not include_mtp:
+        state = {k: v for k, v in state.items() if not _is_layer_at_or_after(k, n_layers)}
+    model = fdl.build(config_from_hf(hf, include_mtp=include_mtp))
+    load_hf_state_dict(model, state)
+    return model
+
+
+def _is_layer_at_or_after(name: str, index: int) -> bool:
+    parts = name.split(".")
+    return name.startswith("model.layers.") and int(parts[2]) >= index
+
+
+def save_pretrained(model: DecoderLM, path: str | Path, *, hf_config: Mapping[str, Any]) -> None:
+    """Write `model.safetensors` and `config.json` (the given HF config dict) into `path`."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
