@@ -1,0 +1,218 @@
+"""DeepSeekMoE routing, balancing and multi-token prediction against naive references."""
+
+from __future__ import annotations
+
+import math
+
+import fiddle as fdl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.attention.gqa import GroupedQueryAttention
+from components.mlp.gated import SwiGLU
+from components.model.block import TransformerBlock
+from components.moe.balance import device_balance_loss, expert_balance_loss
+from components.moe.experts import GroupedExperts
+from components.moe.moe import MoE, capacity_keep
+from components.moe.router import Router
+from components.norm.rmsnorm import RMSNorm
+from recipes.deepseek_pretrain import recipe
+from tests.conftest import run_recipe
+
+
+def make_moe(**kw) -> MoE:
+    torch.manual_seed(0)
+    router = Router(dim=16, n_experts=8, top_k=2, score_func="sigmoid", normalize_weights=True, expert_bias=True,
+                    bias_update_speed=kw.pop("gamma", 0.01))
+    moe = MoE(dim=16, router=router, experts=GroupedExperts(n_experts=8, dim=16, hidden_dim=8),
+              shared_experts=SwiGLU(dim=16, hidden_dim=8), **kw)
+    moe.reset_parameters(init_std=0.2, out_std=0.2)
+    return moe
+
+
+def test_moe_equals_per_token_loop():
+    moe = make_moe()
+    x = torch.randn(2, 5, 16)
+    out = moe(x)
+    flat = x.view(-1, 16)
+    routing = moe.router(flat)
+    expected = []
+    for n in range(flat.shape[0]):
+        y = torch.zeros(16)
+        for k in range(2):
+            e = routing.indices[n, k]
+            h = F.silu(flat[n] @ moe.experts.w_gate[e].T) * (flat[n] @ moe.experts.w_up[e].T)
+            y = y + routing.weights[n, k] * (h @ moe.experts.w_down[e].T)
+        expected.append(y)
+    expected = torch.stack(expected).view(2, 5, 16) + moe.shared_experts(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_matches_loop_fallback(monkeypatch):
+    moe = make_moe()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    fast = moe(x)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
+    import components.moe.experts as experts
+
+    monkeypatch.setattr(experts.torch, "_grouped_mm", None, raising=False)
+    monkeypatch.delattr(experts.torch, "_grouped_mm")
+    slow = moe(x)
+    (g_slow,) = torch.autograd.grad(slow.square().sum(), x)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5)
+
+
+def test_aux_free_bias_balances_a_skewed_stream():
+    torch.manual_seed(0)
+    router = Router(dim=8, n_experts=8, top_k=2, score_func="sigmoid", normalize_weights=True, expert_bias=True,
+                    bias_update_speed=0.01)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.weight[3] += 1.5  # expert 3 is favoured by every token with a positive direction
+    stream = torch.randn(64, 512, 8).abs()  # inputs share a sign, so the favoured expert wins often
+    ratios = []
+    for batch in stream:
+        router(batch)
+        load = router.step_load.clone()
+        ratios.append((load.max() / load.mean()).item())
+        router.after_optimizer_step()
+    first, last = sum(ratios[:4]) / 4, sum(ratios[-4:]) / 4
+    assert last < 0.6 * first, f"max/mean load {first:.2f} -> {last:.2f} over {len(ratios)} steps"
+    assert router.expert_bias[3] < 0 and router.expert_bias.dtype == torch.float32
+    assert not router.expert_bias.requires_grad and "expert_bias" in router.state_dict()
+
+
+def test_zero_gamma_leaves_bias_unchanged_and_gates_ignore_bias():
+    torch.manual_seed(0)
+    router = Router(dim=8, n_experts=8, top_k=2, score_func="sigmoid", normalize_weights=False, expert_bias=True,
+                    bias_update_speed=0.0)
+    router.reset_parameters(init_std=0.5)
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(-1, 1, 8))
+    before = router.expert_bias.clone()
+    x = torch.randn(32, 8)
+    routing = router(x)
+    router.after_optimizer_step()
+    assert torch.equal(router.expert_bias, before)
+    scores = torch.sigmoid(x @ router.weight.T)
+    torch.testing.assert_close(routing.weights, scores.gather(1, routing.indices))  # unbiased gates
+    assert torch.equal(routing.indices.sort(-1).values, (scores + before).topk(2).indices.sort(-1).values)
+
+
+def test_activation_checkpointing_counts_load_once():
+    moe = make_moe()
+    block = TransformerBlock(attention=GroupedQueryAttention(dim=16, n_heads=2), feed_forward=moe,
+                             attention_norm=RMSNorm(dim=16), ffn_norm=RMSNorm(dim=16), checkpoint_activations=True)
+    block.train()
+    block(torch.randn(2, 6, 16)).sum().backward()  # the backward recomputes the forward
+    assert moe.router.step_load.sum().item() == 2 * 6 * 2
+
+
+def naive_sequence_balance(scores, indices, alpha):
+    """Reference §4c, one sequence at a time, with explicit loops."""
+    b, t, e = scores.shape
+    k = indices.shape[-1]
+    total = 0.0
+    for s in range(b):
+        loss = 0.0
+        for i in range(e):
+            f = e / (k * t) * sum(int(i in indices[s, tt].tolist()) for tt in range(t))
+            p = sum((scores[s, tt, i] / scores[s, tt].sum()).item() for tt in range(t)) / t
+            loss += f * p
+        total += alpha * loss
+    return total / b
+
+
+def test_sequence_and_device_balance_losses_match_naive():
+    torch.manual_seed(0)
+    scores = torch.rand(3, 7, 8)
+    indices = torch.stack([torch.randperm(8)[:2] for _ in range(21)]).view(3, 7, 2)
+    assert expert_balance_loss(scores, indices).item() * 1e-4 == pytest.approx(
+        naive_sequence_balance(scores, indices, 1e-4), rel=1e-5)
+    # device-level: 4 devices of 2 experts
+    b, t, e = scores.shape
+    expected = 0.0
+    for s in range(b):
+        f = torch.zeros(e)
+        for tt in range(t):
+            for i in indices[s, tt]:
+                f[i] += e / (2 * t)
+        probs = (scores[s] / scores[s].sum(-1, keepdim=True)).mean(0)
+        expected += sum(f[2 * d: 2 * d + 2].mean() * probs[2 * d: 2 * d + 2].sum() for d in range(4)).item()
+    assert device_balance_loss(scores, indices, 4).item() == pytest.approx(expected / b, rel=1e-5)
+
+
+def test_moe_reports_weighted_balance_loss():
+    moe = make_moe(balance_alpha=0.01)
+    moe.train()
+    x = torch.randn(2, 5, 16)
+    moe(x)
+    routing = moe.router(x.view(-1, 16))
+    expected = 0.01 * naive_sequence_balance(routing.scores.view(2, 5, 8).detach(), routing.indices.view(2, 5, 2), 1.0)
+    assert moe.auxiliary_loss().item() == pytest.approx(expected, rel=1e-5)
+    moe.eval()
+    moe(x)
+    assert moe.auxiliary_loss() is None
+
+
+def test_capacity_drops_lowest_gates_first():
+    indices = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 3]])
+    weights = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
+    keep = capacity_keep(weights, indices, n_experts=4, capacity_factor=1.0)  # capacity ceil(8/4) = 2
+    # expert 0 has 4 assignments: keep the two largest gates (0.9 and 0.7)
+    assert keep[:, 0].tolist() == [True, False, False, True]
+    assert keep[:, 1].all()
+
+
+def test_mtp_loss_matches_naive_and_presets_dry_run():
+    config = recipe.config("debug")
+    torch.manual_seed(0)
+    model = fdl.build(config.model)
+    model.init_weights()
+    tokens = torch.randint(0, 256, (2, 12))
+    targets = torch.roll(tokens, -1, dims=1)
+    terms = model.losses(tokens, targets)
+    # naive: depth 1 sees hidden state i and the embedding of token i+1, predicts token i+2
+    mtp = model.mtp[0]
+    h = model.hidden_states(tokens)
+    h1 = mtp.block(mtp.proj(torch.cat([mtp.embed_norm(model.embedding(tokens[:, 1:])), mtp.hidden_norm(h[:, :11])],
+                                      dim=-1)))
+    logits = model.head(mtp.head_norm(h1))
+    naive = sum(-torch.log_softmax(logits[b, i], -1)[targets[b, i + 1]] for b in range(2) for i in range(11)) / 22
+    assert terms["mtp"].item() == pytest.approx(0.3 * naive.item(), rel=1e-5)
+    assert {"lm", "mtp"} <= set(terms)
+    assert math.isfinite(terms["lm"].item())
+
+
+@pytest.mark.parametrize("preset,total,activated,include_embedding,digits", [
+    ("deepseek_moe_16b", 16.4, 2.8, True, 1),
+    ("deepseek_v2_lite", 15.7, 2.4, False, None),  # the paper truncates 2.451 to "2.4B"
+    ("deepseek_v2", 236, 21, False, 0),
+    ("deepseek_v3", 671, 37, False, 0),
+])
+def test_presets_reproduce_published_counts(preset, total, activated, include_embedding, digits):
+    from components.model import stats
+    from components.train.launch import build_model_on_meta
+
+    model = build_model_on_meta(recipe.config(preset).model)
+    main = stats.main_model_parameters(model) / 1e9
+    act = stats.activated_parameters(model, include_embedding=include_embedding) / 1e9
+    assert round(main, 1 if total < 100 else 0) == total, main
+    if digits is None:
+        assert math.floor(act * 10) / 10 == activated, act
+    else:
+        assert round(act, digits) == activated, act
+
+
+@pytest.mark.slow
+def test_every_preset_dry_runs_in_seconds():
+    import time
+
+    for preset in recipe.presets:
+        start = time.perf_counter()
+        result = run_recipe(preset, "--dry-run", recipe="deepseek_pretrain")
+        assert result.returncode == 0, result.stderr
+        assert "activated per token" in result.stdout
+        assert time.perf_counter() - start < 20, preset
