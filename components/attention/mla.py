@@ -104,8 +104,12 @@ class MultiHeadLatentAttention(Attention):
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope), dim=-1)
         mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        pad = self.qk_head_dim - self.v_head_dim
+        if pad > 0 and _fused_attention_pays(q, t):
+            v = F.pad(v, (0, pad))  # equal q/k/v widths let SDPA take its fused (flash) kernel
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale)
+        out = out[..., : self.v_head_dim]
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
 
     def score_flops_per_token(self, seq_len: int) -> float:
@@ -117,3 +121,13 @@ class MultiHeadLatentAttention(Attention):
                 nn.init.normal_(module.weight, std=out_std if name == "wo" else init_std)
             elif isinstance(module, Norm):
                 module.reset_parameters()
+
+
+def _fused_attention_pays(q: torch.Tensor, seq_len: int) -> bool:
+    """Whether padding v to the q/k width (to reach SDPA's fused kernel) is worth it.
+
+    Measured on CPU, fwd+bwd, torch 2.13: the fused kernel is 1.5-2.3x faster than the math
+    path for fp32 at every length and for bf16 from 512 tokens, but 1.5x slower for bf16 at
+    128 tokens. GPUs always take it.
+    """
+    return q.device.type != "cpu" or q.dtype == torch.float32 or seq_len >= 256

@@ -7,15 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` [M, in] sorted by expert, times each expert's weight [E, out, in]^T -> [M, out].
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` [M, in] sorted by expert (`counts` [E] rows each), times each expert's
+    weight [E, out, in]^T -> [M, out].
 
-    Uses `torch._grouped_mm` (one kernel for all experts) where this torch has it, else a
-    loop over experts (the correct fallback, slower for many small experts).
+    Uses `torch._grouped_mm` (one kernel for all experts; no host sync, so it also compiles)
+    where this torch has it, else a loop over experts (the correct fallback, slower).
     """
     if hasattr(torch, "_grouped_mm") and x.shape[0] > 0:
-        return torch._grouped_mm(x, weight.transpose(-1, -2), offs=offsets)
-    return torch.cat([chunk @ w.T for chunk, w in zip(x.split(counts), weight)], dim=0)
+        return torch._grouped_mm(x, weight.transpose(-1, -2), offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([chunk @ w.T for chunk, w in zip(x.split(counts.tolist()), weight)], dim=0)
 
 
 class GroupedExperts(nn.Module):
@@ -52,15 +53,14 @@ class GroupedExperts(nn.Module):
             flat_expert, flat_token, flat_weight = flat_expert[kept], flat_token[kept], flat_weight[kept]
         order = torch.argsort(flat_expert, stable=True)
         token, gate = flat_token[order], flat_weight[order]
-        counts_t = torch.bincount(flat_expert, minlength=self.n_experts)
-        counts, offsets = counts_t.tolist(), counts_t.cumsum(0).to(torch.int32)
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             xs = x[token].to(dtype)
-            hidden = F.silu(grouped_mm(xs, self.w_gate.to(dtype), counts, offsets)) * grouped_mm(
-                xs, self.w_up.to(dtype), counts, offsets)
-            out = grouped_mm(hidden, self.w_down.to(dtype), counts, offsets) * gate[:, None].to(dtype)
+            hidden = F.silu(grouped_mm(xs, self.w_gate.to(dtype), counts)) * grouped_mm(
+                xs, self.w_up.to(dtype), counts)
+            out = grouped_mm(hidden, self.w_down.to(dtype), counts) * gate[:, None].to(dtype)
             return torch.zeros(n, self.dim, dtype=dtype, device=x.device).index_add_(0, token, out)
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
