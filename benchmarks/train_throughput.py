@@ -50,7 +50,8 @@ def hf_config(args: argparse.Namespace):
     return transformers.DeepseekV3Config(
         vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=3 * args.dim, moe_intermediate_size=3 * args.dim // 4,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        n_shared_experts=1, n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_group=args.groups,
+        topk_group=args.topk_groups,
         routed_scaling_factor=1.0, norm_topk_prob=True, q_lora_rank=args.dim // 2, kv_lora_rank=args.dim // 4,
         qk_nope_head_dim=args.dim // args.heads, qk_rope_head_dim=args.dim // args.heads // 2,
         v_head_dim=args.dim // args.heads, first_k_dense_replace=1, max_position_embeddings=max(args.seq, 128),
@@ -93,6 +94,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--topk-groups", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -112,8 +117,8 @@ def main() -> None:
     n_tokens = args.batch * args.seq
     flops_per_token = stats.training_flops_per_token(ours, args.seq)
     console = Console(width=150)
-    table = Table(title=f"training step, DeepSeek-V3-style dim {args.dim}, {args.layers} layers, 8 experts top-2 "
-                        f"+1 shared, batch {args.batch} x {args.seq}, 1 thread, CPU")
+    table = Table(title=f"training step, DeepSeek-V3-style dim {args.dim}, {args.layers} layers, {args.experts} experts "
+                        f"top-{args.top_k} +1 shared, batch {args.batch} x {args.seq}, 1 thread, CPU")
     for col in ("precision", "model", "s/step", "tokens/s", "x transformers", "MFU", "matmul peak GFLOP/s"):
         table.add_column(col, justify="right")
     for name, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):

@@ -52,3 +52,19 @@ def test_bf16_autocast_trains_finite():
 def test_vocab_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="model.vocab_size"):
         run("steps=1", "model.vocab_size=100")
+
+
+@pytest.mark.slow
+def test_deepseek_debug_trains_with_every_mechanism_active():
+    from recipes.deepseek_pretrain import recipe as deepseek
+
+    config, _ = resolve(deepseek, ["debug", "progress=False", "threads=1", "steps=40", "batch_size=8",
+                                   "scheduler.total_steps=40", "scheduler.warmup_steps=4"])
+    from components.moe.router import Router
+
+    result = launch(config)
+    assert {"lm", "mtp", "balance"} <= set(result.terms)
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.5
+    routers = [m for m in result.model.modules() if isinstance(m, Router)]
+    assert routers and all(r.expert_bias.abs().sum() > 0 for r in routers), "aux-free bias never moved"
+    assert all(r.last_load.sum() == 8 * 128 * r.top_k for r in routers[:3])  # main layers: every token routed

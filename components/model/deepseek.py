@@ -1,5 +1,28 @@
 """Config builder for DeepSeek-family decoders: MLA or MHA attention, dense then DeepSeekMoE
-layers, optional multi-token prediction. Every layer gets its own sub-configs."""
+layers, optional multi-token prediction. Every layer gets its own sub-configs.
+
+Where the papers and the released code disagree (shared/reference/deepseek.md), and what we follow:
+- MTP input order: the released V3 checkpoint concatenates [embedding; hidden] (the paper
+  writes the hidden state first). We follow the checkpoint so its MTP weights load;
+  `MultiTokenPrediction(concat_order="hidden_first")` gives the paper's order.
+- MTP's hidden input is the main model's final-normed hidden state (what inference engines
+  feed the released module); its loss is averaged over the positions that have a target
+  (the paper divides by T).
+- YaRN softmax scale: multiplied by mscale^2 whenever YaRN is configured (transformers'
+  behaviour for the released long-context checkpoints); the official code only does so beyond
+  the original length. The pretraining presets use plain RoPE at 4K, as the papers did.
+- Group-limited routing masks dropped groups with -inf (the paper's semantics); transformers
+  fills 0.0, which can pick a masked expert once negative biases make every kept score < 0.
+- The complementary sequence-wise loss counts the experts actually selected (with the bias),
+  as practice does; the paper writes its indicator on unbiased scores.
+- The aux-free bias update is b += gamma * sign(mean load - load) over the whole step (the
+  training code is unreleased; this is the paper's rule in its usual form).
+- Init std is 0.006 (the papers), not transformers' 0.02 default; no depth scaling.
+- RoPE is interleaved, as in the checkpoints; DeepSeek LLM 7B/67B (Llama layout) are half-split.
+- V2 token dropping: capacity is per expert (the paper's is per device) and every sequence
+  may be dropped from (the paper keeps ~10% of sequences drop-free).
+- Batch ramps are linear: the papers do not state the shape.
+"""
 
 from __future__ import annotations
 

@@ -28,10 +28,12 @@ from registry.invariants import invariant
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a run measured: per-step LM loss (and every loss term), final validation loss, throughput."""
+    """What a run measured (per-step LM loss and every loss term, final validation loss,
+    throughput) and the trained model."""
 
     losses: list[float]
     terms: dict[str, list[float]]
+    model: torch.nn.Module
     val_loss: float
     tokens_per_second: float
     seconds: float
@@ -131,7 +133,7 @@ def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, s
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
                           f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
-    return TrainResult(losses=losses, terms=history, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
+    return TrainResult(losses=losses, terms=history, model=model, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
 
 
 @torch.no_grad()
