@@ -11,6 +11,7 @@ import torch
 from components.attention.block_sparse import BlockSparseAttention
 from components.attention.gqa import GroupedQueryAttention
 from components.attention.linear import LinearAttention, chunked_linear_attention, quadratic_linear_attention
+from components.attention.mla import MultiHeadLatentAttention
 from components.attention.sliding_window import SlidingWindowAttention
 from components.norm.rmsnorm import RMSNorm
 from components.position.alibi import ALiBi
@@ -117,6 +118,9 @@ def build_variants() -> dict[str, torch.nn.Module]:
         "sliding_window": SlidingWindowAttention(dim=32, n_heads=4, window=6, position=RoPE()),
         "block_sparse": BlockSparseAttention(dim=32, n_heads=4, block_size=4, local_blocks=2, global_blocks=1),
         "linear": LinearAttention(dim=32, n_heads=4, chunk_size=4),
+        "mla": MultiHeadLatentAttention(dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+                                        qk_rope_head_dim=4, v_head_dim=8, position=RoPE(interleaved=True),
+                                        kv_norm=RMSNorm(dim=8), q_norm=RMSNorm(dim=16)),
     }
 
 
