@@ -8,6 +8,11 @@ import components.attention.gqa  # noqa: F401
 import components.attention.linear  # noqa: F401
 import components.attention.mla  # noqa: F401
 import components.attention.sliding_window  # noqa: F401
+import components.data.filters.heuristics  # noqa: F401
+import components.data.filters.language  # noqa: F401
+import components.data.filters.quality  # noqa: F401
+import components.data.sources.files  # noqa: F401
+import components.data.sources.stdlib  # noqa: F401
 import components.mlp.gated  # noqa: F401
 import components.mlp.mlp  # noqa: F401
 import components.moe.moe  # noqa: F401

@@ -196,6 +196,47 @@ class Schedule(abc.ABC):
     def __call__(self, step: int, tokens: int = 0) -> float: ...
 
 
+class TrainingData(abc.ABC):
+    """What the trainer reads batches from.
+
+    `vocab_size`: token ids are < vocab_size. `batch(split, batch_size=B, seq_len=T, generator=g)`
+    returns {"tokens": [B, T], "targets": [B, T] (tokens shifted by one), "doc_ids": [B, T]}
+    for split "train" or "val". Implementations with their own position (a stateful loader)
+    also offer `state_dict()` / `load_state_dict()`.
+    """
+
+    vocab_size: int
+
+    @abc.abstractmethod
+    def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+
+class DataSource(abc.ABC):
+    """A stream of raw documents of one domain (code, prose, docs, web, ...).
+
+    `documents()` yields `components.data.document.Document`s; `domain` names the mixture
+    domain they belong to. Sources are plain keyword-only dataclasses, so their repr is the
+    fingerprint of what they read.
+    """
+
+    domain: str
+
+    @abc.abstractmethod
+    def documents(self) -> Iterable[Any]: ...
+
+
+class DocumentFilter(abc.ABC):
+    """One cleaning step: `process(doc)` returns the (possibly rewritten) document, or None
+    to reject it. `name` labels its rows in the pipeline report."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @abc.abstractmethod
+    def process(self, doc: Any) -> Any | None: ...
+
+
 ParamGroups = Iterable[dict[str, Any]]
 """What an optimizer factory receives: torch-style parameter groups."""
 

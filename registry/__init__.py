@@ -6,12 +6,22 @@
 
 from registry.errors import ConfigError, Fault, RegistryError
 from registry.invariants import invariant
-from registry.kinds import ATTENTION, FEED_FORWARD, NORM, OPTIMIZER, PARALLEL_PLAN, POSITION, SCHEDULER
+from registry.kinds import (
+    ATTENTION,
+    DATA_FILTER,
+    DATA_SOURCE,
+    FEED_FORWARD,
+    NORM,
+    OPTIMIZER,
+    PARALLEL_PLAN,
+    POSITION,
+    SCHEDULER,
+)
 from registry.recipe import Recipe
 from registry.registry import Registry, all_registries
 from registry.validate import validate
 
 __all__ = [
-    "ATTENTION", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION", "SCHEDULER",
+    "ATTENTION", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION", "SCHEDULER",
     "ConfigError", "Fault", "Recipe", "Registry", "RegistryError", "all_registries", "invariant", "validate",
 ]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from components.interfaces import Attention, FeedForward, Norm, ParallelPlan, PositionEncoding, Schedule
+from components.interfaces import (
+    Attention,
+    DataSource,
+    DocumentFilter,
+    FeedForward,
+    Norm,
+    ParallelPlan,
+    PositionEncoding,
+    Schedule,
+)
 from registry.registry import Registry
 
 ATTENTION: Registry[Attention] = Registry(kind="ATTENTION", base=Attention)
@@ -14,3 +23,5 @@ POSITION: Registry[PositionEncoding] = Registry(kind="POSITION", base=PositionEn
 PARALLEL_PLAN: Registry[ParallelPlan] = Registry(kind="PARALLEL_PLAN", base=ParallelPlan)
 OPTIMIZER: Registry[torch.optim.Optimizer] = Registry(kind="OPTIMIZER", base=torch.optim.Optimizer)
 SCHEDULER: Registry[Schedule] = Registry(kind="SCHEDULER", base=Schedule)
+DATA_SOURCE: Registry[DataSource] = Registry(kind="DATA_SOURCE", base=DataSource)
+DATA_FILTER: Registry[DocumentFilter] = Registry(kind="DATA_FILTER", base=DocumentFilter)

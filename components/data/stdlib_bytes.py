@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from components.interfaces import TrainingData
 from registry.invariants import invariant
 
 EOS = 0
@@ -20,7 +21,7 @@ VOCAB_SIZE = 256
 
 
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out a fraction such as 0.05")
-class StdlibBytes:
+class StdlibBytes(TrainingData):
     """Train/validation byte streams of up to `max_bytes` of standard-library source.
 
     Args:

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
-from components.data.stdlib_bytes import StdlibBytes
-from components.interfaces import OptimizerFactory, OptimizerStepHook, ParallelPlan, Schedule
+from components.interfaces import OptimizerFactory, OptimizerStepHook, ParallelPlan, Schedule, TrainingData
 from components.model.decoder import DecoderLM
 from components.optim.param_groups import decay_groups
 from components.train.batch_ramp import BatchRamp
@@ -49,7 +48,7 @@ class TrainResult:
 @invariant("micro_batch_size divides batch_size",
            lambda batch_size, micro_batch_size: micro_batch_size is None or batch_size % micro_batch_size == 0,
            fix="choose a micro_batch_size that divides batch_size")
-def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, scheduler: Schedule,
+def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, scheduler: Schedule,
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           grad_clip: float | None = 1.0, autocast_dtype: torch.dtype | None = None, seed: int = 0,
@@ -137,7 +136,7 @@ def train(*, model: DecoderLM, data: StdlibBytes, optimizer: OptimizerFactory, s
 
 
 @torch.no_grad()
-def evaluate(model: DecoderLM, data: StdlibBytes, *, batches: int, batch_size: int, seq_len: int,
+def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
              autocast_dtype: torch.dtype | None, seed: int) -> float:
     """Mean next-token cross-entropy on `batches` validation batches (a fixed sample per seed)."""
     model.eval()

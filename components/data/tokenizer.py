@@ -1,0 +1,82 @@
+"""Byte-level BPE: trained with rustbpe, stored as a `.tiktoken` rank file, encoded with tiktoken.
+
+Files written by `train_bpe` into a folder:
+- `tokenizer.tiktoken`: one "base64(token bytes) rank" line per mergeable token (the format
+  tiktoken's own encodings use);
+- `tokenizer.json`: the split pattern and the special tokens with their ids.
+
+`load_encoding` builds the `tiktoken.Encoding` straight from those files each time (not
+through `tiktoken.load.load_tiktoken_bpe`, whose cache is keyed by path and would hand back a
+stale vocabulary after retraining into the same folder).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import tiktoken
+
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|doc|>")
+"""Beginning/end of document (EOS separates packed documents), padding, document marker."""
+
+# GPT-4-style split: contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int, folder: str | Path, name: str = "tessera") -> tiktoken.Encoding:
+    """Train a byte-level BPE of `vocab_size` ids in total (256 byte tokens + merges + the
+    special tokens) on `texts`, write it to `folder` and return its tiktoken encoding."""
+    import rustbpe
+
+    n_merged = vocab_size - len(SPECIAL_TOKENS)
+    if n_merged < 256:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for the 256 byte tokens and "
+                         f"{len(SPECIAL_TOKENS)} special tokens; use at least {256 + len(SPECIAL_TOKENS)}")
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(texts), n_merged, pattern=SPLIT_PATTERN)
+    ranks = dict(trainer.get_mergeable_ranks())
+    if len(ranks) < n_merged:
+        raise ValueError(f"the corpus supports only {len(ranks)} distinct tokens, fewer than the "
+                         f"{n_merged} asked for (vocab_size {vocab_size}); use a smaller vocab_size or more text")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
+    (folder / "tokenizer.json").write_text(json.dumps({"name": name, "pattern": trainer.get_pattern(),
+                                                       "special_tokens": specials}, indent=2))
+    return load_encoding(folder)
+
+
+def load_encoding(folder: str | Path) -> tiktoken.Encoding:
+    """The tiktoken encoding stored in `folder` by `train_bpe` (read fresh, never cached)."""
+    folder = Path(folder)
+    ranks: dict[bytes, int] = {}
+    for line in (folder / "tokenizer.tiktoken").read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    meta = json.loads((folder / "tokenizer.json").read_text())
+    return tiktoken.Encoding(name=meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
+                             special_tokens=meta["special_tokens"])
+
+
+def named_encoding(name: str) -> tiktoken.Encoding:
+    """A standard tiktoken encoding (e.g. "cl100k_base"), if tiktoken can load it here."""
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as err:  # noqa: BLE001 - offline downloads fail with various errors
+        raise RuntimeError(
+            f"tiktoken encoding {name!r} is not available ({type(err).__name__}: {err}). tiktoken downloads its "
+            f"named encodings on first use; offline, train a BPE on your corpus instead (the default) or put the "
+            f"file in tiktoken's cache (TIKTOKEN_CACHE_DIR)") from None
+
+
+def encode_documents(encoding: tiktoken.Encoding, texts: list[str], *, threads: int = 2) -> list[list[int]]:
+    """Token ids of every text (special-token strings in the text are encoded as plain text),
+    in parallel threads inside tiktoken (its Rust core releases the GIL)."""
+    return encoding.encode_ordinary_batch(texts, num_threads=threads)
