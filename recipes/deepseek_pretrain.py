@@ -15,11 +15,13 @@ import math
 import fiddle as fdl
 import torch
 
-from components.data.stdlib_bytes import StdlibBytes
+from components.data.defaults import stdlib_corpus
 from components.model.deepseek import MHASpec, MLASpec, MoESpec, deepseek
 from components.train.batch_ramp import BatchRamp
 from components.train.trainer import train
 from registry import OPTIMIZER, PARALLEL_PLAN, SCHEDULER, Recipe
+
+DEBUG_VOCAB = 2048  # a small BPE trained on the default corpus: cheap softmax on 2 cores
 
 recipe = Recipe(name="deepseek_pretrain", doc=__doc__)
 
@@ -51,7 +53,7 @@ def debug() -> fdl.Partial:
     """Byte-level MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP model: a few minutes on 2 CPU cores."""
     steps = 300
     model = deepseek(
-        vocab_size=StdlibBytes.vocab_size, dim=128, n_layers=4, n_dense_layers=1, dense_hidden_dim=384,
+        vocab_size=DEBUG_VOCAB, dim=128, n_layers=4, n_dense_layers=1, dense_hidden_dim=384,
         attention=MLASpec(n_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
                           v_head_dim=32),
         moe=MoESpec(n_routed=8, n_shared=1, top_k=2, hidden_dim=96, score_func="sigmoid", n_groups=2, topk_groups=1,
@@ -59,7 +61,7 @@ def debug() -> fdl.Partial:
                     bias_update_speed=0.001, balance_alpha=1e-4),
         mtp_depth=1, mtp_loss_weight=0.3, init_std=0.02)
     return fdl.Partial(
-        train, model=model, data=fdl.Config(StdlibBytes, max_bytes=4_000_000), optimizer=adamw(lr=3e-3),
+        train, model=model, data=stdlib_corpus(vocab_size=DEBUG_VOCAB), optimizer=adamw(lr=3e-3),
         scheduler=SCHEDULER.config("warmup_cosine", warmup_steps=30, total_steps=steps, min_ratio=0.1),
         parallel=PARALLEL_PLAN.config("single"), steps=steps, batch_size=16, seq_len=128, grad_clip=1.0,
         autocast_dtype=torch.bfloat16, seed=0)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import fiddle as fdl
 import torch
 
-from components.data.stdlib_bytes import StdlibBytes
+from components.data.defaults import stdlib_corpus
 from components.model import families
 from components.train.trainer import train
 from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, SCHEDULER, Recipe
+
+DEBUG_VOCAB = 2048  # a small BPE trained on the default corpus: cheap softmax on 2 cores
 
 recipe = Recipe(name="llama_pretrain", doc=__doc__)
 
@@ -24,9 +26,9 @@ def debug() -> fdl.Partial:
     steps = 350
     return fdl.Partial(
         train,
-        model=families.llama(vocab_size=StdlibBytes.vocab_size, dim=192, n_layers=6, n_heads=6, n_kv_heads=2,
+        model=families.llama(vocab_size=DEBUG_VOCAB, dim=192, n_layers=6, n_heads=6, n_kv_heads=2,
                              hidden_dim=512),
-        data=fdl.Config(StdlibBytes, max_bytes=4_000_000),
+        data=stdlib_corpus(vocab_size=DEBUG_VOCAB),
         optimizer=OPTIMIZER.partial("adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
         scheduler=SCHEDULER.config("warmup_cosine", warmup_steps=30, total_steps=steps, min_ratio=0.1),
         parallel=PARALLEL_PLAN.config("single"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import fiddle as fdl
+import numpy as np
 import pytest
 import torch
 
@@ -28,12 +30,19 @@ def test_warmup_cosine_matches_formula():
 
 
 @pytest.mark.slow
-def test_debug_preset_loss_falls():
-    result = run("steps=60", "batch_size=8", "scheduler.total_steps=60", "scheduler.warmup_steps=6")
+def test_debug_preset_learns_beyond_unigram_statistics():
+    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=100", "batch_size=8",
+                                 "scheduler.total_steps=100", "scheduler.warmup_steps=10"])
+    result = launch(config)
     first, last = result.losses[0], sum(result.losses[-10:]) / 10
-    assert first > 5.0, first  # ~ln(256) at init
-    assert last < first - 1.5, f"loss {first:.3f} -> {last:.3f}"
-    assert result.val_loss < first - 1.0
+    assert first > math.log(2048) - 0.3, first  # ~ln(vocab) at init
+    # Independent reference: the entropy of the training tokens' unigram distribution, the best
+    # loss a model ignoring context can reach; a learning model must go below it.
+    store = fdl.build(config.data).store
+    counts = sum(np.bincount(np.asarray(store.tokens(d, "train")), minlength=2048) for d in store.domains("train"))
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    assert last < unigram, f"loss {first:.3f} -> {last:.3f}, unigram entropy {unigram:.3f}"
 
 
 def test_same_seed_same_run_different_seed_different_run():
@@ -58,13 +67,13 @@ def test_vocab_mismatch_is_a_clear_error():
 def test_deepseek_debug_trains_with_every_mechanism_active():
     from recipes.deepseek_pretrain import recipe as deepseek
 
-    config, _ = resolve(deepseek, ["debug", "progress=False", "threads=1", "steps=40", "batch_size=8",
-                                   "scheduler.total_steps=40", "scheduler.warmup_steps=4"])
+    config, _ = resolve(deepseek, ["debug", "progress=False", "threads=1", "steps=60", "batch_size=8",
+                                   "scheduler.total_steps=60", "scheduler.warmup_steps=6"])
     from components.moe.router import Router
 
     result = launch(config)
     assert {"lm", "mtp", "balance"} <= set(result.terms)
-    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.5
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.0  # from ~ln(2048) towards the unigram entropy
     routers = [m for m in result.model.modules() if isinstance(m, Router)]
     assert routers and all(r.expert_bias.abs().sum() > 0 for r in routers), "aux-free bias never moved"
     assert all(r.last_load.sum() == 8 * 128 * r.top_k for r in routers[:3])  # main layers: every token routed

@@ -41,6 +41,8 @@ class TrainResult:
 @invariant("steps > 0 and batch_size > 0 and seq_len > 0",
            lambda steps, batch_size, seq_len: steps > 0 and batch_size > 0 and seq_len > 0,
            fix="use positive steps, batch_size and seq_len")
+@invariant("data.vocab_size <= model.vocab_size", lambda data, model: data.vocab_size <= model.vocab_size,
+           fix="give the model at least as many token ids as the data's tokenizer (model.vocab_size)")
 @invariant(**rules.WINDOW_FITS_SEQUENCE)
 @invariant(**rules.SEQUENCE_FILLS_BLOCKS)
 @invariant("grad_clip is None or grad_clip > 0", lambda grad_clip: grad_clip is None or grad_clip > 0,
