@@ -214,11 +214,15 @@ class TextPipeline(TrainingData):
             held_out = int(doc.key[:8], 16) / 16**8 < self.val_fraction
             splits[(doc.domain, "val" if held_out else "train")].append(doc)
         for domain in sorted({d.domain for d in docs}):
-            for split in ("train", "val"):
-                if not splits[(domain, split)]:
-                    raise ValueError(f"domain {domain!r} has no {split} documents after cleaning "
-                                     f"(val_fraction={self.val_fraction}); give it more documents or change "
-                                     f"val_fraction")
+            train, val = splits[(domain, "train")], splits[(domain, "val")]
+            if len(train) + len(val) < 2:
+                raise ValueError(f"domain {domain!r} has {len(train) + len(val)} document(s) after cleaning; it needs "
+                                 f"at least 2 (one for training, one held out): give it more documents")
+            # A small domain can hash entirely to one side: move the document nearest the cut.
+            if not val:
+                val.append(train.pop(min(range(len(train)), key=lambda i: train[i].key)))
+            if not train:
+                train.append(val.pop(max(range(len(val)), key=lambda i: val[i].key)))
         return splits
 
     # -- reading ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from components.data.document import Document
+from components.data.document import Document, decode
 from components.interfaces import DataSource
 from registry.kinds import DATA_SOURCE
 
@@ -19,8 +19,8 @@ _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "par
 class LocalFiles(DataSource):
     """Every matching file under `path` (a file or a folder), one document per row.
 
-    txt: one document per file (`datasets`' text builder with sample_by="document");
-    jsonl / parquet: one per row, text in `text_field`. `cache_dir` is where `datasets`
+    txt: one document per file (invalid UTF-8 replaced and counted); jsonl / parquet: one per
+    row, text in `text_field`, read with `datasets`. `cache_dir` is where `datasets`
     keeps its Arrow cache (the pipeline points it into the run's data folder, never the
     user's home cache by surprise).
     """
@@ -48,10 +48,12 @@ class LocalFiles(DataSource):
 
         for file in self._files():
             builder = _BUILDERS.get(file.suffix, "text")
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            rows = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=self.cache_dir,
-                                         **kwargs)
-            field = "text" if builder == "text" else self.text_field
+            if builder == "text":  # read directly: invalid UTF-8 is replaced and counted, not an error
+                text, replaced = decode(file.read_bytes())
+                yield Document(text=text, domain=self.domain, source=str(file), invalid_utf8=replaced)
+                continue
+            rows = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=self.cache_dir)
+            field = self.text_field
             if field not in rows.column_names:
                 raise KeyError(f"{file}: no column {field!r} (columns: {rows.column_names}); set text_field")
             for i, text in enumerate(rows[field]):
