@@ -297,6 +297,18 @@ def test_pipeline_bad_input_messages(tmp_path):
         small_pipeline(tmp_path, sources=[LocalFiles(path=str(empty), domain="x")]).prepare()
     with pytest.raises(ValueError, match="LengthFilter.*removed every remaining document of domain 'prose'"):
         small_pipeline(tmp_path, filters={"prose": [LengthFilter(min_chars=10**6)]}).prepare()
+    (empty / "nothing.jsonl").write_text('{"text": 1}\n')  # a row without text
+    with pytest.raises(ValueError, match="produced no documents"):
+        small_pipeline(tmp_path, sources=[LocalFiles(path=str(empty), domain="x")]).prepare()
+
+
+def test_rejected_documents_are_written_for_inspection(tmp_path):
+    pipeline = small_pipeline(tmp_path, rejects=True, filters={"raw": [LengthFilter(min_chars=590)]})
+    report = pipeline.prepare()
+    (row,) = [r for r in report if r.stage == "clean: LengthFilter"]
+    rejected = (pipeline.folder / "rejects" / "raw.LengthFilter.jsonl").read_text().splitlines()
+    assert len(rejected) == row.docs_in - row.docs_out > 0
+    assert all(len(json.loads(line)["text"]) < 590 for line in rejected)
 
 
 def test_prepare_command_prints_the_report():
