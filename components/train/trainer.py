@@ -21,6 +21,7 @@ from components.interfaces import OptimizerFactory, OptimizerStepHook, ParallelP
 from components.model.decoder import DecoderLM
 from components.optim.param_groups import decay_groups
 from components.train.batch_ramp import BatchRamp
+from components.train.checkpoint import Checkpointer
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
 
@@ -53,7 +54,8 @@ class TrainResult:
 def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, scheduler: Schedule,
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
-          grad_clip: float | None = 1.0, autocast_dtype: torch.dtype | None = None, seed: int = 0,
+          checkpoint: Checkpointer | None = None, grad_clip: float | None = 1.0,
+          autocast_dtype: torch.dtype | None = None, seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
 
@@ -67,6 +69,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         micro_batch_size: sequences per forward/backward; a step accumulates
             batch_size / micro_batch_size of them (default: the whole batch at once).
         batch_ramp: grow the sequences per step from a smaller start (V2/V3).
+        checkpoint: when and where to save, and whether to resume (exactly: weights, optimizer,
+            RNG and data-loader positions, step and token counters, loss history).
         scheduled: attribute name -> schedule of its value, set before every step on each
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
@@ -97,9 +101,19 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
     model.train()
-    tokens_seen = 0
+    tokens_seen, start_step = 0, 0
+    resume_from = checkpoint.resume_path() if checkpoint is not None else None
+    if resume_from is not None:
+        restored = checkpoint.load(resume_from, model=model, optimizer=opt)
+        extra = restored["extra"]
+        start_step, tokens_seen, history = restored["step"], extra["tokens"], extra["history"]
+        losses = list(history.get("lm", []))
+        torch.set_rng_state(extra["rng"])
+        generator.set_state(extra["data_generator"])
+        if hasattr(data, "load_state_dict"):
+            data.load_state_dict(extra["data"])
     with TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
-        for step in range(steps):
+        for step in range(start_step, steps):
             multiplier = scheduler(step, tokens_seen)
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * multiplier
@@ -127,6 +141,11 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             losses.append(history["lm"][-1])
             bar.update(step=step, loss=losses[-1], lr=opt.param_groups[0]["lr"], tokens=sequences * seq_len,
                        grad_norm=grad_norm.item())
+            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
+                checkpoint.save(step + 1, model=model, optimizer=opt, extra={
+                    "tokens": tokens_seen, "history": history, "rng": torch.get_rng_state(),
+                    "data_generator": generator.get_state(),
+                    "data": data.state_dict() if hasattr(data, "state_dict") else {}})
         tokens_per_second = bar.tokens_per_second
     val_loss = evaluate(model, data, batches=eval_batches, batch_size=batch_size, seq_len=seq_len,
                         autocast_dtype=autocast_dtype, seed=seed)

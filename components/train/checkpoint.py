@@ -1,0 +1,207 @@
+"""Atomic, resumable checkpoints on torch.distributed.checkpoint, stored as safetensors + JSON.
+
+A checkpoint is a folder `step-00000042/` holding
+- the tensors (model, flattened optimizer state, RNG and data-loader generator states, MoE
+  router biases as model buffers) written by DCP's safetensors storage writer, so a
+  sharded run writes one shard per rank and loading can reshard;
+- `state.json`: every non-tensor value (step, token count, optimizer hyperparameters,
+  loader cursors, loss history) and the run's config;
+- `COMPLETE`, written last.
+
+It is written into `.step-...tmp/` and renamed into place only when complete, so a crash
+mid-write never touches the previous checkpoint; a folder without `COMPLETE` (or whose
+files are damaged) is skipped by `latest()` with a warning. Loading reads safetensors and
+JSON only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from registry.invariants import invariant
+
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def split_tensors(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Pull every tensor out of a nested dict/list tree: ({dotted path: tensor}, tree with
+    {"__tensor__": path} placeholders), so the rest can be stored as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {str(k): walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(tree, prefix)
+
+
+def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `split_tensors`."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        return {k: join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [join_tensors(v, tensors) for v in tree]
+    return tree
+
+
+@invariant("every >= 1 and keep >= 1", lambda every, keep: every >= 1 and keep >= 1,
+           fix="checkpoint at least every step and keep at least one")
+class Checkpointer:
+    """Saves every `every` steps (and at the end) into `folder`, keeping the newest `keep`.
+
+    `resume`: False starts fresh; True resumes from the newest complete checkpoint in
+    `folder` (if any); a path resumes from that checkpoint.
+    """
+
+    def __init__(self, *, folder: str, every: int = 100, keep: int = 3, resume: bool | str = False):
+        self.folder = Path(folder)
+        self.every = every
+        self.keep = keep
+        self.resume = resume
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+        """Write checkpoint `step` atomically; `extra` is any tree of tensors and JSON values."""
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+        optim_tensors, optim_rest = split_tensors(optim_sd)
+        extra_tensors, extra_rest = split_tensors(extra)
+        tensors = {**{f"model.{k}": v for k, v in model_sd.items()}, **{f"optim.{k}": v for k, v in optim_tensors.items()},
+                   **{f"extra.{k}": v for k, v in extra_tensors.items()}}
+        final = self.folder / f"step-{step:08d}"
+        tmp = self.folder / f".step-{step:08d}.tmp"
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        with warnings.catch_warnings():  # a single process is the intended use here, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({k: v.detach().contiguous() for k, v in tensors.items()},
+                     storage_writer=dcp.HuggingFaceStorageWriter(path=str(tmp)))
+        if _is_main():
+            state = {"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": sorted(tensors)}
+            _write_synced(tmp / "state.json", json.dumps(state))
+            _write_synced(tmp / "COMPLETE", "ok\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self._complete()
+        for old in complete[: max(0, len(complete) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _complete(self) -> list[Path]:
+        if not self.folder.exists():
+            return []
+        return sorted(p for p in self.folder.glob("step-*") if (p / "COMPLETE").exists())
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint this run should resume from, per `resume` (None: start fresh)."""
+        if self.resume is False:
+            return None
+        if self.resume is True:
+            return self.latest()
+        path = Path(self.resume)
+        if not (path / "COMPLETE").exists():
+            raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no COMPLETE marker); "
+                                    f"pass resume=True to take the newest complete one in {self.folder}")
+        return path
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint whose files read back, or None."""
+        for path in reversed(self._complete()):
+            try:
+                json.loads((path / "state.json").read_text())
+                return path
+            except (OSError, ValueError) as err:
+                warnings.warn(f"checkpoint {path} is damaged ({err}); falling back to an older one", stacklevel=2)
+        return None
+
+    def load(self, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model and optimizer in place from `path`; returns the `extra` tree and step."""
+        try:
+            state = json.loads((path / "state.json").read_text())
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+            target: dict[str, torch.Tensor] = {}
+            for name in state["tensors"]:
+                group, _, key = name.partition(".")
+                if group == "model":
+                    target[name] = model_sd[key]
+                elif group == "optim":
+                    target[name] = optim_sd[key] if key in optim_sd else None
+                else:
+                    target[name] = None
+            shapes = _stored_shapes(path)
+            for name, value in target.items():
+                if value is None:
+                    meta = shapes[name]
+                    target[name] = torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it may be "
+                               f"truncated: delete it, or resume from an older one") from err
+        optim_tensors = {k[len("optim."):]: v for k, v in target.items() if k.startswith("optim.")}
+        set_state_dict(model, optimizer, model_state_dict={k[len("model."):]: v for k, v in target.items()
+                                                           if k.startswith("model.")},
+                       optim_state_dict=join_tensors(state["optimizer"], optim_tensors), options=_OPTIONS)
+        extra_tensors = {k[len("extra."):]: v for k, v in target.items() if k.startswith("extra.")}
+        return {"step": state["step"], "extra": join_tensors(state["extra"], extra_tensors)}
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
+           "U8": "uint8", "I8": "int8", "BOOL": "bool", "I16": "int16"}
+
+
+def _stored_shapes(path: Path) -> dict[str, dict[str, Any]]:
+    """Shape and dtype of every stored tensor, read from the safetensors headers (JSON)."""
+    import struct
+
+    shapes = {}
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = {"shape": info["shape"], "dtype": _DTYPES[info["dtype"]]}
+    return shapes
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_main() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,134 @@
+"""Checkpoints: exact resume after SIGKILL, crash-safe writes, truncated files, accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import fiddle as fdl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.train.checkpoint import Checkpointer
+from components.train.launch import launch
+from recipes.llama_pretrain import recipe
+from registry.cli import resolve
+from tests.conftest import ROOT
+
+RUN = """
+import sys, fiddle as fdl
+from components.train.checkpoint import Checkpointer
+from components.train.launch import launch
+from recipes.llama_pretrain import recipe
+from registry.cli import resolve
+config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "autocast_dtype=None", "threads=1",
+                             "progress=False", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
+                             "model.layers[*].attention.dropout=0.1"])
+config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[1], every=1, keep=20, resume=True)
+launch(config)
+print("FINISHED")
+"""
+
+
+def start(folder) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RUN, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def final_state(folder):
+    path = folder / "step-00000012"
+    tensors = {}
+    for file in path.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    return tensors, json.loads((path / "state.json").read_text())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    full = start(tmp_path / "full")
+    out, err = full.communicate(timeout=300)
+    assert "FINISHED" in out, err
+    interrupted = start(tmp_path / "cut")
+    deadline = time.time() + 240
+    while not (tmp_path / "cut" / "step-00000004" / "COMPLETE").exists():
+        assert time.time() < deadline and interrupted.poll() is None, interrupted.stderr.read()
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "cut" / "step-00000012").exists(), "the run finished before it could be killed"
+    resumed = start(tmp_path / "cut")
+    out, err = resumed.communicate(timeout=300)
+    assert "FINISHED" in out, err
+    a, state_a = final_state(tmp_path / "full")
+    b, state_b = final_state(tmp_path / "cut")
+    assert set(a) == set(b) and any(k.startswith("optim.") for k in a)
+    for name in a:  # weights, optimizer moments, RNG and loader generator states
+        assert torch.equal(a[name], b[name]), name
+    assert state_a["extra"]["history"] == state_b["extra"]["history"]  # the loss sequence
+    assert state_a["extra"]["data"] == state_b["extra"]["data"]        # loader cursors
+
+
+def small_run(tmp_path, *extra: str, **checkpoint):
+    config, _ = resolve(recipe, ["debug", "steps=3", "batch_size=2", "seq_len=32", "autocast_dtype=None",
+                                 "progress=False", "threads=1", *extra])
+    config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / "ck"), **{"every": 1, "keep": 2, **checkpoint})
+    return launch(config)
+
+
+def test_keep_last_k_and_crash_during_write_leaves_previous(tmp_path, monkeypatch):
+    small_run(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["step-00000002", "step-00000003"]
+    import components.train.checkpoint as ck
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck.dcp, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        small_run(tmp_path, "steps=4", resume=True)
+    monkeypatch.undo()
+    assert Checkpointer(folder=str(tmp_path / "ck")).latest().name == "step-00000003"
+    result = small_run(tmp_path, "steps=4", resume=True)  # the leftover temp folder does not matter
+    assert len(result.losses) == 4
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path):
+    small_run(tmp_path)
+    newest = tmp_path / "ck" / "step-00000003"
+    (newest / "state.json").write_text('{"step": 3, "optim')  # truncated JSON
+    checkpointer = Checkpointer(folder=str(tmp_path / "ck"), resume=True)
+    with pytest.warns(UserWarning, match="damaged"):
+        assert checkpointer.latest().name == "step-00000002"
+    shard = next((tmp_path / "ck" / "step-00000002").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:200])  # truncated tensors
+    from components.model.decoder import DecoderLM  # noqa: F401
+
+    model = fdl.build(recipe.config("debug").model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(RuntimeError, match="cannot be loaded.*truncated"):
+        checkpointer.load(tmp_path / "ck" / "step-00000002", model=model, optimizer=optimizer)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        Checkpointer(folder=str(tmp_path / "ck"), resume=str(tmp_path / "ck" / "nope")).resume_path()
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    from components.data.stdlib_bytes import StdlibBytes
+
+    results = []
+    for micro in (2, 8):
+        config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=8", f"micro_batch_size={micro}", "seq_len=32",
+                                     "autocast_dtype=None", "progress=False", "threads=1"])
+        config.data = fdl.Config(StdlibBytes, max_bytes=400_000)  # generator-driven: same sequences either way
+        config.model.vocab_size = 2048
+        results.append(launch(config))
+    a, b = (dict(r.model.named_parameters()) for r in results)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert results[0].losses == pytest.approx(results[1].losses, rel=1e-5)
