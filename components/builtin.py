@@ -24,5 +24,6 @@ import components.position.absolute  # noqa: F401
 import components.position.alibi  # noqa: F401
 import components.position.rope  # noqa: F401
 import components.position.yarn  # noqa: F401
+import components.schedule.basic  # noqa: F401
 import components.schedule.multi_stage  # noqa: F401
 import components.schedule.warmup_cosine  # noqa: F401

@@ -24,6 +24,7 @@ from fiddle import daglish
 from registry.errors import ConfigError, Fault, RegistryError, suggest
 from registry.registry import Registry, accepted_arguments, all_registries, registry_for
 from registry.typecheck import annotations_of
+from registry.validate import path_str
 
 _TOKEN = re.compile(r"\.?([A-Za-z_]\w*)|\[(\*|-?\d+|'[^']*'|\"[^\"]*\")\]")
 _STAR = object()
@@ -123,7 +124,7 @@ def _expand(root: Any, elements: list[Any]) -> list[tuple[Any, ...]]:
             parent = daglish.follow_path(root, prefix)
             if element is _STAR:
                 if not isinstance(parent, (list, tuple)):
-                    raise ConfigError([Fault(_show(prefix) + "[*]", f"[*] needs a list, found {type(parent).__name__}",
+                    raise ConfigError([Fault(path_str(prefix) + "[*]", f"[*] needs a list, found {type(parent).__name__}",
                                              "use [*] only on list fields such as model.layers")])
                 grown.extend(prefix + (daglish.Index(j),) for j in range(len(parent)))
             else:
@@ -134,7 +135,7 @@ def _expand(root: Any, elements: list[Any]) -> list[tuple[Any, ...]]:
 
 
 def _check_step(parent: Any, prefix: tuple[Any, ...], element: Any, *, must_exist: bool) -> None:
-    where = _show(prefix + (element,))
+    where = path_str(prefix + (element,))
     if isinstance(element, daglish.Attr):
         if isinstance(parent, fdl.Buildable):
             accepted = accepted_arguments(fdl.get_callable(parent))
@@ -163,7 +164,7 @@ def _assign(root: Any, path: tuple[Any, ...], value: Any) -> list[str]:
     notes: list[str] = []
     if isinstance(value, Swap):
         old = daglish.follow_path(root, path) if _has(parent, element) else None
-        value, notes = _swap(old, parent, element, value, _show(path))
+        value, notes = _swap(old, parent, element, value, path_str(path))
     if isinstance(element, daglish.Attr):
         setattr(parent, element.name, value)
     elif isinstance(element, daglish.Index):
@@ -226,10 +227,6 @@ def _has(parent: Any, element: Any) -> bool:
     if isinstance(element, daglish.Attr):
         return not isinstance(parent, fdl.Buildable) or element.name in parent.__arguments__
     return True
-
-
-def _show(path: tuple[Any, ...]) -> str:
-    return daglish.path_str(path).lstrip(".")
 
 
 def _callable_name(buildable: fdl.Buildable) -> str:

@@ -130,5 +130,5 @@ def test_gradient_accumulation_equals_one_large_batch():
         results.append(launch(config))
     a, b = (dict(r.model.named_parameters()) for r in results)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)  # summation order differs
     assert results[0].losses == pytest.approx(results[1].losses, rel=1e-5)

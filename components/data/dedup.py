@@ -59,7 +59,7 @@ class Deduplicator:
     num_perm: int = 128
     num_bands: int = 16
     shingle: int = 3
-    workers: int = 2
+    workers: int = dataclasses.field(default=2, repr=False)  # not in the fingerprint: same output for any count
     seed: int = 42
 
     def __call__(self, docs: Sequence[Document]) -> DedupResult:

@@ -18,6 +18,11 @@ import torch
 from components.data.store import TokenStore
 
 
+def doc_ids_from_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """[B, T] document ids: 0 at the start, +1 after every EOS (the EOS closes its document)."""
+    return torch.cumsum(torch.nn.functional.pad(tokens[:, :-1] == eos, (1, 0)), dim=1)
+
+
 class PackedLoader:
     """Batches of `batch_size` sequences of `seq_len` tokens (plus the next-token targets).
 
@@ -66,8 +71,7 @@ class PackedLoader:
             self.sequences += 1
         data = torch.from_numpy(np.stack(windows))
         tokens, targets = data[:, :-1], data[:, 1:]
-        doc_ids = torch.cumsum(torch.nn.functional.pad(tokens[:, :-1] == self.store.eos, (1, 0)), dim=1)
-        return {"tokens": tokens, "targets": targets, "doc_ids": doc_ids}
+        return {"tokens": tokens, "targets": targets, "doc_ids": doc_ids_from_eos(tokens, self.store.eos)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self._generator.get_state(), "cursors": dict(self.cursors), "epochs": dict(self.epochs),

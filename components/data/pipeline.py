@@ -68,7 +68,8 @@ class TextPipeline(TrainingData):
         mixture_temperature, mixture_weights: domain sampling (see `mixture_weights`).
         val_fraction: documents held out for validation (chosen by content hash).
         data_dir: where prepared data is cached. rejects: also write rejected documents to
-            `rejects/{domain}.{filter}.jsonl` for inspection. workers: processes/threads.
+            `rejects/{domain}.{filter}.jsonl` for inspection. workers: tiktoken encoding threads
+            (the deduplicator has its own `workers` processes).
     """
 
     def __init__(self, *, sources: list[DataSource], filters: dict[str, list[DocumentFilter]] | None = None,
@@ -121,6 +122,7 @@ class TextPipeline(TrainingData):
         tmp.rename(folder)  # atomic: a crash mid-preparation never leaves a half-written cache
         self._report = report
         self._store = TokenStore(folder / "tokens")
+        self._loaders = {}  # loaders of a previous preparation read deleted files
         return report
 
     # -- the stages ------------------------------------------------------------------------------
@@ -134,12 +136,7 @@ class TextPipeline(TrainingData):
                 docs = self._deduplicate(docs, report, bar)
             splits = self._split(docs, report)
             task = bar.add_task("train tokenizer", total=1)
-            sample, size = [], 0
-            for doc in (d for (_, split), ds in sorted(splits.items()) if split == "train" for d in ds):
-                if size >= self.tokenizer_sample_bytes:
-                    break
-                sample.append(doc.text)
-                size += len(doc.text)
+            sample = self._tokenizer_sample(splits)
             encoding = train_bpe(sample, vocab_size=self.vocab_size, folder=folder / "tokenizer")
             bar.advance(task)
             task = bar.add_task("tokenize", total=len(splits))
@@ -152,6 +149,21 @@ class TextPipeline(TrainingData):
                 bar.advance(task)
             write_store(folder / "tokens", arrays, eos=encoding._special_tokens["<|eos|>"], vocab_size=self.vocab_size)
         return report
+
+    def _tokenizer_sample(self, splits: dict[tuple[str, str], list[Document]]) -> list[str]:
+        """Training-split texts for the BPE: an equal byte budget per domain, so a large domain
+        (code) does not crowd the others out of the vocabulary."""
+        domains = sorted({domain for domain, split in splits if split == "train"})
+        budget = self.tokenizer_sample_bytes // max(1, len(domains))
+        sample = []
+        for domain in domains:
+            size = 0
+            for doc in splits[(domain, "train")]:
+                if size >= budget:
+                    break
+                sample.append(doc.text)
+                size += len(doc.text.encode("utf-8", "replace"))
+        return sample
 
     def _collect(self, report: list[StageRow], bar: Progress) -> list[Document]:
         docs: list[Document] = []
@@ -250,10 +262,10 @@ class TextPipeline(TrainingData):
                             seed=seed, rank=rank, world_size=world)
 
     def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        key = f"{split}:{batch_size}:{seq_len}"
+        seed = generator.initial_seed() + (split == "val")
+        key = f"{split}:{batch_size}:{seq_len}:{seed}"  # a new seed (a new run) starts a new loader
         if key not in self._loaders:
-            self._loaders[key] = self.loader(split, batch_size=batch_size, seq_len=seq_len,
-                                             seed=generator.initial_seed() + (split == "val"))
+            self._loaders[key] = self.loader(split, batch_size=batch_size, seq_len=seq_len, seed=seed)
         return self._loaders[key].next_batch()
 
     def state_dict(self) -> dict[str, Any]:
@@ -262,9 +274,10 @@ class TextPipeline(TrainingData):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, loader_state in state.items():
-            split, batch_size, seq_len = key.split(":")
+            split, batch_size, seq_len, seed = key.split(":")
             if key not in self._loaders:
-                self._loaders[key] = self.loader(split, batch_size=int(batch_size), seq_len=int(seq_len), seed=0)
+                self._loaders[key] = self.loader(split, batch_size=int(batch_size), seq_len=int(seq_len),
+                                                 seed=int(seed))
             self._loaders[key].load_state_dict(loader_state)
 
     def report_table(self) -> Table:

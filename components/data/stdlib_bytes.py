@@ -8,11 +8,10 @@ documents. Later data stages replace this with a cleaned, deduplicated, BPE-toke
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
-
 import torch
 
+from components.data.loader import doc_ids_from_eos
+from components.data.sources.stdlib import stdlib_files
 from components.interfaces import TrainingData
 from registry.invariants import invariant
 
@@ -33,21 +32,16 @@ class StdlibBytes(TrainingData):
     vocab_size = VOCAB_SIZE
 
     def __init__(self, *, max_bytes: int = 4_000_000, val_fraction: float = 0.05, root: str | None = None):
-        folder = Path(root or sysconfig.get_paths()["stdlib"])
         train: list[bytes] = []
         val: list[bytes] = []
         every = max(2, round(1 / val_fraction))
-        total = 0
-        for i, path in enumerate(sorted(p for p in folder.rglob("*.py") if "site-packages" not in p.parts)):
-            data = path.read_bytes().replace(b"\x00", b"")
-            if not data:
-                continue
-            (val if i % every == 0 else train).append(data)
-            total += len(data)
-            if total >= max_bytes:
-                break
+        for i, (_, data) in enumerate(stdlib_files(root, max_bytes)):
+            data = data.replace(b"\x00", b"")
+            if data:
+                (val if i % every == 0 else train).append(data)
         if not train or not val:
-            raise ValueError(f"no Python sources found under {folder}; pass root=<folder with .py files>")
+            raise ValueError(f"too few Python sources under {root or 'the stdlib'} within max_bytes={max_bytes}; "
+                             f"pass root=<folder with .py files> or a larger max_bytes")
         self.train = _join(train)
         self.val = _join(val)
 
@@ -60,9 +54,7 @@ class StdlibBytes(TrainingData):
         starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=generator)
         windows = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).long()
         tokens = windows[:, :-1]
-        # A document id increments after each separator, so the separator closes its document.
-        doc_ids = torch.cumsum(torch.nn.functional.pad(tokens[:, :-1] == EOS, (1, 0)), dim=1)
-        return {"tokens": tokens, "targets": windows[:, 1:], "doc_ids": doc_ids}
+        return {"tokens": tokens, "targets": windows[:, 1:], "doc_ids": doc_ids_from_eos(tokens, EOS)}
 
 
 def _join(docs: list[bytes]) -> torch.Tensor:

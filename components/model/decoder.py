@@ -99,14 +99,14 @@ class DecoderLM(nn.Module):
         tokens, targets: [B, T] (targets are tokens shifted by one); doc_ids: [B, T].
         """
         hidden = self.hidden_states(tokens, doc_ids=doc_ids)
-        terms = {"lm": _cross_entropy(self.head(hidden), targets)}
+        terms = {"lm": cross_entropy(self.head(hidden), targets)}
         if len(self.mtp):
             depth_losses = []
             for k, module in enumerate(self.mtp, start=1):
                 t = tokens.shape[1] - k
                 hidden = module(hidden[:, :t], self.embedding(tokens[:, k:]),
                                 doc_ids[:, :t] if doc_ids is not None else None)
-                depth_losses.append(_cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
+                depth_losses.append(cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
             terms["mtp"] = self.mtp_loss_weight * torch.stack(depth_losses).mean()
         aux = [m.auxiliary_loss() for m in self.modules() if isinstance(m, AuxiliaryLoss)]
         aux = [a for a in aux if a is not None]
@@ -130,5 +130,6 @@ class DecoderLM(nn.Module):
             module.reset_parameters(init_std=self.init_std, out_std=out_std)
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits [B, T, V] (computed in fp32) against targets [B, T]."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

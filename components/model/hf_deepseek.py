@@ -72,50 +72,57 @@ def _blocks(config: fdl.Config[DecoderLM]) -> Iterator[Any]:
         yield module.block
 
 
-def _pairs(model: DecoderLM) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(hf_name, our tensor, kind) for every checkpoint tensor; kind says how to convert it."""
-    yield "model.embed_tokens.weight", model.embedding.weight, "plain"
-    yield "model.norm.weight", model.norm.weight, "plain"
-    yield "lm_head.weight", model.head.weight, "plain"
+def _pairs(model: DecoderLM) -> Iterator[tuple[str, torch.Tensor, str, Any, Any]]:
+    """(hf_name, our tensor, kind, its block's attention, its MTP module) for every checkpoint
+    tensor; kind says how to convert it."""
+    for name, tensor, kind in (("model.embed_tokens.weight", model.embedding.weight, "plain"),
+                               ("model.norm.weight", model.norm.weight, "plain"),
+                               ("lm_head.weight", model.head.weight, "plain")):
+        yield name, tensor, kind, None, None
     n_layers = len(model.layers)
-    blocks = [(i, layer) for i, layer in enumerate(model.layers)]
-    blocks += [(n_layers + k, mtp.block) for k, mtp in enumerate(model.mtp)]
-    for index, block in blocks:
-        prefix = f"model.layers.{index}."
-        yield prefix + "input_layernorm.weight", block.attention_norm.weight, "plain"
-        yield prefix + "post_attention_layernorm.weight", block.ffn_norm.weight, "plain"
-        attn = block.attention
-        if not isinstance(attn, MultiHeadLatentAttention):
-            raise TypeError(f"layer {index}: only MLA attention maps onto DeepSeek-V2/V3 checkpoints")
-        a = prefix + "self_attn."
-        if attn.q_lora_rank is None:
-            yield a + "q_proj.weight", attn.wq.weight, "q_rope_rows"
-        else:
-            yield a + "q_a_proj.weight", attn.wq_a.weight, "plain"
-            yield a + "q_a_layernorm.weight", attn.q_norm.weight, "plain"
-            yield a + "q_b_proj.weight", attn.wq_b.weight, "q_rope_rows"
-        yield a + "kv_a_proj_with_mqa.weight", attn.wkv_a.weight, "kv_rope_rows"
-        yield a + "kv_a_layernorm.weight", attn.kv_norm.weight, "plain"
-        yield a + "kv_b_proj.weight", attn.wkv_b.weight, "plain"
-        yield a + "o_proj.weight", attn.wo.weight, "plain"
-        ffn = block.feed_forward
-        m = prefix + "mlp."
-        if isinstance(ffn, MoE):
-            yield m + "gate.weight", ffn.router.weight, "plain"
-            if ffn.router.expert_bias is not None:
-                yield m + "gate.e_score_correction_bias", ffn.router.expert_bias, "plain"
-            for e in range(ffn.experts.n_experts):
-                for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-                    yield f"{m}experts.{e}.{theirs}.weight", getattr(ffn.experts, ours)[e], "plain"
-            if ffn.shared_experts is not None:
-                m = m + "shared_experts."
-                ffn = ffn.shared_experts
-        if not isinstance(ffn, MoE):
-            yield m + "gate_proj.weight", ffn.w_gate.weight, "plain"
-            yield m + "up_proj.weight", ffn.w_up.weight, "plain"
-            yield m + "down_proj.weight", ffn.w_down.weight, "plain"
-    for k, mtp in enumerate(model.mtp):
-        prefix = f"model.layers.{n_layers + k}."
+    blocks = [(i, layer, None) for i, layer in enumerate(model.layers)]
+    blocks += [(n_layers + k, mtp.block, mtp) for k, mtp in enumerate(model.mtp)]
+    for index, block, mtp in blocks:
+        for name, tensor, kind in _block_pairs(index, block, mtp, model):
+            yield name, tensor, kind, block.attention, mtp
+
+
+def _block_pairs(index: int, block: Any, mtp: Any, model: DecoderLM) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Checkpoint tensors of layer `index` (an MTP module's block and its own extras when `mtp`)."""
+    prefix = f"model.layers.{index}."
+    yield prefix + "input_layernorm.weight", block.attention_norm.weight, "plain"
+    yield prefix + "post_attention_layernorm.weight", block.ffn_norm.weight, "plain"
+    attn = block.attention
+    if not isinstance(attn, MultiHeadLatentAttention):
+        raise TypeError(f"layer {index}: only MLA attention maps onto DeepSeek-V2/V3 checkpoints")
+    a = prefix + "self_attn."
+    if attn.q_lora_rank is None:
+        yield a + "q_proj.weight", attn.wq.weight, "q_rope_rows"
+    else:
+        yield a + "q_a_proj.weight", attn.wq_a.weight, "plain"
+        yield a + "q_a_layernorm.weight", attn.q_norm.weight, "plain"
+        yield a + "q_b_proj.weight", attn.wq_b.weight, "q_rope_rows"
+    yield a + "kv_a_proj_with_mqa.weight", attn.wkv_a.weight, "kv_rope_rows"
+    yield a + "kv_a_layernorm.weight", attn.kv_norm.weight, "plain"
+    yield a + "kv_b_proj.weight", attn.wkv_b.weight, "plain"
+    yield a + "o_proj.weight", attn.wo.weight, "plain"
+    ffn = block.feed_forward
+    m = prefix + "mlp."
+    if isinstance(ffn, MoE):
+        yield m + "gate.weight", ffn.router.weight, "plain"
+        if ffn.router.expert_bias is not None:
+            yield m + "gate.e_score_correction_bias", ffn.router.expert_bias, "plain"
+        for e in range(ffn.experts.n_experts):
+            for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+                yield f"{m}experts.{e}.{theirs}.weight", getattr(ffn.experts, ours)[e], "plain"
+        if ffn.shared_experts is not None:
+            m = m + "shared_experts."
+            ffn = ffn.shared_experts
+    if not isinstance(ffn, MoE):
+        yield m + "gate_proj.weight", ffn.w_gate.weight, "plain"
+        yield m + "up_proj.weight", ffn.w_up.weight, "plain"
+        yield m + "down_proj.weight", ffn.w_down.weight, "plain"
+    if mtp is not None:
         yield prefix + "enorm.weight", mtp.embed_norm.weight, "plain"
         yield prefix + "hnorm.weight", mtp.hidden_norm.weight, "plain"
         yield prefix + "eh_proj.weight", mtp.proj.weight, "mtp_proj"
@@ -152,22 +159,10 @@ def _convert(tensor: torch.Tensor, kind: str, block_attention: Any, to_ours: boo
     return tensor[rows]
 
 
-def _attention_for(model: DecoderLM, name: str) -> tuple[Any, Any]:
-    index = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-    n_layers = len(model.layers)
-    if index < 0:
-        return None, None
-    if index < n_layers:
-        return model.layers[index].attention, None
-    mtp = model.mtp[index - n_layers]
-    return mtp.block.attention, mtp
-
-
 def to_hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
     """Our weights under checkpoint names (rope rows in the checkpoints' interleaved layout)."""
     out = {}
-    for name, tensor, kind in _pairs(model):
-        attention, mtp = _attention_for(model, name)
+    for name, tensor, kind, attention, mtp in _pairs(model):
         out[name] = _convert(tensor.detach(), kind, attention, to_ours=False, mtp=mtp).contiguous().clone()
     return out
 
@@ -177,15 +172,14 @@ def load_hf_state_dict(model: DecoderLM, state: Mapping[str, torch.Tensor]) -> N
     """Copy checkpoint tensors into `model`; every expected name must be present, and names
     the model has no place for are reported (both raise `KeyError` listing them)."""
     pairs = list(_pairs(model))
-    missing = [name for name, _, kind in pairs if name not in state and kind != "copy"]
-    unexpected = sorted(set(state) - {name for name, _, _ in pairs})
+    missing = [name for name, _, kind, _, _ in pairs if name not in state and kind != "copy"]
+    unexpected = sorted(set(state) - {pair[0] for pair in pairs})
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
                        f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    for name, tensor, kind in pairs:
+    for name, tensor, kind, attention, mtp in pairs:
         if kind == "copy":
             continue
-        attention, mtp = _attention_for(model, name)
         tensor.copy_(_convert(state[name].to(tensor.dtype), kind, attention, to_ours=True, mtp=mtp))
 
 

@@ -74,7 +74,11 @@ class Router(nn.Module, OptimizerStepHook):
         self.register_buffer("last_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in fp32 under autocast
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x, self.weight.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.expert_bias is None else scores + self.expert_bias
         if self.n_groups > 1:
@@ -107,6 +111,8 @@ class Router(nn.Module, OptimizerStepHook):
         nn.init.normal_(self.weight, std=init_std)
         if self.expert_bias is not None:
             self.expert_bias.zero_()
+        self.step_load.zero_()  # buffers materialised from the meta device hold garbage until now
+        self.last_load.zero_()
 
 
 def _in_backward() -> bool:

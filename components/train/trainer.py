@@ -13,12 +13,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
 from components.interfaces import OptimizerFactory, OptimizerStepHook, ParallelPlan, Schedule, TrainingData
-from components.model.decoder import DecoderLM
+from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
 from components.train.batch_ramp import BatchRamp
 from components.train.checkpoint import Checkpointer
@@ -55,7 +54,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, grad_clip: float | None = 1.0,
-          autocast_dtype: torch.dtype | None = None, seed: int = 0,
+          autocast_dtype: torch.dtype | None = None, device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
 
@@ -75,20 +74,18 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
         grad_clip: max global gradient norm (pre-clip norm is reported), None to disable.
-        autocast_dtype: e.g. torch.bfloat16 for CPU autocast; None trains in fp32.
+        autocast_dtype: e.g. torch.bfloat16 for autocast; None trains in fp32.
+        device: where the model is materialised and batches go ("cpu", "cuda", ...).
         seed: seeds weights and batch sampling; the same seed gives the same run.
         eval_batches: validation batches averaged at the end.
         threads: torch intra-op threads (None leaves torch's default).
     """
-    if data.vocab_size > model.vocab_size:
-        raise ValueError(f"data has {data.vocab_size} token ids but model.vocab_size is {model.vocab_size}; "
-                         f"set model.vocab_size >= {data.vocab_size}")
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = parallel.apply(model)
     if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device="cpu")
+        model.to_empty(device=device)
         model.init_weights()
     params = [p for p in model.parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
@@ -96,7 +93,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     base_lrs = [group["lr"] for group in opt.param_groups]
     micro = micro_batch_size or batch_size
     generator = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    autocast = _autocast(device, autocast_dtype)
     losses: list[float] = []
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -124,7 +121,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             n_micro = sequences // micro
             step_terms: dict[str, float] = {}
             for _ in range(n_micro):
-                batch = data.batch("train", batch_size=micro, seq_len=seq_len, generator=generator)
+                batch = {k: v.to(device) for k, v in
+                         data.batch("train", batch_size=micro, seq_len=seq_len, generator=generator).items()}
                 with autocast:
                     terms = model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
                 (torch.stack(list(terms.values())).sum() / n_micro).backward()
@@ -147,8 +145,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                     "data_generator": generator.get_state(),
                     "data": data.state_dict() if hasattr(data, "state_dict") else {}})
         tokens_per_second = bar.tokens_per_second
-    val_loss = evaluate(model, data, batches=eval_batches, batch_size=batch_size, seq_len=seq_len,
-                        autocast_dtype=autocast_dtype, seed=seed)
+    val_loss = evaluate(model, data, batches=eval_batches, batch_size=micro, seq_len=seq_len,
+                        autocast_dtype=autocast_dtype, seed=seed, device=device)
     seconds = time.perf_counter() - start
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
@@ -158,19 +156,24 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
 
 @torch.no_grad()
 def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
-             autocast_dtype: torch.dtype | None, seed: int) -> float:
+             autocast_dtype: torch.dtype | None, seed: int, device: str = "cpu") -> float:
     """Mean next-token cross-entropy on `batches` validation batches (a fixed sample per seed)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
-    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     total = 0.0
     for _ in range(batches):
-        batch = data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator)
-        with autocast:
+        batch = {k: v.to(device) for k, v in
+                 data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator).items()}
+        with _autocast(device, autocast_dtype):
             logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten()).item()
+        total += cross_entropy(logits, batch["targets"]).item()
     model.train()
     return total / max(1, batches)
+
+
+def _autocast(device: str, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`'s type, or no autocast for None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _set_everywhere(model: torch.nn.Module, name: str, value: float) -> None:

@@ -55,7 +55,7 @@ class QualityClassifier(DocumentFilter):
                 cols.append(bucket)
                 vals.append(math.log1p(c) / norm)
         index = torch.tensor([rows, cols], dtype=torch.long)
-        return torch.sparse_coo_tensor(index, torch.tensor(vals), (len(texts), self.n_features + 1),
+        return torch.sparse_coo_tensor(index, torch.tensor(vals), (len(texts), self.n_features),
                                        check_invariants=False).coalesce()
 
     def fit(self, positives: Sequence[str], negatives: Sequence[str]) -> None:
@@ -64,7 +64,7 @@ class QualityClassifier(DocumentFilter):
             raise ValueError("quality_classifier needs documents in both the positive and the negative set")
         x = self._features(list(positives) + list(negatives))
         y = torch.cat((torch.ones(len(positives)), torch.zeros(len(negatives))))
-        w = torch.zeros(self.n_features + 1, requires_grad=True)
+        w = torch.zeros(self.n_features, requires_grad=True)
         bias = torch.zeros((), requires_grad=True)
         opt = torch.optim.LBFGS([w, bias], max_iter=self.steps, line_search_fn="strong_wolfe")
 
@@ -76,7 +76,7 @@ class QualityClassifier(DocumentFilter):
             return loss
 
         opt.step(closure)
-        self._weights = torch.cat((w.detach(), bias.detach()[None]))
+        self._weights = torch.cat((w.detach(), bias.detach()[None]))  # [n_features weights | bias]
 
     def _ensure_model(self) -> torch.Tensor:
         if self._weights is None:

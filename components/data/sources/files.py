@@ -81,4 +81,6 @@ class HubDataset(DataSource):
         for i, row in enumerate(rows):
             if i >= self.max_documents:
                 return
-            yield Document(text=row[self.text_field], domain=self.domain, source=f"{self.name}:{i}")
+            text = row.get(self.text_field)
+            if isinstance(text, str):
+                yield Document(text=text, domain=self.domain, source=f"{self.name}:{i}")

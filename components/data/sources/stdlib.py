@@ -18,17 +18,19 @@ from components.interfaces import DataSource
 from registry.kinds import DATA_SOURCE
 
 
-def _stdlib_files(root: str | None, max_bytes: int) -> Iterator[tuple[Path, bytes]]:
+def stdlib_files(root: str | None, max_bytes: int) -> Iterator[tuple[Path, bytes]]:
+    """(path, bytes) of the `.py` files under `root` (default: this interpreter's stdlib), sorted
+    by path, stopping before the file that would take the total over `max_bytes`."""
     folder = Path(root or sysconfig.get_paths()["stdlib"])
     if not folder.is_dir():
         raise FileNotFoundError(f"stdlib folder {folder} does not exist; set root=<a folder of .py files>")
     total = 0
     for path in sorted(p for p in folder.rglob("*.py") if "site-packages" not in p.parts):
         data = path.read_bytes()
+        if total + len(data) > max_bytes:
+            return
         total += len(data)
         yield path, data
-        if total >= max_bytes:
-            return
 
 
 @DATA_SOURCE.register("stdlib_code")
@@ -41,7 +43,7 @@ class StdlibCode(DataSource):
     domain: str = "code"
 
     def documents(self) -> Iterator[Document]:
-        for path, data in _stdlib_files(self.root, self.max_bytes):
+        for path, data in stdlib_files(self.root, self.max_bytes):
             text, replaced = decode(data)
             yield Document(text=text, domain=self.domain, source=str(path), invalid_utf8=replaced)
 
@@ -58,7 +60,7 @@ class StdlibDocstrings(DataSource):
     domain: str = "prose"
 
     def documents(self) -> Iterator[Document]:
-        for path, data in _stdlib_files(self.root, self.max_bytes):
+        for path, data in stdlib_files(self.root, self.max_bytes):
             try:
                 tree = ast.parse(data)
             except (SyntaxError, ValueError):
