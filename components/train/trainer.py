@@ -21,6 +21,8 @@ from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
 from components.train.batch_ramp import BatchRamp
 from components.train.checkpoint import Checkpointer
+from components.train.guard import StabilityGuard
+from components.train.loss_scale import LossScale
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
 
@@ -53,7 +55,8 @@ class TrainResult:
 def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, scheduler: Schedule,
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
-          checkpoint: Checkpointer | None = None, grad_clip: float | None = 1.0,
+          checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None,
+          loss_scale: LossScale | None = None, grad_clip: float | None = 1.0,
           autocast_dtype: torch.dtype | None = None, device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
@@ -70,6 +73,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         batch_ramp: grow the sequences per step from a smaller start (V2/V3).
         checkpoint: when and where to save, and whether to resume (exactly: weights, optimizer,
             RNG and data-loader positions, step and token counters, loss history).
+        guard: skip non-finite or spiking steps, roll back after repeated ones (None: off).
+        loss_scale: dynamic loss scaling settings, used when autocast_dtype is float16.
         scheduled: attribute name -> schedule of its value, set before every step on each
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
@@ -94,6 +99,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     micro = micro_batch_size or batch_size
     generator = torch.Generator().manual_seed(seed)
     autocast = _autocast(device, autocast_dtype)
+    scaler = (loss_scale or LossScale()).scaler(device) if autocast_dtype == torch.float16 else None
     losses: list[float] = []
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -125,14 +131,40 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                          data.batch("train", batch_size=micro, seq_len=seq_len, generator=generator).items()}
                 with autocast:
                     terms = model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
-                (torch.stack(list(terms.values())).sum() / n_micro).backward()
+                loss = torch.stack(list(terms.values())).sum() / n_micro
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 for name, value in terms.items():
                     step_terms[name] = step_terms.get(name, 0.0) + value.item() / n_micro
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip and judge the true gradients
             grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
-            opt.step()
-            for hook in step_hooks:
-                hook.after_optimizer_step()
+            update = guard.check(sum(step_terms.values()), grad_norm.item()) if guard is not None else True
+            if scaler is not None:
+                scale_before = scaler.get_scale()
+                if update:
+                    scaler.step(opt)  # skips the step itself when gradients hold inf/nan
+                scaler.update()
+                if scaler.get_scale() < scale_before:
+                    history.setdefault("skipped_overflow", []).append(step)
+            elif update:
+                opt.step()
+            if update:
+                for hook in step_hooks:
+                    hook.after_optimizer_step()
             opt.zero_grad(set_to_none=True)
+            if guard is not None and not update:
+                history.setdefault("skipped_guard", []).append(step)
+                if guard.exhausted:
+                    if not (guard.rollback and checkpoint is not None and checkpoint.latest() is not None):
+                        raise FloatingPointError(f"{guard.consecutive_bad} bad steps in a row at step {step} "
+                                                 f"(non-finite or spiking loss/gradients) and no checkpoint to roll "
+                                                 f"back to; lower the learning rate or give the run a checkpoint")
+                    # Weights and optimizer go back; the data position does not, so the offending
+                    # batches are skipped rather than replayed.
+                    checkpoint.load(checkpoint.latest(), model=model, optimizer=opt)
+                    guard.rollbacks += 1
+                    guard.consecutive_bad = 0
+                    history.setdefault("rollbacks", []).append(step)
             tokens_seen += sequences * seq_len
             for name, value in step_terms.items():
                 history.setdefault(name, []).append(value)

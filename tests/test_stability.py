@@ -1,0 +1,70 @@
+"""fp16 loss scaling and the non-finite / spike guard, with faults injected into a real run."""
+
+from __future__ import annotations
+
+import fiddle as fdl
+import pytest
+import torch
+
+from components.data.stdlib_bytes import StdlibBytes
+from components.train.checkpoint import Checkpointer
+from components.train.guard import StabilityGuard
+from components.train.loss_scale import LossScale
+from components.train.trainer import train
+from recipes.llama_pretrain import recipe
+from registry.cli import resolve
+
+
+def run_with_fault(bad_steps: set[int], *, steps: int = 6, **kwargs):
+    """Train the debug model where the forward output becomes inf/nan at the given steps."""
+    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", f"steps={steps}", "batch_size=2",
+                                 "seq_len=32", "autocast_dtype=None"])
+    config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
+    built = fdl.build(config)
+    torch.manual_seed(0)
+    model = fdl.build(config.model)
+    calls = {"n": 0}
+    value = kwargs.pop("value", float("inf"))
+
+    def inject(module, inputs, output):
+        calls["n"] += 1
+        return output * value if calls["n"] - 1 in bad_steps else output
+
+    model.norm.register_forward_hook(inject)
+    return train(**{**built.keywords, "model": model, **kwargs})
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    result = run_with_fault({2}, autocast_dtype=torch.float16, loss_scale=LossScale(init_scale=1024.0))
+    assert result.terms["skipped_overflow"] == [2]
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses[3:])))
+
+
+def test_fp16_scale_backs_off_exactly():
+    scaler = LossScale(init_scale=1024.0, backoff_factor=0.5).scaler("cpu")
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler.scale((w * float("inf")).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 512.0 and torch.equal(w.detach(), torch.ones(2))  # step skipped
+
+
+def test_nan_injection_is_skipped_by_the_guard_and_the_run_completes():
+    guard = StabilityGuard(max_bad_steps=3)
+    result = run_with_fault({1, 3}, value=float("nan"), guard=guard)
+    assert result.terms["skipped_guard"] == [1, 3] and guard.skipped == 2
+    assert len(result.losses) == 6
+
+
+def test_repeated_bad_steps_roll_back_to_the_last_checkpoint(tmp_path):
+    guard = StabilityGuard(max_bad_steps=2)
+    checkpoint = Checkpointer(folder=str(tmp_path / "ck"), every=1, keep=5)
+    result = run_with_fault({3, 4}, value=float("nan"), guard=guard, checkpoint=checkpoint, steps=7)
+    assert result.terms["rollbacks"] == [4] and guard.rollbacks == 1
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_repeated_bad_steps_without_checkpoint_stop_with_advice():
+    with pytest.raises(FloatingPointError, match="no checkpoint to roll back to"):
+        run_with_fault({1, 2, 3}, value=float("nan"), guard=StabilityGuard(max_bad_steps=2))
