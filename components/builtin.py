@@ -18,7 +18,11 @@ import components.mlp.mlp  # noqa: F401
 import components.moe.moe  # noqa: F401
 import components.norm.layernorm  # noqa: F401
 import components.norm.rmsnorm  # noqa: F401
+import components.optim.adafactor  # noqa: F401
 import components.optim.adamw  # noqa: F401
+import components.optim.lamb  # noqa: F401
+import components.optim.muon  # noqa: F401
+import components.optim.sophia  # noqa: F401
 import components.parallel.single  # noqa: F401
 import components.position.absolute  # noqa: F401
 import components.position.alibi  # noqa: F401

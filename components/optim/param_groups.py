@@ -1,4 +1,4 @@
-"""Splits a model's parameters into weight-decay and no-decay groups."""
+"""Splits a model's parameters into optimizer groups by role."""
 
 from __future__ import annotations
 
@@ -7,14 +7,27 @@ from typing import Any
 from torch import nn
 
 
-def decay_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Two torch parameter groups: matrices decay; vectors (norm weights, biases) do not.
+def decay_groups(model: nn.Module, *, decay_embeddings: bool = False) -> list[dict[str, Any]]:
+    """Torch parameter groups tagged by `kind`:
 
-    Returns [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]: the first group
-    takes the optimizer's configured weight decay, the second none.
+    - "matrix": weight matrices of the hidden layers (and stacked expert weights): the
+      optimizer's configured weight decay; Muon orthogonalises the 2-D ones;
+    - "embedding": the token/position embeddings and the output head: no weight decay unless
+      `decay_embeddings`;
+    - "vector": norm weights and biases: no weight decay.
+    Empty groups are left out. A tied embedding/head appears once.
     """
-    decay, no_decay = [], []
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        embedding_ids.add(id(head.weight))
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embedding": [], "vector": []}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+            kind = "embedding" if id(param) in embedding_ids else "matrix" if param.dim() >= 2 else "vector"
+            groups[kind].append(param)
+    no_decay = {"weight_decay": 0.0}
+    out = [{"params": groups["matrix"], "kind": "matrix"},
+           {"params": groups["embedding"], "kind": "embedding", **({} if decay_embeddings else no_decay)},
+           {"params": groups["vector"], "kind": "vector", **no_decay}]
+    return [g for g in out if g["params"]]

@@ -152,6 +152,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 for hook in step_hooks:
                     hook.after_optimizer_step()
             opt.zero_grad(set_to_none=True)
+            if update and hasattr(opt, "update_hessian") and step % opt.hessian_interval == 0:
+                _gnb_hessian(model, opt, batch, autocast)
             if guard is not None and not update:
                 history.setdefault("skipped_guard", []).append(step)
                 if guard.exhausted:
@@ -201,6 +203,17 @@ def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: 
         total += cross_entropy(logits, batch["targets"]).item()
     model.train()
     return total / max(1, batches)
+
+
+def _gnb_hessian(model: DecoderLM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], autocast) -> None:
+    """Sophia's Gauss-Newton-Bartlett estimate: backprop the loss on labels sampled from the
+    model's own predictions, then let the optimizer fold the squared gradients in."""
+    with autocast:
+        logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
+    sampled = torch.distributions.Categorical(logits=logits.detach().float()).sample()
+    cross_entropy(logits, sampled).backward()
+    opt.update_hessian(batch["tokens"].numel())  # B: tokens the mean loss averages over
+    opt.zero_grad(set_to_none=True)
 
 
 def _autocast(device: str, dtype: torch.dtype | None):

@@ -1,0 +1,67 @@
+"""Muon for hidden-layer matrices with AdamW for everything else (torch's own implementations)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from components.interfaces import ParamGroups
+from registry.kinds import OPTIMIZER
+
+
+@OPTIMIZER.register("muon")
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon (orthogonalised momentum, torch.optim.Muon) on 2-D weight matrices of the hidden
+    layers; AdamW on embeddings, the output head, norms, biases and 3-D expert stacks, as Muon
+    is meant to be used. Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
+    tensors go to Muon, the rest to AdamW; both share this optimizer's `param_groups` and
+    `state`, so schedules, checkpoints and `state_dict()` see one optimizer.
+    """
+
+    def __init__(self, params: ParamGroups, *, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.1,
+                 adjust_lr_fn: str | None = "match_rms_adamw", adamw_lr: float = 3e-4,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8):
+        muon_groups: list[dict[str, Any]] = []
+        adamw_groups: list[dict[str, Any]] = []
+        for group in params if not isinstance(params, torch.Tensor) else [params]:
+            group = dict(group) if isinstance(group, dict) else {"params": [group]}
+            tensors = list(group.pop("params"))
+            matrix = [p for p in tensors if p.ndim == 2 and group.get("kind", "matrix") == "matrix"]
+            rest = [p for p in tensors if not any(p is m for m in matrix)]
+            if matrix:
+                muon_groups.append({**group, "params": matrix})
+            if rest:
+                adamw_groups.append({**group, "params": rest, "lr": adamw_lr})
+        self._muon = torch.optim.Muon(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      adjust_lr_fn=adjust_lr_fn) if muon_groups else None
+        self._adamw = torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
+                                        weight_decay=weight_decay) if adamw_groups else None
+        super().__init__([p for g in muon_groups + adamw_groups for p in g["params"]], {})
+        self.param_groups = (self._muon.param_groups if self._muon else []) + \
+            (self._adamw.param_groups if self._adamw else [])
+        self._n_muon = len(muon_groups)
+        self._share()
+
+    def _share(self) -> None:
+        """Point both sub-optimizers at this optimizer's state and at their slices of its groups."""
+        for sub, groups in ((self._muon, self.param_groups[: self._n_muon]),
+                            (self._adamw, self.param_groups[self._n_muon:])):
+            if sub is not None:
+                sub.state = self.state
+                sub.param_groups = groups
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for sub in (self._muon, self._adamw):
+            if sub is not None:
+                sub.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # replaces self.state and the group dicts
+        self._share()
