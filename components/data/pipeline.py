@@ -249,6 +249,11 @@ class TextPipeline(TrainingData):
         sizes = {d: self.store.size(d, "train") for d in self.store.domains("train")}
         return mixture_weights(sizes, temperature=self.mixture_temperature, explicit=self.explicit_weights)
 
+    def bytes_per_token(self, split: str) -> float:
+        """Mean UTF-8 bytes per token of `split` (for bits per byte), from the tokenize report."""
+        rows = [r for r in (self._report or self.prepare()) if r.stage == f"tokenize ({split})"]
+        return sum(r.bytes_out for r in rows) / max(1, sum(r.tokens or 0 for r in rows))
+
     def encoding(self):
         """The trained tiktoken encoding."""
         return load_encoding(self.folder / "tokenizer")

@@ -45,6 +45,10 @@ class StdlibBytes(TrainingData):
         self.train = _join(train)
         self.val = _join(val)
 
+    def bytes_per_token(self, split: str) -> float:
+        """One byte per token: the tokens are the bytes."""
+        return 1.0
+
     def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Random windows from `split` ("train" or "val").
 

@@ -7,8 +7,10 @@ any weight exists; here it is materialised on the CPU and initialised from `seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 import time
 from contextlib import nullcontext
 
@@ -21,7 +23,10 @@ from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
 from components.train.batch_ramp import BatchRamp
 from components.train.checkpoint import Checkpointer
+from components.model.stats import training_flops_per_token
+from components.moe.router import Router
 from components.train.guard import StabilityGuard
+from components.train.metrics import Metrics
 from components.train.loss_scale import LossScale
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
@@ -55,7 +60,7 @@ class TrainResult:
 def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, scheduler: Schedule,
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
-          checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None,
+          checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
           loss_scale: LossScale | None = None, grad_clip: float | None = 1.0,
           autocast_dtype: torch.dtype | None = None, device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
@@ -74,6 +79,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         checkpoint: when and where to save, and whether to resume (exactly: weights, optimizer,
             RNG and data-loader positions, step and token counters, loss history).
         guard: skip non-finite or spiking steps, roll back after repeated ones (None: off).
+        metrics: JSONL/TensorBoard logging, MFU, MoE load, periodic validation, summary, plots.
         loss_scale: dynamic loss scaling settings, used when autocast_dtype is float16.
         scheduled: attribute name -> schedule of its value, set before every step on each
             module of the model that has the attribute (e.g. "mtp_loss_weight",
@@ -105,6 +111,10 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     start = time.perf_counter()
     model.train()
     tokens_seen, start_step = 0, 0
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    flops_per_token = training_flops_per_token(model, seq_len)
+    if metrics is not None:
+        metrics.start(dtype=autocast_dtype or torch.float32)
     resume_from = checkpoint.resume_path() if checkpoint is not None else None
     if resume_from is not None:
         restored = checkpoint.load(resume_from, model=model, optimizer=opt)
@@ -115,8 +125,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         generator.set_state(extra["data_generator"])
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(extra["data"])
-    with TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
+    with _explain_oom(), TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         for step in range(start_step, steps):
+            step_start = time.perf_counter()
             multiplier = scheduler(step, tokens_seen)
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * multiplier
@@ -173,15 +184,31 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             losses.append(history["lm"][-1])
             bar.update(step=step, loss=losses[-1], lr=opt.param_groups[0]["lr"], tokens=sequences * seq_len,
                        grad_norm=grad_norm.item())
+            if metrics is not None:
+                step_tps = sequences * seq_len / (time.perf_counter() - step_start)
+                row = {"loss": losses[-1], **{k: v for k, v in step_terms.items() if k != "lm"},
+                       "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                       "tokens_per_second": step_tps, "mfu": flops_per_token * step_tps / metrics.peak_flops,
+                       "skipped": int(not update), **_moe_load(routers)}
+                if metrics.eval_every and (step + 1) % metrics.eval_every == 0:
+                    row.update(_validation(model, data, eval_batches, micro, seq_len, autocast_dtype, seed, device))
+                metrics.log(step + 1, row)
             if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
                 checkpoint.save(step + 1, model=model, optimizer=opt, extra={
                     "tokens": tokens_seen, "history": history, "rng": torch.get_rng_state(),
                     "data_generator": generator.get_state(),
                     "data": data.state_dict() if hasattr(data, "state_dict") else {}})
         tokens_per_second = bar.tokens_per_second
-    val_loss = evaluate(model, data, batches=eval_batches, batch_size=micro, seq_len=seq_len,
-                        autocast_dtype=autocast_dtype, seed=seed, device=device)
+    validation = _validation(model, data, eval_batches, micro, seq_len, autocast_dtype, seed, device)
+    val_loss = validation["val_loss"]
     seconds = time.perf_counter() - start
+    if metrics is not None:
+        metrics.log(steps, {"loss": losses[-1] if losses else None, **validation})
+        mfus = [r["mfu"] for r in metrics.rows if "mfu" in r]
+        metrics.finish(seconds=seconds, tokens=tokens_seen, console=bar.console if progress else None, extra={
+            "final_loss": losses[-1] if losses else None, **validation, "mean_mfu": sum(mfus) / max(1, len(mfus)),
+            "skipped_steps": len(history.get("skipped_guard", [])) + len(history.get("skipped_overflow", [])),
+            "rollbacks": len(history.get("rollbacks", []))})
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
                           f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
@@ -203,6 +230,44 @@ def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: 
         total += cross_entropy(logits, batch["targets"]).item()
     model.train()
     return total / max(1, batches)
+
+
+@contextlib.contextmanager
+def _explain_oom() -> Iterator[None]:
+    """Turn an allocator failure into advice naming the switches that reduce memory."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        text = str(err)
+        if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+                or "can't allocate memory" in text):
+            raise
+        raise MemoryError(
+            f"the run ran out of memory ({text.splitlines()[0][:200]}). Switches that reduce it: "
+            f"model.layers[*].checkpoint_activations=True (recompute activations in the backward); "
+            f"micro_batch_size=<smaller> (the step keeps batch_size through gradient accumulation); a smaller "
+            f"seq_len; autocast_dtype=torch.bfloat16; a sharding parallel plan across more processes") from err
+
+
+def _validation(model: DecoderLM, data: TrainingData, batches: int, batch_size: int, seq_len: int,
+                autocast_dtype: torch.dtype | None, seed: int, device: str) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per byte (when the data knows its bytes per token)."""
+    loss = evaluate(model, data, batches=batches, batch_size=batch_size, seq_len=seq_len,
+                    autocast_dtype=autocast_dtype, seed=seed, device=device)
+    out = {"val_loss": loss}
+    bytes_per_token = getattr(data, "bytes_per_token", None)
+    if bytes_per_token is not None:
+        out["val_bpb"] = loss / math.log(2) / bytes_per_token("val")
+    return out
+
+
+def _moe_load(routers: list) -> dict[str, object]:
+    """Per-layer expert loads of the last step and their mean max/mean imbalance."""
+    if not routers:
+        return {}
+    loads = [r.last_load for r in routers]
+    imbalance = sum((load.max() / load.mean().clamp(min=1e-9)).item() for load in loads) / len(loads)
+    return {"expert_load": [load.tolist() for load in loads], "load_imbalance": imbalance}
 
 
 def _gnb_hessian(model: DecoderLM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], autocast) -> None:

@@ -1,0 +1,147 @@
+"""Run metrics: JSONL and TensorBoard logs, MFU, MoE load balance, a closing summary with an
+energy estimate, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from registry.invariants import invariant
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's practical matmul FLOP/s in `dtype` with the current thread count (best of `repeats`)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+@invariant("eval_every >= 0 and device_watts > 0", lambda eval_every, device_watts: eval_every >= 0 and device_watts > 0,
+           fix="use eval_every >= 0 (0: only at the end) and a positive device power")
+class Metrics:
+    """Where and how a run reports.
+
+    Args:
+        folder: run folder for `metrics.jsonl`, TensorBoard events, `summary.json` and plots.
+        tensorboard: also write TensorBoard scalars. wandb_project: also log to W&B when the
+            `wandb` package is installed (ignored with a note otherwise).
+        eval_every: validation loss and bits-per-byte every this many steps (0: at the end only).
+        peak_flops: the FLOP/s MFU is relative to; None measures this machine's matmul peak
+            in the run's compute dtype at start.
+        device_watts: power drawn while training (CPU package or accelerator board), for the
+            energy estimate; price_per_kwh adds a cost line when given.
+        plots: write `loss.png`, `lr.png` and, for MoE models, `expert_load.png`.
+    """
+
+    def __init__(self, *, folder: str = "runs/latest", tensorboard: bool = True, wandb_project: str | None = None,
+                 eval_every: int = 0, peak_flops: float | None = None, device_watts: float = 65.0,
+                 price_per_kwh: float | None = None, plots: bool = True):
+        self.folder = Path(folder)
+        self.tensorboard = tensorboard
+        self.wandb_project = wandb_project
+        self.eval_every = eval_every
+        self.peak_flops = peak_flops
+        self.device_watts = device_watts
+        self.price_per_kwh = price_per_kwh
+        self.plots = plots
+        self.rows: list[dict[str, Any]] = []
+        self._writer = None
+        self._wandb = None
+
+    def start(self, *, dtype: torch.dtype) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "metrics.jsonl").write_text("")
+        if self.peak_flops is None:
+            self.peak_flops = measure_matmul_peak(dtype)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.folder / "tensorboard"))
+        if self.wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=self.wandb_project, dir=str(self.folder))
+            except Exception as err:  # noqa: BLE001 - W&B is optional; the run goes on without it
+                Console(stderr=True).print(f"note: W&B logging is off ({type(err).__name__}: {err})", markup=False)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        row = {"step": step, **{k: v for k, v in values.items() if v is not None}}
+        self.rows.append(row)
+        with open(self.folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "step":
+                if self._writer is not None:
+                    self._writer.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+
+    def finish(self, *, seconds: float, tokens: int, extra: dict[str, Any], console: Console | None) -> dict[str, Any]:
+        """Write `summary.json` (and plots); print the summary table; return the summary."""
+        kwh = self.device_watts * seconds / 3.6e6
+        summary = {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
+                   "energy_kwh": kwh, "device_watts": self.device_watts, **extra}
+        if self.price_per_kwh is not None:
+            summary["energy_cost"] = kwh * self.price_per_kwh
+        (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self._writer is not None:
+            self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self.plots:
+            self._plot()
+        if console is not None:
+            table = Table(title=f"run summary ({self.folder})")
+            table.add_column("quantity")
+            table.add_column("value", justify="right")
+            for key, value in summary.items():
+                table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
+            console.print(table)
+        return summary
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [r.get("loss") for r in self.rows], label="train")
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+        fig.savefig(self.folder / "loss.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot(steps, [r.get("lr") for r in self.rows])
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        fig.savefig(self.folder / "lr.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        loads = [r["expert_load"] for r in self.rows if "expert_load" in r]
+        if loads:
+            layer_means = torch.tensor(loads, dtype=torch.float32).mean(0)  # [layers, experts]
+            fig, ax = plt.subplots(figsize=(7, 3))
+            image = ax.imshow((layer_means / layer_means.sum(-1, keepdim=True)).numpy(), aspect="auto", cmap="viridis")
+            ax.set_xlabel("expert")
+            ax.set_ylabel("MoE layer")
+            fig.colorbar(image, label="share of routed tokens")
+            fig.savefig(self.folder / "expert_load.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
