@@ -24,6 +24,7 @@ import components.optim.lamb  # noqa: F401
 import components.optim.muon  # noqa: F401
 import components.optim.sophia  # noqa: F401
 import components.parallel.single  # noqa: F401
+import components.precision.policies  # noqa: F401
 import components.position.absolute  # noqa: F401
 import components.position.alibi  # noqa: F401
 import components.position.rope  # noqa: F401

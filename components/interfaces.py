@@ -167,6 +167,27 @@ class AuxiliaryLoss(abc.ABC):
     def auxiliary_loss(self) -> torch.Tensor | None: ...
 
 
+class PrecisionPolicy(abc.ABC):
+    """The run's numeric precision, one global policy (never a per-module dtype field).
+
+    `compute_dtype`: the dtype matmuls run in (MFU is measured against its peak);
+    `autocast(device_type)`: the context forward passes run under;
+    `grad_scaler(device_type)`: a loss scaler, or None when no scaling is needed;
+    `prepare(model)`: model conversion before training (e.g. fp8 linear layers).
+    """
+
+    compute_dtype: torch.dtype
+
+    @abc.abstractmethod
+    def autocast(self, device_type: str) -> Any: ...
+
+    def grad_scaler(self, device_type: str) -> Any:
+        return None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+
 class ParallelPlan(abc.ABC):
     """How a model is laid out across processes.
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 
 import fiddle as fdl
-import torch
 
 from components.data.defaults import stdlib_corpus
 from components.model.deepseek import MHASpec, MLASpec, MoESpec, deepseek
 from components.train.batch_ramp import BatchRamp
 from components.train.trainer import train
-from registry import OPTIMIZER, PARALLEL_PLAN, SCHEDULER, Recipe
+from registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
 
 DEBUG_VOCAB = 2048  # a small BPE trained on the default corpus: cheap softmax on 2 cores
 
@@ -64,7 +63,7 @@ def debug() -> fdl.Partial:
         train, model=model, data=stdlib_corpus(vocab_size=DEBUG_VOCAB), optimizer=adamw(lr=3e-3),
         scheduler=SCHEDULER.config("warmup_cosine", warmup_steps=30, total_steps=steps, min_ratio=0.1),
         parallel=PARALLEL_PLAN.config("single"), steps=steps, batch_size=16, seq_len=128, grad_clip=1.0,
-        autocast_dtype=torch.bfloat16, seed=0)
+        precision=PRECISION.config("bf16"), seed=0)
 
 
 def _full_run(model: fdl.Config, *, lr: float, schedule: fdl.Config, batch: int, steps: int,

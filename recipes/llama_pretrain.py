@@ -8,12 +8,11 @@ The published-model presets reproduce the papers' parameter counts under `--dry-
 from __future__ import annotations
 
 import fiddle as fdl
-import torch
 
 from components.data.defaults import stdlib_corpus
 from components.model import families
 from components.train.trainer import train
-from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, SCHEDULER, Recipe
+from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
 
 DEBUG_VOCAB = 2048  # a small BPE trained on the default corpus: cheap softmax on 2 cores
 
@@ -36,7 +35,7 @@ def debug() -> fdl.Partial:
         batch_size=16,
         seq_len=128,
         grad_clip=1.0,
-        autocast_dtype=torch.bfloat16,  # bf16 matmuls are several times faster than fp32 on AMX CPUs
+        precision=PRECISION.config("bf16"),  # bf16 matmuls are several times faster than fp32 on AMX CPUs
         seed=0,
     )
 

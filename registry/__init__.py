@@ -15,6 +15,7 @@ from registry.kinds import (
     OPTIMIZER,
     PARALLEL_PLAN,
     POSITION,
+    PRECISION,
     SCHEDULER,
 )
 from registry.recipe import Recipe
@@ -22,6 +23,7 @@ from registry.registry import Registry, all_registries
 from registry.validate import validate
 
 __all__ = [
-    "ATTENTION", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION", "SCHEDULER",
+    "ATTENTION", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION",
+    "PRECISION", "SCHEDULER",
     "ConfigError", "Fault", "Recipe", "Registry", "RegistryError", "all_registries", "invariant", "validate",
 ]

@@ -41,7 +41,7 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
         epilog=(
             f"presets:\n{presets}\n\nregistered components (swap with path=@name(arg=value)):\n{registries}\n\n"
             "overrides:\n"
-            "  steps=200  optimizer.lr=1e-3  autocast_dtype=torch.bfloat16\n"
+            "  steps=200  optimizer.lr=1e-3  precision=@fp16(loss_scale=None)\n"
             "  model.layers[*].attention.n_kv_heads=2      ([*] broadcasts over a list)\n"
             "  model.layers[*].attention=@gqa(n_kv_heads=2) (swap by registry name)"
         ),

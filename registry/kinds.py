@@ -12,6 +12,7 @@ from components.interfaces import (
     Norm,
     ParallelPlan,
     PositionEncoding,
+    PrecisionPolicy,
     Schedule,
 )
 from registry.registry import Registry
@@ -25,3 +26,4 @@ OPTIMIZER: Registry[torch.optim.Optimizer] = Registry(kind="OPTIMIZER", base=tor
 SCHEDULER: Registry[Schedule] = Registry(kind="SCHEDULER", base=Schedule)
 DATA_SOURCE: Registry[DataSource] = Registry(kind="DATA_SOURCE", base=DataSource)
 DATA_FILTER: Registry[DocumentFilter] = Registry(kind="DATA_FILTER", base=DocumentFilter)
+PRECISION: Registry[PrecisionPolicy] = Registry(kind="PRECISION", base=PrecisionPolicy)

@@ -67,11 +67,16 @@ def dump(config: Any, path: str | Path) -> None:
 
 def load(path: str | Path) -> Any:
     """Read a config written by `dump`; any problem becomes a `ConfigError` naming the file."""
-    where = str(path)
     try:
         text = Path(path).read_text()
     except OSError as err:
-        raise ConfigError([Fault(where, f"cannot read the file ({err.strerror})", "pass an existing --load file")]) from None
+        raise ConfigError([Fault(str(path), f"cannot read the file ({err.strerror})",
+                                 "pass an existing --load file")]) from None
+    return load_text(text, where=str(path))
+
+
+def load_text(text: str, *, where: str = "<text>") -> Any:
+    """Parse JSON written by `dumps` under the project-only import policy."""
     all_registries()  # load plugins first: their modules are trusted only once they loaded
     try:
         return serialization.load_json(text, pyref_policy=ProjectPolicy())

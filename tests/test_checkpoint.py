@@ -27,7 +27,7 @@ from components.train.checkpoint import Checkpointer
 from components.train.launch import launch
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
-config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "autocast_dtype=None", "threads=1",
+config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1",
                              "progress=False", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
                              "model.layers[*].attention.dropout=0.1"])
 config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[1], every=1, keep=20, resume=True)
@@ -75,7 +75,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 
 
 def small_run(tmp_path, *extra: str, **checkpoint):
-    config, _ = resolve(recipe, ["debug", "steps=3", "batch_size=2", "seq_len=32", "autocast_dtype=None",
+    config, _ = resolve(recipe, ["debug", "steps=3", "batch_size=2", "seq_len=32", "precision=@fp32",
                                  "progress=False", "threads=1", *extra])
     config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / "ck"), **{"every": 1, "keep": 2, **checkpoint})
     return launch(config)
@@ -124,7 +124,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     results = []
     for micro in (2, 8):
         config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=8", f"micro_batch_size={micro}", "seq_len=32",
-                                     "autocast_dtype=None", "progress=False", "threads=1"])
+                                     "precision=@fp32", "progress=False", "threads=1"])
         config.data = fdl.Config(StdlibBytes, max_bytes=400_000)  # generator-driven: same sequences either way
         config.model.vocab_size = 2048
         results.append(launch(config))

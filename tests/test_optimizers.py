@@ -90,7 +90,7 @@ def test_muon_on_matrices_adamw_elsewhere_match_torch():
 ])
 def test_every_optimizer_trains_the_debug_model(name, kwargs):
     config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=4", "seq_len=64", "progress=False", "threads=1",
-                                 "autocast_dtype=None", "scheduler.warmup_steps=2", "scheduler.total_steps=12"])
+                                 "precision=@fp32", "scheduler.warmup_steps=2", "scheduler.total_steps=12"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     config.optimizer = OPTIMIZER.partial(name, **kwargs)
     result = launch(config)

@@ -36,8 +36,8 @@ def test_values_parse_literals_dtypes_and_strings():
     assert parse_value("hello") == "hello"
     with pytest.raises(ConfigError, match="not a torch dtype"):
         parse_value("torch.float77")
-    cfg, _ = resolve(recipe, ["autocast_dtype=torch.bfloat16"])
-    assert cfg.autocast_dtype is torch.bfloat16
+    cfg, _ = resolve(recipe, ["precision=@fp16", "model.norm.eps=1e-5"])
+    assert type(cfg.precision).__name__ == "Config" and cfg.precision.__fn_or_cls__.__name__ == "FP16Autocast"
 
 
 def test_wrong_value_type_is_reported_with_path():
@@ -111,12 +111,15 @@ def test_swap_errors():
 
 
 def test_dump_load_round_trip(tmp_path):
-    cfg, _ = resolve(recipe, ["autocast_dtype=torch.bfloat16", "model.layers[2].attention.n_kv_heads=3"])
+    cfg, _ = resolve(recipe, ["precision=@fp16", "model.layers[2].attention.n_kv_heads=3",
+                              "model.layers[0].feed_forward.hidden_dim=256"])
+    cfg.scheduler.min_ratio = 0.25
     path = tmp_path / "run.json"
     serialize.dump(cfg, path)
     loaded = serialize.load(path)
     assert loaded == cfg
-    assert loaded.autocast_dtype is torch.bfloat16
+    assert loaded.precision == cfg.precision
+    assert serialize.load_text(serialize.dumps([torch.bfloat16, torch.float16])) == [torch.bfloat16, torch.float16]
     assert fdl.get_callable(loaded.optimizer) is torch.optim.AdamW
     again, _ = resolve(recipe, ["steps=3"], load=str(path))
     assert again.steps == 3 and again.model.layers[2].attention.n_kv_heads == 3

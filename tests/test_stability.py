@@ -9,7 +9,8 @@ import torch
 from components.data.stdlib_bytes import StdlibBytes
 from components.train.checkpoint import Checkpointer
 from components.train.guard import StabilityGuard
-from components.train.loss_scale import LossScale
+from components.precision.loss_scale import LossScale
+from components.precision.policies import FP16Autocast
 from components.train.trainer import train
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
@@ -18,7 +19,7 @@ from registry.cli import resolve
 def run_with_fault(bad_steps: set[int], *, steps: int = 6, **kwargs):
     """Train the debug model where the forward output becomes inf/nan at the given steps."""
     config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", f"steps={steps}", "batch_size=2",
-                                 "seq_len=32", "autocast_dtype=None"])
+                                 "seq_len=32", "precision=@fp32"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     built = fdl.build(config)
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ def run_with_fault(bad_steps: set[int], *, steps: int = 6, **kwargs):
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():
-    result = run_with_fault({2}, autocast_dtype=torch.float16, loss_scale=LossScale(init_scale=1024.0))
+    result = run_with_fault({2}, precision=FP16Autocast(loss_scale=LossScale(init_scale=1024.0)))
     assert result.terms["skipped_overflow"] == [2]
     assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses[3:])))
 
@@ -68,3 +69,10 @@ def test_repeated_bad_steps_roll_back_to_the_last_checkpoint(tmp_path):
 def test_repeated_bad_steps_without_checkpoint_stop_with_advice():
     with pytest.raises(FloatingPointError, match="no checkpoint to roll back to"):
         run_with_fault({1, 2, 3}, value=float("nan"), guard=StabilityGuard(max_bad_steps=2))
+
+
+def test_fp8_is_refused_on_cpu_with_the_alternatives():
+    from components.precision.policies import FP8
+
+    with pytest.raises(RuntimeError, match="fp8 training needs a CUDA GPU.*emulate=True"):
+        FP8().prepare(torch.nn.Linear(4, 4))

@@ -54,7 +54,7 @@ def test_same_seed_same_run_different_seed_different_run():
 
 
 def test_bf16_autocast_trains_finite():
-    result = run("steps=3", "batch_size=2", "seq_len=32", "autocast_dtype=torch.bfloat16")
+    result = run("steps=3", "batch_size=2", "seq_len=32", "precision=@bf16")
     assert all(math.isfinite(x) for x in result.losses)
 
 

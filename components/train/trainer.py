@@ -12,13 +12,20 @@ import dataclasses
 import math
 from collections.abc import Iterator
 import time
-from contextlib import nullcontext
 
 import torch
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
-from components.interfaces import OptimizerFactory, OptimizerStepHook, ParallelPlan, Schedule, TrainingData
+from components.interfaces import (
+    OptimizerFactory,
+    OptimizerStepHook,
+    ParallelPlan,
+    PrecisionPolicy,
+    Schedule,
+    TrainingData,
+)
+from components.precision.policies import FP32
 from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
 from components.train.batch_ramp import BatchRamp
@@ -27,7 +34,6 @@ from components.model.stats import training_flops_per_token
 from components.moe.router import Router
 from components.train.guard import StabilityGuard
 from components.train.metrics import Metrics
-from components.train.loss_scale import LossScale
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
 
@@ -61,8 +67,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
-          loss_scale: LossScale | None = None, grad_clip: float | None = 1.0,
-          autocast_dtype: torch.dtype | None = None, device: str = "cpu", seed: int = 0,
+          precision: PrecisionPolicy | None = None, grad_clip: float | None = 1.0,
+          device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
 
@@ -80,12 +86,11 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             RNG and data-loader positions, step and token counters, loss history).
         guard: skip non-finite or spiking steps, roll back after repeated ones (None: off).
         metrics: JSONL/TensorBoard logging, MFU, MoE load, periodic validation, summary, plots.
-        loss_scale: dynamic loss scaling settings, used when autocast_dtype is float16.
+        precision: the numeric policy (fp32 by default; bf16 / fp16 autocast, fp8).
         scheduled: attribute name -> schedule of its value, set before every step on each
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
         grad_clip: max global gradient norm (pre-clip norm is reported), None to disable.
-        autocast_dtype: e.g. torch.bfloat16 for autocast; None trains in fp32.
         device: where the model is materialised and batches go ("cpu", "cuda", ...).
         seed: seeds weights and batch sampling; the same seed gives the same run.
         eval_batches: validation batches averaged at the end.
@@ -94,18 +99,21 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    precision = precision or FP32()
     model = parallel.apply(model)
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
         model.init_weights()
+    model = precision.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = optimizer(decay_groups(model))
     base_lrs = [group["lr"] for group in opt.param_groups]
     micro = micro_batch_size or batch_size
     generator = torch.Generator().manual_seed(seed)
-    autocast = _autocast(device, autocast_dtype)
-    scaler = (loss_scale or LossScale()).scaler(device) if autocast_dtype == torch.float16 else None
+    device_type = torch.device(device).type
+    autocast = precision.autocast(device_type)
+    scaler = precision.grad_scaler(device_type)
     losses: list[float] = []
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -114,7 +122,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     routers = [m for m in model.modules() if isinstance(m, Router)]
     flops_per_token = training_flops_per_token(model, seq_len)
     if metrics is not None:
-        metrics.start(dtype=autocast_dtype or torch.float32)
+        metrics.start(dtype=precision.compute_dtype)
     resume_from = checkpoint.resume_path() if checkpoint is not None else None
     if resume_from is not None:
         restored = checkpoint.load(resume_from, model=model, optimizer=opt)
@@ -191,7 +199,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                        "tokens_per_second": step_tps, "mfu": flops_per_token * step_tps / metrics.peak_flops,
                        "skipped": int(not update), **_moe_load(routers)}
                 if metrics.eval_every and (step + 1) % metrics.eval_every == 0:
-                    row.update(_validation(model, data, eval_batches, micro, seq_len, autocast_dtype, seed, device))
+                    row.update(_validation(model, data, eval_batches, micro, seq_len, precision, seed, device))
                 metrics.log(step + 1, row)
             if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
                 checkpoint.save(step + 1, model=model, optimizer=opt, extra={
@@ -199,7 +207,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                     "data_generator": generator.get_state(),
                     "data": data.state_dict() if hasattr(data, "state_dict") else {}})
         tokens_per_second = bar.tokens_per_second
-    validation = _validation(model, data, eval_batches, micro, seq_len, autocast_dtype, seed, device)
+    validation = _validation(model, data, eval_batches, micro, seq_len, precision, seed, device)
     val_loss = validation["val_loss"]
     seconds = time.perf_counter() - start
     if metrics is not None:
@@ -217,7 +225,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
 
 @torch.no_grad()
 def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
-             autocast_dtype: torch.dtype | None, seed: int, device: str = "cpu") -> float:
+             precision: PrecisionPolicy, seed: int, device: str = "cpu") -> float:
     """Mean next-token cross-entropy on `batches` validation batches (a fixed sample per seed)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -225,7 +233,7 @@ def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: 
     for _ in range(batches):
         batch = {k: v.to(device) for k, v in
                  data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator).items()}
-        with _autocast(device, autocast_dtype):
+        with precision.autocast(torch.device(device).type):
             logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
         total += cross_entropy(logits, batch["targets"]).item()
     model.train()
@@ -246,14 +254,14 @@ def _explain_oom() -> Iterator[None]:
             f"the run ran out of memory ({text.splitlines()[0][:200]}). Switches that reduce it: "
             f"model.layers[*].checkpoint_activations=True (recompute activations in the backward); "
             f"micro_batch_size=<smaller> (the step keeps batch_size through gradient accumulation); a smaller "
-            f"seq_len; autocast_dtype=torch.bfloat16; a sharding parallel plan across more processes") from err
+            f"seq_len; precision=@bf16; a sharding parallel plan across more processes") from err
 
 
 def _validation(model: DecoderLM, data: TrainingData, batches: int, batch_size: int, seq_len: int,
-                autocast_dtype: torch.dtype | None, seed: int, device: str) -> dict[str, float]:
+                precision: PrecisionPolicy, seed: int, device: str) -> dict[str, float]:
     """Validation loss (nats/token) and bits per byte (when the data knows its bytes per token)."""
     loss = evaluate(model, data, batches=batches, batch_size=batch_size, seq_len=seq_len,
-                    autocast_dtype=autocast_dtype, seed=seed, device=device)
+                    precision=precision, seed=seed, device=device)
     out = {"val_loss": loss}
     bytes_per_token = getattr(data, "bytes_per_token", None)
     if bytes_per_token is not None:
@@ -281,9 +289,7 @@ def _gnb_hessian(model: DecoderLM, opt: torch.optim.Optimizer, batch: dict[str, 
     opt.zero_grad(set_to_none=True)
 
 
-def _autocast(device: str, dtype: torch.dtype | None):
-    """Autocast to `dtype` on `device`'s type, or no autocast for None."""
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
+
 
 
 def _set_everywhere(model: torch.nn.Module, name: str, value: float) -> None:

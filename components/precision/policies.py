@@ -1,0 +1,78 @@
+"""Precision policies: fp32, bf16 autocast, fp16 autocast with dynamic loss scaling, fp8."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.interfaces import PrecisionPolicy
+from components.precision.loss_scale import LossScale
+from registry.kinds import PRECISION
+
+
+@PRECISION.register("fp32")
+class FP32(PrecisionPolicy):
+    """Everything in fp32."""
+
+    compute_dtype = torch.float32
+
+    def autocast(self, device_type: str) -> Any:
+        return nullcontext()
+
+
+@PRECISION.register("bf16")
+class BF16Autocast(PrecisionPolicy):
+    """Matmuls in bf16 under autocast; parameters, gradients and optimizer state stay fp32
+    (the master weights). No loss scaling: bf16 has fp32's exponent range."""
+
+    compute_dtype = torch.bfloat16
+
+    def autocast(self, device_type: str) -> Any:
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+@PRECISION.register("fp16")
+class FP16Autocast(PrecisionPolicy):
+    """Matmuls in fp16 under autocast with dynamic loss scaling (`loss_scale`): a step whose
+    gradients overflow is skipped and counted, and the scale backs off."""
+
+    compute_dtype = torch.float16
+
+    def __init__(self, *, loss_scale: LossScale | None = None):
+        self.loss_scale = loss_scale or LossScale()
+
+    def autocast(self, device_type: str) -> Any:
+        return torch.autocast(device_type, dtype=torch.float16)
+
+    def grad_scaler(self, device_type: str) -> torch.amp.GradScaler:
+        return self.loss_scale.scaler(device_type)
+
+
+@PRECISION.register("fp8")
+class FP8(PrecisionPolicy):
+    """fp8 (e4m3) matmuls in the linear layers through torchao's float8 training conversion,
+    bf16 autocast for the rest. Needs a GPU with fp8 tensor cores; `emulate=True` runs the
+    same numerics in software anywhere (slow, for testing recipes)."""
+
+    compute_dtype = torch.bfloat16
+
+    def __init__(self, *, emulate: bool = False):
+        self.emulate = emulate
+
+    def autocast(self, device_type: str) -> Any:
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        device = next(model.parameters()).device
+        if not self.emulate and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
+            raise RuntimeError(f"fp8 training needs a CUDA GPU with fp8 tensor cores (compute capability >= 8.9); "
+                               f"this run is on {device.type}. Use precision=@bf16, or precision=@fp8(emulate=True) "
+                               f"to emulate fp8 numerics in software")
+        try:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        except ImportError as err:
+            raise ImportError("fp8 training uses torchao: pip install torchao") from err
+        return convert_to_float8_training(model, config=Float8LinearConfig(emulate=self.emulate))
