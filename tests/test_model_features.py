@@ -105,3 +105,29 @@ def test_incompatible_combinations_fail_at_validation(overrides, path, words):
     with pytest.raises(ConfigError) as info:
         resolve(recipe, overrides)
     assert any(f.path == path and words in f.problem for f in info.value.faults), str(info.value)
+
+
+def test_selective_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    plain, selective = block(), block(checkpoint_activations="attention")
+    selective.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 16)
+    for b in (plain, selective):
+        b(x).pow(2).sum().backward()
+    for p, q in zip(plain.parameters(), selective.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_trainer_checkpointing_switch_leaves_the_run_unchanged(mode):
+    from components.data.stdlib_bytes import StdlibBytes
+
+    results = []
+    for switch in ("none", mode):
+        config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@fp32",
+                                     "progress=False", "threads=1", f"activation_checkpointing={switch!r}"])
+        config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
+        results.append(launch(config))
+    assert results[0].losses == results[1].losses
+    assert all(layer.checkpoint_activations == (True if mode == "full" else "attention")
+               for layer in results[1].model.layers)

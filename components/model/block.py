@@ -27,14 +27,15 @@ class TransformerBlock(nn.Module):
             original Transformer/BERT).
         residual_dropout: dropout on each sublayer's output before it joins the residual.
         checkpoint_activations: recompute this block's activations in the backward pass
-            instead of storing them (less memory, about one more forward of compute).
+            instead of storing them (less memory, about one more forward of compute); "attention"
+            recomputes only the attention sublayer (selective: its score-sized activations).
 
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
     """
 
     def __init__(self, *, attention: Attention, feed_forward: FeedForward, attention_norm: Norm, ffn_norm: Norm,
                  norm_position: Literal["pre", "post"] = "pre", residual_dropout: float = 0.0,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool | Literal["attention"] = False):
         super().__init__()
         self.attention = attention
         self.feed_forward = feed_forward
@@ -45,15 +46,21 @@ class TransformerBlock(nn.Module):
         self.checkpoint_activations = checkpoint_activations
 
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+        recompute = self.training and torch.is_grad_enabled()
+        if self.checkpoint_activations is True and recompute:
             return checkpoint(self._forward, x, doc_ids, use_reentrant=False)
-        return self._forward(x, doc_ids)
+        return self._forward(x, doc_ids, selective=self.checkpoint_activations == "attention" and recompute)
 
-    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, doc_ids: torch.Tensor | None, selective: bool) -> torch.Tensor:
+        if selective:
+            return checkpoint(lambda h: self.attention(h, doc_ids=doc_ids), x, use_reentrant=False)
+        return self.attention(x, doc_ids=doc_ids)
+
+    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, selective: bool = False) -> torch.Tensor:
         if self.norm_position == "pre":
-            x = x + self.dropout(self.attention(self.attention_norm(x), doc_ids=doc_ids))
+            x = x + self.dropout(self._attend(self.attention_norm(x), doc_ids, selective))
             return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, doc_ids=doc_ids)))
+        x = self.attention_norm(x + self.dropout(self._attend(x, doc_ids, selective)))
         return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:

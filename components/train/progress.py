@@ -36,12 +36,14 @@ class TrainProgress:
     def tokens_per_second(self) -> float:
         return self._tokens / max(1e-9, time.perf_counter() - self._start)
 
-    def update(self, *, step: int, loss: float, lr: float, tokens: int, grad_norm: float) -> None:
+    def update(self, *, step: int, loss: float, lr: float, tokens: int, grad_norm: float, note: str = "") -> None:
+        """Advance to `step`; `note` (e.g. MFU, expert-load imbalance) joins the printed line."""
         self._tokens += tokens
         tps = self.tokens_per_second
         self._progress.update(self._task, completed=step + 1, loss=loss, lr=lr, tps=tps)
         if self.enabled and self.log_every and ((step + 1) % self.log_every == 0 or step == 0):
             self._progress.console.print(
-                f"step {step + 1:>5}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  {tps:,.0f} tok/s",
+                f"step {step + 1:>5}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  {tps:,.0f} tok/s"
+                f"{'  ' + note if note else ''}",
                 highlight=False,
             )

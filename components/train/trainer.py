@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Literal
 import time
 
 import torch
@@ -67,7 +68,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
-          precision: PrecisionPolicy | None = None, grad_clip: float | None = 1.0,
+          precision: PrecisionPolicy | None = None, activation_checkpointing: Literal["none", "full", "selective"] = "none",
+          compile: bool = False, grad_clip: float | None = 1.0,
           device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
@@ -87,6 +89,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         guard: skip non-finite or spiking steps, roll back after repeated ones (None: off).
         metrics: JSONL/TensorBoard logging, MFU, MoE load, periodic validation, summary, plots.
         precision: the numeric policy (fp32 by default; bf16 / fp16 autocast, fp8).
+        activation_checkpointing: recompute every block ("full") or every attention sublayer
+            ("selective") in the backward pass instead of storing activations.
+        compile: torch.compile each block (first steps compile; 1.1-1.8x faster after).
         scheduled: attribute name -> schedule of its value, set before every step on each
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
@@ -105,6 +110,11 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         model.to_empty(device=device)
         model.init_weights()
     model = precision.prepare(model)
+    for layer in list(model.layers) + [m.block for m in getattr(model, "mtp", [])]:
+        if activation_checkpointing != "none":
+            layer.checkpoint_activations = True if activation_checkpointing == "full" else "attention"
+        if compile:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = optimizer(decay_groups(model))
@@ -190,14 +200,18 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             for name, value in step_terms.items():
                 history.setdefault(name, []).append(value)
             losses.append(history["lm"][-1])
-            bar.update(step=step, loss=losses[-1], lr=opt.param_groups[0]["lr"], tokens=sequences * seq_len,
-                       grad_norm=grad_norm.item())
+            step_tps = sequences * seq_len / (time.perf_counter() - step_start)
+            load = _moe_load(routers)
+            note = f"load max/mean {load['load_imbalance']:.2f}" if load else ""
             if metrics is not None:
-                step_tps = sequences * seq_len / (time.perf_counter() - step_start)
+                note = f"MFU {flops_per_token * step_tps / metrics.peak_flops:.1%}  {note}"
+            bar.update(step=step, loss=losses[-1], lr=opt.param_groups[0]["lr"], tokens=sequences * seq_len,
+                       grad_norm=grad_norm.item(), note=note)
+            if metrics is not None:
                 row = {"loss": losses[-1], **{k: v for k, v in step_terms.items() if k != "lm"},
                        "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(), "tokens": tokens_seen,
                        "tokens_per_second": step_tps, "mfu": flops_per_token * step_tps / metrics.peak_flops,
-                       "skipped": int(not update), **_moe_load(routers)}
+                       "skipped": int(not update), **load}
                 if metrics.eval_every and (step + 1) % metrics.eval_every == 0:
                     row.update(_validation(model, data, eval_batches, micro, seq_len, precision, seed, device))
                 metrics.log(step + 1, row)
