@@ -45,5 +45,5 @@ class TrainProgress:
             self._progress.console.print(
                 f"step {step + 1:>5}  loss {loss:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  {tps:,.0f} tok/s"
                 f"{'  ' + note if note else ''}",
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )

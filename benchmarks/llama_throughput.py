@@ -1,0 +1,129 @@
+"""Dense-model training throughput and MFU against transformers' LlamaForCausalLM, side by side.
+
+    python benchmarks/llama_throughput.py [--dim 512] [--layers 8] [--batch 8] [--seq 512] [--steps 3]
+
+Same architecture (RMSNorm, RoPE, GQA, SwiGLU), same weights (copied across), same batch and
+precision, one thread, full training steps (forward, backward, AdamW). Our model runs eager,
+with per-block torch.compile, and with activation checkpointing; MFU is against this
+machine's matmul peak measured in the same run for the step's compute dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import fiddle as fdl
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.model import families  # noqa: E402
+from components.model.stats import training_flops_per_token  # noqa: E402
+from components.train.metrics import measure_matmul_peak  # noqa: E402
+
+
+def copy_llama_weights(ours, theirs, n_layers: int) -> None:
+    hf = dict(theirs.named_parameters())
+    pairs = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+    for i in range(n_layers):
+        for a, b in [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+                     ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+                     ("feed_forward.w_gate", "mlp.gate_proj"), ("feed_forward.w_up", "mlp.up_proj"),
+                     ("feed_forward.w_down", "mlp.down_proj"), ("attention_norm", "input_layernorm"),
+                     ("ffn_norm", "post_attention_layernorm")]:
+            pairs[f"layers.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            param.copy_(hf[pairs[name]])
+
+
+def step_time(model, loss_fn, tokens, dtype, steps: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else nullcontext
+    best = float("inf")
+    for i in range(steps + 2):  # two warm-up steps (compilation happens in them)
+        start = time.perf_counter()
+        with ctx():
+            loss = loss_fn(model, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves minutes)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import transformers
+    from rich.console import Console
+    from rich.table import Table
+
+    hidden = 4 * args.dim * 2 // 3 // 64 * 64
+    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=hidden,
+                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).train()
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    n_tokens = args.batch * args.seq
+
+    def ours_model(**block_options):
+        model = fdl.build(families.llama(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
+                                         n_heads=args.heads, n_kv_heads=args.kv_heads, hidden_dim=hidden,
+                                         rope_theta=10000.0, norm_eps=1e-5))
+        copy_llama_weights(model, theirs, args.layers)
+        for layer in model.layers:
+            for key, value in block_options.items():
+                if key == "compile":
+                    layer.compile()
+                else:
+                    setattr(layer, key, value)
+        return model.train()
+
+    def ours_loss(model, t):
+        return model.losses(t[:, :-1], t[:, 1:])["lm"]
+
+    def hf_loss(model, t):
+        return F.cross_entropy(model(t[:, :-1]).logits.float().flatten(0, 1), t[:, 1:].flatten())
+
+    variants = [("tessera eager", {}), ("tessera + activation checkpointing", {"checkpoint_activations": True})]
+    if not args.no_compile:
+        variants.append(("tessera + compile", {"compile": True}))
+    flops = training_flops_per_token(ours_model(), args.seq)
+    table = Table(title=f"dense Llama-style d={args.dim}, {args.layers} layers, GQA {args.heads}/{args.kv_heads}, "
+                        f"batch {args.batch} x {args.seq}, 1 thread, CPU")
+    for col in ("precision", "model", "s/step", "tokens/s", "x transformers", "MFU", "peak GFLOP/s"):
+        table.add_column(col, justify="right")
+    for label, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
+        peak = measure_matmul_peak(dtype or torch.float32)
+        t_hf = step_time(theirs, hf_loss, tokens, dtype, args.steps)
+        rows = [("transformers", t_hf)]
+        for name, options in variants:
+            rows.append((name, step_time(ours_model(**options), ours_loss, tokens, dtype, args.steps)))
+        for name, seconds in rows:
+            table.add_row(label, name, f"{seconds:.3f}", f"{n_tokens / seconds:,.0f}", f"{t_hf / seconds:.2f}",
+                          f"{flops * n_tokens / seconds / peak:.1%}", f"{peak / 1e9:,.0f}")
+    Console(width=150).print(table)
+
+
+if __name__ == "__main__":
+    main()
