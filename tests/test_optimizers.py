@@ -85,7 +85,7 @@ def test_muon_on_matrices_adamw_elsewhere_match_torch():
     ("adamw", dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
     ("lamb", dict(lr=1e-2, weight_decay=0.01)),
     ("adafactor", dict(lr=1e-2)),
-    ("muon", dict(lr=0.02, adamw_lr=3e-3)),
+    ("muon", dict(lr=3e-3, adamw_lr=3e-3)),
     ("sophia", dict(lr=1e-3, rho=0.05, hessian_interval=2)),
 ])
 def test_every_optimizer_trains_the_debug_model(name, kwargs):

@@ -76,3 +76,13 @@ def test_fp8_is_refused_on_cpu_with_the_alternatives():
 
     with pytest.raises(RuntimeError, match="fp8 training needs a CUDA GPU.*emulate=True"):
         FP8().prepare(torch.nn.Linear(4, 4))
+
+
+def test_guard_judges_spikes_against_recent_losses_and_round_trips():
+    guard = StabilityGuard(window=1, spike_factor=2.0)
+    assert guard.check(5.0, 1.0) and guard.check(4.0, 1.0)
+    assert not guard.check(9.0, 1.0)           # > 2x the running mean of the last good loss
+    assert not guard.check(float("nan"), 1.0) and guard.consecutive_bad == 2
+    clone = StabilityGuard(window=1, spike_factor=2.0)
+    clone.load_state_dict(guard.state_dict())
+    assert clone.state_dict() == guard.state_dict()

@@ -16,10 +16,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
     layers; AdamW on embeddings, the output head, norms, biases and 3-D expert stacks, as Muon
     is meant to be used. Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
     tensors go to Muon, the rest to AdamW; both share this optimizer's `param_groups` and
-    `state`, so schedules, checkpoints and `state_dict()` see one optimizer.
+    `state`, so schedules, checkpoints and `state_dict()` see one optimizer. With the default
+    `adjust_lr_fn="match_rms_adamw"` Muon's `lr` is on AdamW's scale (torch rescales it per
+    matrix); with `adjust_lr_fn=None` use Muon's original scale (about 0.02).
     """
 
-    def __init__(self, params: ParamGroups, *, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.1,
+    def __init__(self, params: ParamGroups, *, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1,
                  adjust_lr_fn: str | None = "match_rms_adamw", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8):
         muon_groups: list[dict[str, Any]] = []

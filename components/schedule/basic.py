@@ -11,6 +11,11 @@ from registry.invariants import invariant
 from registry.kinds import SCHEDULER
 
 
+def _warmup(step: int, warmup_steps: int) -> float | None:
+    """The linear warmup multiplier while `step` < `warmup_steps`, else None."""
+    return (step + 1) / warmup_steps if step < warmup_steps else None
+
+
 @SCHEDULER.register("constant")
 class Constant(Schedule):
     """Always `value` (1.0: the optimizer's base lr)."""
@@ -32,8 +37,8 @@ class LinearDecay(Schedule):
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
 
     def __call__(self, step: int, tokens: int = 0) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+        if (warm := _warmup(step, self.warmup_steps)) is not None:
+            return warm
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return 1.0 - (1.0 - self.min_ratio) * progress
 
@@ -51,8 +56,8 @@ class WarmupStableDecay(Schedule):
         self.decay_fraction, self.min_ratio, self.shape = decay_fraction, min_ratio, shape
 
     def __call__(self, step: int, tokens: int = 0) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+        if (warm := _warmup(step, self.warmup_steps)) is not None:
+            return warm
         decay_start = self.total_steps * (1 - self.decay_fraction)
         if step < decay_start:
             return 1.0
@@ -71,6 +76,6 @@ class Warmup(Schedule):
         self.warmup_steps, self.then = warmup_steps, then
 
     def __call__(self, step: int, tokens: int = 0) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps * self.then(0, tokens)
+        if (warm := _warmup(step, self.warmup_steps)) is not None:
+            return warm * self.then(0, tokens)
         return self.then(step - self.warmup_steps, tokens)

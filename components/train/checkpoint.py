@@ -5,7 +5,7 @@ A checkpoint is a folder `step-00000042/` holding
   router biases as model buffers) written by DCP's safetensors storage writer, so a
   sharded run writes one shard per rank and loading can reshard;
 - `state.json`: every non-tensor value (step, token count, optimizer hyperparameters,
-  loader cursors, loss history) and the run's config;
+  loader cursors, loss scale, guard counters, loss history);
 - `COMPLETE`, written last.
 
 It is written into `.step-...tmp/` and renamed into place only when complete, so a crash
@@ -76,6 +76,8 @@ class Checkpointer:
         self.every = every
         self.keep = keep
         self.resume = resume
+        self.last: Path | None = None
+        """The checkpoint this run last wrote or loaded: the only one a rollback may return to."""
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
@@ -103,6 +105,7 @@ class Checkpointer:
             os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
             self._prune()
         _barrier()
+        self.last = final
         return final
 
     def _prune(self) -> None:
@@ -160,9 +163,13 @@ class Checkpointer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
+        except KeyError as err:
+            raise RuntimeError(f"checkpoint {path} does not match this model/optimizer (no entry {err}); resume "
+                               f"it with the configuration that wrote it") from err
+        except (OSError, ValueError, RuntimeError) as err:
             raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it may be "
                                f"truncated: delete it, or resume from an older one") from err
+        self.last = path
         optim_tensors = {k[len("optim."):]: v for k, v in target.items() if k.startswith("optim.")}
         set_state_dict(model, optimizer, model_state_dict={k[len("model."):]: v for k, v in target.items()
                                                            if k.startswith("model.")},

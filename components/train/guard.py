@@ -7,8 +7,9 @@ import math
 from registry.invariants import invariant
 
 
-@invariant("max_bad_steps >= 1 and spike_factor > 1", lambda max_bad_steps, spike_factor:
-           max_bad_steps >= 1 and spike_factor > 1, fix="allow at least one bad step; a spike is > 1x the average")
+@invariant("max_bad_steps >= 1 and spike_factor > 1 and window >= 1", lambda max_bad_steps, spike_factor, window:
+           max_bad_steps >= 1 and spike_factor > 1 and window >= 1,
+           fix="allow at least one bad step, a spike factor > 1 and a window of at least one step")
 class StabilityGuard:
     """Judges each step before the optimizer update.
 
@@ -31,7 +32,8 @@ class StabilityGuard:
 
     def check(self, loss: float, grad_norm: float) -> bool:
         """True when the step may update the weights; records the verdict."""
-        mean = sum(self.recent) / len(self.recent) if len(self.recent) >= self.window // 2 else math.inf
+        enough = self.recent and len(self.recent) >= max(1, self.window // 2)
+        mean = sum(self.recent) / len(self.recent) if enough else math.inf
         bad = not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > self.spike_factor * mean
         if bad:
             self.consecutive_bad += 1
@@ -40,6 +42,15 @@ class StabilityGuard:
         self.consecutive_bad = 0
         self.recent = (self.recent + [loss])[-self.window:]
         return True
+
+    def state_dict(self) -> dict:
+        """The running state (saved with checkpoints so a resumed run judges steps the same way)."""
+        return {"recent": list(self.recent), "consecutive_bad": self.consecutive_bad, "skipped": self.skipped,
+                "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent = list(state["recent"])
+        self.consecutive_bad, self.skipped, self.rollbacks = state["consecutive_bad"], state["skipped"], state["rollbacks"]
 
     @property
     def exhausted(self) -> bool:

@@ -16,14 +16,19 @@ from rich.table import Table
 from registry.invariants import invariant
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
-    """The machine's practical matmul FLOP/s in `dtype` with the current thread count (best of `repeats`)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5,
+                        device: str = "cpu") -> float:
+    """The practical matmul FLOP/s of `device` in `dtype` (current thread count; best of `repeats`)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -60,11 +65,16 @@ class Metrics:
         self._writer = None
         self._wandb = None
 
-    def start(self, *, dtype: torch.dtype) -> None:
+    def start(self, *, dtype: torch.dtype, device: str = "cpu", resume: bool = False) -> None:
+        """Open the logs (appending to an existing `metrics.jsonl` when the run resumes)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "metrics.jsonl").write_text("")
+        log = self.folder / "metrics.jsonl"
+        if resume and log.exists():
+            self.rows = [json.loads(line) for line in log.read_text().splitlines() if line]
+        else:
+            log.write_text("")
         if self.peak_flops is None:
-            self.peak_flops = measure_matmul_peak(dtype)
+            self.peak_flops = measure_matmul_peak(dtype, device=device)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -131,8 +131,6 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     tokens_seen, start_step = 0, 0
     routers = [m for m in model.modules() if isinstance(m, Router)]
     flops_per_token = training_flops_per_token(model, seq_len)
-    if metrics is not None:
-        metrics.start(dtype=precision.compute_dtype)
     resume_from = checkpoint.resume_path() if checkpoint is not None else None
     if resume_from is not None:
         restored = checkpoint.load(resume_from, model=model, optimizer=opt)
@@ -140,9 +138,17 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         start_step, tokens_seen, history = restored["step"], extra["tokens"], extra["history"]
         losses = list(history.get("lm", []))
         torch.set_rng_state(extra["rng"])
+        if extra.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(extra["cuda_rng"]))
         generator.set_state(extra["data_generator"])
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        if guard is not None and extra.get("guard"):
+            guard.load_state_dict(extra["guard"])
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(extra["data"])
+    if metrics is not None:
+        metrics.start(dtype=precision.compute_dtype, device=device, resume=resume_from is not None)
     with _explain_oom(), TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         for step in range(start_step, steps):
             step_start = time.perf_counter()
@@ -167,7 +173,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             if scaler is not None:
                 scaler.unscale_(opt)  # clip and judge the true gradients
             grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
-            update = guard.check(sum(step_terms.values()), grad_norm.item()) if guard is not None else True
+            overflow = scaler is not None and not math.isfinite(grad_norm.item())  # the scaler's to handle
+            update = guard.check(sum(step_terms.values()), grad_norm.item()) \
+                if guard is not None and not overflow else True
             if scaler is not None:
                 scale_before = scaler.get_scale()
                 if update:
@@ -186,13 +194,13 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             if guard is not None and not update:
                 history.setdefault("skipped_guard", []).append(step)
                 if guard.exhausted:
-                    if not (guard.rollback and checkpoint is not None and checkpoint.latest() is not None):
+                    if not (guard.rollback and checkpoint is not None and checkpoint.last is not None):
                         raise FloatingPointError(f"{guard.consecutive_bad} bad steps in a row at step {step} "
                                                  f"(non-finite or spiking loss/gradients) and no checkpoint to roll "
                                                  f"back to; lower the learning rate or give the run a checkpoint")
                     # Weights and optimizer go back; the data position does not, so the offending
                     # batches are skipped rather than replayed.
-                    checkpoint.load(checkpoint.latest(), model=model, optimizer=opt)
+                    checkpoint.load(checkpoint.last, model=model, optimizer=opt)
                     guard.rollbacks += 1
                     guard.consecutive_bad = 0
                     history.setdefault("rollbacks", []).append(step)
@@ -215,17 +223,24 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 if metrics.eval_every and (step + 1) % metrics.eval_every == 0:
                     row.update(_validation(model, data, eval_batches, micro, seq_len, precision, seed, device))
                 metrics.log(step + 1, row)
-            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
+            healthy = guard is None or guard.consecutive_bad == 0  # never make a bad streak the rollback point
+            if checkpoint is not None and healthy and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
                 checkpoint.save(step + 1, model=model, optimizer=opt, extra={
                     "tokens": tokens_seen, "history": history, "rng": torch.get_rng_state(),
-                    "data_generator": generator.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "data_generator": generator.get_state(), "scaler": scaler.state_dict() if scaler else {},
+                    "guard": guard.state_dict() if guard is not None else {},
                     "data": data.state_dict() if hasattr(data, "state_dict") else {}})
         tokens_per_second = bar.tokens_per_second
-    validation = _validation(model, data, eval_batches, micro, seq_len, precision, seed, device)
+    last_row = metrics.rows[-1] if metrics is not None and metrics.rows else {}
+    validation = {k: v for k, v in last_row.items() if k in ("val_loss", "val_bpb")} \
+        if last_row.get("step") == steps and "val_loss" in last_row else \
+        _validation(model, data, eval_batches, micro, seq_len, precision, seed, device)
     val_loss = validation["val_loss"]
     seconds = time.perf_counter() - start
     if metrics is not None:
-        metrics.log(steps, {"loss": losses[-1] if losses else None, **validation})
+        if last_row.get("step") != steps or "val_loss" not in last_row:
+            metrics.log(steps, {"loss": losses[-1] if losses else None, **validation})
         mfus = [r["mfu"] for r in metrics.rows if "mfu" in r]
         metrics.finish(seconds=seconds, tokens=tokens_seen, console=bar.console if progress else None, extra={
             "final_loss": losses[-1] if losses else None, **validation, "mean_mfu": sum(mfus) / max(1, len(mfus)),
