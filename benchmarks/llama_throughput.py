@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import fiddle as fdl
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import hf_causal_lm_loss, tessera_loss, training_step_seconds  # noqa: E402
 from components.model import families  # noqa: E402
 from components.model.stats import training_flops_per_token  # noqa: E402
 from components.train.metrics import measure_matmul_peak  # noqa: E402
@@ -41,22 +39,6 @@ def copy_llama_weights(ours, theirs, n_layers: int) -> None:
     with torch.no_grad():
         for name, param in ours.named_parameters():
             param.copy_(hf[pairs[name]])
-
-
-def step_time(model, loss_fn, tokens, dtype, steps: int) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else nullcontext
-    best = float("inf")
-    for i in range(steps + 2):  # two warm-up steps (compilation happens in them)
-        start = time.perf_counter()
-        with ctx():
-            loss = loss_fn(model, tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -99,12 +81,6 @@ def main() -> None:
                     setattr(layer, key, value)
         return model.train()
 
-    def ours_loss(model, t):
-        return model.losses(t[:, :-1], t[:, 1:])["lm"]
-
-    def hf_loss(model, t):
-        return F.cross_entropy(model(t[:, :-1]).logits.float().flatten(0, 1), t[:, 1:].flatten())
-
     variants = [("tessera eager", {}), ("tessera + activation checkpointing", {"checkpoint_activations": True})]
     if not args.no_compile:
         variants.append(("tessera + compile", {"compile": True}))
@@ -115,10 +91,11 @@ def main() -> None:
         table.add_column(col, justify="right")
     for label, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
         peak = measure_matmul_peak(dtype or torch.float32)
-        t_hf = step_time(theirs, hf_loss, tokens, dtype, args.steps)
+        t_hf = training_step_seconds(theirs, hf_causal_lm_loss, tokens, dtype, args.steps, warmup=2)
         rows = [("transformers", t_hf)]
         for name, options in variants:
-            rows.append((name, step_time(ours_model(**options), ours_loss, tokens, dtype, args.steps)))
+            rows.append((name, training_step_seconds(ours_model(**options), tessera_loss, tokens, dtype, args.steps,
+                                                     warmup=2)))  # compilation happens in the warm-up
         for name, seconds in rows:
             table.add_row(label, name, f"{seconds:.3f}", f"{n_tokens / seconds:,.0f}", f"{t_hf / seconds:.2f}",
                           f"{flops * n_tokens / seconds / peak:.1%}", f"{peak / 1e9:,.0f}")

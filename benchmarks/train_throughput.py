@@ -22,25 +22,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import hf_causal_lm_loss, tessera_loss, training_step_seconds  # noqa: E402
 from components.mlp.gated import SwiGLU  # noqa: E402
 from components.model import stats  # noqa: E402
 from components.model.hf_deepseek import load_pretrained  # noqa: E402
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a square matmul in `dtype` (the machine's practical peak, one thread)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+from components.train.metrics import measure_matmul_peak  # noqa: E402
 
 
 def hf_config(args: argparse.Namespace):
@@ -56,32 +45,6 @@ def hf_config(args: argparse.Namespace):
         qk_nope_head_dim=args.dim // args.heads, qk_rope_head_dim=args.dim // args.heads // 2,
         v_head_dim=args.dim // args.heads, first_k_dense_replace=1, max_position_embeddings=max(args.seq, 128),
         rope_interleave=True, num_nextn_predict_layers=0)
-
-
-def time_training(model, loss_fn, tokens, autocast_dtype, steps: int) -> float:
-    """Seconds per training step (best of `steps` after one warm-up)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ctx = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype else nullcontext
-    best = float("inf")
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        with ctx():
-            loss = loss_fn(model, tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
-def ours_loss(model, tokens):
-    return model.losses(tokens[:, :-1], tokens[:, 1:])["lm"]
-
-
-def hf_loss(model, tokens):
-    logits = model(tokens[:, :-1]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
 def main() -> None:
@@ -122,9 +85,9 @@ def main() -> None:
     for col in ("precision", "model", "s/step", "tokens/s", "x transformers", "MFU", "matmul peak GFLOP/s"):
         table.add_column(col, justify="right")
     for name, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
-        peak = matmul_peak(dtype or torch.float32)
-        t_ours = time_training(ours, ours_loss, tokens, dtype, args.steps)
-        t_hf = time_training(theirs, hf_loss, tokens, dtype, args.steps)
+        peak = measure_matmul_peak(dtype or torch.float32)
+        t_ours = training_step_seconds(ours, tessera_loss, tokens, dtype, args.steps)
+        t_hf = training_step_seconds(theirs, hf_causal_lm_loss, tokens, dtype, args.steps)
         for model_name, seconds in (("tessera", t_ours), ("transformers", t_hf)):
             table.add_row(name, model_name, f"{seconds:.3f}", f"{n_tokens / seconds:,.0f}", f"{t_hf / seconds:.2f}",
                           f"{flops_per_token * n_tokens / seconds / peak:.1%}", f"{peak / 1e9:,.1f}")
