@@ -132,3 +132,16 @@ def test_gradient_accumulation_equals_one_large_batch():
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)  # summation order differs
     assert results[0].losses == pytest.approx(results[1].losses, rel=1e-5)
+
+
+def test_async_save_writes_the_same_checkpoint_and_resumes(tmp_path):
+    sync = small_run(tmp_path / "sync")
+    asynchronous = small_run(tmp_path / "async", async_save=True)
+    a = {}
+    b = {}
+    for target, root in ((a, tmp_path / "sync"), (b, tmp_path / "async")):
+        for file in (root / "ck" / "step-00000003").glob("*.safetensors"):
+            target.update(load_file(file))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = small_run(tmp_path / "async", "steps=5", resume=True, async_save=True)
+    assert resumed.losses[:3] == asynchronous.losses == sync.losses and len(resumed.losses) == 5

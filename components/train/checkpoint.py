@@ -68,14 +68,19 @@ class Checkpointer:
     """Saves every `every` steps (and at the end) into `folder`, keeping the newest `keep`.
 
     `resume`: False starts fresh; True resumes from the newest complete checkpoint in
-    `folder` (if any); a path resumes from that checkpoint.
+    `folder` (if any); a path resumes from that checkpoint. `async_save`: write in a
+    background thread from a snapshot, so training continues meanwhile (single process; the
+    snapshot costs one copy of the saved tensors in memory); `wait()` blocks until done.
     """
 
-    def __init__(self, *, folder: str, every: int = 100, keep: int = 3, resume: bool | str = False):
+    def __init__(self, *, folder: str, every: int = 100, keep: int = 3, resume: bool | str = False,
+                 async_save: bool = False):
         self.folder = Path(folder)
         self.every = every
         self.keep = keep
         self.resume = resume
+        self.async_save = async_save
+        self._pending: Any = None
         self.last: Path | None = None
         """The checkpoint this run last wrote or loaded: the only one a rollback may return to."""
 
@@ -89,24 +94,41 @@ class Checkpointer:
                    **{f"extra.{k}": v for k, v in extra_tensors.items()}}
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".step-{step:08d}.tmp"
+        self.wait()
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
+        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": sorted(tensors)})
+
+        def finish() -> None:
+            if _is_main():
+                _write_synced(tmp / "state.json", state_json)
+                _write_synced(tmp / "COMPLETE", "ok\n")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
+                self._prune()
+
         with warnings.catch_warnings():  # a single process is the intended use here, not a mistake
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({k: v.detach().contiguous() for k, v in tensors.items()},
-                     storage_writer=dcp.HuggingFaceStorageWriter(path=str(tmp)))
-        if _is_main():
-            state = {"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": sorted(tensors)}
-            _write_synced(tmp / "state.json", json.dumps(state))
-            _write_synced(tmp / "COMPLETE", "ok\n")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
-            self._prune()
+            writer = dcp.HuggingFaceStorageWriter(path=str(tmp))
+            if self.async_save:
+                snapshot = {k: v.detach().clone() for k, v in tensors.items()}  # training may change them next
+                self._pending = (dcp.async_save(snapshot, storage_writer=writer), finish)
+            else:
+                dcp.save({k: v.detach().contiguous() for k, v in tensors.items()}, storage_writer=writer)
+                finish()
         _barrier()
         self.last = final
         return final
+
+    def wait(self) -> None:
+        """Block until a background save has been written and renamed into place."""
+        if self._pending is not None:
+            future, finish = self._pending
+            self._pending = None
+            future.result()
+            finish()
 
     def _prune(self) -> None:
         complete = self._complete()
@@ -143,6 +165,7 @@ class Checkpointer:
 
     def load(self, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model and optimizer in place from `path`; returns the `extra` tree and step."""
+        self.wait()
         try:
             state = json.loads((path / "state.json").read_text())
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)

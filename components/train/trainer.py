@@ -232,6 +232,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                     "guard": guard.state_dict() if guard is not None else {},
                     "data": data.state_dict() if hasattr(data, "state_dict") else {}})
         tokens_per_second = bar.tokens_per_second
+    if checkpoint is not None:
+        checkpoint.wait()
     last_row = metrics.rows[-1] if metrics is not None and metrics.rows else {}
     validation = {k: v for k, v in last_row.items() if k in ("val_loss", "val_bpb")} \
         if last_row.get("step") == steps and "val_loss" in last_row else \
