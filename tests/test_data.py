@@ -322,3 +322,20 @@ def test_prepare_command_prints_the_report():
                          text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "no recipe" in bad.stdout
 
+
+
+def test_named_encoding_in_the_pipeline_is_used_or_refused_clearly(tmp_path):
+    import tiktoken
+
+    try:
+        tiktoken.get_encoding("gpt2")
+        available = True
+    except Exception:  # noqa: BLE001 - offline: tiktoken cannot fetch the file
+        available = False
+    pipeline = small_pipeline(tmp_path, encoding_name="gpt2", vocab_size=50257)
+    if available:
+        pipeline.prepare()
+        assert pipeline.store.eos == 50256
+    else:
+        with pytest.raises(RuntimeError, match="'gpt2' is not available.*offline"):
+            pipeline.prepare()

@@ -29,7 +29,7 @@ from components.data.loader import PackedLoader
 from components.data.mixture import mixture_weights
 from components.data.sources.files import LocalFiles
 from components.data.store import TokenStore, write_store
-from components.data.tokenizer import encode_documents, load_encoding, train_bpe
+from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
 from components.interfaces import DataSource, DocumentFilter, TrainingData
 from registry.invariants import invariant
 
@@ -64,6 +64,9 @@ class TextPipeline(TrainingData):
         filters: domain -> cleaning filters applied in order ("*" for domains not listed).
         dedup: exact + near-duplicate removal within each domain (None: skip).
         vocab_size: ids of the trained byte-level BPE (256 bytes + merges + 4 special tokens).
+        encoding_name: use this standard tiktoken encoding (e.g. "cl100k_base") instead of
+            training one; it must be available locally (tiktoken downloads on first use), and
+            vocab_size must cover it.
         tokenizer_sample_bytes: at most this much training-split text trains the BPE.
         mixture_temperature, mixture_weights: domain sampling (see `mixture_weights`).
         val_fraction: documents held out for validation (chosen by content hash).
@@ -76,7 +79,7 @@ class TextPipeline(TrainingData):
                  dedup: Deduplicator | None = None, vocab_size: int = 2048, tokenizer_sample_bytes: int = 20_000_000,
                  mixture_temperature: float = 1.0, mixture_weights: dict[str, float] | None = None,
                  val_fraction: float = 0.02, data_dir: str = "runs/data", rejects: bool = False, workers: int = 2,
-                 progress: bool = True):
+                 progress: bool = True, encoding_name: str | None = None):
         self.sources = sources
         self.filters = filters or {}
         self.dedup = dedup
@@ -89,6 +92,7 @@ class TextPipeline(TrainingData):
         self.rejects = rejects
         self.workers = workers
         self.progress = progress
+        self.encoding_name = encoding_name
         for source in sources:
             if isinstance(source, LocalFiles) and source.cache_dir is None:
                 source.cache_dir = str(self.data_dir / "hf_cache")
@@ -100,7 +104,7 @@ class TextPipeline(TrainingData):
     def fingerprint(self) -> str:
         sources = [dataclasses.replace(s, cache_dir=None) if isinstance(s, LocalFiles) else s for s in self.sources]
         spec = repr((FORMAT_VERSION, sys.version, sources, sorted(self.filters.items()), self.dedup, self.vocab_size,
-                     self.tokenizer_sample_bytes, self.val_fraction))
+                     self.tokenizer_sample_bytes, self.val_fraction, self.encoding_name))
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
     @property
@@ -136,8 +140,14 @@ class TextPipeline(TrainingData):
                 docs = self._deduplicate(docs, report, bar)
             splits = self._split(docs, report)
             task = bar.add_task("train tokenizer", total=1)
-            sample = self._tokenizer_sample(splits)
-            encoding = train_bpe(sample, vocab_size=self.vocab_size, folder=folder / "tokenizer")
+            if self.encoding_name is not None:
+                encoding = named_encoding(self.encoding_name)
+                if encoding.n_vocab > self.vocab_size:
+                    raise ValueError(f"encoding {self.encoding_name!r} has {encoding.n_vocab} ids but vocab_size is "
+                                     f"{self.vocab_size}; set vocab_size (and model.vocab_size) >= {encoding.n_vocab}")
+            else:
+                encoding = train_bpe(self._tokenizer_sample(splits), vocab_size=self.vocab_size,
+                                     folder=folder / "tokenizer")
             bar.advance(task)
             task = bar.add_task("tokenize", total=len(splits))
             arrays = {}
@@ -147,7 +157,8 @@ class TextPipeline(TrainingData):
                 report.append(StageRow(f"tokenize ({split})", domain, len(ds), len(ds), _nbytes(ds), _nbytes(ds),
                                        tokens=n_tokens, note=f"{_nbytes(ds) / max(1, n_tokens):.2f} bytes/token"))
                 bar.advance(task)
-            write_store(folder / "tokens", arrays, eos=encoding._special_tokens["<|eos|>"], vocab_size=self.vocab_size)
+            eos = encoding.eot_token if self.encoding_name is not None else encoding._special_tokens["<|eos|>"]
+            write_store(folder / "tokens", arrays, eos=eos, vocab_size=self.vocab_size)
         return report
 
     def _tokenizer_sample(self, splits: dict[tuple[str, str], list[Document]]) -> list[str]:
@@ -256,6 +267,8 @@ class TextPipeline(TrainingData):
 
     def encoding(self):
         """The trained tiktoken encoding."""
+        if self.encoding_name is not None:
+            return named_encoding(self.encoding_name)
         return load_encoding(self.folder / "tokenizer")
 
     def loader(self, split: str, *, batch_size: int, seq_len: int, seed: int) -> PackedLoader:
