@@ -13,7 +13,6 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-import fiddle as fdl
 from rich.console import Console
 from rich.markup import escape
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import fiddle as fdl
@@ -108,8 +107,6 @@ def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path):
         assert checkpointer.latest().name == "step-00000002"
     shard = next((tmp_path / "ck" / "step-00000002").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:200])  # truncated tensors
-    from components.model.decoder import DecoderLM  # noqa: F401
-
     model = fdl.build(recipe.config("debug").model)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(RuntimeError, match="cannot be loaded.*truncated"):

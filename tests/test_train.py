@@ -7,7 +7,6 @@ import math
 import fiddle as fdl
 import numpy as np
 import pytest
-import torch
 
 from components.schedule.warmup_cosine import WarmupCosine
 from components.train.launch import launch

@@ -220,6 +220,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                        "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(), "tokens": tokens_seen,
                        "tokens_per_second": step_tps, "mfu": flops_per_token * step_tps / metrics.peak_flops,
                        "skipped": int(not update), **load}
+                if "expert_load" in row:  # per-layer loads as lists only when they are logged
+                    row["expert_load"] = [load.tolist() for load in row["expert_load"]]
                 if metrics.eval_every and (step + 1) % metrics.eval_every == 0:
                     row.update(_validation(model, data, eval_batches, micro, seq_len, precision, seed, device))
                 metrics.log(step + 1, row)
@@ -304,9 +306,9 @@ def _moe_load(routers: list) -> dict[str, object]:
     """Per-layer expert loads of the last step and their mean max/mean imbalance."""
     if not routers:
         return {}
-    loads = [r.last_load for r in routers]
+    loads = [r.last_load for r in routers]  # layers may differ in expert count
     imbalance = sum((load.max() / load.mean().clamp(min=1e-9)).item() for load in loads) / len(loads)
-    return {"expert_load": [load.tolist() for load in loads], "load_imbalance": imbalance}
+    return {"expert_load": loads, "load_imbalance": imbalance}
 
 
 def _gnb_hessian(model: DecoderLM, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], autocast) -> None:
