@@ -173,7 +173,8 @@ class PrecisionPolicy(abc.ABC):
     `compute_dtype`: the dtype matmuls run in (MFU is measured against its peak);
     `autocast(device_type)`: the context forward passes run under;
     `grad_scaler(device_type)`: a loss scaler, or None when no scaling is needed;
-    `prepare(model)`: model conversion before training (e.g. fp8 linear layers).
+    `prepare(model)`: model conversion before training (e.g. fp8 linear layers, bf16 weights);
+    `wrap_optimizer(optimizer)`: the optimizer the run steps (e.g. one keeping fp32 masters).
     """
 
     compute_dtype: torch.dtype
@@ -186,6 +187,9 @@ class PrecisionPolicy(abc.ABC):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
 
 
 class ParallelPlan(abc.ABC):

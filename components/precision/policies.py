@@ -1,4 +1,5 @@
-"""Precision policies: fp32, bf16 autocast, fp16 autocast with dynamic loss scaling, fp8."""
+"""Precision policies: fp32, bf16 autocast, bf16 parameters with fp32 masters, fp16 autocast
+with dynamic loss scaling, fp8."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from components.interfaces import PrecisionPolicy
 from components.precision.loss_scale import LossScale
+from components.precision.master_weights import MasterWeights
 from registry.kinds import PRECISION
 
 
@@ -32,6 +34,30 @@ class BF16Autocast(PrecisionPolicy):
 
     def autocast(self, device_type: str) -> Any:
         return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+@PRECISION.register("bf16_params")
+class BF16Params(PrecisionPolicy):
+    """Parameters and gradients stored in bf16 (half the weight and gradient memory, no
+    per-step weight casts); the optimizer updates an fp32 master copy of every parameter
+    with fp32 state (`MasterWeights`), so updates below bf16's resolution are not lost.
+    Floating buffers (e.g. the MoE router's balancing bias) stay fp32. Forward passes run
+    under bf16 autocast, so the ops autocast keeps in fp32 (softmax, losses) stay there.
+    Gradients are accumulated across micro-batches in bf16."""
+
+    compute_dtype = torch.bfloat16
+
+    def autocast(self, device_type: str) -> Any:
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return MasterWeights(optimizer)
 
 
 @PRECISION.register("fp16")

@@ -117,7 +117,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
-    opt = optimizer(decay_groups(model))
+    opt = precision.wrap_optimizer(optimizer(decay_groups(model)))
     base_lrs = [group["lr"] for group in opt.param_groups]
     micro = micro_batch_size or batch_size
     generator = torch.Generator().manual_seed(seed)
