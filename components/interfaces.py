@@ -202,6 +202,12 @@ class ParallelPlan(abc.ABC):
     @abc.abstractmethod
     def apply(self, model: nn.Module) -> nn.Module: ...
 
+    def materialize(self, model: nn.Module, device: str) -> None:
+        """Allocate the (meta-device) model's storage on `device` and initialise it from the
+        current RNG state, as `model.init_weights()` would in one process."""
+        model.to_empty(device=device)
+        model.init_weights()
+
     @property
     def is_main_process(self) -> bool:
         """True on the process that logs and writes files."""

@@ -61,9 +61,13 @@ class PackedLoader:
             self.cursors[domain] = end - 1  # the last token is the next window's first input
         return window.astype(np.int64)
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """The next `batch_size` (default: the constructor's) sequences of this rank's share."""
+        batch_size = batch_size or self.batch_size
         windows = []
-        while len(windows) < self.batch_size:
+        # Every rank consumes whole rounds of world_size sequences, so all ranks stop at the same
+        # stream position: the saved state is the same on every rank and for any world size.
+        while len(windows) < batch_size or self.sequences % self.world_size:
             domain = self.domains[int(torch.multinomial(self._probs, 1, generator=self._generator))]
             window = self._take(domain)
             if self.sequences % self.world_size == self.rank:

@@ -281,10 +281,12 @@ class TextPipeline(TrainingData):
 
     def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         seed = generator.initial_seed() + (split == "val")
-        key = f"{split}:{batch_size}:{seq_len}:{seed}"  # a new seed (a new run) starts a new loader
+        # One stream per split, sequence length and seed (a new seed, a new run: a new stream); its
+        # position does not depend on the batch size or the number of ranks reading it.
+        key = f"{split}:{seq_len}:{seed}"
         if key not in self._loaders:
             self._loaders[key] = self.loader(split, batch_size=batch_size, seq_len=seq_len, seed=seed)
-        return self._loaders[key].next_batch()
+        return self._loaders[key].next_batch(batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """Positions of every loader created so far (save with a checkpoint)."""
@@ -292,10 +294,9 @@ class TextPipeline(TrainingData):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, loader_state in state.items():
-            split, batch_size, seq_len, seed = key.split(":")
+            split, seq_len, seed = key.split(":")
             if key not in self._loaders:
-                self._loaders[key] = self.loader(split, batch_size=int(batch_size), seq_len=int(seq_len),
-                                                 seed=int(seed))
+                self._loaders[key] = self.loader(split, batch_size=1, seq_len=int(seq_len), seed=int(seed))
             self._loaders[key].load_state_dict(loader_state)
 
     def report_table(self) -> Table:

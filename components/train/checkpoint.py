@@ -111,7 +111,7 @@ class Checkpointer:
 
         with warnings.catch_warnings():  # a single process is the intended use here, not a mistake
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            writer = dcp.HuggingFaceStorageWriter(path=str(tmp))
+            writer = dcp.HuggingFaceStorageWriter(path=str(tmp), save_distributed=_distributed())
             if self.async_save:
                 snapshot = {k: v.detach().clone() for k, v in tensors.items()}  # training may change them next
                 self._pending = (dcp.async_save(snapshot, storage_writer=writer), finish)
@@ -225,6 +225,11 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
 
 
 def _is_main() -> bool:

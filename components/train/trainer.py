@@ -29,6 +29,7 @@ from components.interfaces import (
 from components.precision.policies import FP32
 from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
+from components.parallel.process_group import world
 from components.train.batch_ramp import BatchRamp
 from components.train.checkpoint import Checkpointer
 from components.model.stats import training_flops_per_token
@@ -81,8 +82,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         scheduler: learning-rate multiplier per step.
         parallel: the parallel plan applied before materialisation.
         steps, batch_size, seq_len: run length and sequences per optimizer step of seq_len tokens.
-        micro_batch_size: sequences per forward/backward; a step accumulates
-            batch_size / micro_batch_size of them (default: the whole batch at once).
+        micro_batch_size: sequences per forward/backward on each process; a step accumulates
+            batch_size / (micro_batch_size x processes) of them (default: each process's whole
+            share at once). `batch_size` is global: N data-parallel processes train on 1/N each.
         batch_ramp: grow the sequences per step from a smaller start (V2/V3).
         checkpoint: when and where to save, and whether to resume (exactly: weights, optimizer,
             RNG and data-loader positions, step and token counters, loss history).
@@ -106,9 +108,18 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     torch.manual_seed(seed)
     precision = precision or FP32()
     model = parallel.apply(model)
+    rank, world_size = world()
+    if not parallel.is_main_process:  # one process reports and writes files
+        metrics, progress = None, False
+    micro = micro_batch_size or max(1, batch_size // world_size)  # sequences per forward on each rank
+    if batch_size % (micro * world_size):
+        raise ValueError(f"batch_size={batch_size} is not a whole number of micro-batches of {micro} sequences on "
+                         f"each of {world_size} processes; choose batch_size a multiple of "
+                         f"micro_batch_size x processes ({micro * world_size})")
+    if world_size > 1 and hasattr(data, "prepare"):
+        _prepare_once(data, rank)
     if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-        model.init_weights()
+        parallel.materialize(model, device)
     model = precision.prepare(model)
     for layer in list(model.layers) + [m.block for m in getattr(model, "mtp", [])]:
         if activation_checkpointing != "none":
@@ -119,7 +130,6 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = precision.wrap_optimizer(optimizer(decay_groups(model)))
     base_lrs = [group["lr"] for group in opt.param_groups]
-    micro = micro_batch_size or batch_size
     generator = torch.Generator().manual_seed(seed)
     device_type = torch.device(device).type
     autocast = precision.autocast(device_type)
@@ -157,9 +167,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 group["lr"] = base * multiplier
             for name, schedule in (scheduled or {}).items():
                 _set_everywhere(model, name, schedule(step, tokens_seen))
-            sequences = batch_ramp.batch_size(tokens_seen, full_batch=batch_size, micro_batch=micro) \
+            sequences = batch_ramp.batch_size(tokens_seen, full_batch=batch_size, micro_batch=micro * world_size) \
                 if batch_ramp is not None else batch_size
-            n_micro = sequences // micro
+            n_micro = sequences // (micro * world_size)
             step_terms: dict[str, float] = {}
             for _ in range(n_micro):
                 batch = {k: v.to(device) for k, v in
@@ -170,6 +180,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 for name, value in terms.items():
                     step_terms[name] = step_terms.get(name, 0.0) + value.item() / n_micro
+            if world_size > 1:  # report (and let the guard judge) the loss of the whole batch, on every rank
+                step_terms = _mean_over_ranks(step_terms)
             if scaler is not None:
                 scaler.unscale_(opt)  # clip and judge the true gradients
             grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
@@ -253,6 +265,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
                           f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
+    if world_size > 1:
+        torch.distributed.barrier()  # leave together: a rank tearing down gloo early aborts its peer
     return TrainResult(losses=losses, terms=history, model=model, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
 
 
@@ -295,11 +309,29 @@ def _validation(model: DecoderLM, data: TrainingData, batches: int, batch_size: 
     """Validation loss (nats/token) and bits per byte (when the data knows its bytes per token)."""
     loss = evaluate(model, data, batches=batches, batch_size=batch_size, seq_len=seq_len,
                     precision=precision, seed=seed, device=device)
-    out = {"val_loss": loss}
+    out = {"val_loss": _mean_over_ranks({"loss": loss})["loss"] if world()[1] > 1 else loss}
     bytes_per_token = getattr(data, "bytes_per_token", None)
     if bytes_per_token is not None:
         out["val_bpb"] = loss / math.log(2) / bytes_per_token("val")
     return out
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the data-parallel processes (one all-reduce)."""
+    names = sorted(values)
+    total = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    torch.distributed.all_reduce(total)  # gloo has no AVG: sum, then divide
+    return {n: v / world()[1] for n, v in zip(names, total.tolist())}
+
+
+def _prepare_once(data: TrainingData, rank: int) -> None:
+    """Prepare (clean, dedup, tokenize) the data on rank 0 first, so that the other ranks
+    find it cached instead of racing to write the same cache folder."""
+    if rank == 0:
+        data.prepare()
+    torch.distributed.barrier()
+    if rank != 0:
+        data.prepare()
 
 
 def _moe_load(routers: list) -> dict[str, object]:

@@ -1,0 +1,42 @@
+"""Joining the run's process group (torchrun sets the environment; a lone process makes its own)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def ensure_process_group() -> None:
+    """Initialise the default process group once: NCCL on GPUs, gloo on CPUs.
+
+    Under `torchrun --nproc-per-node N` the rank and rendezvous come from its environment
+    variables; a plain `python` process (tests, debugging) becomes a group of one.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for a group of one
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    atexit.register(_leave)  # an undestroyed gloo group aborts the interpreter at exit
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,92 @@
+"""Data parallelism with FSDP2 on 2 CPU processes (gloo): the same run as one process, and
+sharded checkpoints that reshard between 2 processes and 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import fiddle as fdl
+import pytest
+import torch
+
+from components.train.checkpoint import Checkpointer
+from components.train.launch import launch
+from recipes.llama_pretrain import recipe
+from registry.cli import resolve
+from tests.conftest import ROOT
+
+ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1", "progress=False",
+        "scheduler.total_steps=6", "scheduler.warmup_steps=2", "model.layers[*].attention.dropout=0.0",
+        # Rows of tokens absent from a batch get gradients of ~1e-9 that differ with summation
+        # order; Adam's default eps (1e-8) would blow those up to full-size steps of either sign.
+        "optimizer.eps=1e-5"]
+RUN = """
+import json, os, sys, fiddle as fdl
+from components.train.checkpoint import Checkpointer
+from components.train.launch import launch
+from recipes.llama_pretrain import recipe
+from registry.cli import resolve
+config, _ = resolve(recipe, sys.argv[3:] + [f"steps={sys.argv[1]}", "parallel=@fsdp"])
+config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[2], every=2, keep=5, resume=True)
+result = launch(config)
+if os.environ["RANK"] == "0":
+    print("LOSSES", json.dumps(result.losses))
+"""
+
+
+def two_processes(steps: int, folder) -> list[float]:
+    """Train on 2 processes under torchrun; returns the per-step losses rank 0 reports."""
+    script = folder.parent / "run.py"
+    script.write_text(RUN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(steps), str(folder), *ARGS], text=True, capture_output=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("LOSSES"))
+    return json.loads(line[len("LOSSES"):])
+
+
+def one_process(steps: int, folder):
+    config, _ = resolve(recipe, [*ARGS, f"steps={steps}"])
+    config.checkpoint = fdl.Config(Checkpointer, folder=str(folder), every=2, keep=5, resume=True)
+    return launch(config)
+
+
+def weights(folder, step: int) -> dict[str, torch.Tensor]:
+    """A checkpoint's model and optimizer tensors, loaded into a single-process model."""
+    config, _ = resolve(recipe, ARGS)
+    model = fdl.build(config.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    Checkpointer(folder=str(folder)).load(folder / f"step-{step:08d}", model=model, optimizer=optimizer)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, param in enumerate(model.parameters()):
+        state.update({f"optim.{i}.{k}": v for k, v in optimizer.state[param].items()})
+    return state
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
+    sharded = two_processes(4, tmp_path / "two")                  # 2 processes, steps 1-4, sharded saves
+    assert len(list((tmp_path / "two" / "step-00000004").glob("shard-*.safetensors"))) == 2
+    reference = one_process(6, tmp_path / "one")                   # 1 process, steps 1-6
+    assert sharded == pytest.approx(reference.losses[:4], rel=1e-5, abs=1e-5)
+
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")  # 2 -> 1 process: resume on one
+    resumed_on_one = one_process(6, tmp_path / "two_then_one")
+    assert resumed_on_one.losses == pytest.approx(reference.losses, rel=1e-5, abs=1e-5)
+
+    shutil.copytree(tmp_path / "one", tmp_path / "one_then_two")  # 1 -> 2 processes: resume on two
+    shutil.rmtree(tmp_path / "one_then_two" / "step-00000006")
+    resumed_on_two = two_processes(6, tmp_path / "one_then_two")
+    assert resumed_on_two == pytest.approx(reference.losses, rel=1e-5, abs=1e-5)
+
+    expected = weights(tmp_path / "one", 6)
+    for other in ("two_then_one", "one_then_two"):
+        got = weights(tmp_path / other, 6)
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=f"{other}: {name}")
