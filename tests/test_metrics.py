@@ -60,3 +60,46 @@ def test_out_of_memory_names_the_switches():
     model.layers[0].register_forward_hook(allocate)
     with pytest.raises(MemoryError, match="checkpoint_activations=True.*micro_batch_size"):
         built.func(**{**built.keywords, "model": model})
+
+
+class FakeWandb:
+    """Stands in for the `wandb` package: records what the run sends it."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, row, step):
+        self.logged.append((step, dict(row)))
+
+    def finish(self):
+        self.finished += 1
+
+
+def _small_llama_run(tmp_path, **metrics):
+    config, _ = resolve(llama, ["debug", "steps=3", "batch_size=2", "seq_len=32", "progress=False", "threads=1",
+                                "scheduler.warmup_steps=1", "scheduler.total_steps=3"])
+    config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
+    config.metrics = fdl.Config(Metrics, folder=str(tmp_path / "run"), peak_flops=1e11, tensorboard=False,
+                                plots=False, **metrics)
+    return launch(config)
+
+
+def test_wandb_receives_every_logged_row(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    _small_llama_run(tmp_path, wandb_project="tessera-test")
+    assert fake.inits == [{"project": "tessera-test", "dir": str(tmp_path / "run")}] and fake.finished == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in fake.logged] == [r["step"] for r in rows]
+    assert [row["loss"] for _, row in fake.logged] == [r["loss"] for r in rows]
+
+
+def test_missing_wandb_is_a_note_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb -> ImportError
+    result = _small_llama_run(tmp_path, wandb_project="tessera-test")
+    assert len(result.losses) == 3
+    assert "W&B logging is off" in capsys.readouterr().err

@@ -76,3 +76,19 @@ def test_deepseek_debug_trains_with_every_mechanism_active():
     routers = [m for m in result.model.modules() if isinstance(m, Router)]
     assert routers and all(r.expert_bias.abs().sum() > 0 for r in routers), "aux-free bias never moved"
     assert all(r.last_load.sum() == 8 * 128 * r.top_k for r in routers[:3])  # main layers: every token routed
+
+
+@pytest.mark.slow
+def test_compile_option_compiles_the_blocks_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    losses = {}
+    for compile in (False, True):
+        config, _ = resolve(recipe, ["debug", "steps=3", "batch_size=2", "seq_len=32", "precision=@fp32",
+                                     "progress=False", "threads=1", f"compile={compile}", "scheduler.warmup_steps=1",
+                                     "scheduler.total_steps=3", "model.layers[*].attention.dropout=0.0"])
+        counters.clear()
+        losses[compile] = launch(config).losses
+        graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compile
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
