@@ -4,7 +4,8 @@
 
 Same architecture (RMSNorm, RoPE, GQA, SwiGLU), same weights (copied across), same batch and
 precision, one thread, full training steps (forward, backward, AdamW). Our model runs eager,
-with per-block torch.compile, and with activation checkpointing; MFU is against this
+with per-block torch.compile, with activation checkpointing, and (bf16) with bf16 weights
+and fp32 master copies (the `bf16_params` policy); MFU is against this
 machine's matmul peak measured in the same run for the step's compute dtype.
 """
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import hf_causal_lm_loss, tessera_loss, training_step_seconds  # noqa: E402
 from components.model import families  # noqa: E402
 from components.model.stats import training_flops_per_token  # noqa: E402
+from components.precision.policies import BF16Params  # noqa: E402
 from components.train.metrics import measure_matmul_peak  # noqa: E402
 
 
@@ -96,6 +98,11 @@ def main() -> None:
         for name, options in variants:
             rows.append((name, training_step_seconds(ours_model(**options), tessera_loss, tokens, dtype, args.steps,
                                                      warmup=2)))  # compilation happens in the warm-up
+        if dtype is torch.bfloat16:  # bf16 weights and gradients, fp32 masters and AdamW state
+            policy = BF16Params()
+            rows.append(("tessera bf16_params", training_step_seconds(
+                policy.prepare(ours_model()), tessera_loss, tokens, dtype, args.steps, warmup=2,
+                wrap_optimizer=policy.wrap_optimizer)))
         for name, seconds in rows:
             table.add_row(label, name, f"{seconds:.3f}", f"{n_tokens / seconds:,.0f}", f"{t_hf / seconds:.2f}",
                           f"{flops * n_tokens / seconds / peak:.1%}", f"{peak / 1e9:,.0f}")

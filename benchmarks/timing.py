@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 
 def training_step_seconds(model, loss_fn, tokens: torch.Tensor, dtype: torch.dtype | None, steps: int,
-                          warmup: int = 1) -> float:
+                          warmup: int = 1, wrap_optimizer=lambda opt: opt) -> float:
     """Best time of `steps` full training steps (forward, backward, AdamW) after `warmup` ones,
-    under CPU autocast to `dtype` (None: no autocast)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    under CPU autocast to `dtype` (None: no autocast). `wrap_optimizer`: e.g. a precision
+    policy's, so that its optimizer-side work is timed too."""
+    opt = wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else nullcontext
     best = float("inf")
     for i in range(steps + warmup):

@@ -17,6 +17,7 @@ import fiddle as fdl
 from components.data.defaults import stdlib_corpus
 from components.model.deepseek import MHASpec, MLASpec, MoESpec, deepseek
 from components.train.batch_ramp import BatchRamp
+from components.train.outputs import run_outputs
 from components.train.trainer import train
 from registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
 
@@ -63,13 +64,16 @@ def debug() -> fdl.Partial:
         train, model=model, data=stdlib_corpus(vocab_size=DEBUG_VOCAB), optimizer=adamw(lr=3e-3),
         scheduler=SCHEDULER.config("warmup_cosine", warmup_steps=30, total_steps=steps, min_ratio=0.1),
         parallel=PARALLEL_PLAN.config("single"), steps=steps, batch_size=16, seq_len=128, grad_clip=1.0,
-        precision=PRECISION.config("bf16"), seed=0)
+        precision=PRECISION.config("bf16"), seed=0, **run_outputs("runs/deepseek_pretrain/debug", every=100))
 
 
-def _full_run(model: fdl.Config, *, lr: float, schedule: fdl.Config, batch: int, steps: int,
+def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, batch: int, steps: int,
               ramp: BatchRamp | None = None) -> fdl.Partial:
-    """A published-size run: the debug run's pipeline with the paper's model and optimisation."""
+    """Preset `name`, a published-size run: the debug run's pipeline with the paper's model
+    and optimisation, reporting and checkpointing every 1000 steps to runs/deepseek_pretrain/NAME."""
     config = debug()
+    for key, value in run_outputs(f"runs/deepseek_pretrain/{name}", every=1000).items():
+        setattr(config, key, value)
     config.model = model
     config.optimizer = adamw(lr)
     config.scheduler = schedule
@@ -86,7 +90,7 @@ def deepseek_moe_16b() -> fdl.Partial:
                      attention=MHASpec(n_heads=16, head_dim=128),
                      moe=MoESpec(n_routed=64, n_shared=2, top_k=6, hidden_dim=1408, balance_alpha=0.001))
     # 2T tokens, batch 4608 x 4K; decay at 80% / 90% of steps.
-    return _full_run(model, lr=4.2e-4, schedule=step_decay(2e12), batch=4608, steps=106_449)
+    return _full_run("deepseek_moe_16b", model, lr=4.2e-4, schedule=step_decay(2e12), batch=4608, steps=106_449)
 
 
 @recipe.preset
@@ -96,7 +100,7 @@ def deepseek_v2_lite() -> fdl.Partial:
                      attention=MLASpec(n_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                        v_head_dim=128),
                      moe=MoESpec(n_routed=64, n_shared=2, top_k=6, hidden_dim=1408, balance_alpha=0.001))
-    return _full_run(model, lr=4.2e-4, schedule=step_decay(5.7e12), batch=4608, steps=steps_for(5.7e12, 4608))
+    return _full_run("deepseek_v2_lite", model, lr=4.2e-4, schedule=step_decay(5.7e12), batch=4608, steps=steps_for(5.7e12, 4608))
 
 
 @recipe.preset
@@ -109,7 +113,7 @@ def deepseek_v2() -> fdl.Partial:
                                  group_score="max", scaling_factor=16.0, balance_alpha=0.003,
                                  device_balance_alpha=0.05, n_devices=8, capacity_factor=1.0))
     ramp = BatchRamp(start_batch=2304, ramp_tokens=225e9)
-    return _full_run(model, lr=2.4e-4, schedule=step_decay(8.1e12, first=0.6), batch=9216,
+    return _full_run("deepseek_v2", model, lr=2.4e-4, schedule=step_decay(8.1e12, first=0.6), batch=9216,
                      steps=steps_for(8.1e12, 9216, ramp), ramp=ramp)
 
 
@@ -128,7 +132,7 @@ def deepseek_v3() -> fdl.Partial:
         (10e12, "constant", 1.0), (14.3e12, "cosine", 0.1), (14.633e12, "constant", 0.1),
         (14.8e12, "constant", 7.3e-6 / 2.2e-4)])
     ramp = BatchRamp(start_batch=3072, ramp_tokens=469e9)
-    config = _full_run(model, lr=2.2e-4, schedule=schedule, batch=15360, steps=steps_for(14.8e12, 15360, ramp),
+    config = _full_run("deepseek_v3", model, lr=2.2e-4, schedule=schedule, batch=15360, steps=steps_for(14.8e12, 15360, ramp),
                        ramp=ramp)
     config.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
         "mtp_loss_weight": SCHEDULER.config("token_steps", values=[0.3, 0.1], boundaries=[10e12]),

@@ -11,6 +11,7 @@ import fiddle as fdl
 
 from components.data.defaults import stdlib_corpus
 from components.model import families
+from components.train.outputs import run_outputs
 from components.train.trainer import train
 from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
 
@@ -37,6 +38,7 @@ def debug() -> fdl.Partial:
         grad_clip=1.0,
         precision=PRECISION.config("bf16"),  # bf16 matmuls are several times faster than fp32 on AMX CPUs
         seed=0,
+        **run_outputs("runs/llama_pretrain/debug", every=100),
     )
 
 
@@ -44,6 +46,8 @@ def debug() -> fdl.Partial:
 def hybrid_debug() -> fdl.Partial:
     """The debug run with linear attention in layers 0, 1, 3, 4 and softmax attention in 2 and 5."""
     config = debug()
+    for key, value in run_outputs("runs/llama_pretrain/hybrid_debug", every=100).items():
+        setattr(config, key, value)
     for i, layer in enumerate(config.model.layers):
         if i % 3 != 2:
             layer.attention = ATTENTION.config("linear", dim=layer.attention.dim, n_heads=layer.attention.n_heads,
@@ -51,10 +55,12 @@ def hybrid_debug() -> fdl.Partial:
     return config
 
 
-def _published(model: fdl.Config, *, seq_len: int, batch_size: int, lr: float, steps: int,
+def _published(name: str, model: fdl.Config, *, seq_len: int, batch_size: int, lr: float, steps: int,
                warmup_steps: int, betas: tuple[float, float] = (0.9, 0.95)) -> fdl.Partial:
     """A full-size run: the published architecture and optimiser settings (for --dry-run and clusters)."""
     config = debug()
+    for key, value in run_outputs(f"runs/llama_pretrain/{name}", every=1000).items():
+        setattr(config, key, value)
     config.model = model
     config.optimizer = OPTIMIZER.partial("adamw", lr=lr, betas=betas, weight_decay=0.1)
     config.scheduler = SCHEDULER.config("warmup_cosine", warmup_steps=warmup_steps, total_steps=steps, min_ratio=0.1)
@@ -67,7 +73,7 @@ def llama3_8b() -> fdl.Partial:
     """Llama 3 8B: 32 layers, dim 4096, GQA 32/8, SwiGLU 14336, RoPE theta 500000, vocab 128256."""
     model = families.llama(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                            rope_theta=500000.0, norm_eps=1e-5)
-    return _published(model, seq_len=8192, batch_size=512, lr=3e-4, steps=1_200_000, warmup_steps=8000)
+    return _published("llama3_8b", model, seq_len=8192, batch_size=512, lr=3e-4, steps=1_200_000, warmup_steps=8000)
 
 
 @recipe.preset
@@ -76,7 +82,7 @@ def deepseek_llm_7b() -> fdl.Partial:
     model = families.llama(vocab_size=102400, dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, hidden_dim=11008,
                            norm_eps=1e-6, init_std=0.006)
     # 2T tokens at 2304 x 4096 tokens per step; lr 4.2e-4 with 2000 warmup steps (paper Table 2).
-    return _published(model, seq_len=4096, batch_size=2304, lr=4.2e-4, steps=211_926, warmup_steps=2000)
+    return _published("deepseek_llm_7b", model, seq_len=4096, batch_size=2304, lr=4.2e-4, steps=211_926, warmup_steps=2000)
 
 
 @recipe.preset
@@ -84,14 +90,14 @@ def deepseek_llm_67b() -> fdl.Partial:
     """DeepSeek LLM 67B: 95 layers, dim 8192, GQA 64/8, SwiGLU 22016, init std 0.006."""
     model = families.llama(vocab_size=102400, dim=8192, n_layers=95, n_heads=64, n_kv_heads=8, hidden_dim=22016,
                            norm_eps=1e-6, init_std=0.006)
-    return _published(model, seq_len=4096, batch_size=4608, lr=3.2e-4, steps=105_963, warmup_steps=2000)
+    return _published("deepseek_llm_67b", model, seq_len=4096, batch_size=4608, lr=3.2e-4, steps=105_963, warmup_steps=2000)
 
 
 @recipe.preset
 def gpt2_small() -> fdl.Partial:
     """GPT-2 small (124M): 12 layers, dim 768, 12 heads, learned positions, LayerNorm, GELU MLP, tied."""
     model = families.gpt2(vocab_size=50257, dim=768, n_layers=12, n_heads=12, max_len=1024)
-    return _published(model, seq_len=1024, batch_size=512, lr=6e-4, steps=600_000, warmup_steps=2000)
+    return _published("gpt2_small", model, seq_len=1024, batch_size=512, lr=6e-4, steps=600_000, warmup_steps=2000)
 
 
 if __name__ == "__main__":

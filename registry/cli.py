@@ -53,6 +53,9 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     action.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device; print parameters and FLOPs per token")
     parser.add_argument("--load", metavar="FILE", help="start from a JSON config written by --dump")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="resume from the newest complete checkpoint in the run's checkpoint folder, "
+                             "or from the CHECKPOINT folder given")
     return parser
 
 
@@ -78,6 +81,15 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
     return config, notes
 
 
+def _set_resume(config: Any, resume: bool | str) -> None:
+    """Point the run's checkpointer at what --resume asked for."""
+    checkpoint = config.__arguments__.get("checkpoint") if hasattr(config, "__arguments__") else None
+    if checkpoint is None:
+        raise ConfigError([Fault("checkpoint", "--resume needs a run that writes checkpoints, and this one has none",
+                                 "set `checkpoint` in the preset: fdl.Config(Checkpointer, folder=...)")])
+    checkpoint.resume = resume
+
+
 def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
     parser = _parser(recipe)
     ns = parser.parse_args(argv)
@@ -86,6 +98,8 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         config, notes = resolve(recipe, ns.args, ns.load, check=False)
         for note in notes:
             err.print(f"note: {note}", markup=False, highlight=False)
+        if ns.resume is not None:
+            _set_resume(config, ns.resume)
         if ns.print:  # printed before validation so a faulty tree can be inspected
             out.print(config_tree(config, label=f"{recipe.name}"))
         validate(config)

@@ -51,3 +51,15 @@ def temporary_entries():
         if id(r) in saved:
             r._entries.clear()
             r._entries.update(saved[id(r)])
+
+
+@pytest.fixture(autouse=True)
+def presets_without_run_outputs(monkeypatch):
+    """In-process tests build presets without their default metrics and checkpoint folders
+    (shared across tests, and slow to write); tests that check those set their own.
+    Recipes run as subprocesses (`run_recipe`) keep them, as users get them."""
+    import recipes.deepseek_pretrain
+    import recipes.llama_pretrain
+
+    for module in (recipes.deepseek_pretrain, recipes.llama_pretrain):
+        monkeypatch.setattr(module, "run_outputs", lambda folder, **kwargs: {"metrics": None, "checkpoint": None})

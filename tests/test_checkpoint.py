@@ -142,3 +142,20 @@ def test_async_save_writes_the_same_checkpoint_and_resumes(tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     resumed = small_run(tmp_path / "async", "steps=5", resume=True, async_save=True)
     assert resumed.losses[:3] == asynchronous.losses == sync.losses and len(resumed.losses) == 5
+
+
+@pytest.mark.slow
+def test_recipe_writes_checkpoints_by_default_and_resume_flag_continues(tmp_path):
+    from tests.conftest import run_recipe
+
+    args = ["steps=4", "batch_size=2", "seq_len=32", "threads=1", "scheduler.warmup_steps=1",
+            "scheduler.total_steps=6", f"metrics.folder={tmp_path}", f"checkpoint.folder={tmp_path}/ck",
+            "checkpoint.every=2", "metrics.plots=False"]
+    first = run_recipe(*args)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000002", "step-00000004"]
+    resumed = run_recipe(*args[1:], "steps=6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {tmp_path}/ck/step-00000004 (step 4" in resumed.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "mfu" in r] == [1, 2, 3, 4, 5, 6]  # the log continues, not restarts

@@ -95,3 +95,22 @@ def test_every_optimizer_trains_the_debug_model(name, kwargs):
     config.optimizer = OPTIMIZER.partial(name, **kwargs)
     result = launch(config)
     assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.5, (name, result.losses)
+
+
+def test_adamw_is_fused_on_cpu_and_follows_the_paper_update():
+    from registry.kinds import OPTIMIZER as optimizers
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.95), 1e-8, 0.1
+    opt = optimizers.get("adamw")([{"params": [weight]}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    assert opt.param_groups[0]["fused"] is True
+    w, m, v = weight.detach().clone().double(), torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
+    for t in range(1, 5):  # Loshchilov & Hutter, Algorithm 2 (decoupled decay scaled by lr)
+        g = torch.randn(6, 4)
+        weight.grad = g.clone()
+        opt.step()
+        g = g.double()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        w = w * (1 - lr * wd) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        torch.testing.assert_close(weight.detach().double(), w, rtol=1e-5, atol=1e-6)

@@ -120,7 +120,9 @@ def test_dump_load_round_trip(tmp_path):
     assert loaded == cfg
     assert loaded.precision == cfg.precision
     assert serialize.load_text(serialize.dumps([torch.bfloat16, torch.float16])) == [torch.bfloat16, torch.float16]
-    assert fdl.get_callable(loaded.optimizer) is torch.optim.AdamW
+    from components.optim.adamw import adamw
+
+    assert fdl.get_callable(loaded.optimizer) is adamw
     again, _ = resolve(recipe, ["steps=3"], load=str(path))
     assert again.steps == 3 and again.model.layers[2].attention.n_kv_heads == 3
 

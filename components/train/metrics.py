@@ -19,8 +19,9 @@ from registry.invariants import invariant
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5,
                         device: str = "cpu") -> float:
     """The practical matmul FLOP/s of `device` in `dtype` (current thread count; best of `repeats`)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the run's RNG stream untouched
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
     sync()

@@ -15,6 +15,7 @@ from typing import Literal
 import time
 
 import torch
+from rich.console import Console
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
@@ -157,6 +158,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             guard.load_state_dict(extra["guard"])
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(extra["data"])
+    if resume_from is not None and progress:
+        Console().print(f"resuming from {resume_from} (step {start_step}, {tokens_seen:,} tokens)", highlight=False,
+                      soft_wrap=True)
     if metrics is not None:
         metrics.start(dtype=precision.compute_dtype, device=device, resume=resume_from is not None)
     with _explain_oom(), TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
