@@ -178,6 +178,8 @@ class PrecisionPolicy(abc.ABC):
     """
 
     compute_dtype: torch.dtype
+    param_dtype: torch.dtype | None = None
+    """The dtype parameters are held in for compute (None: as initialised, fp32)."""
 
     @abc.abstractmethod
     def autocast(self, device_type: str) -> Any: ...
@@ -195,12 +197,14 @@ class PrecisionPolicy(abc.ABC):
 class ParallelPlan(abc.ABC):
     """How a model is laid out across processes.
 
-    `apply` receives the model still on the meta device and returns the module to train
-    (possibly wrapped or sharded); it must not materialise weights.
+    `apply` receives the model still on the meta device, and the run's precision policy
+    (a plan that casts parameters itself, like FSDP's mixed precision, honours its
+    `param_dtype`), and returns the module to train (possibly wrapped or sharded); it must
+    not materialise weights.
     """
 
     @abc.abstractmethod
-    def apply(self, model: nn.Module) -> nn.Module: ...
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None) -> nn.Module: ...
 
     def materialize(self, model: nn.Module, device: str) -> None:
         """Allocate the (meta-device) model's storage on `device` and initialise it from the

@@ -11,6 +11,7 @@ from components.train.checkpoint import Checkpointer
 from components.train.guard import StabilityGuard
 from components.precision.loss_scale import LossScale
 from components.precision.policies import FP16Autocast
+from components.train.launch import launch
 from components.train.trainer import train
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
@@ -86,3 +87,13 @@ def test_guard_judges_spikes_against_recent_losses_and_round_trips():
     clone = StabilityGuard(window=1, spike_factor=2.0)
     clone.load_state_dict(guard.state_dict())
     assert clone.state_dict() == guard.state_dict()
+
+
+def test_fp8_emulation_converts_the_linears_and_trains():
+    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=4", "batch_size=2", "seq_len=32",
+                                 "precision=@fp8(emulate=True)", "scheduler.warmup_steps=1", "scheduler.total_steps=4"])
+    config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
+    result = launch(config)
+    converted = [m for m in result.model.modules() if type(m).__name__ == "Float8Linear"]
+    assert len(converted) == 6 * 7  # q, k, v, o, gate, up, down in each of the 6 blocks
+    assert all(torch.isfinite(torch.tensor(result.losses))) and result.losses[-1] < result.losses[0]

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from components.interfaces import ParallelPlan
+from components.interfaces import ParallelPlan, PrecisionPolicy
 from components.parallel.process_group import ensure_process_group, world
 from registry.kinds import PARALLEL_PLAN
 
@@ -35,12 +35,16 @@ class FullyShardedDataParallel(ParallelPlan):
         self.reshard_after_forward = reshard_after_forward
         self.reduce_dtype = reduce_dtype
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None) -> nn.Module:
         ensure_process_group()
         _, size = world()
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (size,), mesh_dim_names=("dp",))
+        # A policy with low-precision parameters (bf16_params) is FSDP's mixed precision: the
+        # sharded parameters (the masters) and optimizer state stay fp32, each unit's gathered
+        # copy is cast to `param_dtype` for forward and backward.
+        param_dtype = precision.param_dtype if precision is not None else None
         options = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
-                       mp_policy=MixedPrecisionPolicy(reduce_dtype=self.reduce_dtype))
+                       mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.reduce_dtype))
         # An MTP module's norms are also used outside its forward (the head norm), so only its
         # block is a unit of its own; the rest belongs to the root unit, gathered for all of `losses`.
         for unit in list(model.layers) + [m.block for m in getattr(model, "mtp", [])]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.interfaces import ParallelPlan
+from components.interfaces import ParallelPlan, PrecisionPolicy
 from registry.kinds import PARALLEL_PLAN
 
 
@@ -12,5 +12,5 @@ from registry.kinds import PARALLEL_PLAN
 class SingleProcess(ParallelPlan):
     """Trains in the current process without wrapping or sharding."""
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None) -> nn.Module:
         return model

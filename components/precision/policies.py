@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from components.interfaces import PrecisionPolicy
 from components.precision.loss_scale import LossScale
@@ -43,14 +44,18 @@ class BF16Params(PrecisionPolicy):
     with fp32 state (`MasterWeights`), so updates below bf16's resolution are not lost.
     Floating buffers (e.g. the MoE router's balancing bias) stay fp32. Forward passes run
     under bf16 autocast, so the ops autocast keeps in fp32 (softmax, losses) stay there.
-    Gradients are accumulated across micro-batches in bf16."""
+    Gradients are accumulated across micro-batches in bf16. Under `parallel=@fsdp` this is
+    FSDP's mixed precision instead: fp32 sharded masters, bf16 gathered copies."""
 
     compute_dtype = torch.bfloat16
+    param_dtype = torch.bfloat16
 
     def autocast(self, device_type: str) -> Any:
         return torch.autocast(device_type, dtype=torch.bfloat16)
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, FSDPModule):  # FSDP casts its gathered copies (see the fsdp plan)
+            return model
         for param in model.parameters():
             if param.is_floating_point():
                 param.data = param.data.to(torch.bfloat16)
@@ -79,9 +84,10 @@ class FP16Autocast(PrecisionPolicy):
 
 @PRECISION.register("fp8")
 class FP8(PrecisionPolicy):
-    """fp8 (e4m3) matmuls in the linear layers through torchao's float8 training conversion,
-    bf16 autocast for the rest. Needs a GPU with fp8 tensor cores; `emulate=True` runs the
-    same numerics in software anywhere (slow, for testing recipes)."""
+    """fp8 (e4m3) matmuls in the blocks' linear layers through torchao's float8 training
+    conversion (not the output head or the MoE router), bf16 autocast for the rest. Needs a
+    GPU with fp8 tensor cores; `emulate=True` runs the same numerics in software anywhere
+    (slow, for testing recipes)."""
 
     compute_dtype = torch.bfloat16
 
@@ -101,4 +107,14 @@ class FP8(PrecisionPolicy):
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         except ImportError as err:
             raise ImportError("fp8 training uses torchao: pip install torchao") from err
-        return convert_to_float8_training(model, config=Float8LinearConfig(emulate=self.emulate))
+        return convert_to_float8_training(model, config=Float8LinearConfig(emulate=self.emulate),
+                                          module_filter_fn=_fp8_eligible)
+
+
+def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
+    """Which linear layers compute in fp8: those inside the blocks, as in DeepSeek-V3's fp8
+    framework, which keeps the output head and the MoE gating in higher precision; fp8 GEMMs
+    also need both dimensions to be multiples of 16."""
+    if fqn == "head" or "router" in fqn.split("."):
+        return False
+    return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0

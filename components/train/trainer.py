@@ -108,7 +108,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     precision = precision or FP32()
-    model = parallel.apply(model)
+    model = parallel.apply(model, precision=precision)
     rank, world_size = world()
     if not parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, False
