@@ -23,6 +23,7 @@ import components.optim.adamw  # noqa: F401
 import components.optim.lamb  # noqa: F401
 import components.optim.muon  # noqa: F401
 import components.optim.sophia  # noqa: F401
+import components.optim.sophia_h  # noqa: F401
 import components.parallel.fsdp  # noqa: F401
 import components.parallel.single  # noqa: F401
 import components.precision.policies  # noqa: F401

@@ -87,6 +87,7 @@ def test_muon_on_matrices_adamw_elsewhere_match_torch():
     ("adafactor", dict(lr=1e-2)),
     ("muon", dict(lr=3e-3, adamw_lr=3e-3)),
     ("sophia", dict(lr=1e-3, rho=0.05, hessian_interval=2)),
+    ("sophia_h", dict(lr=2e-2, update_period=2)),
 ])
 def test_every_optimizer_trains_the_debug_model(name, kwargs):
     config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=4", "seq_len=64", "progress=False", "threads=1",
@@ -114,3 +115,32 @@ def test_adamw_is_fused_on_cpu_and_follows_the_paper_update():
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         w = w * (1 - lr * wd) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
         torch.testing.assert_close(weight.detach().double(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_sophia_h_follows_the_paper_update_with_hutchinson_estimates():
+    """Sophia (Liu et al., 2023, Alg. 1) with the Hutchinson estimator on a separable quadratic
+    L(w) = 1/2 sum a_i w_i^2, where u * (H u) = a exactly for Rademacher u. The paper's step
+    lr * clip(m / max(gamma h, eps), 1) is the library's (lr / gamma) * clip(m / max(h, eps), gamma),
+    and its decay lr * wd is the library's (lr / gamma) * (wd * gamma)."""
+    from registry.kinds import OPTIMIZER as optimizers
+
+    torch.manual_seed(0)
+    a = torch.rand(5, 3, dtype=torch.float64) + 0.5
+    weight = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    lr, gamma, (b1, b2), wd, k = 0.05, 0.5, (0.9, 0.95), 0.1, 2
+    opt = optimizers.get("sophia_h")([weight], lr=lr / gamma, p=gamma, betas=(b1, b2), weight_decay=wd * gamma,
+                                     update_period=k, hessian_distribution="rademacher", eps=1e-12)
+    w, m, h = weight.detach().clone(), torch.zeros_like(a), torch.zeros_like(a)
+    for t in range(6):
+        assert opt.wants_second_order() == (t % k == 0)
+        loss = 0.5 * (a * weight * weight).sum()
+        loss.backward(create_graph=opt.wants_second_order())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        g = a * w
+        m = b1 * m + (1 - b1) * g
+        if t % k == 0:
+            h = b2 * h + (1 - b2) * a
+        w = w * (1 - lr * wd)
+        w = w - lr * (m / (gamma * h).clamp(min=1e-12)).clamp(-1, 1)
+        torch.testing.assert_close(weight.detach(), w)

@@ -16,6 +16,7 @@ import time
 
 import torch
 from rich.console import Console
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
@@ -175,13 +176,16 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 if batch_ramp is not None else batch_size
             n_micro = sequences // (micro * world_size)
             step_terms: dict[str, float] = {}
+            # Optimizers that differentiate the gradients (Sophia-H's Hutchinson estimate) need
+            # their graph, and attention whose backward is differentiable (SDPA's math kernel).
+            second_order = getattr(opt, "wants_second_order", lambda: False)()
             for _ in range(n_micro):
                 batch = {k: v.to(device) for k, v in
                          data.batch("train", batch_size=micro, seq_len=seq_len, generator=generator).items()}
-                with autocast:
+                with autocast, sdpa_kernel(SDPBackend.MATH) if second_order else contextlib.nullcontext():
                     terms = model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
                 loss = torch.stack(list(terms.values())).sum() / n_micro
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward(create_graph=second_order)
                 for name, value in terms.items():
                     step_terms[name] = step_terms.get(name, 0.0) + value.item() / n_micro
             if world_size > 1:  # report (and let the guard judge) the loss of the whole batch, on every rank
