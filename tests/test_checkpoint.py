@@ -159,3 +159,14 @@ def test_recipe_writes_checkpoints_by_default_and_resume_flag_continues(tmp_path
     assert f"resuming from {tmp_path}/ck/step-00000004 (step 4" in resumed.stdout
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "mfu" in r] == [1, 2, 3, 4, 5, 6]  # the log continues, not restarts
+
+
+def test_checkpoint_carries_the_config_that_wrote_it(tmp_path):
+    from registry import serialize
+
+    config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@fp32",
+                                 "progress=False", "threads=1", "optimizer.lr=1e-3"])
+    config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / "ck"), every=1, keep=2)
+    launch(config)
+    for step in (1, 2):
+        assert serialize.load(tmp_path / "ck" / f"step-{step:08d}" / "config.json") == config

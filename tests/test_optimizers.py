@@ -144,3 +144,23 @@ def test_sophia_h_follows_the_paper_update_with_hutchinson_estimates():
         w = w * (1 - lr * wd)
         w = w - lr * (m / (gamma * h).clamp(min=1e-12)).clamp(-1, 1)
         torch.testing.assert_close(weight.detach(), w)
+
+
+@pytest.mark.parametrize("flags", [{}, {"decay_embeddings": True, "decay_vectors": True}])
+def test_weight_decay_groups_skip_norms_biases_embeddings_and_never_hold_the_router_bias(flags):
+    from recipes.deepseek_pretrain import recipe as deepseek
+
+    config, _ = resolve(deepseek, ["debug"])
+    model = fdl.build(config.model)
+    groups = {g["kind"]: g for g in decay_groups(model, **flags)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    kinds = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert kinds["embedding"] == {"embedding.weight", "head.weight"}
+    assert all(n.endswith(("norm.weight", "bias")) for n in kinds["vector"]) and "norm.weight" in kinds["vector"]
+    assert all(p.dim() >= 2 for p in groups["matrix"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(names)  # every parameter, once
+    assert not any(isinstance(p, torch.nn.Parameter) and "expert_bias" in n for n, p in model.named_buffers())
+    assert not any("expert_bias" in n for names_ in kinds.values() for n in names_)
+    for kind in ("embedding", "vector"):
+        assert ("weight_decay" in groups[kind]) != bool(flags)  # present (0.0) only when not decayed
+    assert "weight_decay" not in groups["matrix"]

@@ -27,10 +27,19 @@ def ensure_process_group() -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
-    atexit.register(_leave)  # an undestroyed gloo group aborts the interpreter at exit
+    atexit.register(_destroy)  # an undestroyed gloo group can abort the interpreter at exit
 
 
-def _leave() -> None:
+def leave_process_group() -> None:
+    """End of a successful run: wait for every rank, then tear the group down while the
+    interpreter is still whole (a rank tearing gloo down alone, or during interpreter
+    shutdown, can abort with "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -6,6 +6,8 @@ A checkpoint is a folder `step-00000042/` holding
   sharded run writes one shard per rank and loading can reshard;
 - `state.json`: every non-tensor value (step, token count, optimizer hyperparameters,
   loader cursors, loss scale, guard counters, loss history);
+- `config.json`: the run's config (fiddle JSON, as `--dump` writes it), when launched
+  through `launch`;
 - `COMPLETE`, written last.
 
 It is written into `.step-...tmp/` and renamed into place only when complete, so a crash
@@ -81,6 +83,9 @@ class Checkpointer:
         self.resume = resume
         self.async_save = async_save
         self._pending: Any = None
+        self.run_config: str | None = None
+        """The run's config as fiddle JSON (set by `launch`), saved as `config.json` in each
+        checkpoint: `--load CHECKPOINT/config.json` rebuilds the run that wrote it."""
         self.last: Path | None = None
         """The checkpoint this run last wrote or loaded: the only one a rollback may return to."""
 
@@ -104,6 +109,8 @@ class Checkpointer:
         def finish() -> None:
             if _is_main():
                 _write_synced(tmp / "state.json", state_json)
+                if self.run_config is not None:
+                    _write_synced(tmp / "config.json", self.run_config)
                 _write_synced(tmp / "COMPLETE", "ok\n")
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import fiddle as fdl
 import torch
+
+from components.parallel.process_group import leave_process_group
+from registry import serialize
 
 
 def build_model_on_meta(model_config: fdl.Buildable) -> torch.nn.Module:
@@ -24,4 +28,10 @@ def launch(config: fdl.Partial) -> Any:
     run = copy.copy(config)
     if "model" in config.__arguments__:
         run.model = build_model_on_meta(config.model)
-    return fdl.build(run)()
+    job = fdl.build(run)
+    checkpoint = job.keywords.get("checkpoint") if isinstance(job, functools.partial) else None
+    if checkpoint is not None:  # every checkpoint carries the config that produced it
+        checkpoint.run_config = serialize.dumps(config)
+    result = job()
+    leave_process_group()  # a data-parallel run's processes leave together (no-op in one process)
+    return result

@@ -72,7 +72,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
           precision: PrecisionPolicy | None = None, activation_checkpointing: Literal["none", "full", "selective"] = "none",
-          compile: bool = False, grad_clip: float | None = 1.0,
+          compile: bool = False, grad_clip: float | None = 1.0, decay_embeddings: bool = False,
+          decay_norms_and_biases: bool = False,
           device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
@@ -100,6 +101,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
         grad_clip: max global gradient norm (pre-clip norm is reported), None to disable.
+        decay_embeddings, decay_norms_and_biases: apply the optimizer's weight decay to the
+            embeddings and output head / to norm weights and biases too (off by default).
         device: where the model is materialised and batches go ("cpu", "cuda", ...).
         seed: seeds weights and batch sampling; the same seed gives the same run.
         eval_batches: validation batches averaged at the end.
@@ -130,7 +133,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
-    opt = precision.wrap_optimizer(optimizer(decay_groups(model)))
+    opt = precision.wrap_optimizer(optimizer(decay_groups(model, decay_embeddings=decay_embeddings,
+                                                          decay_vectors=decay_norms_and_biases)))
     base_lrs = [group["lr"] for group in opt.param_groups]
     generator = torch.Generator().manual_seed(seed)
     device_type = torch.device(device).type
@@ -273,8 +277,6 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
                           f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
-    if world_size > 1:
-        torch.distributed.barrier()  # leave together: a rank tearing down gloo early aborts its peer
     return TrainResult(losses=losses, terms=history, model=model, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
 
 
