@@ -43,7 +43,7 @@ def copy_llama_weights(ours, theirs, n_layers: int) -> None:
             param.copy_(hf[pairs[name]])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves minutes)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import transformers
     from rich.console import Console

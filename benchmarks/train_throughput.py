@@ -1,6 +1,7 @@
 """Training throughput and MFU of our DeepSeek model against transformers' DeepseekV3ForCausalLM.
 
     python benchmarks/train_throughput.py [--dim 512] [--layers 4] [--batch 4] [--seq 512] [--steps 5]
+    python benchmarks/train_throughput.py dense [--no-compile]   # the dense d=512 table (llama_throughput.py)
 
 Both models are built from one HF DeepseekV3 config and hold the same weights (ours loaded
 through `components.model.hf_deepseek`), so they compute the same function; each runs full
@@ -48,6 +49,10 @@ def hf_config(args: argparse.Namespace):
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["dense"]:  # the dense model's table lives in its own file
+        from benchmarks.llama_throughput import main as dense
+
+        return dense(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Defaults: the deepseek_pretrain `debug` preset (dim 128, 4 layers, 4 MLA heads, 8 experts top-2
     # + 1 shared, byte vocabulary, 16 x 128 tokens per step).
