@@ -197,14 +197,15 @@ class PrecisionPolicy(abc.ABC):
 class ParallelPlan(abc.ABC):
     """How a model is laid out across processes.
 
-    `apply` receives the model still on the meta device, and the run's precision policy
-    (a plan that casts parameters itself, like FSDP's mixed precision, honours its
-    `param_dtype`), and returns the module to train (possibly wrapped or sharded); it must
-    not materialise weights.
+    `apply` receives the model still on the meta device, the run's precision policy (a plan
+    that casts parameters itself, like FSDP's mixed precision, honours its `param_dtype`) and
+    the device type the run trains on, and returns the module to train (possibly wrapped or
+    sharded); it must not materialise weights.
     """
 
     @abc.abstractmethod
-    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None) -> nn.Module: ...
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
+              device: str = "cpu") -> nn.Module: ...
 
     def materialize(self, model: nn.Module, device: str) -> None:
         """Allocate the (meta-device) model's storage on `device` and initialise it from the

@@ -170,3 +170,13 @@ def test_checkpoint_carries_the_config_that_wrote_it(tmp_path):
     launch(config)
     for step in (1, 2):
         assert serialize.load(tmp_path / "ck" / f"step-{step:08d}" / "config.json") == config
+
+
+def test_fresh_run_sets_the_earlier_runs_checkpoints_aside(tmp_path):
+    small_run(tmp_path, "steps=3", keep=5)                 # an earlier, longer run: steps 1-3
+    result = small_run(tmp_path, "steps=2", keep=5)        # a fresh one in the same folder
+    folder = tmp_path / "ck"
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-00000001", "step-00000002"]
+    (previous,) = folder.glob("previous-*")
+    assert sorted(p.name for p in previous.iterdir()) == ["step-00000001", "step-00000002", "step-00000003"]
+    assert Checkpointer(folder=str(folder)).latest().name == "step-00000002" and len(result.losses) == 2

@@ -339,3 +339,34 @@ def test_named_encoding_in_the_pipeline_is_used_or_refused_clearly(tmp_path):
     else:
         with pytest.raises(RuntimeError, match="'gpt2' is not available.*offline"):
             pipeline.prepare()
+
+
+def test_loader_position_saved_by_one_process_resumes_on_two(tmp_path):
+    store = make_store(tmp_path)
+    weights = {"a": 0.6, "b": 0.4}
+    single = PackedLoader(store=store, split="train", seq_len=8, batch_size=3, weights=weights, seed=1)
+    single.next_batch()  # an odd position: 3 sequences consumed
+    state = single.state_dict()
+    expected = single.next_batch(4)["tokens"]
+    ranks = []
+    for rank in range(2):
+        loader = PackedLoader(store=store, split="train", seq_len=8, batch_size=2, weights=weights, seed=7,
+                              rank=rank, world_size=2)
+        loader.load_state_dict(state)
+        ranks.append((loader.next_batch()["tokens"], loader.state_dict()["sequences"]))
+    assert ranks[0][1] == ranks[1][1] == single.state_dict()["sequences"]  # both ranks stop where one would
+    assert sorted(map(tuple, torch.cat([ranks[0][0], ranks[1][0]]).tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_pipeline_loads_loader_positions_with_older_four_part_keys(tmp_path):
+    pipeline = small_pipeline(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    pipeline.batch("train", batch_size=2, seq_len=16, generator=generator)
+    state = pipeline.state_dict()
+    (key, position), = state.items()
+    split, seq_len, seed = key.split(":")
+    restored = small_pipeline(tmp_path)
+    restored.load_state_dict({f"{split}:2:{seq_len}:{seed}": position})  # as checkpoints before this format
+    after = [p.batch("train", batch_size=2, seq_len=16, generator=torch.Generator().manual_seed(0))["tokens"]
+             for p in (pipeline, restored)]
+    assert torch.equal(after[0], after[1])

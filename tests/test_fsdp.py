@@ -39,7 +39,10 @@ if os.environ["RANK"] == "0":
 
 
 def two_processes(steps: int, folder, *extra: str) -> list[float]:
-    """Train on 2 processes under torchrun; returns the per-step losses rank 0 reports."""
+    """Train on 2 processes under torchrun (validating every 2 steps, which every rank must
+    join); returns the per-step losses rank 0 reports."""
+    extra = (f"metrics.folder={folder}/metrics", "metrics.eval_every=2", "metrics.plots=False",
+             "metrics.tensorboard=False", *extra)
     script = folder.parent / "run.py"
     script.write_text(RUN)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -72,6 +75,8 @@ def weights(folder, step: int) -> dict[str, torch.Tensor]:
 def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
     sharded = two_processes(4, tmp_path / "two")                  # 2 processes, steps 1-4, sharded saves
     assert len(list((tmp_path / "two" / "step-00000004").glob("shard-*.safetensors"))) == 2
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     reference = one_process(6, tmp_path / "one")                   # 1 process, steps 1-6
     assert sharded == pytest.approx(reference.losses[:4], rel=1e-5, abs=1e-5)
 
@@ -104,3 +109,16 @@ def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(tmp_path):
     for file in (tmp_path / "two" / "step-00000004").glob("*.safetensors"):
         stored.update(load_file(file))
     assert {v.dtype for k, v in stored.items() if k.startswith("model.")} == {torch.float32}
+
+
+def test_random_window_data_gives_each_rank_its_share(monkeypatch):
+    import components.data.stdlib_bytes as stdlib_bytes
+
+    data = stdlib_bytes.StdlibBytes(max_bytes=200_000)
+    whole = data.batch("train", batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(3))["tokens"]
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(stdlib_bytes, "world", lambda rank=rank: (rank, 2))
+        shares.append(data.batch("train", batch_size=2, seq_len=16,
+                                 generator=torch.Generator().manual_seed(3))["tokens"])
+    assert torch.equal(shares[0], whole[0::2]) and torch.equal(shares[1], whole[1::2])

@@ -89,3 +89,25 @@ def test_bf16_params_resume_is_exact(tmp_path):
     assert any(".master" in k for k in a) and set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_state_without_masters_starts_them_from_the_loaded_weights():
+    weight = torch.nn.Parameter(torch.randn(3, 3))
+    plain = torch.optim.AdamW([weight], lr=1e-3)  # e.g. a checkpoint written under precision=@bf16
+    weight.grad = torch.randn(3, 3)
+    plain.step()
+    low = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.bfloat16))
+    opt = MasterWeights(torch.optim.AdamW([low], lr=1e-3))
+    with torch.no_grad():
+        low.copy_(weight)  # the model's weights were loaded first
+    opt.load_state_dict(plain.state_dict())
+    assert torch.equal(opt.state[low]["master"], weight.detach().bfloat16().float())
+    assert torch.equal(low.detach(), weight.detach().bfloat16())
+    assert opt.state[low]["exp_avg"].dtype == torch.float32
+
+
+def test_second_order_optimizer_with_master_copies_is_refused_clearly():
+    config, _ = resolve(llama, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@bf16_params",
+                                "optimizer=@sophia_h", "progress=False", "threads=1"])
+    with pytest.raises(ValueError, match="differentiates the gradients a second time.*optimizer=@sophia"):
+        launch(config)

@@ -164,3 +164,30 @@ def test_weight_decay_groups_skip_norms_biases_embeddings_and_never_hold_the_rou
     for kind in ("embedding", "vector"):
         assert ("weight_decay" in groups[kind]) != bool(flags)  # present (0.0) only when not decayed
     assert "weight_decay" not in groups["matrix"]
+
+
+@pytest.mark.parametrize("name", ["sophia", "sophia_h"])
+def test_hessian_optimizers_resume_exactly(tmp_path, name):
+    from components.train.checkpoint import Checkpointer
+
+    def run(steps: int, resume: bool):
+        config, _ = resolve(recipe, ["debug", f"steps={steps}", "batch_size=2", "seq_len=32", "precision=@fp32",
+                                     "progress=False", "threads=1", f"optimizer=@{name}", "scheduler.warmup_steps=1",
+                                     "scheduler.total_steps=5", "model.layers[*].attention.dropout=0.0"])
+        config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
+        setattr(config.optimizer, "update_period" if name == "sophia_h" else "hessian_interval", 2)
+        config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / f"ck{int(resume)}"), every=1,
+                                       resume=resume)
+        return launch(config)
+
+    full = run(5, resume=False)
+    run(3, resume=True)
+    assert run(5, resume=True).losses == full.losses
+
+
+def test_adamw_factory_accepts_generators_and_tuples():
+    from registry.kinds import OPTIMIZER as optimizers
+
+    model = torch.nn.Linear(3, 2)
+    for params in (model.parameters(), [{"params": model.parameters()}], [{"params": tuple(model.parameters())}]):
+        assert optimizers.get("adamw")(params, lr=1e-3).param_groups[0]["fused"] is True

@@ -48,6 +48,7 @@ class PackedLoader:
         self.cursors = {d: 0 for d in self.domains}
         self.epochs = {d: 0 for d in self.domains}
         self.sequences = 0
+        self._round_start = 0  # rounds of world_size sequences are counted from here
 
     def _take(self, domain: str) -> np.ndarray:
         array, start = self._arrays[domain], self.cursors[domain]
@@ -66,8 +67,9 @@ class PackedLoader:
         batch_size = batch_size or self.batch_size
         windows = []
         # Every rank consumes whole rounds of world_size sequences, so all ranks stop at the same
-        # stream position: the saved state is the same on every rank and for any world size.
-        while len(windows) < batch_size or self.sequences % self.world_size:
+        # stream position: the saved state is the same on every rank and for any world size
+        # (a position saved by a different world size starts the rounds where it stands).
+        while len(windows) < batch_size or (self.sequences - self._round_start) % self.world_size:
             domain = self.domains[int(torch.multinomial(self._probs, 1, generator=self._generator))]
             window = self._take(domain)
             if self.sequences % self.world_size == self.rank:
@@ -84,4 +86,4 @@ class PackedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["rng"])
         self.cursors, self.epochs = dict(state["cursors"]), dict(state["epochs"])
-        self.sequences = state["sequences"]
+        self.sequences = self._round_start = state["sequences"]

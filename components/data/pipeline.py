@@ -111,10 +111,14 @@ class TextPipeline(TrainingData):
     def folder(self) -> Path:
         return self.data_dir / self.fingerprint()
 
+    def prepared(self) -> bool:
+        """Whether a prepared copy with this fingerprint exists (prepare() would only load it)."""
+        return (self.folder / "report.json").exists()
+
     def prepare(self, *, force: bool = False, console: Console | None = None) -> list[StageRow]:
         """Run the pipeline unless a prepared copy with this fingerprint exists; returns the report."""
         folder = self.folder
-        if not force and (folder / "report.json").exists():
+        if not force and self.prepared():
             self._report = [StageRow(**row) for row in json.loads((folder / "report.json").read_text())]
             self._store = TokenStore(folder / "tokens")
             return self._report
@@ -294,7 +298,9 @@ class TextPipeline(TrainingData):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, loader_state in state.items():
-            split, seq_len, seed = key.split(":")
+            parts = key.split(":")  # split:seq_len:seed (older checkpoints: split:batch:seq_len:seed)
+            split, seq_len, seed = parts[0], parts[-2], parts[-1]
+            key = f"{split}:{seq_len}:{seed}"
             if key not in self._loaders:
                 self._loaders[key] = self.loader(split, batch_size=1, seq_len=int(seq_len), seed=int(seed))
             self._loaders[key].load_state_dict(loader_state)

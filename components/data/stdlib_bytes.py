@@ -13,6 +13,7 @@ import torch
 from components.data.loader import doc_ids_from_eos
 from components.data.sources.stdlib import stdlib_files
 from components.interfaces import TrainingData
+from components.parallel.process_group import world
 from registry.invariants import invariant
 
 EOS = 0
@@ -52,10 +53,15 @@ class StdlibBytes(TrainingData):
     def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Random windows from `split` ("train" or "val").
 
-        Returns tokens [B, T], targets [B, T] (tokens shifted by one) and doc_ids [B, T].
+        Returns tokens [B, T], targets [B, T] (tokens shifted by one) and doc_ids [B, T]. Under
+        data parallelism every rank draws the windows of all ranks (same generator state) and
+        keeps its own every world_size-th one, so the ranks' batches are disjoint and together
+        are the batch one process would draw.
         """
+        rank, world_size = world()
         stream = self.train if split == "train" else self.val
-        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=generator)
+        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size * world_size,),
+                               generator=generator)[rank::world_size]
         windows = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).long()
         tokens = windows[:, :-1]
         return {"tokens": tokens, "targets": windows[:, 1:], "doc_ids": doc_ids_from_eos(tokens, EOS)}

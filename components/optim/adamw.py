@@ -20,7 +20,9 @@ def adamw(params: ParamGroups, *, lr: float = 1e-3, betas: tuple[float, float] =
     groups = list(params)
     if groups and not isinstance(groups[0], dict):  # plain tensors: one group
         groups = [{"params": groups}]
+    groups = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+              for g in groups]
     if fused is None:
-        tensors = [p for g in groups for p in (g["params"] if isinstance(g["params"], list) else [g["params"]])]
+        tensors = [p for g in groups for p in g["params"]]
         fused = bool(tensors) and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)

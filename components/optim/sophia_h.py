@@ -4,6 +4,7 @@ pytorch_optimizer's implementation."""
 from __future__ import annotations
 
 import pytorch_optimizer
+import torch
 
 from registry.kinds import OPTIMIZER
 
@@ -20,3 +21,16 @@ class SophiaH(pytorch_optimizer.SophiaH):
     def wants_second_order(self) -> bool:
         """Whether the coming step() estimates the Hessian (its gradients must carry a graph)."""
         return self.param_groups[0].get("step", 0) % self.update_period == 0
+
+    @torch.no_grad()
+    def step(self, closure=None, hessian=None):  # noqa: ANN001 - the library's signature
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if hessian is None and self.wants_second_order() and not any(g.requires_grad for g in grads):
+            if any(g.any() for g in grads):
+                raise RuntimeError("sophia_h: this step estimates the Hessian, but the gradients carry no graph; "
+                                   "run its backward with create_graph=True (the trainer does when "
+                                   "wants_second_order() is True)")
+            # All-zero gradients without a graph: a state-initialising step (torch's checkpoint
+            # loading takes one); their Hessian-vector products are zero.
+            hessian = [torch.zeros_like(p) for g in self.param_groups for p in g["params"]]
+        return super().step(closure, hessian)

@@ -20,8 +20,9 @@ class FullyShardedDataParallel(ParallelPlan):
     rest (embedding, norms, head, MTP projections) as the root unit, on a 1-D mesh over all
     processes.
 
-    Launch with `torchrun --nproc-per-node N recipes/<recipe>.py ... parallel=@fsdp`; a
-    plain `python` run is a group of one. The run's `batch_size` stays the global number of
+    Launch with `torchrun --nproc-per-node N recipes/<recipe>.py ... parallel=@fsdp` (add
+    `device=cuda` on GPUs: each process then uses GPU LOCAL_RANK); a plain `python` run is a
+    group of one. The run's `batch_size` stays the global number of
     sequences per step; each rank trains on its 1/N share (the data loader hands ranks
     disjoint sequences of one stream), and gradients are averaged across ranks, so N
     processes step exactly as one process with the whole batch would (up to summation order).
@@ -35,10 +36,11 @@ class FullyShardedDataParallel(ParallelPlan):
         self.reshard_after_forward = reshard_after_forward
         self.reduce_dtype = reduce_dtype
 
-    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
+              device: str = "cpu") -> nn.Module:
         ensure_process_group()
         _, size = world()
-        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (size,), mesh_dim_names=("dp",))
+        mesh = init_device_mesh(torch.device(device).type, (size,), mesh_dim_names=("dp",))
         # A policy with low-precision parameters (bf16_params) is FSDP's mixed precision: the
         # sharded parameters (the masters) and optimizer state stay fp32, each unit's gathered
         # copy is cast to `param_dtype` for forward and backward.

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 
 def ensure_process_group() -> None:
-    """Initialise the default process group once: NCCL on GPUs, gloo on CPUs.
+    """Initialise the default process group once: gloo for CPU tensors, plus NCCL for GPU
+    tensors where there are GPUs.
 
     Under `torchrun --nproc-per-node N` the rank and rendezvous come from its environment
     variables; a plain `python` process (tests, debugging) becomes a group of one.
@@ -23,10 +24,11 @@ def ensure_process_group() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" now means this rank's GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
     atexit.register(_destroy)  # an undestroyed gloo group can abort the interpreter at exit
 
 

@@ -12,5 +12,6 @@ from registry.kinds import PARALLEL_PLAN
 class SingleProcess(ParallelPlan):
     """Trains in the current process without wrapping or sharding."""
 
-    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
+              device: str = "cpu") -> nn.Module:
         return model

@@ -69,13 +69,17 @@ class MasterWeights(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Loaded under full precision, so torch keeps the state in fp32 (it casts optimizer
         # state to each parameter's dtype) and the saved masters land in the master copies.
+        # A state without masters (written by another precision policy) starts them from the
+        # parameters as they stand, i.e. as the model was just loaded.
+        loaded = {p: p.detach().float() for p in self._masters}
         with torch.no_grad(), self.full_precision():
             self.inner.load_state_dict(state_dict)
             self._share()
             for p, master in self._masters.items():
-                state = self.state.get(p, {})
-                if "master" in state:
-                    master.copy_(state["master"])
+                state = self.state.get(p)
+                saved = state.get("master") if state else None
+                master.copy_(saved if torch.is_tensor(saved) else loaded[p])
+                if state:
                     state["master"] = master
 
     def __getattr__(self, name: str) -> Any:

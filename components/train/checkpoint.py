@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,22 @@ class Checkpointer:
         complete = self._complete()
         for old in complete[: max(0, len(complete) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def set_aside_previous(self) -> Path | None:
+        """Before a fresh (not resumed) run: move checkpoints an earlier run left in `folder`
+        into `folder/previous-<time>/`, so that this run's pruning and `latest()` see only
+        its own, and nothing of the earlier run is lost. Returns where they went (or None)."""
+        old = sorted(self.folder.glob("step-*")) + sorted(self.folder.glob(".step-*.tmp")) \
+            if self.folder.exists() else []
+        if not old:
+            return None
+        target = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        if _is_main():
+            target.mkdir(parents=True, exist_ok=True)
+            for path in old:
+                os.replace(path, target / path.name)
+        _barrier()
+        return target
 
     # -- loading ---------------------------------------------------------------------------------
     def _complete(self) -> list[Path]:

@@ -63,11 +63,14 @@ class Metrics:
         self.price_per_kwh = price_per_kwh
         self.plots = plots
         self.rows: list[dict[str, Any]] = []
+        self.devices = 1
         self._writer = None
         self._wandb = None
 
-    def start(self, *, dtype: torch.dtype, device: str = "cpu", resume: bool = False) -> None:
-        """Open the logs (appending to an existing `metrics.jsonl` when the run resumes)."""
+    def start(self, *, dtype: torch.dtype, device: str = "cpu", resume: bool = False, devices: int = 1) -> None:
+        """Open the logs (appending to an existing `metrics.jsonl` when the run resumes);
+        `devices`: how many devices the run trains on (the energy estimate counts each)."""
+        self.devices = devices
         self.folder.mkdir(parents=True, exist_ok=True)
         log = self.folder / "metrics.jsonl"
         if resume and log.exists():
@@ -102,9 +105,9 @@ class Metrics:
 
     def finish(self, *, seconds: float, tokens: int, extra: dict[str, Any], console: Console | None) -> dict[str, Any]:
         """Write `summary.json` (and plots); print the summary table; return the summary."""
-        kwh = self.device_watts * seconds / 3.6e6
+        kwh = self.device_watts * self.devices * seconds / 3.6e6
         summary = {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
-                   "energy_kwh": kwh, "device_watts": self.device_watts, **extra}
+                   "energy_kwh": kwh, "device_watts": self.device_watts, "devices": self.devices, **extra}
         if self.price_per_kwh is not None:
             summary["energy_cost"] = kwh * self.price_per_kwh
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))

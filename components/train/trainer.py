@@ -31,6 +31,7 @@ from components.interfaces import (
 from components.precision.policies import FP32
 from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
+from components.precision.master_weights import MasterWeights
 from components.parallel.process_group import world
 from components.train.batch_ramp import BatchRamp
 from components.train.checkpoint import Checkpointer
@@ -112,8 +113,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     precision = precision or FP32()
-    model = parallel.apply(model, precision=precision)
+    model = parallel.apply(model, precision=precision, device=device)
     rank, world_size = world()
+    eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
     if not parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, False
     micro = micro_batch_size or max(1, batch_size // world_size)  # sequences per forward on each rank
@@ -121,7 +123,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         raise ValueError(f"batch_size={batch_size} is not a whole number of micro-batches of {micro} sequences on "
                          f"each of {world_size} processes; choose batch_size a multiple of "
                          f"micro_batch_size x processes ({micro * world_size})")
-    if world_size > 1 and hasattr(data, "prepare"):
+    if world_size > 1 and hasattr(data, "prepared"):
         _prepare_once(data, rank)
     if any(p.is_meta for p in model.parameters()):
         parallel.materialize(model, device)
@@ -135,6 +137,11 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = precision.wrap_optimizer(optimizer(decay_groups(model, decay_embeddings=decay_embeddings,
                                                           decay_vectors=decay_norms_and_biases)))
+    if hasattr(opt, "wants_second_order") and (isinstance(opt, MasterWeights) or world_size > 1):
+        raise ValueError("optimizer: this optimizer differentiates the gradients a second time (Hessian-vector "
+                         "products), which sharded data-parallel gradients and bf16_params' fp32 master copies do "
+                         "not carry; use it with parallel=@single and precision=@fp32 or @bf16, or use "
+                         "optimizer=@sophia (its Gauss-Newton-Bartlett estimate needs no second derivative)")
     base_lrs = [group["lr"] for group in opt.param_groups]
     generator = torch.Generator().manual_seed(seed)
     device_type = torch.device(device).type
@@ -146,8 +153,13 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     model.train()
     tokens_seen, start_step = 0, 0
     routers = [m for m in model.modules() if isinstance(m, Router)]
-    flops_per_token = training_flops_per_token(model, seq_len)
+    flops_per_token = training_flops_per_token(model, seq_len) / world_size  # per device: MFU is per device
     resume_from = checkpoint.resume_path() if checkpoint is not None else None
+    if checkpoint is not None and resume_from is None:
+        moved = checkpoint.set_aside_previous()
+        if moved is not None and progress:
+            Console().print(f"note: a fresh run: the earlier run's checkpoints are now in {moved}", highlight=False,
+                            soft_wrap=True)
     if resume_from is not None:
         restored = checkpoint.load(resume_from, model=model, optimizer=opt)
         extra = restored["extra"]
@@ -167,7 +179,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         Console().print(f"resuming from {resume_from} (step {start_step}, {tokens_seen:,} tokens)", highlight=False,
                       soft_wrap=True)
     if metrics is not None:
-        metrics.start(dtype=precision.compute_dtype, device=device, resume=resume_from is not None)
+        metrics.start(dtype=precision.compute_dtype, device=device, resume=resume_from is not None,
+                      devices=world_size)
+    validation: dict[str, float] | None = None
     with _explain_oom(), TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         for step in range(start_step, steps):
             step_start = time.perf_counter()
@@ -193,7 +207,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 for name, value in terms.items():
                     step_terms[name] = step_terms.get(name, 0.0) + value.item() / n_micro
             if world_size > 1:  # report (and let the guard judge) the loss of the whole batch, on every rank
-                step_terms = _mean_over_ranks(step_terms)
+                step_terms = _mean_over_ranks(step_terms, device)
             if scaler is not None:
                 scaler.unscale_(opt)  # clip and judge the true gradients
             grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
@@ -239,6 +253,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 note = f"MFU {flops_per_token * step_tps / metrics.peak_flops:.1%}  {note}"
             bar.update(step=step, loss=losses[-1], lr=opt.param_groups[0]["lr"], tokens=sequences * seq_len,
                        grad_norm=grad_norm.item(), note=note)
+            validation = _validation(model, data, eval_batches, micro, seq_len, precision, seed, device) \
+                if eval_every and (step + 1) % eval_every == 0 else None
             if metrics is not None:
                 row = {"loss": losses[-1], **{k: v for k, v in step_terms.items() if k != "lm"},
                        "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(), "tokens": tokens_seen,
@@ -246,8 +262,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                        "skipped": int(not update), **load}
                 if "expert_load" in row:  # per-layer loads as lists only when they are logged
                     row["expert_load"] = [load.tolist() for load in row["expert_load"]]
-                if metrics.eval_every and (step + 1) % metrics.eval_every == 0:
-                    row.update(_validation(model, data, eval_batches, micro, seq_len, precision, seed, device))
+                row.update(validation or {})
                 metrics.log(step + 1, row)
             healthy = guard is None or guard.consecutive_bad == 0  # never make a bad streak the rollback point
             if checkpoint is not None and healthy and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
@@ -260,14 +275,13 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         tokens_per_second = bar.tokens_per_second
     if checkpoint is not None:
         checkpoint.wait()
-    last_row = metrics.rows[-1] if metrics is not None and metrics.rows else {}
-    validation = {k: v for k, v in last_row.items() if k in ("val_loss", "val_bpb")} \
-        if last_row.get("step") == steps and "val_loss" in last_row else \
-        _validation(model, data, eval_batches, micro, seq_len, precision, seed, device)
+    validated_at_end = start_step < steps and validation is not None  # the last step just validated
+    if not validated_at_end:
+        validation = _validation(model, data, eval_batches, micro, seq_len, precision, seed, device)
     val_loss = validation["val_loss"]
     seconds = time.perf_counter() - start
     if metrics is not None:
-        if last_row.get("step") != steps or "val_loss" not in last_row:
+        if not validated_at_end:
             metrics.log(steps, {"loss": losses[-1] if losses else None, **validation})
         mfus = [r["mfu"] for r in metrics.rows if "mfu" in r]
         metrics.finish(seconds=seconds, tokens=tokens_seen, console=bar.console if progress else None, extra={
@@ -319,29 +333,34 @@ def _validation(model: DecoderLM, data: TrainingData, batches: int, batch_size: 
     """Validation loss (nats/token) and bits per byte (when the data knows its bytes per token)."""
     loss = evaluate(model, data, batches=batches, batch_size=batch_size, seq_len=seq_len,
                     precision=precision, seed=seed, device=device)
-    out = {"val_loss": _mean_over_ranks({"loss": loss})["loss"] if world()[1] > 1 else loss}
+    if world()[1] > 1:
+        loss = _mean_over_ranks({"loss": loss}, device)["loss"]
+    out = {"val_loss": loss}
     bytes_per_token = getattr(data, "bytes_per_token", None)
     if bytes_per_token is not None:
         out["val_bpb"] = loss / math.log(2) / bytes_per_token("val")
     return out
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each value averaged over the data-parallel processes (one all-reduce)."""
+def _mean_over_ranks(values: dict[str, float], device: str) -> dict[str, float]:
+    """Each value averaged over the data-parallel processes (one all-reduce on `device`,
+    where the process group's backend works)."""
     names = sorted(values)
-    total = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    total = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)  # gloo has no AVG: sum, then divide
     return {n: v / world()[1] for n, v in zip(names, total.tolist())}
 
 
 def _prepare_once(data: TrainingData, rank: int) -> None:
-    """Prepare (clean, dedup, tokenize) the data on rank 0 first, so that the other ranks
-    find it cached instead of racing to write the same cache folder."""
+    """Prepare (clean, dedup, tokenize) the data on rank 0 only; the other ranks wait for its
+    cache instead of racing to write the same folder. They poll rather than wait in a
+    collective, whose timeout a large corpus would outlast (if rank 0 fails, torchrun stops them)."""
     if rank == 0:
         data.prepare()
-    torch.distributed.barrier()
-    if rank != 0:
-        data.prepare()
+        return
+    while not data.prepared():
+        time.sleep(1.0)
+    data.prepare()
 
 
 def _moe_load(routers: list) -> dict[str, object]:
