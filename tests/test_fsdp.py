@@ -122,3 +122,24 @@ def test_random_window_data_gives_each_rank_its_share(monkeypatch):
         shares.append(data.batch("train", batch_size=2, seq_len=16,
                                  generator=torch.Generator().manual_seed(3))["tokens"])
     assert torch.equal(shares[0], whole[0::2]) and torch.equal(shares[1], whole[1::2])
+
+
+
+def test_bf16_params_masters_become_the_sharded_weights_on_resume(tmp_path, monkeypatch):
+    import socket
+
+    from safetensors.torch import load_file
+
+    one_process(2, tmp_path / "ck", "precision=@bf16_params")  # bf16 weights and fp32 masters saved
+    stored = load_file(next((tmp_path / "ck" / "step-00000002").glob("*.safetensors")))
+    with socket.socket() as s:  # a group of one in this process, its environment undone afterwards
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    resumed = one_process(2, tmp_path / "ck", "precision=@bf16_params", "parallel=@fsdp")  # nothing left to train
+    for name, param in resumed.model.named_parameters():
+        local = param.to_local()
+        assert local.dtype == torch.float32
+        assert torch.equal(local, stored[f"optim.state.{name}.master"]), name  # not the rounded bf16 weights

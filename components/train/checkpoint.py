@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from registry.invariants import invariant
@@ -210,6 +211,7 @@ class Checkpointer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
+            _weights_from_masters(target, shapes)
         except KeyError as err:
             raise RuntimeError(f"checkpoint {path} does not match this model/optimizer (no entry {err}); resume "
                                f"it with the configuration that wrote it") from err
@@ -223,6 +225,24 @@ class Checkpointer:
                        optim_state_dict=join_tensors(state["optimizer"], optim_tensors), options=_OPTIONS)
         extra_tensors = {k[len("extra."):]: v for k, v in target.items() if k.startswith("extra.")}
         return {"step": state["step"], "extra": join_tensors(state["extra"], extra_tensors)}
+
+
+def _weights_from_masters(target: dict[str, torch.Tensor], shapes: dict[str, dict[str, Any]]) -> None:
+    """A checkpoint with fp32 master copies (bf16_params) resumed where the parameters are
+    themselves fp32 (under FSDP's mixed precision, or another policy): the masters, not the
+    bf16-rounded weights, become the weights. Sharded parameters take their own shard."""
+    for name, live in target.items():
+        if not name.startswith("model."):
+            continue
+        master = target.get(f"optim.state.{name[len('model.'):]}.master")
+        if master is None or live.dtype != torch.float32 or shapes.get(name, {}).get("dtype") == "float32":
+            continue
+        with torch.no_grad():
+            if isinstance(live, DTensor):
+                shard = distribute_tensor(master, live.device_mesh, live.placements, src_data_rank=None)
+                live.to_local().copy_(shard.to_local())
+            else:
+                live.copy_(master)
 
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
