@@ -31,14 +31,15 @@ from components.train.launch import launch
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
 config, _ = resolve(recipe, sys.argv[3:] + [f"steps={sys.argv[1]}", "parallel=@fsdp"])
-config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[2], every=2, keep=5, resume=True)
+config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[2], every=2, keep=5, resume=True,
+                               async_save=os.environ.get("ASYNC_SAVE") == "1")
 result = launch(config)
 if os.environ["RANK"] == "0":
     print("LOSSES", json.dumps(result.losses))
 """
 
 
-def two_processes(steps: int, folder, *extra: str) -> list[float]:
+def two_processes(steps: int, folder, *extra: str, async_save: bool = False) -> list[float]:
     """Train on 2 processes under torchrun (validating every 2 steps, which every rank must
     join); returns the per-step losses rank 0 reports."""
     extra = (f"metrics.folder={folder}/metrics", "metrics.eval_every=2", "metrics.plots=False",
@@ -47,7 +48,8 @@ def two_processes(steps: int, folder, *extra: str) -> list[float]:
     script.write_text(RUN)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script), str(steps), str(folder), *ARGS, *extra], text=True, capture_output=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                                                    "ASYNC_SAVE": str(int(async_save))})
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("LOSSES"))
     return json.loads(line[len("LOSSES"):])
@@ -86,7 +88,7 @@ def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
 
     shutil.copytree(tmp_path / "one", tmp_path / "one_then_two")  # 1 -> 2 processes: resume on two
     shutil.rmtree(tmp_path / "one_then_two" / "step-00000006")
-    resumed_on_two = two_processes(6, tmp_path / "one_then_two")
+    resumed_on_two = two_processes(6, tmp_path / "one_then_two", async_save=True)  # background sharded saves
     assert resumed_on_two == pytest.approx(reference.losses, rel=1e-5, abs=1e-5)
 
     expected = weights(tmp_path / "one", 6)

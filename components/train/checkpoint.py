@@ -73,8 +73,8 @@ class Checkpointer:
 
     `resume`: False starts fresh; True resumes from the newest complete checkpoint in
     `folder` (if any); a path resumes from that checkpoint. `async_save`: write in a
-    background thread from a snapshot, so training continues meanwhile (single process; the
-    snapshot costs one copy of the saved tensors in memory); `wait()` blocks until done.
+    background thread from a snapshot, so training continues meanwhile (the snapshot costs
+    one copy of the saved tensors in memory); `wait()` blocks until done.
     """
 
     def __init__(self, *, folder: str, every: int = 100, keep: int = 3, resume: bool | str = False,
@@ -85,6 +85,7 @@ class Checkpointer:
         self.resume = resume
         self.async_save = async_save
         self._pending: Any = None
+        self._group: Any = None
         self.run_config: str | None = None
         """The run's config as fiddle JSON (set by `launch`), saved as `config.json` in each
         checkpoint: `--load CHECKPOINT/config.json` rebuilds the run that wrote it."""
@@ -123,7 +124,10 @@ class Checkpointer:
             writer = dcp.HuggingFaceStorageWriter(path=str(tmp), save_distributed=_distributed())
             if self.async_save:
                 snapshot = {k: v.detach().clone() for k, v in tensors.items()}  # training may change them next
-                self._pending = (dcp.async_save(snapshot, storage_writer=writer), finish)
+                # Its collectives run in a background thread: on a group of their own, so they never
+                # interleave with the training step's on the default group.
+                self._pending = (dcp.async_save(snapshot, storage_writer=writer, process_group=self._save_group()),
+                                 finish)
             else:
                 dcp.save({k: v.detach().contiguous() for k, v in tensors.items()}, storage_writer=writer)
                 finish()
@@ -137,7 +141,14 @@ class Checkpointer:
             future, finish = self._pending
             self._pending = None
             future.result()
+            _barrier()  # every rank's shard is written before the folder is renamed into place
             finish()
+
+    def _save_group(self) -> Any:
+        """A process group for background saves (None in a single process)."""
+        if _distributed() and self._group is None:
+            self._group = torch.distributed.new_group(backend="gloo")
+        return self._group
 
     def _prune(self) -> None:
         complete = self._complete()
