@@ -100,7 +100,8 @@ def deepseek_v2_lite() -> fdl.Partial:
                      attention=MLASpec(n_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                        v_head_dim=128),
                      moe=MoESpec(n_routed=64, n_shared=2, top_k=6, hidden_dim=1408, balance_alpha=0.001))
-    return _full_run("deepseek_v2_lite", model, lr=4.2e-4, schedule=step_decay(5.7e12), batch=4608, steps=steps_for(5.7e12, 4608))
+    return _full_run("deepseek_v2_lite", model,
+                     lr=4.2e-4, schedule=step_decay(5.7e12), batch=4608, steps=steps_for(5.7e12, 4608))
 
 
 @recipe.preset
@@ -132,7 +133,8 @@ def deepseek_v3() -> fdl.Partial:
         (10e12, "constant", 1.0), (14.3e12, "cosine", 0.1), (14.633e12, "constant", 0.1),
         (14.8e12, "constant", 7.3e-6 / 2.2e-4)])
     ramp = BatchRamp(start_batch=3072, ramp_tokens=469e9)
-    config = _full_run("deepseek_v3", model, lr=2.2e-4, schedule=schedule, batch=15360, steps=steps_for(14.8e12, 15360, ramp),
+    config = _full_run("deepseek_v3", model,
+                       lr=2.2e-4, schedule=schedule, batch=15360, steps=steps_for(14.8e12, 15360, ramp),
                        ramp=ramp)
     config.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
         "mtp_loss_weight": SCHEDULER.config("token_steps", values=[0.3, 0.1], boundaries=[10e12]),

@@ -82,7 +82,8 @@ def deepseek_llm_7b() -> fdl.Partial:
     model = families.llama(vocab_size=102400, dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, hidden_dim=11008,
                            norm_eps=1e-6, init_std=0.006)
     # 2T tokens at 2304 x 4096 tokens per step; lr 4.2e-4 with 2000 warmup steps (paper Table 2).
-    return _published("deepseek_llm_7b", model, seq_len=4096, batch_size=2304, lr=4.2e-4, steps=211_926, warmup_steps=2000)
+    return _published("deepseek_llm_7b", model,
+                      seq_len=4096, batch_size=2304, lr=4.2e-4, steps=211_926, warmup_steps=2000)
 
 
 @recipe.preset
@@ -90,7 +91,8 @@ def deepseek_llm_67b() -> fdl.Partial:
     """DeepSeek LLM 67B: 95 layers, dim 8192, GQA 64/8, SwiGLU 22016, init std 0.006."""
     model = families.llama(vocab_size=102400, dim=8192, n_layers=95, n_heads=64, n_kv_heads=8, hidden_dim=22016,
                            norm_eps=1e-6, init_std=0.006)
-    return _published("deepseek_llm_67b", model, seq_len=4096, batch_size=4608, lr=3.2e-4, steps=105_963, warmup_steps=2000)
+    return _published("deepseek_llm_67b", model,
+                      seq_len=4096, batch_size=4608, lr=3.2e-4, steps=105_963, warmup_steps=2000)
 
 
 @recipe.preset
