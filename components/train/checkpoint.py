@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from components.parallel.process_group import world
 from registry.invariants import invariant
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -283,15 +284,13 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    return world()[1] > 1
 
 
 def _is_main() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    return world()[0] == 0
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.barrier()
