@@ -162,6 +162,7 @@ class Checkpointer:
         its own, and nothing of the earlier run is lost. Returns where they went (or None)."""
         old = sorted(self.folder.glob("step-*")) + sorted(self.folder.glob(".step-*.tmp")) \
             if self.folder.exists() else []
+        _barrier()  # every rank has looked (and decides alike) before rank 0 moves anything
         if not old:
             return None
         target = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
