@@ -22,25 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import hf_causal_lm_loss, tessera_loss, training_step_seconds  # noqa: E402
 from components.model import families  # noqa: E402
+from components.model.hf_llama import llama_parameter_names  # noqa: E402
 from components.model.stats import training_flops_per_token  # noqa: E402
 from components.precision.policies import BF16Params  # noqa: E402
 from components.train.metrics import measure_matmul_peak  # noqa: E402
 
 
 def copy_llama_weights(ours, theirs, n_layers: int) -> None:
-    hf = dict(theirs.named_parameters())
-    pairs = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "head.weight": "lm_head.weight"}
-    for i in range(n_layers):
-        for a, b in [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
-                     ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
-                     ("feed_forward.w_gate", "mlp.gate_proj"), ("feed_forward.w_up", "mlp.up_proj"),
-                     ("feed_forward.w_down", "mlp.down_proj"), ("attention_norm", "input_layernorm"),
-                     ("ffn_norm", "post_attention_layernorm")]:
-            pairs[f"layers.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
+    hf, names = dict(theirs.named_parameters()), llama_parameter_names(n_layers)
     with torch.no_grad():
         for name, param in ours.named_parameters():
-            param.copy_(hf[pairs[name]])
+            param.copy_(hf[names[name]])
 
 
 def main(argv: list[str] | None = None) -> None:

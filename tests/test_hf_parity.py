@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from components.model import families
+from components.model.hf_llama import llama_parameter_names
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,15 +36,8 @@ def test_decoder_matches_llama_for_causal_lm():
     ours = fdl.build(families.llama(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
                                     rope_theta=10000.0, norm_eps=1e-6)).eval()
     hf = dict(theirs.named_parameters())
-    mapping = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "head.weight": "lm_head.weight"}
-    for i in range(2):
-        for ours_name, hf_name in [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
-                                   ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
-                                   ("feed_forward.w_gate", "mlp.gate_proj"), ("feed_forward.w_up", "mlp.up_proj"),
-                                   ("feed_forward.w_down", "mlp.down_proj"), ("attention_norm", "input_layernorm"),
-                                   ("ffn_norm", "post_attention_layernorm")]:
-            mapping[f"layers.{i}.{ours_name}.weight"] = f"model.layers.{i}.{hf_name}.weight"
+    mapping = llama_parameter_names(2)
+    assert set(mapping.values()) == set(hf), "every transformers parameter is mapped"
     ours_params = dict(ours.named_parameters())
     assert set(mapping) == set(ours_params), "every parameter is mapped"
     with torch.no_grad():
