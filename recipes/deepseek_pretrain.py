@@ -50,7 +50,8 @@ def steps_for(tokens: float, batch: int, ramp: BatchRamp | None = None) -> int:
 
 @recipe.preset(default=True)
 def debug() -> fdl.Partial:
-    """Byte-level MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP model: a few minutes on 2 CPU cores."""
+    """MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP model, precision `auto` (bf16 where this machine
+    runs it faster than fp32, else fp32): a minute or two on 2 CPU cores."""
     steps = 300
     model = deepseek(
         vocab_size=DEBUG_VOCAB, dim=128, n_layers=4, n_dense_layers=1, dense_hidden_dim=384,
@@ -64,7 +65,7 @@ def debug() -> fdl.Partial:
         train, model=model, data=stdlib_corpus(vocab_size=DEBUG_VOCAB), optimizer=adamw(lr=3e-3),
         scheduler=SCHEDULER.config("warmup_cosine", warmup_steps=30, total_steps=steps, min_ratio=0.1),
         parallel=PARALLEL_PLAN.config("single"), steps=steps, batch_size=16, seq_len=128, grad_clip=1.0,
-        precision=PRECISION.config("bf16"), seed=0, **run_outputs("runs/deepseek_pretrain/debug", every=100))
+        precision=PRECISION.config("auto"), seed=0, **run_outputs("runs/deepseek_pretrain/debug", every=100))
 
 
 def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, batch: int, steps: int,
@@ -80,6 +81,7 @@ def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, 
     config.steps, config.batch_size, config.seq_len, config.micro_batch_size = steps, batch, SEQ, 1
     config.batch_ramp = fdl.Config(BatchRamp, start_batch=ramp.start_batch, ramp_tokens=ramp.ramp_tokens) \
         if ramp else None
+    config.precision = PRECISION.config("bf16")  # DeepSeek LLM / MoE / V2 trained in bf16 (V3: fp8, below)
     return config
 
 
@@ -136,6 +138,7 @@ def deepseek_v3() -> fdl.Partial:
     config = _full_run("deepseek_v3", model,
                        lr=2.2e-4, schedule=schedule, batch=15360, steps=steps_for(14.8e12, 15360, ramp),
                        ramp=ramp)
+    config.precision = PRECISION.config("fp8")  # V3 §3.3: fp8 GEMMs in the blocks, bf16/fp32 elsewhere
     config.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
         "mtp_loss_weight": SCHEDULER.config("token_steps", values=[0.3, 0.1], boundaries=[10e12]),
         "bias_update_speed": SCHEDULER.config("token_steps", values=[0.001, 0.0], boundaries=[14.3e12]),

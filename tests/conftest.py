@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# The matmul-speed cache (precision `auto`, MFU peak) lives in one folder per test session,
+# shared with subprocesses: tests never read or write the user's own cache.
+os.environ.setdefault("TESSERA_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 

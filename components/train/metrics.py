@@ -4,8 +4,6 @@ energy estimate, and PNG plots."""
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +11,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from components.precision.probe import matmul_flops
 from registry.invariants import invariant
-
-
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5,
-                        device: str = "cpu") -> float:
-    """The practical matmul FLOP/s of `device` in `dtype` (current thread count; best of `repeats`)."""
-    generator = torch.Generator(device=device).manual_seed(0)  # leaves the run's RNG stream untouched
-    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 @invariant("eval_every >= 0 and device_watts > 0", lambda eval_every, device_watts: eval_every >= 0 and device_watts > 0,
@@ -44,8 +25,8 @@ class Metrics:
         tensorboard: also write TensorBoard scalars. wandb_project: also log to W&B when the
             `wandb` package is installed (ignored with a note otherwise).
         eval_every: validation loss and bits-per-byte every this many steps (0: at the end only).
-        peak_flops: the FLOP/s MFU is relative to; None measures this machine's matmul peak
-            in the run's compute dtype at start.
+        peak_flops: the FLOP/s MFU is relative to; None takes this machine's matmul peak in
+            the run's compute dtype from a time-boxed probe, cached per machine.
         device_watts: power drawn while training (CPU package or accelerator board), for the
             energy estimate; price_per_kwh adds a cost line when given.
         plots: write `loss.png`, `lr.png` and, for MoE models, `expert_load.png`.
@@ -78,7 +59,7 @@ class Metrics:
         else:
             log.write_text("")
         if self.peak_flops is None:
-            self.peak_flops = measure_matmul_peak(dtype, device=device)
+            self.peak_flops = matmul_flops(dtype, device=device)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

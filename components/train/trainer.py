@@ -28,7 +28,7 @@ from components.interfaces import (
     Schedule,
     TrainingData,
 )
-from components.precision.policies import FP32
+from components.precision import auto
 from components.model.decoder import DecoderLM, cross_entropy
 from components.optim.param_groups import decay_groups
 from components.precision.master_weights import MasterWeights
@@ -94,7 +94,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             RNG and data-loader positions, step and token counters, loss history).
         guard: skip non-finite or spiking steps, roll back after repeated ones (None: off).
         metrics: JSONL/TensorBoard logging, MFU, MoE load, periodic validation, summary, plots.
-        precision: the numeric policy (fp32 by default; bf16 / fp16 autocast, fp8).
+        precision: the numeric policy (default `auto`: bf16 autocast where the device runs bf16
+            matmuls faster than fp32, fp32 elsewhere; said in the run's first line).
         activation_checkpointing: recompute every block ("full") or every attention sublayer
             ("selective") in the backward pass instead of storing activations.
         compile: torch.compile each block (first steps compile; 1.1-1.8x faster after).
@@ -112,12 +113,14 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    precision = precision or FP32()
+    precision, precision_note = auto.resolve(precision or auto.Auto(), device)
     model = parallel.apply(model, precision=precision, device=device)
     rank, world_size = world()
     eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
     if not parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, False
+    if progress:
+        Console().print(f"precision: {precision_note}", highlight=False, soft_wrap=True)
     micro = micro_batch_size or max(1, batch_size // world_size)  # sequences per forward on each rank
     if batch_size % (micro * world_size):
         raise ValueError(f"batch_size={batch_size} is not a whole number of micro-batches of {micro} sequences on "
@@ -285,7 +288,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             metrics.log(steps, {"loss": losses[-1] if losses else None, **validation})
         mfus = [r["mfu"] for r in metrics.rows if "mfu" in r]
         metrics.finish(seconds=seconds, tokens=tokens_seen, console=bar.console if progress else None, extra={
-            "final_loss": losses[-1] if losses else None, **validation, "mean_mfu": sum(mfus) / max(1, len(mfus)),
+            "precision": precision_note, "final_loss": losses[-1] if losses else None, **validation,
+            "mean_mfu": sum(mfus) / max(1, len(mfus)),
             "skipped_steps": len(history.get("skipped_guard", [])) + len(history.get("skipped_overflow", [])),
             "rollbacks": len(history.get("rollbacks", []))})
     if progress:
