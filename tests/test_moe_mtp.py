@@ -49,19 +49,37 @@ def test_moe_equals_per_token_loop():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_mm_matches_loop_fallback(monkeypatch):
-    moe = make_moe()
-    x = torch.randn(3, 7, 16, requires_grad=True)
-    fast = moe(x)
-    (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
-    import components.moe.experts as experts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_and_its_gradients_match_a_per_expert_loop(dtype):
+    from components.moe.grouped_mm import grouped_mm
 
-    monkeypatch.setattr(experts.torch, "_grouped_mm", None, raising=False)
-    monkeypatch.delattr(experts.torch, "_grouped_mm")
-    slow = moe(x)
-    (g_slow,) = torch.autograd.grad(slow.square().sum(), x)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1, 0, 7])  # empty experts included
+    x = torch.randn(int(counts.sum()), 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 12, 16, dtype=dtype, requires_grad=True)
+    out = grouped_mm(x, w, counts)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(out, (x, w), upstream.to(dtype))
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.cat([chunk @ we.T for chunk, we in zip(xr.split(counts.tolist()), wr)])
+    gxr, gwr = torch.autograd.grad(ref, (xr, wr), upstream)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-1)  # bf16: 8-bit mantissa
+    for ours, theirs in ((out, ref), (gx, gxr), (gw, gwr)):
+        torch.testing.assert_close(ours.double(), theirs, **tol)
+    assert gw[1].abs().sum() == 0 and gw[4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_compiles_without_graph_breaks(dtype):
+    torch._dynamo.reset()
+    moe = make_moe().to(dtype)
+    x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")  # fullgraph: a break is an error
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+    (ref_grad,) = torch.autograd.grad(moe(x).float().square().sum(), x)
+    torch.testing.assert_close(out, moe(x))
+    torch.testing.assert_close(grad, ref_grad)
 
 
 def test_aux_free_bias_balances_a_skewed_stream():

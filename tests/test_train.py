@@ -79,6 +79,27 @@ def test_deepseek_debug_trains_with_every_mechanism_active():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flagship_debug_model_compiles_without_graph_breaks_and_matches_eager(precision):
+    """MLA + MoE (grouped experts through the custom operator) + MTP under torch.compile in
+    fp32 (where `torch._grouped_mm`'s own meta kernel refuses) and bf16."""
+    from torch._dynamo.utils import counters
+
+    from recipes.deepseek_pretrain import recipe as deepseek
+
+    losses = {}
+    for compile in (False, True):
+        config, _ = resolve(deepseek, ["debug", "steps=2", "batch_size=2", "seq_len=32", f"precision=@{precision}",
+                                       "progress=False", "threads=1", f"compile={compile}", "checkpoint=None",
+                                       "metrics=None", "scheduler.warmup_steps=1", "scheduler.total_steps=2"])
+        counters.clear()
+        losses[compile] = launch(config).losses
+        assert (counters["stats"]["unique_graphs"] > 0) == compile
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4 if precision == "fp32" else 2e-2)
+
+
+@pytest.mark.slow
 def test_compile_option_compiles_the_blocks_and_matches_eager():
     from torch._dynamo.utils import counters
 

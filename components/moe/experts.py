@@ -6,17 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.moe.grouped_mm import grouped_mm
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` [M, in] sorted by expert (`counts` [E] rows each), times each expert's
-    weight [E, out, in]^T -> [M, out].
 
-    Uses `torch._grouped_mm` (one kernel for all experts; no host sync, so it also compiles)
-    where this torch has it, else a loop over experts (the correct fallback, slower).
-    """
-    if hasattr(torch, "_grouped_mm") and x.shape[0] > 0:
-        return torch._grouped_mm(x, weight.transpose(-1, -2), offs=counts.cumsum(0).to(torch.int32))
-    return torch.cat([chunk @ w.T for chunk, w in zip(x.split(counts.tolist()), weight)], dim=0)
+def expert_counts(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """int64 [E]: assignments per expert. A scatter-add, not `bincount`, whose output length
+    depends on the data and so breaks a compiled graph."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat_expert.device).scatter_add_(
+        0, flat_expert, torch.ones_like(flat_expert))
 
 
 class GroupedExperts(nn.Module):
@@ -30,7 +27,8 @@ class GroupedExperts(nn.Module):
 
     forward(x: [N, D], indices: [N, K], weights: [N, K], keep: [N, K] bool | None) -> [N, D]:
     sum over k of weights[n, k] * expert_{indices[n, k]}(x[n]); assignments with keep=False
-    (dropped by a capacity limit) are skipped.
+    (dropped by a capacity limit) contribute nothing. Every shape is static, so the whole
+    forward and backward compile into one graph in fp32 and bf16.
     """
 
     def __init__(self, *, n_experts: int, dim: int, hidden_dim: int):
@@ -46,14 +44,12 @@ class GroupedExperts(nn.Module):
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         n, k = indices.shape
         flat_expert = indices.flatten()
-        flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
         flat_weight = weights.flatten()
-        if keep is not None:
-            kept = keep.flatten()
-            flat_expert, flat_token, flat_weight = flat_expert[kept], flat_token[kept], flat_weight[kept]
+        if keep is not None:  # dropped assignments weigh 0 (shapes stay static for torch.compile)
+            flat_weight = flat_weight * keep.flatten()
         order = torch.argsort(flat_expert, stable=True)
-        token, gate = flat_token[order], flat_weight[order]
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        token, gate = order // k, flat_weight[order]
+        counts = expert_counts(flat_expert, self.n_experts)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly

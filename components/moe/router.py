@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.interfaces import OptimizerStepHook
+from components.moe.experts import expert_counts
 from registry.invariants import invariant
 
 
@@ -91,9 +92,11 @@ class Router(nn.Module, OptimizerStepHook):
         weights = scores.gather(1, indices)
         if self.normalize_weights:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if self.training and not _in_backward():  # activation-checkpoint recomputation must not count twice
+        # Activation-checkpoint recomputation must not count twice. Compiled, the count is a buffer
+        # mutation applied once per forward (recomputation replays only what gradients need).
+        if self.training and (torch.compiler.is_compiling() or not _in_backward()):
             with torch.no_grad():
-                self.step_load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+                self.step_load += expert_counts(indices.flatten(), self.n_experts).float()
         return Routing(weights=weights * self.scaling_factor, indices=indices, scores=scores)
 
     @torch.no_grad()
