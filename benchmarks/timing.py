@@ -1,32 +1,67 @@
-"""Shared measurement helpers of the benchmarks: one training step's time, and the HF loss."""
+"""Shared measurement helpers of the benchmarks: training-step closures, interleaved median
+timing, the HF loss, and which precisions this machine runs fast.
+
+Timings on shared machines swing by +-20% over seconds, so contenders are never timed one
+after the other: every repeat times one step of each in turn, and each reports its median.
+"""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from components.precision import auto
 
-def training_step_seconds(model, loss_fn, tokens: torch.Tensor, dtype: torch.dtype | None, steps: int,
-                          warmup: int = 1, wrap_optimizer=lambda opt: opt) -> float:
-    """Best time of `steps` full training steps (forward, backward, AdamW) after `warmup` ones,
+Step = Callable[[], None]
+
+
+def training_step(model, loss_fn, tokens: torch.Tensor, dtype: torch.dtype | None,
+                  wrap_optimizer=lambda opt: opt) -> Step:
+    """One full training step (forward, backward, AdamW, zero_grad) of `model` on `tokens`,
     under CPU autocast to `dtype` (None: no autocast). `wrap_optimizer`: e.g. a precision
     policy's, so that its optimizer-side work is timed too."""
     opt = wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else nullcontext
-    best = float("inf")
-    for i in range(steps + warmup):
-        start = time.perf_counter()
+
+    def step() -> None:
         with ctx():
             loss = loss_fn(model, tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            best = min(best, time.perf_counter() - start)
-    return best
+
+    return step
+
+
+def interleaved_medians(steps: dict[str, Step], *, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each of `steps`, timed round-robin `repeats` times after
+    `warmup` untimed rounds (compilation happens there)."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def fast_precisions(device: str = "cpu") -> tuple[list[tuple[str, torch.dtype | None]], list[str]]:
+    """The (label, autocast dtype) rows worth timing here, and a printed reason for each one
+    skipped: bf16 only where `auto` would pick it (native bf16, confirmed by the probe)."""
+    rows: list[tuple[str, torch.dtype | None]] = [("fp32", None)]
+    policy, why = auto.choose(device)
+    if policy.compute_dtype == torch.bfloat16:
+        rows.insert(0, ("bf16 autocast", torch.bfloat16))
+        return rows, []
+    return rows, [f"bf16 rows skipped: {why}"]
 
 
 def hf_causal_lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -6,19 +6,23 @@
 Both models are built from one HF DeepseekV3 config and hold the same weights (ours loaded
 through `components.model.hf_deepseek`), so they compute the same function; each runs full
 training steps (forward, backward, AdamW step) under the same precision, side by side in
-this one process, one thread. MFU divides achieved FLOP/s (FLOPs per token from
+this one process, one thread, eager and compiled (ours: per-block torch.compile, as the
+trainer's `compile=True`; theirs: torch.compile of the whole model), timed interleaved
+(one step of each in turn) and reported as medians. MFU divides achieved FLOP/s (FLOPs per token from
 `components.model.stats`, attention included, MTP off since transformers has none) by the
 machine's matmul peak measured here for that dtype. A second table compares one MoE layer
 with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expert width).
-torchtitan's DeepSeek-V3 is not in the table: its models import triton, absent on CPU.
+Rows in a precision this machine runs slowly (bf16 without AMX / AVX512-BF16) are skipped
+with the reason printed. torchtitan's DeepSeek-V3 is not in the table: its models import
+triton, absent on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,11 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import hf_causal_lm_loss, tessera_loss, training_step_seconds  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    fast_precisions,
+    hf_causal_lm_loss,
+    interleaved_medians,
+    tessera_loss,
+    training_step,
+)
 from components.mlp.gated import SwiGLU  # noqa: E402
 from components.model import stats  # noqa: E402
 from components.model.hf_deepseek import load_pretrained  # noqa: E402
-from components.train.metrics import measure_matmul_peak  # noqa: E402
+from components.precision.probe import matmul_flops  # noqa: E402
 
 
 def hf_config(args: argparse.Namespace):
@@ -66,60 +76,65 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--topk-groups", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8, help="interleaved timed steps per model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import transformers
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=160)
+    precisions, skipped = fast_precisions()
+    for reason in skipped:
+        console.print(reason, highlight=False)
     config = hf_config(args)
     torch.manual_seed(0)
     theirs = transformers.DeepseekV3ForCausalLM(config)
     with tempfile.TemporaryDirectory() as tmp:
         theirs.save_pretrained(tmp)
-        ours = load_pretrained(tmp)
-    ours.train()
-    theirs.train()
+        models = {"tessera": load_pretrained(tmp).train(), "tessera compile": load_pretrained(tmp).train(),
+                  "transformers": theirs.train(), "transformers compile": copy.deepcopy(theirs).train()}
+    for layer in models["tessera compile"].layers:  # what the trainer's compile=True does
+        layer.compile()
+    models["transformers compile"] = torch.compile(models["transformers compile"])
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     n_tokens = args.batch * args.seq
-    flops_per_token = stats.training_flops_per_token(ours, args.seq)
-    console = Console(width=150)
+    flops_per_token = stats.training_flops_per_token(models["tessera"], args.seq)
     table = Table(title=f"training step, DeepSeek-V3-style dim {args.dim}, {args.layers} layers, {args.experts} experts "
-                        f"top-{args.top_k} +1 shared, batch {args.batch} x {args.seq}, 1 thread, CPU")
-    for col in ("precision", "model", "s/step", "tokens/s", "x transformers", "MFU", "matmul peak GFLOP/s"):
+                        f"top-{args.top_k} +1 shared, batch {args.batch} x {args.seq}, 1 thread, CPU; medians of "
+                        f"{args.steps} interleaved steps")
+    for col in ("precision", "model", "ms/step", "tokens/s", "x transformers compile", "MFU", "matmul peak GFLOP/s"):
         table.add_column(col, justify="right")
-    for name, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
-        peak = measure_matmul_peak(dtype or torch.float32)
-        t_ours = training_step_seconds(ours, tessera_loss, tokens, dtype, args.steps)
-        t_hf = training_step_seconds(theirs, hf_causal_lm_loss, tokens, dtype, args.steps)
-        for model_name, seconds in (("tessera", t_ours), ("transformers", t_hf)):
-            table.add_row(name, model_name, f"{seconds:.3f}", f"{n_tokens / seconds:,.0f}", f"{t_hf / seconds:.2f}",
-                          f"{flops_per_token * n_tokens / seconds / peak:.1%}", f"{peak / 1e9:,.1f}")
+    for name, dtype in precisions:
+        peak = matmul_flops(dtype or torch.float32, budget_s=1.0)
+        steps = {label: training_step(model, tessera_loss if label.startswith("tessera") else hf_causal_lm_loss,
+                                      tokens, dtype) for label, model in models.items()}
+        seconds = interleaved_medians(steps, repeats=args.steps)
+        for label, t in seconds.items():
+            table.add_row(name, label, f"{t * 1e3:.0f}", f"{n_tokens / t:,.0f}",
+                          f"{seconds['transformers compile'] / t:.2f}", f"{flops_per_token * n_tokens / t / peak:.1%}",
+                          f"{peak / 1e9:,.1f}")
     console.print(table)
 
     # One MoE layer against a dense SwiGLU with the same activated FLOPs.
-    moe = ours.layers[1].feed_forward
+    moe = models["tessera"].layers[1].feed_forward
     width = (moe.router.top_k + 1) * moe.experts.hidden_dim
     dense = SwiGLU(dim=args.dim, hidden_dim=width)
     x = torch.randn(args.batch, args.seq, args.dim)
-    layer_table = Table(title="MoE layer vs dense SwiGLU of equal activated FLOPs (forward+backward)")
+    layer_table = Table(title="MoE layer vs dense SwiGLU of equal activated FLOPs (forward+backward, medians)")
     for col in ("precision", "MoE ms", "dense ms", "MoE / dense"):
         layer_table.add_column(col, justify="right")
-    for name, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
-        times = {}
-        for label, module in (("moe", moe), ("dense", dense)):
-            ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
-            best = float("inf")
-            for i in range(args.steps + 1):
-                xi = x.clone().requires_grad_()
-                start = time.perf_counter()
+    for name, dtype in precisions:
+        ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
+
+        def layer_step(module):
+            def step() -> None:
                 with ctx():
-                    out = module(xi)
+                    out = module(x.clone().requires_grad_())
                 out.float().square().mean().backward()
-                if i:
-                    best = min(best, time.perf_counter() - start)
-            times[label] = best
+            return step
+
+        times = interleaved_medians({"moe": layer_step(moe), "dense": layer_step(dense)}, repeats=args.steps)
         layer_table.add_row(name, f"{times['moe'] * 1e3:.1f}", f"{times['dense'] * 1e3:.1f}",
                             f"{times['moe'] / times['dense']:.2f}")
     console.print(layer_table)

@@ -101,8 +101,9 @@ def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(tmp_path):
-    sharded = two_processes(4, tmp_path / "two", "precision=@bf16_params")
-    single = one_process(4, tmp_path / "one", "precision=@bf16_params").losses
+    small = ("precision=@bf16_params", "batch_size=4", "seq_len=32", "eval_batches=2")  # bf16 is slow on AVX2-only CPUs
+    sharded = two_processes(4, tmp_path / "two", *small)
+    single = one_process(4, tmp_path / "one", *small).losses
     assert sharded[0] == pytest.approx(single[0], rel=1e-2)  # bf16 compute either way; masters start
     assert sharded == pytest.approx(single, rel=3e-2)          # rounded on one process, exact on two
     from safetensors.torch import load_file
@@ -132,7 +133,8 @@ def test_bf16_params_masters_become_the_sharded_weights_on_resume(tmp_path, monk
 
     from safetensors.torch import load_file
 
-    one_process(2, tmp_path / "ck", "precision=@bf16_params")  # bf16 weights and fp32 masters saved
+    small = ("batch_size=4", "seq_len=32", "eval_batches=2")  # bf16 is slow on AVX2-only CPUs
+    one_process(2, tmp_path / "ck", "precision=@bf16_params", *small)  # bf16 weights and fp32 masters saved
     stored = load_file(next((tmp_path / "ck" / "step-00000002").glob("*.safetensors")))
     with socket.socket() as s:  # a group of one in this process, its environment undone afterwards
         s.bind(("127.0.0.1", 0))
@@ -140,7 +142,7 @@ def test_bf16_params_masters_become_the_sharded_weights_on_resume(tmp_path, monk
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
-    resumed = one_process(2, tmp_path / "ck", "precision=@bf16_params", "parallel=@fsdp")  # nothing left to train
+    resumed = one_process(2, tmp_path / "ck", "precision=@bf16_params", "parallel=@fsdp", *small)  # nothing to train
     for name, param in resumed.model.named_parameters():
         local = param.to_local()
         assert local.dtype == torch.float32

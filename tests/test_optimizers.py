@@ -53,12 +53,38 @@ def test_sophia_matches_the_paper():
     torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-6)
 
 
+def test_muon_fp32_orthogonalisation_matches_torch_bf16_one():
+    """On CPUs without native bf16, Muon's Newton-Schulz runs in fp32: the same iteration as
+    torch's bf16 one (to bf16 accuracy), and its result has singular values near 1."""
+    import torch.optim._muon as torch_muon
+
+    from components.optim.muon import newton_schulz_fp32
+
+    torch.manual_seed(0)
+    for shape in ((16, 24), (24, 16)):
+        g = torch.randn(shape)
+        ours = newton_schulz_fp32(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        theirs = torch_muon._zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+        torch.testing.assert_close(ours, theirs, atol=3e-2, rtol=3e-2)
+        singular = torch.linalg.svdvals(ours)
+        assert singular.min() > 0.5 and singular.max() < 1.5, singular
+    model = torch.nn.Linear(8, 8, bias=False)
+    steps = {}
+    for ns_dtype in ("bf16", "fp32"):
+        weight = model.weight.detach().clone().requires_grad_()
+        weight.grad = torch.ones_like(weight).triu()
+        MuonWithAdamW([{"params": [weight], "kind": "matrix"}], lr=0.02, ns_dtype=ns_dtype).step()
+        steps[ns_dtype] = weight.detach() - model.weight.detach()
+    torch.testing.assert_close(steps["fp32"], steps["bf16"], atol=2e-3, rtol=5e-2)
+    assert torch_muon._zeropower_via_newtonschulz.__module__ == "torch.optim._muon"  # swapped back
+
+
 def test_muon_on_matrices_adamw_elsewhere_match_torch():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     groups = decay_groups(model)
     assert [g["kind"] for g in groups] == ["matrix", "embedding", "vector"]
-    combined = MuonWithAdamW(groups, lr=0.02, adamw_lr=1e-3, weight_decay=0.1)
+    combined = MuonWithAdamW(groups, lr=0.02, adamw_lr=1e-3, weight_decay=0.1, ns_dtype="bf16")
     ref_muon = torch.optim.Muon([model[1].weight.detach().clone().requires_grad_()], lr=0.02, weight_decay=0.1,
                                 adjust_lr_fn="match_rms_adamw")
     ref_emb = torch.optim.AdamW([model[0].weight.detach().clone().requires_grad_()], lr=1e-3, betas=(0.9, 0.95),
