@@ -73,7 +73,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
           precision: PrecisionPolicy | None = None, activation_checkpointing: Literal["none", "full", "selective"] = "none",
-          compile: bool = False, grad_clip: float | None = 1.0, decay_embeddings: bool = False,
+          compile: bool | str = False, grad_clip: float | None = 1.0, decay_embeddings: bool = False,
           decay_norms_and_biases: bool = False,
           device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
@@ -98,7 +98,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             matmuls faster than fp32, fp32 elsewhere; said in the run's first line).
         activation_checkpointing: recompute every block ("full") or every attention sublayer
             ("selective") in the backward pass instead of storing activations.
-        compile: torch.compile each block (first steps compile; 1.1-1.8x faster after).
+        compile: torch.compile each block (first steps compile; 1.1-1.8x faster after); a string
+            names the backend instead of inductor (e.g. "aot_eager": tracing only, quick to check).
         scheduled: attribute name -> schedule of its value, set before every step on each
             module of the model that has the attribute (e.g. "mtp_loss_weight",
             "bias_update_speed").
@@ -134,8 +135,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     for layer in list(model.layers) + [m.block for m in getattr(model, "mtp", [])]:
         if activation_checkpointing != "none":
             layer.checkpoint_activations = True if activation_checkpointing == "full" else "attention"
-        if compile:
-            layer.compile()
+        if compile:  # static shapes: a micro-batch keeps its shape all run (MTP's T-1 is one more graph)
+            layer.compile(dynamic=False, **({} if compile is True else {"backend": compile}))
     params = [p for p in model.parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = precision.wrap_optimizer(optimizer(decay_groups(model, decay_embeddings=decay_embeddings,
