@@ -16,6 +16,31 @@ def expert_counts(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
         0, flat_expert, torch.ones_like(flat_expert))
 
 
+ROW_MULTIPLE = 16
+"""CPU: each expert's rows are padded to a multiple of this. oneDNN builds a kernel for every
+new GEMM shape; with raw counts, which change every step, a bf16 grouped GEMM spent ~3/4 of
+its time building kernels (1.2 ms instead of 0.3 at 4096 x 128 x 96, 8 experts). Rounded
+counts repeat, so the kernels come from its cache; the padding costs <= 16 rows per expert."""
+
+
+def padded_layout(sorted_expert: torch.Tensor, n_experts: int, *, multiple: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each expert-sorted assignment goes in a padded row layout.
+
+    sorted_expert: int64 [M], expert ids in ascending order. Returns `rows` int64 [E] (rows of
+    each expert: its count rounded up to `multiple`; the last expert also takes the slack),
+    `slot` int64 [M] (the row of each assignment), and the total row count, which depends on
+    M, E and `multiple` only, so shapes stay static under torch.compile.
+    """
+    m = sorted_expert.numel()
+    counts = expert_counts(sorted_expert, n_experts)
+    rows = (counts + multiple - 1) // multiple * multiple
+    total = -(-m // multiple) * multiple + n_experts * multiple
+    rows = torch.cat([rows[:-1], rows[-1:] + (total - rows.sum())])
+    start, padded_start = counts.cumsum(0) - counts, rows.cumsum(0) - rows
+    slot = padded_start[sorted_expert] + torch.arange(m, device=sorted_expert.device) - start[sorted_expert]
+    return rows, slot, total
+
+
 class GroupedExperts(nn.Module):
     """`n_experts` SwiGLU experts (DeepSeekMoE fine-grained experts) with weights stacked per projection.
 
@@ -49,14 +74,16 @@ class GroupedExperts(nn.Module):
             flat_weight = flat_weight * keep.flatten()
         order = torch.argsort(flat_expert, stable=True)
         token, gate = order // k, flat_weight[order]
-        counts = expert_counts(flat_expert, self.n_experts)
+        rows, slot, total = padded_layout(flat_expert[order], self.n_experts,
+                                          multiple=ROW_MULTIPLE if x.device.type == "cpu" else 1)
+        row_token = torch.zeros(total, dtype=torch.int64, device=x.device).index_copy_(0, slot, token)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
-            xs = x[token].to(dtype)
-            hidden = F.silu(grouped_mm(xs, self.w_gate.to(dtype), counts)) * grouped_mm(
-                xs, self.w_up.to(dtype), counts)
-            out = grouped_mm(hidden, self.w_down.to(dtype), counts) * gate[:, None].to(dtype)
+            xs = x[row_token].to(dtype)  # padding rows repeat token 0; their outputs are never read
+            hidden = F.silu(grouped_mm(xs, self.w_gate.to(dtype), rows)) * grouped_mm(
+                xs, self.w_up.to(dtype), rows)
+            out = grouped_mm(hidden, self.w_down.to(dtype), rows)[slot] * gate[:, None].to(dtype)
             return torch.zeros(n, self.dim, dtype=dtype, device=x.device).index_add_(0, token, out)
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
