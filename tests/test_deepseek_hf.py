@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import fiddle as fdl
 import pytest
@@ -188,9 +190,10 @@ YARN = dict(factor=40.0, original_max_len=4096, mscale=0.707)
 def titan_mla(titan: SimpleNamespace, *, case: MLACase, max_seq_len: int) -> torch.nn.Module:
     """torchtitan's MLA `Attention` with our sizes, RMSNorm eps 1e-6 and the case's RoPE and backend."""
     s = MLA_SIZES
-    dim, heads, q_rank, qk = s["dim"], s["n_heads"], case.q_lora_rank or 0, s["qk_nope_head_dim"] + s["qk_rope_head_dim"]
+    dim, heads, q_rank = s["dim"], s["n_heads"], case.q_lora_rank or 0
+    qk = s["qk_nope_head_dim"] + s["qk_rope_head_dim"]
 
-    def linear(n_in: int, n_out: int):
+    def linear(n_in: int, n_out: int) -> Any:
         return titan.Linear.Config(in_features=n_in, out_features=n_out)
 
     rope_cls = titan.ComplexRoPE if case.interleaved else titan.CosSinRoPE
@@ -226,7 +229,7 @@ def our_mla(*, case: MLACase) -> MultiHeadLatentAttention:
 def randomize(module: torch.nn.Module, *, seed: int) -> None:
     """Non-trivial weights: N(0, 0.2) matrices, norm gains in [0.5, 1.5]."""
     gen = torch.Generator().manual_seed(seed)
-    for name, param in module.named_parameters():
+    for param in module.parameters():
         if param.dim() == 1:
             param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
         else:
@@ -244,9 +247,14 @@ MLA_CASES = [MLACase(q_lora_rank=q, interleaved=i, yarn=y) for q in (None, 24) f
              for y in (False, True)] + [MLACase(q_lora_rank=24, interleaved=True, yarn=True, flex=True)]
 
 
-@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: "-".join(
-    ["q_lora" if c.q_lora_rank else "no_q_lora", "interleaved" if c.interleaved else "half_split"]
-    + (["yarn"] if c.yarn else []) + (["flex_packed"] if c.flex else [])))
+def mla_case_id(case: MLACase) -> str:
+    return "-".join(["q_lora" if case.q_lora_rank else "no_q_lora", "interleaved" if case.interleaved else "half_split"]
+                    + (["yarn"] if case.yarn else []) + (["flex_packed"] if case.flex else []))
+
+
+# The flex case compiles torchtitan's flex_attention with inductor: ~14 s cold on 2 CPUs, ~3 s cached.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.flex else c for c in MLA_CASES],
+                         ids=mla_case_id)
 def test_torchtitan_deepseek_mla(titan, case):
     """Multi-head latent attention (V3 §2.1.1): torchtitan's `Attention` and ours, same weights
     (the parameter names coincide: wq | wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo), same input:
@@ -344,6 +352,7 @@ def our_moe(*, case: MoECase, n_groups: int | None = None) -> MoE:
 
 
 def moe_from_titan(theirs: torch.nn.Module, *, case: MoECase, n_groups: int | None = None) -> MoE:
+    """Ours with torchtitan's weights and expert bias copied in (`MOE_NAMES`)."""
     ours = our_moe(case=case, n_groups=n_groups)
     state = theirs.state_dict()
     ours.load_state_dict({ours_name: state[their_name] for ours_name, their_name in MOE_NAMES.items()
@@ -352,7 +361,7 @@ def moe_from_titan(theirs: torch.nn.Module, *, case: MoECase, n_groups: int | No
 
 
 @contextlib.contextmanager
-def titan_experts_in_fp32(monkeypatch):
+def titan_experts_in_fp32(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """torchtitan's GroupedExperts casts activations and weights to bf16 before its grouped GEMMs
     (`.bfloat16()`, a GPU training choice). For an fp32 comparison, `Tensor.bfloat16` is the
     identity while this is active; everything else in its MoE runs unchanged."""
@@ -362,6 +371,7 @@ def titan_experts_in_fp32(monkeypatch):
 
 
 def sorted_routing(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's picks in ascending expert order (topk's order is unspecified), gates alongside."""
     order = indices.argsort(-1)
     return indices.gather(-1, order), weights.gather(-1, order)
 
@@ -373,7 +383,7 @@ def test_torchtitan_deepseek_moe(titan, monkeypatch, name):
     FeedForward shared experts) and ours (Router, GroupedExperts, SwiGLU), same weights and
     expert bias: the same experts picked with the same gates (1e-6), and in fp32 the same
     outputs, input gradients and weight gradients (1e-5). torchtitan as shipped (bf16 expert
-    GEMMs) stays within bf16 rounding (1% relative) of our fp32 output."""
+    GEMMs) stays within bf16 rounding (2% relative) of our fp32 output."""
     case = MOE_CASES[name]
     s = MOE_SIZES
     theirs = titan_moe(titan, case=case)
@@ -387,7 +397,8 @@ def test_torchtitan_deepseek_moe(titan, monkeypatch, name):
     with torch.no_grad():
         their_weights, their_indices, _ = theirs.router(x, theirs.expert_bias_E)
         routing = ours.router(x.view(-1, s["dim"]))
-    their_indices, their_weights = sorted_routing(their_indices.view(-1, s["top_k"]), their_weights.view(-1, s["top_k"]))
+    k = s["top_k"]
+    their_indices, their_weights = sorted_routing(their_indices.view(-1, k), their_weights.view(-1, k))
     our_indices, our_weights = sorted_routing(routing.indices, routing.weights)
     assert torch.equal(our_indices, their_indices), "the routers picked different experts"
     torch.testing.assert_close(our_weights, their_weights, rtol=1e-6, atol=1e-6)
@@ -413,4 +424,4 @@ def test_torchtitan_deepseek_moe(titan, monkeypatch, name):
     with torch.no_grad():
         shipped = theirs(x)
     relative = (shipped - out_ours.detach()).norm() / out_ours.detach().norm()
-    assert relative < 1e-2, f"torchtitan's bf16 experts differ from our fp32 MoE by {relative:.2%}"
+    assert relative < 2e-2, f"torchtitan's bf16 experts differ from our fp32 MoE by {relative:.2%}"

@@ -104,6 +104,10 @@ class MultiHeadLatentAttention(Attention):
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope), dim=-1)
         mask = causal_document_mask(doc_ids) if doc_ids is not None else None
+        if torch.compiler.is_compiling() and q.device.type == "cpu":
+            out = _explicit_attention(q, k, v, mask=mask, scale=self.softmax_scale,
+                                      dropout=self.dropout if self.training else 0.0)
+            return self.wo(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
         pad = self.qk_head_dim - self.v_head_dim
         if pad > 0 and _fused_attention_pays(q, t):
             v = F.pad(v, (0, pad))  # equal q/k/v widths let SDPA take its fused (flash) kernel
@@ -121,6 +125,19 @@ class MultiHeadLatentAttention(Attention):
                 nn.init.normal_(module.weight, std=out_std if name == "wo" else init_std)
             elif isinstance(module, Norm):
                 module.reset_parameters()
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
+                        scale: float, dropout: float) -> torch.Tensor:
+    """softmax(q k^T * scale + causal / document mask) v, as plain ops: compiled on CPU,
+    inductor fuses the scale, mask and softmax around two batched GEMMs and keeps v at its
+    own width (SDPA's fused CPU kernel needs v padded to the q/k width). q, k [B, H, T, Dqk],
+    v [B, H, T, Dv], mask bool [B, 1, T, T] (True: may attend) or None (causal) -> [B, H, T, Dv]."""
+    t = q.shape[-2]
+    allowed = mask if mask is not None else torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(scores.softmax(-1), p=dropout) if dropout else scores.softmax(-1)
+    return probs.to(v.dtype) @ v
 
 
 def _fused_attention_pays(q: torch.Tensor, seq_len: int) -> bool:
