@@ -1,17 +1,20 @@
 """Dense-model training throughput and MFU against transformers' LlamaForCausalLM, side by side.
 
-    python benchmarks/llama_throughput.py [--dim 512] [--layers 8] [--batch 8] [--seq 512] [--steps 3]
+    python benchmarks/llama_throughput.py [--dim 512] [--layers 8] [--batch 4] [--seq 256] [--steps 5]
 
 Same architecture (RMSNorm, RoPE, GQA, SwiGLU), same weights (copied across), same batch and
-precision, one thread, full training steps (forward, backward, AdamW). Our model runs eager,
+precision, one thread, full training steps (forward, backward, fused AdamW), timed
+interleaved and reported as medians. Theirs runs eager and under torch.compile; ours eager,
 with per-block torch.compile, with activation checkpointing, and (bf16) with bf16 weights
-and fp32 master copies (the `bf16_params` policy); MFU is against this
-machine's matmul peak measured in the same run for the step's compute dtype.
+and fp32 master copies (the `bf16_params` policy); MFU is against this machine's matmul
+peak for the step's compute dtype. bf16 rows are skipped, with the reason printed, where the
+CPU has no native bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -20,12 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import hf_causal_lm_loss, tessera_loss, training_step_seconds  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    fast_precisions,
+    hf_causal_lm_loss,
+    interleaved_medians,
+    tessera_loss,
+    training_step,
+)
 from components.model import families  # noqa: E402
 from components.model.hf_llama import llama_parameter_names  # noqa: E402
 from components.model.stats import training_flops_per_token  # noqa: E402
 from components.precision.policies import BF16Params  # noqa: E402
-from components.train.metrics import measure_matmul_peak  # noqa: E402
+from components.precision.probe import matmul_flops  # noqa: E402
 
 
 def copy_llama_weights(ours, theirs, n_layers: int) -> None:
@@ -42,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="interleaved timed steps per model")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -70,35 +79,40 @@ def main(argv: list[str] | None = None) -> None:
         for layer in model.layers:
             for key, value in block_options.items():
                 if key == "compile":
-                    layer.compile()
+                    layer.compile(dynamic=False)  # as the trainer does
                 else:
                     setattr(layer, key, value)
         return model.train()
 
-    variants = [("tessera eager", {}), ("tessera + activation checkpointing", {"checkpoint_activations": True})]
+    variants = [("tessera", {}), ("tessera + activation checkpointing", {"checkpoint_activations": True})]
     if not args.no_compile:
-        variants.append(("tessera + compile", {"compile": True}))
-    flops = training_flops_per_token(ours_model(), args.seq)
+        variants.append(("tessera compile", {"compile": True}))
+    models = {"transformers": theirs}
+    if not args.no_compile:
+        models["transformers compile"] = torch.compile(copy.deepcopy(theirs))
+    models.update({name: ours_model(**options) for name, options in variants})
+    flops = training_flops_per_token(models["tessera"], args.seq)
+    console = Console(width=150)
+    precisions, skipped = fast_precisions()
+    for reason in skipped:
+        console.print(reason, highlight=False)
     table = Table(title=f"dense Llama-style d={args.dim}, {args.layers} layers, GQA {args.heads}/{args.kv_heads}, "
-                        f"batch {args.batch} x {args.seq}, 1 thread, CPU")
-    for col in ("precision", "model", "s/step", "tokens/s", "x transformers", "MFU", "peak GFLOP/s"):
+                        f"batch {args.batch} x {args.seq}, 1 thread, CPU; medians of {args.steps} interleaved steps")
+    for col in ("precision", "model", "ms/step", "tokens/s", "x transformers", "MFU", "peak GFLOP/s"):
         table.add_column(col, justify="right")
-    for label, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
-        peak = measure_matmul_peak(dtype or torch.float32)
-        t_hf = training_step_seconds(theirs, hf_causal_lm_loss, tokens, dtype, args.steps, warmup=2)
-        rows = [("transformers", t_hf)]
-        for name, options in variants:
-            rows.append((name, training_step_seconds(ours_model(**options), tessera_loss, tokens, dtype, args.steps,
-                                                     warmup=2)))  # compilation happens in the warm-up
+    for label, dtype in precisions:
+        peak = matmul_flops(dtype or torch.float32, budget_s=1.0)
+        steps = {name: training_step(model, hf_causal_lm_loss if name.startswith("transformers") else tessera_loss,
+                                     tokens, dtype) for name, model in models.items()}
         if dtype is torch.bfloat16:  # bf16 weights and gradients, fp32 masters and AdamW state
             policy = BF16Params()
-            rows.append(("tessera bf16_params", training_step_seconds(
-                policy.prepare(ours_model()), tessera_loss, tokens, dtype, args.steps, warmup=2,
-                wrap_optimizer=policy.wrap_optimizer)))
-        for name, seconds in rows:
-            table.add_row(label, name, f"{seconds:.3f}", f"{n_tokens / seconds:,.0f}", f"{t_hf / seconds:.2f}",
-                          f"{flops * n_tokens / seconds / peak:.1%}", f"{peak / 1e9:,.0f}")
-    Console(width=150).print(table)
+            steps["tessera bf16_params"] = training_step(policy.prepare(ours_model()), tessera_loss, tokens, dtype,
+                                                         wrap_optimizer=policy.wrap_optimizer)
+        seconds = interleaved_medians(steps, repeats=args.steps)  # compilation happens in the warm-up
+        for name, t in seconds.items():
+            table.add_row(label, name, f"{t * 1e3:.0f}", f"{n_tokens / t:,.0f}", f"{seconds['transformers'] / t:.2f}",
+                          f"{flops * n_tokens / t / peak:.1%}", f"{peak / 1e9:,.0f}")
+    console.print(table)
 
 
 if __name__ == "__main__":

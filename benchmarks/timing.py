@@ -23,9 +23,10 @@ Step = Callable[[], None]
 def training_step(model, loss_fn, tokens: torch.Tensor, dtype: torch.dtype | None,
                   wrap_optimizer=lambda opt: opt) -> Step:
     """One full training step (forward, backward, AdamW, zero_grad) of `model` on `tokens`,
-    under CPU autocast to `dtype` (None: no autocast). `wrap_optimizer`: e.g. a precision
-    policy's, so that its optimizer-side work is timed too."""
-    opt = wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    under CPU autocast to `dtype` (None: no autocast). AdamW is torch's fused kernel, the
+    default of both tessera's `adamw` and transformers' Trainer (`adamw_torch_fused`).
+    `wrap_optimizer`: e.g. a precision policy's, so that its optimizer-side work is timed too."""
+    opt = wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True))
     ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else nullcontext
 
     def step() -> None:
