@@ -31,7 +31,7 @@ def test_warmup_cosine_matches_formula():
 
 @pytest.mark.slow
 def test_debug_preset_learns_beyond_unigram_statistics():
-    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=100", "batch_size=8",
+    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=100", "batch_size=8", "seq_len=64",
                                  "scheduler.total_steps=100", "scheduler.warmup_steps=10"])
     result = launch(config)
     first, last = result.losses[0], sum(result.losses[-10:]) / 10
