@@ -80,10 +80,10 @@ class GroupedExperts(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
-            xs = x[row_token].to(dtype)  # padding rows repeat token 0; their outputs are never read
+            xs = x.index_select(0, row_token).to(dtype)  # padding rows repeat token 0; outputs never read
             hidden = F.silu(grouped_mm(xs, self.w_gate.to(dtype), rows)) * grouped_mm(
                 xs, self.w_up.to(dtype), rows)
-            out = grouped_mm(hidden, self.w_down.to(dtype), rows)[slot] * gate[:, None].to(dtype)
+            out = grouped_mm(hidden, self.w_down.to(dtype), rows).index_select(0, slot) * gate[:, None].to(dtype)
             return torch.zeros(n, self.dim, dtype=dtype, device=x.device).index_add_(0, token, out)
 
     def reset_parameters(self, *, init_std: float, out_std: float) -> None:
