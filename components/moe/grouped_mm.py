@@ -36,14 +36,9 @@ def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
 @torch.library.custom_op("tessera::grouped_mm_weight_grad", mutates_args=())
 def _weight_grad_op(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """d W_e = g_e^T x_e for every expert: a grouped GEMM over the rows (K) dimension, which
-    gives an empty expert a zero gradient."""
-    rows = grad_out.shape[0]
-    pad = -rows % 8  # the kernel wants 16-byte row strides of g^T: zero rows change no sum
-    if pad:
-        grad_out = torch.cat([grad_out, grad_out.new_zeros(pad, grad_out.shape[1])])
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        offsets = torch.cat([offsets[:-1], offsets.new_full((1,), rows + pad)])
-    grad_out_t = grad_out.t().contiguous()
+    gives an empty expert a zero gradient. g^T goes in as a transposed view (a copy costs
+    more than the GEMM's strided reads: 0.49 vs 0.36 ms in bf16 at 4224 x 96 x 128)."""
+    grad_out_t = grad_out.t()
     if _aligned(grad_out_t, x):
         return torch._grouped_mm(grad_out_t, x, offs=offsets)
     bounds = [0, *offsets.tolist()]
