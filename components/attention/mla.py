@@ -134,14 +134,26 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ma
     None (causal) -> [B, H, T, Dv] in v's dtype."""
     t = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)).float() * scale
-    if mask is None:  # an additive constant: compiled, inductor folds it into the softmax kernel
-        scores = scores + torch.full((t, t), float("-inf"), device=q.device).triu(1)
+    if mask is None:
+        scores = scores + _causal_bias(t)
     else:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)
     if dropout:
         probs = F.dropout(probs, p=dropout)
     return probs.to(v.dtype) @ v
+
+
+_CAUSAL_BIAS: dict[int, torch.Tensor] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _causal_bias(t: int) -> torch.Tensor:
+    """[T, T] CPU fp32: 0 on and below the diagonal, -inf above. Cached; compiled, it is a
+    constant of the graph instead of ops rebuilding it every call (15% of the attention's time)."""
+    if t not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[t] = torch.full((t, t), float("-inf")).triu(1)
+    return _CAUSAL_BIAS[t]
 
 
 def _explicit_pays(q: torch.Tensor, seq_len: int) -> bool:
