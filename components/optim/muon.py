@@ -33,6 +33,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  ns_dtype: Literal["auto", "bf16", "fp32"] = "auto"):
         self.ns_dtype = ns_dtype
+        self._auto_fp32: bool | None = None  # resolved on the first step, from the parameters' device
         muon_groups: list[dict[str, Any]] = []
         adamw_groups: list[dict[str, Any]] = []
         for group in params if not isinstance(params, torch.Tensor) else [params]:
@@ -77,7 +78,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def _ns_fp32(self) -> bool:
         if self.ns_dtype != "auto":
             return self.ns_dtype == "fp32"
-        if not hasattr(self, "_auto_fp32"):
+        if self._auto_fp32 is None:
             from components.precision.auto import choose
 
             device = self.param_groups[0]["params"][0].device.type if self.param_groups else "cpu"

@@ -4,7 +4,7 @@ elsewhere, and a warning when a run asks for a half precision the device runs sl
 The decision reads the device's capability (CUDA: `torch.cuda.is_bf16_supported()`; x86
 CPUs: AMX tiles or AVX512-BF16, which give a native bf16 dot product) and confirms it with
 the cached, time-boxed matmul probe of `components.precision.probe`. On CPUs without those
-instructions (AMD Zen 2-4 without AVX512-BF16, Intel before Cooper Lake) oneDNN emulates
+instructions (AMD Zen 2 and 3, Intel before Cooper Lake) oneDNN emulates
 bf16 and runs it tens of times slower than fp32, so fp32 is both faster and exact there.
 
 `TESSERA_FAST_BF16=1` / `=0` forces the capability either way (tests, or a machine whose
