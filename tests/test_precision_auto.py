@@ -93,6 +93,7 @@ def test_the_real_probe_is_time_boxed_in_every_dtype():
 
 def test_probe_is_cached_per_machine_and_keeps_the_best_rate(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    real_measure = probe._measure
     measured = iter([5e9, 9e9, 2e9])  # first run: 5; later a quiet 9, then a loaded 2
     budgets = []
 
@@ -107,6 +108,14 @@ def test_probe_is_cached_per_machine_and_keeps_the_best_rate(tmp_path, monkeypat
     assert budgets == [0.3, probe.REFRESH_S, probe.REFRESH_S]  # cached: only the short refresh is paid
     stored = json.loads(probe.cache_path().read_text())
     assert list(stored.values()) == [9e9] and "bfloat16" in next(iter(stored))
+    threads = torch.get_num_threads()
+    try:  # the one-thread rate scales with the caller's threads; the probe leaves them as they were
+        torch.set_num_threads(2)
+        monkeypatch.setattr(probe, "_measure", real_measure)
+        monkeypatch.setattr(probe, "_measure_sizes", lambda *a: 1e9)
+        assert probe.matmul_flops(torch.bfloat16) == 2 * 9e9 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_probe_never_draws_from_the_run_rng():

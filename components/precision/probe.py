@@ -1,4 +1,4 @@
-"""Time-boxed matmul speed measurement, cached per machine, device, dtype and thread count.
+"""Time-boxed matmul speed measurement, cached per machine, device and dtype.
 
 Two things read it: the MFU denominator (the practical matmul peak) and precision `auto`
 (is bf16 faster than fp32 here?). Both must cost a fraction of a second: on CPUs without a
@@ -7,7 +7,7 @@ native bf16 dot product (AVX2-only x86) a bf16 matmul runs ~40x slower than fp32
 next size is predicted to fit the time budget, and keeps the best rate seen.
 
 Results are cached as JSON in `$TESSERA_CACHE_DIR` (default `~/.cache/tessera`), keyed by
-the machine (host, CPU model), device, dtype, thread count and torch version, so a second
+the machine (host, CPU model), device, dtype and torch version, so a second
 run on the same machine pays only a refresh of a few milliseconds. The cache keeps the best
 rate ever seen: a probe that ran while other work loaded the cores (two threads sharing a
 busy core run many times slower) is corrected by the next quiet one instead of lasting.
@@ -37,12 +37,9 @@ def cache_path() -> Path:
 
 
 def machine_key(device: str) -> str:
-    """What a cached measurement is valid for: host, processor model, device name, threads, torch."""
+    """What a cached measurement is valid for: host, processor model or device name, torch."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    else:
-        name = _cpu_model() + f" threads={torch.get_num_threads()}"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model()
     return f"{platform.node()}|{dev.type}|{name}|torch {torch.__version__}"
 
 
@@ -51,18 +48,36 @@ def matmul_flops(dtype: torch.dtype = torch.float32, *, device: str = "cpu", bud
     """The practical matmul FLOP/s of `device` in `dtype`: the best rate over square matmuls
     of growing size, stopping before the next size would exceed `budget_s` seconds in all.
     With `cache`, a rate stored for this machine is refreshed with a budget of `REFRESH_S`
-    only, and the better of the two is stored and returned."""
+    only, and the better of the two is stored and returned.
+
+    On a CPU the probe runs on one thread and the rate is multiplied by the caller's thread
+    count: two threads sharing a core with other work run a matmul up to 100x slower (seen
+    here), which would make one busy moment this machine's peak; one thread is slowed at
+    most by the share of the core it gets."""
     key = f"{machine_key(device)}|{dtype}"
     known = _read_cache().get(key) if cache else None
     flops = _measure(dtype, device, REFRESH_S if known else budget_s)
-    if known is not None and known >= flops:
-        return float(known)
-    if cache:
-        _write_cache(key, flops)
-    return flops
+    if known is None or flops > known:
+        if cache:
+            _write_cache(key, flops)
+    else:
+        flops = float(known)
+    return flops * (torch.get_num_threads() if torch.device(device).type == "cpu" else 1)
 
 
 def _measure(dtype: torch.dtype, device: str, budget_s: float) -> float:
+    """Best rate seen (one thread on a CPU)."""
+    if torch.device(device).type != "cpu":
+        return _measure_sizes(dtype, device, budget_s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure_sizes(dtype, device, budget_s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_sizes(dtype: torch.dtype, device: str, budget_s: float) -> float:
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the run's RNG stream untouched
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     start = time.perf_counter()
