@@ -50,8 +50,9 @@ def steps_for(tokens: float, batch: int, ramp: BatchRamp | None = None) -> int:
 
 @recipe.preset(default=True)
 def debug() -> fdl.Partial:
-    """MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP model, precision `auto` (bf16 where this machine
-    runs it faster than fp32, else fp32): a minute or two on 2 CPU cores."""
+    """MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP, precision auto: a minute or two on 2 CPU cores.
+
+    Precision `auto` computes in bf16 where this machine runs it faster than fp32, else in fp32."""
     steps = 300
     model = deepseek(
         vocab_size=DEBUG_VOCAB, dim=128, n_layers=4, n_dense_layers=1, dense_hidden_dim=384,
