@@ -207,16 +207,17 @@ def test_sliding_window_gathered_blocks_match_dense_mask_with_padding_and_gradie
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("documents", [False, True])
-def test_mla_plain_op_attention_matches_sdpa(dtype, documents):
+@pytest.mark.parametrize("t", [24, 128])  # 128: queries in two halves, the first skipping the later keys
+def test_mla_plain_op_attention_matches_sdpa(dtype, documents, t):
     """MLA's plain-op attention (taken on CPU for short sequences) against torch's SDPA, and the
     module's output the same whichever of the two it takes."""
     import components.attention.mla as mla
     from components.attention.masks import causal_document_mask
 
     torch.manual_seed(0)
-    q, k = torch.randn(2, 4, 24, 12, dtype=dtype), torch.randn(2, 4, 24, 12, dtype=dtype)
-    v = torch.randn(2, 4, 24, 8, dtype=dtype)
-    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if documents else None
+    q, k = torch.randn(2, 4, t, 12, dtype=dtype), torch.randn(2, 4, t, 12, dtype=dtype)
+    v = torch.randn(2, 4, t, 8, dtype=dtype)
+    doc_ids = torch.tensor([[0] * 10 + [1] * (t - 10), [0] * t]) if documents else None
     mask = causal_document_mask(doc_ids) if documents else None
     ours = mla._explicit_attention(q, k, v, mask=mask, scale=0.3, dropout=0.0)
     reference = torch.nn.functional.scaled_dot_product_attention(
@@ -224,7 +225,7 @@ def test_mla_plain_op_attention_matches_sdpa(dtype, documents):
     tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours.float(), reference, **tol)
     attention = build_variants()["mla"]
-    x = torch.randn(2, 24, 32)
+    x = torch.randn(2, t, 32)
     outputs = []
     for explicit in (True, False):
         with pytest.MonkeyPatch.context() as patch:
