@@ -40,6 +40,8 @@ class Capability:
 
     native: bool
     why: str
+    forced: bool = False
+    """Set by `TESSERA_FAST_BF16` rather than read off the device."""
 
 
 def capability(dtype: torch.dtype, device: str) -> Capability:
@@ -47,7 +49,7 @@ def capability(dtype: torch.dtype, device: str) -> Capability:
     for bf16."""
     forced = os.environ.get(FORCE_ENV)
     if dtype == torch.bfloat16 and forced in ("0", "1"):
-        return Capability(forced == "1", f"forced by {FORCE_ENV}={forced}")
+        return Capability(forced == "1", f"forced by {FORCE_ENV}={forced}", forced=True)
     dev = torch.device(device)
     if dev.type == "cuda":
         if dtype == torch.bfloat16:
@@ -88,15 +90,15 @@ def _where(device: str) -> str:
 def choose(device: str) -> tuple[PrecisionPolicy, str]:
     """The policy `auto` resolves to on `device`, and a one-line reason."""
     cap = capability(torch.bfloat16, device)
-    if cap.why.startswith("forced"):
+    if cap.forced:
         return (BF16Autocast(), f"bf16 autocast ({cap.why})") if cap.native else (FP32(), f"fp32 ({cap.why})")
-    if not cap.native:
-        ratio = speedup(torch.bfloat16, device)
-        return FP32(), f"fp32 — {cap.why}; {_ratio_text(ratio, 'bf16', _where(device))}"
     ratio = speedup(torch.bfloat16, device)
+    measured = _ratio_text(ratio, "bf16", _where(device))
+    if not cap.native:
+        return FP32(), f"fp32 — {cap.why}; {measured}"
     if ratio < 1.0:  # the instructions exist but this build / VM does not use them
-        return FP32(), f"fp32 — {cap.why}, but {_ratio_text(ratio, 'bf16', _where(device))}"
-    return BF16Autocast(), f"bf16 autocast — {cap.why}; {_ratio_text(ratio, 'bf16', _where(device))}"
+        return FP32(), f"fp32 — {cap.why}, but {measured}"
+    return BF16Autocast(), f"bf16 autocast — {cap.why}; {measured}"
 
 
 @PRECISION.register("auto")
@@ -139,7 +141,7 @@ def resolve(precision: PrecisionPolicy, device: str) -> tuple[PrecisionPolicy, s
     if dtype == torch.float32:
         return precision, name
     cap = capability(dtype, device)
-    if cap.native and not cap.why.startswith("forced"):
+    if cap.native and not cap.forced:
         return precision, name
     ratio = speedup(dtype, device)
     if ratio >= 1.0:
