@@ -118,6 +118,16 @@ def test_probe_is_cached_per_machine_and_keeps_the_best_rate(tmp_path, monkeypat
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("damage", ["[1, 2]", "{not json", '{"KEY": "fast"}', '{"KEY": -5}', ""])
+def test_a_damaged_cache_is_measured_anew_and_rewritten(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    key = f"{probe.machine_key('cpu')}|{torch.bfloat16}"
+    probe.cache_path().write_text(damage.replace("KEY", key.replace('"', '\\"')))
+    monkeypatch.setattr(probe, "_measure", lambda dtype, device, budget_s: 7e9)
+    assert probe.matmul_flops(torch.bfloat16) == 7e9
+    assert json.loads(probe.cache_path().read_text())[key] == 7e9
+
+
 def test_probe_never_draws_from_the_run_rng():
     torch.manual_seed(123)
     before = torch.get_rng_state()

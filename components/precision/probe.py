@@ -110,10 +110,16 @@ def _cpu_model() -> str:
 
 
 def _read_cache() -> dict[str, float]:
+    """The stored rates; a missing, unreadable or damaged cache (not a JSON object of numbers)
+    reads as empty, or without its damaged entries: it only saves time."""
     try:
-        return json.loads(cache_path().read_text())
+        entries = json.loads(cache_path().read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {key: float(value) for key, value in entries.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
 
 
 def _write_cache(key: str, value: float) -> None:
