@@ -30,8 +30,8 @@ from benchmarks.timing import (  # noqa: E402
     tessera_loss,
     training_step,
 )
-from components.model import families  # noqa: E402
-from components.model.hf_llama import llama_parameter_names  # noqa: E402
+from components.families.llama.builder import llama  # noqa: E402
+from components.families.llama.hf import llama_parameter_names  # noqa: E402
 from components.model.stats import training_flops_per_token  # noqa: E402
 from components.precision.policies import BF16Params  # noqa: E402
 from components.precision.probe import matmul_flops  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     n_tokens = args.batch * args.seq
 
     def ours_model(**block_options):
-        model = fdl.build(families.llama(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
+        model = fdl.build(llama(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
                                          n_heads=args.heads, n_kv_heads=args.kv_heads, hidden_dim=hidden,
                                          rope_theta=10000.0, norm_eps=1e-5))
         copy_llama_weights(model, theirs, args.layers)

@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py dense [--no-compile]   # the dense d=512 table (llama_throughput.py)
 
 Both models are built from one HF DeepseekV3 config and hold the same weights (ours loaded
-through `components.model.hf_deepseek`), so they compute the same function; each runs full
+through `components.families.deepseek.hf`), so they compute the same function; each runs full
 training steps (forward, backward, AdamW step) under the same precision, side by side in
 this one process, one thread, eager and compiled (ours: per-block torch.compile, as the
 trainer's `compile=True`; theirs: torch.compile of the whole model), timed interleaved
@@ -39,7 +39,7 @@ from benchmarks.timing import (  # noqa: E402
 )
 from components.mlp.gated import SwiGLU  # noqa: E402
 from components.model import stats  # noqa: E402
-from components.model.hf_deepseek import load_pretrained  # noqa: E402
+from components.families.deepseek.hf import load_pretrained  # noqa: E402
 from components.precision.probe import matmul_flops  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import math
 import fiddle as fdl
 
 from components.data.defaults import stdlib_corpus
-from components.model.deepseek import MHASpec, MLASpec, MoESpec, deepseek
+from components.families.deepseek.builder import MHASpec, MLASpec, MoESpec, deepseek
 from components.train.batch_ramp import BatchRamp
 from components.train.outputs import run_outputs
 from components.train.trainer import train

@@ -10,7 +10,8 @@ from __future__ import annotations
 import fiddle as fdl
 
 from components.data.defaults import stdlib_corpus
-from components.model import families
+from components.families.gpt2.builder import gpt2
+from components.families.llama.builder import llama
 from components.train.outputs import run_outputs
 from components.train.trainer import train
 from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
@@ -26,7 +27,7 @@ def debug() -> fdl.Partial:
     steps = 350
     return fdl.Partial(
         train,
-        model=families.llama(vocab_size=DEBUG_VOCAB, dim=192, n_layers=6, n_heads=6, n_kv_heads=2,
+        model=llama(vocab_size=DEBUG_VOCAB, dim=192, n_layers=6, n_heads=6, n_kv_heads=2,
                              hidden_dim=512),
         data=stdlib_corpus(vocab_size=DEBUG_VOCAB),
         optimizer=OPTIMIZER.partial("adamw", lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
@@ -72,7 +73,7 @@ def _published(name: str, model: fdl.Config, *, seq_len: int, batch_size: int, l
 @recipe.preset
 def llama3_8b() -> fdl.Partial:
     """Llama 3 8B: 32 layers, dim 4096, GQA 32/8, SwiGLU 14336, RoPE theta 500000, vocab 128256."""
-    model = families.llama(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+    model = llama(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                            rope_theta=500000.0, norm_eps=1e-5)
     return _published("llama3_8b", model, seq_len=8192, batch_size=512, lr=3e-4, steps=1_200_000, warmup_steps=8000)
 
@@ -80,7 +81,7 @@ def llama3_8b() -> fdl.Partial:
 @recipe.preset
 def deepseek_llm_7b() -> fdl.Partial:
     """DeepSeek LLM 7B (6.9B): 30 layers, dim 4096, MHA 32 heads, SwiGLU 11008, init std 0.006."""
-    model = families.llama(vocab_size=102400, dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+    model = llama(vocab_size=102400, dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, hidden_dim=11008,
                            norm_eps=1e-6, init_std=0.006)
     # 2T tokens at 2304 x 4096 tokens per step; lr 4.2e-4 with 2000 warmup steps (paper Table 2).
     return _published("deepseek_llm_7b", model,
@@ -90,7 +91,7 @@ def deepseek_llm_7b() -> fdl.Partial:
 @recipe.preset
 def deepseek_llm_67b() -> fdl.Partial:
     """DeepSeek LLM 67B: 95 layers, dim 8192, GQA 64/8, SwiGLU 22016, init std 0.006."""
-    model = families.llama(vocab_size=102400, dim=8192, n_layers=95, n_heads=64, n_kv_heads=8, hidden_dim=22016,
+    model = llama(vocab_size=102400, dim=8192, n_layers=95, n_heads=64, n_kv_heads=8, hidden_dim=22016,
                            norm_eps=1e-6, init_std=0.006)
     return _published("deepseek_llm_67b", model,
                       seq_len=4096, batch_size=4608, lr=3.2e-4, steps=105_963, warmup_steps=2000)
@@ -99,7 +100,7 @@ def deepseek_llm_67b() -> fdl.Partial:
 @recipe.preset
 def gpt2_small() -> fdl.Partial:
     """GPT-2 small (124M): 12 layers, dim 768, 12 heads, learned positions, LayerNorm, GELU MLP, tied."""
-    model = families.gpt2(vocab_size=50257, dim=768, n_layers=12, n_heads=12, max_len=1024)
+    model = gpt2(vocab_size=50257, dim=768, n_layers=12, n_heads=12, max_len=1024)
     return _published("gpt2_small", model, seq_len=1024, batch_size=512, lr=6e-4, steps=600_000, warmup_steps=2000)
 
 

@@ -18,6 +18,11 @@ os.environ.setdefault("TESSERA_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-cach
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Test-only components (tests/helpers) may appear in configs that checkpoints serialize.
+import registry.serialize  # noqa: E402
+
+registry.serialize.PROJECT_PACKAGES = registry.serialize.PROJECT_PACKAGES | {"helpers"}
+
 
 def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] | None = None,
                timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -116,7 +116,7 @@ def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_large_batch():
-    from components.data.stdlib_bytes import StdlibBytes
+    from helpers.stdlib_bytes import StdlibBytes
 
     results = []
     for micro in (2, 8):

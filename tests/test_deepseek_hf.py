@@ -15,7 +15,7 @@ import torch
 
 from components.attention.mla import MultiHeadLatentAttention
 from components.mlp.gated import SwiGLU
-from components.model.hf_deepseek import config_from_hf, load_pretrained, save_pretrained, to_hf_state_dict
+from components.families.deepseek.hf import config_from_hf, load_pretrained, save_pretrained, to_hf_state_dict
 from components.moe.experts import GroupedExperts
 from components.moe.moe import MoE
 from components.moe.router import Router
@@ -119,7 +119,7 @@ def test_half_split_model_gets_rope_rows_permuted(tmp_path):
     model = fdl.build(half).eval()
     from safetensors.torch import load_file
 
-    from components.model.hf_deepseek import load_hf_state_dict
+    from components.families.deepseek.hf import load_hf_state_dict
 
     load_hf_state_dict(model, load_file(tmp_path / "hf" / "model.safetensors"))
     tokens = torch.randint(0, 97, (1, 9))

@@ -115,7 +115,7 @@ def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(tmp_path):
 
 
 def test_random_window_data_gives_each_rank_its_share(monkeypatch):
-    import components.data.stdlib_bytes as stdlib_bytes
+    import helpers.stdlib_bytes as stdlib_bytes
 
     data = stdlib_bytes.StdlibBytes(max_bytes=200_000)
     whole = data.batch("train", batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(3))["tokens"]

@@ -6,8 +6,9 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.model import families
-from components.model.hf_llama import llama_parameter_names
+from components.families.gpt2.builder import gpt2
+from components.families.llama.builder import llama
+from components.families.llama.hf import llama_parameter_names
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,7 +34,7 @@ def test_decoder_matches_llama_for_causal_lm():
                                    attention_bias=False)
     torch.manual_seed(0)
     theirs = transformers.LlamaForCausalLM(cfg).eval()
-    ours = fdl.build(families.llama(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+    ours = fdl.build(llama(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
                                     rope_theta=10000.0, norm_eps=1e-6)).eval()
     hf = dict(theirs.named_parameters())
     mapping = llama_parameter_names(2)
@@ -53,7 +54,7 @@ def test_decoder_matches_gpt2_lm_head_model():
                                   layer_norm_epsilon=1e-5)
     torch.manual_seed(0)
     theirs = transformers.GPT2LMHeadModel(cfg).eval()
-    ours = fdl.build(families.gpt2(vocab_size=97, dim=64, n_layers=2, n_heads=4, max_len=32)).eval()
+    ours = fdl.build(gpt2(vocab_size=97, dim=64, n_layers=2, n_heads=4, max_len=32)).eval()
     hf = dict(theirs.named_parameters())
     ours_params = dict(ours.named_parameters())
     # GPT-2's Conv1D stores weights as [in, out]: ours = theirs.T; c_attn packs q, k, v along out.

@@ -9,7 +9,7 @@ import math
 import fiddle as fdl
 import pytest
 
-from components.data.stdlib_bytes import StdlibBytes
+from helpers.stdlib_bytes import StdlibBytes
 from components.train.launch import launch
 from components.train.metrics import Metrics
 from recipes.deepseek_pretrain import recipe as deepseek

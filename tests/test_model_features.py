@@ -110,7 +110,7 @@ def test_incompatible_combinations_fail_at_validation(overrides, path, words):
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_trainer_checkpointing_switch_leaves_the_run_unchanged(mode):
-    from components.data.stdlib_bytes import StdlibBytes
+    from helpers.stdlib_bytes import StdlibBytes
 
     results = []
     for switch in ("none", mode):

@@ -6,7 +6,7 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.data.stdlib_bytes import StdlibBytes
+from helpers.stdlib_bytes import StdlibBytes
 from components.optim.lamb import Lamb
 from components.optim.muon import MuonWithAdamW
 from components.optim.param_groups import decay_groups

@@ -6,7 +6,7 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.data.stdlib_bytes import StdlibBytes
+from helpers.stdlib_bytes import StdlibBytes
 from components.train.checkpoint import Checkpointer
 from components.train.guard import StabilityGuard
 from components.precision.loss_scale import LossScale

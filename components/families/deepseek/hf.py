@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from components.attention.mla import MultiHeadLatentAttention
 from components.model.decoder import DecoderLM
-from components.model.deepseek import MLASpec, MoESpec, deepseek
+from components.families.deepseek.builder import MLASpec, MoESpec, deepseek
 from components.moe.moe import MoE
 from components.position.yarn import YaRN
 from registry.kinds import POSITION

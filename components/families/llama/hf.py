@@ -10,7 +10,7 @@ _LAYER = [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_pr
 
 
 def llama_parameter_names(n_layers: int) -> dict[str, str]:
-    """{our parameter name: LlamaForCausalLM's} for a `families.llama` model with an untied
+    """{our parameter name: LlamaForCausalLM's} for a `components.families.llama.builder.llama` model with an untied
     head and `n_layers` blocks; same tensor shapes on both sides, so weights copy directly."""
     names = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "head.weight": "lm_head.weight"}

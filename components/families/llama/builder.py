@@ -1,4 +1,5 @@
-"""Config builders for common decoder families: each layer gets its own sub-configs.
+"""Config builder for Llama-family decoders (Llama 2/3, DeepSeek LLM 7B/67B layout): each layer gets
+its own sub-configs.
 
 These return fiddle config trees (nothing is built), so recipes can edit any layer apart
 from the others and the registry names show in `--print`.
@@ -31,24 +32,3 @@ def llama(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads:
     return fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim, layers=[block() for _ in range(n_layers)],
                       norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps), tie_embeddings=tie_embeddings,
                       init_std=init_std)
-
-
-def gpt2(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, max_len: int, norm_eps: float = 1e-5,
-         dropout: float = 0.0) -> fdl.Config[DecoderLM]:
-    """GPT-2: learned absolute positions, pre-norm LayerNorm with bias, biased MHA, GELU(tanh) MLP
-    of width 4D, tied embeddings, init std 0.02 with depth-scaled output projections."""
-
-    def block() -> fdl.Config[TransformerBlock]:
-        return fdl.Config(
-            TransformerBlock,
-            attention=ATTENTION.config("gqa", dim=dim, n_heads=n_heads, bias=True, dropout=dropout),
-            feed_forward=FEED_FORWARD.config("mlp", dim=dim, hidden_dim=4 * dim, activation="gelu_tanh", bias=True),
-            attention_norm=NORM.config("layernorm", dim=dim, eps=norm_eps),
-            ffn_norm=NORM.config("layernorm", dim=dim, eps=norm_eps),
-            residual_dropout=dropout,
-        )
-
-    return fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim, layers=[block() for _ in range(n_layers)],
-                      norm=NORM.config("layernorm", dim=dim, eps=norm_eps),
-                      position=POSITION.config("learned", max_len=max_len, dim=dim), tie_embeddings=True,
-                      embedding_dropout=dropout, init_std=0.02)

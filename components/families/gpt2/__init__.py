@@ -1,0 +1,1 @@
+"""GPT-2 family: `builder` makes the config tree."""
