@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -228,7 +229,7 @@ class Checkpointer:
         except KeyError as err:
             raise RuntimeError(f"checkpoint {path} does not match this model/optimizer (no entry {err}); resume "
                                f"it with the configuration that wrote it") from err
-        except (OSError, ValueError, RuntimeError) as err:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it may be "
                                f"truncated: delete it, or resume from an older one") from err
         self.last = path
@@ -258,23 +259,21 @@ def _weights_from_masters(target: dict[str, torch.Tensor], shapes: dict[str, dic
                 live.copy_(master)
 
 
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
-           "U8": "uint8", "I8": "int8", "BOOL": "bool", "I16": "int16"}
-
-
 def _stored_shapes(path: Path) -> dict[str, dict[str, Any]]:
-    """Shape and dtype of every stored tensor, read from the safetensors headers (JSON)."""
-    import struct
-
+    """Shape and dtype of every stored tensor, read from the safetensors headers alone (no
+    tensor data is loaded)."""
     shapes = {}
     for file in path.glob("*.safetensors"):
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = {"shape": info["shape"], "dtype": _DTYPES[info["dtype"]]}
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                meta = f.get_slice(name)
+                shapes[name] = {"shape": meta.get_shape(), "dtype": _DTYPES[meta.get_dtype()]}
     return shapes
+
+
+# safetensors' dtype codes (as `get_dtype()` reports them) -> torch attribute names
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
+           "U8": "uint8", "I8": "int8", "BOOL": "bool", "I16": "int16"}
 
 
 def _write_synced(path: Path, text: str) -> None:
