@@ -29,8 +29,10 @@ class Norm(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def reset_parameters(self) -> None:
-        """Re-initialise parameters in place (called after meta-device materialisation)."""
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Re-initialise parameters in place (weights to one, biases to zero). The stds are
+        accepted, and ignored, so that every block's reset has one signature; tessera calls a
+        norm's with no arguments, so a third-party norm may define `reset_parameters(self)`."""
 
 
 class PositionEncoding(nn.Module, abc.ABC):
@@ -45,6 +47,9 @@ class PositionEncoding(nn.Module, abc.ABC):
     """
 
     kind: ClassVar[PositionKind]
+
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Re-initialise learned parameters in place (a no-op for parameter-free encodings)."""
 
 
 class RotaryEncoding(PositionEncoding):
@@ -89,8 +94,9 @@ class AbsoluteEncoding(PositionEncoding):
     @abc.abstractmethod
     def forward(self, positions: torch.Tensor, dim: int) -> torch.Tensor: ...
 
-    def reset_parameters(self, *, init_std: float) -> None:
-        """Re-initialise learned tables (no-op for fixed encodings)."""
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Re-initialise learned tables with Normal(0, init_std) (None: 1/sqrt(dim); no-op
+        for fixed encodings)."""
 
 
 class NoPosition(PositionEncoding):
@@ -130,8 +136,12 @@ class Attention(nn.Module, abc.ABC):
         Uses the full-sequence convention (no causal halving), as MFU reports usually do.
         """
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
-        """Re-initialise projections: inputs with `init_std`, output with `out_std`."""
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Re-initialise parameters in place: input projections Normal(0, init_std), output
+        projections Normal(0, out_std), norms to one. A None std means 1/sqrt(fan_in) of each
+        weight (`components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
+        a model's init pass passes its own stds. Implementations also call it from their
+        constructor, so a block is usable as built."""
 
 
 class FeedForward(nn.Module, abc.ABC):
@@ -143,8 +153,12 @@ class FeedForward(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
-        """Re-initialise projections: inputs with `init_std`, output with `out_std`."""
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Re-initialise parameters in place: input projections Normal(0, init_std), output
+        projections Normal(0, out_std), norms to one. A None std means 1/sqrt(fan_in) of each
+        weight (`components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
+        a model's init pass passes its own stds. Implementations also call it from their
+        constructor, so a block is usable as built."""
 
 
 class OptimizerStepHook(abc.ABC):

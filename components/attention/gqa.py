@@ -59,6 +59,7 @@ class GroupedQueryAttention(Attention):
         self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        self.reset_parameters()
 
     @property
     def softmax_scale(self) -> float:
@@ -109,7 +110,7 @@ class GroupedQueryAttention(Attention):
     def score_flops_per_token(self, seq_len: int) -> float:
         return 4.0 * self.n_heads * self.head_dim * seq_len
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         init_linears(((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, out_std)))
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:

@@ -107,6 +107,7 @@ class LinearAttention(Attention):
         self.wk = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        self.reset_parameters()
 
     def mapped_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """phi(q), phi(k), v as [B, H, T, Dh] (fp32 for a stable running sum under autocast)."""
@@ -125,5 +126,5 @@ class LinearAttention(Attention):
         # Intra-chunk scores and weighted sum, plus reading and updating the Dh x Dh state.
         return 4.0 * self.n_heads * self.head_dim * (min(seq_len, self.chunk_size) + self.head_dim)
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         init_linears(((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, out_std)))

@@ -35,11 +35,12 @@ class GatedMLP(FeedForward):
         self.w_up = nn.Linear(dim, hidden_dim, bias=bias)
         self.w_down = nn.Linear(hidden_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w_down(ACTIVATIONS[self.activation](self.w_gate(x)) * self.w_up(x)))
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         init_linears(((self.w_gate, init_std), (self.w_up, init_std), (self.w_down, out_std)))
 
 

@@ -63,7 +63,8 @@ class TransformerBlock(nn.Module):
         x = self.attention_norm(x + self.dropout(self._attend(x, doc_ids, selective)))
         return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Re-initialise both sublayers (None stds: their defaults) and the norms."""
         self.attention.reset_parameters(init_std=init_std, out_std=out_std)
         self.feed_forward.reset_parameters(init_std=init_std, out_std=out_std)
         self.attention_norm.reset_parameters()

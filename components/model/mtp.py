@@ -39,6 +39,7 @@ class MultiTokenPrediction(nn.Module):
         self.head_norm = head_norm
         self.concat_order = concat_order
         self.proj = nn.Linear(2 * dim, dim, bias=False)
+        init_linears(((self.proj, None),))  # the block and norms come initialised by their own constructors
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,7 +48,8 @@ class MultiTokenPrediction(nn.Module):
             parts.reverse()
         return self.block(self.proj(torch.cat(parts, dim=-1)), doc_ids=doc_ids)
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """The projection with Normal(0, init_std), then the block and norms (None: `fan_in_std`)."""
         init_linears(((self.proj, init_std),))
         self.block.reset_parameters(init_std=init_std, out_std=out_std)
         for norm in (self.embed_norm, self.hidden_norm, self.head_norm):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.model.init import normal_
 from components.moe.grouped_mm import grouped_mm
 
 
@@ -23,7 +24,8 @@ its time building kernels (1.2 ms instead of 0.3 at 4096 x 128 x 96, 8 experts).
 counts repeat, so the kernels come from its cache; the padding costs <= 16 rows per expert."""
 
 
-def padded_layout(sorted_expert: torch.Tensor, n_experts: int, *, multiple: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def padded_layout(sorted_expert: torch.Tensor, n_experts: int, *,
+                  multiple: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Where each expert-sorted assignment goes in a padded row layout.
 
     sorted_expert: int64 [M], expert ids in ascending order. Returns `rows` int64 [E] (rows of
@@ -64,6 +66,7 @@ class GroupedExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w_up = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.reset_parameters()
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,7 +89,7 @@ class GroupedExperts(nn.Module):
             out = grouped_mm(hidden, self.w_down.to(dtype), rows).index_select(0, slot) * gate[:, None].to(dtype)
             return torch.zeros(n, self.dim, dtype=dtype, device=x.device).index_add_(0, token, out)
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_gate, std=init_std)
-        nn.init.normal_(self.w_up, std=init_std)
-        nn.init.normal_(self.w_down, std=out_std)
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        normal_(self.w_gate, init_std)
+        normal_(self.w_up, init_std)
+        normal_(self.w_down, out_std)

@@ -105,7 +105,10 @@ class MoE(FeedForward, AuxiliaryLoss):
         """Share of the routed experts' parameters used per token (top_k / n_experts)."""
         return self.router.top_k / self.experts.n_experts
 
-    def reset_parameters(self, *, init_std: float, out_std: float) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Router gate and expert inputs with `init_std`, expert outputs with `out_std` (None: defaults).
+
+        Nothing of its own to draw: the router and experts initialise themselves when built."""
         self.router.reset_parameters(init_std=init_std)
         self.experts.reset_parameters(init_std=init_std, out_std=out_std)
         if self.shared_experts is not None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.interfaces import OptimizerStepHook
+from components.model.init import normal_
 from components.moe.experts import expert_counts
 from registry.invariants import invariant
 
@@ -73,6 +74,7 @@ class Router(nn.Module, OptimizerStepHook):
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32) if expert_bias else None)
         self.register_buffer("step_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("last_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+        self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> Routing:
         with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in fp32 under autocast
@@ -110,8 +112,10 @@ class Router(nn.Module, OptimizerStepHook):
         self.last_load.copy_(load)
         self.step_load.zero_()
 
-    def reset_parameters(self, *, init_std: float) -> None:
-        nn.init.normal_(self.weight, std=init_std)
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        """Gate weight Normal(0, init_std) (None: 1/sqrt(dim); the router has no output
+        projection, so `out_std` is ignored); the balancing bias and load counts to zero."""
+        normal_(self.weight, init_std)
         if self.expert_bias is not None:
             self.expert_bias.zero_()
         self.step_load.zero_()  # buffers materialised from the meta device hold garbage until now

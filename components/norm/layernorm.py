@@ -33,7 +33,7 @@ class LayerNorm(Norm):
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).to(x.dtype)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)

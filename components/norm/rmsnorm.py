@@ -34,5 +34,5 @@ class RMSNorm(Norm):
         normed = F.rms_norm(x.float(), (self.dim,), eps=self.eps).to(x.dtype)
         return normed * self.weight.to(x.dtype)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         nn.init.ones_(self.weight)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from components.interfaces import AbsoluteEncoding, NoPosition
+from components.model.init import normal_
 from registry.invariants import invariant
 from registry.kinds import POSITION
 
@@ -22,14 +23,15 @@ class LearnedPositions(AbsoluteEncoding):
         self.max_len = max_len
         self.dim = dim
         self.table = nn.Embedding(max_len, dim)
+        self.reset_parameters()
 
     def forward(self, positions: torch.Tensor, dim: int) -> torch.Tensor:
         if positions.max() >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the learned table (max_len={self.max_len})")
         return self.table(positions)
 
-    def reset_parameters(self, *, init_std: float) -> None:
-        nn.init.normal_(self.table.weight, std=init_std)
+    def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
+        normal_(self.table.weight, init_std)
 
 
 @POSITION.register("sinusoidal")
