@@ -22,7 +22,7 @@ from components.data.mixture import mixture_weights
 from components.data.pipeline import TextPipeline
 from components.data.sources.files import LocalFiles
 from components.data.store import TokenStore, write_store
-from components.data.tokenizer import load_encoding, named_encoding, train_bpe
+from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
 from tests.conftest import ROOT
 
 PROSE = ("The queue module implements multi-producer, multi-consumer queues. It is especially useful in "
@@ -137,7 +137,14 @@ def test_tokenizer_round_trip_and_agreement_with_trainer(tmp_path, corpus_texts)
 
     train, held_out = corpus_texts[:-40], corpus_texts[-40:]
     encoding = train_bpe(train, vocab_size=1024, folder=tmp_path / "tok")
-    assert encoding.n_vocab == 1024 and encoding.encode("<|eos|>", allowed_special="all") == [1021]
+    assert encoding.n_vocab == 1024
+    # EOS is tiktoken's end-of-text token, found through its public API like a named encoding's
+    assert encoding.eot_token == encoding.encode_single_token("<|endoftext|>") == 1021
+    assert encoding.encode("a<|endoftext|>", allowed_special={"<|endoftext|>"})[-1] == 1021
+    with pytest.raises(ValueError, match="disallowed special token"):
+        encoding.encode("a<|endoftext|>")
+    forged = encode_documents(encoding, ["text that spells <|endoftext|> itself"])[0]
+    assert 1021 not in forged and encoding.decode(forged).endswith("<|endoftext|> itself")
     random.seed(0)
     samples = ["", "héllo wörld — ñ 😀 中文 العربية", "\x00\x01\t\r\n", "".join(chr(random.randint(32, 0x2FFF))
                                                                        for _ in range(500))] + held_out[:5]

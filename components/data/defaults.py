@@ -1,4 +1,5 @@
-"""The default offline corpus with per-domain cleaning: what the debug presets train on."""
+"""The default corpus with per-domain cleaning: what the debug presets train on, and what
+`data.path=...` turns into training on a user's own files."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ def stdlib_corpus(*, vocab_size: int = 2048, code_bytes: int = 4_000_000, temper
                   data_dir: str = "runs/data") -> fdl.Config[TextPipeline]:
     """Three domains from the Python standard library (code, docstring prose, pydoc reference
     docs), each with the filters that suit it, near-duplicate removal, a `vocab_size` BPE and
-    a temperature-`temperature` mixture (flattened so the small docs domain is not drowned)."""
+    a temperature-`temperature` mixture (flattened so the small docs domain is not drowned).
+
+    Setting `path` on the returned config (`data.path=my_corpus/` on the command line) reads
+    that file or folder of txt / jsonl / parquet instead, as the one domain "text", cleaned by
+    the "*" chain below (control characters, empty and repetitive documents), deduplicated,
+    with a BPE trained on it. The chain assumes nothing about language or genre, so code,
+    prose and non-English text all pass."""
     licence = [r"(?i)^\s*#.*(copyright|all rights reserved|licensed under)"]
     return fdl.Config(
         TextPipeline,
@@ -29,6 +36,8 @@ def stdlib_corpus(*, vocab_size: int = 2048, code_bytes: int = 4_000_000, temper
                       DATA_FILTER.config("repetition"), DATA_FILTER.config("language", languages=["en"])],
             "docs": [DATA_FILTER.config("regex_clean"), DATA_FILTER.config("length", min_chars=100),
                      DATA_FILTER.config("language", languages=["en"])],
+            "*": [DATA_FILTER.config("regex_clean"), DATA_FILTER.config("length", min_chars=20),
+                  DATA_FILTER.config("repetition")],
         },
         dedup=fdl.Config(Deduplicator, threshold=0.8),
         vocab_size=vocab_size,

@@ -1,10 +1,13 @@
 """The data pipeline: sources -> clean -> dedup -> split -> train BPE -> tokenize -> store -> mix -> load.
 
-`TextPipeline` is what a recipe puts in `data=`. Preparation runs once per fingerprint (the
-repr of every source, filter and setting, plus the Python version, whose stdlib is the
-default corpus) into `{data_dir}/{fingerprint}/`; a second run with the same config loads
-the cached store in seconds, any config change prepares anew. Every stage reports, per
-domain, documents and bytes in and out (and tokens), so nothing is dropped uncounted.
+`TextPipeline` is what a recipe puts in `data=`; `path=` points it at a user's own corpus
+instead of its sources. Preparation runs once per fingerprint (the repr of every source,
+filter and setting, each source's content signature (local files' paths, sizes and
+modification times), plus the Python version, whose stdlib is the default corpus) into
+`{data_dir}/{fingerprint}/`; a second run with the same config and files loads the cached
+store in seconds, any change prepares anew. Every stage reports, per domain, documents and
+bytes in and out (and tokens), and rows that could not be read are counted per file, so
+nothing is dropped uncounted.
 """
 
 from __future__ import annotations
@@ -23,17 +26,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from components.data.collect import collect, malformed_note, rejects_file
 from components.data.dedup import Deduplicator
 from components.data.document import Document
 from components.data.loader import PackedLoader
 from components.data.mixture import mixture_weights
 from components.data.sources.files import LocalFiles
+from components.data.sources.rows import RowSource
 from components.data.store import TokenStore, write_store
 from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
 from components.interfaces import DataSource, DocumentFilter, TrainingData
 from registry.invariants import invariant
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted
+OWN_DOMAIN = "text"  # the domain of a corpus given by `path`
 
 
 @dataclasses.dataclass
@@ -48,6 +54,8 @@ class StageRow:
     bytes_out: int
     tokens: int | None = None
     note: str = ""
+    malformed: int = 0
+    """Rows the source could not read (collect stage only); docs_in counts them, docs_out not."""
 
 
 def _nbytes(docs: list[Document]) -> int:
@@ -61,6 +69,13 @@ class TextPipeline(TrainingData):
 
     Args:
         sources: the `DataSource`s; each yields the documents of its `domain`.
+        path: your own corpus instead of `sources`: a txt / jsonl / json / parquet file or a
+            folder of them (see `LocalFiles`), read as the one domain "text".
+        text_field: the jsonl field / parquet column holding the text (with `path`).
+        strict: stop at the first malformed row (broken JSON, missing / non-string / empty
+            text, a row over the reader's size limit) with its file and line; by default such
+            rows are skipped, counted per file in the report and listed in
+            `rejects/{domain}.malformed.jsonl` of the prepared folder.
         filters: domain -> cleaning filters applied in order ("*" for domains not listed).
         dedup: exact + near-duplicate removal within each domain (None: skip).
         vocab_size: ids of the trained byte-level BPE (256 bytes + merges + 4 special tokens).
@@ -75,12 +90,19 @@ class TextPipeline(TrainingData):
             (the deduplicator has its own `workers` processes).
     """
 
-    def __init__(self, *, sources: list[DataSource], filters: dict[str, list[DocumentFilter]] | None = None,
+    def __init__(self, *, sources: list[DataSource] | None = None, path: str | None = None, text_field: str = "text",
+                 strict: bool = False, filters: dict[str, list[DocumentFilter]] | None = None,
                  dedup: Deduplicator | None = None, vocab_size: int = 2048, tokenizer_sample_bytes: int = 20_000_000,
                  mixture_temperature: float = 1.0, mixture_weights: dict[str, float] | None = None,
                  val_fraction: float = 0.02, data_dir: str = "runs/data", rejects: bool = False, workers: int = 2,
                  progress: bool = True, encoding_name: str | None = None):
+        if path is not None:  # the user's own corpus replaces the preset's sources
+            sources = [LocalFiles(path=path, domain=OWN_DOMAIN, text_field=text_field)]
+        if not sources:
+            raise ValueError("TextPipeline needs sources=[...] or path=<a corpus file or folder>")
         self.sources = sources
+        self.path = path
+        self.strict = strict
         self.filters = filters or {}
         self.dedup = dedup
         self.vocab_size = vocab_size
@@ -93,18 +115,15 @@ class TextPipeline(TrainingData):
         self.workers = workers
         self.progress = progress
         self.encoding_name = encoding_name
-        for source in sources:
-            if isinstance(source, LocalFiles) and source.cache_dir is None:
-                source.cache_dir = str(self.data_dir / "hf_cache")
         self._store: TokenStore | None = None
         self._report: list[StageRow] | None = None
         self._loaders: dict[str, PackedLoader] = {}
 
     # -- identity and caching -----------------------------------------------------------------
     def fingerprint(self) -> str:
-        sources = [dataclasses.replace(s, cache_dir=None) if isinstance(s, LocalFiles) else s for s in self.sources]
-        spec = repr((FORMAT_VERSION, sys.version, sources, sorted(self.filters.items()), self.dedup, self.vocab_size,
-                     self.tokenizer_sample_bytes, self.val_fraction, self.encoding_name))
+        contents = [s.content_signature() if isinstance(s, RowSource) else "" for s in self.sources]
+        spec = repr((FORMAT_VERSION, sys.version, self.sources, contents, sorted(self.filters.items()), self.dedup,
+                     self.vocab_size, self.tokenizer_sample_bytes, self.val_fraction, self.encoding_name))
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
     @property
@@ -118,27 +137,50 @@ class TextPipeline(TrainingData):
     def prepare(self, *, force: bool = False, console: Console | None = None) -> list[StageRow]:
         """Run the pipeline unless a prepared copy with this fingerprint exists; returns the report."""
         folder = self.folder
+        console = console or Console()
         if not force and self.prepared():
             self._report = [StageRow(**row) for row in json.loads((folder / "report.json").read_text())]
             self._store = TokenStore(folder / "tokens")
+            if self.progress:
+                console.print(self.summary(cached=True), highlight=False, soft_wrap=True)
             return self._report
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        report = self._run(tmp, console or Console())
+        report = self._run(tmp, console)
         (tmp / "report.json").write_text(json.dumps([dataclasses.asdict(r) for r in report], indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)  # atomic: a crash mid-preparation never leaves a half-written cache
         self._report = report
         self._store = TokenStore(folder / "tokens")
         self._loaders = {}  # loaders of a previous preparation read deleted files
+        if self.progress:
+            console.print(self.summary(cached=False), highlight=False, soft_wrap=True)
         return report
+
+    def summary(self, *, cached: bool) -> str:
+        """One line on what preparation read, kept and skipped (printed by `prepare`)."""
+        rows = self._report or []
+        collected = [r for r in rows if r.stage == "collect"]
+        tokenized = [r for r in rows if r.stage.startswith("tokenize")]
+        malformed = sum(r.malformed for r in collected)
+        line = (f"data: {'loaded' if cached else 'prepared'} {self.folder}: {sum(r.docs_in for r in collected):,} rows "
+                f"read, {sum(r.docs_out for r in tokenized):,} documents kept "
+                f"({sum(r.tokens or 0 for r in tokenized):,} tokens)")
+        if malformed:
+            domains = sorted({r.domain for r in collected if r.malformed})
+            where = ", ".join(str(rejects_file(self.folder, d)) for d in domains)
+            notes = "; ".join(r.note for r in collected if r.malformed)
+            line += f"; {notes}; listed in {where}"
+        else:
+            line += "; 0 malformed rows"
+        return line
 
     # -- the stages ------------------------------------------------------------------------------
     def _run(self, folder: Path, console: Console) -> list[StageRow]:
         report: list[StageRow] = []
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=not self.progress) as bar:
-            docs = self._collect(report, bar)
+            docs = self._collect(report, bar, folder)
             docs = self._clean(docs, report, bar, folder)
             if self.dedup is not None:
                 docs = self._deduplicate(docs, report, bar)
@@ -161,8 +203,8 @@ class TextPipeline(TrainingData):
                 report.append(StageRow(f"tokenize ({split})", domain, len(ds), len(ds), _nbytes(ds), _nbytes(ds),
                                        tokens=n_tokens, note=f"{_nbytes(ds) / max(1, n_tokens):.2f} bytes/token"))
                 bar.advance(task)
-            eos = encoding.eot_token if self.encoding_name is not None else encoding._special_tokens["<|eos|>"]
-            write_store(folder / "tokens", arrays, eos=eos, vocab_size=self.vocab_size)
+            # tiktoken's end-of-text id: <|endoftext|> in the named encodings and in ours
+            write_store(folder / "tokens", arrays, eos=encoding.eot_token, vocab_size=self.vocab_size)
         return report
 
     def _tokenizer_sample(self, splits: dict[tuple[str, str], list[Document]]) -> list[str]:
@@ -180,16 +222,23 @@ class TextPipeline(TrainingData):
                 size += len(doc.text.encode("utf-8", "replace"))
         return sample
 
-    def _collect(self, report: list[StageRow], bar: Progress) -> list[Document]:
+    def _collect(self, report: list[StageRow], bar: Progress, folder: Path) -> list[Document]:
         docs: list[Document] = []
         task = bar.add_task("collect", total=len(self.sources))
         for source in self.sources:
-            found = list(source.documents())
+            found, malformed = collect(source, strict=self.strict, folder=folder)
             if not found:
-                raise ValueError(f"data source {source!r} produced no documents; check its path or settings")
+                first = "; ".join(f"{m.where}: {m.reason}" for m in malformed[:3])
+                raise ValueError(f"data source {source!r} produced no documents; check its path or settings"
+                                 + (f" ({len(malformed)} malformed rows, e.g. {first})" if malformed else ""))
             invalid = sum(d.invalid_utf8 for d in found)
-            report.append(StageRow("collect", source.domain, len(found), len(found), _nbytes(found), _nbytes(found),
-                                   note=f"{invalid} with invalid UTF-8 (replaced)" if invalid else ""))
+            notes = [f"{invalid} with invalid UTF-8 (replaced)"] if invalid else []
+            if malformed:
+                notes.append(malformed_note(malformed, root=source.path if isinstance(source, LocalFiles) else None))
+            n_bad = sum(m.rows for m in malformed)
+            report.append(StageRow("collect", source.domain, len(found) + n_bad, len(found),
+                                   _nbytes(found) + sum(m.nbytes for m in malformed), _nbytes(found),
+                                   note="; ".join(notes), malformed=n_bad))
             docs.extend(found)
             bar.advance(task)
         return docs

@@ -7,7 +7,8 @@ Files written by `train_bpe` into a folder:
 
 `load_encoding` builds the `tiktoken.Encoding` straight from those files each time (not
 through `tiktoken.load.load_tiktoken_bpe`, whose cache is keyed by path and would hand back a
-stale vocabulary after retraining into the same folder).
+stale vocabulary after retraining into the same folder), and writes the rank file itself
+(`tiktoken.load.dump_tiktoken_bpe` needs the optional `blobfile` package for a plain path).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import tiktoken
 
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|doc|>")
-"""Beginning/end of document (EOS separates packed documents), padding, document marker."""
+EOS = "<|endoftext|>"
+"""End of document (separates packed documents): the name tiktoken's `Encoding.eot_token`
+looks up, so one call finds it in our encodings and in tiktoken's named ones alike."""
+SPECIAL_TOKENS = ("<|bos|>", EOS, "<|pad|>", "<|doc|>")
+"""Beginning of document, end of document, padding, document marker: ids after the merges."""
 
 # GPT-4-style split: contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -77,6 +81,7 @@ def named_encoding(name: str) -> tiktoken.Encoding:
 
 
 def encode_documents(encoding: tiktoken.Encoding, texts: list[str], *, threads: int = 2) -> list[list[int]]:
-    """Token ids of every text (special-token strings in the text are encoded as plain text),
-    in parallel threads inside tiktoken (its Rust core releases the GIL)."""
+    """Token ids of every text, in parallel threads inside tiktoken (its Rust core releases
+    the GIL). A special token's string inside a document is ordinary text here (tiktoken's
+    `encode_ordinary`), so a corpus cannot forge an EOS; the pipeline appends the real one."""
     return encoding.encode_ordinary_batch(texts, num_threads=threads)

@@ -1,0 +1,68 @@
+"""The pipeline's first stage: read one source, skipping and counting malformed rows per file.
+
+Malformed rows (see `components.data.sources.rows`) are written, one JSON object per line, to
+`rejects/{domain}.malformed.jsonl` in the prepared folder and summed up per file in the
+stage's report note; in strict mode the first one stops preparation with its file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from components.data.document import Document
+from components.data.sources.rows import MalformedRow, MalformedRowError, RowSource
+from components.interfaces import DataSource
+
+SHOWN_FILES = 4  # files named in a report note; the rejects file lists every row
+
+
+def rejects_file(folder: Path, domain: str) -> Path:
+    """Where the malformed rows of `domain` are written, under a prepared folder."""
+    return folder / "rejects" / f"{domain}.malformed.jsonl"
+
+
+def collect(source: DataSource, *, strict: bool, folder: Path) -> tuple[list[Document], list[MalformedRow]]:
+    """The documents of `source` and the malformed rows it skipped (appended to the domain's
+    rejects file under `folder`). With `strict`, raises `MalformedRowError` at the first one."""
+    docs: list[Document] = []
+    malformed: list[MalformedRow] = []
+    for row in source.rows() if isinstance(source, RowSource) else source.documents():
+        if isinstance(row, Document):
+            docs.append(row)
+            continue
+        if strict:
+            raise MalformedRowError(
+                f"{row.where}: {row.reason}. Fix or remove this row; or run without strict mode (data.strict=False, "
+                f"the default), which skips malformed rows, counts them per file and lists them in "
+                f"rejects/{source.domain}.malformed.jsonl of the prepared data folder")
+        malformed.append(row)
+    if malformed:
+        path = rejects_file(folder, source.domain)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row.record(), ensure_ascii=False) + "\n" for row in malformed)
+    return docs, malformed
+
+
+def malformed_note(malformed: list[MalformedRow], root: str | None = None) -> str:
+    """'3 malformed rows skipped (a.jsonl 2, b.parquet 1)': counts per file, most first; file
+    names relative to `root` when they are under it."""
+    per_file: Counter[str] = Counter()
+    for row in malformed:
+        per_file[_short(row.file, root)] += row.rows
+    total = sum(per_file.values())
+    shown = ", ".join(f"{name} {count}" for name, count in per_file.most_common(SHOWN_FILES))
+    more = f", +{len(per_file) - SHOWN_FILES} more files" if len(per_file) > SHOWN_FILES else ""
+    return f"{total} malformed row{'s' * (total != 1)} skipped ({shown}{more})"
+
+
+def _short(file: str, root: str | None) -> str:
+    if root is None:
+        return file
+    try:
+        relative = Path(file).relative_to(Path(root).expanduser())
+    except ValueError:
+        return file
+    return str(relative) if str(relative) != "." else Path(file).name
