@@ -9,12 +9,14 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from registry.registry import all_registries
+from registry.tags import settings_of
 
 
 def config_tree(config: Any, label: str = "config") -> Tree:
     """A rich Tree of `config`: one node per sub-config, one line per argument.
 
-    Unset required arguments show as `<[unset]>`; arguments left at their default are dimmed.
+    Unset required arguments show as `<[unset]>`; arguments left at their default are dimmed;
+    fields tagged as one setting (`registry.tags`) end with the tag's name, e.g. `[ModelDim]`.
     """
     tree = Tree(escape(label))
     _add(tree, config)
@@ -25,7 +27,8 @@ def _add(node: Tree, value: Any) -> None:
     if isinstance(value, fdl.Buildable):
         explicit = value.__arguments__
         for name, arg in fdl.ordered_arguments(value, include_defaults=True, include_unset=True).items():
-            _child(node, str(name), arg, default=name not in explicit)
+            tags = "".join(f"  [{t.__name__}]" for t in settings_of(value, str(name)))
+            _child(node, str(name), arg, default=name not in explicit, suffix=tags)
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _child(node, f"[{i}]", item, default=False)
@@ -34,7 +37,7 @@ def _add(node: Tree, value: Any) -> None:
             _child(node, f"[{key!r}]", item, default=False)
 
 
-def _child(node: Tree, name: str, value: Any, *, default: bool) -> None:
+def _child(node: Tree, name: str, value: Any, *, default: bool, suffix: str = "") -> None:
     if isinstance(value, fdl.Buildable):
         node_label = f"[bold]{escape(name)}[/bold]: {escape(_describe(value))}"
         _add(node.add(node_label), value)
@@ -44,7 +47,7 @@ def _child(node: Tree, name: str, value: Any, *, default: bool) -> None:
         node.add(f"{escape(name)} = [red]{escape('<[unset]>')}[/red]")
     else:
         text = f"{escape(name)} = {escape(repr(value))}"
-        node.add(f"[dim]{text}[/dim]" if default else text)
+        node.add((f"[dim]{text}[/dim]" if default else text) + f"[cyan]{escape(suffix)}[/cyan]")
 
 
 def _items(value: Any) -> list[Any]:

@@ -3,13 +3,17 @@
 A registry never builds anything and registering never switches anything on: it only
 maps a short name to a class or factory that produces a `T`, checked when registered.
 Recipes ask it for `fdl.Config` / `fdl.Partial` objects and place them in a config tree.
+A registry also declares its kind's shared arguments: those every entry reads with the same
+meaning (an attention's `dim`, `n_heads`, `position`, ...), the only ones a swap carries over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import fiddle as fdl
@@ -32,18 +36,41 @@ def produced_type(target: Any) -> type | None:
     return hint if isinstance(hint, type) else None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Shared:
+    """An argument that means the same thing in every entry of a kind, so a swap carries it over.
+
+    `meaning`: what the value is, shown by `python -m registry list`.
+    `fits(target, value)`: whether the entry `target` can take this value (e.g. an attention
+    accepts only some kinds of position encoding); a value that does not fit is left behind,
+    with a note. None: every value fits.
+    """
+
+    meaning: str
+    fits: Callable[[Any, Any], bool] | None = None
+
+
 class Registry(Generic[T]):
     """Named constructors of one kind of component, all producing a subclass of `base`.
 
     Args:
         kind: upper-case name shown in messages and `--help` (e.g. "ATTENTION").
         base: the abstract base every entry must produce.
+        shared: the arguments every entry of this kind reads with one meaning (name -> `Shared`);
+            a swap `path=@name` carries over only these (and those both entries inherit from a
+            common class), never another argument that merely has the same name.
+        call_arguments: arguments supplied when a built `fdl.Partial` is called (an optimizer's
+            `params`), never set in a config; the catalogue leaves them out.
     """
 
-    def __init__(self, *, kind: str, base: type[T]):
+    def __init__(self, *, kind: str, base: type[T], shared: Mapping[str, Shared] | None = None,
+                 call_arguments: tuple[str, ...] = ()):
         self.kind = kind
         self.base = base
+        self.shared: dict[str, Shared] = dict(shared or {})
+        self.call_arguments = call_arguments
         self._entries: dict[str, Callable[..., T]] = {}
+        self._origins: dict[str, str] = {}
         _ALL.append(self)
 
     def __repr__(self) -> str:
@@ -52,6 +79,8 @@ class Registry(Generic[T]):
     # -- registration -------------------------------------------------------------------
     def register(self, name: str, *, replace: bool = False) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator adding a class or factory under `name`; returns the target unchanged."""
+
+        origin = sys._getframe(1).f_globals.get("__name__", "?")  # the module that registers
 
         def decorate(target: Callable[..., T]) -> Callable[..., T]:
             self._check_kind(name, target)
@@ -62,6 +91,7 @@ class Registry(Generic[T]):
                     "choose another name, or pass replace=True to override it deliberately",
                 )
             self._entries[name] = target
+            self._origins[name] = origin
             return target
 
         return decorate
@@ -123,6 +153,15 @@ class Registry(Generic[T]):
             if entry is target:
                 return name
         return None
+
+    def origin(self, name: str) -> str:
+        """The module that registered `name` (`components.*` for built-ins, a plugin's module otherwise)."""
+        self.get(name)
+        return self._origins.get(name, "?")
+
+    def is_builtin(self, name: str) -> bool:
+        """Whether `name` was registered by tessera's own `components` package."""
+        return self.origin(name).split(".")[0] == "components"
 
     def config(self, name: str, /, **arguments: Any) -> fdl.Config[T]:
         """An `fdl.Config` of the entry `name` with `arguments` set; bad argument names raise."""

@@ -1,8 +1,9 @@
 """The validation pass run on a whole config tree before anything is built.
 
 It collects every fault (missing required arguments, wrong leaf types, sub-configs that
-do not satisfy the annotated interface, one sub-config shared by several places, and
-violated component invariants) and raises them together as one `ConfigError`.
+do not satisfy the annotated interface, one sub-config shared by several places, fields
+tagged as one setting (`registry.tags`, e.g. the model width) that disagree, and violated
+component invariants) and raises them together as one `ConfigError`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fiddle import daglish
 from registry.errors import ConfigError, Fault
 from registry.invariants import invariants_of
 from registry.registry import produced_type, registry_for
+from registry.tags import settings_of
 from registry.typecheck import annotations_of, describe, matches
 
 
@@ -37,6 +39,7 @@ def find_faults(config: Any) -> list[Fault]:
         if isinstance(value, fdl.Buildable):
             faults.extend(_buildable_faults(value, path_str(path)))
     faults.extend(_sharing_faults(config))
+    faults.extend(_setting_faults(config))
     return faults
 
 
@@ -96,6 +99,32 @@ def _sharing_faults(config: Any) -> list[Fault]:
             f"one sub-config object is shared by {len(paths)} places ({shown}), so they would "
             f"be built as one module sharing weights",
             "give each place its own config (build it in a loop or copy.deepcopy it)",
+        ))
+    return faults
+
+
+def _setting_faults(config: Any) -> list[Fault]:
+    """One fault per `Setting` tag whose fields hold different values (say model.dim 128 but
+    one attention's dim 64, as happens when recipe code edits one copy)."""
+    found: dict[type, list[tuple[str, Any]]] = {}
+    for value, path in daglish.iterate(config):
+        if isinstance(value, fdl.Buildable):
+            for arg in value.__arguments__:
+                for tag in settings_of(value, arg):
+                    found.setdefault(tag, []).append((f"{path_str(path)}.{arg}".lstrip("."), value.__arguments__[arg]))
+    faults = []
+    for tag, fields in found.items():
+        first_path, first = fields[0]
+        odd = [(p, v) for p, v in fields if v != first]
+        if not odd:
+            continue
+        shown = ", ".join(f"{p}={_short(v)}" for p, v in odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
+        faults.append(Fault(
+            odd[0][0],
+            f"fields tagged {tag.__name__} ({(tag.__doc__ or '').strip().rstrip('.')}) must agree, but "
+            f"{first_path}={_short(first)} while {shown}",
+            f"set them all at once with {first_path}=<value> (an override of any {tag.__name__} field sets "
+            f"every one), or in code with fdl.set_tagged(config, tag={tag.__name__}, value=...)",
         ))
     return faults
 

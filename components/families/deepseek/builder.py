@@ -1,5 +1,7 @@
 """Config builder for DeepSeek-family decoders: MLA or MHA attention, dense then DeepSeekMoE
-layers, optional multi-token prediction. Every layer gets its own sub-configs.
+layers, optional multi-token prediction. Every layer gets its own sub-configs; every `dim`
+that is the model width carries the `ModelDim` tag, so `model.dim=...` resizes the whole model as
+one setting (latent ranks, head and expert widths stay as built).
 
 Where the papers and the released code disagree (shared/reference/deepseek.md), and what we follow:
 - MTP input order: the released V3 checkpoint concatenates [embedding; hidden] (the paper
@@ -37,6 +39,7 @@ from components.model.mtp import MultiTokenPrediction
 from components.moe.experts import GroupedExperts
 from components.moe.router import Router
 from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+from registry.tags import model_width
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,41 +94,43 @@ def deepseek(*, vocab_size: int, dim: int, n_layers: int, n_dense_layers: int, d
 
     def attention_config():
         if isinstance(attention, MHASpec):
-            return ATTENTION.config("gqa", dim=dim, n_heads=attention.n_heads, head_dim=attention.head_dim,
-                                    position=POSITION.config("rope", theta=rope_theta))
+            return model_width(ATTENTION.config("gqa", dim=dim, n_heads=attention.n_heads,
+                                                head_dim=attention.head_dim,
+                                                position=POSITION.config("rope", theta=rope_theta)))
         spec = attention
-        return ATTENTION.config(
+        return model_width(ATTENTION.config(
             "mla", dim=dim, n_heads=spec.n_heads, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
             qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
             v_head_dim=spec.v_head_dim, position=POSITION.config("rope", theta=rope_theta, interleaved=True),
             kv_norm=NORM.config("rmsnorm", dim=spec.kv_lora_rank, eps=norm_eps),
-            q_norm=NORM.config("rmsnorm", dim=spec.q_lora_rank, eps=norm_eps) if spec.q_lora_rank else None)
+            q_norm=NORM.config("rmsnorm", dim=spec.q_lora_rank, eps=norm_eps) if spec.q_lora_rank else None))
 
     def moe_config():
-        return FEED_FORWARD.config(
-            "moe", dim=dim,
-            router=fdl.Config(Router, dim=dim, n_experts=moe.n_routed, top_k=moe.top_k, score_func=moe.score_func,
-                              n_groups=moe.n_groups, topk_groups=moe.topk_groups, group_score=moe.group_score,
-                              normalize_weights=moe.normalize_weights, scaling_factor=moe.scaling_factor,
-                              expert_bias=moe.aux_free_bias, bias_update_speed=moe.bias_update_speed),
-            experts=fdl.Config(GroupedExperts, n_experts=moe.n_routed, dim=dim, hidden_dim=moe.hidden_dim),
-            shared_experts=FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=moe.n_shared * moe.hidden_dim)
-            if moe.n_shared else None,
+        router = fdl.Config(Router, dim=dim, n_experts=moe.n_routed, top_k=moe.top_k, score_func=moe.score_func,
+                            n_groups=moe.n_groups, topk_groups=moe.topk_groups, group_score=moe.group_score,
+                            normalize_weights=moe.normalize_weights, scaling_factor=moe.scaling_factor,
+                            expert_bias=moe.aux_free_bias, bias_update_speed=moe.bias_update_speed)
+        experts = fdl.Config(GroupedExperts, n_experts=moe.n_routed, dim=dim, hidden_dim=moe.hidden_dim)
+        shared = FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=moe.n_shared * moe.hidden_dim)
+        return model_width(FEED_FORWARD.config(
+            "moe", dim=dim, router=model_width(router), experts=model_width(experts),
+            shared_experts=model_width(shared) if moe.n_shared else None,
             balance_alpha=moe.balance_alpha, device_balance_alpha=moe.device_balance_alpha,
-            n_devices=moe.n_devices, capacity_factor=moe.capacity_factor)
+            n_devices=moe.n_devices, capacity_factor=moe.capacity_factor))
 
     def block(dense: bool) -> fdl.Config[TransformerBlock]:
         return fdl.Config(
             TransformerBlock, attention=attention_config(),
-            feed_forward=FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=dense_hidden_dim) if dense else moe_config(),
-            attention_norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps),
-            ffn_norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps))
+            feed_forward=model_width(FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=dense_hidden_dim))
+            if dense else moe_config(),
+            attention_norm=rms(), ffn_norm=rms())
 
     def rms():
-        return NORM.config("rmsnorm", dim=dim, eps=norm_eps)
+        return model_width(NORM.config("rmsnorm", dim=dim, eps=norm_eps))
 
-    mtp = [fdl.Config(MultiTokenPrediction, dim=dim, block=block(dense=n_dense_layers >= n_layers), embed_norm=rms(),
-                      hidden_norm=rms(), head_norm=rms()) for _ in range(mtp_depth)]
-    return fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim,
-                      layers=[block(dense=i < n_dense_layers) for i in range(n_layers)], norm=rms(),
-                      init_std=init_std, depth_scaled_init=False, mtp=mtp or None, mtp_loss_weight=mtp_loss_weight)
+    mtp = [model_width(fdl.Config(MultiTokenPrediction, dim=dim, block=block(dense=n_dense_layers >= n_layers),
+                                  embed_norm=rms(), hidden_norm=rms(), head_norm=rms())) for _ in range(mtp_depth)]
+    return model_width(fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim,
+                                  layers=[block(dense=i < n_dense_layers) for i in range(n_layers)], norm=rms(),
+                                  init_std=init_std, depth_scaled_init=False, mtp=mtp or None,
+                                  mtp_loss_weight=mtp_loss_weight))

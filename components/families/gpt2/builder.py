@@ -1,7 +1,9 @@
 """Config builder for GPT-2-style decoders: each layer gets its own sub-configs.
 
 These return fiddle config trees (nothing is built), so recipes can edit any layer apart
-from the others and the registry names show in `--print`.
+from the others and the registry names show in `--print`. Every `dim` that is the model width
+carries the `ModelDim` tag, so `model.dim=...` resizes the whole model as one setting (the MLP's
+hidden width stays the number it was built with).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import fiddle as fdl
 from components.model.block import TransformerBlock
 from components.model.decoder import DecoderLM
 from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+from registry.tags import model_width
 
 
 def gpt2(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, max_len: int, norm_eps: float = 1e-5,
@@ -21,14 +24,15 @@ def gpt2(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, max_len: int
     def block() -> fdl.Config[TransformerBlock]:
         return fdl.Config(
             TransformerBlock,
-            attention=ATTENTION.config("gqa", dim=dim, n_heads=n_heads, bias=True, dropout=dropout),
-            feed_forward=FEED_FORWARD.config("mlp", dim=dim, hidden_dim=4 * dim, activation="gelu_tanh", bias=True),
-            attention_norm=NORM.config("layernorm", dim=dim, eps=norm_eps),
-            ffn_norm=NORM.config("layernorm", dim=dim, eps=norm_eps),
+            attention=model_width(ATTENTION.config("gqa", dim=dim, n_heads=n_heads, bias=True, dropout=dropout)),
+            feed_forward=model_width(FEED_FORWARD.config("mlp", dim=dim, hidden_dim=4 * dim, activation="gelu_tanh",
+                                                         bias=True)),
+            attention_norm=model_width(NORM.config("layernorm", dim=dim, eps=norm_eps)),
+            ffn_norm=model_width(NORM.config("layernorm", dim=dim, eps=norm_eps)),
             residual_dropout=dropout,
         )
 
-    return fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim, layers=[block() for _ in range(n_layers)],
-                      norm=NORM.config("layernorm", dim=dim, eps=norm_eps),
-                      position=POSITION.config("learned", max_len=max_len, dim=dim), tie_embeddings=True,
-                      embedding_dropout=dropout, init_std=0.02)
+    return model_width(fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim, layers=[block() for _ in range(n_layers)],
+                                  norm=model_width(NORM.config("layernorm", dim=dim, eps=norm_eps)),
+                                  position=model_width(POSITION.config("learned", max_len=max_len, dim=dim)),
+                                  tie_embeddings=True, embedding_dropout=dropout, init_std=0.02))

@@ -2,7 +2,8 @@
 its own sub-configs.
 
 These return fiddle config trees (nothing is built), so recipes can edit any layer apart
-from the others and the registry names show in `--print`.
+from the others and the registry names show in `--print`. Every `dim` that is the model width
+carries the `ModelDim` tag, so `model.dim=...` resizes the whole model as one setting.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import fiddle as fdl
 from components.model.block import TransformerBlock
 from components.model.decoder import DecoderLM
 from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+from registry.tags import model_width
 
 
 def llama(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, hidden_dim: int,
@@ -22,13 +24,13 @@ def llama(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads:
     def block() -> fdl.Config[TransformerBlock]:
         return fdl.Config(
             TransformerBlock,
-            attention=ATTENTION.config("gqa", dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                       position=POSITION.config("rope", theta=rope_theta)),
-            feed_forward=FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=hidden_dim),
-            attention_norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps),
-            ffn_norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps),
+            attention=model_width(ATTENTION.config("gqa", dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                                   position=POSITION.config("rope", theta=rope_theta))),
+            feed_forward=model_width(FEED_FORWARD.config("swiglu", dim=dim, hidden_dim=hidden_dim)),
+            attention_norm=model_width(NORM.config("rmsnorm", dim=dim, eps=norm_eps)),
+            ffn_norm=model_width(NORM.config("rmsnorm", dim=dim, eps=norm_eps)),
         )
 
-    return fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim, layers=[block() for _ in range(n_layers)],
-                      norm=NORM.config("rmsnorm", dim=dim, eps=norm_eps), tie_embeddings=tie_embeddings,
-                      init_std=init_std)
+    return model_width(fdl.Config(DecoderLM, vocab_size=vocab_size, dim=dim, layers=[block() for _ in range(n_layers)],
+                                  norm=model_width(NORM.config("rmsnorm", dim=dim, eps=norm_eps)),
+                                  tie_embeddings=tie_embeddings, init_std=init_std))
