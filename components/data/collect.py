@@ -33,10 +33,7 @@ def collect(source: DataSource, *, strict: bool, folder: Path) -> tuple[list[Doc
             docs.append(row)
             continue
         if strict:
-            raise MalformedRowError(
-                f"{row.where}: {row.reason}. Fix or remove this row; or run without strict mode (data.strict=False, "
-                f"the default), which skips malformed rows, counts them per file and lists them in "
-                f"rejects/{source.domain}.malformed.jsonl of the prepared data folder")
+            raise strict_error(row.where, row.reason, source.domain)
         malformed.append(row)
     if malformed:
         path = rejects_file(folder, source.domain)
@@ -44,6 +41,22 @@ def collect(source: DataSource, *, strict: bool, folder: Path) -> tuple[list[Doc
         with path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(row.record(), ensure_ascii=False) + "\n" for row in malformed)
     return docs, malformed
+
+
+def strict_error(where: str, reason: str, domain: str) -> MalformedRowError:
+    """The strict mode's error for a malformed row at `where`."""
+    return MalformedRowError(
+        f"{where}: {reason}. Fix or remove this row; or run without strict mode (data.strict=False, the "
+        f"default), which skips malformed rows, counts them per file and lists them in "
+        f"rejects/{domain}.malformed.jsonl of the prepared data folder")
+
+
+def first_malformed(folder: Path, domain: str) -> MalformedRowError:
+    """The strict mode's error for the first row in a prepared folder's rejects file (a copy
+    prepared without strict mode, now loaded with it)."""
+    with rejects_file(folder, domain).open(encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    return strict_error(first["where"], first["reason"], domain)
 
 
 def malformed_note(malformed: list[MalformedRow], root: str | None = None) -> str:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from components.data.collect import collect, malformed_note, rejects_file
+from components.data.collect import collect, first_malformed, malformed_note, rejects_file
 from components.data.dedup import Deduplicator
 from components.data.document import Document
 from components.data.loader import PackedLoader
@@ -141,6 +141,10 @@ class TextPipeline(TrainingData):
         if not force and self.prepared():
             self._report = [StageRow(**row) for row in json.loads((folder / "report.json").read_text())]
             self._store = TokenStore(folder / "tokens")
+            if self.strict:  # a copy prepared leniently still holds the rows strict mode refuses
+                bad = [r.domain for r in self._report if r.stage == "collect" and r.malformed]
+                if bad:
+                    raise first_malformed(folder, bad[0])
             if self.progress:
                 console.print(self.summary(cached=True), highlight=False, soft_wrap=True)
             return self._report

@@ -1,6 +1,7 @@
 """Run only the data pipeline of a recipe preset, with live progress and the per-stage report.
 
     python -m components.data.prepare deepseek_pretrain [PRESET] [path=value ...] [--force]
+    python -m components.data.prepare deepseek_pretrain data.path=my_corpus/   # your own files
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     if not hasattr(data, "prepare"):
         console.print(f"[bold red]error:[/bold red] {type(data).__name__} has no pipeline to prepare")
         sys.exit(2)
-    data.prepare(force=ns.force, console=console)
+    try:
+        data.prepare(force=ns.force, console=console)
+    except (FileNotFoundError, ValueError) as err:  # a missing corpus, a malformed row in strict mode, ...
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
+        sys.exit(1)
     console.print(data.report_table())
 
 

@@ -38,7 +38,8 @@ class LocalFiles(RowSource):
         """The files read, sorted; raises FileNotFoundError when there are none."""
         root = Path(self.path).expanduser()
         if not root.exists():
-            raise FileNotFoundError(f"local_files source {self.domain!r}: {root} does not exist (path={self.path!r})")
+            raise FileNotFoundError(f"local_files source {self.domain!r}: {root} does not exist (path={self.path!r}); "
+                                    f"give a txt / jsonl / parquet file or a folder of them")
         if root.is_file():
             if file_format(root) is None:
                 raise FileNotFoundError(f"local_files source {self.domain!r}: {root} is not a "
