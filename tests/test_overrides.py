@@ -7,6 +7,7 @@ import json
 import fiddle as fdl
 import pytest
 import torch
+from fiddle import daglish
 
 from components.attention.gqa import GroupedQueryAttention
 from components.interfaces import Attention
@@ -157,3 +158,149 @@ def test_print_tree_keeps_unset_markers():
     text = console.export_text()
     assert "dim = <[unset]>" in text
     assert "attention: Config[GroupedQueryAttention]  (ATTENTION 'gqa')" in text
+
+
+# -- swaps keep meaning (the flagship's debug preset) ------------------------------------------
+
+def _deepseek():
+    from recipes.deepseek_pretrain import recipe as deepseek_recipe
+
+    return deepseek_recipe
+
+
+def _attention_runs(cfg, seq_len: int = 64) -> torch.Tensor:
+    """Build layer 0's attention on CPU and run it on random input: [2, T, D] -> [2, T, D]."""
+    torch.manual_seed(0)
+    block = fdl.build(cfg.model.layers[0].attention)
+    x = torch.randn(2, seq_len, cfg.model.dim)
+    out = block(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    return out
+
+
+def test_mla_to_gqa_swap_on_the_flagship_runs_as_a_user_would():
+    from tests.conftest import run_recipe
+
+    result = run_recipe("model.layers[*].attention=@gqa", "--dry-run", recipe="deepseek_pretrain")
+    assert result.returncode == 0, result.stderr
+    assert "parameters (total)" in result.stdout and "error" not in result.stderr
+    # one note for the broadcast, naming MLA's query-latent norm as left behind
+    assert result.stderr.count("swapped to ATTENTION 'gqa'") == 1
+    assert "q_norm (means something else in 'gqa'" in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("swap, expected", [
+    ("@gqa", "GroupedQueryAttention"),
+    ("@block_sparse(block_size=32)", "BlockSparseAttention"),
+    ("@sliding_window(window=32)", "SlidingWindowAttention"),
+    ("@linear", "LinearAttention"),
+])
+def test_attention_swaps_on_deepseek_debug_carry_only_shared_arguments(swap, expected):
+    cfg, notes = resolve(_deepseek(), [f"model.layers[*].attention={swap}"])
+    for layer in cfg.model.layers:
+        attention = layer.attention
+        assert fdl.get_callable(attention).__name__ == expected
+        assert attention.dim == cfg.model.dim == 128 and attention.n_heads == 4
+        assert "q_norm" not in attention.__arguments__  # MLA's latent norm is not a QK-norm
+    rope = fdl.get_callable(cfg.model.layers[0].attention).supported_positions >= {"rotary"}
+    position = cfg.model.layers[0].attention.__arguments__.get("position")
+    assert (fdl.get_callable(position) is RoPE) if rope else position is None
+    if not rope:  # linear attention takes no rotary encoding: left behind, and said so
+        assert any("position" in n and "cannot take this value" in n for n in notes)
+    _attention_runs(cfg)
+
+
+def test_swap_keeps_arguments_inherited_from_a_common_class():
+    # A sliding-window attention is a GQA: its QK-norms mean the same and carry over.
+    cfg, _ = resolve(recipe, ["model.layers[0].attention.q_norm=@rmsnorm(dim=32)",
+                              "model.layers[0].attention.k_norm=@rmsnorm(dim=32)",
+                              "model.layers[0].attention=@sliding_window(window=64)"])
+    attention = cfg.model.layers[0].attention
+    assert attention.q_norm.dim == 32 and attention.k_norm.dim == 32 and attention.n_kv_heads == 2
+
+
+def test_moe_to_swiglu_asks_for_exactly_the_missing_argument():
+    with pytest.raises(ConfigError) as info:
+        resolve(_deepseek(), ["model.layers[*].feed_forward=@swiglu"])
+    (fault,) = info.value.faults
+    assert fault.path == "model.layers[*].feed_forward"
+    assert "@swiglu needs hidden_dim, which the 'moe' it replaces cannot supply" in fault.problem
+    assert "model.layers[0]" not in fault.problem  # the dense layer's SwiGLU keeps its hidden_dim
+    assert fault.fix == "give it in the swap: model.layers[*].feed_forward=@swiglu(hidden_dim=<int>)"
+    # the same for @mlp, and the fix (or a later override) works
+    with pytest.raises(ConfigError, match=r"@mlp needs hidden_dim, which"):
+        resolve(_deepseek(), ["model.layers[*].feed_forward=@mlp"])
+    cfg, _ = resolve(_deepseek(), ["model.layers[*].feed_forward=@swiglu",
+                                   "model.layers[*].feed_forward.hidden_dim=256"])
+    assert {layer.feed_forward.hidden_dim for layer in cfg.model.layers} == {256}
+    cfg, _ = resolve(_deepseek(), ["model.layers[*].feed_forward=@mlp(hidden_dim=256)"])
+    ffn = fdl.build(cfg.model.layers[2].feed_forward)
+    assert type(ffn).__name__ == "MLP" and ffn(torch.randn(1, 4, 128)).shape == (1, 4, 128)
+
+
+def test_dense_swap_carries_the_hidden_width():
+    cfg, _ = resolve(recipe, ["model.layers[*].feed_forward=@mlp"])
+    ffn = cfg.model.layers[0].feed_forward
+    assert fdl.get_callable(ffn).__name__ == "MLP" and (ffn.dim, ffn.hidden_dim) == (192, 512)
+
+
+# -- the model width is one setting ------------------------------------------------------------
+
+def _build_and_forward(model_config, vocab: int) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = fdl.build(model_config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    tokens = torch.randint(0, vocab, (1, 16))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (1, 16, vocab) and torch.isfinite(logits).all()
+    return model
+
+
+def _llama_parameters(model_cfg) -> int:
+    """Llama parameter count from its sizes, written out (untied head, no biases)."""
+    d, v, f = model_cfg.dim, model_cfg.vocab_size, model_cfg.layers[0].feed_forward.hidden_dim
+    a = model_cfg.layers[0].attention
+    hd = d // a.n_heads
+    per_layer = d * a.n_heads * hd + 2 * d * a.n_kv_heads * hd + a.n_heads * hd * d + 3 * d * f + 2 * d
+    return 2 * v * d + len(model_cfg.layers) * per_layer + d
+
+
+def test_model_dim_override_resizes_every_llama_sub_config():
+    before, _ = resolve(recipe, [])
+    cfg, notes = resolve(recipe, ["model.dim=240"])
+    dims = [(path, value.dim) for value, path in daglish.iterate(cfg.model)
+            if isinstance(value, fdl.Buildable) and "dim" in value.__arguments__]
+    assert len(dims) == 1 + 6 * 4 + 1  # model, per layer attention / ffn / two norms, final norm
+    assert {d for _, d in dims} == {240}
+    assert any("ModelDim is one setting: all 26 ModelDim fields set to 240" in n for n in notes)
+    model = _build_and_forward(cfg.model, cfg.model.vocab_size)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == _llama_parameters(cfg.model) != _llama_parameters(before.model)
+
+
+def test_model_dim_override_resizes_the_deepseek_model_but_not_its_latent_ranks():
+    cfg, _ = resolve(_deepseek(), ["model.dim=256"])
+    model = _build_and_forward(cfg.model, cfg.model.vocab_size)
+    widths = {name: m.dim for name, m in model.named_modules() if isinstance(getattr(m, "dim", None), int)}
+    residual = {n: w for n, w in widths.items() if not n.endswith(("q_norm", "kv_norm"))}
+    assert set(residual.values()) == {256}, residual
+    assert widths["layers.0.attention.q_norm"] == 64 and widths["layers.0.attention.kv_norm"] == 32
+    assert model.layers[1].feed_forward.router.weight.shape == (8, 256)
+
+
+def test_a_model_dim_edited_in_one_place_is_a_validation_fault():
+    cfg = recipe.config("debug")
+    cfg.model.layers[3].attention.dim = 64  # recipe code editing one copy only
+    with pytest.raises(ConfigError, match=r"model.layers\[3\].attention.dim: fields tagged ModelDim .* must agree"):
+        from registry import validate
+
+        validate(cfg)
+    # a swap keeps the tag, so the width still moves as one
+    cfg, _ = resolve(recipe, ["model.layers[*].attention=@sliding_window(window=64)", "model.dim=240"])
+    assert {layer.attention.dim for layer in cfg.model.layers} == {240}
+    loaded = serialize.load_text(serialize.dumps(cfg))
+    apply_overrides(loaded, ["model.dim=96"])
+    assert {layer.attention.dim for layer in loaded.model.layers} == {96}

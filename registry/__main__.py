@@ -1,0 +1,86 @@
+"""`python -m registry list [KIND]`: the component catalogue on the command line.
+
+    python -m registry list                  # every registry, as tables
+    python -m registry list attention        # one kind (any case)
+    python -m registry list --markdown       # markdown, built-ins and installed plugins
+    python -m registry list --markdown --write-readme README.md   # regenerate the README block
+    python -m registry list --check-readme README.md              # exit 1 if the block is stale
+
+Exit status 2 for an unknown kind or a README without the catalogue markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from registry import catalogue
+from registry.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m registry", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="list registered components with their docs and arguments")
+    listing.add_argument("kind", nargs="?", help="one registry kind, e.g. attention or feed_forward")
+    listing.add_argument("--markdown", action="store_true", help="print markdown instead of tables")
+    listing.add_argument("--builtin-only", action="store_true", help="leave out plugins' components")
+    listing.add_argument("--write-readme", metavar="README", help="rewrite the catalogue block of README "
+                         "(built-ins only, every kind)")
+    listing.add_argument("--check-readme", metavar="README", help="exit 1 if README's catalogue block is stale")
+    return parser
+
+
+def _tables(kind: str | None, *, builtin_only: bool) -> list[Table]:
+    tables = []
+    for registry in catalogue.select(kind):
+        found = catalogue.entries(registry, builtin_only=builtin_only)
+        shared = "; ".join(f"{name} ({s.meaning})" for name, s in registry.shared.items())
+        table = Table(title=f"{registry.kind}  (base {registry.base.__name__})", title_justify="left",
+                      caption=escape(f"a swap carries over: {shared}") if shared else None,
+                      caption_justify="left", show_lines=True)
+        table.add_column("name", style="bold cyan", no_wrap=True)
+        table.add_column("what it is", ratio=2)
+        table.add_column("arguments (required in bold)", ratio=3)
+        for entry in found:
+            name = escape(entry.name) + ("" if entry.builtin else f"\n[dim]plugin: {escape(entry.origin)}[/dim]")
+            args = "\n".join(f"[bold]{escape(str(a))}[/bold]" if a.default is None else escape(str(a))
+                             for a in entry.arguments) or "[dim]none[/dim]"
+            table.add_row(name, escape(entry.summary), args)
+        tables.append(table)
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    out, err = Console(), Console(stderr=True)
+    try:
+        if ns.write_readme:
+            changed = catalogue.write_readme(ns.write_readme)
+            out.print(f"{'rewrote' if changed else 'unchanged:'} the catalogue block of {ns.write_readme}",
+                      markup=False)
+            return 0
+        if ns.check_readme:
+            if catalogue.readme_matches(ns.check_readme):
+                out.print(f"{ns.check_readme}: the catalogue block is up to date", markup=False)
+                return 0
+            err.print(f"{ns.check_readme}: the catalogue block differs from the registries; "
+                      f"run {catalogue.REGENERATE}", markup=False)
+            return 1
+        if ns.markdown:
+            sys.stdout.write(catalogue.markdown(ns.kind, builtin_only=ns.builtin_only))
+            return 0
+        for table in _tables(ns.kind, builtin_only=ns.builtin_only):
+            out.print(table)
+        return 0
+    except ConfigError as error:
+        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
