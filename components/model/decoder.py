@@ -116,7 +116,10 @@ class DecoderLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter in place (after materialising from the meta device)."""
+        """Initialise every parameter in place (after materialising from the meta device).
+
+        Every block is already initialised by its constructor (std 1/sqrt(fan_in)); this pass
+        redraws all of them with the model's stds through their `reset_parameters`."""
         out_std = self.init_std / math.sqrt(2 * len(self.layers)) if self.depth_scaled_init else self.init_std
         nn.init.normal_(self.embedding.weight, std=self.init_std)
         if isinstance(self.position, AbsoluteEncoding):
