@@ -8,13 +8,15 @@ import torch
 
 from helpers.stdlib_bytes import StdlibBytes
 from components.train.checkpoint import Checkpointer
-from components.train.guard import StabilityGuard
+from components.train.guard import StabilityGuard, TrainingDiverged
 from components.precision.loss_scale import LossScale
 from components.precision.policies import FP16Autocast
 from components.train.launch import launch
 from components.train.trainer import train
+from recipes import deepseek_pretrain, llama_pretrain
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
+from tests.conftest import run_recipe
 
 
 def run_with_fault(bad_steps: set[int], *, steps: int = 6, **kwargs):
@@ -68,7 +70,7 @@ def test_repeated_bad_steps_roll_back_to_the_last_checkpoint(tmp_path):
 
 
 def test_repeated_bad_steps_without_checkpoint_stop_with_advice():
-    with pytest.raises(FloatingPointError, match="no checkpoint to roll back to"):
+    with pytest.raises(TrainingDiverged, match="no checkpoint of this run to roll back to"):
         run_with_fault({1, 2, 3}, value=float("nan"), guard=StabilityGuard(max_bad_steps=2))
 
 
@@ -97,3 +99,56 @@ def test_fp8_emulation_converts_the_linears_and_trains():
     converted = [m for m in result.model.modules() if type(m).__name__ == "Float8Linear"]
     assert len(converted) == 6 * 7  # q, k, v, o, gate, up, down in each of the 6 blocks
     assert all(torch.isfinite(torch.tensor(result.losses))) and result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.parametrize("module", [llama_pretrain, deepseek_pretrain])
+def test_every_preset_runs_with_the_stability_guard(module):
+    for name in module.recipe.presets:
+        guard = module.recipe.config(name).guard
+        assert isinstance(guard, fdl.Config) and fdl.get_callable(guard) is StabilityGuard, name
+
+
+def test_the_guard_leaves_a_healthy_run_unchanged():
+    guarded = run_with_fault(set(), steps=5)  # the preset's own guard
+    unguarded = run_with_fault(set(), steps=5, guard=None)
+    assert guarded.losses == unguarded.losses and "skipped_guard" not in guarded.terms
+
+
+def test_a_non_finite_gradient_is_named_in_the_stop_message():
+    """The loss stays finite; one weight's gradient becomes infinite from the second step on."""
+    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=6", "batch_size=2", "seq_len=32",
+                                 "precision=@fp32"])
+    config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
+    built = fdl.build(config)
+    torch.manual_seed(0)
+    model = fdl.build(config.model)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] > 1 else grad
+
+    model.layers[3].feed_forward.w_up.weight.register_hook(poison)
+    with pytest.raises(TrainingDiverged) as caught:
+        train(**{**built.keywords, "model": model, "guard": StabilityGuard(max_bad_steps=2)})
+    message = str(caught.value)
+    assert "training diverged at step 3: the gradient norm was" in message  # steps 2 and 3 are bad
+    assert "first non-finite gradient: layers.3.feed_forward.w_up.weight" in message
+    assert "the weights themselves are still finite" in message
+    assert "optimizer.lr=0.0003 (now 0.003)" in message and "scheduler.warmup_steps=" in message
+
+
+def test_a_diverging_run_stops_from_the_command_line_with_a_nonzero_exit(tmp_path):
+    """lr 30 (10,000x the preset's): steps are skipped, the run rolls back to its step-1
+    checkpoint three times, diverges again and stops, naming the step and what to try."""
+    result = run_recipe("precision=@fp32", "optimizer.lr=30.0", "steps=40", "batch_size=2", "seq_len=32",
+                        "log_every=1", f"metrics.folder={tmp_path}/run", f"checkpoint.folder={tmp_path}/ck",
+                        "checkpoint.every=1", "metrics.tensorboard=False", "metrics.plots=False",
+                        recipe="deepseek_pretrain", timeout=180)
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    error = " ".join(result.stderr.split())  # undo the console's line wrapping
+    assert "error: training diverged at step" in error
+    assert "after 3 rollbacks to the last checkpoint" in error
+    assert "rolled back to" in result.stdout
+    assert "optimizer.lr=3 (now 30)" in error and "scheduler.warmup_steps=" in error and "grad_clip=" in error
+    assert "Traceback" not in result.stderr and "done: loss" not in result.stdout

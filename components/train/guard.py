@@ -1,4 +1,5 @@
-"""Loss-spike and non-finite guard: skip bad updates, and after too many in a row roll back."""
+"""Loss-spike and non-finite guard: skip bad updates, roll back after repeated ones, and stop a
+run that cannot recover with `TrainingDiverged` (the recipes' command line exits non-zero)."""
 
 from __future__ import annotations
 
@@ -7,41 +8,63 @@ import math
 from registry.invariants import invariant
 
 
-@invariant("max_bad_steps >= 1 and spike_factor > 1 and window >= 1", lambda max_bad_steps, spike_factor, window:
-           max_bad_steps >= 1 and spike_factor > 1 and window >= 1,
-           fix="allow at least one bad step, a spike factor > 1 and a window of at least one step")
+class TrainingDiverged(FloatingPointError):
+    """A run whose loss or gradients went non-finite (or kept spiking) and did not recover.
+
+    The message names the step, what went bad, and what to change in the config."""
+
+
+@invariant("max_bad_steps >= 1 and spike_factor > 1 and window >= 1 and max_rollbacks >= 0",
+           lambda max_bad_steps, spike_factor, window, max_rollbacks:
+           max_bad_steps >= 1 and spike_factor > 1 and window >= 1 and max_rollbacks >= 0,
+           fix="allow at least one bad step, a spike factor > 1, a window of at least one step and "
+               "max_rollbacks >= 0")
 class StabilityGuard:
     """Judges each step before the optimizer update.
 
     A step is bad when its loss or gradient norm is not finite, or when its loss exceeds
-    `spike_factor` times the running mean of the last `window` good losses. A bad step's
-    update is skipped (gradients dropped). After `max_bad_steps` consecutive bad steps the
-    trainer rolls back to the last checkpoint and skips past the offending batches when
-    `rollback` and a checkpoint exist, and otherwise stops with an error.
+    `spike_factor` times the mean of the last `window` good losses (judged from the second
+    step on: the first step's loss, about ln(vocabulary) at initialisation, is the reference).
+    A bad step's update is skipped (gradients dropped). After `max_bad_steps` consecutive bad
+    steps the trainer rolls back to the last checkpoint this run wrote or loaded, skipping past
+    the offending batches, when `rollback` and such a checkpoint exist; it stops with
+    `TrainingDiverged` when there is none, or after `max_rollbacks` rollbacks.
+
+    The defaults are chosen, not taken from a paper: 3x the recent mean is far above the
+    step-to-step noise of a healthy run (a few percent) and far below a divergence (10-1000x).
     """
 
-    def __init__(self, *, max_bad_steps: int = 3, spike_factor: float = 3.0, window: int = 20, rollback: bool = True):
+    def __init__(self, *, max_bad_steps: int = 3, spike_factor: float = 3.0, window: int = 20,
+                 rollback: bool = True, max_rollbacks: int = 3):
         self.max_bad_steps = max_bad_steps
         self.spike_factor = spike_factor
         self.window = window
         self.rollback = rollback
+        self.max_rollbacks = max_rollbacks
         self.recent: list[float] = []
         self.consecutive_bad = 0
         self.skipped = 0
         self.rollbacks = 0
+        self.reason = ""
+        """Why the last bad step was judged bad (empty until one is)."""
 
     def check(self, loss: float, grad_norm: float) -> bool:
-        """True when the step may update the weights; records the verdict."""
-        enough = self.recent and len(self.recent) >= max(1, self.window // 2)
-        mean = sum(self.recent) / len(self.recent) if enough else math.inf
-        bad = not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > self.spike_factor * mean
-        if bad:
-            self.consecutive_bad += 1
-            self.skipped += 1
-            return False
-        self.consecutive_bad = 0
-        self.recent = (self.recent + [loss])[-self.window:]
-        return True
+        """True when the step may update the weights; records the verdict (and `reason`)."""
+        mean = sum(self.recent) / len(self.recent) if self.recent else math.inf
+        if not math.isfinite(loss):
+            self.reason = f"the loss was {loss}"
+        elif not math.isfinite(grad_norm):
+            self.reason = f"the gradient norm was {grad_norm} (the loss, {loss:.4g}, was finite)"
+        elif loss > self.spike_factor * mean:
+            self.reason = (f"the loss spiked to {loss:.4g}, above {self.spike_factor:g}x the mean of the last "
+                           f"{len(self.recent)} good steps ({mean:.4g})")
+        else:
+            self.consecutive_bad = 0
+            self.recent = (self.recent + [loss])[-self.window:]
+            return True
+        self.consecutive_bad += 1
+        self.skipped += 1
+        return False
 
     def state_dict(self) -> dict:
         """The running state (saved with checkpoints so a resumed run judges steps the same way)."""
@@ -55,3 +78,8 @@ class StabilityGuard:
     @property
     def exhausted(self) -> bool:
         return self.consecutive_bad >= self.max_bad_steps
+
+    @property
+    def may_roll_back(self) -> bool:
+        """Whether another rollback is allowed (a checkpoint must also exist)."""
+        return self.rollback and self.rollbacks < self.max_rollbacks

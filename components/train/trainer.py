@@ -17,7 +17,6 @@ import time
 import torch
 from rich.console import Console
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torchtitan.distributed.utils import clip_grad_norm_
 
 from components.attention import rules
 from components.interfaces import (
@@ -37,7 +36,8 @@ from components.train.batch_ramp import BatchRamp
 from components.train.checkpoint import Checkpointer
 from components.model.stats import training_flops_per_token
 from components.moe.router import Router
-from components.train.guard import StabilityGuard
+from components.train.divergence import clip_gradients, divergence_message, first_nonfinite_weight
+from components.train.guard import StabilityGuard, TrainingDiverged
 from components.train.metrics import Metrics
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
@@ -92,7 +92,10 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         batch_ramp: grow the sequences per step from a smaller start (V2/V3).
         checkpoint: when and where to save, and whether to resume (exactly: weights, optimizer,
             RNG and data-loader positions, step and token counters, loss history).
-        guard: skip non-finite or spiking steps, roll back after repeated ones (None: off).
+        guard: skip non-finite or spiking steps, roll back after repeated ones, and raise
+            `TrainingDiverged` (naming the step, what went non-finite and what to try) when the
+            run cannot recover (None: off; a run that ends with a non-finite validation loss
+            raises it all the same).
         metrics: JSONL/TensorBoard logging, MFU, MoE load, periodic validation, summary, plots.
         precision: the numeric policy (default `auto`: bf16 autocast where the device runs bf16
             matmuls faster than fp32, fp32 elsewhere; said in the run's first line).
@@ -137,7 +140,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             layer.checkpoint_activations = True if activation_checkpointing == "full" else "attention"
         if compile:  # static shapes: a micro-batch keeps its shape all run (MTP's T-1 is one more graph)
             layer.compile(dynamic=False, **({} if compile is True else {"backend": compile}))
-    params = [p for p in model.parameters() if p.requires_grad]
+    named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     step_hooks = [m for m in model.modules() if isinstance(m, OptimizerStepHook)]
     opt = precision.wrap_optimizer(optimizer(decay_groups(model, decay_embeddings=decay_embeddings,
                                                           decay_vectors=decay_norms_and_biases)))
@@ -214,7 +217,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                 step_terms = _mean_over_ranks(step_terms, device)
             if scaler is not None:
                 scaler.unscale_(opt)  # clip and judge the true gradients
-            grad_norm = clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
+            grad_norm, first_bad_grad = clip_gradients(named_params, grad_clip)
             overflow = scaler is not None and not math.isfinite(grad_norm.item())  # the scaler's to handle
             update = guard.check(sum(step_terms.values()), grad_norm.item()) \
                 if guard is not None and not overflow else True
@@ -236,16 +239,29 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             if guard is not None and not update:
                 history.setdefault("skipped_guard", []).append(step)
                 if guard.exhausted:
-                    if not (guard.rollback and checkpoint is not None and checkpoint.last is not None):
-                        raise FloatingPointError(f"{guard.consecutive_bad} bad steps in a row at step {step} "
-                                                 f"(non-finite or spiking loss/gradients) and no checkpoint to roll "
-                                                 f"back to; lower the learning rate or give the run a checkpoint")
+                    can_roll_back = checkpoint is not None and checkpoint.last is not None
+                    if not (guard.may_roll_back and can_roll_back):
+                        if guard.rollbacks:
+                            after = f"after {guard.rollbacks} rollbacks to the last checkpoint (the most allowed)"
+                        elif guard.rollback and guard.max_rollbacks > 0:
+                            after = "and no checkpoint of this run to roll back to"
+                        else:
+                            after = "and rollback is off"
+                        why = f"stopped after {guard.consecutive_bad} bad steps in a row {after}"
+                        raise TrainingDiverged(divergence_message(
+                            step=step + 1, reason=guard.reason, terms=step_terms, first_bad_grad=first_bad_grad,
+                            first_bad_weight=first_nonfinite_weight(model), stopped_because=why,
+                            lr=base_lrs[0], warmup_steps=getattr(scheduler, "warmup_steps", None),
+                            grad_clip=grad_clip, compute_dtype=precision.compute_dtype))
                     # Weights and optimizer go back; the data position does not, so the offending
                     # batches are skipped rather than replayed.
                     checkpoint.load(checkpoint.last, model=model, optimizer=opt)
                     guard.rollbacks += 1
                     guard.consecutive_bad = 0
                     history.setdefault("rollbacks", []).append(step)
+                    if progress:
+                        bar.console.print(f"note: step {step + 1}: {guard.reason}; {guard.max_bad_steps} bad steps in "
+                                          f"a row: rolled back to {checkpoint.last}", highlight=False, soft_wrap=True)
             tokens_seen += sequences * seq_len
             for name, value in step_terms.items():
                 history.setdefault(name, []).append(value)
@@ -268,7 +284,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                     row["expert_load"] = [load.tolist() for load in row["expert_load"]]
                 row.update(validation or {})
                 metrics.log(step + 1, row)
-            healthy = guard is None or guard.consecutive_bad == 0  # never make a bad streak the rollback point
+            healthy = guard is None or update  # never make a bad streak (or a rolled-back step) the rollback point
             if checkpoint is not None and healthy and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
                 checkpoint.save(step + 1, model=model, optimizer=opt, extra={
                     "tokens": tokens_seen, "history": history, "rng": torch.get_rng_state(),
@@ -283,6 +299,13 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     if not validated_at_end:
         validation = _validation(model, data, eval_batches, micro, seq_len, precision, seed, device)
     val_loss = validation["val_loss"]
+    if not math.isfinite(val_loss):  # with the guard off, or a model finite in training but not in eval
+        raise TrainingDiverged(divergence_message(
+            step=steps, reason=f"the final validation loss is {val_loss} (last training loss "
+            f"{losses[-1] if losses else float('nan'):.4g})", terms={}, first_bad_grad=None,
+            first_bad_weight=first_nonfinite_weight(model), stopped_because="the run is over and its model is unusable",
+            lr=base_lrs[0], warmup_steps=getattr(scheduler, "warmup_steps", None), grad_clip=grad_clip,
+            compute_dtype=precision.compute_dtype))
     seconds = time.perf_counter() - start
     if metrics is not None:
         if not validated_at_end:

@@ -1,0 +1,68 @@
+"""What a diverging run reports: gradient clipping that remembers which gradient went
+non-finite first, and the message of `TrainingDiverged` (step, what went bad, what to try)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def clip_gradients(named_params: list[tuple[str, torch.nn.Parameter]], max_norm: float | None
+                   ) -> tuple[torch.Tensor, str | None]:
+    """Scale the gradients so their global L2 norm is at most `max_norm` (None: no clipping).
+
+    Returns (the norm before clipping, the name of the first parameter whose gradient is
+    non-finite, or None). The name is looked up only when the norm is non-finite, and before
+    clipping, which would turn every gradient into NaN. Under a sharded plan each process
+    names the first non-finite gradient of its own shards; the norm is the global one.
+    """
+    grads = [p.grad for _, p in named_params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):  # a partial norm over the shards: reduce it to the global one
+        total = total.full_tensor()
+    first_bad = None
+    if not math.isfinite(total.item()):
+        first_bad = next((name for name, p in named_params
+                          if p.grad is not None and not torch.isfinite(_local(p.grad)).all()), None)
+    torch.nn.utils.clip_grads_with_norm_([p for _, p in named_params], max_norm if max_norm is not None else math.inf,
+                                         total)
+    return total, first_bad
+
+
+@torch.no_grad()
+def first_nonfinite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or infinity (None when all are finite)."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(_local(p)).all()), None)
+
+
+def divergence_message(*, step: int, reason: str, terms: dict[str, float], first_bad_grad: str | None,
+                       first_bad_weight: str | None, stopped_because: str, lr: float, warmup_steps: int | None,
+                       grad_clip: float | None, compute_dtype: torch.dtype) -> str:
+    """The `TrainingDiverged` message: where (`step` counted from 1, as the progress lines do),
+    what went non-finite, and config changes to try (`lr`: the configured peak learning rate)."""
+    parts = [f"training diverged at step {step}: {reason}"]
+    if len(terms) > 1:
+        parts.append("the loss is the sum of " + ", ".join(f"{name} {value:.4g}" for name, value in terms.items()))
+    if first_bad_grad is not None:
+        parts.append(f"first non-finite gradient: {first_bad_grad}")
+    parts.append(f"first non-finite weight: {first_bad_weight}" if first_bad_weight is not None
+                 else "the weights themselves are still finite")
+    parts.append(stopped_because)
+    tries = [f"a lower learning rate, e.g. optimizer.lr={lr / 10:.3g} (now {lr:.3g})"]
+    if warmup_steps is not None:
+        tries.append(f"a longer warmup, e.g. scheduler.warmup_steps={max(2 * warmup_steps, 100)} "
+                     f"(now {warmup_steps})")
+    else:
+        tries.append("a schedule with a warmup (scheduler=@warmup_cosine(...))")
+    tries.append("gradient clipping, grad_clip=1.0 (now off)" if grad_clip is None
+                 else f"tighter gradient clipping, e.g. grad_clip={grad_clip / 2:g} (now {grad_clip:g})")
+    if compute_dtype != torch.float32:
+        tries.append(f"precision=@fp32, to rule out {str(compute_dtype).removeprefix('torch.')} overflow")
+    return "; ".join(parts) + ". Try " + "; or ".join(tries) + "."
