@@ -1,10 +1,13 @@
 """The command line shared by every recipe:
 
     python recipes/X.py [PRESET] [path=value ...] [--print | --dump FILE | --dry-run] [--load FILE]
+                        [--resume [CHECKPOINT]] [--export-hf DIR]
 
 Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
 (print the tree, dump JSON, dry-run plan, or build and run). Config faults exit with
-status 2 and a message naming each path and its fix, never a traceback.
+status 2 and a message naming each path and its fix, never a traceback. A run that
+diverges and cannot recover (see `components.train.guard`) exits with status 3 and a
+message naming the step, what went non-finite and what to try.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="resume from the newest complete checkpoint in the run's checkpoint folder, "
                              "or from the CHECKPOINT folder given")
+    parser.add_argument("--export-hf", metavar="DIR",
+                        help="after training (or resuming a finished run), write the model to DIR as a transformers "
+                             "checkpoint: LlamaForCausalLM, or DeepseekV3/V2ForCausalLM for MLA models")
     return parser
 
 
@@ -90,6 +96,20 @@ def _set_resume(config: Any, resume: bool | str) -> None:
     checkpoint.resume = resume
 
 
+def _check_export(config: Any, ns: argparse.Namespace) -> None:
+    """Refuse --export-hf before any training when it cannot be done: with another action, or
+    for a model no transformers layout we write can express."""
+    if ns.print or ns.dump or ns.dry_run:
+        raise ConfigError([Fault("--export-hf", "exports the model a run trains, and this command trains none",
+                                 "drop --print/--dump/--dry-run, or drop --export-hf")])
+    from components.train.export import export_faults
+    from components.train.launch import build_model_on_meta
+
+    faults = export_faults(build_model_on_meta(config.model))
+    if faults:
+        raise ConfigError(faults)
+
+
 def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
     parser = _parser(recipe)
     ns = parser.parse_args(argv)
@@ -103,6 +123,8 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         if ns.print:  # printed before validation so a faulty tree can be inspected
             out.print(config_tree(config, label=f"{recipe.name}"))
         validate(config)
+        if ns.export_hf is not None:
+            _check_export(config, ns)
     except (ConfigError, RegistryError) as error:
         err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -116,6 +138,11 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
 
         dry_run(config, console=out)
     else:
+        from components.train.guard import TrainingDiverged
         from components.train.launch import launch
 
-        launch(config)
+        try:
+            launch(config, export_hf=ns.export_hf)
+        except TrainingDiverged as error:
+            err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(3)

@@ -241,6 +241,26 @@ class Checkpointer:
         return {"step": state["step"], "extra": join_tensors(state["extra"], extra_tensors)}
 
 
+def load_model(path: str | Path) -> nn.Module:
+    """The model checkpoint `path` holds, on the CPU: built from the `config.json` the run wrote
+    into it (runs started by `launch`) and loaded with the checkpoint's model weights only."""
+    import fiddle as fdl
+
+    from registry import serialize
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"checkpoint {path} has no config.json (it is written by runs started from a recipe); "
+                                f"build the model yourself and use Checkpointer.load")
+    model = fdl.build(serialize.load(str(path / "config.json")).model)
+    target = {f"model.{k}": v for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
+    model.load_state_dict({k[len("model."):]: v for k, v in target.items()})
+    return model
+
+
 def _weights_from_masters(target: dict[str, torch.Tensor], shapes: dict[str, dict[str, Any]]) -> None:
     """A checkpoint with fp32 master copies (bf16_params) resumed where the parameters are
     themselves fp32 (under FSDP's mixed precision, or another policy): the masters, not the

@@ -19,11 +19,13 @@ def build_model_on_meta(model_config: fdl.Buildable) -> torch.nn.Module:
         return fdl.build(model_config)
 
 
-def launch(config: fdl.Partial) -> Any:
+def launch(config: fdl.Partial, *, export_hf: str | None = None) -> Any:
     """Build `config` (a `fdl.Partial` of a train function with a `model` argument) and call it.
 
     The model is built on the meta device first so that the parallel plan can shard it
-    before weights are materialised; everything else is built normally.
+    before weights are materialised; everything else is built normally. `export_hf`: a
+    folder to write the trained model into as a transformers checkpoint (see
+    `components.train.export`; check it can with `export_faults` before calling).
     """
     run = copy.copy(config)
     if "model" in config.__arguments__:
@@ -33,5 +35,12 @@ def launch(config: fdl.Partial) -> Any:
     if checkpoint is not None:  # every checkpoint carries the config that produced it
         checkpoint.run_config = serialize.dumps(config)
     result = job()
+    if export_hf is not None:
+        from components.train.export import export_hf as export
+
+        seq_len = config.__arguments__.get("seq_len", 4096)
+        architecture = export(result.model, export_hf, model_config=config.model, max_position_embeddings=seq_len)
+        if architecture is not None:
+            print(f"exported the model as {architecture} to {export_hf}", flush=True)
     leave_process_group()  # a data-parallel run's processes leave together (no-op in one process)
     return result

@@ -1,7 +1,7 @@
 """Hugging Face DeepSeek-V2 / V3 checkpoints <-> tessera models.
 
 The checkpoint layout is the one on the hub and written by transformers' `save_pretrained`
-(shared/reference/deepseek.md §5a): per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`,
+(DeepSeek-V3, arXiv:2412.19437, as released; transformers' DeepseekV3/V2 modelling): per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`,
 the V3 router bias as `mlp.gate.e_score_correction_bias`, MTP modules as extra layers
 `model.layers.{n_layers + k}` with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and copies
 of the shared embedding and head. Checkpoints store RoPE interleaved; a tessera model built
@@ -9,6 +9,8 @@ with half-split RoPE gets the rope rows of its query and shared-key projections 
 
     model = load_pretrained("path/to/checkpoint")            # config.json + *.safetensors
     save_pretrained(model, "out/", hf_config=config_dict)     # loads back in transformers
+    save_pretrained(model, "out/", max_position_embeddings=4096)  # config.json derived from the model
+    unsupported(model)                                        # [] when the layout can express it
 """
 
 from __future__ import annotations
@@ -210,9 +212,102 @@ def _is_layer_at_or_after(name: str, index: int) -> bool:
     return name.startswith("model.layers.") and int(parts[2]) >= index
 
 
-def save_pretrained(model: DecoderLM, path: str | Path, *, hf_config: Mapping[str, Any]) -> None:
-    """Write `model.safetensors` and `config.json` (the given HF config dict) into `path`."""
+def unsupported(model: DecoderLM) -> list[str]:
+    """Why the DeepSeek-V2/V3 checkpoint layout cannot hold `model` ([] when it can): MLA in
+    every layer with plain RoPE, SwiGLU layers first and DeepSeekMoE layers after, one router
+    and expert shape throughout, pre-norm RMSNorm, no absolute position embedding."""
+    problems = []
+    if model.position is not None:
+        problems.append(f"model.position: {type(model.position).__name__} (DeepSeek has no absolute positions)")
+    if model.tied:
+        problems.append("model.tie_embeddings: DeepSeek checkpoints have an untied head")
+    kinds = []
+    for i, block in [(i, layer) for i, layer in enumerate(model.layers)] + \
+            [(f"mtp[{k}].block", m.block) for k, m in enumerate(model.mtp)]:
+        at = f"model.layers[{i}]" if isinstance(i, int) else f"model.{i}"
+        attn, ffn = block.attention, block.feed_forward
+        if not isinstance(attn, MultiHeadLatentAttention):
+            problems.append(f"{at}.attention: {type(attn).__name__} (the layout holds multi-head latent attention)")
+        elif type(attn.position).__name__ != "RoPE":
+            problems.append(f"{at}.attention.position: {type(attn.position).__name__} (exported: plain RoPE only)")
+        if block.norm_position != "pre":
+            problems.append(f"{at}.norm_position: {block.norm_position!r} (DeepSeek is pre-norm)")
+        if isinstance(ffn, MoE):
+            kinds.append("moe")
+            if ffn.shared_experts is not None and ffn.shared_experts.hidden_dim % ffn.experts.hidden_dim:
+                problems.append(f"{at}.feed_forward.shared_experts: hidden_dim is not a multiple of the experts'")
+        elif type(ffn).__name__ == "SwiGLU":
+            kinds.append("dense")
+        else:
+            problems.append(f"{at}.feed_forward: {type(ffn).__name__} (the layout holds SwiGLU and DeepSeekMoE)")
+    main = kinds[:len(model.layers)]
+    if "moe" not in main or main != sorted(main):  # "dense" < "moe": dense layers first, then MoE
+        problems.append("model.layers: the layout needs dense SwiGLU layers first, then at least one MoE layer")
+    if not problems:
+        routers = {_router_key(m.router) for m in model.modules() if isinstance(m, MoE)}
+        if len(routers) > 1:
+            problems.append("model.layers[*].feed_forward.router: routing differs between layers")
+        router = next(m.router for m in model.modules() if isinstance(m, MoE))
+        if router.score_func == "sigmoid" and router.group_score != "top2_sum" and router.n_groups > 1:
+            problems.append("router: sigmoid scores (DeepSeek-V3) rank groups by top2_sum in the layout")
+    return problems
+
+
+def _router_key(router: Any) -> tuple:
+    return (router.n_experts, router.top_k, router.score_func, router.n_groups, router.topk_groups,
+            router.group_score, router.normalize_weights, router.scaling_factor)
+
+
+def hf_config_of(model: DecoderLM, *, max_position_embeddings: int) -> dict[str, Any]:
+    """The HF config.json dict (deepseek_v3 for sigmoid routing, deepseek_v2 for softmax) of a
+    model `unsupported` accepts; the inverse of `config_from_hf`."""
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    router, attn = moe.router, model.layers[0].attention
+    dense = [layer.feed_forward for layer in model.layers if not isinstance(layer.feed_forward, MoE)]
+    v3 = router.score_func == "sigmoid"
+    dtype = str(model.embedding.weight.dtype).removeprefix("torch.")
+    config: dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2", "vocab_size": model.vocab_size,
+        "hidden_size": model.dim, "intermediate_size": dense[0].hidden_dim if dense else moe.experts.hidden_dim,
+        "moe_intermediate_size": moe.experts.hidden_dim, "num_hidden_layers": len(model.layers),
+        "first_k_dense_replace": len(dense), "num_attention_heads": attn.n_heads,
+        "num_key_value_heads": attn.n_heads, "q_lora_rank": attn.q_lora_rank, "kv_lora_rank": attn.kv_lora_rank,
+        "qk_nope_head_dim": attn.qk_nope_head_dim, "qk_rope_head_dim": attn.qk_rope_head_dim,
+        "v_head_dim": attn.v_head_dim, "head_dim": attn.qk_rope_head_dim, "n_routed_experts": router.n_experts,
+        "n_shared_experts": moe.shared_experts.hidden_dim // moe.experts.hidden_dim if moe.shared_experts else 0,
+        "num_experts_per_tok": router.top_k, "n_group": router.n_groups, "topk_group": router.topk_groups,
+        "norm_topk_prob": router.normalize_weights, "routed_scaling_factor": router.scaling_factor,
+        "num_nextn_predict_layers": len(model.mtp), "rms_norm_eps": model.norm.eps, "hidden_act": "silu",
+        "rope_theta": attn.position.theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": attn.position.theta},
+        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "initializer_range": model.init_std,
+        "torch_dtype": dtype, "dtype": dtype}
+    if v3:
+        config.update(rope_interleave=True, topk_method="noaux_tc", scoring_func="sigmoid")
+    else:
+        config.update(topk_method="group_limited_greedy" if router.n_groups > 1 else "greedy",
+                      scoring_func="softmax")
+    return config
+
+
+def save_pretrained(model: DecoderLM, path: str | Path, *, hf_config: Mapping[str, Any] | None = None,
+                    max_position_embeddings: int = 4096) -> None:
+    """Write `model.safetensors` and `config.json` into `path`: the given HF config dict, or
+    (None) one derived from the model (`hf_config_of`, raising ValueError listing what the layout
+    cannot express). A sigmoid router without an aux-free bias gets a zero correction bias."""
+    if hf_config is None:
+        problems = unsupported(model)
+        if problems:
+            raise ValueError("the DeepSeek-V2/V3 checkpoint layout cannot express this model: " + "; ".join(problems))
+        hf_config = hf_config_of(model, max_position_embeddings=max_position_embeddings)
+    state = to_hf_state_dict(model)
+    if hf_config.get("model_type") == "deepseek_v3":
+        for name in [n for n in state if n.endswith(".mlp.gate.weight")]:
+            state.setdefault(name.replace(".weight", ".e_score_correction_bias"),
+                             torch.zeros(state[name].shape[0], dtype=torch.float32))
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(dict(hf_config), indent=2))

@@ -1,0 +1,64 @@
+"""`--export-hf DIR`: write a trained model as a transformers checkpoint (config.json +
+model.safetensors), picking the family layout that can hold it.
+
+- a model with multi-head latent attention -> DeepSeek-V3 (sigmoid routing) or DeepSeek-V2
+  (softmax routing), `components.families.deepseek.hf`;
+- any other -> `LlamaForCausalLM`, `components.families.llama.hf`.
+
+A model neither layout can express (ALiBi, learned positions, LayerNorm, GELU MLPs, sliding
+windows, ...) is refused by `export_faults` on the meta-built model, before training starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fiddle as fdl
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from components.attention.mla import MultiHeadLatentAttention
+from components.families.deepseek import hf as deepseek_hf
+from components.families.llama import hf as llama_hf
+from components.model.decoder import DecoderLM
+from components.parallel.process_group import world
+from registry.errors import Fault
+
+
+def _family(model: DecoderLM):
+    uses_mla = any(isinstance(m, MultiHeadLatentAttention) for m in model.modules())
+    return (deepseek_hf, "DeepSeek-V2/V3") if uses_mla else (llama_hf, "LlamaForCausalLM")
+
+
+def export_faults(model: DecoderLM) -> list[Fault]:
+    """What stops `model` (meta-built is enough) from being exported, as config faults."""
+    family, name = _family(model)
+    return [Fault(problem.split(":")[0], f"the {name} checkpoint layout cannot express it:"
+                  f"{problem.partition(':')[2]}", "drop --export-hf, or use a component that layout has")
+            for problem in family.unsupported(model)]
+
+
+def export_hf(model: DecoderLM, folder: str | Path, *, model_config: fdl.Buildable | None = None,
+              max_position_embeddings: int = 4096) -> str | None:
+    """Write `model` into `folder` as a transformers checkpoint; returns the architecture
+    written (None on processes other than the first, which write nothing).
+
+    A sharded model (DTensor parameters) is gathered whole onto the CPU of the first process
+    and loaded into an unsharded copy built from `model_config` (required then).
+    """
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        if model_config is None:
+            raise ValueError("export_hf: a sharded model needs its model_config to rebuild an unsharded copy")
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world()[0] != 0:
+            return None
+        model = fdl.build(model_config)
+        model.load_state_dict(full)
+    elif world()[0] != 0:
+        return None
+    family, _ = _family(model)
+    with torch.no_grad():
+        family.save_pretrained(model, folder, max_position_embeddings=max_position_embeddings)
+    return (deepseek_hf.hf_config_of if family is deepseek_hf else llama_hf.hf_config_of)(
+        model, max_position_embeddings=max_position_embeddings)["architectures"][0]
