@@ -26,6 +26,7 @@ from components.moe.moe import MoE
 from components.train.launch import build_model_on_meta, launch
 from recipes import deepseek_pretrain, llama_pretrain
 from registry import ATTENTION, FEED_FORWARD, OPTIMIZER, POSITION, PRECISION, SCHEDULER, validate
+from registry.tags import model_width
 
 STEPS = 5  # a smoke run: enough to show each variant trains, far too few to rank them
 
@@ -56,8 +57,9 @@ def mla_to_gqa(config: fdl.Partial) -> None:
         mla = block.attention
         # Only what both attentions mean the same way carries over; MLA's latent ranks and
         # norms have no GQA counterpart. Two query heads share each key/value head.
-        block.attention = ATTENTION.config("gqa", dim=mla.dim, n_heads=mla.n_heads, n_kv_heads=mla.n_heads // 2,
-                                           position=mla.position)
+        # `model_width` tags `dim` as the model width, so `model.dim=...` still resizes it.
+        block.attention = model_width(ATTENTION.config("gqa", dim=mla.dim, n_heads=mla.n_heads,
+                                                       n_kv_heads=mla.n_heads // 2, position=mla.position))
 
 
 def rope_to_alibi(config: fdl.Partial) -> None:
@@ -78,7 +80,7 @@ def moe_to_swiglu(config: fdl.Partial) -> None:
         # wide as their hidden widths together costs the same matmul FLOPs per token (the
         # router's dim x n_experts scoring, under 1% here, is not counted by the dry run).
         hidden = moe.router.top_k * moe.experts.hidden_dim + moe.shared_experts.hidden_dim
-        block.feed_forward = FEED_FORWARD.config("swiglu", dim=moe.dim, hidden_dim=hidden)
+        block.feed_forward = model_width(FEED_FORWARD.config("swiglu", dim=moe.dim, hidden_dim=hidden))
 
 
 def adamw_to_lamb(config: fdl.Partial) -> None:

@@ -29,7 +29,8 @@ DEFAULT_STD = 0.02  # the std a block uses when built alone (a model's init pass
 @invariant(**rules.POSITION_SUPPORTED)
 @invariant(**rules.EVEN_ROTARY_DIM)
 @invariant(**rules.DROPOUT_RANGE)
-@invariant("init_scale > 0", lambda init_scale: init_scale > 0, fix="start the learned scale at a positive value, e.g. 10")
+@invariant("init_scale > 0", lambda init_scale: init_scale > 0,
+           fix="start the learned scale at a positive value, e.g. 10")
 class CosineAttention(Attention):
     """Causal attention on cosine similarities of queries and keys, scaled by a learned g per head.
 
