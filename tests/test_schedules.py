@@ -59,3 +59,23 @@ def test_hyperparameter_laws_reproduce_the_papers_settings():
     c67 = deepseek_llm_compute(95, 8192, 4096, 2e12)
     assert deepseek_llm_optimal_lr(c67) == pytest.approx(3.12e-4, rel=0.01)
     assert deepseek_llm_optimal_batch_tokens(c67) == pytest.approx(20.65e6, rel=0.01)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_wsd_matches_the_minicpm_formula_at_every_step(shape):
+    """Warmup-stable-decay (MiniCPM, arXiv:2404.06395 §4) written out per phase, every step compared."""
+    warmup, total, fraction, floor = 7, 60, 0.25, 0.05
+    decay_start = total * (1 - fraction)  # 45: the last quarter decays
+
+    def naive(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < decay_start:
+            return 1.0
+        t = min(step - decay_start, total - decay_start) / (total - decay_start)
+        falloff = t if shape == "linear" else (1 - math.cos(math.pi * t)) / 2
+        return 1.0 - (1.0 - floor) * falloff
+
+    wsd = WarmupStableDecay(warmup_steps=warmup, total_steps=total, decay_fraction=fraction, min_ratio=floor,
+                            shape=shape)
+    assert [wsd(s) for s in range(total + 10)] == pytest.approx([naive(s) for s in range(total + 10)])
