@@ -226,3 +226,26 @@ def test_flagship_trains_on_a_folder_from_the_command_line(corpus, tmp_path):
                  module=True)
     assert strict.returncode == 1
     assert f"error: {corpus.root}/a.jsonl:3: malformed JSON: Unterminated string" in strict.stdout, strict.stdout
+
+
+def test_one_text_file_splits_into_paragraphs_or_lines_located_by_line(tmp_path):
+    rng = random.Random(2)
+    paragraphs = [document(rng, sentences=2).replace(". ", ".\n") for _ in range(40)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs) + "\n")
+    starts, line = [], 1
+    for paragraph in paragraphs:  # the line each paragraph starts on, counted independently
+        starts.append(line)
+        line += paragraph.count("\n") + 2
+    rows = list(LocalFiles(path=str(tmp_path / "book.txt"), domain="text", txt_split="paragraph").rows())
+    assert [r.text for r in rows] == paragraphs
+    assert [r.source for r in rows] == [f"{tmp_path / 'book.txt'}:{n}" for n in starts]
+    lines = list(LocalFiles(path=str(tmp_path / "book.txt"), domain="text", txt_split="line").rows())
+    assert [r.text for r in lines] == [x for p in paragraphs for x in p.split("\n")]
+    with pytest.raises(ValueError, match="1 document.*data.txt_split=paragraph"):
+        TextPipeline(path=str(tmp_path / "book.txt"), vocab_size=300, data_dir=str(tmp_path / "d"),
+                     progress=False).prepare()
+    split = TextPipeline(path=str(tmp_path / "book.txt"), txt_split="paragraph", vocab_size=300, val_fraction=0.1,
+                         data_dir=str(tmp_path / "d"), progress=False)
+    split.prepare()
+    assert split.store.index["arrays"]["text.train"]["documents"] + \
+        split.store.index["arrays"]["text.val"]["documents"] == len(paragraphs)

@@ -32,6 +32,7 @@ from components.data.document import Document
 from components.data.loader import PackedLoader
 from components.data.mixture import mixture_weights
 from components.data.sources.files import LocalFiles
+from components.data.sources.readers import TxtSplit
 from components.data.sources.rows import RowSource
 from components.data.store import TokenStore, write_store
 from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
@@ -72,6 +73,8 @@ class TextPipeline(TrainingData):
         path: your own corpus instead of `sources`: a txt / jsonl / json / parquet file or a
             folder of them (see `LocalFiles`), read as the one domain "text".
         text_field: the jsonl field / parquet column holding the text (with `path`).
+        txt_split: a txt file is one document ("file"), one per paragraph ("paragraph": between
+            blank lines) or one per non-blank line ("line") (with `path`).
         strict: stop at the first malformed row (broken JSON, missing / non-string / empty
             text, a row over the reader's size limit) with its file and line; by default such
             rows are skipped, counted per file in the report and listed in
@@ -91,13 +94,13 @@ class TextPipeline(TrainingData):
     """
 
     def __init__(self, *, sources: list[DataSource] | None = None, path: str | None = None, text_field: str = "text",
-                 strict: bool = False, filters: dict[str, list[DocumentFilter]] | None = None,
+                 txt_split: TxtSplit = "file", strict: bool = False, filters: dict[str, list[DocumentFilter]] | None = None,
                  dedup: Deduplicator | None = None, vocab_size: int = 2048, tokenizer_sample_bytes: int = 20_000_000,
                  mixture_temperature: float = 1.0, mixture_weights: dict[str, float] | None = None,
                  val_fraction: float = 0.02, data_dir: str = "runs/data", rejects: bool = False, workers: int = 2,
                  progress: bool = True, encoding_name: str | None = None):
         if path is not None:  # the user's own corpus replaces the preset's sources
-            sources = [LocalFiles(path=path, domain=OWN_DOMAIN, text_field=text_field)]
+            sources = [LocalFiles(path=path, domain=OWN_DOMAIN, text_field=text_field, txt_split=txt_split)]
         if not sources:
             raise ValueError("TextPipeline needs sources=[...] or path=<a corpus file or folder>")
         self.sources = sources
@@ -116,11 +119,18 @@ class TextPipeline(TrainingData):
         self.progress = progress
         self.encoding_name = encoding_name
         self._store: TokenStore | None = None
+        self._fingerprint: str | None = None
         self._report: list[StageRow] | None = None
         self._loaders: dict[str, PackedLoader] = {}
 
     # -- identity and caching -----------------------------------------------------------------
     def fingerprint(self) -> str:
+        """The cache key (computed once per instance: it walks a corpus folder's files)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         contents = [s.content_signature() if isinstance(s, RowSource) else "" for s in self.sources]
         spec = repr((FORMAT_VERSION, sys.version, self.sources, contents, sorted(self.filters.items()), self.dedup,
                      self.vocab_size, self.tokenizer_sample_bytes, self.val_fraction, self.encoding_name))
@@ -297,7 +307,8 @@ class TextPipeline(TrainingData):
             train, val = splits[(domain, "train")], splits[(domain, "val")]
             if len(train) + len(val) < 2:
                 raise ValueError(f"domain {domain!r} has {len(train) + len(val)} document(s) after cleaning; it needs "
-                                 f"at least 2 (one for training, one held out): give it more documents")
+                                 f"at least 2 (one for training, one held out): give it more documents (a single "
+                                 f"txt file is one document unless split: data.txt_split=paragraph or =line)")
             # A small domain can hash entirely to one side: move the document nearest the cut.
             if not val:
                 val.append(train.pop(min(range(len(train)), key=lambda i: train[i].key)))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from components.data.document import Document
-from components.data.sources.readers import SUFFIXES, file_format, read_rows
+from components.data.sources.readers import SUFFIXES, TxtSplit, file_format, read_rows
 from components.data.sources.rows import MalformedRow, RowSource
 from registry.kinds import DATA_SOURCE
 
@@ -20,7 +20,8 @@ class LocalFiles(RowSource):
     """Every corpus file under `path` (a file or a folder, searched recursively, hidden files
     and folders skipped), in sorted order. Read here, never over the network.
 
-    txt: one document per file (invalid UTF-8 replaced and counted); jsonl: one per line, the
+    txt: one document per file, or per paragraph / line with `txt_split` (invalid UTF-8
+    replaced and counted); jsonl: one per line, the
     text in `text_field`; json: an array of such objects, or JSON Lines; parquet: one per row
     of column `text_field`. `.gz` files are decompressed (not parquet, compressed inside).
     Rows that cannot be used (broken JSON, a missing, non-string or empty text, a row over
@@ -33,6 +34,7 @@ class LocalFiles(RowSource):
     text_field: str = "text"
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
     max_row_bytes: int = 16_000_000
+    txt_split: TxtSplit = "file"
 
     def files(self) -> list[Path]:
         """The files read, sorted; raises FileNotFoundError when there are none."""
@@ -57,7 +59,7 @@ class LocalFiles(RowSource):
     def rows(self) -> Iterator[Document | MalformedRow]:
         for file in self.files():
             yield from read_rows(file, domain=self.domain, text_field=self.text_field,
-                                 max_row_bytes=self.max_row_bytes)
+                                 max_row_bytes=self.max_row_bytes, txt_split=self.txt_split)
 
     def content_signature(self) -> str:
         """A hash of every file's absolute path, size and modification time: a file edited,

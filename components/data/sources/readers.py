@@ -14,13 +14,15 @@ import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from components.data.document import Document, decode
 from components.data.sources.rows import MalformedRow
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 """Formats read (each also as `NAME.gz`, except parquet, which compresses internally)."""
+
+TxtSplit = Literal["file", "paragraph", "line"]
 
 _EXCERPT = 200  # characters of a bad row kept in the rejects file
 _CHUNK = 1 << 20  # bytes read at a time when skipping an oversized line
@@ -35,11 +37,16 @@ def file_format(path: Path) -> str | None:
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def read_rows(path: Path, *, domain: str, text_field: str, max_row_bytes: int) -> Iterator[Document | MalformedRow]:
-    """Every row of `path`: txt is one document per file; JSON Lines one per line; a JSON file
-    holding an array one per item; parquet one per row of column `text_field`."""
+def read_rows(path: Path, *, domain: str, text_field: str, max_row_bytes: int,
+              txt_split: TxtSplit = "file") -> Iterator[Document | MalformedRow]:
+    """Every row of `path`: txt is one document per file (`txt_split="file"`), per paragraph
+    ("paragraph": runs of lines between blank lines) or per non-blank line ("line"); JSON Lines
+    one per line; a JSON file holding an array one per item; parquet one per row of column
+    `text_field`."""
     fmt = file_format(path)
-    if fmt == ".txt":
+    if fmt == ".txt" and txt_split != "file":
+        yield from _txt_pieces(path, domain, max_row_bytes, by_line=txt_split == "line")
+    elif fmt == ".txt":
         yield from _txt(path, domain, max_row_bytes)
     elif fmt == ".parquet":
         yield from _parquet(path, domain, text_field, max_row_bytes)
@@ -72,6 +79,43 @@ def _txt(path: Path, domain: str, limit: int) -> Iterator[Document | MalformedRo
         yield MalformedRow(file=str(path), where=str(path), reason="empty file", excerpt=text[:_EXCERPT], nbytes=size)
         return
     yield Document(text=text, domain=domain, source=str(path), invalid_utf8=replaced)
+
+
+def _txt_pieces(path: Path, domain: str, limit: int, *, by_line: bool) -> Iterator[Document | MalformedRow]:
+    """Paragraphs (or non-blank lines) of a text file, streamed; each located by its first
+    line. A piece over `limit` bytes is counted to its end but never held whole."""
+    held: list[bytes] = []
+    start = size = 0
+
+    def flush() -> Iterator[Document | MalformedRow]:
+        where = f"{path}:{start}"
+        if size > limit:
+            yield MalformedRow(file=str(path), where=where, line=start, reason=_too_big(size, limit), nbytes=size,
+                               excerpt=decode(held[0][:_EXCERPT * 4])[0][:_EXCERPT])
+        elif held:
+            text, replaced = decode(b"".join(held).rstrip(b"\r\n"))
+            yield Document(text=text, domain=domain, source=where, invalid_utf8=replaced)
+
+    with _open(path) as f:
+        line = 0
+        while raw := f.readline(limit + 1):
+            line += 1
+            n = len(raw)
+            if n > limit and not raw.endswith(b"\n"):
+                n += _skip(f)  # the rest of an oversized line: counted, not held
+            elif not raw.strip():  # a blank line ends a paragraph
+                yield from flush()
+                held, size = [], 0
+                continue
+            if size == 0:
+                start = line
+            if size + n <= limit or not held:
+                held.append(raw)  # (a first line over the limit is held only as far as read, for the excerpt)
+            size += n
+            if by_line:
+                yield from flush()
+                held, size = [], 0
+        yield from flush()
 
 
 def _to_end(f: IO[bytes]) -> int:
