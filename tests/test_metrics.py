@@ -11,7 +11,8 @@ import pytest
 
 from helpers.stdlib_bytes import StdlibBytes
 from components.train.launch import launch
-from components.train.metrics import Metrics
+from components.moe.moe import MoE
+from components.train.metrics import Metrics, expert_load_figure
 from recipes.deepseek_pretrain import recipe as deepseek
 from recipes.llama_pretrain import recipe as llama
 from registry.cli import resolve
@@ -37,6 +38,13 @@ def test_deepseek_run_writes_metrics_summary_and_plots(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["energy_kwh"] == pytest.approx(100.0 * summary["seconds"] / 3.6e6)
     assert summary["energy_cost"] == pytest.approx(summary["energy_kwh"] * 0.3)
+    # The plot's rows carry the real layer indices: the debug model's layer 0 is dense.
+    moe_layers = [i for i, layer in enumerate(config.model.layers) if fdl.get_callable(layer.feed_forward) is MoE]
+    moe_layers += [len(config.model.layers) + k for k in range(len(config.model.mtp))]  # MTP: after the last
+    assert moe_layers == [1, 2, 3, 4] and summary["moe_layers"] == moe_layers
+    figure = expert_load_figure([r["expert_load"] for r in steps], summary["moe_layers"])
+    assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == ["1", "2", "3", "4"]
+    assert list(figure.axes[0].get_yticks()) == [0, 1, 2, 3]  # one tick per row, no fractional ones
     for png in ("loss.png", "lr.png", "expert_load.png"):
         assert (tmp_path / "run" / png).stat().st_size > 1000
     assert any((tmp_path / "run" / "tensorboard").iterdir())

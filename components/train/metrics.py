@@ -45,13 +45,18 @@ class Metrics:
         self.plots = plots
         self.rows: list[dict[str, Any]] = []
         self.devices = 1
+        self.moe_layers: list[int] = []
         self._writer = None
         self._wandb = None
 
-    def start(self, *, dtype: torch.dtype, device: str = "cpu", resume: bool = False, devices: int = 1) -> None:
+    def start(self, *, dtype: torch.dtype, device: str = "cpu", resume: bool = False, devices: int = 1,
+              moe_layers: list[int] | None = None) -> None:
         """Open the logs (appending to an existing `metrics.jsonl` when the run resumes);
-        `devices`: how many devices the run trains on (the energy estimate counts each)."""
+        `devices`: how many devices the run trains on (the energy estimate counts each);
+        `moe_layers`: the layer index of each MoE layer, in the order of the logged expert loads
+        (an MTP module counts as the layer after the last; see `moe_layer_indices`)."""
         self.devices = devices
+        self.moe_layers = list(moe_layers or [])
         self.folder.mkdir(parents=True, exist_ok=True)
         log = self.folder / "metrics.jsonl"
         if resume and log.exists():
@@ -89,6 +94,8 @@ class Metrics:
         kwh = self.device_watts * self.devices * seconds / 3.6e6
         summary = {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
                    "energy_kwh": kwh, "device_watts": self.device_watts, "devices": self.devices, **extra}
+        if self.moe_layers:
+            summary["moe_layers"] = self.moe_layers
         if self.price_per_kwh is not None:
             summary["energy_cost"] = kwh * self.price_per_kwh
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -132,11 +139,34 @@ class Metrics:
         plt.close(fig)
         loads = [r["expert_load"] for r in self.rows if "expert_load" in r]
         if loads:
-            layer_means = torch.tensor(loads, dtype=torch.float32).mean(0)  # [layers, experts]
-            fig, ax = plt.subplots(figsize=(7, 3))
-            image = ax.imshow((layer_means / layer_means.sum(-1, keepdim=True)).numpy(), aspect="auto", cmap="viridis")
-            ax.set_xlabel("expert")
-            ax.set_ylabel("MoE layer")
-            fig.colorbar(image, label="share of routed tokens")
+            fig = expert_load_figure(loads, self.moe_layers or list(range(len(loads[0]))))
             fig.savefig(self.folder / "expert_load.png", dpi=100, bbox_inches="tight")
             plt.close(fig)
+
+
+def moe_layer_indices(model: torch.nn.Module, router_type: type) -> list[int]:
+    """The layer index of every `router_type` module of a decoder, in module order: i for
+    `layers.i`, and n_layers + k for MTP module k (the index DeepSeek checkpoints give it)."""
+    n_layers = len(getattr(model, "layers", []))
+    indices = []
+    for name, module in model.named_modules():
+        if isinstance(module, router_type):
+            parts = name.split(".")
+            indices.append(int(parts[1]) + (n_layers if parts[0] == "mtp" else 0))
+    return indices
+
+
+def expert_load_figure(loads: list[list[list[float]]], layers: list[int]):
+    """Heat map of each MoE layer's mean share of routed tokens per expert; `loads`: per logged
+    step, per layer, per expert token counts; rows are labelled with the real `layers` indices."""
+    import matplotlib.pyplot as plt
+
+    layer_means = torch.tensor(loads, dtype=torch.float32).mean(0)  # [layers, experts]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    image = ax.imshow((layer_means / layer_means.sum(-1, keepdim=True)).numpy(), aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), labels=[str(i) for i in layers])
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.colorbar(image, label="share of routed tokens")
+    return fig

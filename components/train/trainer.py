@@ -38,7 +38,7 @@ from components.model.stats import training_flops_per_token
 from components.moe.router import Router
 from components.train.divergence import clip_gradients, divergence_message, first_nonfinite_weight
 from components.train.guard import StabilityGuard, TrainingDiverged
-from components.train.metrics import Metrics
+from components.train.metrics import Metrics, moe_layer_indices
 from components.train.progress import TrainProgress
 from registry.invariants import invariant
 
@@ -187,7 +187,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                       soft_wrap=True)
     if metrics is not None:
         metrics.start(dtype=precision.compute_dtype, device=device, resume=resume_from is not None,
-                      devices=world_size)
+                      devices=world_size, moe_layers=moe_layer_indices(model, Router))
     validation: dict[str, float] | None = None
     with _explain_oom(), TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         for step in range(start_step, steps):
