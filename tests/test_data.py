@@ -14,7 +14,13 @@ import torch
 
 from components.data.dedup import Deduplicator, shingles
 from components.data.document import Document
-from components.data.filters.heuristics import CodeHeuristics, LengthFilter, ProseHeuristics, RegexClean, RepetitionFilter
+from components.data.filters.heuristics import (
+    CodeHeuristics,
+    LengthFilter,
+    ProseHeuristics,
+    RegexClean,
+    RepetitionFilter,
+)
 from components.data.filters.language import LanguageFilter
 from components.data.filters.quality import QualityClassifier
 from components.data.loader import PackedLoader
@@ -28,7 +34,8 @@ from tests.conftest import ROOT
 PROSE = ("The queue module implements multi-producer, multi-consumer queues. It is especially useful in "
          "threaded programming when information must be exchanged safely between multiple threads. The Queue "
          "class in this module implements all the required locking semantics.")
-CODE = "def add(a, b):\n    \"\"\"Return the sum.\"\"\"\n    return a + b\n\n\nclass Box:\n    def __init__(self, x):\n        self.x = x\n"
+CODE = ("def add(a, b):\n    \"\"\"Return the sum.\"\"\"\n    return a + b\n\n\n"
+        "class Box:\n    def __init__(self, x):\n        self.x = x\n")
 
 
 def doc(text: str, domain: str = "prose") -> Document:

@@ -16,7 +16,7 @@ class Document:
     invalid_utf8: bool = False
     """True when the raw bytes were not valid UTF-8 and were decoded with replacement characters."""
 
-    def replace_text(self, text: str) -> "Document":
+    def replace_text(self, text: str) -> Document:
         return dataclasses.replace(self, text=text)
 
     @property

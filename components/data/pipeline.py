@@ -94,7 +94,8 @@ class TextPipeline(TrainingData):
     """
 
     def __init__(self, *, sources: list[DataSource] | None = None, path: str | None = None, text_field: str = "text",
-                 txt_split: TxtSplit = "file", strict: bool = False, filters: dict[str, list[DocumentFilter]] | None = None,
+                 txt_split: TxtSplit = "file", strict: bool = False,
+                 filters: dict[str, list[DocumentFilter]] | None = None,
                  dedup: Deduplicator | None = None, vocab_size: int = 2048, tokenizer_sample_bytes: int = 20_000_000,
                  mixture_temperature: float = 1.0, mixture_weights: dict[str, float] | None = None,
                  val_fraction: float = 0.02, data_dir: str = "runs/data", rejects: bool = False, workers: int = 2,
@@ -347,7 +348,8 @@ class TextPipeline(TrainingData):
         return PackedLoader(store=self.store, split=split, seq_len=seq_len, batch_size=batch_size, weights=weights,
                             seed=seed, rank=rank, world_size=world)
 
-    def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(self, split: str, *, batch_size: int, seq_len: int,
+              generator: torch.Generator) -> dict[str, torch.Tensor]:
         seed = generator.initial_seed() + (split == "val")
         # One stream per split, sequence length and seed (a new seed, a new run: a new stream); its
         # position does not depend on the batch size or the number of ranks reading it.

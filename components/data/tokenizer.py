@@ -45,11 +45,12 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, folder: str | Path, name
     ranks = dict(trainer.get_mergeable_ranks())
     if len(ranks) < n_merged:
         raise ValueError(f"the corpus supports only {len(ranks)} distinct tokens, fewer than the "
-                         f"{n_merged} asked for (vocab_size {vocab_size}); use a smaller vocab_size (data.vocab_size=N on "
-                         f"the command line; the model may keep a larger one) or more text")
+                         f"{n_merged} asked for (vocab_size {vocab_size}); use a smaller vocab_size "
+                         f"(data.vocab_size=N on the command line; the model may keep a larger one) or more text")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in by_rank]
     (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
     specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
     (folder / "tokenizer.json").write_text(json.dumps({"name": name, "pattern": trainer.get_pattern(),

@@ -32,7 +32,8 @@ class RegexClean(DocumentFilter):
         text = _CONTROL.sub("", doc.text)
         if self._drop:
             text = "\n".join(line for line in text.split("\n") if not any(p.search(line) for p in self._drop))
-        text = re.sub(r"\n{%d,}" % (self.max_blank_lines + 2), "\n" * (self.max_blank_lines + 1), text).strip("\n")
+        runs = re.compile(rf"\n{{{self.max_blank_lines + 2},}}")  # more blank lines in a row than allowed
+        text = runs.sub("\n" * (self.max_blank_lines + 1), text).strip("\n")
         return doc.replace_text(text) if text.strip() else None
 
 

@@ -85,7 +85,8 @@ class QualityClassifier(DocumentFilter):
                 self._weights = torch.load(path, weights_only=True)
             else:
                 if self.positive is None or self.negative is None:
-                    raise ValueError("quality_classifier: give positive and negative sources, or an existing model_path")
+                    raise ValueError("quality_classifier: give positive and negative sources, "
+                                     "or an existing model_path")
                 take = self.max_documents
                 pos = [d.text for _, d in zip(range(take), self.positive.documents())]
                 neg = [d.text for _, d in zip(range(take), self.negative.documents())]

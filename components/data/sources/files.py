@@ -99,4 +99,5 @@ class HubDataset(RowSource):
             else:
                 problem = "missing" if text is None else "empty" if isinstance(text, str) else \
                     f"a {type(text).__name__}, not a string"
-                yield MalformedRow(file=self.name, where=where, line=i, reason=f"field {self.text_field!r} is {problem}")
+                yield MalformedRow(file=self.name, where=where, line=i,
+                                   reason=f"field {self.text_field!r} is {problem}")
