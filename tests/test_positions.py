@@ -59,7 +59,8 @@ def test_yarn_frequencies_match_formula(dim):
 
 
 def test_yarn_mscale_and_softmax_scale_match_deepseek_numbers():
-    # Reference numbers (shared/reference §4a): scale = 192^-0.5 * mscale^2.
+    # YaRN (V3 arXiv:2412.19437 §4.3, V2 arXiv:2405.04434 §3.1.4): scale = 192^-0.5 * mscale^2,
+    # mscale = 0.1 ln s + 1 (V3) or 0.0707 ln s + 1 (V2), s = 40.
     v3 = YaRN(factor=40.0, mscale=1.0, mscale_all_dim=1.0)
     v2 = YaRN(factor=40.0, mscale=0.707, mscale_all_dim=0.707)
     assert v3.softmax_scale_multiplier() == pytest.approx(1.87385, abs=1e-5)

@@ -3,7 +3,8 @@ layers, optional multi-token prediction. Every layer gets its own sub-configs; e
 that is the model width carries the `ModelDim` tag, so `model.dim=...` resizes the whole model as
 one setting (latent ranks, head and expert widths stay as built).
 
-Where the papers and the released code disagree (shared/reference/deepseek.md), and what we follow:
+Where the papers (DeepSeek-V2 arXiv:2405.04434, DeepSeek-V3 arXiv:2412.19437) and the released
+code disagree, and what we follow:
 - MTP input order: the released V3 checkpoint concatenates [embedding; hidden] (the paper
   writes the hidden state first). We follow the checkpoint so its MTP weights load;
   `MultiTokenPrediction(concat_order="hidden_first")` gives the paper's order.
