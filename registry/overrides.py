@@ -204,7 +204,8 @@ def _expand(root: Any, elements: list[Any]) -> list[tuple[Any, ...]]:
             parent = daglish.follow_path(root, prefix)
             if element is _STAR:
                 if not isinstance(parent, (list, tuple)):
-                    raise ConfigError([Fault(path_str(prefix) + "[*]", f"[*] needs a list, found {type(parent).__name__}",
+                    raise ConfigError([Fault(path_str(prefix) + "[*]",
+                                             f"[*] needs a list, found {type(parent).__name__}",
                                              "use [*] only on list fields such as model.layers")])
                 grown.extend(prefix + (daglish.Index(j),) for j in range(len(parent)))
             else:
@@ -251,7 +252,8 @@ def _assign(root: Any, path: tuple[Any, ...], value: Any) -> _Swapped:
         if tags:  # one setting written in many places: set every place
             for tag in tags:
                 count = _set_tagged(root, tag, value)
-                result.notes.append(f"{tag.__name__} is one setting: all {count} {tag.__name__} fields set to {value!r}")
+                result.notes.append(f"{tag.__name__} is one setting: all {count} {tag.__name__} fields "
+                                    f"set to {value!r}")
             return result
     if isinstance(element, daglish.Attr):
         setattr(parent, element.name, value)
@@ -311,8 +313,8 @@ def _swap(old: Any, parent: Any, element: Any, swap: Swap, path: tuple[Any, ...]
         for tag in old.__argument_tags__.get(arg, ()):  # a carried setting stays one setting
             fdl.add_tag(new, arg, tag)
     reasons = [f"{', '.join(unknown)} ({swap.name!r} has no such argument)" if unknown else "",
-               f"{', '.join(other_meaning)} (means something else in {swap.name!r}; only arguments of the same "
-               f"meaning carry over: {', '.join(sorted(meaning_kept))})" if other_meaning else "",
+               f"{', '.join(other_meaning)} (only arguments that mean the same in both carry over: "
+               f"{', '.join(sorted(meaning_kept))})" if other_meaning else "",
                f"{', '.join(unfit)} ({swap.name!r} cannot take this value)" if unfit else ""]
     if any(reasons):
         result.notes.append(f"not carried over from {result.old_name!r}: {'; '.join(r for r in reasons if r)}")

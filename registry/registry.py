@@ -22,7 +22,7 @@ from registry.errors import RegistryError, suggest
 
 T = TypeVar("T")
 
-_ALL: list["Registry[Any]"] = []
+_ALL: list[Registry[Any]] = []
 
 
 def produced_type(target: Any) -> type | None:
@@ -228,7 +228,6 @@ def _ensure_loaded() -> None:
         return
     _loaded = True
     import components.builtin  # noqa: F401 - registers built-ins on import
-
     from registry.plugins import load_plugins
 
     load_plugins()

@@ -118,7 +118,8 @@ def _setting_faults(config: Any) -> list[Fault]:
         odd = [(p, v) for p, v in fields if v != first]
         if not odd:
             continue
-        shown = ", ".join(f"{p}={_short(v)}" for p, v in odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
+        shown = ", ".join(f"{p}={_short(v)}" for p, v in odd[:4])
+        shown += f" and {len(odd) - 4} more" if len(odd) > 4 else ""
         faults.append(Fault(
             odd[0][0],
             f"fields tagged {tag.__name__} ({(tag.__doc__ or '').strip().rstrip('.')}) must agree, but "

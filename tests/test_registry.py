@@ -111,3 +111,22 @@ def test_registering_does_not_switch_anything_on(temporary_entries):
 def test_builtin_kinds_are_populated():
     assert "gqa" in ATTENTION and "swiglu" in FEED_FORWARD and "adamw" in OPTIMIZER
     assert issubclass(FEED_FORWARD.base, FeedForward)
+
+
+def test_registry_records_who_registered_each_entry(scratch_registry):
+    assert ATTENTION.origin("gqa") == "components.attention.gqa" and ATTENTION.is_builtin("gqa")
+    assert OPTIMIZER.origin("adafactor") == "components.optim.adafactor"  # a torch class, registered by us
+    reg = scratch_registry("TEST_NORM", Norm)
+    reg.register("toy")(ToyNorm)
+    assert reg.origin("toy") == __name__ and not reg.is_builtin("toy")
+    with pytest.raises(RegistryError, match="no entry named 'nothing'"):
+        reg.origin("nothing")
+
+
+def test_kinds_declare_only_arguments_their_entries_take():
+    # a shared argument that no entry of its kind accepts would be a typo in registry/kinds.py
+    from registry.registry import accepted_arguments, all_registries
+
+    for reg in all_registries():
+        taken = {a for name in reg.names() for a in accepted_arguments(reg.get(name)) or ()}
+        assert set(reg.shared) <= taken, (reg.kind, set(reg.shared) - taken)
