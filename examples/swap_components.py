@@ -3,10 +3,14 @@
     python examples/swap_components.py
 
 Starts from the DeepSeek `debug` preset (MLA, DeepSeekMoE, AdamW, warmup-cosine) and makes
-five variants, each differing from the base in one place. For each it prints the parameter
-count and training FLOPs per token from the dry run (meta device, no weights) against the
-base's, then trains it a few steps and prints the losses. A last section makes the same
-kind of edit on the Llama preset. The command-line equivalent of a swap is
+five variants, each swapping one component (ALiBi goes on the GQA variant: MLA takes
+rotary encodings only). For each it prints the parameter count and training FLOPs per token from
+the dry run (meta device, no weights) against the base's, then trains it a few steps and
+prints the losses. A last section makes the same kind of edit on the Llama preset.
+About 10 s on 2 CPU cores, plus half a minute the first time the default corpus is prepared
+(cached under runs/data).
+
+The command line makes the same swaps, e.g.
 `python recipes/deepseek_pretrain.py 'model.layers[*].attention=@gqa' --dry-run`.
 
 Copy a variant function as the template for your own: a config is a tree of fiddle configs,
@@ -37,7 +41,7 @@ def tiny(config: fdl.Partial) -> fdl.Partial:
     config.scheduler = SCHEDULER.config("warmup_cosine", warmup_steps=1, total_steps=STEPS, min_ratio=0.1)
     config.precision = PRECISION.config("fp32")  # same numerics on every machine, so variants compare
     config.metrics = config.checkpoint = None
-    config.progress = False
+    config.progress = config.data.progress = False  # the losses are printed below, once per variant
     return config
 
 
@@ -63,8 +67,8 @@ def mla_to_gqa(config: fdl.Partial) -> None:
 
 
 def rope_to_alibi(config: fdl.Partial) -> None:
-    """RoPE -> ALiBi, in the GQA variant: MLA rotates only its decoupled RoPE channels and
-    accepts rotary encodings alone (an additive bias has no place in its absorbed form)."""
+    """RoPE -> ALiBi (Press et al., arXiv:2108.12409), in the GQA variant: tessera's MLA takes
+    rotary encodings only (it rotates its decoupled RoPE channels), while GQA takes either."""
     mla_to_gqa(config)
     for block in blocks(config):
         block.attention.position = POSITION.config("alibi")  # parameter-free, like RoPE

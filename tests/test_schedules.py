@@ -63,7 +63,8 @@ def test_hyperparameter_laws_reproduce_the_papers_settings():
 
 @pytest.mark.parametrize("shape", ["linear", "cosine"])
 def test_wsd_matches_the_minicpm_formula_at_every_step(shape):
-    """Warmup-stable-decay (MiniCPM, arXiv:2404.06395 §4) written out per phase, every step compared."""
+    """Warmup-stable-decay (MiniCPM, arXiv:2404.06395 §4: linear warmup, constant peak, then a
+    decreasing f over the decay phase; f linear or half-cosine here) written out per phase."""
     warmup, total, fraction, floor = 7, 60, 0.25, 0.05
     decay_start = total * (1 - fraction)  # 45: the last quarter decays
 
