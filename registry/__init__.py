@@ -19,11 +19,13 @@ from registry.kinds import (
     SCHEDULER,
 )
 from registry.recipe import Recipe
-from registry.registry import Registry, all_registries
+from registry.registry import Registry, Shared, all_registries
+from registry.tags import ModelDim, Setting, model_width
 from registry.validate import validate
 
 __all__ = [
     "ATTENTION", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION",
     "PRECISION", "SCHEDULER",
-    "ConfigError", "Fault", "Recipe", "Registry", "RegistryError", "all_registries", "invariant", "validate",
+    "ConfigError", "Fault", "ModelDim", "Recipe", "Registry", "RegistryError", "Setting", "Shared", "all_registries",
+    "invariant", "model_width", "validate",
 ]
