@@ -44,7 +44,8 @@ class Recipe:
         """A fresh config tree of `preset` (the default preset when None)."""
         name = preset or self.default
         if name not in self.presets:
-            raise ConfigError([Fault(f"preset {name!r}", f"{self.name} has no such preset{suggest(str(name), self.presets)}",
+            raise ConfigError([Fault(f"preset {name!r}",
+                                     f"{self.name} has no such preset{suggest(str(name), self.presets)}",
                                      f"use one of: {', '.join(self.presets)}")])
         return self.presets[name]()
 

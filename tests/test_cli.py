@@ -60,3 +60,10 @@ def test_run_from_command_line_trains():
     result = run_recipe("steps=15", "batch_size=4", "seq_len=64", "log_every=5", timeout=180)
     assert result.returncode == 0, result.stderr
     assert "done: loss" in result.stdout and "step    15" in result.stdout
+
+
+def test_export_hf_with_an_action_that_trains_nothing_is_a_config_error(tmp_path):
+    result = run_recipe("--dry-run", "--export-hf", str(tmp_path / "hf"))
+    assert result.returncode == 2
+    assert "--export-hf" in result.stderr and "drop --print/--dump/--dry-run" in " ".join(result.stderr.split())
+    assert not (tmp_path / "hf").exists()

@@ -8,10 +8,10 @@ import math
 
 import fiddle as fdl
 import pytest
-
 from helpers.stdlib_bytes import StdlibBytes
-from components.train.launch import launch
+
 from components.moe.moe import MoE
+from components.train.launch import launch
 from components.train.metrics import Metrics, expert_load_figure
 from recipes.deepseek_pretrain import recipe as deepseek
 from recipes.llama_pretrain import recipe as llama
@@ -29,7 +29,8 @@ def test_deepseek_run_writes_metrics_summary_and_plots(tmp_path):
     steps = [r for r in rows if "mfu" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     first = steps[0]
-    assert {"loss", "mtp", "balance", "lr", "grad_norm", "tokens_per_second", "expert_load", "load_imbalance"} <= set(first)
+    assert {"loss", "mtp", "balance", "lr", "grad_norm", "tokens_per_second", "expert_load",
+            "load_imbalance"} <= set(first)
     assert len(first["expert_load"]) == 4 and sum(first["expert_load"][0]) == 2 * 64 * 2  # 3 main + 1 MTP layers
     assert first["mfu"] == pytest.approx(first["tokens_per_second"] * _flops(result.model, 64) / 1e11, rel=1e-6)
     val = [r for r in rows if "val_loss" in r]

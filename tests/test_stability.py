@@ -5,12 +5,12 @@ from __future__ import annotations
 import fiddle as fdl
 import pytest
 import torch
-
 from helpers.stdlib_bytes import StdlibBytes
-from components.train.checkpoint import Checkpointer
-from components.train.guard import StabilityGuard, TrainingDiverged
+
 from components.precision.loss_scale import LossScale
 from components.precision.policies import FP16Autocast
+from components.train.checkpoint import Checkpointer
+from components.train.guard import StabilityGuard, TrainingDiverged
 from components.train.launch import launch
 from components.train.trainer import train
 from recipes import deepseek_pretrain, llama_pretrain

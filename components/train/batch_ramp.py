@@ -5,7 +5,8 @@ from __future__ import annotations
 from registry.invariants import invariant
 
 
-@invariant("start_batch >= 1 and ramp_tokens > 0", lambda start_batch, ramp_tokens: start_batch >= 1 and ramp_tokens > 0,
+@invariant("start_batch >= 1 and ramp_tokens > 0",
+           lambda start_batch, ramp_tokens: start_batch >= 1 and ramp_tokens > 0,
            fix="start from at least one sequence and ramp over a positive number of tokens")
 class BatchRamp:
     """Sequences per step rise linearly from `start_batch` to the run's batch size over the first

@@ -30,8 +30,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from components.parallel.process_group import world
 from registry.invariants import invariant
@@ -100,7 +100,8 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
         optim_tensors, optim_rest = split_tensors(optim_sd)
         extra_tensors, extra_rest = split_tensors(extra)
-        tensors = {**{f"model.{k}": v for k, v in model_sd.items()}, **{f"optim.{k}": v for k, v in optim_tensors.items()},
+        tensors = {**{f"model.{k}": v for k, v in model_sd.items()},
+                   **{f"optim.{k}": v for k, v in optim_tensors.items()},
                    **{f"extra.{k}": v for k, v in extra_tensors.items()}}
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".step-{step:08d}.tmp"
@@ -109,7 +110,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": sorted(tensors)})
+        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest,
+                                 "tensors": sorted(tensors)})
 
         def finish() -> None:
             if _is_main():

@@ -73,7 +73,8 @@ class StabilityGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.recent = list(state["recent"])
-        self.consecutive_bad, self.skipped, self.rollbacks = state["consecutive_bad"], state["skipped"], state["rollbacks"]
+        self.consecutive_bad, self.skipped = state["consecutive_bad"], state["skipped"]
+        self.rollbacks = state["rollbacks"]
 
     @property
     def exhausted(self) -> bool:

@@ -15,7 +15,8 @@ from components.precision.probe import matmul_flops
 from registry.invariants import invariant
 
 
-@invariant("eval_every >= 0 and device_watts > 0", lambda eval_every, device_watts: eval_every >= 0 and device_watts > 0,
+@invariant("eval_every >= 0 and device_watts > 0",
+           lambda eval_every, device_watts: eval_every >= 0 and device_watts > 0,
            fix="use eval_every >= 0 (0: only at the end) and a positive device power")
 class Metrics:
     """Where and how a run reports.

@@ -24,7 +24,7 @@ class TrainProgress:
         self._start = time.perf_counter()
         self._tokens = 0
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         self._progress.__enter__()
         self._start = time.perf_counter()
         return self

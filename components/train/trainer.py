@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import Iterator
 from typing import Literal
-import time
 
 import torch
 from rich.console import Console
@@ -27,15 +27,15 @@ from components.interfaces import (
     Schedule,
     TrainingData,
 )
-from components.precision import auto
 from components.model.decoder import DecoderLM, cross_entropy
-from components.optim.param_groups import decay_groups
-from components.precision.master_weights import MasterWeights
-from components.parallel.process_group import world
-from components.train.batch_ramp import BatchRamp
-from components.train.checkpoint import Checkpointer
 from components.model.stats import training_flops_per_token
 from components.moe.router import Router
+from components.optim.param_groups import decay_groups
+from components.parallel.process_group import world
+from components.precision import auto
+from components.precision.master_weights import MasterWeights
+from components.train.batch_ramp import BatchRamp
+from components.train.checkpoint import Checkpointer
 from components.train.divergence import clip_gradients, divergence_message, first_nonfinite_weight
 from components.train.guard import StabilityGuard, TrainingDiverged
 from components.train.metrics import Metrics, moe_layer_indices
@@ -72,7 +72,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
-          precision: PrecisionPolicy | None = None, activation_checkpointing: Literal["none", "full", "selective"] = "none",
+          precision: PrecisionPolicy | None = None,
+          activation_checkpointing: Literal["none", "full", "selective"] = "none",
           compile: bool | str = False, grad_clip: float | None = 1.0, decay_embeddings: bool = False,
           decay_norms_and_biases: bool = False,
           device: str = "cpu", seed: int = 0,
@@ -319,7 +320,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     if progress:
         bar.console.print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} (val {val_loss:.4f}) in {steps} steps, "
                           f"{seconds:.1f} s, {tokens_per_second:,.0f} tok/s", highlight=False)
-    return TrainResult(losses=losses, terms=history, model=model, val_loss=val_loss, tokens_per_second=tokens_per_second, seconds=seconds)
+    return TrainResult(losses=losses, terms=history, model=model, val_loss=val_loss,
+                       tokens_per_second=tokens_per_second, seconds=seconds)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Hugging Face DeepSeek-V2 / V3 checkpoints <-> tessera models.
 
 The checkpoint layout is the one on the hub and written by transformers' `save_pretrained`
-(DeepSeek-V3, arXiv:2412.19437, as released; transformers' DeepseekV3/V2 modelling): per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`,
+(DeepSeek-V3, arXiv:2412.19437, as released; transformers' DeepseekV3/V2 modelling): per-expert
+tensors `mlp.experts.{e}.{gate,up,down}_proj`,
 the V3 router bias as `mlp.gate.e_score_correction_bias`, MTP modules as extra layers
 `model.layers.{n_layers + k}` with `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and copies
 of the shared embedding and head. Checkpoints store RoPE interleaved; a tessera model built
@@ -25,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components.attention.mla import MultiHeadLatentAttention
-from components.model.decoder import DecoderLM
 from components.families.deepseek.builder import MLASpec, MoESpec, deepseek
+from components.model.decoder import DecoderLM
 from components.moe.moe import MoE
 from components.position.yarn import YaRN
 from registry.kinds import POSITION
