@@ -140,7 +140,8 @@ def encode_table(console: Console, texts: list[str], tmp: Path) -> None:
     encoding = train_bpe(texts, vocab_size=2048, folder=tmp / "tok2")
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
     mb = sum(len(t.encode()) for t in texts) / 1e6
     table = Table(title=f"encoding {mb:.1f} MB of the default corpus, vocabulary 2048")

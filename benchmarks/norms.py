@@ -63,8 +63,8 @@ def main() -> None:
         rms = RMSNorm(dim=2048)
         ln = LayerNorm(dim=2048)
         cases = {
-            "RMSNorm": (lambda t: rms_eager(t, rms.weight), rms, RMSNorm(dim=2048, compiled=True)),
-            "LayerNorm": (lambda t: ln_eager(t, ln.weight, ln.bias), ln, LayerNorm(dim=2048, compiled=True)),
+            "RMSNorm": (lambda t, rms=rms: rms_eager(t, rms.weight), rms, RMSNorm(dim=2048, compiled=True)),
+            "LayerNorm": (lambda t, ln=ln: ln_eager(t, ln.weight, ln.bias), ln, LayerNorm(dim=2048, compiled=True)),
         }
         for name, (eager, module, fast) in cases.items():
             compiled = f"{timeit(fast, x) * 1e3:.1f}" if args.compile else "-"

@@ -37,9 +37,9 @@ from benchmarks.timing import (  # noqa: E402
     tessera_loss,
     training_step,
 )
+from components.families.deepseek.hf import load_pretrained  # noqa: E402
 from components.mlp.gated import SwiGLU  # noqa: E402
 from components.model import stats  # noqa: E402
-from components.families.deepseek.hf import load_pretrained  # noqa: E402
 from components.precision.probe import matmul_flops  # noqa: E402
 
 
@@ -48,7 +48,8 @@ def hf_config(args: argparse.Namespace):
     import transformers
 
     return transformers.DeepseekV3Config(
-        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=3 * args.dim, moe_intermediate_size=3 * args.dim // 4,
+        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=3 * args.dim,
+        moe_intermediate_size=3 * args.dim // 4,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         n_shared_experts=1, n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_group=args.groups,
         topk_group=args.topk_groups,
@@ -115,7 +116,8 @@ def main() -> None:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     n_tokens = args.batch * args.seq
     flops_per_token = stats.training_flops_per_token(models["tessera"], args.seq)
-    table = Table(title=f"training step, DeepSeek-V3-style dim {args.dim}, {args.layers} layers, {args.experts} experts "
+    table = Table(title=f"training step, DeepSeek-V3-style dim {args.dim}, {args.layers} layers, "
+                        f"{args.experts} experts "
                         f"top-{args.top_k} +1 shared, batch {args.batch} x {args.seq}, 1 thread, CPU; medians of "
                         f"{args.steps} interleaved steps")
     for col in ("precision", "model", "ms/step", "tokens/s", "x transformers compile", "MFU", "matmul peak GFLOP/s"):
@@ -150,9 +152,9 @@ def main() -> None:
     for col in ("precision", "MoE ms", "dense ms", "MoE / dense"):
         layer_table.add_column(col, justify="right")
     for name, dtype in precisions:
-        ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
+        ctx = (lambda dtype=dtype: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
 
-        def layer_step(module):
+        def layer_step(module, ctx=ctx):
             def step() -> None:
                 with ctx():
                     out = module(x.clone().requires_grad_())

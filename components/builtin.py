@@ -26,12 +26,12 @@ import components.optim.sophia  # noqa: F401
 import components.optim.sophia_h  # noqa: F401
 import components.parallel.fsdp  # noqa: F401
 import components.parallel.single  # noqa: F401
-import components.precision.auto  # noqa: F401
-import components.precision.policies  # noqa: F401
 import components.position.absolute  # noqa: F401
 import components.position.alibi  # noqa: F401
 import components.position.rope  # noqa: F401
 import components.position.yarn  # noqa: F401
+import components.precision.auto  # noqa: F401
+import components.precision.policies  # noqa: F401
 import components.schedule.basic  # noqa: F401
 import components.schedule.multi_stage  # noqa: F401
 import components.schedule.warmup_cosine  # noqa: F401

@@ -258,7 +258,8 @@ class TrainingData(abc.ABC):
     vocab_size: int
 
     @abc.abstractmethod
-    def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+    def batch(self, split: str, *, batch_size: int, seq_len: int,
+              generator: torch.Generator) -> dict[str, torch.Tensor]: ...
 
 
 class DataSource(abc.ABC):

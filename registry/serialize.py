@@ -81,8 +81,9 @@ def load_text(text: str, *, where: str = "<text>") -> Any:
     try:
         return serialization.load_json(text, pyref_policy=ProjectPolicy())
     except serialization.PyrefPolicyError as err:
+        fix = "only configs of this project's and registered plugins' components can be loaded"
         raise ConfigError([Fault(where, f"refers to {err.module}.{err.symbol}, which --load does not import",
-                                 "only configs of this project's and registered plugins' components can be loaded")]) from None
+                                 fix)]) from None
     except Exception as err:  # noqa: BLE001 - JSON syntax, missing modules, format errors
         raise ConfigError([Fault(where, f"is not a loadable config ({type(err).__name__}: {err})",
                                  "load a file written by --dump, unedited or edited as valid JSON")]) from None

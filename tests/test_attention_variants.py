@@ -14,8 +14,8 @@ from components.attention.linear import LinearAttention, chunked_linear_attentio
 from components.attention.mla import MultiHeadLatentAttention
 from components.attention.sliding_window import SlidingWindowAttention
 from components.norm.rmsnorm import RMSNorm
-from components.position.alibi import ALiBi
 from components.position.absolute import NoPE
+from components.position.alibi import ALiBi
 from components.position.rope import RoPE
 from tests.reference import causal_doc_allowed, plain_inv_freq, softmax_attention_reference
 

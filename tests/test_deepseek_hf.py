@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from components.attention.mla import MultiHeadLatentAttention
-from components.mlp.gated import SwiGLU
 from components.families.deepseek.hf import config_from_hf, load_pretrained, save_pretrained, to_hf_state_dict
+from components.mlp.gated import SwiGLU
 from components.moe.experts import GroupedExperts
 from components.moe.moe import MoE
 from components.moe.router import Router
@@ -31,13 +31,13 @@ COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermedi
               rms_norm_eps=1e-6)
 
 
-def v3_config(grouped: bool) -> "transformers.DeepseekV3Config":
+def v3_config(grouped: bool) -> transformers.DeepseekV3Config:
     return transformers.DeepseekV3Config(**COMMON, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
                                          q_lora_rank=24, n_group=4 if grouped else 1, topk_group=2 if grouped else 1,
                                          norm_topk_prob=True, rope_interleave=True)
 
 
-def v2_config(grouped: bool) -> "transformers.DeepseekV2Config":
+def v2_config(grouped: bool) -> transformers.DeepseekV2Config:
     return transformers.DeepseekV2Config(**COMMON, n_shared_experts=2, n_routed_experts=8, routed_scaling_factor=16.0,
                                          q_lora_rank=None, n_group=4, topk_group=2, norm_topk_prob=False,
                                          topk_method="group_limited_greedy" if grouped else "greedy")
@@ -164,9 +164,8 @@ def titan() -> SimpleNamespace:
     """torchtitan's DeepSeek-V3 attention and the MoE pieces its config builders assemble."""
     try:
         import torchtitan.models.deepseek_v3.model as dsv3
-        from torchtitan.models.common import ComplexRoPE, CosSinRoPE, Linear
+        from torchtitan.models.common import ComplexRoPE, CosSinRoPE, Linear, attention, config_utils
         from torchtitan.models.common import RMSNorm as TitanRMSNorm
-        from torchtitan.models.common import attention, config_utils
     except Exception as err:  # noqa: BLE001 - any import failure (missing triton, torch API drift) means skip
         pytest.skip(f"torchtitan's DeepSeek-V3 modules do not import here: {type(err).__name__}: {err}")
     return SimpleNamespace(Attention=dsv3.Attention, ComplexRoPE=ComplexRoPE, CosSinRoPE=CosSinRoPE, Linear=Linear,

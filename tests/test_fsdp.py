@@ -47,7 +47,8 @@ def two_processes(steps: int, folder, *extra: str, async_save: bool = False) -> 
     script = folder.parent / "run.py"
     script.write_text(RUN)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(steps), str(folder), *ARGS, *extra], text=True, capture_output=True, cwd=ROOT,
+                           str(script), str(steps), str(folder), *ARGS, *extra], text=True, capture_output=True,
+                          cwd=ROOT,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                                                     "ASYNC_SAVE": str(int(async_save))})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -77,7 +77,8 @@ def test_deepseek_debug_trains_with_bf16_parameters_and_fp32_router_bias():
 def test_bf16_params_resume_is_exact(tmp_path):
     def run(steps: int, resume: bool):
         config, _ = resolve(llama, ["debug", f"steps={steps}", "batch_size=2", "seq_len=32", "precision=@bf16_params",
-                                    "progress=False", "threads=1", "scheduler.total_steps=4", "scheduler.warmup_steps=1"])
+                                    "progress=False", "threads=1", "scheduler.total_steps=4",
+                                    "scheduler.warmup_steps=1"])
         config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / f"ck{int(resume)}"), every=1, keep=5,
                                        resume=resume)
         return launch(config)

@@ -8,7 +8,6 @@ import math
 
 import fiddle as fdl
 import pytest
-from helpers.stdlib_bytes import StdlibBytes
 
 from components.moe.moe import MoE
 from components.train.launch import launch
@@ -16,6 +15,8 @@ from components.train.metrics import Metrics, expert_load_figure
 from recipes.deepseek_pretrain import recipe as deepseek
 from recipes.llama_pretrain import recipe as llama
 from registry.cli import resolve
+
+from helpers.stdlib_bytes import StdlibBytes
 
 
 def test_deepseek_run_writes_metrics_summary_and_plots(tmp_path):

@@ -6,7 +6,6 @@ import fiddle as fdl
 import pytest
 import torch
 
-from helpers.stdlib_bytes import StdlibBytes
 from components.optim.lamb import Lamb
 from components.optim.muon import MuonWithAdamW
 from components.optim.param_groups import decay_groups
@@ -15,6 +14,8 @@ from components.train.launch import launch
 from recipes.llama_pretrain import recipe
 from registry import OPTIMIZER
 from registry.cli import resolve
+
+from helpers.stdlib_bytes import StdlibBytes
 
 
 def test_lamb_matches_the_paper():
@@ -132,7 +133,8 @@ def test_adamw_is_fused_on_cpu_and_follows_the_paper_update():
     lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.95), 1e-8, 0.1
     opt = optimizers.get("adamw")([{"params": [weight]}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
     assert opt.param_groups[0]["fused"] is True
-    w, m, v = weight.detach().clone().double(), torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
+    w = weight.detach().clone().double()
+    m, v = torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
     for t in range(1, 5):  # Loshchilov & Hutter, Algorithm 2 (decoupled decay scaled by lr)
         g = torch.randn(6, 4)
         weight.grad = g.clone()

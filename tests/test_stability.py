@@ -5,7 +5,6 @@ from __future__ import annotations
 import fiddle as fdl
 import pytest
 import torch
-from helpers.stdlib_bytes import StdlibBytes
 
 from components.precision.loss_scale import LossScale
 from components.precision.policies import FP16Autocast
@@ -17,6 +16,8 @@ from recipes import deepseek_pretrain, llama_pretrain
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
 from tests.conftest import run_recipe
+
+from helpers.stdlib_bytes import StdlibBytes
 
 
 def run_with_fault(bad_steps: set[int], *, steps: int = 6, **kwargs):

@@ -2,8 +2,8 @@
 
 Conventions (those that reproduce the totals the DeepSeek papers state: arXiv:2401.02954 Table 2,
 arXiv:2401.06066 §5.1.2, arXiv:2405.04434 §3.1.2 and App. B.1, arXiv:2412.19437 §4.2): totals
-count every parameter of the main model (embedding and untied head included, MTP modules excluded); "activated" counts what
-runs for one token: routed experts scaled by top_k / n_experts, the head included, and the
+count every parameter of the main model (embedding and untied head included, MTP modules excluded);
+"activated" counts what runs for one token: routed experts scaled by top_k / n_experts, the head included, and the
 input embedding excluded (DeepSeek-V2/V3) or included (DeepSeekMoE 16B).
 """
 

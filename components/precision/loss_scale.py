@@ -7,7 +7,8 @@ import torch
 from registry.invariants import invariant
 
 
-@invariant("backoff_factor < 1 < growth_factor", lambda backoff_factor, growth_factor: backoff_factor < 1 < growth_factor,
+@invariant("backoff_factor < 1 < growth_factor",
+           lambda backoff_factor, growth_factor: backoff_factor < 1 < growth_factor,
            fix="grow the scale by a factor > 1 and back off by one < 1")
 class LossScale:
     """Start at `init_scale`; on an inf/nan gradient skip the step and multiply the scale by

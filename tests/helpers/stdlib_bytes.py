@@ -50,7 +50,8 @@ class StdlibBytes(TrainingData):
         """One byte per token: the tokens are the bytes."""
         return 1.0
 
-    def batch(self, split: str, *, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(self, split: str, *, batch_size: int, seq_len: int,
+              generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Random windows from `split` ("train" or "val").
 
         Returns tokens [B, T], targets [B, T] (tokens shifted by one) and doc_ids [B, T]. Under
