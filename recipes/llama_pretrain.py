@@ -18,7 +18,7 @@ from components.families.llama.builder import llama
 from components.train.guard import StabilityGuard
 from components.train.outputs import run_outputs
 from components.train.trainer import train
-from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
+from registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe, model_width
 
 # Chosen for the debug run: a BPE this small keeps the softmax cheap on 2 CPU cores while still
 # merging the corpus's common words.
@@ -75,8 +75,8 @@ def hybrid_debug() -> fdl.Partial:
         setattr(config, key, value)
     for i, layer in enumerate(config.model.layers):
         if i % 3 != 2:
-            layer.attention = ATTENTION.config("linear", dim=layer.attention.dim, n_heads=layer.attention.n_heads,
-                                               chunk_size=64)
+            layer.attention = model_width(ATTENTION.config("linear", dim=layer.attention.dim,
+                                                           n_heads=layer.attention.n_heads, chunk_size=64))
     return config
 
 

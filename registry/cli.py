@@ -41,7 +41,8 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
         description=(recipe.doc or "").strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            f"presets:\n{presets}\n\nregistered components (swap with path=@name(arg=value)):\n{registries}\n\n"
+            f"presets:\n{presets}\n\nregistered components (swap with path=@name(arg=value); "
+            f"arguments and docs: python -m registry list [KIND]):\n{registries}\n\n"
             "overrides:\n"
             "  steps=200  optimizer.lr=1e-3  precision=@fp16(loss_scale=None)\n"
             "  model.layers[*].attention.n_kv_heads=2      ([*] broadcasts over a list)\n"
@@ -138,6 +139,7 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
 
         dry_run(config, console=out)
     else:
+        from components.data.sources.rows import MalformedRowError
         from components.train.guard import TrainingDiverged
         from components.train.launch import launch
 
@@ -146,3 +148,7 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         except TrainingDiverged as error:
             err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(3)
+        except (MalformedRowError, FileNotFoundError) as error:  # the user's corpus: name the file, no traceback
+            err.print(f"[bold red]data error:[/bold red] {escape(str(error))}", markup=True, highlight=False,
+                      soft_wrap=True)
+            sys.exit(4)

@@ -305,3 +305,20 @@ def test_a_model_dim_edited_in_one_place_is_a_validation_fault():
     loaded = serialize.load_text(serialize.dumps(cfg))
     apply_overrides(loaded, ["model.dim=96"])
     assert {layer.attention.dim for layer in loaded.model.layers} == {96}
+
+
+@pytest.mark.parametrize("recipe_name", ["llama_pretrain", "deepseek_pretrain"])
+def test_every_preset_takes_model_dim_as_one_setting(recipe_name):
+    """Doubling the width on the command line moves every residual-width field of every preset."""
+    import importlib
+
+    from registry import validate
+
+    module = importlib.import_module(f"recipes.{recipe_name}")
+    for preset in module.recipe.presets:
+        base = module.recipe.config(preset)
+        cfg, _ = resolve(module.recipe, [preset, f"model.dim={2 * base.model.dim}"])
+        validate(cfg)  # a sub-config left at the old width is a ModelDim fault
+        widths = {value.dim for value, _ in daglish.iterate(cfg.model)
+                  if isinstance(value, fdl.Buildable) and value.__argument_tags__.get("dim")}
+        assert widths == {2 * base.model.dim}, (preset, widths)

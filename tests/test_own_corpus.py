@@ -226,6 +226,10 @@ def test_flagship_trains_on_a_folder_from_the_command_line(corpus, tmp_path):
                  module=True)
     assert strict.returncode == 1
     assert f"error: {corpus.root}/a.jsonl:3: malformed JSON: Unterminated string" in strict.stdout, strict.stdout
+    # the recipe itself in strict mode: the same file and line, no traceback, a non-zero exit
+    recipe = run(f"data.path={corpus.root}", "data.vocab_size=300", "data.strict=True", "steps=2", cwd=tmp_path)
+    assert recipe.returncode == 4, recipe.stderr[-2000:]
+    assert f"data error: {corpus.root}/a.jsonl:3:" in recipe.stderr and "Traceback" not in recipe.stderr, recipe.stderr
 
 
 def test_one_text_file_splits_into_paragraphs_or_lines_located_by_line(tmp_path):

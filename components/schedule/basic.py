@@ -47,8 +47,8 @@ class LinearDecay(Schedule):
 @invariant("0 < decay_fraction <= 1", lambda decay_fraction: 0 < decay_fraction <= 1,
            fix="decay over a fraction of the run in (0, 1], e.g. 0.1")
 class WarmupStableDecay(Schedule):
-    """Warmup-stable-decay: linear warmup, constant 1 until the last `decay_fraction` of
-    `total_steps`, then a linear or cosine ("shape") decay to `min_ratio`."""
+    """Warmup-stable-decay (MiniCPM, arXiv:2404.06395 §4): linear warmup, constant 1 until the
+    last `decay_fraction` of `total_steps`, then a linear or cosine ("shape") decay to `min_ratio`."""
 
     def __init__(self, *, warmup_steps: int, total_steps: int, decay_fraction: float = 0.1, min_ratio: float = 0.0,
                  shape: Literal["linear", "cosine"] = "linear"):
