@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
             "over_start_mib": max(m["peak_mib"] - m["start_mib"] for m in measured)})
     wall = time.perf_counter() - started
     _write(out, rows, skipped, args, scale, reference, wall)
+    if planned and not rows:
+        raise SystemExit("no cell trained; see the skipped list above for each one's reason")
 
 
 def _write(out: Path, rows: list[dict[str, Any]], skipped: dict[str, str], args: argparse.Namespace, scale: Scale,
