@@ -32,6 +32,7 @@ from components.model.stats import training_flops_per_token
 from components.moe.router import Router
 from components.optim.param_groups import decay_groups
 from components.parallel.process_group import world
+from components.parallel.single import SingleProcess
 from components.precision import auto
 from components.precision.master_weights import MasterWeights
 from components.train.batch_ramp import BatchRamp
@@ -69,7 +70,8 @@ class TrainResult:
            lambda batch_size, micro_batch_size: micro_batch_size is None or batch_size % micro_batch_size == 0,
            fix="choose a micro_batch_size that divides batch_size")
 def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, scheduler: Schedule,
-          parallel: ParallelPlan, steps: int, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
+          parallel: ParallelPlan | None = None, steps: int, batch_size: int, seq_len: int,
+          micro_batch_size: int | None = None,
           batch_ramp: BatchRamp | None = None, scheduled: dict[str, Schedule] | None = None,
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
           precision: PrecisionPolicy | None = None,
@@ -85,7 +87,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         data: where batches come from.
         optimizer: a built `OPTIMIZER` partial, called with the parameter groups.
         scheduler: learning-rate multiplier per step.
-        parallel: the parallel plan applied before materialisation.
+        parallel: the parallel plan applied before materialisation (default: one process).
         steps, batch_size, seq_len: run length and sequences per optimizer step of seq_len tokens.
         micro_batch_size: sequences per forward/backward on each process; a step accumulates
             batch_size / (micro_batch_size x processes) of them (default: each process's whole
@@ -119,6 +121,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     precision, precision_note = auto.resolve(precision or auto.Auto(), device)
+    parallel = parallel if parallel is not None else SingleProcess()
     model = parallel.apply(model, precision=precision, device=device)
     rank, world_size = world()
     eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
