@@ -49,6 +49,7 @@ from components.ablation.cells import (
     Size,
     faults,
     fit,
+    ignored_position,
     run_config,
     size,
     skip_reason,
@@ -56,8 +57,8 @@ from components.ablation.cells import (
 
 # dim 128, 2 layers, 4 heads: about 1M parameters (half of them embedding and head), sized so
 # the whole grid (39 trainable cells) runs in about 20 minutes on one core of a 2-core x86 CPU.
-FULL = Scale(dim=128, n_layers=2, n_heads=4, reference_hidden=384, seq_len=128, batch_size=16, steps=100,
-             warmup_steps=10)
+FULL = Scale(dim=128, n_layers=2, n_heads=4, reference_hidden=384, seq_len=128, batch_size=16, steps=200,
+             warmup_steps=20)
 # --quick: seconds per cell, enough to show every column is produced.
 QUICK = Scale(dim=64, n_layers=1, n_heads=4, reference_hidden=192, seq_len=64, batch_size=4, steps=6,
               warmup_steps=1)
@@ -117,6 +118,10 @@ def _plan(cells: list[Cell], scale: Scale, match: str, tolerance: float) -> tupl
         found = faults(cell, scale)
         if found:
             skipped[cell.name] = f"invalid: {skip_reason(found)}"
+            continue
+        ignored = ignored_position(cell, scale)
+        if ignored:
+            skipped[cell.name] = f"not applied: {ignored}"
             continue
         try:
             fitted = fit(cell, scale, match=match, target=target, tolerance=tolerance)

@@ -25,6 +25,7 @@ import re
 from typing import Literal
 
 import fiddle as fdl
+import torch
 from torch import nn
 
 from components.data.defaults import stdlib_corpus
@@ -186,6 +187,30 @@ def run_config(cell: Cell, hidden: int, scale: Scale, *, seed: int = 0, precisio
 def faults(cell: Cell, scale: Scale) -> list[Fault]:
     """Why the cell cannot be built (the validation pass's faults); empty when it can."""
     return find_faults(run_config(cell, scale.reference_hidden, scale))
+
+
+def ignored_position(cell: Cell, scale: Scale) -> str | None:
+    """Why the cell would not test its position encoding, or None.
+
+    Validation only says an attention accepts an encoding; this tries it: the cell's attention
+    with its encoding and the same attention with NoPE, given the same weights and input at the
+    training length, must differ. An attention that cannot take NoPE (MLA) is not compared.
+    """
+    if cell.position == "nope" or find_faults(attention_config(cell.attention, "nope", scale)):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    with_position = fdl.build(attention_config(cell.attention, cell.position, scale))
+    without = fdl.build(attention_config(cell.attention, "nope", scale))
+    for param in with_position.parameters():
+        param.data = torch.randn(param.shape, generator=generator) * 0.1
+    without.load_state_dict(with_position.state_dict())
+    x = torch.randn(2, scale.seq_len, scale.dim, generator=generator)
+    with torch.no_grad():
+        same = torch.allclose(with_position(x), without(x))
+    if not same:
+        return None
+    return (f"{type(with_position).__name__} gives the same output with {cell.position} as with NoPE at "
+            f"sequence length {scale.seq_len}: the encoding is accepted but not applied (a component bug)")
 
 
 def size(cell: Cell, hidden: int, scale: Scale) -> Size:
