@@ -142,12 +142,16 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         from components.data.sources.rows import MalformedRowError
         from components.train.guard import TrainingDiverged
         from components.train.launch import launch
+        from components.train.resume_config import ResumeError
 
         try:
             launch(config, export_hf=ns.export_hf)
         except TrainingDiverged as error:
             err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(3)
+        except ResumeError as error:  # a checkpoint that cannot be resumed: the file or config paths, and the fix
+            err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(2)
         except (MalformedRowError, FileNotFoundError) as error:  # the user's corpus: name the file, no traceback
             err.print(f"[bold red]data error:[/bold red] {escape(str(error))}", markup=True, highlight=False,
                       soft_wrap=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.train.checkpoint import Checkpointer
+from components.train.checkpoint import Checkpointer, ResumeError
 from components.train.launch import launch
 from recipes.llama_pretrain import recipe
 from registry.cli import resolve
@@ -98,20 +98,21 @@ def test_keep_last_k_and_crash_during_write_leaves_previous(tmp_path, monkeypatc
     assert len(result.losses) == 4
 
 
-def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path):
+def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path, capsys):
     small_run(tmp_path)
     newest = tmp_path / "ck" / "step-00000003"
     (newest / "state.json").write_text('{"step": 3, "optim')  # truncated JSON
     checkpointer = Checkpointer(folder=str(tmp_path / "ck"), resume=True)
-    with pytest.warns(UserWarning, match="damaged"):
-        assert checkpointer.latest().name == "step-00000002"
+    capsys.readouterr()
+    assert checkpointer.latest().name == "step-00000002"
+    assert f"checkpoint step-00000003 is damaged: {newest / 'state.json'}: 18 bytes, expected" in capsys.readouterr().err
     shard = next((tmp_path / "ck" / "step-00000002").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:200])  # truncated tensors
     model = fdl.build(recipe.config("debug").model)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(RuntimeError, match="cannot be loaded.*truncated"):
         checkpointer.load(tmp_path / "ck" / "step-00000002", model=model, optimizer=optimizer)
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(ResumeError, match="incomplete"):
         Checkpointer(folder=str(tmp_path / "ck"), resume=str(tmp_path / "ck" / "nope")).resume_path()
 
 

@@ -8,12 +8,17 @@ A checkpoint is a folder `step-00000042/` holding
   loader cursors, loss scale, guard counters, loss history);
 - `config.json`: the run's config (fiddle JSON, as `--dump` writes it), when launched
   through `launch`;
+- `MANIFEST.json`: every other file's size and CRC-32 (see `components.train.manifest`),
+  covering all ranks' shards;
 - `COMPLETE`, written last.
 
 It is written into `.step-...tmp/` and renamed into place only when complete, so a crash
-mid-write never touches the previous checkpoint; a folder without `COMPLETE` (or whose
-files are damaged) is skipped by `latest()` with a warning. Loading reads safetensors and
-JSON only: nothing is unpickled.
+mid-write never touches the previous checkpoint. Choosing what to resume from checks the
+newest checkpoint's files against its manifest and falls back to the newest intact one,
+saying which file is damaged and how; a checkpoint named explicitly must be intact. Before
+any tensor is read, the run's config is compared with the checkpoint's `config.json` (see
+`components.train.resume_config` for what blocks a resume and what is only noted).
+Loading reads safetensors and JSON only: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +40,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from components.parallel.process_group import world
+from components.train import manifest, resume_config
+from components.train.resume_config import CheckpointLoadError, ResumeError, ResumeMismatch
 from registry.invariants import invariant
+
+__all__ = ["Checkpointer", "CheckpointLoadError", "ResumeError", "ResumeMismatch", "load_model"]
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -118,7 +128,7 @@ class Checkpointer:
                 _write_synced(tmp / "state.json", state_json)
                 if self.run_config is not None:
                     _write_synced(tmp / "config.json", self.run_config)
-                _write_synced(tmp / "COMPLETE", "ok\n")
+                manifest.write(tmp)  # sizes and checksums of every rank's files, then COMPLETE
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
                 self._prune()
@@ -134,6 +144,7 @@ class Checkpointer:
                                  finish)
             else:
                 dcp.save({k: v.detach().contiguous() for k, v in tensors.items()}, storage_writer=writer)
+                _barrier()  # every rank's shard is on disk before rank 0 lists them in the manifest
                 finish()
         _barrier()
         self.last = final
@@ -178,30 +189,97 @@ class Checkpointer:
 
     # -- loading ---------------------------------------------------------------------------------
     def _complete(self) -> list[Path]:
+        """Checkpoint folders in `folder` with a `COMPLETE` marker, oldest first (their files
+        are not checked here: see `latest`)."""
         if not self.folder.exists():
             return []
-        return sorted(p for p in self.folder.glob("step-*") if (p / "COMPLETE").exists())
+        return sorted(p for p in self.folder.glob("step-*") if (p / manifest.COMPLETE).exists())
 
     def resume_path(self) -> Path | None:
-        """The checkpoint this run should resume from, per `resume` (None: start fresh)."""
+        """The checkpoint this run should resume from, per `resume` (None: start fresh).
+
+        `resume=True`: the newest checkpoint in `folder` whose files match its manifest; each
+        damaged one skipped is named on stderr with the file and the damage. A path: that
+        checkpoint, which must be complete and intact (`ResumeError` otherwise: a checkpoint
+        asked for by name is never silently replaced by another). Then, before any tensor is
+        read, the run's config is compared with the checkpoint's `config.json`:
+        `ResumeMismatch` names the paths that differ when the model's tensors or the
+        optimizer differ; other differences (`steps`, ...) are printed as a note.
+
+        In a multi-process run rank 0 decides (reading the files once) and every rank gets
+        its decision, so all resume from the same checkpoint or raise the same error.
+        """
         if self.resume is False:
             return None
+        decision: Any = None
+        if _is_main():
+            try:
+                decision = self._decide()
+            except ResumeError as err:
+                decision = (type(err).__name__, str(err))
+            except BaseException as err:  # tell the other ranks before failing, so none waits forever
+                if _distributed():
+                    _broadcast((ResumeError.__name__, f"rank 0 failed choosing a checkpoint: {err!r}"))
+                raise
+        decision = _broadcast(decision)
+        if isinstance(decision, tuple):
+            name, message = decision
+            raise _RESUME_ERRORS[name](message)
+        return None if decision is None else Path(decision)
+
+    def _decide(self) -> str | None:
+        """`resume_path`'s choice on one process (printing its warnings and notes)."""
         if self.resume is True:
-            return self.latest()
-        path = Path(self.resume)
-        if not (path / "COMPLETE").exists():
-            raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no COMPLETE marker); "
-                                    f"pass resume=True to take the newest complete one in {self.folder}")
-        return path
+            path = self.latest()
+            if path is None:
+                return None
+        else:
+            path = Path(self.resume)
+            if not (path / manifest.COMPLETE).exists():
+                raise ResumeError(f"checkpoint {path} is missing or incomplete (no {manifest.COMPLETE} marker); "
+                                  f"pass --resume without a path to take the newest intact one in {self.folder}")
+            damage = _damage(path)
+            if damage:
+                raise ResumeError(f"checkpoint {path} is damaged: {_summary(damage)}. Resume from another one "
+                                  f"(--resume without a path takes the newest intact checkpoint in {self.folder}), "
+                                  f"or restore the file from a copy")
+        self._check_config(path)
+        return str(path)
+
+    def _check_config(self, path: Path) -> None:
+        """Compare this run's config (as `launch` recorded it) with the checkpoint's own."""
+        if self.run_config is None or not (path / "config.json").exists():
+            return  # a run not started by `launch`, or a checkpoint written by one: nothing to compare
+        from registry import serialize
+        from registry.errors import ConfigError
+
+        try:
+            saved = serialize.load(path / "config.json")
+            current = serialize.load_text(self.run_config, where="this run's config")
+        except ConfigError as err:
+            _say(f"note: cannot compare this run's config with {path / 'config.json'} ({err}); resuming anyway")
+            return
+        notes = resume_config.check(path, saved, current)
+        if notes:
+            shown = notes[:8] + ([f"... and {len(notes) - 8} more"] if len(notes) > 8 else [])
+            _say(f"note: resuming {path.name} with settings that differ from its own (checkpoint's -> this run's; "
+                 f"they do not change its tensors): " + "; ".join(shown))
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint whose files read back, or None."""
+        """The newest complete checkpoint whose files match its manifest, or None. Each
+        damaged one passed over is named on stderr (file, and what is wrong with it)."""
+        damaged: list[tuple[Path, list[str]]] = []
         for path in reversed(self._complete()):
-            try:
-                json.loads((path / "state.json").read_text())
+            damage = _damage(path)
+            if not damage:
+                for bad, what in damaged:
+                    _say(f"warning: checkpoint {bad.name} is damaged: {_summary(what)}; resuming from {path.name} "
+                         f"instead")
                 return path
-            except (OSError, ValueError) as err:
-                warnings.warn(f"checkpoint {path} is damaged ({err}); falling back to an older one", stacklevel=2)
+            damaged.append((path, damage))
+        for bad, what in damaged:
+            _say(f"warning: checkpoint {bad.name} is damaged: {_summary(what)}; no intact checkpoint is left in "
+                 f"{self.folder}, so nothing is resumed")
         return None
 
     def load(self, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -229,11 +307,13 @@ class Checkpointer:
                 dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
             _weights_from_masters(target, shapes)
         except KeyError as err:
-            raise RuntimeError(f"checkpoint {path} does not match this model/optimizer (no entry {err}); resume "
-                               f"it with the configuration that wrote it") from err
+            raise CheckpointLoadError(f"checkpoint {path} does not match this model/optimizer (no entry {err}); "
+                                      f"resume it with the configuration that wrote it: --load "
+                                      f"{path / 'config.json'} --resume") from err
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it may be "
-                               f"truncated: delete it, or resume from an older one") from err
+            raise CheckpointLoadError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it may be "
+                                      f"truncated or written by another model: resume from an older one, or with "
+                                      f"the configuration that wrote it") from err
         self.last = path
         optim_tensors = {k[len("optim."):]: v for k, v in target.items() if k.startswith("optim.")}
         set_state_dict(model, optimizer, model_state_dict={k[len("model."):]: v for k, v in target.items()
@@ -296,6 +376,43 @@ def _stored_shapes(path: Path) -> dict[str, dict[str, Any]]:
 # safetensors' dtype codes (as `get_dtype()` reports them) -> torch attribute names
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
            "U8": "uint8", "I8": "int8", "BOOL": "bool", "I16": "int16"}
+
+
+_RESUME_ERRORS = {cls.__name__: cls for cls in (ResumeError, ResumeMismatch)}
+
+
+def _damage(path: Path) -> list[str]:
+    """What is wrong with checkpoint `path`'s files ([] if nothing). One written before
+    manifests is checked as before (its state reads back) and noted as unverified."""
+    verdict = manifest.verify(path)
+    if verdict.verified or verdict.damage:
+        return verdict.damage
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        return [f"{path / 'state.json'}: unreadable ({err})"]
+    _say(f"note: checkpoint {path} has no {manifest.MANIFEST} (written before checkpoints recorded checksums): "
+         f"resuming from it unverified")
+    return []
+
+
+def _summary(damage: list[str]) -> str:
+    more = f" (and {len(damage) - 3} more damaged files)" if len(damage) > 3 else ""
+    return "; ".join(damage[:3]) + more
+
+
+def _say(message: str) -> None:
+    """A warning or note for the person running this (rank 0 decides, so only it speaks)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank (itself in a single process)."""
+    if not _distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _write_synced(path: Path, text: str) -> None:
