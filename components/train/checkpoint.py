@@ -236,8 +236,11 @@ class Checkpointer:
         else:
             path = Path(self.resume)
             if not (path / manifest.COMPLETE).exists():
+                hint = (f" ('{path}' looks like an override: --resume takes an optional path, so write overrides "
+                        f"before it)" if "=" in str(self.resume) and not path.exists() else "")
                 raise ResumeError(f"checkpoint {path} is missing or incomplete (no {manifest.COMPLETE} marker); "
-                                  f"pass --resume without a path to take the newest intact one in {self.folder}")
+                                  f"pass --resume without a path to take the newest intact one in {self.folder}"
+                                  f"{hint}")
             damage = _damage(path)
             if damage:
                 raise ResumeError(f"checkpoint {path} is damaged: {_summary(damage)}. Resume from another one "

@@ -218,5 +218,6 @@ def check(checkpoint: Path, saved_config: Any, current_config: Any) -> list[str]
         f"({'; '.join(why) or 'its config differs'}). Config paths that differ (checkpoint's value -> this run's):\n"
         f"{lines}\n"
         f"To continue that run, resume with its own config: --load {config_file} --resume (overrides outside "
-        f"model.* and optimizer, such as steps=..., still apply). To start fresh with this config, drop --resume "
+        f"model.* and optimizer, such as steps=..., still apply: put them before --resume, which takes an optional "
+        f"path). To start fresh with this config, drop --resume "
         f"or set checkpoint.resume=False (the old checkpoints are moved aside), or choose a new checkpoint.folder=...")
