@@ -170,6 +170,34 @@ class OptimizerStepHook(abc.ABC):
     def after_optimizer_step(self) -> None: ...
 
 
+class ReportsExpertLoad(abc.ABC):
+    """A module that counts how many tokens each expert received in the last step, for the
+    trainer's load metrics. `last_load`: float tensor [n_experts] (token-expert assignments)."""
+
+    last_load: torch.Tensor
+
+
+class SecondOrderOptimizer(abc.ABC):
+    """An optimizer whose step differentiates the gradients again (Hessian-vector products,
+    e.g. Sophia-H's Hutchinson estimate): when `wants_second_order()` is True the trainer runs
+    that step's backward with `create_graph=True` and attention on SDPA's math kernel."""
+
+    @abc.abstractmethod
+    def wants_second_order(self) -> bool: ...
+
+
+class HessianEstimateOptimizer(abc.ABC):
+    """An optimizer that folds in a Gauss-Newton-Bartlett Hessian estimate every
+    `hessian_interval` steps (Sophia-G): after such an optimizer step the trainer backprops
+    the loss on labels sampled from the model's own predictions, then calls
+    `update_hessian(n_tokens)` with the number of tokens the loss averaged over."""
+
+    hessian_interval: int
+
+    @abc.abstractmethod
+    def update_hessian(self, batch_size: int) -> None: ...
+
+
 class AuxiliaryLoss(abc.ABC):
     """A module that adds a term to the training loss (e.g. MoE balance losses).
 
@@ -232,6 +260,40 @@ class ParallelPlan(abc.ABC):
         """True on the process that logs and writes files."""
         return True
 
+    def forward_backward(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *,
+                         n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                         backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        """One optimizer step's forward and backward passes on this process: gradients of the
+        mean loss over `n_micro` micro-batches accumulate in the parameters' `.grad`.
+
+        `losses(batch)` runs the forward and returns the named loss terms (scalars) of one
+        micro-batch; `backward(loss)` backpropagates a scalar (loss scaling, second-order
+        graphs). Returns each term's mean over this process's micro-batches. The default is
+        plain gradient accumulation; a plan may overlap communication with it (DDP's
+        `no_sync` until the last micro-batch) or replace it (a pipeline schedule).
+        """
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            terms = losses(batch)
+            backward(torch.stack(list(terms.values())).sum() / n_micro)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / n_micro
+        return totals
+
+    def mean_over_data_parallel(self, values: dict[str, float], device: str) -> dict[str, float]:
+        """`values` (per-process means) averaged over the processes that hold different data,
+        so every process reports and judges the loss of the whole batch. Default: the whole
+        world when a process group is up, else unchanged."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return values
+        size = torch.distributed.get_world_size()
+        if size == 1:
+            return values
+        names = sorted(values)
+        total = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)  # gloo has no AVG: sum, then divide
+        return {n: v / size for n, v in zip(names, total.tolist(), strict=True)}
+
 
 class Schedule(abc.ABC):
     """A scalar as a function of training progress: learning-rate multiplier and the like.
@@ -251,8 +313,8 @@ class TrainingData(abc.ABC):
 
     `vocab_size`: token ids are < vocab_size. `batch(split, batch_size=B, seq_len=T, generator=g)`
     returns {"tokens": [B, T], "targets": [B, T] (tokens shifted by one), "doc_ids": [B, T]}
-    for split "train" or "val". Implementations with their own position (a stateful loader)
-    also offer `state_dict()` / `load_state_dict()`.
+    for split "train" or "val". Optional capabilities are the interfaces below:
+    `StatefulData`, `PreparedData`, `BytesPerToken`.
     """
 
     vocab_size: int
@@ -260,6 +322,37 @@ class TrainingData(abc.ABC):
     @abc.abstractmethod
     def batch(self, split: str, *, batch_size: int, seq_len: int,
               generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+
+class StatefulData(abc.ABC):
+    """Training data with its own read position (a stateful loader), saved in checkpoints so a
+    resumed run reads the batches an uninterrupted one would."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class PreparedData(abc.ABC):
+    """Training data prepared once on disk (cleaned, deduplicated, tokenized) before batches
+    can be drawn. With several processes rank 0 prepares; the others wait until `prepared()`
+    and then `prepare()` only loads the cache."""
+
+    @abc.abstractmethod
+    def prepared(self) -> bool: ...
+
+    @abc.abstractmethod
+    def prepare(self) -> Any: ...
+
+
+class BytesPerToken(abc.ABC):
+    """Training data that knows how many bytes of text a token stands for in each split, so a
+    validation loss also reads as bits per byte."""
+
+    @abc.abstractmethod
+    def bytes_per_token(self, split: str) -> float: ...
 
 
 class DataSource(abc.ABC):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -89,12 +90,23 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
 
 
 def _set_resume(config: Any, resume: bool | str) -> None:
-    """Point the run's checkpointer at what --resume asked for."""
+    """Point the run's checkpointer at what --resume asked for; a bare --resume with no
+    checkpoint to resume from is an error, not a silent fresh start."""
     checkpoint = config.__arguments__.get("checkpoint") if hasattr(config, "__arguments__") else None
     if checkpoint is None:
         raise ConfigError([Fault("checkpoint", "--resume needs a run that writes checkpoints, and this one has none",
                                  "set `checkpoint` in the preset: fdl.Config(Checkpointer, folder=...)")])
     checkpoint.resume = resume
+    if resume is True and not _has_checkpoint(Path(checkpoint.folder)):
+        raise ConfigError([Fault("--resume", f"there is no complete checkpoint in {checkpoint.folder} to resume from",
+                                 "run without --resume to start fresh, or pass --resume PATH to a checkpoint "
+                                 "(or checkpoint.folder=... where the run wrote them)")])
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds any complete checkpoint (which one is intact is the
+    checkpointer's to decide when the run starts)."""
+    return folder.is_dir() and any((p / "COMPLETE").exists() for p in folder.glob("step-*"))
 
 
 def _check_export(config: Any, ns: argparse.Namespace) -> None:
@@ -142,6 +154,7 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         from components.data.sources.rows import MalformedRowError
         from components.train.guard import TrainingDiverged
         from components.train.launch import launch
+        from components.train.preemption import RunInterrupted
         from components.train.resume_config import ResumeError
 
         try:
@@ -152,6 +165,10 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         except ResumeError as error:  # a checkpoint that cannot be resumed: the file or config paths, and the fix
             err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(2)
+        except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved
+            err.print(f"[bold yellow]stopped:[/bold yellow] {escape(str(stopped))}", markup=True, highlight=False,
+                      soft_wrap=True)
+            sys.exit(128 + stopped.signum)
         except (MalformedRowError, FileNotFoundError) as error:  # the user's corpus: name the file, no traceback
             err.print(f"[bold red]data error:[/bold red] {escape(str(error))}", markup=True, highlight=False,
                       soft_wrap=True)

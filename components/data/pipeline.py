@@ -36,7 +36,14 @@ from components.data.sources.readers import TxtSplit
 from components.data.sources.rows import RowSource
 from components.data.store import TokenStore, write_store
 from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
-from components.interfaces import DataSource, DocumentFilter, TrainingData
+from components.interfaces import (
+    BytesPerToken,
+    DataSource,
+    DocumentFilter,
+    PreparedData,
+    StatefulData,
+    TrainingData,
+)
 from registry.invariants import invariant
 
 FORMAT_VERSION = 2  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted
@@ -65,7 +72,7 @@ def _nbytes(docs: list[Document]) -> int:
 
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out e.g. 0.02 of the documents")
 @invariant("mixture_temperature > 0", lambda mixture_temperature: mixture_temperature > 0, fix="use a temperature > 0")
-class TextPipeline(TrainingData):
+class TextPipeline(TrainingData, StatefulData, PreparedData, BytesPerToken):
     """Multi-domain text -> packed token sequences, prepared once and cached.
 
     Args:

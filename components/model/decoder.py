@@ -74,6 +74,12 @@ class DecoderLM(nn.Module):
     def tied(self) -> bool:
         return self.head.weight is self.embedding.weight
 
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block in depth order: the main layers, then each multi-token
+        prediction module's block. The units that parallel plans shard, activation
+        checkpointing recomputes and `compile=True` compiles."""
+        return [*self.layers, *(module.block for module in self.mtp)]
+
     def hidden_states(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, D] (what the head reads)."""
         x = self.embedding(tokens)

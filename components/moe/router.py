@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from components.interfaces import OptimizerStepHook
+from components.interfaces import OptimizerStepHook, ReportsExpertLoad
 from components.model.init import normal_
 from components.moe.experts import expert_counts
 from registry.invariants import invariant
@@ -35,7 +35,7 @@ class Routing:
 @invariant("top_k <= experts in the kept groups",
            lambda n_experts, n_groups, topk_groups, top_k: 1 <= top_k <= n_experts // n_groups * topk_groups,
            fix="lower top_k or keep more groups (topk_groups)")
-class Router(nn.Module, OptimizerStepHook):
+class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
     """Scores every expert for each token and keeps the top `top_k`.
 
     - score_func "softmax" (DeepSeekMoE, V2) or "sigmoid" (V3); logits in fp32.

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from components.interfaces import ParamGroups
+from components.interfaces import HessianEstimateOptimizer, ParamGroups
 from registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("sophia")
-class SophiaG(torch.optim.Optimizer):
+class SophiaG(torch.optim.Optimizer, HessianEstimateOptimizer):
     """Per step, for parameter θ with gradient g:
 
         m = b1 m + (1 - b1) g

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytorch_optimizer
 import torch
 
+from components.interfaces import SecondOrderOptimizer
 from registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("sophia_h")
-class SophiaH(pytorch_optimizer.SophiaH):
+class SophiaH(pytorch_optimizer.SophiaH, SecondOrderOptimizer):
     """pytorch_optimizer's SophiaH. Every `update_period` steps its step() estimates diag(H)
     as z * (H z) (z Gaussian or Rademacher), differentiating the gradients once more; for that
     the trainer runs the backward of those steps with `create_graph=True` (and attention on

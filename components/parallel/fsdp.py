@@ -49,7 +49,7 @@ class FullyShardedDataParallel(ParallelPlan):
                        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.reduce_dtype))
         # An MTP module's norms are also used outside its forward (the head norm), so only its
         # block is a unit of its own; the rest belongs to the root unit, gathered for all of `losses`.
-        for unit in list(model.layers) + [m.block for m in getattr(model, "mtp", [])]:
+        for unit in model.blocks():
             fully_shard(unit, **options)
         fully_shard(model, **options)
         if hasattr(model, "losses"):  # the trainer's entry point: gather the root's weights for it too

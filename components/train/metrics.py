@@ -146,7 +146,8 @@ class Metrics:
 
 
 def moe_layer_indices(model: torch.nn.Module, router_type: type) -> list[int]:
-    """The layer index of every `router_type` module of a decoder, in module order: i for
+    """The layer index of every `router_type` module (e.g. `ReportsExpertLoad`) of a decoder,
+    in module order: i for
     `layers.i`, and n_layers + k for MTP module k (the index DeepSeek checkpoints give it)."""
     n_layers = len(getattr(model, "layers", []))
     indices = []

@@ -12,7 +12,7 @@ import torch
 
 from components.data.loader import doc_ids_from_eos
 from components.data.sources.stdlib import stdlib_files
-from components.interfaces import TrainingData
+from components.interfaces import BytesPerToken, TrainingData
 from components.parallel.process_group import world
 from registry.invariants import invariant
 
@@ -21,7 +21,7 @@ VOCAB_SIZE = 256
 
 
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out a fraction such as 0.05")
-class StdlibBytes(TrainingData):
+class StdlibBytes(TrainingData, BytesPerToken):
     """Train/validation byte streams of up to `max_bytes` of standard-library source.
 
     Args:

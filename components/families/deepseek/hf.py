@@ -82,10 +82,8 @@ def _pairs(model: DecoderLM) -> Iterator[tuple[str, torch.Tensor, str, Any, Any]
                                ("model.norm.weight", model.norm.weight, "plain"),
                                ("lm_head.weight", model.head.weight, "plain")):
         yield name, tensor, kind, None, None
-    n_layers = len(model.layers)
-    blocks = [(i, layer, None) for i, layer in enumerate(model.layers)]
-    blocks += [(n_layers + k, mtp.block, mtp) for k, mtp in enumerate(model.mtp)]
-    for index, block, mtp in blocks:
+    owners = [None] * len(model.layers) + list(model.mtp)  # an MTP block's module carries its own extras
+    for index, (block, mtp) in enumerate(zip(model.blocks(), owners, strict=True)):
         for name, tensor, kind in _block_pairs(index, block, mtp, model):
             yield name, tensor, kind, block.attention, mtp
 
@@ -223,9 +221,9 @@ def unsupported(model: DecoderLM) -> list[str]:
     if model.tied:
         problems.append("model.tie_embeddings: DeepSeek checkpoints have an untied head")
     kinds = []
-    for i, block in [(i, layer) for i, layer in enumerate(model.layers)] + \
-            [(f"mtp[{k}].block", m.block) for k, m in enumerate(model.mtp)]:
-        at = f"model.layers[{i}]" if isinstance(i, int) else f"model.{i}"
+    n_layers = len(model.layers)
+    for i, block in enumerate(model.blocks()):
+        at = f"model.layers[{i}]" if i < n_layers else f"model.mtp[{i - n_layers}].block"
         attn, ffn = block.attention, block.feed_forward
         if not isinstance(attn, MultiHeadLatentAttention):
             problems.append(f"{at}.attention: {type(attn).__name__} (the layout holds multi-head latent attention)")

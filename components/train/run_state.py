@@ -1,0 +1,67 @@
+"""What a run carries from step to step, and how it is saved into and restored from a checkpoint.
+
+Exact resume needs more than weights and optimizer state: the step and token counters, the
+loss history, the global RNG, the batch-sampling generator, the loss scaler, the stability
+guard's window and the data loader's position. `snapshot` gathers them into the checkpoint's
+`extra` tree; `restore` puts them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.interfaces import StatefulData, TrainingData
+from components.train.checkpoint import Checkpointer
+from components.train.guard import StabilityGuard
+
+
+@dataclasses.dataclass
+class RunState:
+    """The counters and history of one run.
+
+    `step`: optimizer steps taken; `tokens`: training tokens consumed; `history`: every loss
+    term per step (and the steps skipped or rolled back); `generator`: batch sampling."""
+
+    generator: torch.Generator
+    step: int = 0
+    tokens: int = 0
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        """The LM loss of every step taken."""
+        return self.history.setdefault("lm", [])
+
+    def record(self, name: str, value: float) -> None:
+        self.history.setdefault(name, []).append(value)
+
+
+def snapshot(state: RunState, *, scaler: Any, guard: StabilityGuard | None, data: TrainingData) -> dict[str, Any]:
+    """The checkpoint's `extra` tree: everything besides weights and optimizer state."""
+    return {"tokens": state.tokens, "history": state.history, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "data_generator": state.generator.get_state(), "scaler": scaler.state_dict() if scaler else {},
+            "guard": guard.state_dict() if guard is not None else {},
+            "data": data.state_dict() if isinstance(data, StatefulData) else {}}
+
+
+def restore(checkpoint: Checkpointer, path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            state: RunState, scaler: Any, guard: StabilityGuard | None, data: TrainingData) -> None:
+    """Load checkpoint `path` into the model, optimizer and `state` (and the global RNG)."""
+    restored = checkpoint.load(path, model=model, optimizer=optimizer)
+    extra = restored["extra"]
+    state.step, state.tokens, state.history = restored["step"], extra["tokens"], extra["history"]
+    torch.set_rng_state(extra["rng"])
+    if extra.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(extra["cuda_rng"]))
+    state.generator.set_state(extra["data_generator"])
+    if scaler is not None and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    if guard is not None and extra.get("guard"):
+        guard.load_state_dict(extra["guard"])
+    if isinstance(data, StatefulData):
+        data.load_state_dict(extra["data"])

@@ -1,0 +1,122 @@
+"""SIGTERM mid-run (what clusters send before they kill a job): every process finishes its
+step, the run writes a checkpoint, says where and exits 143; `--resume` then ends exactly
+where an uninterrupted run ends. Checked from the command line, in one process and in two."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.train.checkpoint import load_model
+from tests.conftest import ROOT
+
+STEPS = 24
+ARGS = ["debug", f"steps={STEPS}", "batch_size=4", "seq_len=32", "precision=@fp32", "log_every=1",
+        "scheduler.warmup_steps=2", f"scheduler.total_steps={STEPS}", "checkpoint.every=1000",
+        "metrics.eval_every=1000", "metrics.plots=False", "metrics.tensorboard=False",
+        "model.layers[*].attention.dropout=0.0", "optimizer.eps=1e-5"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+
+
+def command(folder: Path, processes: int, *extra: str) -> list[str]:
+    outputs = [f"checkpoint.folder={folder}/checkpoints", f"metrics.folder={folder}"]
+    plan = ["parallel=@fsdp"] if processes > 1 else []
+    script = [str(ROOT / "recipes" / "llama_pretrain.py"), *ARGS, *outputs, *plan, *extra]
+    if processes == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+            *script]
+
+
+def run(folder: Path, processes: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command(folder, processes, *extra), capture_output=True, text=True, cwd=ROOT, env=ENV,
+                          timeout=300)
+
+
+def terminated_at(folder: Path, processes: int, after_step: int) -> tuple[int, str]:
+    """Start the run, send SIGTERM (to torchrun itself under 2 processes) once step
+    `after_step` is printed; returns the exit status and everything the run printed."""
+    proc = subprocess.Popen(command(folder, processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=ENV)
+    printed = []
+    for line in proc.stdout:
+        printed.append(line)
+        match = re.match(r"step\s+(\d+)\s", line)
+        if match and int(match.group(1)) >= after_step:
+            proc.send_signal(signal.SIGTERM)
+            break
+    printed.extend(proc.stdout)
+    return proc.wait(timeout=120), "".join(printed)
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_model(checkpoint).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, processes):
+    status, printed = terminated_at(tmp_path / "cut", processes, after_step=8)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 24; checkpoint written to (\S+); continue with "
+                        r"--resume", printed)
+    assert stopped, printed[-3000:]
+    step, saved = int(stopped.group(1)), Path(stopped.group(2))
+    assert 8 <= step < STEPS and saved.name == f"step-{step:08d}" and (saved / "COMPLETE").exists()
+    if processes == 1:
+        assert status == 128 + signal.SIGTERM, printed[-2000:]
+    else:
+        assert status != 0  # torchrun reports its workers' failure in its own way
+
+    resumed = run(tmp_path / "cut", processes, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming from {saved} (step {step}," in resumed.stdout
+    whole = run(tmp_path / "whole", processes)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    def final_line(out: str) -> str:
+        return re.search(r"done: loss \S+ -> (\S+) \(val (\S+)\)", out).groups()
+
+    assert final_line(resumed.stdout) == final_line(whole.stdout)
+    end = f"step-{STEPS:08d}"
+    cut, reference = weights(tmp_path / "cut" / "checkpoints" / end), weights(tmp_path / "whole" / "checkpoints" / end)
+    assert cut.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(cut[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_with_nothing_to_resume_from_says_so(tmp_path):
+    result = run(tmp_path, 1, "--resume")
+    assert result.returncode == 2
+    assert f"there is no complete checkpoint in {tmp_path}/checkpoints to resume from" in result.stderr, result.stderr
+    assert "run without --resume to start fresh" in result.stderr
+
+
+def test_a_signal_between_steps_stops_after_the_step_in_process(tmp_path):
+    """In process: the run stops after the step during which the signal came, with the
+    checkpoint of exactly that step, and no traceback of its own making."""
+    import fiddle as fdl
+
+    from components.train.checkpoint import Checkpointer
+    from components.train.launch import launch
+    from components.train.preemption import RunInterrupted
+    from recipes.llama_pretrain import recipe
+    from registry.cli import resolve
+
+    from helpers.signals import SignalAt
+
+    config, _ = resolve(recipe, [*ARGS[:1], "steps=6", "batch_size=2", "seq_len=32", "progress=False", "threads=1",
+                                 "metrics=None"])
+    config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path), every=1000)
+    config.scheduler = fdl.Config(SignalAt, step=3)
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM after step 4 of 6") as stopped:
+        launch(config)
+    assert stopped.value.signum == signal.SIGTERM
+    assert (tmp_path / "step-00000004" / "COMPLETE").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
