@@ -126,6 +126,9 @@ def _check_export(config: Any, ns: argparse.Namespace) -> None:
 def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
     parser = _parser(recipe)
     ns = parser.parse_args(argv)
+    if isinstance(ns.resume, str) and "=" in ns.resume and not Path(ns.resume).exists():
+        ns.args.append(ns.resume)  # `--resume steps=400`: an override, not a checkpoint path
+        ns.resume = True
     err, out = Console(stderr=True), Console()
     try:
         config, notes = resolve(recipe, ns.args, ns.load, check=False)

@@ -105,7 +105,8 @@ def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path, c
     checkpointer = Checkpointer(folder=str(tmp_path / "ck"), resume=True)
     capsys.readouterr()
     assert checkpointer.latest().name == "step-00000002"
-    assert f"checkpoint step-00000003 is damaged: {newest / 'state.json'}: 18 bytes, expected" in capsys.readouterr().err
+    damaged = f"checkpoint step-00000003 is damaged: {newest / 'state.json'}: 18 bytes, expected"
+    assert damaged in capsys.readouterr().err
     shard = next((tmp_path / "ck" / "step-00000002").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:200])  # truncated tensors
     model = fdl.build(recipe.config("debug").model)

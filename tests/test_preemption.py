@@ -91,8 +91,10 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, process
         torch.testing.assert_close(cut[name], reference[name], rtol=0, atol=0, msg=name)
 
 
-def test_resume_with_nothing_to_resume_from_says_so(tmp_path):
-    result = run(tmp_path, 1, "--resume")
+@pytest.mark.parametrize("after", [[], ["steps=30"]], ids=["bare", "then-an-override"])
+def test_resume_with_nothing_to_resume_from_says_so(tmp_path, after):
+    # `--resume steps=30` reads as --resume plus an override, not as a checkpoint named "steps=30"
+    result = run(tmp_path, 1, "--resume", *after)
     assert result.returncode == 2
     assert f"there is no complete checkpoint in {tmp_path}/checkpoints to resume from" in result.stderr, result.stderr
     assert "run without --resume to start fresh" in result.stderr
