@@ -255,6 +255,22 @@ class ParallelPlan(abc.ABC):
         model.to_empty(device=device)
         model.init_weights()
 
+    def ready(self, model: nn.Module) -> None:
+        """Called once the model holds its final weights (materialised, converted by the
+        precision policy, blocks compiled) and before the optimizer is built: where a plan
+        that communicates gradients after the backward (DDP) sets itself up."""
+        return None
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer the run steps, given the one built over the model's parameter groups
+        (e.g. ZeRO-1 shards its state across the data-parallel processes). Default: as is."""
+        return optimizer
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimizer step that updated the weights, `step` counting from 1
+        (e.g. local SGD / DiLoCo averaging the weights every H steps)."""
+        return None
+
     @property
     def is_main_process(self) -> bool:
         """True on the process that logs and writes files."""

@@ -146,6 +146,7 @@ class StepRunner:
         if update:
             for hook in self.step_hooks:
                 hook.after_optimizer_step()
+            self.parallel.after_optimizer_step(self.model, state.step + 1)
         opt.zero_grad(set_to_none=True)
         return update, grad_norm, first_bad_grad
 

@@ -152,9 +152,10 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             block.checkpoint_activations = True if activation_checkpointing == "full" else "attention"
         if compile:  # static shapes: a micro-batch keeps its shape all run (MTP's T-1 is one more graph)
             block.compile(dynamic=False, **({} if compile is True else {"backend": compile}))
+    parallel.ready(model)
     raw_optimizer = optimizer(decay_groups(model, decay_embeddings=decay_embeddings,
                                            decay_vectors=decay_norms_and_biases))
-    opt = precision.wrap_optimizer(raw_optimizer)
+    opt = precision.wrap_optimizer(parallel.wrap_optimizer(raw_optimizer))
     if isinstance(raw_optimizer, SecondOrderOptimizer) and (isinstance(opt, MasterWeights) or world_size > 1):
         raise ValueError("optimizer: this optimizer differentiates the gradients a second time (Hessian-vector "
                          "products), which sharded data-parallel gradients and bf16_params' fp32 master copies do "
