@@ -311,6 +311,31 @@ class ParallelPlan(abc.ABC):
         return {n: v / size for n, v in zip(names, total.tolist(), strict=True)}
 
 
+class CommHook(abc.ABC):
+    """How a data-parallel (DDP) run communicates gradients: `register(ddp, process_group)`
+    installs a hook with torch's `DistributedDataParallel.register_comm_hook` contract (fp16
+    compression, PowerSGD, 1-bit with error feedback, ...). `bytes_sent` counts the payload
+    bytes this process handed to collectives since it was registered, so benchmarks and tests
+    can compare hooks with plain all-reduce."""
+
+    bytes_sent: int = 0
+
+    @abc.abstractmethod
+    def register(self, ddp: nn.Module, process_group: Any) -> None: ...
+
+
+class PeriodicSync(abc.ABC):
+    """Data parallelism without per-step gradient averaging (local SGD, DiLoCo): every
+    replica steps its own optimizer on its own data, and `after_step(model, step,
+    process_group)` (after every optimizer step, `step` counting from 1) synchronises the
+    weights every so many steps. `bytes_sent` counts payload bytes as for `CommHook`."""
+
+    bytes_sent: int = 0
+
+    @abc.abstractmethod
+    def after_step(self, model: nn.Module, step: int, process_group: Any) -> None: ...
+
+
 class Schedule(abc.ABC):
     """A scalar as a function of training progress: learning-rate multiplier and the like.
 

@@ -8,12 +8,14 @@ from registry.errors import ConfigError, Fault, RegistryError
 from registry.invariants import invariant
 from registry.kinds import (
     ATTENTION,
+    COMM_HOOK,
     DATA_FILTER,
     DATA_SOURCE,
     FEED_FORWARD,
     NORM,
     OPTIMIZER,
     PARALLEL_PLAN,
+    PERIODIC_SYNC,
     POSITION,
     PRECISION,
     SCHEDULER,
@@ -24,7 +26,8 @@ from registry.tags import ModelDim, Setting, model_width
 from registry.validate import validate
 
 __all__ = [
-    "ATTENTION", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN", "POSITION",
+    "ATTENTION", "COMM_HOOK", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN",
+    "PERIODIC_SYNC", "POSITION",
     "PRECISION", "SCHEDULER",
     "ConfigError", "Fault", "ModelDim", "Recipe", "Registry", "RegistryError", "Setting", "Shared", "all_registries",
     "invariant", "model_width", "validate",

@@ -15,11 +15,13 @@ import torch
 
 from components.interfaces import (
     Attention,
+    CommHook,
     DataSource,
     DocumentFilter,
     FeedForward,
     Norm,
     ParallelPlan,
+    PeriodicSync,
     PositionEncoding,
     PrecisionPolicy,
     Schedule,
@@ -60,6 +62,8 @@ POSITION: Registry[PositionEncoding] = Registry(kind="POSITION", base=PositionEn
     "dim": Shared(meaning="model width D of an absolute encoding"),
 })
 PARALLEL_PLAN: Registry[ParallelPlan] = Registry(kind="PARALLEL_PLAN", base=ParallelPlan)
+COMM_HOOK: Registry[CommHook] = Registry(kind="COMM_HOOK", base=CommHook)
+PERIODIC_SYNC: Registry[PeriodicSync] = Registry(kind="PERIODIC_SYNC", base=PeriodicSync)
 OPTIMIZER: Registry[torch.optim.Optimizer] = Registry(kind="OPTIMIZER", base=torch.optim.Optimizer, shared={
     "lr": Shared(meaning="base learning rate (schedules multiply it)"),
     "weight_decay": Shared(meaning="decoupled weight decay coefficient"),
