@@ -25,6 +25,7 @@ import components.optim.muon  # noqa: F401
 import components.optim.sophia  # noqa: F401
 import components.optim.sophia_h  # noqa: F401
 import components.parallel.fsdp  # noqa: F401
+import components.parallel.mesh  # noqa: F401
 import components.parallel.single  # noqa: F401
 import components.position.absolute  # noqa: F401
 import components.position.alibi  # noqa: F401

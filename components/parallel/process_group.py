@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 
 
-def ensure_process_group() -> None:
-    """Initialise the default process group once: gloo for CPU tensors, plus NCCL for GPU
-    tensors where there are GPUs.
+def ensure_process_group(device: str = "cpu") -> None:
+    """Initialise the default process group once, for the device the run trains on: gloo for
+    `device="cpu"`; for a GPU device, NCCL for GPU tensors plus gloo for CPU tensors (object
+    broadcasts, CPU-side counters), with this process bound to GPU LOCAL_RANK. A machine's
+    GPUs are never used unless `device` asks for them.
 
     Under `torchrun --nproc-per-node N` the rank and rendezvous come from its environment
     variables; a plain `python` process (tests, debugging) becomes a group of one.
@@ -24,7 +26,7 @@ def ensure_process_group() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" now means this rank's GPU
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:

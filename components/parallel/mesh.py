@@ -1,0 +1,202 @@
+"""One parallel plan for every layout: the processes form an N-D device mesh whose degrees
+say how the model and the batch are split.
+
+    torchrun --nproc-per-node 4 recipes/llama_pretrain.py debug parallel=@mesh(dp_replicate=2,dp_shard=2)
+
+The degrees' product must equal the number of processes. The data-parallel layout follows
+from the two data-parallel degrees:
+
+    dp_replicate  dp_shard  layout
+    1             1         one process (or a plain replica group of one)
+    N             1         DDP (optionally ZeRO-1, a communication hook, or a periodic sync)
+    1             N         FSDP2 (every process holds 1/N of each parameter)
+    R             S         HSDP: FSDP2 sharded over S processes, replicated R times
+
+Tensor, pipeline and expert degrees (`tp`, `pp`, `ep`) are part of the mesh from the start
+and are refused above 1 until model parallelism lands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
+from components.parallel import ddp, sharding, zero
+from components.parallel.process_group import ensure_process_group, world
+from registry.invariants import invariant
+from registry.kinds import PARALLEL_PLAN
+
+_MODEL_PARALLEL = "tensor (tp), pipeline (pp) and expert (ep) parallelism come with model parallelism, not yet here"
+
+
+class MeshError(ValueError):
+    """A parallel plan that cannot run on this many processes (raised before any process
+    group is created)."""
+
+
+@invariant("dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1)",
+           lambda dp_replicate, dp_shard: dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1),
+           fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
+@invariant("tp == 1 and pp == 1 and ep == 1", lambda tp, pp, ep: tp == 1 and pp == 1 and ep == 1,
+           fix=f"{_MODEL_PARALLEL}; use the data-parallel degrees dp_replicate and dp_shard")
+@invariant("comm_hook needs DDP: dp_shard == 1", lambda comm_hook, dp_shard: comm_hook is None or dp_shard == 1,
+           fix="with dp_shard > 1 (FSDP/HSDP) FSDP2 reduce-scatters the gradients itself and a DDP communication "
+               "hook has nothing to compress; use dp_replicate=N,dp_shard=1 for a hook, or drop comm_hook")
+@invariant("zero1 needs replicated parameters: dp_shard == 1", lambda zero1, dp_shard: not zero1 or dp_shard == 1,
+           fix="dp_shard > 1 (FSDP/HSDP) already shards the optimizer state, with parameters and gradients too; "
+               "drop zero1, or use dp_replicate=N,dp_shard=1 for ZeRO-1")
+@invariant("periodic_sync needs replicated parameters: dp_shard == 1",
+           lambda periodic_sync, dp_shard: periodic_sync is None or dp_shard == 1,
+           fix="a periodic sync (local SGD, DiLoCo) averages whole replicas; use dp_replicate=N,dp_shard=1")
+@invariant("periodic_sync excludes comm_hook and zero1",
+           lambda periodic_sync, comm_hook, zero1: periodic_sync is None or (comm_hook is None and not zero1),
+           fix="with a periodic sync every replica steps its own optimizer on its own gradients: there is no "
+               "per-step gradient all-reduce to compress and no shared optimizer state to shard; drop "
+               "comm_hook/zero1 or periodic_sync")
+@PARALLEL_PLAN.register("mesh")
+class Mesh(ParallelPlan):
+    """The processes as a device mesh of degrees `dp_replicate` x `dp_shard` x `tp` x `pp`
+    (x `ep`, carved out of the others as in torchtitan; see the module docstring for the
+    layouts). Built with torchtitan's `ParallelDims`.
+
+    Args:
+        dp_replicate: replicas of the model (DDP; across nodes under HSDP).
+        dp_shard: processes each parameter is sharded over (FSDP2); -1: all the processes
+            the other degrees leave.
+        tp, pp, ep: tensor, pipeline, expert parallel degrees (only 1 for now).
+        zero1: shard the optimizer state across the replicas (ZeRO-1; needs dp_shard=1).
+        comm_hook: how DDP communicates gradients (fp16, PowerSGD, 1-bit; needs dp_shard=1).
+        periodic_sync: no per-step gradient averaging: each replica steps on its own and this
+            synchronises the weights every so many steps (local SGD, DiLoCo; needs dp_shard=1).
+        reshard_after_forward: FSDP2 frees the gathered parameters after each block's forward
+            (ZeRO-3, least memory) or keeps them until the backward (less communication).
+        reduce_dtype: dtype FSDP2 reduces gradients in (None: the parameters' dtype).
+
+    Every process trains on a disjoint 1/(dp_replicate x dp_shard) share of each global
+    batch (`batch_size` stays global), and gradients are averaged over all of them, so the
+    run steps as one process with the whole batch would (up to summation order). Process 0
+    logs, shows progress and writes files.
+    """
+
+    shard_alone = False
+    """Shard with FSDP2 even in one process (the `fsdp` alias: its checkpoints and mixed
+    precision keep the same form at every process count)."""
+
+    def __init__(self, *, dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, pp: int = 1, ep: int = 1,
+                 zero1: bool = False, comm_hook: CommHook | None = None, periodic_sync: PeriodicSync | None = None,
+                 reshard_after_forward: bool = True, reduce_dtype: torch.dtype | None = None):
+        self.dp_replicate, self.dp_shard, self.tp, self.pp, self.ep = dp_replicate, dp_shard, tp, pp, ep
+        self.zero1 = zero1
+        self.comm_hook = comm_hook
+        self.periodic_sync = periodic_sync
+        self.reshard_after_forward = reshard_after_forward
+        self.reduce_dtype = reduce_dtype
+        self.dims: Any = None  # torchtitan's ParallelDims, once `apply` built the mesh
+        self.group: Any = None  # the data-parallel process group
+        self._ddp: nn.Module | None = None
+        self._sharded = False
+
+    # -- layout ----------------------------------------------------------------------------------
+    def degrees(self, world_size: int) -> dict[str, int]:
+        """The degrees on `world_size` processes (dp_shard=-1 resolved), or `MeshError` naming
+        the constraint they break."""
+        fixed = self.dp_replicate * self.tp * self.pp
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise MeshError(f"parallel=@mesh: dp_shard=-1 takes the processes the other degrees leave, but "
+                                f"dp_replicate x tp x pp = {fixed} does not divide the {world_size} processes; "
+                                f"launch a multiple of {fixed} processes or set the degrees explicitly")
+            dp_shard = world_size // fixed
+        shown = f"dp_replicate={self.dp_replicate} x dp_shard={dp_shard} x tp={self.tp} x pp={self.pp}"
+        if fixed * dp_shard != world_size:
+            raise MeshError(f"parallel=@mesh: the degrees multiply to {fixed * dp_shard} ({shown}) but the run has "
+                            f"{world_size} process{'es' if world_size != 1 else ''} (WORLD_SIZE); launch "
+                            f"`torchrun --nproc-per-node {fixed * dp_shard}` or change the degrees so their product "
+                            f"is {world_size} (dp_shard=-1 takes whatever the others leave)")
+        return dict(dp_replicate=self.dp_replicate, dp_shard=dp_shard, tp=self.tp, pp=self.pp, ep=self.ep)
+
+    def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
+              device: str = "cpu") -> nn.Module:
+        degrees = self.degrees(int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
+        ensure_process_group(device)
+        self.dims = _parallel_dims(degrees, world()[1], torch.device(device).type)
+        # Every process is data-parallel while tp = pp = 1: the data loader's share is its global
+        # rank (`world()`); the mesh's "batch" dim is that group.
+        batch = self.dims.get_optional_mesh("batch")
+        self.group = batch.get_group() if batch is not None else dist.group.WORLD
+        if degrees["dp_shard"] > 1 or self.shard_alone:
+            names = ["dp_replicate", "fsdp"] if degrees["dp_replicate"] > 1 else ["fsdp"]
+            sharding.shard(model, self.dims.get_mesh(names), reshard_after_forward=self.reshard_after_forward,
+                           param_dtype=precision.param_dtype if precision is not None else None,
+                           reduce_dtype=self.reduce_dtype)
+            self._sharded = True
+        return model
+
+    def materialize(self, model: nn.Module, device: str) -> None:
+        if self._sharded:
+            sharding.materialize_sharded(model, device)
+        else:  # every replica draws the same weights from the same seed
+            super().materialize(model, device)
+
+    def ready(self, model: nn.Module) -> None:
+        replicated = not self._sharded and self.periodic_sync is None
+        if replicated and dist.get_world_size(self.group) > 1:
+            self._ddp = ddp.wrap(model, self.group, self.comm_hook)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return zero.shard_optimizer_state(optimizer, self.group) if self.zero1 else optimizer
+
+    def forward_backward(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *,
+                         n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                         backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        if self._ddp is None:
+            return super().forward_backward(model, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
+        return ddp.forward_backward(self._ddp, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.periodic_sync is not None:
+            self.periodic_sync.after_step(model, step, self.group)
+
+    @property
+    def is_main_process(self) -> bool:
+        return world()[0] == 0
+
+
+def _parallel_dims(degrees: dict[str, int], world_size: int, device_type: str) -> Any:
+    """torchtitan's `ParallelDims` for `degrees`, its mesh built on `device_type`.
+
+    Two things around it do not fit a library that trains on any device: `build_mesh` puts the
+    mesh on torchtitan's import-time guess of the accelerator (`torchtitan.tools.utils.
+    device_type`, "cuda" even on a machine without one) rather than the run's `device`, so
+    it is pointed at the run's device while the mesh is built; and the degree-1 dims it
+    creates use torch's "fake" process-group backend, which only torch's testing package
+    registers, so that is imported first.
+    """
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401 - registers the "fake" backend
+    from torchtitan.distributed import parallel_dims
+
+    dims = parallel_dims.ParallelDims(dp_replicate=degrees["dp_replicate"], dp_shard=degrees["dp_shard"], cp=1,
+                                      tp=degrees["tp"], pp=degrees["pp"], ep=degrees["ep"], world_size=world_size,
+                                      # plain DTensor meshes: FSDP2's (replicate, shard) for HSDP
+                                      spmd_backend="partial_dtensor")
+    with _module_attribute(parallel_dims, "device_type", device_type):
+        dims.build_mesh()
+    return dims
+
+
+@contextlib.contextmanager
+def _module_attribute(module: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)

@@ -1,0 +1,213 @@
+"""The `mesh` parallel plan: every data-parallel layout (DDP, ZeRO-1, FSDP, HSDP) trains the
+llama and DeepSeek debug models exactly as one process does, checkpoints move between
+layouts, and plans that cannot run fail before training with the constraint they break.
+
+Each process count is launched once (torchrun, 1 thread per rank) and runs its layouts in
+sequence inside one script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import fiddle as fdl
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from components.interfaces import CommHook, PeriodicSync
+from components.parallel.mesh import Mesh, MeshError
+from components.train.checkpoint import Checkpointer
+from components.train.launch import launch
+from recipes import deepseek_pretrain, llama_pretrain
+from registry.cli import resolve
+from registry.errors import ConfigError
+from tests.conftest import ROOT
+
+RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
+STEPS = 4
+ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "threads=1", "progress=False", "eval_batches=2",
+        f"steps={STEPS}", "scheduler.total_steps=6", "scheduler.warmup_steps=2",
+        # Rows of tokens absent from a batch get gradients of ~1e-9 that differ with summation
+        # order; Adam's default eps (1e-8) would blow those up to full-size steps of either sign.
+        "optimizer.eps=1e-5"]
+EXTRA = {"llama": ["model.layers[*].attention.dropout=0.0"], "deepseek": []}
+
+RUN = """
+import copy, json, os, sys
+import fiddle as fdl
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from components.parallel.process_group import leave_process_group
+from components.train.checkpoint import Checkpointer
+from components.train.launch import build_model_on_meta
+from recipes import deepseek_pretrain, llama_pretrain
+from registry.cli import resolve
+
+recipes = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
+for job in json.loads(open(sys.argv[1]).read()):
+    config, _ = resolve(recipes[job["recipe"]], job["args"])
+    config.metrics = None
+    config.checkpoint = None if job["folder"] is None else fdl.Config(
+        Checkpointer, folder=job["folder"], every=2, keep=5, resume=True)
+    run = copy.copy(config)
+    run.model = build_model_on_meta(config.model)  # as `launch` does, without leaving the process group
+    result = fdl.build(run)()
+    full = get_model_state_dict(result.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if os.environ["RANK"] == "0":
+        save_file({k: v.clone() for k, v in full.items()}, job["weights"])
+        print("RESULT", job["label"], json.dumps(result.losses), flush=True)
+leave_process_group()
+"""
+
+
+def args(recipe: str, *extra: str) -> list[str]:
+    return [*ARGS, *EXTRA[recipe], *extra]
+
+
+def one_process(recipe: str, folder, *extra: str):
+    config, _ = resolve(RECIPES[recipe], args(recipe, *extra))
+    config.checkpoint = None if folder is None else fdl.Config(Checkpointer, folder=str(folder), every=2, keep=5,
+                                                               resume=True)
+    return launch(config)
+
+
+def torchrun(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
+    """Run `jobs` ({label, recipe, plan, folder, extra}) in sequence on `processes` processes;
+    returns each label's per-step losses and final full weights."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = [{"label": j["label"], "recipe": j["recipe"], "folder": j.get("folder"),
+             "weights": str(tmp / f"{j['label']}.safetensors"),
+             "args": args(j["recipe"], f"parallel={j['plan']}", *j.get("extra", ()))} for j in jobs]
+    (tmp / "jobs.json").write_text(json.dumps(spec))
+    (tmp / "run.py").write_text(RUN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(processes), str(tmp / "run.py"), str(tmp / "jobs.json")], text=True,
+                          capture_output=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, label, losses = line.split(" ", 2)
+            results[label] = (json.loads(losses), load_file(tmp / f"{label}.safetensors"))
+    assert set(results) == {j["label"] for j in jobs}, done.stdout[-2000:]
+    return results
+
+
+def without_last_checkpoint(source, target):
+    """A copy of checkpoint folder `source` whose newest checkpoint (step STEPS) is removed,
+    so a run resumed from it trains steps 3..STEPS."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / f"step-{STEPS:08d}")
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process (the reference), then 2 processes (DDP, ZeRO-1, FSDP, and ZeRO-1 resuming
+    the reference's checkpoint), then 4 (HSDP 2x2, and HSDP resuming the FSDP checkpoint)."""
+    tmp = tmp_path_factory.mktemp("mesh")
+    out: dict[str, tuple[list[float], dict[str, torch.Tensor]]] = {}
+    for recipe in RECIPES:
+        result = one_process(recipe, tmp / f"one-{recipe}" if recipe == "llama" else None)
+        out[f"one-{recipe}"] = (result.losses, {k: v.detach().clone() for k, v in result.model.state_dict().items()})
+    two = []
+    for recipe in RECIPES:
+        two += [{"label": f"ddp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2)",
+                 "extra": ["micro_batch_size=2"]},  # two micro-batches: the first under no_sync
+                {"label": f"zero1-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2,zero1=True)"},
+                {"label": f"fsdp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2)"}]
+    two[1]["folder"] = str(tmp / "zero1-llama")  # checkpoints for 2 -> 1
+    two[2]["folder"] = str(tmp / "fsdp-llama")   # checkpoints for FSDP -> HSDP
+    two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
+                "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
+    out.update(torchrun(2, tmp / "two", two))
+    four = [{"label": f"hsdp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2,dp_shard=2)"}
+            for recipe in RECIPES]
+    four.append({"label": "fsdp-then-hsdp", "recipe": "llama", "plan": "@mesh(dp_replicate=2,dp_shard=2)",
+                 "folder": without_last_checkpoint(tmp / "fsdp-llama", tmp / "fsdp-then-hsdp")})
+    out.update(torchrun(4, tmp / "four", four))
+    resumed = one_process("llama", without_last_checkpoint(tmp / "zero1-llama", tmp / "zero1-then-one"))
+    out["zero1-then-one"] = (resumed.losses, dict(resumed.model.state_dict()))
+    return out
+
+
+def assert_same_run(got: tuple[list[float], dict], expected: tuple[list[float], dict], label: str) -> None:
+    assert len(got[0]) == STEPS, label
+    assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-5), label
+    assert set(got[1]) == set(expected[1]), label
+    for name, value in expected[1].items():
+        torch.testing.assert_close(got[1][name], value, rtol=1e-4, atol=1e-6, msg=f"{label}: {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("layout", ["ddp", "zero1", "fsdp", "hsdp"])
+def test_every_data_parallel_layout_trains_as_one_process(runs, layout, recipe):
+    reference = runs[f"one-{recipe}"]
+    assert reference[0][-1] < reference[0][0]  # the reference trains
+    assert_same_run(runs[f"{layout}-{recipe}"], reference, f"{layout}-{recipe}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ["zero1-then-one", "one-then-zero1", "fsdp-then-hsdp"])
+def test_checkpoints_resume_exactly_under_another_layout(runs, label):
+    assert_same_run(runs[label], runs["one-llama"], label)  # 2 -> 1, 1 -> 2, FSDP -> HSDP
+
+
+# -- plans that cannot run ---------------------------------------------------------------------
+
+class _Hook(CommHook):
+    def register(self, ddp, process_group) -> None:
+        pass
+
+
+class _Sync(PeriodicSync):
+    def after_step(self, model, step, process_group) -> None:
+        pass
+
+
+def test_degrees_that_do_not_multiply_to_the_world_size_fail_before_any_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 2)
+    for plan, words in [(Mesh(dp_replicate=2), ["multiply to 2", "3 processes", "--nproc-per-node 2"]),
+                        (Mesh(dp_replicate=2, dp_shard=-1), ["dp_shard=-1", "does not divide the 3 processes"])]:
+        with pytest.raises(MeshError) as err:
+            plan.apply(model)
+        for word in words:
+            assert word in str(err.value)
+    assert not dist.is_initialized()
+    assert Mesh(dp_replicate=3, dp_shard=-1).degrees(6)["dp_shard"] == 2
+
+
+@pytest.mark.parametrize("plan, words", [
+    ("@mesh(tp=2)", ["tp == 1", "come with model parallelism"]),
+    ("@mesh(pp=2,dp_shard=-1)", ["pp == 1", "come with model parallelism"]),
+    ("@mesh(dp_replicate=0)", ["degrees >= 1"]),
+    ("@mesh(dp_shard=2,zero1=True)", ["zero1 needs replicated parameters", "already shards the optimizer state"]),
+])
+def test_bad_plans_fail_validation_naming_the_constraint(plan, words):
+    with pytest.raises(ConfigError) as err:
+        resolve(llama_pretrain.recipe, ["debug", f"parallel={plan}"])
+    text = str(err.value)
+    assert "parallel" in text
+    for word in words:
+        assert word in text
+
+
+def test_hooks_and_periodic_sync_need_replicated_parameters():
+    with pytest.raises(ValueError, match="comm_hook needs DDP.*reduce-scatters the gradients"):
+        Mesh(dp_replicate=2, dp_shard=2, comm_hook=_Hook())  # HSDP
+    with pytest.raises(ValueError, match="comm_hook needs DDP"):
+        Mesh(dp_shard=-1, comm_hook=_Hook())
+    with pytest.raises(ValueError, match="periodic_sync needs replicated parameters"):
+        Mesh(dp_shard=2, periodic_sync=_Sync())
+    with pytest.raises(ValueError, match="periodic_sync excludes comm_hook and zero1"):
+        Mesh(dp_replicate=2, periodic_sync=_Sync(), zero1=True)
+    Mesh(dp_replicate=2, comm_hook=_Hook())  # DDP with a hook is fine
