@@ -24,7 +24,11 @@ import components.optim.lamb  # noqa: F401
 import components.optim.muon  # noqa: F401
 import components.optim.sophia  # noqa: F401
 import components.optim.sophia_h  # noqa: F401
+import components.parallel.diloco  # noqa: F401
 import components.parallel.fsdp  # noqa: F401
+import components.parallel.hooks.fp16  # noqa: F401
+import components.parallel.hooks.one_bit  # noqa: F401
+import components.parallel.hooks.powersgd  # noqa: F401
 import components.parallel.mesh  # noqa: F401
 import components.parallel.single  # noqa: F401
 import components.position.absolute  # noqa: F401

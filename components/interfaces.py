@@ -332,6 +332,11 @@ class PeriodicSync(abc.ABC):
 
     bytes_sent: int = 0
 
+    def begin(self, model: nn.Module, process_group: Any) -> None:
+        """Called once before the first step, with the replicas' common starting weights
+        (e.g. DiLoCo keeps them as the outer optimizer's parameters). Default: nothing."""
+        return None
+
     @abc.abstractmethod
     def after_step(self, model: nn.Module, step: int, process_group: Any) -> None: ...
 

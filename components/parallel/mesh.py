@@ -150,6 +150,8 @@ class Mesh(ParallelPlan):
         replicated = not self._sharded and self.periodic_sync is None
         if replicated and dist.get_world_size(self.group) > 1:
             self._ddp = ddp.wrap(model, self.group, self.comm_hook)
+        if self.periodic_sync is not None:  # e.g. DiLoCo keeps the starting weights
+            self.periodic_sync.begin(model, self.group)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return zero.shard_optimizer_state(optimizer, self.group) if self.zero1 else optimizer
