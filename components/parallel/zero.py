@@ -55,6 +55,19 @@ class ShardedOptimizerState(ZeroRedundancyOptimizer):
         finally:
             self._all_state_dicts = []
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # DCP's `set_state_dict` hands over the state keyed by parameter name, each group
+        # listing names in this optimizer's parameter order (torch.optim.Optimizer matches
+        # groups by position); ZeroRedundancyOptimizer looks parameters up by global index.
+        index: dict[Any, int] = {}
+        for saved, live in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for key, param in zip(saved["params"], live["params"], strict=True):
+                index[key] = self._param_to_index[param]
+        super().load_state_dict({
+            "state": {index[key]: value for key, value in state_dict["state"].items()},
+            "param_groups": [{**group, "params": [index[key] for key in group["params"]]}
+                             for group in state_dict["param_groups"]]})
+
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, process_group: Any) -> ShardedOptimizerState:
     """A ZeRO-1 optimizer of `optimizer`'s class and hyperparameters over the same parameter
