@@ -47,6 +47,34 @@ from components.train.checkpoint import Checkpointer
 from components.train.launch import build_model_on_meta
 from recipes import deepseek_pretrain, llama_pretrain
 from registry.cli import resolve
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from components.interfaces import CommHook, PeriodicSync
+from registry import COMM_HOOK, PERIODIC_SYNC
+
+
+@COMM_HOOK.register("test_fp16")
+class TorchFp16(CommHook):  # torch's fp16 compression hook, counting the bytes it all-reduces
+    def register(self, ddp, process_group):
+        def hook(group, bucket):
+            self.bytes_sent += bucket.buffer().numel() * 2
+            return default_hooks.fp16_compress_hook(group, bucket)
+        ddp.register_comm_hook(process_group, hook)
+
+
+@PERIODIC_SYNC.register("test_mean")
+class MeanEveryStep(PeriodicSync):  # averages the replicas' weights after every step
+    def __init__(self):
+        self.seen = []
+    def after_step(self, model, step, process_group):
+        size = dist.get_world_size(process_group)
+        with torch.no_grad():
+            for param in model.parameters():
+                dist.all_reduce(param, group=process_group)
+                param /= size
+        self.seen.append([step, size])
+
 
 recipes = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
 for job in json.loads(open(sys.argv[1]).read()):
@@ -56,11 +84,16 @@ for job in json.loads(open(sys.argv[1]).read()):
         Checkpointer, folder=job["folder"], every=2, keep=5, resume=True)
     run = copy.copy(config)
     run.model = build_model_on_meta(config.model)  # as `launch` does, without leaving the process group
-    result = fdl.build(run)()
+    train = fdl.build(run)
+    result = train()
+    plan = train.keywords["parallel"]
+    stats = {"params": sum(p.numel() for p in result.model.parameters()),
+             "bytes": getattr(plan.comm_hook, "bytes_sent", None), "seen": getattr(plan.periodic_sync, "seen", None)}
     full = get_model_state_dict(result.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if os.environ["RANK"] == "0":
         save_file({k: v.clone() for k, v in full.items()}, job["weights"])
         print("RESULT", job["label"], json.dumps(result.losses), flush=True)
+        print("STATS", job["label"], json.dumps(stats), flush=True)
 leave_process_group()
 """
 
@@ -76,9 +109,10 @@ def one_process(recipe: str, folder, *extra: str):
     return launch(config)
 
 
-def torchrun(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
+def torchrun(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple]:
     """Run `jobs` ({label, recipe, plan, folder, extra}) in sequence on `processes` processes;
-    returns each label's per-step losses and final full weights."""
+    returns each label's per-step losses, final full weights and stats (parameter count,
+    bytes the comm hook sent, (step, group size) the periodic sync saw)."""
     tmp.mkdir(parents=True, exist_ok=True)
     spec = [{"label": j["label"], "recipe": j["recipe"], "folder": j.get("folder"),
              "weights": str(tmp / f"{j['label']}.safetensors"),
@@ -95,6 +129,10 @@ def torchrun(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple[list[floa
         if line.startswith("RESULT "):
             _, label, losses = line.split(" ", 2)
             results[label] = (json.loads(losses), load_file(tmp / f"{label}.safetensors"))
+    for line in done.stdout.splitlines():
+        if line.startswith("STATS "):
+            _, label, stats = line.split(" ", 2)
+            results[label] += (json.loads(stats),)
     assert set(results) == {j["label"] for j in jobs}, done.stdout[-2000:]
     return results
 
@@ -124,6 +162,10 @@ def runs(tmp_path_factory):
                 {"label": f"fsdp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2)"}]
     two[1]["folder"] = str(tmp / "zero1-llama")  # checkpoints for 2 -> 1
     two[2]["folder"] = str(tmp / "fsdp-llama")   # checkpoints for FSDP -> HSDP
+    two += [{"label": "hook-llama", "recipe": "llama", "plan": "@mesh(dp_replicate=2)",
+             "extra": ["parallel.comm_hook=@test_fp16"]},
+            {"label": "sync-llama", "recipe": "llama", "plan": "@mesh(dp_replicate=2)",
+             "extra": ["parallel.periodic_sync=@test_mean"]}]
     two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
                 "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
     out.update(torchrun(2, tmp / "two", two))
@@ -137,7 +179,7 @@ def runs(tmp_path_factory):
     return out
 
 
-def assert_same_run(got: tuple[list[float], dict], expected: tuple[list[float], dict], label: str) -> None:
+def assert_same_run(got: tuple, expected: tuple, label: str) -> None:
     assert len(got[0]) == STEPS, label
     assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-5), label
     assert set(got[1]) == set(expected[1]), label
@@ -158,6 +200,18 @@ def test_every_data_parallel_layout_trains_as_one_process(runs, layout, recipe):
 @pytest.mark.parametrize("label", ["zero1-then-one", "one-then-zero1", "fsdp-then-hsdp"])
 def test_checkpoints_resume_exactly_under_another_layout(runs, label):
     assert_same_run(runs[label], runs["one-llama"], label)  # 2 -> 1, 1 -> 2, FSDP -> HSDP
+
+
+@pytest.mark.slow
+def test_ddp_registers_the_comm_hook_and_periodic_sync_replaces_ddp(runs):
+    losses, _, stats = runs["hook-llama"]
+    reference = runs["one-llama"][0]
+    assert losses == pytest.approx(reference, rel=1e-3)  # fp16 gradients: close, not equal
+    assert losses != pytest.approx(reference, rel=1e-7, abs=0)  # ... because the hook compressed them
+    assert stats["bytes"] == STEPS * stats["params"] * 2  # every gradient, every step, in 2 bytes
+    losses, _, stats = runs["sync-llama"]
+    assert stats["seen"] == [[step, 2] for step in range(1, STEPS + 1)]  # after each step, over both replicas
+    assert stats["bytes"] is None and losses[-1] < losses[0]
 
 
 # -- plans that cannot run ---------------------------------------------------------------------
