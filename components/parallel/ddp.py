@@ -34,11 +34,12 @@ def wrap(model: nn.Module, process_group: Any, comm_hook: CommHook | None) -> Di
     """DDP over `model`'s parameters (the model itself is not replaced: the trainer, the
     checkpoint and the evaluation keep using it), with `comm_hook` registered if given.
 
-    Buffers are not broadcast before each forward (DDP's default): every buffer the model
-    has is either constant or kept identical on all ranks by construction (MoE router biases
-    update from all-reduced expert loads), and some accumulate during the forward (expert
-    load counts), which a broadcast from rank 0 would overwrite."""
-    ddp = DistributedDataParallel(_Call(model), process_group=process_group, broadcast_buffers=False)
+    Buffers are synchronised once, at construction, not before each forward (DDP's default):
+    every buffer the model has is either constant or kept identical on all ranks by
+    construction (MoE router biases update from all-reduced expert loads), and some
+    accumulate during the forward (expert load counts), which a broadcast from rank 0 would
+    overwrite."""
+    ddp = DistributedDataParallel(_Call(model), process_group=process_group, forward_sync_buffers=False)
     if comm_hook is not None:
         comm_hook.register(ddp, process_group)
     return ddp
