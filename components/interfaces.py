@@ -82,6 +82,14 @@ class AdditiveBias(PositionEncoding):
     @abc.abstractmethod
     def forward(self, n_heads: int, positions: torch.Tensor) -> torch.Tensor: ...
 
+    def pair_bias(self, n_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The bias of queries at `q_pos` against keys at `k_pos` (int64 tensors that
+        broadcast together): [H, *broadcast shape], for attention that scores only some
+        query-key pairs (gathered key blocks). Default: read from `forward` over positions
+        0..max; an encoding with a closed form overrides it so no [H, T, T] is built."""
+        n = int(torch.maximum(q_pos.max(), k_pos.max())) + 1
+        return self.forward(n_heads, torch.arange(n, device=q_pos.device))[:, q_pos, k_pos]
+
 
 class AbsoluteEncoding(PositionEncoding):
     """A vector per position added to the token embeddings (learned or sinusoidal).

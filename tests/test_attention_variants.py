@@ -186,9 +186,13 @@ def test_softmax_scale_uses_position_multiplier():
     assert attn.softmax_scale == pytest.approx((0.1 * math.log(40) + 1) ** 2 / math.sqrt(32))
 
 
-def test_sliding_window_gathered_blocks_match_dense_mask_with_padding_and_gradients():
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_sliding_window_gathered_blocks_match_dense_mask_with_padding_and_gradients(position):
+    from components.position.alibi import ALiBi
+
     torch.manual_seed(0)
-    attn = SlidingWindowAttention(dim=32, n_heads=4, n_kv_heads=2, window=6, position=RoPE())
+    encoding = RoPE() if position == "rope" else ALiBi()
+    attn = SlidingWindowAttention(dim=32, n_heads=4, n_kv_heads=2, window=6, position=encoding)
     x = torch.randn(2, 23, 32)  # 23 is not a multiple of the window: the gathered path pads
     doc_ids = torch.tensor([[0] * 9 + [1] * 14, [0] * 23])
     grads = []

@@ -20,7 +20,8 @@ TokenRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
                            layout: torch.Tensor, token_rule: TokenRule, doc_ids: torch.Tensor | None,
-                           scale: float, dropout: float = 0.0) -> torch.Tensor:
+                           scale: float, dropout: float = 0.0,
+                           bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Attention restricted to `layout` blocks and `token_rule` within them.
 
     Args:
@@ -29,6 +30,7 @@ def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             the key blocks query block qb may read.
         token_rule: token-level condition inside allowed blocks (causality, windows, ...).
         doc_ids: [B, T] document ids; keys of other documents are masked.
+        bias: (q_pos, k_pos) -> [H, ...] score bias of those query-key pairs (ALiBi), or None.
 
     Returns [B, H, T, Dh].
     """
@@ -61,6 +63,9 @@ def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         mask = mask[:, None]                                                                  # broadcast heads
     else:
         mask = mask[None, None]
+    if bias is not None:  # an additive position encoding: scores get its bias, masked pairs -inf
+        pair = bias(q_pos[:, :, None], k_pos[:, None, :]).to(q.dtype)                           # [H, nb, bs, K]
+        mask = pair[None].masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q.view(b, h, n_blocks, block_size, d), k_blocks, v_blocks,
                                          attn_mask=mask, dropout_p=dropout, scale=scale)
     return out.reshape(b, h, padded, d)[:, :, :t]

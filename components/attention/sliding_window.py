@@ -46,7 +46,9 @@ class SlidingWindowAttention(GroupedQueryAttention):
         out = block_gather_attention(
             q, k, v, block_size=window, layout=layout,
             token_rule=lambda q_pos, k_pos: (k_pos <= q_pos) & (q_pos - k_pos < window), doc_ids=doc_ids,
-            scale=self.softmax_scale, dropout=self.dropout if self.training else 0.0)
+            scale=self.softmax_scale, dropout=self.dropout if self.training else 0.0,
+            bias=(lambda q_pos, k_pos: self.position.pair_bias(self.n_heads, q_pos, k_pos))
+            if self._position_kind == "additive" else None)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def allowed(self, seq_len: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:

@@ -36,3 +36,7 @@ class ALiBi(AdditiveBias):
     def forward(self, n_heads: int, positions: torch.Tensor) -> torch.Tensor:
         distance = (positions[None, :] - positions[:, None]).to(torch.float32)  # j - i, <= 0 for the past
         return alibi_slopes(n_heads).to(positions.device)[:, None, None] * distance
+
+    def pair_bias(self, n_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        distance = (k_pos - q_pos).to(torch.float32)
+        return alibi_slopes(n_heads).to(distance.device).view(-1, *[1] * distance.dim()) * distance
