@@ -260,6 +260,8 @@ def test_hooks_and_periodic_sync_need_replicated_parameters():
         Mesh(dp_replicate=2, dp_shard=2, comm_hook=_Hook())  # HSDP
     with pytest.raises(ValueError, match="comm_hook needs DDP"):
         Mesh(dp_shard=-1, comm_hook=_Hook())
+    with pytest.raises(ValueError, match="comm_hook needs DDP.*across dp_replicate > 1 replicas"):
+        Mesh(comm_hook=_Hook())  # one replica: nothing to communicate
     with pytest.raises(ValueError, match="periodic_sync needs replicated parameters"):
         Mesh(dp_shard=2, periodic_sync=_Sync())
     with pytest.raises(ValueError, match="periodic_sync excludes comm_hook and zero1"):

@@ -46,9 +46,11 @@ class MeshError(ValueError):
            fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
 @invariant("tp == 1 and pp == 1 and ep == 1", lambda tp, pp, ep: tp == 1 and pp == 1 and ep == 1,
            fix=f"{_MODEL_PARALLEL}; use the data-parallel degrees dp_replicate and dp_shard")
-@invariant("comm_hook needs DDP: dp_shard == 1", lambda comm_hook, dp_shard: comm_hook is None or dp_shard == 1,
-           fix="with dp_shard > 1 (FSDP/HSDP) FSDP2 reduce-scatters the gradients itself and a DDP communication "
-               "hook has nothing to compress; use dp_replicate=N,dp_shard=1 for a hook, or drop comm_hook")
+@invariant("comm_hook needs DDP: dp_replicate > 1 and dp_shard == 1",
+           lambda comm_hook, dp_replicate, dp_shard: comm_hook is None or (dp_replicate > 1 and dp_shard == 1),
+           fix="a communication hook compresses DDP's gradient all-reduce across dp_replicate > 1 replicas; with "
+               "dp_shard > 1 (FSDP/HSDP) FSDP2 reduce-scatters the gradients itself and a hook has nothing to "
+               "compress; use dp_replicate=N,dp_shard=1 for a hook, or drop comm_hook")
 @invariant("zero1 needs replicated parameters: dp_shard == 1", lambda zero1, dp_shard: not zero1 or dp_shard == 1,
            fix="dp_shard > 1 (FSDP/HSDP) already shards the optimizer state, with parameters and gradients too; "
                "drop zero1, or use dp_replicate=N,dp_shard=1 for ZeRO-1")

@@ -79,4 +79,10 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, process_group: Any) 
     accepted = inspect.signature(type(optimizer)).parameters
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}
     groups = [dict(group) for group in optimizer.param_groups]  # each group keeps its own settings
-    return ShardedOptimizerState(groups, optimizer_class=type(optimizer), process_group=process_group, **defaults)
+    try:
+        return ShardedOptimizerState(groups, optimizer_class=type(optimizer), process_group=process_group,
+                                     **defaults)
+    except TypeError as err:  # a class whose constructor needs more than its `defaults` hold
+        raise ValueError(f"parallel.zero1: cannot rebuild the optimizer {type(optimizer).__name__} for each process's "
+                         f"partition from its settings ({err}); use zero1 with an optimizer built from its "
+                         f"hyperparameters alone (e.g. @adamw), or drop zero1") from err
