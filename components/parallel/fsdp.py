@@ -11,10 +11,10 @@ from registry.kinds import PARALLEL_PLAN
 
 @PARALLEL_PLAN.register("fsdp")
 class FullyShardedDataParallel(Mesh):
-    """Every process holds 1/N of each parameter, gradient and optimizer state, and trains
-    on 1/N of each batch: each transformer block (and each MTP module's block) is one FSDP
-    unit, the rest (embedding, norms, head, MTP projections) the root unit, on a 1-D mesh over
-    all processes.
+    """Shards each transformer block (and each MTP module's block) as one FSDP unit and the
+    rest (embedding, norms, head, MTP projections) as the root unit, on a 1-D mesh over all
+    processes: every process holds 1/N of each parameter, gradient and optimizer state, and
+    trains on 1/N of each batch.
 
     Launch with `torchrun --nproc-per-node N recipes/<recipe>.py ... parallel=@fsdp` (add
     `device=cuda` on GPUs: each process then uses GPU LOCAL_RANK); a plain `python` run is a

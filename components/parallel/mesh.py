@@ -64,9 +64,12 @@ class MeshError(ValueError):
                "comm_hook/zero1 or periodic_sync")
 @PARALLEL_PLAN.register("mesh")
 class Mesh(ParallelPlan):
-    """The processes as a device mesh of degrees `dp_replicate` x `dp_shard` x `tp` x `pp`
-    (x `ep`, carved out of the others as in torchtitan; see the module docstring for the
-    layouts). Built with torchtitan's `ParallelDims`.
+    """The processes as a device mesh: `dp_replicate` replicas (DDP, optionally ZeRO-1, a
+    gradient hook or a periodic sync) x `dp_shard` shards (FSDP2; both > 1: HSDP) x `tp` x
+    `pp` (model parallelism: 1 for now), multiplying to the number of processes.
+
+    `ep` is carved out of the other degrees as in torchtitan, whose `ParallelDims` builds
+    the mesh; the module docstring tabulates the layouts.
 
     Args:
         dp_replicate: replicas of the model (DDP; across nodes under HSDP).
