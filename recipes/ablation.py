@@ -54,6 +54,7 @@ from components.ablation.cells import (
     size,
     skip_reason,
 )
+from components.precision.probe import cpu_model
 
 # dim 128, 2 layers, 4 heads: about 1M parameters (half of them embedding and head), 409,600
 # tokens per cell, sized so the whole grid (36 cells train) runs in 20-25 minutes on one thread
@@ -370,7 +371,7 @@ def _write(out: Path, rows: list[dict[str, Any]], skipped: dict[str, str], args:
         f"{'block parameters' if args.match == 'params' else 'block training FLOPs/token'} within "
         f"±{args.tolerance:.0%} (column '{args.match} vs budget').",
         f"Memory: {memory}.",
-        f"Machine: {platform.processor() or platform.machine()} ({_cpu_model()}), {multiprocessing.cpu_count()} "
+        f"Machine: {platform.processor() or platform.machine()} ({cpu_model()}), {multiprocessing.cpu_count()} "
         f"CPUs; wall time {wall / 60:.1f} min.",
         "",
         *_table(rows, args.match, args.seeds),
@@ -386,23 +387,13 @@ def _write(out: Path, rows: list[dict[str, Any]], skipped: dict[str, str], args:
     (out / "results.json").write_text(json.dumps({
         "match": args.match, "tolerance": args.tolerance, "quick": args.quick, "seeds": args.seeds,
         "scale": dataclasses.asdict(scale), "reference": dataclasses.asdict(reference), "rows": rows,
-        "skipped": skipped, "wall_seconds": wall, "cpu": _cpu_model(), "cpus": multiprocessing.cpu_count()},
+        "skipped": skipped, "wall_seconds": wall, "cpu": cpu_model(), "cpus": multiprocessing.cpu_count()},
         indent=1))
     if rows:
         _plot(rows, out / "ablation.png", f"equal {args.match}, {scale.tokens:,} tokens per cell")
     print("\n".join(lines))
     print(f"\nwrote {out / 'ablation.md'}, {out / 'ablation.png'}, {out / 'results.json'} in {wall:.0f} s")
 
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's description."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.platform()
 
 
 if __name__ == "__main__":

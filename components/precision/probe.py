@@ -39,7 +39,7 @@ def cache_path() -> Path:
 def machine_key(device: str) -> str:
     """What a cached measurement is valid for: host, processor model or device name, torch."""
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     return f"{platform.node()}|{dev.type}|{name}|torch {torch.__version__}"
 
 
@@ -99,7 +99,8 @@ def _measure_sizes(dtype: torch.dtype, device: str, budget_s: float) -> float:
     return best
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
