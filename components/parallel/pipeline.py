@@ -1,0 +1,357 @@
+"""Pipeline parallelism, part 1: a `DecoderLM` cut into stages by layer count.
+
+The first stage holds the embedding (with any absolute position table and the embedding
+dropout), the last the final norm, the head and the multi-token prediction modules, as
+DeepSeek-V3 places them (arXiv:2412.19437 §3.2.1: the embedding and the output head share
+the edge stages); every stage in between holds only consecutive main layers. With MTP, the
+first stage also passes the raw token embeddings down the pipeline, so the last stage's MTP
+modules read the embedding without holding a copy of it (V3 shares it between the main model
+and MTP): one more [B, T, D] activation per hop instead of a tied weight whose gradient two
+ranks would have to sum.
+
+A stage module holds the very submodules of the model it was cut from (no copies), and its
+parameter names are the model's (`layers.3.attention...`), so a model built on the meta
+device is cut first and materialised afterwards in exactly the single-process order
+(`materialize_stages`), and checkpoints of a pipelined run name the same tensors as a
+single-process run's.
+
+Stages are placed on the `pp` ranks as the schedule wants them: one per rank (GPipe, 1F1B),
+`virtual_stages` per rank in a loop (interleaved 1F1B: rank r holds stages r, r+p, ...), or
+two per rank in a V (DualPipeV: rank r holds stages r and 2p-1-r, so rank 0 holds both the
+embedding and the head). Running them is `components.parallel.pipeline_schedule`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from components.interfaces import AbsoluteEncoding, AuxiliaryLoss
+from components.model.decoder import DecoderLM, cross_entropy
+
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "DualPipeV")
+"""The schedules of `torch.distributed.pipelining` a pipelined run can use (names as torch's
+`get_schedule_class` takes them, case-insensitive)."""
+
+
+def schedule_name(schedule: str) -> str:
+    """The canonical spelling of `schedule` (one of `SCHEDULES`, any case, underscores
+    ignored: "interleaved_1f1b" is "Interleaved1F1B"), or ValueError."""
+    for name in SCHEDULES:
+        if name.lower() == schedule.lower().replace("_", ""):
+            return name
+    raise ValueError(f"pipeline schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+def stages_per_rank(schedule: str, virtual_stages: int) -> int:
+    """How many stages each rank holds under `schedule`: 1 for GPipe and 1F1B, 2 for
+    DualPipeV (its V), `virtual_stages` for interleaved 1F1B."""
+    name = schedule_name(schedule)
+    return {"GPipe": 1, "1F1B": 1, "DualPipeV": 2}.get(name, virtual_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One pipeline stage: its index among `n_stages`, the main layers it runs (indices into
+    `model.layers`), and whether it holds the embedding (first) or norm/head/MTP (last)."""
+
+    index: int
+    n_stages: int
+    layers: tuple[int, ...]
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.n_stages - 1
+
+
+def stage_layout(n_layers: int, n_stages: int, *, input_weight: int = 0, output_weight: int = 0) -> list[StageSpec]:
+    """Consecutive main layers per stage, as even as the count allows (earlier stages take
+    the remainder), computed by torchtitan's `_generate_llm_fqn_per_model_part`.
+
+    `input_weight` / `output_weight` count the embedding / the norm, head and MTP modules as
+    that many layers when balancing (0: split by layer count alone; DeepSeek-V3's MTP makes
+    the last stage heavier, which an `output_weight` of 1-2 evens out). Raises ValueError when
+    some stage would hold no layer (see `pipeline_faults` for the message a config gets)."""
+    from torchtitan.distributed.pipeline_parallel import _generate_llm_fqn_per_model_part
+
+    names = _generate_llm_fqn_per_model_part(n_stages, n_layers, input_weight, output_weight)
+    specs = [StageSpec(index=i, n_stages=n_stages,
+                       layers=tuple(int(n.split(".")[1]) for n in stage if n.startswith("layers.")))
+             for i, stage in enumerate(names)]
+    if any(not spec.layers for spec in specs):
+        raise ValueError(f"{n_stages} pipeline stages over {n_layers} layers (input_weight={input_weight}, "
+                         f"output_weight={output_weight}) leave a stage without a layer")
+    return specs
+
+
+def local_stage_indices(pp_rank: int, pp_size: int, n_stages: int, schedule: str) -> tuple[int, ...]:
+    """The stages rank `pp_rank` of `pp_size` holds under `schedule` (torchtitan's
+    `_get_pp_rank_to_stage_indices_mapping`: a loop for GPipe/1F1B/interleaved, a V for DualPipeV)."""
+    from torchtitan.distributed.pipeline_parallel import _get_pp_rank_to_stage_indices_mapping
+
+    return tuple(_get_pp_rank_to_stage_indices_mapping(pp_rank, pp_size, schedule_name(schedule), n_stages))
+
+
+def pipeline_faults(model: DecoderLM, pp: int, virtual_stages: int = 1, *, schedule: str = "1F1B",
+                    n_microbatches: int | None = None, input_weight: int = 0, output_weight: int = 0) -> list[str]:
+    """Every reason `model` cannot be pipelined over `pp` ranks with `virtual_stages` stages
+    per rank under `schedule` (and `n_microbatches` micro-batches per step, when given), each
+    naming the constraint and the fix; empty when it can. Works on a model on the meta device."""
+    faults = []
+    try:
+        name = schedule_name(schedule)
+    except ValueError as error:
+        return [f"{error}; pick one of them (e.g. schedule='1F1B')"]
+    if pp < 1 or virtual_stages < 1:
+        return [f"pp={pp} and virtual_stages={virtual_stages} must be >= 1"]
+    per_rank = stages_per_rank(name, virtual_stages)
+    if name in ("GPipe", "1F1B") and virtual_stages != 1:
+        faults.append(f"schedule {name} runs one stage per rank but virtual_stages={virtual_stages}; use "
+                      f"schedule='Interleaved1F1B' for several stages per rank, or virtual_stages=1")
+    if name == "DualPipeV" and virtual_stages not in (1, 2):
+        faults.append(f"schedule DualPipeV runs exactly 2 stages per rank (a V) but virtual_stages={virtual_stages}; "
+                      f"set virtual_stages=2 (or leave it at 1: DualPipeV takes 2 anyway)")
+    n_stages = pp * per_rank
+    n_layers = len(model.layers)
+    if n_stages > 1 and n_stages > n_layers:
+        faults.append(f"pp x stages per rank = {pp} x {per_rank} = {n_stages} pipeline stages but the model has "
+                      f"{n_layers} layers: each stage needs at least one layer (stages <= layers); lower pp "
+                      f"(or virtual_stages), or give the model at least {n_stages} layers")
+    if n_stages > 1 and not faults:
+        try:
+            stage_layout(n_layers, n_stages, input_weight=input_weight, output_weight=output_weight)
+        except ValueError as error:
+            faults.append(f"{error}; lower input_weight/output_weight or the number of stages")
+    if n_stages > 1 and model.tied:
+        faults.append("the head shares the embedding's weight (tie_embeddings=True) but pipeline parallelism puts "
+                      "the embedding on the first stage and the head on the last; set model.tie_embeddings=False "
+                      "or pp=1")
+    if n_microbatches is not None and n_stages > 1:
+        if name in ("1F1B", "DualPipeV") and n_microbatches < (pp if name == "1F1B" else n_stages):
+            need = pp if name == "1F1B" else n_stages
+            faults.append(f"schedule {name} needs at least {need} micro-batches per step on pp={pp}, got "
+                          f"{n_microbatches}; raise the micro-batch count (batch_size / (micro x data-parallel "
+                          f"degree)) or lower pp")
+        if name == "Interleaved1F1B":
+            rounds = max(1, n_microbatches // pp)
+            if n_microbatches % rounds:
+                faults.append(f"schedule Interleaved1F1B needs the micro-batch count ({n_microbatches}) to be a "
+                              f"multiple of max(1, micro-batches // pp) = {rounds}; use a multiple of pp={pp}")
+    return faults
+
+
+class PipelineStageModule(nn.Module):
+    """One pipeline stage of a `DecoderLM`: the model's own submodules under the model's
+    own names (`embedding`, `layers.<i>` for the held layers, `norm`, `head`, `mtp.<k>`).
+
+    forward(*inputs, doc_ids: [b, T], targets: [b, T]):
+    - first stage: inputs = (tokens [b, T] int64,);
+    - other stages: inputs = (x [b, T, D],) plus, when the model has MTP modules, the raw
+      token embeddings [b, T, D] the first stage passed on;
+    - a stage that is not last returns (x,) or (x, embeddings); the last stage returns the
+      micro-batch's loss (a scalar: lm + mtp + its blocks' balance losses, as
+      `DecoderLM.losses` adds them).
+
+    The MoE balance losses of a stage's own blocks join the backward pass where they arise:
+    on the last stage they are part of the loss; on another stage the output carries them
+    (`_AuxiliaryGradient`: identity forward, and the backward gives each term the gradient 1
+    a summed loss would). Every training forward appends its detached terms (`lm`, `mtp`,
+    `balance`, those that exist here) to `records`, which the runner reads and clears.
+    """
+
+    def __init__(self, *, model: DecoderLM, spec: StageSpec):
+        super().__init__()
+        self.spec = spec
+        self.dim = model.dim
+        self.mtp_loss_weight = model.mtp_loss_weight
+        # MTP modules on the last stage read the embeddings the first stage computed
+        self.passes_embeddings = len(model.mtp) > 0 and spec.n_stages > 1
+        if spec.first:
+            self.embedding = model.embedding
+            self.position = model.position
+            self.embedding_dropout = model.embedding_dropout
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in spec.layers})
+        if spec.last:
+            self.norm = model.norm
+            self.head = model.head
+            self.mtp = nn.ModuleDict({str(k): module for k, module in enumerate(model.mtp)})
+        self.records: list[dict[str, torch.Tensor]] = []
+        self.compute_context = None  # a zero-argument factory of a context (autocast) the forward runs in
+
+    def blocks(self) -> list[nn.Module]:
+        """This stage's transformer blocks (main layers, then MTP blocks): FSDP units,
+        activation checkpointing, compilation, as `DecoderLM.blocks`."""
+        mtp = [module.block for module in self.mtp.values()] if self.spec.last else []
+        return [*self.layers.values(), *mtp]
+
+    def forward(self, *inputs: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.compute_context is None:
+            return self._forward(inputs, doc_ids, targets)
+        with self.compute_context():
+            return self._forward(inputs, doc_ids, targets)
+
+    def _forward(self, inputs: tuple[torch.Tensor, ...], doc_ids: torch.Tensor | None,
+                 targets: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.spec.first:
+            (tokens,) = inputs
+            embeddings = self.embedding(tokens)
+            x = embeddings
+            if isinstance(self.position, AbsoluteEncoding):
+                x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device), self.dim).to(x.dtype)
+            x = self.embedding_dropout(x)
+        else:
+            x = inputs[0]
+            embeddings = inputs[1] if self.passes_embeddings else None
+        for layer in self.layers.values():
+            x = layer(x, doc_ids=doc_ids)
+        if self.spec.last:
+            return self._loss(x, embeddings, tokens if self.spec.first else None, doc_ids, targets)
+        aux = self._auxiliary()
+        if aux is not None:
+            self._record({"balance": aux})
+            x = _AuxiliaryGradient.apply(x, aux)
+        if self.passes_embeddings:
+            # a view, not the received tensor itself: the stage's output must be a new node
+            return x, (embeddings if self.spec.first else embeddings.view_as(embeddings))
+        return (x,)
+
+    def _loss(self, x: torch.Tensor, embeddings: torch.Tensor | None, tokens: torch.Tensor | None,
+              doc_ids: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+        if targets is None:
+            raise ValueError("the last pipeline stage computes the loss: pass targets= to the schedule's step")
+        hidden = self.norm(x)
+        terms = {"lm": cross_entropy(self.head(hidden), targets)}
+        if len(self.mtp):
+            depth_losses = []
+            for k, module in enumerate(self.mtp.values(), start=1):
+                t = targets.shape[1] - k
+                ahead = self.embedding(tokens[:, k:]) if embeddings is None else embeddings[:, k:]
+                hidden = module(hidden[:, :t], ahead, doc_ids[:, :t] if doc_ids is not None else None)
+                depth_losses.append(cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
+            terms["mtp"] = self.mtp_loss_weight * torch.stack(depth_losses).mean()
+        aux = self._auxiliary()
+        if aux is not None:
+            terms["balance"] = aux
+        self._record(terms)
+        return torch.stack(list(terms.values())).sum()
+
+    def _auxiliary(self) -> torch.Tensor | None:
+        """The sum of this stage's auxiliary losses from the forward just run, or None."""
+        aux = [m.auxiliary_loss() for m in self.modules() if isinstance(m, AuxiliaryLoss)]
+        aux = [a for a in aux if a is not None]
+        return torch.stack(aux).sum() if aux else None
+
+    def _record(self, terms: dict[str, torch.Tensor]) -> None:
+        self.records.append({name: value.detach() for name, value in terms.items()})
+
+
+class _AuxiliaryGradient(torch.autograd.Function):
+    """y = x in the forward; in the backward, x gets y's gradient and `aux` (a scalar loss
+    term computed on this stage) the gradient 1, as if it had been added to the loss the
+    last stage backpropagates (the schedule divides every gradient by the micro-batch count
+    afterwards, as it does the loss's)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's ctx
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
+
+
+class PipelinedModel(nn.Module):
+    """This rank's share of a pipelined `DecoderLM`: the submodules its stages hold, under
+    the model's names (so `named_parameters`, `state_dict` and checkpoints use the same keys
+    as a single-process run, restricted to this rank), plus `stages`, the stage modules in
+    the order this rank runs them.
+
+    It has no `forward`/`losses`: a pipelined model runs only through the schedule
+    (`PipelineRunner`). Until `materialize_stages` it also keeps the whole model (meta
+    device) it was cut from, to initialise it in the single-process order.
+    """
+
+    def __init__(self, *, model: DecoderLM, stages: list[PipelineStageModule]):
+        super().__init__()
+        self.stages = stages  # a plain list: their submodules are registered below under the model's names
+        self._whole = [model]  # not a submodule: dropped once materialised
+        self.vocab_size, self.dim = model.vocab_size, model.dim
+        self.layers = nn.ModuleDict()
+        self.mtp = nn.ModuleDict()
+        for stage in stages:
+            if stage.spec.first:
+                self.embedding, self.position, self.embedding_dropout = \
+                    stage.embedding, stage.position, stage.embedding_dropout
+            self.layers.update(stage.layers)
+            if stage.spec.last:
+                self.norm, self.head = stage.norm, stage.head
+                self.mtp.update(stage.mtp)
+
+    @property
+    def first(self) -> bool:
+        """Whether this rank holds the first stage (the embedding)."""
+        return any(stage.spec.first for stage in self.stages)
+
+    @property
+    def last(self) -> bool:
+        """Whether this rank holds the last stage (norm, head, MTP; where the loss is computed)."""
+        return any(stage.spec.last for stage in self.stages)
+
+    def blocks(self) -> list[nn.Module]:
+        return [block for stage in self.stages for block in stage.blocks()]
+
+
+def split_stages(model: DecoderLM, *, pp_rank: int, pp_size: int, virtual_stages: int = 1, schedule: str = "1F1B",
+                 input_weight: int = 0, output_weight: int = 0) -> list[PipelineStageModule]:
+    """The stage modules rank `pp_rank` of `pp_size` holds, in increasing stage order
+    (`schedule` decides how many and which: see the module docstring). Raises ValueError
+    with every fault `pipeline_faults` finds. Works on a model on the meta device (nothing
+    is allocated or copied: the stages hold the model's own submodules)."""
+    faults = pipeline_faults(model, pp_size, virtual_stages, schedule=schedule, input_weight=input_weight,
+                             output_weight=output_weight)
+    if faults:
+        raise ValueError("cannot pipeline this model: " + "; ".join(faults))
+    n_stages = pp_size * stages_per_rank(schedule, virtual_stages)
+    specs = stage_layout(len(model.layers), n_stages, input_weight=input_weight, output_weight=output_weight)
+    indices = sorted(local_stage_indices(pp_rank, pp_size, n_stages, schedule))
+    return [PipelineStageModule(model=model, spec=specs[i]) for i in indices]
+
+
+def pipeline(model: DecoderLM, *, pp_rank: int, pp_size: int, virtual_stages: int = 1, schedule: str = "1F1B",
+             input_weight: int = 0, output_weight: int = 0) -> PipelinedModel:
+    """`split_stages`, wrapped as this rank's `PipelinedModel`."""
+    stages = split_stages(model, pp_rank=pp_rank, pp_size=pp_size, virtual_stages=virtual_stages, schedule=schedule,
+                          input_weight=input_weight, output_weight=output_weight)
+    return PipelinedModel(model=model, stages=stages)
+
+
+def materialize_stages(model: PipelinedModel, device: str) -> None:
+    """Give this rank's stages the weights a single process would start from: the whole
+    model is materialised and initialised in the single-process order (FSDP-sharded stage
+    parameters keep their shard of it, as `sharding.materialize_sharded` does), then every
+    tensor no local stage holds is released to the meta device. Holds one full copy of the
+    weights while initialising; afterwards only this rank's. The random state advances
+    exactly as one process's `init_weights` advances it."""
+    from components.parallel.sharding import materialize_sharded
+
+    if not model._whole:
+        raise RuntimeError("materialize_stages: this pipelined model was already materialised")
+    whole = model._whole[0]
+    materialize_sharded(whole, device)  # plain tensors: init as is; DTensors: full init, keep the shard
+    kept = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    for module in whole.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and id(tensor) not in kept:
+                    released = torch.empty_like(tensor, device="meta")
+                    store[name] = nn.Parameter(released, tensor.requires_grad) \
+                        if isinstance(tensor, nn.Parameter) else released
+    model._whole.clear()
