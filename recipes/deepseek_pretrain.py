@@ -21,6 +21,7 @@ from components.families.deepseek.builder import MHASpec, MLASpec, MoESpec, deep
 from components.train.batch_ramp import BatchRamp
 from components.train.guard import StabilityGuard
 from components.train.outputs import run_outputs
+from components.train.planner import PlannedLayout
 from components.train.trainer import train
 from registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
 
@@ -100,7 +101,8 @@ def debug() -> fdl.Partial:
 
 
 def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, batch: int, steps: int,
-              precision: fdl.Config, ramp: BatchRamp | None = None) -> fdl.Partial:
+              precision: fdl.Config, ramp: BatchRamp | None = None,
+              planned: fdl.Config | None = None) -> fdl.Partial:
     """Preset `name`, a published-size run: the paper's model and optimisation, reporting and
     checkpointing every 1000 steps to runs/deepseek_pretrain/NAME. Everything is stated here;
     nothing comes from `debug`."""
@@ -113,6 +115,9 @@ def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, 
         # None of these fits one device. The papers combine ZeRO-1 data parallelism with pipeline
         # and expert parallelism (V2 §3.1.3, V3 §3.2); FSDP sharding is tessera's plan today.
         parallel=PARALLEL_PLAN.config("fsdp"),
+        # the paper's own layout, which `--dry-run` plans (model-parallel degrees the mesh plan
+        # does not take yet)
+        planned_parallel=planned,
         steps=steps, batch_size=batch, seq_len=SEQ,
         micro_batch_size=1,  # chosen: one 4K sequence per forward bounds activation memory
         batch_ramp=fdl.Config(BatchRamp, start_batch=ramp.start_batch, ramp_tokens=ramp.ramp_tokens)
@@ -162,8 +167,13 @@ def deepseek_v2() -> fdl.Partial:
     # V2 §3.1.2: batch 2304 -> 9216 over the first 225B tokens, 8.1T tokens, lr 2.4e-4, decay
     # at 60% / 90%.
     ramp = BatchRamp(start_batch=2304, ramp_tokens=225e9)
+    # V2 §3.1.3: 16-way zero-bubble pipeline, 8-way expert, ZeRO-1 data parallelism, no tensor
+    # parallelism. The GPU count is not stated: 8 data-parallel ranks per stage (128 GPUs) chosen,
+    # the fewest that EP8 can be carved from; 1F1B stands in for the zero-bubble schedule.
+    planned = fdl.Config(PlannedLayout, dp_replicate=8, pp=16, ep=8, zero1=True, schedule="1f1b")
     return _full_run("deepseek_v2", model, lr=2.4e-4, schedule=step_decay(8.1e12, first=0.6), batch=9216,
-                     steps=steps_for(8.1e12, 9216, ramp), ramp=ramp, precision=PRECISION.config("bf16"))
+                     steps=steps_for(8.1e12, 9216, ramp), ramp=ramp, precision=PRECISION.config("bf16"),
+                     planned=planned)
 
 
 @recipe.preset
@@ -188,7 +198,13 @@ def deepseek_v3() -> fdl.Partial:
     config = _full_run("deepseek_v3", model,
                        lr=2.2e-4, schedule=schedule, batch=15360, steps=steps_for(14.8e12, 15360, ramp),
                        ramp=ramp,
-                       precision=PRECISION.config("fp8"))  # V3 §3.3: fp8 GEMMs in the blocks, bf16/fp32 elsewhere
+                       precision=PRECISION.config("fp8"),  # V3 §3.3: fp8 GEMMs in the blocks, bf16/fp32 elsewhere
+                       # V3 §3.2: 2,048 GPUs as 16-way pipeline (DualPipe, §3.2.1) x 64-way expert
+                       # parallelism over 8 nodes x ZeRO-1 data parallelism, no tensor parallelism:
+                       # 128 data-parallel ranks per stage, EP64 carved out of them. DualPipeV is
+                       # DualPipe folded onto half the ranks (one copy of the parameters, not two).
+                       planned=fdl.Config(PlannedLayout, dp_replicate=128, pp=16, ep=64, zero1=True,
+                                          schedule="dualpipev"))
     config.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
         "mtp_loss_weight": SCHEDULER.config("token_steps", values=[0.3, 0.1], boundaries=[10e12]),
         "bias_update_speed": SCHEDULER.config("token_steps", values=[0.001, 0.0], boundaries=[14.3e12]),

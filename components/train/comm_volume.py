@@ -1,0 +1,67 @@
+"""Communication per training step, by collective, for one rank under a planned layout.
+
+Bytes are payloads: the size of the buffer each rank hands to the collective (an all-gather
+counts its gathered output, a reduce-scatter its full input), summed over the step. A ring
+moves about 2(n-1)/n of an all-reduce's payload and (n-1)/n of an all-gather's or
+reduce-scatter's over each rank's link.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from components.train.planner import PlannedLayout, Precision, split_parameters
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "point-to-point")
+
+
+def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n_micro: int, tokens: int,
+             dim: int, moe_layers: int, top_k: int) -> dict[str, float]:
+    """Bytes per step on the busiest pipeline rank, keyed by `KINDS`.
+
+    n_micro: micro-batches per step on each rank; tokens: tokens per micro-batch.
+    - Data parallel, replicated (DDP; ZeRO-1): one all-reduce of the local gradients per step
+      over dp_replicate (experts over their own data-parallel group); ZeRO-1 adds an
+      all-gather of the updated parameters (each rank stepped 1/dp of them).
+    - FSDP (dp_shard > 1): per micro-batch, an all-gather of each unit for the forward and
+      again for the backward (once when not resharding after the forward), and a
+      reduce-scatter of its gradients; HSDP adds an all-reduce of the gradient shards over
+      dp_replicate.
+    - Tensor + sequence parallel: per layer and micro-batch, 2 all-gathers and 2
+      reduce-scatters of the [tokens, dim] activations forward, as many backward (arXiv:2205.05198 §4.2.2).
+    - Expert parallel: per MoE layer and micro-batch, an all-to-all dispatch and combine of the
+      tokens' top_k copies forward, the same backward; (ep-1)/ep of them leave the rank.
+    - Pipeline: per micro-batch and stage boundary, the activations forward and their
+      gradient backward (two boundaries per rank when a rank holds two stages).
+    """
+    out = dict.fromkeys(KINDS, 0.0)
+    split = max(split_parameters(model, layout), key=lambda s: s.dense + s.expert)
+    act = precision.activation
+    if layout.dp_shard > 1:
+        shards = split.dense + split.expert
+        gathers = 1 if not layout.reshard_after_forward else 2
+        out["all-gather"] += n_micro * gathers * shards * precision.param
+        out["reduce-scatter"] += n_micro * shards * precision.grad
+        if layout.dp_replicate > 1:
+            out["all-reduce"] += (split.dense / layout.dp_shard + split.expert / max(
+                1, layout.dp_shard * layout.tp // layout.ep)) * precision.grad
+    else:
+        if layout.dp_replicate > 1:
+            out["all-reduce"] += split.dense * precision.grad
+        if layout.expert_dp > 1:
+            out["all-reduce"] += split.expert * precision.grad
+        if layout.zero1:
+            out["all-gather"] += (split.dense + split.expert) * precision.param
+    layers_here = len(model.layers) / layout.pp
+    if layout.tp > 1:
+        per = tokens * dim * act
+        out["all-gather"] += n_micro * layers_here * 4 * per
+        out["reduce-scatter"] += n_micro * layers_here * 4 * per
+    if layout.ep > 1 and moe_layers:
+        leaving = (layout.ep - 1) / layout.ep
+        moe_here = moe_layers / layout.pp
+        out["all-to-all"] += n_micro * moe_here * 4 * tokens * top_k * dim * act * leaving / layout.tp
+    if layout.pp > 1:
+        boundaries = layout.stages_per_rank
+        out["point-to-point"] += n_micro * boundaries * 2 * tokens * dim * act / layout.tp
+    return out

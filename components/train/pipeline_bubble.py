@@ -1,0 +1,59 @@
+"""Pipeline schedules in closed form: the idle fraction (bubble) of a training step and how
+many micro-batches' activations a rank holds at its peak.
+
+p: pipeline ranks, m: micro-batches per step, v: stages per rank (interleaved 1F1B).
+Times are in units of one stage's forward F, with a full backward B = 2F of which the
+weight-gradient part W = F, and an overlapped forward-and-backward chunk F&B = F + B (the
+overlap hides communication, not compute). These ratios are assumptions a caller can change.
+"""
+
+from __future__ import annotations
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "dualpipev")
+
+
+def bubble_fraction(schedule: str, *, p: int, m: int, v: int = 1, f: float = 1.0, b: float = 2.0,
+                    w: float = 1.0, fb: float | None = None) -> float:
+    """Idle share of a step on each pipeline rank.
+
+    gpipe, 1f1b: (p-1) / (m+p-1) (GPipe, arXiv:1811.06965 §2.2; 1F1B keeps the same bubble,
+    arXiv:2104.04473 §2.2.1). interleaved_1f1b: (p-1) / (v*m+p-1) (arXiv:2104.04473 §2.2.2).
+    dualpipev: DeepSeek-V3 (arXiv:2412.19437 §3.2.1, Table 2) gives DualPipe's bubble as
+    (S/2-1)(F&B+B-3W) over S stages; DualPipeV folds the S stages onto S/2 ranks (two per
+    rank, a "V"), so with p ranks the bubble time is (p-1)(F&B+B-3W), against 2m(F+B) of work
+    per rank (every micro-batch visits both of its stages).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if p == 1:
+        return 0.0
+    if schedule in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    if schedule == "interleaved_1f1b":
+        return (p - 1) / (v * m + p - 1)
+    fb = f + b if fb is None else fb
+    idle = (p - 1) * (fb + b - 3 * w)
+    return idle / (idle + 2 * m * (f + b))
+
+
+def in_flight(schedule: str, *, p: int, m: int, v: int = 1, rank: int = 0) -> float:
+    """Micro-batches of activations pipeline rank `rank` holds at its peak, in units of that
+    rank's whole share of layers for one micro-batch.
+
+    gpipe: all m (every forward runs before any backward). 1f1b: min(p - rank, m).
+    interleaved_1f1b: rank r runs (v-1)p + 2(p-1-r) + 1 chunk forwards before its first backward
+    (arXiv:2104.04473 §2.2.2's warm-up), each 1/v of its layers. dualpipev: S+1 stage
+    activations with S = 2p stages (arXiv:2412.19437 Table 2: "PP+1"), each half of the rank's
+    layers.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if p == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "1f1b":
+        return float(min(p - rank, m))
+    if schedule == "interleaved_1f1b":
+        return min((v - 1) * p + 2 * (p - 1 - rank) + 1, v * m) / v
+    return min(2 * p + 1, 2 * m) / 2

@@ -1,0 +1,286 @@
+"""The memory and communication planner behind `--dry-run`: per-rank bytes of parameters,
+gradients, optimizer state and activations, communication per step by collective, and the
+pipeline bubble, for a model (on the meta device) under a layout of parallel degrees.
+
+Conventions: a "rank" is one process (one GPU). The layout follows the mesh plan's degrees
+(`dp_replicate` x `dp_shard` x `tp` x `pp` processes; `ep` is carved out of the data-parallel
+processes, as in torchtitan): dense parameters are split by `tp` (every block linear layer,
+the embedding and head vocab-parallel) and sharded by FSDP over `dp_shard`; routed experts are
+split over `ep` and FSDP-sharded over what of `dp_shard x tp` is left. Pipeline stages take
+whole layers, as evenly as possible, the embedding on the first stage and the final norm, head
+and MTP modules on the last (DeepSeek-V3's placement, arXiv:2412.19437 §3.2.1). The busiest
+rank is reported: its parameters and its peak activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.model import stats
+from components.train import pipeline_bubble
+from components.train.activation_memory import ActivationBytes
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlannedLayout:
+    """Parallel degrees and pipeline schedule a run is planned for.
+
+    dp_replicate, dp_shard, tp, pp, ep: the mesh plan's degrees (see `components.parallel.mesh`).
+    zero1: optimizer state sharded over the data-parallel ranks (ZeRO-1; needs dp_shard=1).
+    schedule: pipeline schedule, one of `pipeline_bubble.SCHEDULES` (used when pp > 1).
+    virtual_stages: stages per rank for interleaved 1F1B.
+    reshard_after_forward: FSDP frees gathered parameters after each block's forward.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    zero1: bool = False
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"planned layout: {name}={getattr(self, name)} must be >= 1")
+        if self.ep > self.dp * self.tp or (self.dp * self.tp) % self.ep:
+            raise ValueError(f"planned layout: ep={self.ep} must divide the data-parallel x tensor-parallel "
+                             f"ranks ({self.dp} x {self.tp}) it is carved out of")
+        if self.schedule not in pipeline_bubble.SCHEDULES:
+            raise ValueError(f"planned layout: schedule={self.schedule!r}; use one of "
+                             f"{', '.join(pipeline_bubble.SCHEDULES)}")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (each trains on its own share of the batch)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.schedule == "dualpipev" else (self.virtual_stages if self.schedule == "interleaved_1f1b"
+                                                       else 1)
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (the data-parallel degree of routed experts)."""
+        return self.dp * self.tp // self.ep
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Precision:
+    """Bytes per element: parameters (as held), gradients, each optimizer state, an fp32 master
+    copy (0: none), activations (the compute dtype)."""
+
+    param: int = 4
+    grad: int = 4
+    state: int = 4
+    master: int = 0
+    activation: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Parameter counts of one rank before data-parallel sharding: `dense` (split by tp)
+    and `expert` (routed experts, split by ep); `largest_unit`: the biggest FSDP unit."""
+
+    dense: float
+    expert: float
+    largest_unit: float
+
+
+def _stage_of_layers(n_layers: int, n_stages: int) -> list[int]:
+    """Stage of each layer: contiguous, as even as possible, earlier stages take the extras."""
+    if n_stages > n_layers:
+        raise ValueError(f"pipeline: {n_stages} stages but only {n_layers} layers; use pp x stages per rank "
+                         f"<= n_layers")
+    base, extra = divmod(n_layers, n_stages)
+    out: list[int] = []
+    for s in range(n_stages):
+        out += [s] * (base + (s < extra))
+    return out
+
+
+def _ranks_of_stages(layout: PlannedLayout) -> list[int]:
+    """Pipeline rank of each stage: looped for interleaved 1F1B, a V for DualPipeV."""
+    p, v = layout.pp, layout.stages_per_rank
+    if layout.schedule == "dualpipev" and p > 1:
+        return list(range(p)) + list(reversed(range(p)))
+    return [s % p for s in range(p * v)]
+
+
+def _expert_params(module: nn.Module) -> int:
+    from components.moe.moe import MoE
+
+    return sum(stats.count_parameters(m.experts) for m in module.modules() if isinstance(m, MoE))
+
+
+def rank_layers(model: nn.Module, layout: PlannedLayout) -> list[list[int]]:
+    """Main-layer indices each pipeline rank holds."""
+    n_layers = len(model.layers)
+    if layout.pp == 1:
+        return [list(range(n_layers))]
+    stage = _stage_of_layers(n_layers, layout.pp * layout.stages_per_rank)
+    owner = _ranks_of_stages(layout)
+    return [[i for i in range(n_layers) if owner[stage[i]] == r] for r in range(layout.pp)]
+
+
+def split_parameters(model: nn.Module, layout: PlannedLayout) -> list[Split]:
+    """Per pipeline rank: its dense and routed-expert parameter counts after tp and ep."""
+    layers = rank_layers(model, layout)
+    first = {id(p) for p in model.embedding.parameters()}
+    outside = [p for p in model.parameters() if not any(p is q for layer in model.layers for q in layer.parameters())]
+    mtp = getattr(model, "mtp", None) or []
+    splits = []
+    for r, mine in enumerate(layers):
+        dense = expert = 0.0
+        units = [0.0]
+        for i in mine:
+            e = _expert_params(model.layers[i])
+            d = stats.count_parameters(model.layers[i]) - e
+            dense, expert = dense + d, expert + e
+            units.append(d / layout.tp + e / layout.ep)
+        head = 0.0
+        if r == 0:
+            head += sum(p.numel() for p in outside if id(p) in first)
+        if r == len(layers) - 1 or (layout.schedule == "dualpipev" and r == 0):
+            # last stage: final norm, head, MTP (DualPipeV's last stage sits on rank 0)
+            head += sum(p.numel() for p in outside if id(p) not in first and not _in(p, mtp))
+            for module in mtp:
+                e = _expert_params(module)
+                d = stats.count_parameters(module) - e
+                dense, expert = dense + d, expert + e
+                units.append(d / layout.tp + e / layout.ep)
+        dense += head
+        units.append(head / layout.tp)
+        splits.append(Split(dense=dense / layout.tp, expert=expert / layout.ep, largest_unit=max(units)))
+    return splits
+
+
+def _in(p: torch.Tensor, modules: Any) -> bool:
+    return any(p is q for m in modules for q in m.parameters())
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per rank on the busiest pipeline rank (all floats, bytes)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    transient: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
+
+    def terms(self) -> dict[str, float]:
+        return {"parameters": self.parameters, "gradients": self.gradients, "optimizer state": self.optimizer,
+                "activations": self.activations, "transient buffers": self.transient}
+
+    def dominant(self) -> str:
+        terms = self.terms()
+        return max(terms, key=terms.get)  # type: ignore[arg-type]
+
+
+def memory(model: nn.Module, layout: PlannedLayout, precision: Precision, acts: ActivationBytes, *,
+           n_micro: int, optimizer_states: int = 2, checkpointing: str = "none", fused_attention: bool = False,
+           vocab_size: int | None = None, tokens: int = 0) -> MemoryPlan:
+    """Peak bytes on the busiest rank.
+
+    acts: `activation_memory.measure` for one micro-batch of `tokens` tokens (meta pass, fp32).
+    Activations: the rank's blocks' saved bytes (at `precision.activation` bytes each, divided
+    by tp: sequence parallelism splits what tensor parallelism does not), times the micro-
+    batches in flight (`pipeline_bubble.in_flight`), plus the embedding/head part on the ranks
+    holding them. checkpointing "full" keeps each block's input and one block's activations;
+    "selective" recomputes the attention sublayers. fused_attention drops the [seq, seq]
+    attention probabilities (flash attention saves none). Gradients: as held, for every local
+    parameter; with FSDP the shards plus one unsharded unit being reduced. Transient: FSDP's
+    gathered unit (two with prefetch) and, on the head's rank, the logits' gradient (fp32).
+    """
+    splits = split_parameters(model, layout)
+    layers = rank_layers(model, layout)
+    n_main = len(model.layers)
+    scale = precision.activation / 4
+    dense_shard = layout.dp_shard
+    expert_shard = max(1, layout.dp_shard * layout.tp // layout.ep)
+    fsdp = layout.dp_shard > 1
+    best: MemoryPlan | None = None
+    for r, split in enumerate(splits):
+        local = split.dense / dense_shard + split.expert / expert_shard
+        params = local * precision.param
+        grads = local * precision.grad
+        opt_share = split.dense / (dense_shard * (layout.dp_replicate if layout.zero1 else 1)) + \
+            split.expert / (expert_shard * (layout.expert_dp // expert_shard if layout.zero1 else 1))
+        optimizer = opt_share * (optimizer_states * precision.state + precision.master)
+        blocks = list(layers[r])
+        holds_head = r == len(splits) - 1 or (layout.schedule == "dualpipev" and r == 0 and layout.pp > 1)
+        if holds_head:
+            blocks += list(range(n_main, len(acts.blocks)))
+        per_micro = 0.0
+        for i in blocks:
+            scores = acts.scores[i] if fused_attention else 0.0
+            saved = acts.blocks[i] - scores
+            if checkpointing == "full":
+                saved = acts.block_inputs[i]
+            elif checkpointing == "selective":  # the attention input stays, its insides are recomputed
+                saved -= acts.attention[i] - scores - acts.block_inputs[i]
+            per_micro += saved
+        flight = pipeline_bubble.in_flight(layout.schedule, p=layout.pp, m=n_micro, v=layout.virtual_stages,
+                                           rank=r)
+        activations = per_micro * flight
+        if checkpointing == "full" and blocks:  # one block's activations, rebuilt during its backward
+            activations += max(acts.blocks[i] - (acts.scores[i] if fused_attention else 0.0) for i in blocks)
+        activations *= scale / layout.tp
+        # the embedding/head part is mostly the fp32 logits and their log-probabilities; the
+        # last stage runs each micro-batch's backward right after its forward (all m under GPipe)
+        outside = acts.outside / layout.tp if holds_head else 0.0
+        activations += outside * (n_micro if layout.schedule == "gpipe" and layout.pp > 1 else 1)
+        transient = 0.0
+        if holds_head and vocab_size:
+            transient += tokens * vocab_size * 4 / layout.tp  # d(loss)/d(logits) in fp32
+        if fsdp:
+            transient += split.largest_unit * (2 * precision.param + precision.grad)
+        plan = MemoryPlan(parameters=params, gradients=grads, optimizer=optimizer, activations=activations,
+                          transient=transient)
+        if best is None or plan.total > best.total:
+            best = plan
+    assert best is not None
+    return best
+
+
+def precision_of(policy: Any) -> Precision:
+    """Bytes per element under a built or configured precision policy (by registered name)."""
+    name = type(policy).__name__ if not hasattr(policy, "__fn_or_cls__") else policy.__fn_or_cls__.__name__
+    table = {
+        "FP32": Precision(),
+        # autocast keeps fp32 parameters, gradients and states; activations mostly in the low dtype
+        "BF16Autocast": Precision(activation=2), "FP16Autocast": Precision(activation=2),
+        # torchao's fp8 training keeps fp32 weights; matmul inputs saved in bf16 or fp8 (counted as bf16)
+        "FP8": Precision(activation=2),
+        # bf16 weights and gradients, fp32 masters kept by the optimizer wrapper
+        "BF16Params": Precision(param=2, grad=2, master=4, activation=2),
+    }
+    return table.get(name, Precision())
+
+
+def fits(plan: MemoryPlan, capacity_gb: float = 80.0) -> bool:
+    """Whether the plan's peak fits a device of `capacity_gb` GB (10^9 bytes, as GPUs are sold)."""
+    return plan.total <= capacity_gb * 1e9
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB"
