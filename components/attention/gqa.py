@@ -12,6 +12,7 @@ from components.attention import rules
 from components.attention.masks import causal_document_mask
 from components.interfaces import Attention, Norm, PositionEncoding
 from components.model.init import init_linears
+from components.parallel.tp_styles import ParallelStyle, Placement, colwise, per_head_norm, rowwise
 from registry.invariants import invariant
 from registry.kinds import ATTENTION
 
@@ -102,6 +103,17 @@ class GroupedQueryAttention(Attention):
             scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def tensor_parallel_plan(self, *, output_layout: Placement) -> dict[str, ParallelStyle]:
+        """Megatron's attention split (arXiv:1909.08053 §3): each tp rank holds H/tp query heads
+        and Hkv/tp key/value heads (column-wise q/k/v), and its slice of the output projection
+        (row-wise), whose partial sums leave as a DTensor with `output_layout`. The input comes
+        in replicated; QK-norms run per head on this rank's heads. Needs tp | Hkv (and so tp | H),
+        and `n_heads`/`n_kv_heads` set to the per-rank counts (`apply_tensor_parallel` does)."""
+        plan = {"wq": colwise(), "wk": colwise(), "wv": colwise(), "wo": rowwise(output_layout)}
+        if self.q_norm is not None:
+            plan.update(q_norm=per_head_norm(), k_norm=per_head_norm())
+        return plan
 
     def kv_cache_elements_per_token(self) -> int:
         """Elements an inference KV cache holds per token for this layer: keys and values of every kv head."""

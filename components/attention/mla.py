@@ -12,6 +12,7 @@ from components.attention import rules
 from components.attention.masks import causal_document_mask
 from components.interfaces import Attention, Norm, RotaryEncoding
 from components.model.init import normal_
+from components.parallel.tp_styles import LocalInputs, ParallelStyle, Placement, colwise, replicated, rowwise
 from registry.invariants import invariant
 from registry.kinds import ATTENTION
 
@@ -87,6 +88,22 @@ class MultiHeadLatentAttention(Attention):
     @property
     def softmax_scale(self) -> float:
         return self.position.softmax_scale_multiplier() / math.sqrt(self.qk_head_dim)
+
+    def tensor_parallel_plan(self, *, output_layout: Placement) -> dict[str, ParallelStyle]:
+        """Heads split over the tp ranks: the up-projections wq / wq_b and wkv_b column-wise
+        (H/tp heads each), the output projection row-wise (leaving as a DTensor with
+        `output_layout`). The low-rank down-projections wq_a and wkv_a and the latent norms are
+        replicated (their outputs are a few hundred wide and every head reads all of them), so
+        their gradients are summed over the ranks. The shared rope key enters the rotary
+        encoding as a local tensor whose gradient is this rank's heads' part. Needs tp | H and
+        `n_heads` set to the per-rank count (`apply_tensor_parallel` does)."""
+        plan = {"wkv_a": replicated(), "kv_norm": replicated(), "wkv_b": colwise(), "position": LocalInputs(),
+                "wo": rowwise(output_layout)}
+        if self.q_lora_rank is None:
+            plan["wq"] = colwise()
+        else:
+            plan.update(wq_a=replicated(), q_norm=replicated(), wq_b=colwise())
+        return plan
 
     def kv_cache_elements_per_token(self) -> int:
         """Elements cached per token for this layer at inference: the kv latent plus the shared rope key."""

@@ -8,6 +8,7 @@ from torch import nn
 from components.interfaces import FeedForward
 from components.mlp.activations import ACTIVATIONS, Activation
 from components.model.init import init_linears
+from components.parallel.tp_styles import ParallelStyle, Placement, colwise, rowwise
 from registry.invariants import invariant
 from registry.kinds import FEED_FORWARD
 
@@ -39,6 +40,12 @@ class GatedMLP(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w_down(ACTIVATIONS[self.activation](self.w_gate(x)) * self.w_up(x)))
+
+    def tensor_parallel_plan(self, *, output_layout: Placement) -> dict[str, ParallelStyle]:
+        """Gate and up projections column-wise (F/tp hidden units per tp rank, the gating is
+        elementwise so it stays local), the down projection row-wise: its partial sums leave as
+        a DTensor with `output_layout`. The input comes in replicated."""
+        return {"w_gate": colwise(), "w_up": colwise(), "w_down": rowwise(output_layout)}
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         init_linears(((self.w_gate, init_std), (self.w_up, init_std), (self.w_down, out_std)))

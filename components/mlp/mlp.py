@@ -8,6 +8,7 @@ from torch import nn
 from components.interfaces import FeedForward
 from components.mlp.activations import ACTIVATIONS, Activation
 from components.model.init import init_linears
+from components.parallel.tp_styles import ParallelStyle, Placement, colwise, rowwise
 from registry.invariants import invariant
 from registry.kinds import FEED_FORWARD
 
@@ -38,6 +39,12 @@ class MLP(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w_down(ACTIVATIONS[self.activation](self.w_up(x))))
+
+    def tensor_parallel_plan(self, *, output_layout: Placement) -> dict[str, ParallelStyle]:
+        """Up projection column-wise (F/tp hidden units per tp rank, bias sharded with them),
+        down projection row-wise (bias replicated, added once): its partial sums leave as a
+        DTensor with `output_layout`. The input comes in replicated."""
+        return {"w_up": colwise(), "w_down": rowwise(output_layout)}
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         init_linears(((self.w_up, init_std), (self.w_down, out_std)))

@@ -1,0 +1,287 @@
+"""Tensor + sequence parallelism of a `DecoderLM` over a 1-D "tp" device mesh.
+
+Each block type declares how its own weights split (`tensor_parallel_plan` next to its code:
+GQA, MLA, the gated MLPs and the MLP); this module joins those plans into the model's:
+
+    embedding        vocab-parallel (rows of the table sharded; each rank looks up its
+                     vocabulary slice, the partial embeddings are reduce-scattered along T)
+    each block       norms sequence-parallel (each rank normalises T/tp positions);
+                     attention / feed-forward: input all-gathered along T, the block's own
+                     plan inside, output reduce-scattered back along T
+    MoE              routing and routed experts replicated (every rank routes all tokens
+                     and runs every expert), shared experts split like a gated MLP
+    final norm       sequence-parallel
+    head             column-wise over the vocabulary; the loss reads vocab-sharded logits
+                     (torch's `loss_parallel`), never the full [B, T, V]
+    MTP modules      without sequence parallelism (their inputs are T-k long): norms and the
+                     projection replicated, the block's attention and MLP split as above
+
+Activations between modules are DTensors on the tp mesh: the residual stream is `Shard(1)`
+(sequence-parallel) or `Replicate()`. Every parameter becomes a DTensor on the tp mesh, so
+FSDP2 can shard the result over the data-parallel dims (`fully_shard` after this, FSDP x TP).
+Megatron-LM (arXiv:1909.08053) for the tensor split, arXiv:2205.05198 §4.2.2 for the sequence split.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import loss_parallel as torch_loss_parallel
+from torch.distributed.tensor.parallel import parallelize_module
+
+from components.interfaces import AbsoluteEncoding, position_kind
+from components.moe.moe import MoE
+from components.parallel.tp_styles import (
+    SEQUENCE,
+    ColwiseParallel,
+    ParallelStyle,
+    Placement,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    ReplicatedCompute,
+    RowwiseParallel,
+    SequenceParallel,
+    replicated,
+)
+
+HEAD_COUNTS = ("n_heads", "n_kv_heads")
+"""Attention attributes that count heads: under tensor parallelism they become per-rank counts
+(the attentions' forwards reshape projections with them)."""
+
+
+class TensorParallelError(ValueError):
+    """A model that tensor parallelism cannot split at the given degree."""
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True,
+                          loss_parallel: bool = True) -> None:
+    """Split `model` (a `DecoderLM`, on the meta device or materialised) over the 1-D `tp_mesh`
+    in place. Call before FSDP's `fully_shard` and before materialising the weights.
+
+    sequence_parallel: norms, dropout and residuals of the main layers work on T/tp positions
+        per rank (activations `Shard(1)`), with all-gather / reduce-scatter around attention
+        and MLPs instead of all-reduces; off, the residual stream is replicated.
+    loss_parallel: the head's logits stay sharded over the vocabulary (a DTensor) and
+        `cross_entropy` computes the loss from the shards; off, they are gathered to plain
+        [B, T, V] tensors.
+
+    Raises `TensorParallelError` naming every constraint the model breaks
+    (`tensor_parallel_faults`). Afterwards each attention's `n_heads` / `n_kv_heads` hold the
+    per-rank counts, and every parameter is a DTensor on `tp_mesh`.
+    """
+    tp = tp_mesh.size()
+    faults = tensor_parallel_faults(model, tp)
+    if faults:
+        listed = "\n  - ".join(faults)
+        raise TensorParallelError(f"tensor parallelism (tp={tp}) cannot split this model:\n  - {listed}")
+    stream = SEQUENCE if sequence_parallel else Replicate()
+    plan: dict[str, ParallelStyle] = {
+        "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=False),
+        "norm": _norm(sequence_parallel),
+        "head": _head(stream, loss_parallel),
+    }
+    for i, layer in enumerate(model.layers):
+        plan.update(_prefixed(f"layers.{i}", block_plan(layer, sequence_parallel=sequence_parallel)))
+    for i, module in enumerate(model.mtp):
+        plan.update(_prefixed(f"mtp.{i}", mtp_plan(module)))
+    tied = model.tied
+    parallelize_module(model, tp_mesh, plan)
+    if tied:  # each style distributed its own copy of the shared table: share the head's (both Shard(0))
+        model.embedding.weight = model.head.weight
+    for block in model.blocks():
+        for attr in HEAD_COUNTS:
+            if hasattr(block.attention, attr):
+                setattr(block.attention, attr, getattr(block.attention, attr) // tp)
+    plain = [name for name, param in model.named_parameters() if not isinstance(param, DTensor)]
+    if plain:
+        raise TensorParallelError(f"tensor parallelism left parameters outside the tp mesh: {plain}; give their "
+                                  "modules a `tensor_parallel_plan` (or a replicated style)")
+
+
+def block_plan(block: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """A `TransformerBlock`'s plan (relative names): its norms, the layout changes around its
+    two sublayers, and each sublayer's own `tensor_parallel_plan`."""
+    stream = SEQUENCE if sequence_parallel else Replicate()
+    plan: dict[str, ParallelStyle] = {
+        "attention_norm": _norm(sequence_parallel),
+        "ffn_norm": _norm(sequence_parallel),
+        "attention": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+    }
+    plan.update(_prefixed("attention", block.attention.tensor_parallel_plan(output_layout=stream)))
+    if isinstance(block.feed_forward, MoE):
+        plan.update(_prefixed("feed_forward", moe_plan(block.feed_forward, stream=stream)))
+    else:
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
+        plan.update(_prefixed("feed_forward", block.feed_forward.tensor_parallel_plan(output_layout=stream)))
+    return plan
+
+
+def moe_plan(moe: MoE, *, stream: Placement) -> dict[str, ParallelStyle]:
+    """MoE under tensor parallelism, the simplest correct split: every tp rank gathers the
+    whole sequence, routes every token (the router sees full hidden states) and runs every
+    routed expert on it (replicated weights: no communication inside, tp-fold redundant expert
+    compute), then keeps its `stream` part of the output. The shared experts split like a
+    gated MLP. To divide the routed experts' work, use expert parallelism (`ep`)."""
+    plan: dict[str, ParallelStyle] = {
+        # replicated plain input whose gradient is whole on each rank; the output goes back to `stream`
+        "": PrepareModuleInputOutput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
+                                     use_local_input=True, output_layouts=(Replicate(),),
+                                     desired_output_layouts=(stream,), use_local_output=False),
+        "router": ReplicatedCompute(),
+        "experts": ReplicatedCompute(),
+    }
+    if moe.shared_experts is not None:
+        plan.update(_prefixed("shared_experts", moe.shared_experts.tensor_parallel_plan(output_layout=Replicate())))
+        plan["shared_experts"] = PrepareModuleOutput(output_layouts=(Replicate(),),
+                                                     desired_output_layouts=(Replicate(),), use_local_output=True)
+    return plan
+
+
+def mtp_plan(module: nn.Module) -> dict[str, ParallelStyle]:
+    """A multi-token prediction module without sequence parallelism: its inputs (the main
+    hidden states and the embeddings of tokens k ahead, both T-k long) are gathered, its norms
+    and projection replicated, its block split without sequence parallelism."""
+    plan: dict[str, ParallelStyle] = {
+        "": PrepareModuleInput(input_layouts=(SEQUENCE, SEQUENCE, None),
+                               desired_input_layouts=(Replicate(), Replicate(), None)),
+        "embed_norm": replicated(), "hidden_norm": replicated(), "head_norm": replicated(), "proj": replicated(),
+    }
+    plan.update(_prefixed("block", block_plan(module.block, sequence_parallel=False)))
+    return plan
+
+
+def tensor_parallel_faults(model: Any, tp: int, *, seq_len: int | None = None) -> list[str]:
+    """Why `model` (a built `DecoderLM` or its fiddle config) cannot be split over `tp` ranks,
+    each fault naming the config path, the constraint and a fix; [] when it can.
+
+    Heads are divided among the ranks, so tp must divide every attention's n_heads and
+    n_kv_heads; the MLP hidden widths and the vocabulary are split evenly too. `seq_len`,
+    if given, must divide by tp for sequence parallelism."""
+    if tp < 1:
+        return [f"tp={tp}: use a degree >= 1"]
+    if tp == 1:
+        return []
+    faults = []
+    vocab = _get(model, "vocab_size")
+    if vocab % tp:
+        faults.append(f"model.vocab_size={vocab} is not divisible by tp={tp}: the embedding and head split the "
+                      f"vocabulary evenly; pad the vocabulary to a multiple of {tp}")
+    if position_kind(_get(model, "position")) == "absolute" or isinstance(_get(model, "position"), AbsoluteEncoding):
+        faults.append("model.position is an absolute encoding, which has no tensor-parallel plan; use rotary "
+                      "positions on the attentions or tp=1")
+    if seq_len is not None and seq_len % tp:
+        faults.append(f"seq_len={seq_len} is not divisible by tp={tp}: sequence parallelism gives each rank "
+                      f"seq_len / tp positions; use a multiple of {tp}")
+    blocks = [(f"model.layers[{i}]", layer) for i, layer in enumerate(_get(model, "layers"))]
+    blocks += [(f"model.mtp[{i}].block", _get(m, "block")) for i, m in enumerate(_get(model, "mtp") or [])]
+    for path, block in blocks:
+        faults += _attention_faults(f"{path}.attention", _get(block, "attention"), tp)
+        faults += _feed_forward_faults(f"{path}.feed_forward", _get(block, "feed_forward"), tp)
+    return faults
+
+
+def vocab_parallel_cross_entropy(logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of vocab-sharded logits [B, T, V] (a DTensor, `Shard(-1)` on the tp
+    mesh) against plain targets [B, T], as a plain scalar tensor equal on every rank.
+
+    torch's `loss_parallel` computes it from the shards (a max, a sum of exponentials and the
+    target logit, each all-reduced over the ranks). Its backward must run under the same
+    context, but a trainer calls `backward` far from here (gradient accumulation, loss
+    scaling, evaluation without any), so the forward and the backward each enter it here."""
+    return _LossParallel.apply(logits, targets)
+
+
+class _LossParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
+        leaf = logits.detach().requires_grad_(logits.requires_grad)
+        with torch.enable_grad(), torch_loss_parallel():
+            loss = F.cross_entropy(leaf.float().flatten(0, 1), targets.flatten())
+        ctx.graph = (leaf, loss)
+        return loss.detach().to_local().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        leaf, loss = ctx.graph
+        ctx.graph = None
+        upstream = DTensor.from_local(grad, loss.device_mesh, loss.placements, run_check=False)
+        with torch_loss_parallel():
+            (grad_logits,) = torch.autograd.grad(loss, leaf, upstream)
+        return grad_logits, None
+
+
+def _norm(sequence_parallel: bool) -> ParallelStyle:
+    return SequenceParallel(use_local_output=False) if sequence_parallel else replicated()
+
+
+def _head(stream: Placement, loss_parallel: bool) -> ParallelStyle:
+    if loss_parallel:
+        return ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+    return ColwiseParallel(input_layouts=stream, output_layouts=Replicate(), use_local_output=True)
+
+
+def _prefixed(prefix: str, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    return {(f"{prefix}.{name}" if name else prefix): style for name, style in plan.items()}
+
+
+def _get(node: Any, name: str) -> Any:
+    """An attribute of a built module or an argument of a fiddle config (its default if unset)."""
+    import fiddle as fdl
+
+    if isinstance(node, fdl.Buildable):
+        if name in node.__arguments__:
+            return node.__arguments__[name]
+        default = _signature(node.__fn_or_cls__).get(name)
+        return None if default is None or default.default is default.empty else default.default
+    return getattr(node, name, None)
+
+
+def _kind(node: Any) -> type:
+    import fiddle as fdl
+
+    return node.__fn_or_cls__ if isinstance(node, fdl.Buildable) else type(node)
+
+
+def _attention_faults(path: str, attention: Any, tp: int) -> list[str]:
+    kind = _kind(attention)
+    if not hasattr(kind, "tensor_parallel_plan"):
+        return [f"{path} is a {kind.__name__}, which has no tensor-parallel plan; use gqa or mla attention, or tp=1"]
+    faults = []
+    n_heads = _get(attention, "n_heads")
+    n_kv = _get(attention, "n_kv_heads") if "n_kv_heads" in _signature(kind) else None
+    for name, count in (("n_heads", n_heads), ("n_kv_heads", n_kv)):
+        if count is not None and count % tp:
+            faults.append(f"{path}.{name}={count} is not divisible by tp={tp}: tensor parallelism gives each rank "
+                          f"{name} / tp heads; use a tp that divides {name} (divisors: "
+                          f"{[d for d in range(1, count + 1) if count % d == 0]})")
+    if position_kind(_get(attention, "position")) == "additive":
+        faults.append(f"{path}.position is an additive score bias (e.g. ALiBi), whose per-head slopes are not split "
+                      "over tp ranks; use rotary positions or tp=1")
+    return faults
+
+
+def _feed_forward_faults(path: str, feed_forward: Any, tp: int) -> list[str]:
+    kind = _kind(feed_forward)
+    if issubclass(kind, MoE):
+        shared = _get(feed_forward, "shared_experts")
+        return [] if shared is None else _feed_forward_faults(f"{path}.shared_experts", shared, tp)
+    if not hasattr(kind, "tensor_parallel_plan"):
+        return [f"{path} is a {kind.__name__}, which has no tensor-parallel plan; use mlp, a gated MLP or moe, "
+                "or tp=1"]
+    hidden = _get(feed_forward, "hidden_dim")
+    if hidden is not None and hidden % tp:
+        return [f"{path}.hidden_dim={hidden} is not divisible by tp={tp}: the hidden units are split evenly over "
+                f"the tp ranks; use a multiple of {tp}"]
+    return []
+
+
+def _signature(kind: Any) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(kind).parameters
