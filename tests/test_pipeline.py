@@ -165,7 +165,7 @@ def reference(family, n_micro):
         history.append(totals)
     model.eval()
     with torch.no_grad():
-        b = batches(99, 2, model.vocab_size)
+        b = batches(99, 4, model.vocab_size)
         evals = [model.losses(x["tokens"], x["targets"], doc_ids=x["doc_ids"]) for x in b]
         evaluation = {k: sum(e[k].item() for e in evals) / len(evals) for k in evals[0]}
     return history, model.state_dict(), evaluation
@@ -184,7 +184,7 @@ def pipelined(family, schedule, virtual, n_micro, n_microbatches=None):
         after_step(model)
         opt.zero_grad(set_to_none=True)
     model.eval()
-    evaluation = runner.evaluate(batches(99, 2, model.vocab_size))
+    evaluation = runner.evaluate(batches(99, 4, model.vocab_size))
     model.train()
     bubble = measure_bubble(runner, lambda: runner.forward_backward(
         model, batches(0, n_micro, model.vocab_size), n_micro=n_micro))

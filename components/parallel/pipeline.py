@@ -218,8 +218,9 @@ class PipelineStageModule(nn.Module):
             self._record({"balance": aux})
             x = _AuxiliaryGradient.apply(x, aux)
         if self.passes_embeddings:
-            # a view, not the received tensor itself: the stage's output must be a new node
-            return x, (embeddings if self.spec.first else embeddings.view_as(embeddings))
+            # a new tensor, not the received one (nor a view of it, which the schedules' backward
+            # cannot detach): the stage's output must be a node of this stage's graph
+            return x, (embeddings if self.spec.first else embeddings.clone())
         return (x,)
 
     def _loss(self, x: torch.Tensor, embeddings: torch.Tensor | None, tokens: torch.Tensor | None,
@@ -261,7 +262,7 @@ class _AuxiliaryGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's ctx
         ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
-        return x.view_as(x)
+        return x.clone()  # not x or a view of it: the schedules detach stage outputs in place
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001

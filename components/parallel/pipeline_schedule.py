@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from components.parallel.pipeline import PipelinedModel, PipelineStageModule, schedule_name
@@ -78,18 +79,55 @@ class PipelineRunner:
         batches = list(micro_batches)
         if len(batches) != n_micro:
             raise ValueError(f"pipeline step: expected {n_micro} micro-batches, got {len(batches)}")
-        self._run(batches, train=True)
+        self._run(batches)
         return self._gather_terms()
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Forward-only loss terms of `batches` (the model in eval mode: no balance terms),
-        each term's mean over the batches, identical on every rank of the pipeline."""
+        """Forward-only loss terms of `batches` (put the model in eval mode first: no balance
+        terms then), each term's mean over the batches, identical on every rank of the pipeline.
+
+        Every batch goes through the stages one after another with plain send/recv (torch's
+        schedules have no forward-only mode for DualPipeV's V), so it works under every
+        schedule and any number of batches; evaluation is not where the bubble matters."""
         batches = list(batches)
-        self._run(batches, train=False)
+        stages = {stage.spec.index: stage for stage in self.model.stages}
+        n_stages = self.model.stages[0].spec.n_stages
+        owner = generate_stage_to_rank_mapping(dist.get_world_size(self.group), n_stages,
+                                               style="v" if self.schedule == "DualPipeV" else "loop")
+        me = dist.get_rank(self.group)
+        for stage in self.model.stages:
+            stage.records.clear()
+        for batch in batches:
+            tokens, targets = batch["tokens"].to(self.device), batch["targets"].to(self.device)
+            kwargs = {"targets": targets}
+            if batch.get("doc_ids") is not None:
+                kwargs["doc_ids"] = batch["doc_ids"].to(self.device)
+            carried: tuple[torch.Tensor, ...] = ()
+            for index in range(n_stages):
+                if owner[index] != me:
+                    continue
+                module = stages[index]
+                if index == 0:
+                    inputs = (tokens,)
+                elif owner[index - 1] == me:
+                    inputs = carried
+                else:
+                    inputs = tuple(torch.empty(*tokens.shape, module.dim, dtype=self.activation_dtype,
+                                               device=self.device) for _ in range(2 if module.passes_embeddings else 1))
+                    for tensor in inputs:
+                        dist.recv(tensor, group=self.group, group_src=owner[index - 1])
+                out = module(*inputs, **kwargs)
+                if index < n_stages - 1:
+                    if owner[index + 1] == me:
+                        carried = out
+                    else:
+                        for tensor in out:
+                            dist.send(tensor.contiguous(), group=self.group, group_dst=owner[index + 1])
+        self._n = len(batches)
         return self._gather_terms()
 
-    def _run(self, batches: list[dict[str, torch.Tensor]], *, train: bool) -> None:
+    def _run(self, batches: list[dict[str, torch.Tensor]]) -> None:
         tokens = torch.cat([b["tokens"] for b in batches]).to(self.device)
         targets = torch.cat([b["targets"] for b in batches]).to(self.device)
         doc_ids = torch.cat([b["doc_ids"] for b in batches]).to(self.device) if batches[0].get("doc_ids") is not None \
@@ -105,10 +143,7 @@ class PipelineRunner:
         kwargs: dict[str, torch.Tensor] = {"targets": targets}
         if doc_ids is not None:
             kwargs["doc_ids"] = doc_ids
-        if train:
-            schedule.step(tokens, target=targets, **kwargs)
-        else:
-            schedule.eval(tokens, target=targets, **kwargs)
+        schedule.step(tokens, target=targets, return_outputs=False, **kwargs)
         self._n = m
 
     def _gather_terms(self) -> dict[str, float]:
