@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +58,10 @@ class GroupedExperts(nn.Module):
     sum over k of weights[n, k] * expert_{indices[n, k]}(x[n]); assignments with keep=False
     (dropped by a capacity limit) contribute nothing. Every shape is static, so the whole
     forward and backward compile into one graph in fp32 and bf16.
+
+    `expert_parallel`: None (every expert here), or set by
+    `components.moe.expert_parallel.apply_expert_parallel`, which shards the weights over
+    processes and routes the forward through its all-to-all dispatch and combine.
     """
 
     def __init__(self, *, n_experts: int, dim: int, hidden_dim: int):
@@ -66,10 +72,13 @@ class GroupedExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w_up = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.expert_parallel: Callable[..., torch.Tensor] | None = None
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        if self.expert_parallel is not None:
+            return self.expert_parallel(self, x, indices, weights, keep)
         n, k = indices.shape
         flat_expert = indices.flatten()
         flat_weight = weights.flatten()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,8 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
       the scores for *selection only* (gates use unbiased scores). After each optimizer step
       the bias moves by `bias_update_speed` (gamma) towards balance:
       b_i += gamma * sign(mean load - load_i), with the load counted over the whole step
-      (every micro-batch, all data-parallel ranks). Never touched by gradients.
+      (every micro-batch, all data-parallel ranks: `load_group`, None for the default process
+      group). Never touched by gradients.
     - Gates: the selected scores, optionally renormalised to sum to 1 (`normalize_weights`,
       V3), times `scaling_factor` (V2 16.0, V3 2.5).
 
@@ -69,6 +70,7 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
         self.normalize_weights = normalize_weights
         self.scaling_factor = scaling_factor
         self.bias_update_speed = bias_update_speed
+        self.load_group: Any = None  # processes whose loads the bias update sums (None: the default group)
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
         # fp32 buffers: saved in checkpoints, excluded from the optimizer and from autocast.
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32) if expert_bias else None)
@@ -106,7 +108,7 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
         """Apply the bias update from this step's load, then start counting the next step."""
         load = self.step_load
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
+            dist.all_reduce(load, group=self.load_group)
         if self.expert_bias is not None and self.bias_update_speed and load.sum() > 0:
             self.expert_bias += self.bias_update_speed * torch.sign(load.mean() - load)
         self.last_load.copy_(load)

@@ -1,0 +1,247 @@
+"""Expert parallelism: the routed experts of every MoE layer sharded over `ep` processes, tokens
+sent to the process holding their expert and the results sent back (all-to-all dispatch and
+combine, GShard arXiv:2006.16668 §2.2; DeepSeek-V2 arXiv:2405.04434 §3.1.3 and DeepSeek-V3
+arXiv:2412.19437 §3.2 train with it).
+
+Layout. `ep` is carved out of the data-parallel processes (as torchtitan does): the `ep`
+processes of one expert group see different tokens, and process r of the group holds experts
+[r E/ep, (r+1) E/ep) of every MoE layer. Expert weights are DTensors `Shard(0)` on the ep
+mesh, so a checkpoint (DCP) stores each whole [E, ...] tensor and loads into any other layout
+or a single process, and `sharding.materialize_sharded` initialises them exactly as one
+process would. Each expert weight lives whole on its owner (sharded over `ep` only, as
+DeepSeek lays them out); FSDP/DDP must leave them alone (`expert_parameters`), because their
+gradients are reduced here:
+
+- gradient of a local expert = sum over the ep group's tokens routed to it (the all-to-all's
+  backward brings every sender's contribution home), times 1/ep, then averaged over
+  `replica_mesh` (the processes holding the same experts with other data: torchtitan's
+  ["dp_replicate", "efsdp"]) - in all, the mean over every data-parallel process, as FSDP/DDP
+  give the other parameters.
+
+Routing stays where it was: each process routes its own tokens; the aux-free bias update
+all-reduces the per-expert counts over `load_group` (every data-parallel process), so every
+process's bias is the single-process run's. The balance losses are per sequence (means over
+sequences), so data parallelism averaging them is exactly the whole batch's loss.
+
+The dispatch needs the per-destination counts on the host (uneven splits), so the MoE layer
+is not capturable as one static torch.compile graph under EP (the single-process path is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from components.moe.experts import ROW_MULTIPLE, GroupedExperts, expert_counts, padded_layout
+from components.moe.grouped_mm import grouped_mm
+from components.moe.moe import MoE
+from components.moe.router import Router
+
+
+# -- the three local pieces: plan the dispatch, run the local experts, combine --------------------
+@dataclasses.dataclass
+class Dispatch:
+    """Where one process's token-expert assignments go.
+
+    token: int64 [M] the token each sent row copies, rows ordered by expert (so by
+    destination); gate: [M] the row's gate value; counts: int64 [E] rows per expert;
+    splits: rows per destination process (a host list of `ep` ints).
+    """
+
+    token: torch.Tensor
+    gate: torch.Tensor
+    counts: torch.Tensor
+    splits: list[int]
+
+
+def plan_dispatch(indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, *,
+                  n_experts: int, ep: int) -> Dispatch:
+    """Sort the assignments of `indices` [N, K] (gates `weights` [N, K]) by expert; those with
+    keep=False (over capacity) are not sent at all."""
+    n, k = indices.shape
+    flat_expert, gate = indices.flatten(), weights.flatten()
+    token = torch.arange(n * k, device=indices.device) // k
+    if keep is not None:
+        kept = keep.flatten().nonzero().squeeze(1)
+        flat_expert, gate, token = flat_expert[kept], gate[kept], token[kept]
+    order = torch.argsort(flat_expert, stable=True)
+    counts = expert_counts(flat_expert, n_experts)
+    return Dispatch(token=token[order], gate=gate[order], counts=counts,
+                    splits=counts.view(ep, n_experts // ep).sum(1).tolist())
+
+
+def local_experts(rows: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts on received rows.
+
+    rows: [R, D] as received: grouped by source process, within a source by local expert;
+    counts: int64 [sources, E_local] rows per (source, local expert); weights: this process's
+    [E_local, ...] slices (in the compute dtype). Returns [R, D] in the same row order.
+    """
+    n_local = counts.shape[1]
+    row_expert = torch.arange(n_local, device=rows.device).repeat(counts.shape[0]).repeat_interleave(
+        counts.flatten(), output_size=rows.shape[0])
+    order = torch.argsort(row_expert, stable=True)  # expert-major, each expert's rows by source
+    padded, slot, total = padded_layout(row_expert[order], n_local,
+                                        multiple=ROW_MULTIPLE if rows.device.type == "cpu" else 1)
+    source_row = torch.zeros(total, dtype=torch.int64, device=rows.device).index_copy_(0, slot, order)
+    xs = rows.index_select(0, source_row)  # padding rows repeat row 0; their outputs are never read
+    hidden = F.silu(grouped_mm(xs, w_gate, padded)) * grouped_mm(xs, w_up, padded)
+    out = grouped_mm(hidden, w_down, padded).index_select(0, slot)
+    return torch.empty_like(out).index_copy(0, order, out)
+
+
+def combine(returned: torch.Tensor, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:
+    """[N, D]: each token's returned expert outputs [M, D] weighted by their gates and summed."""
+    weighted = returned * dispatch.gate[:, None].to(returned.dtype)
+    return returned.new_zeros(n_tokens, returned.shape[1]).index_add_(0, dispatch.token, weighted)
+
+
+# -- collectives with gradients -------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _ExpertGradient(torch.autograd.Function):
+    """Identity forward; backward scales a local expert weight's gradient by 1/ep and averages
+    it over the processes holding the same experts (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, scale: float, replicas: Any) -> torch.Tensor:
+        ctx.scale, ctx.replicas = scale, replicas
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        grad = grad * ctx.scale
+        if ctx.replicas is not None:
+            dist.all_reduce(grad, group=ctx.replicas)  # gloo has no AVG: sum, then divide
+            grad = grad / dist.get_world_size(ctx.replicas)
+        return grad, None, None
+
+
+# -- the distributed forward ----------------------------------------------------------------------
+class ExpertParallel:
+    """What a `GroupedExperts` needs to run sharded: the ep process group (its size `ep`), the
+    group of its replicas (or None), and the row counts of the last forward (for tests and
+    metrics: `sent` / `received` rows per peer process)."""
+
+    def __init__(self, *, group: Any, replicas: Any = None):
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.replicas = replicas
+        self.sent: list[int] = []
+        self.received: list[int] = []
+
+    def __call__(self, experts: GroupedExperts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 keep: torch.Tensor | None) -> torch.Tensor:
+        """`GroupedExperts.forward` on this process's tokens x [N, D] with its experts' shard."""
+        n_local = experts.n_experts // self.ep
+        plan = plan_dispatch(indices, weights, keep, n_experts=experts.n_experts, ep=self.ep)
+        counts = _all_to_all(plan.counts, [n_local] * self.ep, [n_local] * self.ep, self.group).view(self.ep, n_local)
+        received = counts.sum(1).tolist()
+        self.sent, self.received = plan.splits, received
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
+            rows = _AllToAll.apply(x.index_select(0, plan.token).to(dtype), received, plan.splits, self.group)
+            local = [_ExpertGradient.apply(_local(w), 1.0 / self.ep, self.replicas).to(dtype)
+                     for w in (experts.w_gate, experts.w_up, experts.w_down)]
+            out = _AllToAll.apply(local_experts(rows, counts, *local), plan.splits, received, self.group)
+            return combine(out, plan, x.shape[0])
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+# -- applying it to a model -----------------------------------------------------------------------
+def expert_parallel_faults(model: nn.Module, ep: int) -> list[str]:
+    """Why `model` cannot run with expert-parallel degree `ep` (empty: it can).
+
+    Checks every MoE layer: `ep` divides its routed experts; group-limited routing's groups
+    (V2 device-limited, V3 node-limited) do not straddle processes: n_groups is a multiple of
+    ep (several groups per process) or divides it (a group spans whole processes, V3's node
+    of 8 GPUs); V2's device-level balance loss balances the ep processes: n_devices == ep.
+    """
+    if ep < 1:
+        return [f"ep={ep}: the expert-parallel degree is at least 1"]
+    faults = []
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        e, router = module.experts.n_experts, module.router
+        if e % ep:
+            faults.append(f"{name}: ep={ep} does not divide its {e} routed experts (experts.n_experts); "
+                          f"choose ep among the divisors of {e}")
+        if ep > 1 and router.n_groups > 1 and router.n_groups % ep and ep % router.n_groups:
+            faults.append(f"{name}: group-limited routing's {router.n_groups} groups (router.n_groups) do not "
+                          f"align with ep={ep} processes: each group should be a process (or several whole "
+                          f"ones, V3's node), so choose ep dividing or a multiple of {router.n_groups}")
+        if ep > 1 and module.device_balance_alpha and module.n_devices != ep:
+            faults.append(f"{name}: the device-level balance loss balances n_devices={module.n_devices} groups "
+                          f"but the experts are sharded over ep={ep} processes; set n_devices={ep} (V2 §2.2.2: "
+                          f"one group per device)")
+    return faults
+
+
+def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The routed experts' weights: FSDP2's `ignored_params` (DDP: parameters to ignore) when
+    experts are sharded by `apply_expert_parallel`, which reduces their gradients itself."""
+    return {p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters(recurse=False)}
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh: DeviceMesh | None = None,
+                          load_group: Any = None) -> None:
+    """Shard every `GroupedExperts` of `model` (main layers and MTP blocks) over the 1-D
+    `ep_mesh`, in place.
+
+    Call on the model while it is still on the meta device, before FSDP (`fully_shard` with
+    `ignored_params=expert_parameters(model)`) or DDP (ignoring the same parameters), then
+    initialise with `sharding.materialize_sharded` (full weights in single-process order,
+    each process keeping its experts). `replica_mesh`: the processes holding the same experts
+    with other data (torchtitan's ["dp_replicate", "efsdp"]; None when ep covers every
+    data-parallel process). `load_group`: the processes whose expert loads the aux-free bias
+    update sums (every data-parallel process; None: the default group, right when all
+    processes are data-parallel). Raises ValueError with `expert_parallel_faults`' reasons.
+    """
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D, got dims {ep_mesh.mesh_dim_names}")
+    ep = ep_mesh.size()
+    faults = expert_parallel_faults(model, ep)
+    if faults:
+        raise ValueError("expert parallelism cannot shard this model: " + "; ".join(faults))
+    replicas = replica_mesh.get_group() if replica_mesh is not None and replica_mesh.size() > 1 else None
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.load_group = load_group
+        if isinstance(module, GroupedExperts):
+            for name, param in list(module.named_parameters(recurse=False)):
+                local = param.detach().chunk(ep, dim=0)[ep_mesh.get_local_rank()].clone()
+                sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
+                                             shape=param.shape, stride=param.stride())
+                setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+            module.expert_parallel = ExpertParallel(group=ep_mesh.get_group(), replicas=replicas)

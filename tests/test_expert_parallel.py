@@ -1,0 +1,220 @@
+"""Expert parallelism: dispatch and combine against a dense per-expert loop (two processes
+simulated in this one), the plan's constraints, and the DeepSeek debug model (MLA + MoE with a
+shared expert + MTP, aux-free bias, balance loss) on 2 processes with ep=2 and FSDP over the
+other parameters, against one process: losses, final weights and router biases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import fiddle as fdl
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from components.moe.expert_parallel import combine, expert_parallel_faults, local_experts, plan_dispatch
+from components.moe.experts import GroupedExperts
+from components.moe.moe import MoE
+from components.moe.router import Router
+from tests.conftest import ROOT
+
+E, EP, D, H, K = 8, 2, 16, 12, 2
+
+
+def dense_loop(x, indices, weights, keep, experts):
+    """sum_k keep * w_k * SwiGLU_{e_k}(x) token by token."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for k in range(indices.shape[1]):
+            if keep is not None and not keep[n, k]:
+                continue
+            e = indices[n, k]
+            h = F.silu(x[n] @ experts.w_gate[e].T) * (x[n] @ experts.w_up[e].T)
+            out[n] += weights[n, k] * (h @ experts.w_down[e].T)
+    return out
+
+
+def test_dispatch_and_combine_on_two_simulated_processes_equal_a_dense_loop():
+    torch.manual_seed(0)
+    experts = GroupedExperts(n_experts=E, dim=D, hidden_dim=H)
+    tokens = [9, 5]  # the processes hold different numbers of tokens
+    xs = [torch.randn(n, D) for n in tokens]
+    indices = [torch.randn(n, E).topk(K, dim=-1).indices for n in tokens]
+    indices[1][:, 0] = 0  # process 1 sends most of its rows to process 0: uneven splits
+    weights = [torch.rand(n, K) for n in tokens]
+    keeps = [None, torch.rand(tokens[1], K) > 0.3]  # process 1 drops some assignments (capacity)
+    plans = [plan_dispatch(i, w, k, n_experts=E, ep=EP) for i, w, k in zip(indices, weights, keeps)]
+    assert plans[1].splits[0] != plans[1].splits[1]
+
+    # the all-to-all by hand: process q receives from each source p the rows for q's experts
+    local = E // EP
+    sent = [x.index_select(0, p.token).split(p.splits) for x, p in zip(xs, plans)]
+    returned = [[None] * EP for _ in range(EP)]
+    for q in range(EP):
+        rows = torch.cat([sent[p][q] for p in range(EP)])
+        counts = torch.stack([plans[p].counts.view(EP, local)[q] for p in range(EP)])
+        shard = [w[q * local:(q + 1) * local] for w in (experts.w_gate, experts.w_up, experts.w_down)]
+        out = local_experts(rows, counts, *shard).split(counts.sum(1).tolist())
+        for p in range(EP):
+            returned[p][q] = out[p]
+    with torch.no_grad():
+        for p in range(EP):
+            got = combine(torch.cat(returned[p]), plans[p], tokens[p])
+            torch.testing.assert_close(got, dense_loop(xs[p], indices[p], weights[p], keeps[p], experts),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def moe(n_experts: int, **router) -> MoE:
+    return MoE(dim=D, router=Router(dim=D, n_experts=n_experts, top_k=2, **router),
+               experts=GroupedExperts(n_experts=n_experts, dim=D, hidden_dim=H))
+
+
+def test_expert_parallel_faults_name_the_constraint():
+    assert expert_parallel_faults(moe(8), 2) == [] and expert_parallel_faults(moe(8), 8) == []
+    (fault,) = expert_parallel_faults(moe(8), 3)
+    assert "ep=3 does not divide its 8 routed experts" in fault
+    # groups must not straddle processes: 4 groups on 2 processes (2 each) or on 8 (2 per group)
+    assert expert_parallel_faults(moe(24, n_groups=4, topk_groups=2), 2) == []
+    assert expert_parallel_faults(moe(24, n_groups=4, topk_groups=2), 8) == []
+    (fault,) = expert_parallel_faults(moe(24, n_groups=4, topk_groups=2), 6)
+    assert "4 groups (router.n_groups) do not align with ep=6" in fault
+    v2 = moe(8)
+    v2.device_balance_alpha, v2.n_devices = 0.05, 4
+    (fault,) = expert_parallel_faults(v2, 2)
+    assert "n_devices=4" in fault and "set n_devices=2" in fault
+    assert expert_parallel_faults(v2, 4) == []
+
+
+STEPS = 3
+RUN = """
+import json, os, sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from components.moe.experts import GroupedExperts
+from components.moe.expert_parallel import apply_expert_parallel, expert_parameters
+from components.parallel.mesh import _parallel_dims
+from components.parallel.sharding import materialize_sharded
+from tests.test_expert_parallel import build, train
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+dims = _parallel_dims(dict(dp_replicate=1, dp_shard=2, tp=1, pp=1, ep=2), 2, "cpu")
+torch.manual_seed(0)
+model = build()
+apply_expert_parallel(model, dims.get_mesh("ep"), replica_mesh=dims.get_optional_mesh("efsdp"))
+ignored = expert_parameters(model)
+for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
+    fully_shard(unit, mesh=dims.get_mesh("fsdp"), ignored_params=ignored)
+register_fsdp_forward_method(model, "losses")
+materialize_sharded(model, "cpu")
+flows = []
+def record(model):
+    flows.extend([m.expert_parallel.sent, m.expert_parallel.received]
+                 for m in model.modules() if isinstance(m, GroupedExperts))
+losses = train(model, rank, 2, after_forward=record)
+full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+if rank == 0:
+    save_file(full, sys.argv[1])
+    print("LOSSES", json.dumps(losses), flush=True)
+print("FLOWS", rank, json.dumps(flows), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def build():
+    """The DeepSeek debug model on the meta device (fp32, as the recipe configures it)."""
+    from components.train.launch import build_model_on_meta
+    from recipes.deepseek_pretrain import recipe
+    from registry.cli import resolve
+
+    config, _ = resolve(recipe, ["debug"])
+    return build_model_on_meta(config.model)
+
+
+def clip(params, max_norm: float) -> float:
+    """Clip to a global gradient norm when the gradients are DTensors on several meshes (FSDP's
+    and the experts' ep mesh), which `torch.nn.utils.get_total_norm` cannot stack: one norm per
+    mesh, then their root sum of squares."""
+    from torch.distributed.tensor import DTensor
+
+    groups = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.stack(norms).square().sum().sqrt()
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total.item()
+
+
+def train(model, rank: int, world: int, after_forward=lambda model: None) -> tuple[list[float], list[float]]:
+    """STEPS AdamW steps on a fixed random batch of 4 sequences (process `rank` of `world`
+    takes rows rank::world, as the data loaders do) with gradient clipping and the routers'
+    bias update; returns each step's total loss averaged over the processes and its gradient
+    norm before clipping (Adam would hide wrongly scaled gradients; the norm does not)."""
+    import torch.distributed as dist
+
+    from components.moe.router import Router
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        batch = torch.randint(model.vocab_size, (4, 33), generator=generator)[rank::world]
+        terms = model.losses(batch[:, :-1], batch[:, 1:])
+        after_forward(model)
+        loss = torch.stack(list(terms.values())).sum()
+        loss.backward()
+        norms.append(clip(list(model.parameters()), 1.0))
+        optimizer.step()
+        optimizer.zero_grad()
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.after_optimizer_step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses, norms
+
+
+@pytest.mark.slow
+def test_deepseek_debug_model_with_ep2_and_fsdp_trains_like_one_process(tmp_path):
+    (tmp_path / "run.py").write_text(RUN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "run.py"), str(tmp_path / "ep.safetensors")], text=True,
+                          capture_output=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    losses, norms = json.loads(next(line for line in lines if line.startswith("LOSSES"))[len("LOSSES"):])
+    flows = {int(line.split()[1]): json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("FLOWS")}
+    got = load_file(tmp_path / "ep.safetensors")
+
+    torch.manual_seed(0)
+    model = build()
+    model.to_empty(device="cpu")
+    model.init_weights()
+    expected_losses, expected_norms = train(model, 0, 1)
+    assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6)
+    assert norms == pytest.approx(expected_norms, rel=1e-5)
+    state = model.state_dict()
+    assert set(got) == set(state)
+    for name, value in state.items():  # a step moves weights by ~1e-2; Adam turns summation-order noise
+        # in the ~0 gradient of a rare token's embedding row into ~2e-6
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    biases = [name for name in state if name.endswith("expert_bias")]
+    assert len(biases) == 4 and all(state[name].abs().sum() > 0 for name in biases)  # 3 layers + MTP, updated
+    # the all-to-all moved uneven row counts: some process received a different count than it sent
+    assert any(sent != received for rank in flows.values() for sent, received in rank)
+    assert all(sum(sum(s) for s, _ in flows[r]) > 0 for r in (0, 1))
