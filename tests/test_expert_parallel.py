@@ -91,9 +91,11 @@ def test_expert_parallel_faults_name_the_constraint():
 
 STEPS = 3
 RUN = """
-import json, os, sys
+import json, sys
 import torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from components.moe.experts import GroupedExperts
@@ -104,25 +106,33 @@ from tests.test_expert_parallel import build, train
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+folder = sys.argv[1]
 dims = _parallel_dims(dict(dp_replicate=1, dp_shard=2, tp=1, pp=1, ep=2), 2, "cpu")
-torch.manual_seed(0)
-model = build()
-apply_expert_parallel(model, dims.get_mesh("ep"), replica_mesh=dims.get_optional_mesh("efsdp"))
-ignored = expert_parameters(model)
-for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
-    fully_shard(unit, mesh=dims.get_mesh("fsdp"), ignored_params=ignored)
-register_fsdp_forward_method(model, "losses")
-materialize_sharded(model, "cpu")
-flows = []
-def record(model):
-    flows.extend([m.expert_parallel.sent, m.expert_parallel.received]
-                 for m in model.modules() if isinstance(m, GroupedExperts))
-losses = train(model, rank, 2, after_forward=record)
-full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
-if rank == 0:
-    save_file(full, sys.argv[1])
-    print("LOSSES", json.dumps(losses), flush=True)
-print("FLOWS", rank, json.dumps(flows), flush=True)
+# ep=1 with the experts whole on both processes: their gradients averaged over the replica mesh
+replicated = init_device_mesh("cpu", (2, 1), mesh_dim_names=("efsdp", "ep"))
+layouts = {"ep2": (dims.get_mesh("ep"), dims.get_optional_mesh("efsdp")),
+           "replicas2": (replicated["ep"], replicated["efsdp"])}
+for label, (ep_mesh, replica_mesh) in layouts.items():
+    torch.manual_seed(0)
+    model = build()
+    apply_expert_parallel(model, ep_mesh, replica_mesh=replica_mesh)
+    ignored = expert_parameters(model)
+    for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
+        fully_shard(unit, mesh=dims.get_mesh("fsdp"), ignored_params=ignored)
+    register_fsdp_forward_method(model, "losses")
+    materialize_sharded(model, "cpu")
+    flows = []
+    def record(model):
+        flows.extend([m.expert_parallel.sent, m.expert_parallel.received]
+                     for m in model.modules() if isinstance(m, GroupedExperts))
+    result = train(model, rank, 2, after_forward=record)
+    dcp.save(model.state_dict(), checkpoint_id=f"{folder}/{label}-dcp")  # each process writes its shards
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.state_dict().items()}
+    if rank == 0:
+        save_file(full, f"{folder}/{label}.safetensors")
+        print("RESULT", label, json.dumps(result), flush=True)
+    print("FLOWS", label, rank, json.dumps(flows), flush=True)
 dist.destroy_process_group()
 """
 
@@ -189,32 +199,44 @@ def train(model, rank: int, world: int, after_forward=lambda model: None) -> tup
 
 
 @pytest.mark.slow
-def test_deepseek_debug_model_with_ep2_and_fsdp_trains_like_one_process(tmp_path):
+def test_deepseek_debug_model_with_expert_parallel_and_fsdp_trains_like_one_process(tmp_path):
+    """ep=2 (each process 4 of the 8 experts, tokens exchanged), and ep=1 with the experts
+    replicated on both processes (gradients averaged over the replica mesh), FSDP over the
+    other parameters in both; DCP checkpoints saved under ep=2 load into one process."""
+    import torch.distributed.checkpoint as dcp
+
     (tmp_path / "run.py").write_text(RUN)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(tmp_path / "run.py"), str(tmp_path / "ep.safetensors")], text=True,
+                           str(tmp_path / "run.py"), str(tmp_path)], text=True,
                           capture_output=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
-    losses, norms = json.loads(next(line for line in lines if line.startswith("LOSSES"))[len("LOSSES"):])
-    flows = {int(line.split()[1]): json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("FLOWS")}
-    got = load_file(tmp_path / "ep.safetensors")
+    results = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("RESULT")}
+    flows = {(line.split()[1], int(line.split()[2])): json.loads(line.split(" ", 3)[3])
+             for line in lines if line.startswith("FLOWS")}
+    assert set(results) == {"ep2", "replicas2"}, done.stdout[-2000:]
 
     torch.manual_seed(0)
     model = build()
     model.to_empty(device="cpu")
     model.init_weights()
     expected_losses, expected_norms = train(model, 0, 1)
-    assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6)
-    assert norms == pytest.approx(expected_norms, rel=1e-5)
     state = model.state_dict()
-    assert set(got) == set(state)
-    for name, value in state.items():  # a step moves weights by ~1e-2; Adam turns summation-order noise
-        # in the ~0 gradient of a rare token's embedding row into ~2e-6
-        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
     biases = [name for name in state if name.endswith("expert_bias")]
     assert len(biases) == 4 and all(state[name].abs().sum() > 0 for name in biases)  # 3 layers + MTP, updated
-    # the all-to-all moved uneven row counts: some process received a different count than it sent
-    assert any(sent != received for rank in flows.values() for sent, received in rank)
-    assert all(sum(sum(s) for s, _ in flows[r]) > 0 for r in (0, 1))
+    for label, (losses, norms) in results.items():
+        assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6), label
+        assert norms == pytest.approx(expected_norms, rel=1e-5), label
+        got = load_file(tmp_path / f"{label}.safetensors")
+        loaded = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp.load(loaded, checkpoint_id=str(tmp_path / f"{label}-dcp"))  # no process group: one process
+        assert set(got) == set(state)
+        for name, value in state.items():  # a step moves weights by ~1e-2; Adam turns summation-order
+            # noise in the ~0 gradient of a rare token's embedding row into ~2e-6
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"{label}: {name}")
+            torch.testing.assert_close(loaded[name], got[name], rtol=0, atol=0, msg=f"{label} (DCP): {name}")
+    # ep=2: the all-to-all moved uneven row counts: some process received a different count than it sent
+    ep2 = [flows["ep2", rank] for rank in (0, 1)]
+    assert any(sent != received for per_rank in ep2 for sent, received in per_rank)
+    assert all(sent[0] > 0 and sent[1] > 0 for per_rank in ep2 for sent, _ in per_rank)  # both ways
