@@ -10,9 +10,13 @@ process count inside one torchrun. Loss: the mean of the last 5 steps' losses (o
 batch). tokens/s: global tokens over the wall time of the whole `launch` (model build and mesh
 setup included, about a second). Bytes per step: what each process handed to collectives,
 counted inside the hook or periodic sync (averaged over the run, uncompressed warmup steps
-included; the "compressed step" column excludes them); plans without a counter (DDP, ZeRO-1,
-FSDP, HSDP) show DDP's nominal payload, the full fp32 gradient, only for DDP itself. With
-more processes than cores the times measure contention as much as communication.
+included; the "compressed step" column excludes them). For the plans without a counter of
+their own, the worker counts what the process hands to torch.distributed's Python
+collectives (FSDP2's all-gathers and reduce-scatters, HSDP's replica all-reduce, ZeRO-1's
+parameter broadcasts: the input tensor, and a broadcast only on its source); DDP's own
+gradient all-reduce runs inside its C++ reducer, so DDP and ZeRO-1 add its nominal payload,
+the full fp32 gradient per step. With more processes than cores the times measure
+contention as much as communication.
 """
 
 from __future__ import annotations
@@ -59,6 +63,30 @@ from recipes.llama_pretrain import recipe
 from registry.cli import resolve
 
 launching.leave_process_group = lambda: None  # one process group for all runs (see tests/test_comm_hooks.py)
+import torch.distributed as dist
+
+SENT = [0]
+
+
+def _count(name, size):
+    """Wrap torch.distributed.<name> so that each call adds size(*args, **kwargs) bytes to SENT."""
+    call = getattr(dist, name)
+
+    def counted(*args, **kwargs):
+        SENT[0] += size(*args, **kwargs)
+        return call(*args, **kwargs)
+
+    setattr(dist, name, counted)
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+_count("all_gather_single", lambda output_tensor, input_tensor, *a, **k: _nbytes(input_tensor))
+_count("reduce_scatter_single", lambda *a, **k: _nbytes(k["input"] if "input" in k else a[1]))
+_count("all_reduce", lambda tensor, *a, **k: _nbytes(tensor))
+_count("broadcast", lambda tensor, src=None, *a, **k: _nbytes(tensor) if src == dist.get_rank() else 0)
 steps, batch, seq = (int(a) for a in sys.argv[1:4])
 args = ["debug", f"batch_size={batch}", f"seq_len={seq}", "precision=@fp32", "threads=1", "progress=False",
         "checkpoint=None", "metrics=None", "eval_batches=0", "model.layers[*].attention.dropout=0.0",
@@ -70,12 +98,14 @@ for name, plan in json.loads(sys.argv[4]).items():
         if getattr(config.parallel, slot, None) is not None:
             counter = fdl.build(getattr(config.parallel, slot))
             setattr(config.parallel, slot, counter)
+    SENT[0] = 0
     start = time.perf_counter()
     result = launching.launch(config)
     seconds = time.perf_counter() - start
+    python_bytes = SENT[0]
     if os.environ.get("RANK", "0") == "0":
         print("ROW", json.dumps({"name": name, "losses": result.losses, "seconds": seconds,
-                                 "bytes": getattr(counter, "bytes_sent", None),
+                                 "bytes": getattr(counter, "bytes_sent", None), "python_bytes": python_bytes,
                                  "param_bytes": sum(p.numel() * 4 for p in result.model.parameters())}), flush=True)
 if "RANK" in os.environ:
     leave_process_group()
@@ -121,8 +151,11 @@ def main() -> None:
             tokens = a.steps * a.batch * a.seq / row["seconds"]
             loss = sum(row["losses"][-5:]) / 5
             sent = row["bytes"]
-            if row["name"].startswith("ddp (all-reduce)"):
-                sent = full * a.steps  # nominal: DDP hands the whole fp32 gradient to all-reduce each step
+            if row["name"].startswith(("ddp (all-reduce)", "zero1")):
+                # DDP's reducer (C++) hands the whole fp32 gradient to all-reduce each step
+                sent = full * a.steps + (row["python_bytes"] if row["name"].startswith("zero1") else 0)
+            elif sent is None and procs > 1:
+                sent = row["python_bytes"]
             if sent is None:
                 avg = compressed = ratio = "n/c"
             else:
