@@ -98,6 +98,7 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from components.moe.experts import GroupedExperts
 from components.moe.expert_parallel import apply_expert_parallel, expert_parameters
 from components.parallel.mesh import _parallel_dims
@@ -110,22 +111,42 @@ folder = sys.argv[1]
 dims = _parallel_dims(dict(dp_replicate=1, dp_shard=2, tp=1, pp=1, ep=2), 2, "cpu")
 # ep=1 with the experts whole on both processes: their gradients averaged over the replica mesh
 replicated = init_device_mesh("cpu", (2, 1), mesh_dim_names=("efsdp", "ep"))
-layouts = {"ep2": (dims.get_mesh("ep"), dims.get_optional_mesh("efsdp")),
-           "replicas2": (replicated["ep"], replicated["efsdp"])}
-for label, (ep_mesh, replica_mesh) in layouts.items():
+# DDP over the other parameters: torchtitan's ParallelDims carves ep out of dp_shard only, so a mesh of its own
+beside_ddp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("efsdp", "ep"))
+layouts = {"ep2": (dims.get_mesh("ep"), dims.get_optional_mesh("efsdp"), "fsdp"),
+           "replicas2": (replicated["ep"], replicated["efsdp"], "fsdp"),
+           "ep2_ddp": (beside_ddp["ep"], beside_ddp["efsdp"], "ddp")}
+
+
+class ThroughDDP(torch.nn.Module):  # model.losses called through DDP, as components/parallel/ddp.py does
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        names = [f"model.{n}" for n, p in model.named_parameters() if p in expert_parameters(model)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+        object.__setattr__(self, "ddp", DistributedDataParallel(self, forward_sync_buffers=False))  # no cycle
+        self.vocab_size = model.vocab_size
+    def forward(self, tokens, targets):
+        return self.model.losses(tokens, targets)
+    def losses(self, tokens, targets):
+        return self.ddp(tokens, targets)
+
+
+for label, (ep_mesh, replica_mesh, dense) in layouts.items():
     torch.manual_seed(0)
     model = build()
     apply_expert_parallel(model, ep_mesh, replica_mesh=replica_mesh)
     ignored = expert_parameters(model)
-    for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
-        fully_shard(unit, mesh=dims.get_mesh("fsdp"), ignored_params=ignored)
-    register_fsdp_forward_method(model, "losses")
+    if dense == "fsdp":
+        for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
+            fully_shard(unit, mesh=dims.get_mesh("fsdp"), ignored_params=ignored)
+        register_fsdp_forward_method(model, "losses")
     materialize_sharded(model, "cpu")
     flows = []
     def record(model):
         flows.extend([m.expert_parallel.sent, m.expert_parallel.received]
                      for m in model.modules() if isinstance(m, GroupedExperts))
-    result = train(model, rank, 2, after_forward=record)
+    result = train(model if dense == "fsdp" else ThroughDDP(model), rank, 2, after_forward=record)
     dcp.save(model.state_dict(), checkpoint_id=f"{folder}/{label}-dcp")  # each process writes its shards
     full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
             for k, v in model.state_dict().items()}
@@ -200,9 +221,9 @@ def train(model, rank: int, world: int, after_forward=lambda model: None) -> tup
 
 @pytest.mark.slow
 def test_deepseek_debug_model_with_expert_parallel_and_fsdp_trains_like_one_process(tmp_path):
-    """ep=2 (each process 4 of the 8 experts, tokens exchanged), and ep=1 with the experts
-    replicated on both processes (gradients averaged over the replica mesh), FSDP over the
-    other parameters in both; DCP checkpoints saved under ep=2 load into one process."""
+    """ep=2 (each process 4 of the 8 experts, tokens exchanged) with FSDP or DDP over the other
+    parameters, and ep=1 with the experts replicated on both processes (gradients averaged over
+    the replica mesh) with FSDP; DCP checkpoints saved under each load into one process."""
     import torch.distributed.checkpoint as dcp
 
     (tmp_path / "run.py").write_text(RUN)
@@ -215,7 +236,7 @@ def test_deepseek_debug_model_with_expert_parallel_and_fsdp_trains_like_one_proc
     results = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("RESULT")}
     flows = {(line.split()[1], int(line.split()[2])): json.loads(line.split(" ", 3)[3])
              for line in lines if line.startswith("FLOWS")}
-    assert set(results) == {"ep2", "replicas2"}, done.stdout[-2000:]
+    assert set(results) == {"ep2", "replicas2", "ep2_ddp"}, done.stdout[-2000:]
 
     torch.manual_seed(0)
     model = build()
@@ -237,6 +258,6 @@ def test_deepseek_debug_model_with_expert_parallel_and_fsdp_trains_like_one_proc
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=f"{label}: {name}")
             torch.testing.assert_close(loaded[name], got[name], rtol=0, atol=0, msg=f"{label} (DCP): {name}")
     # ep=2: the all-to-all moved uneven row counts: some process received a different count than it sent
-    ep2 = [flows["ep2", rank] for rank in (0, 1)]
+    ep2 = [flows[label, rank] for label in ("ep2", "ep2_ddp") for rank in (0, 1)]
     assert any(sent != received for per_rank in ep2 for sent, received in per_rank)
     assert all(sent[0] > 0 and sent[1] > 0 for per_rank in ep2 for sent, _ in per_rank)  # both ways
