@@ -84,14 +84,21 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         raise TensorParallelError(f"tensor parallelism (tp={tp}) cannot split this model:\n  - {listed}")
     stream = SEQUENCE if sequence_parallel else Replicate()
     plan: dict[str, ParallelStyle] = {
-        "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=False),
+        # Replicated, the looked-up rows leave as plain tensors re-wrapped by their readers (the
+        # dropout, the MTP modules): DTensor cannot turn a partial gradient back into the
+        # embedding's masked-partial output, so the readers' wrapping sums the gradient first.
+        "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
+                                     use_local_output=not sequence_parallel),
         "norm": _norm(sequence_parallel),
         "head": _head(stream, loss_parallel),
     }
+    if not sequence_parallel:
+        plan["embedding_dropout"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(stream,),
+                                                       use_local_output=False)
     for i, layer in enumerate(model.layers):
         plan.update(_prefixed(f"layers.{i}", block_plan(layer, sequence_parallel=sequence_parallel)))
     for i, module in enumerate(model.mtp):
-        plan.update(_prefixed(f"mtp.{i}", mtp_plan(module)))
+        plan.update(_prefixed(f"mtp.{i}", mtp_plan(module, stream=stream)))
     tied = model.tied
     parallelize_module(model, tp_mesh, plan)
     if tied:  # each style distributed its own copy of the shared table: share the head's (both Shard(0))
@@ -145,12 +152,13 @@ def moe_plan(moe: MoE, *, stream: Placement) -> dict[str, ParallelStyle]:
     return plan
 
 
-def mtp_plan(module: nn.Module) -> dict[str, ParallelStyle]:
+def mtp_plan(module: nn.Module, *, stream: Placement) -> dict[str, ParallelStyle]:
     """A multi-token prediction module without sequence parallelism: its inputs (the main
-    hidden states and the embeddings of tokens k ahead, both T-k long) are gathered, its norms
-    and projection replicated, its block split without sequence parallelism."""
+    hidden states and the embeddings of tokens k ahead, both T-k long, in the main stream's
+    layout) are gathered, its norms and projection replicated, its block split without
+    sequence parallelism."""
     plan: dict[str, ParallelStyle] = {
-        "": PrepareModuleInput(input_layouts=(SEQUENCE, SEQUENCE, None),
+        "": PrepareModuleInput(input_layouts=(stream, stream, None),
                                desired_input_layouts=(Replicate(), Replicate(), None)),
         "embed_norm": replicated(), "hidden_norm": replicated(), "head_norm": replicated(), "proj": replicated(),
     }
