@@ -135,7 +135,10 @@ class ThroughDDP(torch.nn.Module):  # model.losses called through DDP, as compon
 for label, (ep_mesh, replica_mesh, dense) in layouts.items():
     torch.manual_seed(0)
     model = build()
-    apply_expert_parallel(model, ep_mesh, replica_mesh=replica_mesh)
+    # the routers' loads summed over the data-parallel ("batch") group, as under pipeline parallelism
+    load_group = dims.get_mesh("batch").get_group() if label == "ep2" else None
+    apply_expert_parallel(model, ep_mesh, replica_mesh=replica_mesh, load_group=load_group)
+    assert all(getattr(m, "load_group", load_group) is load_group for m in model.modules())
     ignored = expert_parameters(model)
     if dense == "fsdp":
         for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
@@ -220,7 +223,7 @@ def train(model, rank: int, world: int, after_forward=lambda model: None) -> tup
 
 
 @pytest.mark.slow
-def test_deepseek_debug_model_with_expert_parallel_and_fsdp_trains_like_one_process(tmp_path):
+def test_deepseek_debug_model_with_expert_parallel_beside_fsdp_or_ddp_trains_like_one_process(tmp_path):
     """ep=2 (each process 4 of the 8 experts, tokens exchanged) with FSDP or DDP over the other
     parameters, and ep=1 with the experts replicated on both processes (gradients averaged over
     the replica mesh) with FSDP; DCP checkpoints saved under each load into one process."""

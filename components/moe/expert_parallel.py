@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, Shard
 from components.moe.experts import ROW_MULTIPLE, GroupedExperts, expert_counts, padded_layout
 from components.moe.grouped_mm import grouped_mm
 from components.moe.moe import MoE
-from components.moe.router import Router
+from components.moe.router import set_load_group
 
 
 # -- the three local pieces: plan the dispatch, run the local experts, combine --------------------
@@ -225,8 +225,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
     each process keeping its experts). `replica_mesh`: the processes holding the same experts
     with other data (torchtitan's ["dp_replicate", "efsdp"]; None when ep covers every
     data-parallel process). `load_group`: the processes whose expert loads the aux-free bias
-    update sums (every data-parallel process; None: the default group, right when all
-    processes are data-parallel). Raises ValueError with `expert_parallel_faults`' reasons.
+    update sums (every data-parallel process: `router.set_load_group`; None leaves the routers
+    as they are, on the default group, right when every process is data-parallel). Raises ValueError with `expert_parallel_faults`' reasons.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D, got dims {ep_mesh.mesh_dim_names}")
@@ -235,9 +235,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
     if faults:
         raise ValueError("expert parallelism cannot shard this model: " + "; ".join(faults))
     replicas = replica_mesh.get_group() if replica_mesh is not None and replica_mesh.size() > 1 else None
+    if load_group is not None:
+        set_load_group(model, load_group)
     for module in model.modules():
-        if isinstance(module, Router):
-            module.load_group = load_group
         if isinstance(module, GroupedExperts):
             for name, param in list(module.named_parameters(recurse=False)):
                 local = param.detach().chunk(ep, dim=0)[ep_mesh.get_local_rank()].clone()

@@ -127,3 +127,15 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def set_load_group(model: nn.Module, group: Any) -> None:
+    """Make every router of `model` sum its expert loads over `group` for the aux-free bias
+    update: the processes that hold the same layers with different data (the data-parallel
+    group). Needed wherever the default group is more than that: under pipeline parallelism
+    another stage's routers would be summed in (its collectives pair with ours in call order),
+    and under tensor parallelism each load would be counted tp times (harmless to the sign
+    update, wrong in `last_load`)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.load_group = group
