@@ -182,10 +182,15 @@ class MemoryPlan:
     optimizer: float
     activations: float
     transient: float
+    gradients_at_peak: bool = True
+    """Whether all gradients are held at the peak. The peak is at the loss, when every
+    activation is saved; with one micro-batch and no pre-allocated gradient buffer the
+    gradients do not exist yet (each appears as its layer's activations are freed)."""
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
+        return (self.parameters + (self.gradients if self.gradients_at_peak else 0.0) + self.optimizer
+                + self.activations + self.transient)
 
     def terms(self) -> dict[str, float]:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer state": self.optimizer,
@@ -254,8 +259,10 @@ def memory(model: nn.Module, layout: PlannedLayout, precision: Precision, acts: 
             transient += tokens * vocab_size * 4 / layout.tp  # d(loss)/d(logits) in fp32
         if fsdp:
             transient += split.largest_unit * (2 * precision.param + precision.grad)
+        # accumulated over micro-batches, or DDP's gradient buckets (allocated when it wraps the model)
+        held = n_micro > 1 or (layout.dp_replicate > 1 and not fsdp) or layout.pp > 1
         plan = MemoryPlan(parameters=params, gradients=grads, optimizer=optimizer, activations=activations,
-                          transient=transient)
+                          transient=transient, gradients_at_peak=held)
         if best is None or plan.total > best.total:
             best = plan
     assert best is not None
