@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import fiddle as fdl
 import pytest
 import torch
 import torch.nn.functional as F

@@ -203,7 +203,7 @@ def expert_parallel_faults(model: nn.Module, ep: int) -> list[str]:
                           f"ones, V3's node), so choose ep dividing or a multiple of {router.n_groups}")
         if ep > 1 and module.device_balance_alpha and module.n_devices != ep:
             faults.append(f"{name}: the device-level balance loss balances n_devices={module.n_devices} groups "
-                          f"but the experts are sharded over ep={ep} processes; set n_devices={ep} (V2 §2.2.2: "
+                          f"but the experts are sharded over ep={ep} processes; set n_devices={ep} (V2 §2.2: "
                           f"one group per device)")
     return faults
 
@@ -226,7 +226,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
     with other data (torchtitan's ["dp_replicate", "efsdp"]; None when ep covers every
     data-parallel process). `load_group`: the processes whose expert loads the aux-free bias
     update sums (every data-parallel process: `router.set_load_group`; None leaves the routers
-    as they are, on the default group, right when every process is data-parallel). Raises ValueError with `expert_parallel_faults`' reasons.
+    as they are, on the default group, right when every process is data-parallel). Raises
+    ValueError with `expert_parallel_faults`' reasons.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D, got dims {ep_mesh.mesh_dim_names}")
