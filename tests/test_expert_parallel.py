@@ -109,11 +109,11 @@ rank = dist.get_rank()
 folder = sys.argv[1]
 dims = _parallel_dims(dict(dp_replicate=1, dp_shard=2, tp=1, pp=1, ep=2), 2, "cpu")
 # ep=1 with the experts whole on both processes: their gradients averaged over the replica mesh
-replicated = init_device_mesh("cpu", (2, 1), mesh_dim_names=("efsdp", "ep"))
+replicated = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
 # DDP over the other parameters: torchtitan's ParallelDims carves ep out of dp_shard only, so a mesh of its own
 beside_ddp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("efsdp", "ep"))
 layouts = {"ep2": (dims.get_mesh("ep"), dims.get_optional_mesh("efsdp"), "fsdp"),
-           "replicas2": (replicated["ep"], replicated["efsdp"], "fsdp"),
+           "replicas2": (replicated["ep"], replicated["dp_replicate", "efsdp"], "fsdp"),  # 2-D, as under HSDP
            "ep2_ddp": (beside_ddp["ep"], beside_ddp["efsdp"], "ddp")}
 
 

@@ -223,8 +223,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
     `ignored_params=expert_parameters(model)`) or DDP (ignoring the same parameters), then
     initialise with `sharding.materialize_sharded` (full weights in single-process order,
     each process keeping its experts). `replica_mesh`: the processes holding the same experts
-    with other data (torchtitan's ["dp_replicate", "efsdp"]; None when ep covers every
-    data-parallel process). `load_group`: the processes whose expert loads the aux-free bias
+    with other data (torchtitan's ["dp_replicate", "efsdp"], 1-D or 2-D; None when ep covers
+    every data-parallel process). `load_group`: the processes whose expert loads the aux-free bias
     update sums (every data-parallel process: `router.set_load_group`; None leaves the routers
     as they are, on the default group, right when every process is data-parallel). Raises
     ValueError with `expert_parallel_faults`' reasons.
@@ -235,7 +235,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
     faults = expert_parallel_faults(model, ep)
     if faults:
         raise ValueError("expert parallelism cannot shard this model: " + "; ".join(faults))
-    replicas = replica_mesh.get_group() if replica_mesh is not None and replica_mesh.size() > 1 else None
+    replicas = None
+    if replica_mesh is not None and replica_mesh.size() > 1:  # (dp_replicate, efsdp) under HSDP: one group
+        replicas = (replica_mesh if replica_mesh.ndim == 1 else replica_mesh._flatten()).get_group()
     if load_group is not None:
         set_load_group(model, load_group)
     for module in model.modules():
