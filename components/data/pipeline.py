@@ -44,6 +44,7 @@ from components.interfaces import (
     StatefulData,
     TrainingData,
 )
+from components.parallel.process_group import data_parallel
 from registry.invariants import invariant
 
 FORMAT_VERSION = 2  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted
@@ -348,9 +349,7 @@ class TextPipeline(TrainingData, StatefulData, PreparedData, BytesPerToken):
         return load_encoding(self.folder / "tokenizer")
 
     def loader(self, split: str, *, batch_size: int, seq_len: int, seed: int) -> PackedLoader:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, world = data_parallel()
         weights = self.weights() if split == "train" else {d: 1.0 for d in self.store.domains(split)}
         return PackedLoader(store=self.store, split=split, seq_len=seq_len, batch_size=batch_size, weights=weights,
                             seed=seed, rank=rank, world_size=world)

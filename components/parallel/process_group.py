@@ -53,3 +53,22 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+_DATA_PARALLEL: tuple[int, int] | None = None
+
+
+def set_data_parallel(rank: int, size: int) -> None:
+    """Declare this process's place among the processes that read different data (a parallel
+    plan does, once its mesh is built): processes of one tensor- or pipeline-parallel group
+    read the same batches."""
+    global _DATA_PARALLEL
+    _DATA_PARALLEL = (rank, size)
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, size) among the processes that read different data: what a plan declared with
+    `set_data_parallel`, else every process of the group (pure data parallelism)."""
+    if _DATA_PARALLEL is not None and dist.is_available() and dist.is_initialized():
+        return _DATA_PARALLEL
+    return world()

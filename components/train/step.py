@@ -67,6 +67,7 @@ class StepRunner:
     micro: int
     seq_len: int
     world_size: int
+    """Processes reading different data (the data-parallel degree)."""
     device: str
 
     def __post_init__(self) -> None:

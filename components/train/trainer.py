@@ -34,7 +34,7 @@ from components.interfaces import (
 from components.model.decoder import DecoderLM, cross_entropy
 from components.model.stats import training_flops_per_token
 from components.optim.param_groups import decay_groups
-from components.parallel.process_group import world
+from components.parallel.process_group import data_parallel, world
 from components.parallel.single import SingleProcess
 from components.precision import auto
 from components.precision.master_weights import MasterWeights
@@ -135,16 +135,17 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     parallel = parallel if parallel is not None else SingleProcess()
     model = parallel.apply(model, precision=precision, device=device)
     rank, world_size = world()
+    _, dp_size = data_parallel()  # processes reading different data (tp / pp groups share theirs)
     eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
     if not parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, False
     if progress:
         Console().print(f"precision: {precision_note}", highlight=False, soft_wrap=True)
-    micro = micro_batch_size or max(1, batch_size // world_size)  # sequences per forward on each rank
-    if batch_size % (micro * world_size):
+    micro = micro_batch_size or max(1, batch_size // dp_size)  # sequences per forward on each rank
+    if batch_size % (micro * dp_size):
         raise ValueError(f"batch_size={batch_size} is not a whole number of micro-batches of {micro} sequences on "
-                         f"each of {world_size} processes; choose batch_size a multiple of "
-                         f"micro_batch_size x processes ({micro * world_size})")
+                         f"each of {dp_size} data-parallel processes; choose batch_size a multiple of "
+                         f"micro_batch_size x data-parallel processes ({micro * dp_size})")
     if world_size > 1 and isinstance(data, PreparedData):
         _prepare_once(data, rank)
     if any(p.is_meta for p in model.parameters()):
@@ -167,7 +168,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     runner = StepRunner(model=model, optimizer=opt, raw_optimizer=raw_optimizer, parallel=parallel,
                         precision=precision, data=data, scheduler=scheduler, scheduled=scheduled or {},
                         batch_ramp=batch_ramp, guard=guard, grad_clip=grad_clip, batch_size=batch_size, micro=micro,
-                        seq_len=seq_len, world_size=world_size, device=device)
+                        seq_len=seq_len, world_size=dp_size, device=device)
     state = RunState(generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     model.train()

@@ -13,7 +13,7 @@ import torch
 from components.data.loader import doc_ids_from_eos
 from components.data.sources.stdlib import stdlib_files
 from components.interfaces import BytesPerToken, TrainingData
-from components.parallel.process_group import world
+from components.parallel.process_group import data_parallel
 from registry.invariants import invariant
 
 EOS = 0
@@ -59,7 +59,7 @@ class StdlibBytes(TrainingData, BytesPerToken):
         keeps its own every world_size-th one, so the ranks' batches are disjoint and together
         are the batch one process would draw.
         """
-        rank, world_size = world()
+        rank, world_size = data_parallel()
         stream = self.train if split == "train" else self.val
         starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size * world_size,),
                                generator=generator)[rank::world_size]
