@@ -122,7 +122,7 @@ def test_random_window_data_gives_each_rank_its_share(monkeypatch):
     whole = data.batch("train", batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(3))["tokens"]
     shares = []
     for rank in range(2):
-        monkeypatch.setattr(stdlib_bytes, "world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(stdlib_bytes, "data_parallel", lambda rank=rank: (rank, 2))
         shares.append(data.batch("train", batch_size=2, seq_len=16,
                                  generator=torch.Generator().manual_seed(3))["tokens"])
     assert torch.equal(shares[0], whole[0::2]) and torch.equal(shares[1], whole[1::2])
