@@ -166,6 +166,7 @@ def runs(tmp_path_factory):
              "extra": ["parallel.comm_hook=@test_fp16"]},
             {"label": "sync-llama", "recipe": "llama", "plan": "@mesh(dp_replicate=2)",
              "extra": ["parallel.periodic_sync=@test_mean"]}]
+    two.append({"label": "ep-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_shard=2,ep=2)"})
     two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
                 "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
     out.update(torchrun(2, tmp / "two", two))
@@ -194,6 +195,16 @@ def test_every_data_parallel_layout_trains_as_one_process(runs, layout, recipe):
     reference = runs[f"one-{recipe}"]
     assert reference[0][-1] < reference[0][0]  # the reference trains
     assert_same_run(runs[f"{layout}-{recipe}"], reference, f"{layout}-{recipe}")
+
+
+@pytest.mark.slow
+def test_expert_parallel_beside_fsdp_trains_as_one_process(runs):
+    """ep=2: each process holds 4 of the 8 routed experts per MoE layer (all-to-all dispatch),
+    FSDP2 shards the rest; losses, weights (experts gathered) and the routers' aux-free bias
+    equal the single-process run's."""
+    reference = runs["one-deepseek"]
+    assert any("expert_bias" in name for name in reference[1])
+    assert_same_run(runs["ep-deepseek"], reference, "ep-deepseek")
 
 
 @pytest.mark.slow
@@ -241,8 +252,10 @@ def test_degrees_that_do_not_multiply_to_the_world_size_fail_before_any_process_
 
 
 @pytest.mark.parametrize("plan, words", [
-    ("@mesh(tp=2)", ["tp == 1", "come with model parallelism"]),
-    ("@mesh(pp=2,dp_shard=-1)", ["pp == 1", "come with model parallelism"]),
+    ("@mesh(tp=2)", ["tp == 1", "not in the mesh plan yet"]),
+    ("@mesh(pp=2,dp_shard=-1)", ["pp == 1", "not in the mesh plan yet"]),
+    ("@mesh(dp_replicate=2,ep=2)", ["ep == 1 or", "dp_shard=N,ep=E"]),
+    ("@mesh(dp_shard=2,ep=2,zero1=True)", ["ep == 1 or", "without zero1"]),
     ("@mesh(dp_replicate=0)", ["degrees >= 1"]),
     ("@mesh(dp_shard=2,zero1=True)", ["zero1 needs replicated parameters", "already shards the optimizer state"]),
 ])

@@ -28,12 +28,14 @@ import torch.distributed as dist
 from torch import nn
 
 from components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
+from components.moe import expert_parallel
 from components.parallel import ddp, sharding, zero
 from components.parallel.process_group import ensure_process_group, world
 from registry.invariants import invariant
 from registry.kinds import PARALLEL_PLAN
 
-_MODEL_PARALLEL = "tensor (tp), pipeline (pp) and expert (ep) parallelism come with model parallelism, not yet here"
+_MODEL_PARALLEL = ("tensor (tp) and pipeline (pp) parallelism are not in the mesh plan yet; expert parallelism (ep) "
+                   "runs beside FSDP: dp_shard a multiple of ep")
 
 
 class MeshError(ValueError):
@@ -44,8 +46,14 @@ class MeshError(ValueError):
 @invariant("dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1)",
            lambda dp_replicate, dp_shard: dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1),
            fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
-@invariant("tp == 1 and pp == 1 and ep == 1", lambda tp, pp, ep: tp == 1 and pp == 1 and ep == 1,
+@invariant("tp == 1 and pp == 1", lambda tp, pp: tp == 1 and pp == 1,
            fix=f"{_MODEL_PARALLEL}; use the data-parallel degrees dp_replicate and dp_shard")
+@invariant("ep == 1 or (ep >= 1 and dp_shard != 1 and not zero1 and comm_hook is None and periodic_sync is None)",
+           lambda ep, dp_shard, zero1, comm_hook, periodic_sync:
+           ep == 1 or (ep >= 1 and dp_shard != 1 and not zero1 and comm_hook is None and periodic_sync is None),
+           fix="expert parallelism shards the routed experts over ep of the dp_shard processes and FSDP2 shards "
+               "the rest (torchtitan's layout): use e.g. @mesh(dp_shard=N,ep=E) with E dividing N, without "
+               "zero1, comm_hook or periodic_sync")
 @invariant("comm_hook needs DDP: dp_replicate > 1 and dp_shard == 1",
            lambda comm_hook, dp_replicate, dp_shard: comm_hook is None or (dp_replicate > 1 and dp_shard == 1),
            fix="a communication hook compresses DDP's gradient all-reduce across dp_replicate > 1 replicas; with "
@@ -75,7 +83,9 @@ class Mesh(ParallelPlan):
         dp_replicate: replicas of the model (DDP; across nodes under HSDP).
         dp_shard: processes each parameter is sharded over (FSDP2); -1: all the processes
             the other degrees leave.
-        tp, pp, ep: tensor, pipeline, expert parallel degrees (only 1 for now).
+        tp, pp: tensor and pipeline parallel degrees (only 1 for now).
+        ep: processes the routed experts are sharded over (all-to-all dispatch), carved out of
+            dp_shard as in torchtitan; FSDP2 shards the other parameters.
         zero1: shard the optimizer state across the replicas (ZeRO-1; needs dp_shard=1).
         comm_hook: how DDP communicates gradients (fp16, PowerSGD, 1-bit; needs dp_shard=1).
         periodic_sync: no per-step gradient averaging: each replica steps on its own and this
@@ -131,17 +141,31 @@ class Mesh(ParallelPlan):
     def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
               device: str = "cpu") -> nn.Module:
         degrees = self.degrees(int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
+        if self.ep > 1:
+            faults = expert_parallel.expert_parallel_faults(model, self.ep)
+            if degrees["dp_shard"] % self.ep:
+                faults.append(f"ep={self.ep} must divide dp_shard={degrees['dp_shard']} (the experts are sharded "
+                              f"over ep of the FSDP processes)")
+            if faults:
+                raise MeshError("parallel=@mesh: " + "; ".join(faults))
         ensure_process_group(device)
         self.dims = _parallel_dims(degrees, world()[1], torch.device(device).type)
         # Every process is data-parallel while tp = pp = 1: the data loader's share is its global
         # rank (`world()`); the mesh's "batch" dim is that group.
         batch = self.dims.get_optional_mesh("batch")
         self.group = batch.get_group() if batch is not None else dist.group.WORLD
+        experts: set[nn.Parameter] | None = None
+        if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP skips them
+            efsdp = ["dp_replicate", "efsdp"] if degrees["dp_replicate"] > 1 else ["efsdp"]
+            expert_parallel.apply_expert_parallel(model, self.dims.get_mesh("ep"),
+                                                  replica_mesh=self.dims.get_optional_mesh(efsdp),
+                                                  load_group=self.group)
+            experts = expert_parallel.expert_parameters(model)
         if degrees["dp_shard"] > 1 or self.shard_alone:
             names = ["dp_replicate", "fsdp"] if degrees["dp_replicate"] > 1 else ["fsdp"]
             sharding.shard(model, self.dims.get_mesh(names), reshard_after_forward=self.reshard_after_forward,
                            param_dtype=precision.param_dtype if precision is not None else None,
-                           reduce_dtype=self.reduce_dtype)
+                           reduce_dtype=self.reduce_dtype, ignored_params=experts)
             self._sharded = True
         return model
 

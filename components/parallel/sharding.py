@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool, param_dtype: torch.dtype | None,
-          reduce_dtype: torch.dtype | None) -> nn.Module:
+          reduce_dtype: torch.dtype | None, ignored_params: set[nn.Parameter] | None = None) -> nn.Module:
     """Shard each block of `model.blocks()` (the main layers' and the MTP modules') as one FSDP
     unit and the rest (embedding, norms, head, MTP projections) as the root unit.
 
@@ -21,9 +21,11 @@ def shard(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool, pa
     `param_dtype`: the dtype each unit's gathered copy is cast to for forward and backward
     (FSDP's mixed precision; the sharded masters and optimizer state stay as they are).
     `reduce_dtype`: the dtype gradients are reduced in (None: the parameters').
+    `ignored_params`: parameters FSDP leaves alone (routed experts sharded by expert parallelism).
     """
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
-                   mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+                   mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+                   ignored_params=ignored_params)
     # An MTP module's norms are also used outside its forward (the head norm), so only its
     # block is a unit of its own; the rest belongs to the root unit, gathered for all of `losses`.
     for unit in model.blocks():

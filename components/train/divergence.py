@@ -23,16 +23,26 @@ def clip_gradients(named_params: list[tuple[str, torch.nn.Parameter]], max_norm:
     clipping, which would turn every gradient into NaN. Under a sharded plan each process
     names the first non-finite gradient of its own shards; the norm is the global one.
     """
-    grads = [p.grad for _, p in named_params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads)
-    if isinstance(total, DTensor):  # a partial norm over the shards: reduce it to the global one
-        total = total.full_tensor()
+    # One norm per device mesh (FSDP's, the experts' ep mesh, plain tensors), reduced to its
+    # global value, then their root sum of squares: torch cannot stack DTensors of two meshes.
+    by_mesh: dict[object, list[torch.nn.Parameter]] = {}
+    for _, p in named_params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for params in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if len(norms) == 1:
+        total = norms[0]
+    else:  # several meshes (or no gradient at all: zero)
+        total = torch.stack(norms).square().sum().sqrt() if norms else torch.zeros(())
     first_bad = None
     if not math.isfinite(total.item()):
         first_bad = next((name for name, p in named_params
                           if p.grad is not None and not torch.isfinite(_local(p.grad)).all()), None)
-    torch.nn.utils.clip_grads_with_norm_([p for _, p in named_params], max_norm if max_norm is not None else math.inf,
-                                         total)
+    for params in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm is not None else math.inf, total)
     return total, first_bad
 
 
