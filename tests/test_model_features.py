@@ -121,3 +121,17 @@ def test_trainer_checkpointing_switch_leaves_the_run_unchanged(mode):
     assert results[0].losses == results[1].losses
     assert all(layer.checkpoint_activations == (True if mode == "full" else "attention")
                for layer in results[1].model.layers)
+
+
+def test_a_tied_head_stays_tied_when_the_model_leaves_the_meta_device():
+    """Materialising a meta-device model gives each module's parameter new storage; the GPT-2
+    head must still be the embedding afterwards (it trained untied before this was fixed)."""
+    from components.families.gpt2.builder import gpt2
+    from components.parallel.single import SingleProcess
+    from components.train.launch import build_model_on_meta
+
+    model = build_model_on_meta(gpt2(vocab_size=97, dim=32, n_layers=1, n_heads=2, max_len=16))
+    assert model.tied
+    SingleProcess().materialize(model, "cpu")
+    assert model.tied and model.head.weight.device.type == "cpu"
+    assert model.head.weight.data_ptr() == model.embedding.weight.data_ptr()

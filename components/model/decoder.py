@@ -66,6 +66,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.tie_embeddings = tie_embeddings
         if tie_embeddings:
             self.head.weight = self.embedding.weight
         self.mtp = nn.ModuleList(mtp or [])
@@ -74,6 +75,14 @@ class DecoderLM(nn.Module):
     @property
     def tied(self) -> bool:
         return self.head.weight is self.embedding.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> DecoderLM:
+        """As `nn.Module.to_empty`, keeping a tied head tied: leaving the meta device gives every
+        module's parameter its own new storage, which would silently untie the head."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.tie_embeddings and not self.tied:
+            self.head.weight = self.embedding.weight
+        return self
 
     def blocks(self) -> list[nn.Module]:
         """Every transformer block in depth order: the main layers, then each multi-token
