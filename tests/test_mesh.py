@@ -167,6 +167,7 @@ def runs(tmp_path_factory):
             {"label": "sync-llama", "recipe": "llama", "plan": "@mesh(dp_replicate=2)",
              "extra": ["parallel.periodic_sync=@test_mean"]}]
     two.append({"label": "ep-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_shard=2,ep=2)"})
+    two += [{"label": f"tp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2)"} for recipe in RECIPES]
     two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
                 "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
     out.update(torchrun(2, tmp / "two", two))
@@ -195,6 +196,14 @@ def test_every_data_parallel_layout_trains_as_one_process(runs, layout, recipe):
     reference = runs[f"one-{recipe}"]
     assert reference[0][-1] < reference[0][0]  # the reference trains
     assert_same_run(runs[f"{layout}-{recipe}"], reference, f"{layout}-{recipe}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_tensor_parallel_trains_as_one_process(runs, recipe):
+    """tp=2 through the recipe's own data and trainer: both ranks read the same batches, heads,
+    hidden widths and vocabulary are split, norms sequence-parallel; the run equals one process."""
+    assert_same_run(runs[f"tp-{recipe}"], runs[f"one-{recipe}"], f"tp-{recipe}")
 
 
 @pytest.mark.slow
@@ -252,7 +261,7 @@ def test_degrees_that_do_not_multiply_to_the_world_size_fail_before_any_process_
 
 
 @pytest.mark.parametrize("plan, words", [
-    ("@mesh(tp=2)", ["tp == 1", "not in the mesh plan yet"]),
+    ("@mesh(dp_replicate=2,tp=2)", ["tp == 1 or", "without dp_replicate"]),
     ("@mesh(pp=2,dp_shard=-1)", ["pp == 1", "not in the mesh plan yet"]),
     ("@mesh(dp_replicate=2,ep=2)", ["ep == 1 or", "dp_shard=N,ep=E"]),
     ("@mesh(dp_shard=2,ep=2,zero1=True)", ["ep == 1 or", "without zero1"]),

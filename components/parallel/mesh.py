@@ -29,13 +29,14 @@ from torch import nn
 
 from components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
 from components.moe import expert_parallel
-from components.parallel import ddp, sharding, zero
-from components.parallel.process_group import ensure_process_group, world
+from components.moe.router import set_load_group
+from components.parallel import ddp, sharding, tensor_parallel, zero
+from components.parallel.process_group import ensure_process_group, set_data_parallel, world
 from registry.invariants import invariant
 from registry.kinds import PARALLEL_PLAN
 
-_MODEL_PARALLEL = ("tensor (tp) and pipeline (pp) parallelism are not in the mesh plan yet; expert parallelism (ep) "
-                   "runs beside FSDP: dp_shard a multiple of ep")
+_MODEL_PARALLEL = ("pipeline parallelism (pp) is not in the mesh plan yet; tensor (tp) and expert (ep) parallelism "
+                   "run beside FSDP")
 
 
 class MeshError(ValueError):
@@ -46,8 +47,12 @@ class MeshError(ValueError):
 @invariant("dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1)",
            lambda dp_replicate, dp_shard: dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1),
            fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
-@invariant("tp == 1 and pp == 1", lambda tp, pp: tp == 1 and pp == 1,
-           fix=f"{_MODEL_PARALLEL}; use the data-parallel degrees dp_replicate and dp_shard")
+@invariant("pp == 1", lambda pp: pp == 1, fix=f"{_MODEL_PARALLEL}; use the other degrees")
+@invariant("tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None)",
+           lambda tp, dp_replicate, ep, zero1, periodic_sync:
+           tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None),
+           fix="tensor parallelism runs alone or under FSDP2: use @mesh(tp=T) or @mesh(dp_shard=N,tp=T), without "
+               "dp_replicate, ep, zero1 or periodic_sync")
 @invariant("ep == 1 or (ep >= 1 and dp_shard != 1 and not zero1 and comm_hook is None and periodic_sync is None)",
            lambda ep, dp_shard, zero1, comm_hook, periodic_sync:
            ep == 1 or (ep >= 1 and dp_shard != 1 and not zero1 and comm_hook is None and periodic_sync is None),
@@ -83,7 +88,10 @@ class Mesh(ParallelPlan):
         dp_replicate: replicas of the model (DDP; across nodes under HSDP).
         dp_shard: processes each parameter is sharded over (FSDP2); -1: all the processes
             the other degrees leave.
-        tp, pp: tensor and pipeline parallel degrees (only 1 for now).
+        tp: ranks each attention's heads, each MLP's hidden width and the vocabulary are split
+            over (Megatron-style, with sequence-parallel norms and a vocab-parallel loss); alone
+            or under FSDP2 (dp_shard).
+        pp: pipeline stages (only 1 for now).
         ep: processes the routed experts are sharded over (all-to-all dispatch), carved out of
             dp_shard as in torchtitan; FSDP2 shards the other parameters.
         zero1: shard the optimizer state across the replicas (ZeRO-1; needs dp_shard=1).
@@ -148,12 +156,23 @@ class Mesh(ParallelPlan):
                               f"over ep of the FSDP processes)")
             if faults:
                 raise MeshError("parallel=@mesh: " + "; ".join(faults))
+        if self.tp > 1:
+            faults = tensor_parallel.tensor_parallel_faults(model, self.tp)
+            if faults:
+                raise MeshError("parallel=@mesh: " + "; ".join(faults))
         ensure_process_group(device)
         self.dims = _parallel_dims(degrees, world()[1], torch.device(device).type)
         # Every process is data-parallel while tp = pp = 1: the data loader's share is its global
         # rank (`world()`); the mesh's "batch" dim is that group.
         batch = self.dims.get_optional_mesh("batch")
         self.group = batch.get_group() if batch is not None else dist.group.WORLD
+        # the processes reading different data: a tensor-parallel group reads one share
+        set_data_parallel(*((batch.get_local_rank(), batch.size()) if batch is not None else (0, 1)))
+        if self.tp > 1:  # heads, hidden widths and vocabulary split over tp; norms sequence-parallel
+            tensor_parallel.apply_tensor_parallel(model, self.dims.get_mesh("tp"))
+            # the ranks of a tensor-parallel group route the same tokens: count their loads once
+            set_load_group(model, self.dims.get_optional_mesh("batch", include_singleton_axes=True).get_group())
+            self._sharded = True  # DTensor weights: initialised full, then split, as one process would
         experts: set[nn.Parameter] | None = None
         if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP skips them
             efsdp = ["dp_replicate", "efsdp"] if degrees["dp_replicate"] > 1 else ["efsdp"]

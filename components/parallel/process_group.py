@@ -38,6 +38,8 @@ def leave_process_group() -> None:
     """End of a successful run: wait for every rank, then tear the group down while the
     interpreter is still whole (a rank tearing gloo down alone, or during interpreter
     shutdown, can abort with "terminate called without an active exception")."""
+    global _DATA_PARALLEL
+    _DATA_PARALLEL = None
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
