@@ -304,6 +304,17 @@ class ParallelPlan(abc.ABC):
                 totals[name] = totals.get(name, 0.0) + value.item() / n_micro
         return totals
 
+    def gradient_norm_group(self) -> Any:
+        """The process group over which parameters are split into disjoint sets that each
+        process holds whole (pipeline stages): the global gradient norm sums their squared
+        norms. None: every process's (possibly DTensor) gradients already give the global norm."""
+        return None
+
+    def validation_loss(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float | None:
+        """The mean LM loss of `batches` when the plan must run the forward itself (a pipeline
+        of stages); None: the trainer runs `model(...)` as usual."""
+        return None
+
     def mean_over_data_parallel(self, values: dict[str, float], device: str) -> dict[str, float]:
         """`values` (per-process means) averaged over the processes that hold different data,
         so every process reports and judges the loss of the whole batch. Default: the whole

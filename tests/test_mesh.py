@@ -168,6 +168,7 @@ def runs(tmp_path_factory):
              "extra": ["parallel.periodic_sync=@test_mean"]}]
     two.append({"label": "ep-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_shard=2,ep=2)"})
     two += [{"label": f"tp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2)"} for recipe in RECIPES]
+    two += [{"label": f"pp-{recipe}", "recipe": recipe, "plan": "@mesh(pp=2,n_microbatches=4)"} for recipe in RECIPES]
     two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
                 "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
     out.update(torchrun(2, tmp / "two", two))
@@ -204,6 +205,20 @@ def test_tensor_parallel_trains_as_one_process(runs, recipe):
     """tp=2 through the recipe's own data and trainer: both ranks read the same batches, heads,
     hidden widths and vocabulary are split, norms sequence-parallel; the run equals one process."""
     assert_same_run(runs[f"tp-{recipe}"], runs[f"one-{recipe}"], f"tp-{recipe}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_pipeline_parallel_trains_as_one_process(runs, recipe):
+    """pp=2 (1F1B, 4 micro-batches) through the recipe's trainer: losses (MoE balance and MTP
+    terms included), and the first stage's weights (process 0's), equal one process's."""
+    losses, weights, _ = runs[f"pp-{recipe}"]
+    reference_losses, reference = runs[f"one-{recipe}"]
+    assert losses == pytest.approx(reference_losses, rel=1e-5, abs=1e-5)
+    assert "embedding.weight" in weights and "head.weight" not in weights  # the first stage only
+    assert set(weights) < set(reference)
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
@@ -262,7 +277,7 @@ def test_degrees_that_do_not_multiply_to_the_world_size_fail_before_any_process_
 
 @pytest.mark.parametrize("plan, words", [
     ("@mesh(dp_replicate=2,tp=2)", ["tp == 1 or", "without dp_replicate"]),
-    ("@mesh(pp=2,dp_shard=-1)", ["pp == 1", "not in the mesh plan yet"]),
+    ("@mesh(pp=2,dp_replicate=2)", ["pp == 1 or", "runs alone for now"]),
     ("@mesh(dp_replicate=2,ep=2)", ["ep == 1 or", "dp_shard=N,ep=E"]),
     ("@mesh(dp_shard=2,ep=2,zero1=True)", ["ep == 1 or", "without zero1"]),
     ("@mesh(dp_replicate=0)", ["degrees >= 1"]),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,13 +30,13 @@ from torch import nn
 from components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
 from components.moe import expert_parallel
 from components.moe.router import set_load_group
-from components.parallel import ddp, sharding, tensor_parallel, zero
+from components.parallel import ddp, pipeline, sharding, tensor_parallel, zero
+from components.parallel.pipeline_schedule import PipelineRunner
 from components.parallel.process_group import ensure_process_group, set_data_parallel, world
 from registry.invariants import invariant
 from registry.kinds import PARALLEL_PLAN
 
-_MODEL_PARALLEL = ("pipeline parallelism (pp) is not in the mesh plan yet; tensor (tp) and expert (ep) parallelism "
-                   "run beside FSDP")
+_MODEL_PARALLEL = "pipeline parallelism (pp) runs alone for now: @mesh(pp=P, schedule=...)"
 
 
 class MeshError(ValueError):
@@ -47,7 +47,12 @@ class MeshError(ValueError):
 @invariant("dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1)",
            lambda dp_replicate, dp_shard: dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1),
            fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
-@invariant("pp == 1", lambda pp: pp == 1, fix=f"{_MODEL_PARALLEL}; use the other degrees")
+@invariant("pp == 1 or (pp >= 1 and dp_replicate == 1 and dp_shard in (1, -1) and tp == 1 and ep == 1 and not zero1 "
+           "and comm_hook is None and periodic_sync is None)",
+           lambda pp, dp_replicate, dp_shard, tp, ep, zero1, comm_hook, periodic_sync:
+           pp == 1 or (pp >= 1 and dp_replicate == 1 and dp_shard in (1, -1) and tp == 1 and ep == 1 and not zero1
+                       and comm_hook is None and periodic_sync is None),
+           fix=f"{_MODEL_PARALLEL}; compositions of pp with data, tensor or expert parallelism are not in the plan yet")
 @invariant("tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None)",
            lambda tp, dp_replicate, ep, zero1, periodic_sync:
            tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None),
@@ -91,7 +96,11 @@ class Mesh(ParallelPlan):
         tp: ranks each attention's heads, each MLP's hidden width and the vocabulary are split
             over (Megatron-style, with sequence-parallel norms and a vocab-parallel loss); alone
             or under FSDP2 (dp_shard).
-        pp: pipeline stages (only 1 for now).
+        pp: pipeline stages (alone for now): the first holds the embedding, the last the norm,
+            head and MTP modules (DeepSeek-V3's placement).
+        schedule, virtual_stages, n_microbatches: the pipeline schedule (GPipe, 1F1B,
+            Interleaved1F1B with `virtual_stages` per rank, DualPipeV), and micro-batches per
+            step (None: the trainer's micro-batches).
         ep: processes the routed experts are sharded over (all-to-all dispatch), carved out of
             dp_shard as in torchtitan; FSDP2 shards the other parameters.
         zero1: shard the optimizer state across the replicas (ZeRO-1; needs dp_shard=1).
@@ -114,13 +123,17 @@ class Mesh(ParallelPlan):
 
     def __init__(self, *, dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1, pp: int = 1, ep: int = 1,
                  zero1: bool = False, comm_hook: CommHook | None = None, periodic_sync: PeriodicSync | None = None,
-                 reshard_after_forward: bool = True, reduce_dtype: torch.dtype | None = None):
+                 reshard_after_forward: bool = True, reduce_dtype: torch.dtype | None = None,
+                 schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "DualPipeV"] = "1F1B", virtual_stages: int = 1,
+                 n_microbatches: int | None = None):
         self.dp_replicate, self.dp_shard, self.tp, self.pp, self.ep = dp_replicate, dp_shard, tp, pp, ep
         self.zero1 = zero1
         self.comm_hook = comm_hook
         self.periodic_sync = periodic_sync
         self.reshard_after_forward = reshard_after_forward
         self.reduce_dtype = reduce_dtype
+        self.schedule, self.virtual_stages, self.n_microbatches = schedule, virtual_stages, n_microbatches
+        self._pipeline: Any = None  # the schedule runner under pp > 1
         self.dims: Any = None  # torchtitan's ParallelDims, once `apply` built the mesh
         self.group: Any = None  # the data-parallel process group
         self._ddp: nn.Module | None = None
@@ -160,6 +173,11 @@ class Mesh(ParallelPlan):
             faults = tensor_parallel.tensor_parallel_faults(model, self.tp)
             if faults:
                 raise MeshError("parallel=@mesh: " + "; ".join(faults))
+        if self.pp > 1:
+            faults = pipeline.pipeline_faults(model, self.pp, self.virtual_stages, schedule=self.schedule,
+                                              n_microbatches=self.n_microbatches)
+            if faults:
+                raise MeshError("parallel=@mesh: " + "; ".join(faults))
         ensure_process_group(device)
         self.dims = _parallel_dims(degrees, world()[1], torch.device(device).type)
         # Every process is data-parallel while tp = pp = 1: the data loader's share is its global
@@ -173,6 +191,18 @@ class Mesh(ParallelPlan):
             # the ranks of a tensor-parallel group route the same tokens: count their loads once
             set_load_group(model, self.dims.get_optional_mesh("batch", include_singleton_axes=True).get_group())
             self._sharded = True  # DTensor weights: initialised full, then split, as one process would
+        if self.pp > 1:  # this rank's stages; the schedule runs a step's forward and backward
+            pp_mesh = self.dims.get_mesh("pp")
+            model = pipeline.pipeline(model, pp_rank=pp_mesh.get_local_rank(), pp_size=self.pp,
+                                      virtual_stages=self.virtual_stages, schedule=self.schedule)
+            set_load_group(model, self.dims.get_optional_mesh("batch", include_singleton_axes=True).get_group())
+            device_type = torch.device(device).type
+            policy = precision
+            self._pipeline = PipelineRunner(
+                model=model, schedule=self.schedule, group=pp_mesh.get_group(), device=device,
+                n_microbatches=self.n_microbatches,
+                compute_context=(lambda: policy.autocast(device_type)) if policy is not None else None)
+            return model
         experts: set[nn.Parameter] | None = None
         if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP skips them
             efsdp = ["dp_replicate", "efsdp"] if degrees["dp_replicate"] > 1 else ["efsdp"]
@@ -189,13 +219,15 @@ class Mesh(ParallelPlan):
         return model
 
     def materialize(self, model: nn.Module, device: str) -> None:
-        if self._sharded:
+        if self._pipeline is not None:  # the whole model initialised in one process's order, then this rank's stages
+            pipeline.materialize_stages(model, device)
+        elif self._sharded:
             sharding.materialize_sharded(model, device)
         else:  # every replica draws the same weights from the same seed
             super().materialize(model, device)
 
     def ready(self, model: nn.Module) -> None:
-        replicated = not self._sharded and self.periodic_sync is None
+        replicated = not self._sharded and self.periodic_sync is None and self._pipeline is None
         if replicated and dist.get_world_size(self.group) > 1:
             self._ddp = ddp.wrap(model, self.group, self.comm_hook)
         if self.periodic_sync is not None:  # e.g. DiLoCo keeps the starting weights
@@ -207,9 +239,17 @@ class Mesh(ParallelPlan):
     def forward_backward(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *,
                          n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
                          backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        if self._pipeline is not None:
+            return self._pipeline.forward_backward(model, micro_batches, n_micro=n_micro)
         if self._ddp is None:
             return super().forward_backward(model, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
         return ddp.forward_backward(self._ddp, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
+
+    def gradient_norm_group(self) -> Any:
+        return self.dims.get_mesh("pp").get_group() if self._pipeline is not None else None
+
+    def validation_loss(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float | None:
+        return self._pipeline.evaluate(batches)["lm"] if self._pipeline is not None else None
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         if self.periodic_sync is not None:

@@ -14,14 +14,16 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_gradients(named_params: list[tuple[str, torch.nn.Parameter]], max_norm: float | None
-                   ) -> tuple[torch.Tensor, str | None]:
+def clip_gradients(named_params: list[tuple[str, torch.nn.Parameter]], max_norm: float | None, *,
+                   sum_over: torch.distributed.ProcessGroup | None = None) -> tuple[torch.Tensor, str | None]:
     """Scale the gradients so their global L2 norm is at most `max_norm` (None: no clipping).
 
     Returns (the norm before clipping, the name of the first parameter whose gradient is
     non-finite, or None). The name is looked up only when the norm is non-finite, and before
     clipping, which would turn every gradient into NaN. Under a sharded plan each process
     names the first non-finite gradient of its own shards; the norm is the global one.
+    `sum_over`: a group whose processes hold disjoint parameters (pipeline stages): their
+    squared norms are summed.
     """
     # One norm per device mesh (FSDP's, the experts' ep mesh, plain tensors), reduced to its
     # global value, then their root sum of squares: torch cannot stack DTensors of two meshes.
@@ -37,6 +39,10 @@ def clip_gradients(named_params: list[tuple[str, torch.nn.Parameter]], max_norm:
         total = norms[0]
     else:  # several meshes (or no gradient at all: zero)
         total = torch.stack(norms).square().sum().sqrt() if norms else torch.zeros(())
+    if sum_over is not None:
+        squared = total.detach().double().square().reshape(1)
+        torch.distributed.all_reduce(squared, group=sum_over)
+        total = squared.sqrt().to(total.dtype).reshape(())
     first_bad = None
     if not math.isfinite(total.item()):
         first_bad = next((name for name, p in named_params

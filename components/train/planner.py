@@ -55,6 +55,9 @@ class PlannedLayout:
         if self.ep > self.dp * self.tp or (self.dp * self.tp) % self.ep:
             raise ValueError(f"planned layout: ep={self.ep} must divide the data-parallel x tensor-parallel "
                              f"ranks ({self.dp} x {self.tp}) it is carved out of")
+        # the mesh plan's spelling ("1F1B", "Interleaved1F1B", "DualPipeV") names the same schedules
+        spelled = {"interleaved1f1b": "interleaved_1f1b"}.get(self.schedule.lower(), self.schedule.lower())
+        object.__setattr__(self, "schedule", spelled)
         if self.schedule not in pipeline_bubble.SCHEDULES:
             raise ValueError(f"planned layout: schedule={self.schedule!r}; use one of "
                              f"{', '.join(pipeline_bubble.SCHEDULES)}")

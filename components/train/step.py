@@ -131,7 +131,8 @@ class StepRunner:
         opt, scaler = self.optimizer, self.scaler
         if scaler is not None:
             scaler.unscale_(opt)  # clip and judge the true gradients
-        norm, first_bad_grad = clip_gradients(self.named_params, self.grad_clip)
+        norm, first_bad_grad = clip_gradients(self.named_params, self.grad_clip,
+                                              sum_over=self.parallel.gradient_norm_group())
         grad_norm = norm.item()
         overflow = scaler is not None and not math.isfinite(grad_norm)  # the scaler's to handle
         update = self.guard.check(sum(terms.values()), grad_norm) if self.guard is not None and not overflow else True

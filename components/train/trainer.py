@@ -133,6 +133,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     torch.manual_seed(seed)
     precision, precision_note = auto.resolve(precision or auto.Auto(), device)
     parallel = parallel if parallel is not None else SingleProcess()
+    # Counted on the whole model, before a plan splits it into stages or shards.
+    model_flops_per_token = training_flops_per_token(model, seq_len)
+    moe_layers = moe_layer_indices(model, ReportsExpertLoad)
     model = parallel.apply(model, precision=precision, device=device)
     rank, world_size = world()
     _, dp_size = data_parallel()  # processes reading different data (tp / pp groups share theirs)
@@ -175,13 +178,13 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     resumed = _restore_or_start_fresh(checkpoint, state, runner=runner, data=data, progress=progress)
     if metrics is not None:
         metrics.start(dtype=precision.compute_dtype, device=device, resume=resumed, devices=world_size,
-                      moe_layers=moe_layer_indices(model, ReportsExpertLoad))
+                      moe_layers=moe_layers)
     start_step = state.step
     validation: dict[str, float] | None = None
     with _explain_oom(), StopRequest() as stop, \
             TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         reporter = StepReporter(bar=bar, metrics=metrics, model=model, seq_len=seq_len,
-                                flops_per_token=training_flops_per_token(model, seq_len) / world_size)
+                                flops_per_token=model_flops_per_token / world_size)
         while state.step < steps:
             step_start = time.perf_counter()
             outcome = runner.run(state)
@@ -277,17 +280,24 @@ def _interrupted_message(signum: int, step: int, steps: int, saved: Path | None)
 def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
              precision: PrecisionPolicy, seed: int, device: str = "cpu") -> float:
     """Mean next-token cross-entropy on `batches` validation batches (a fixed sample per seed)."""
-    model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
+    sample = [data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator) for _ in range(batches)]
+    return _mean_loss(model, sample, precision=precision, device=device)
+
+
+@torch.no_grad()
+def _mean_loss(model: DecoderLM, batches: list[dict[str, torch.Tensor]], *, precision: PrecisionPolicy,
+               device: str) -> float:
+    """Mean next-token cross-entropy of `model` (in eval mode) over `batches`."""
+    model.eval()
     total = 0.0
-    for _ in range(batches):
-        batch = {k: v.to(device) for k, v in
-                 data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator).items()}
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
         with precision.autocast(torch.device(device).type):
             logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
         total += cross_entropy(logits, batch["targets"]).item()
     model.train()
-    return total / max(1, batches)
+    return total / max(1, len(batches))
 
 
 @contextlib.contextmanager
@@ -311,8 +321,13 @@ def _validation(model: DecoderLM, data: TrainingData, parallel: ParallelPlan, ba
                 seq_len: int, precision: PrecisionPolicy, seed: int, device: str) -> dict[str, float]:
     """Validation loss (nats/token, averaged over the data-parallel processes) and bits per
     byte (when the data knows its bytes per token)."""
-    loss = evaluate(model, data, batches=batches, batch_size=batch_size, seq_len=seq_len,
-                    precision=precision, seed=seed, device=device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    sample = [data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator) for _ in range(batches)]
+    model.eval()
+    loss = parallel.validation_loss(model, sample)
+    model.train()
+    if loss is None:
+        loss = _mean_loss(model, sample, precision=precision, device=device)
     out = parallel.mean_over_data_parallel({"val_loss": loss}, device)
     if isinstance(data, BytesPerToken):
         out["val_bpb"] = out["val_loss"] / math.log(2) / data.bytes_per_token("val")
