@@ -19,6 +19,7 @@ from components.moe.expert_parallel import combine, expert_parallel_faults, loca
 from components.moe.experts import GroupedExperts
 from components.moe.moe import MoE
 from components.moe.router import Router
+from components.train.divergence import clip_gradients
 from tests.conftest import ROOT
 
 E, EP, D, H, K = 8, 2, 16, 12, 2
@@ -170,26 +171,6 @@ def build():
     return build_model_on_meta(config.model)
 
 
-def clip(params, max_norm: float) -> float:
-    """Clip to a global gradient norm when the gradients are DTensors on several meshes (FSDP's
-    and the experts' ep mesh), which `torch.nn.utils.get_total_norm` cannot stack: one norm per
-    mesh, then their root sum of squares."""
-    from torch.distributed.tensor import DTensor
-
-    groups = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
-    norms = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.stack(norms).square().sum().sqrt()
-    for group in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total.item()
-
-
 def train(model, rank: int, world: int, after_forward=lambda model: None) -> tuple[list[float], list[float]]:
     """STEPS AdamW steps on a fixed random batch of 4 sequences (process `rank` of `world`
     takes rows rank::world, as the data loaders do) with gradient clipping and the routers'
@@ -208,7 +189,8 @@ def train(model, rank: int, world: int, after_forward=lambda model: None) -> tup
         after_forward(model)
         loss = torch.stack(list(terms.values())).sum()
         loss.backward()
-        norms.append(clip(list(model.parameters()), 1.0))
+        # one norm per device mesh (FSDP's and the experts'), as the trainer clips
+        norms.append(clip_gradients(list(model.named_parameters()), 1.0)[0].item())
         optimizer.step()
         optimizer.zero_grad()
         for module in model.modules():
