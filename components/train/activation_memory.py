@@ -118,18 +118,20 @@ def _attributed(block: nn.Module, i: int, where: list[int | None], inputs: list[
     def post(module: nn.Module, args: tuple, out: object) -> None:
         where[0] = None
 
-    handles = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
-    try:
+    with _hooked(block, pre, post):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
 def _flagged(module: nn.Module, flag: list[bool]) -> Iterator[None]:
-    handles = [module.register_forward_pre_hook(lambda m, a: flag.__setitem__(0, True)),
-               module.register_forward_hook(lambda m, a, o: flag.__setitem__(0, False))]
+    with _hooked(module, lambda m, a: flag.__setitem__(0, True), lambda m, a, o: flag.__setitem__(0, False)):
+        yield
+
+
+@contextlib.contextmanager
+def _hooked(module: nn.Module, pre, post) -> Iterator[None]:
+    """`pre` and `post` as `module`'s forward pre-hook and forward hook while inside."""
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
         yield
     finally:
