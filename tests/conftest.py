@@ -32,6 +32,14 @@ def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] |
                           capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
+def torchrun(script: Path, *args: str, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `script ARGS` on `processes` CPU processes under torchrun (1 thread each, the
+    project importable), as the multi-process tests do once per module."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(processes), str(script), *args], text=True, capture_output=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
 @pytest.fixture
 def scratch_registry():
     """Yields a factory of throwaway registries, removed from the global list afterwards."""

@@ -7,16 +7,13 @@ against the same run with plain all-reduce."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from components.parallel.hooks.one_bit import compress, pack_signs, unpack_signs
 from components.parallel.hooks.powersgd import PowerSGD
-from tests.conftest import ROOT
+from tests.conftest import torchrun
 
 STEPS = 30      # training steps of each end-to-end run
 WARMUP = 10     # uncompressed steps of powersgd / one_bit in those runs (= the lr warmup)
@@ -110,10 +107,7 @@ def two_processes(tmp_path_factory):
     then the end-to-end runs (about 25 s on one thread per process)."""
     folder = tmp_path_factory.mktemp("comm_hooks")
     (folder / "run.py").write_text(SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(folder / "run.py"), str(folder / "results.pt"), str(STEPS), str(WARMUP),
-                           json.dumps(RUNS)], text=True, capture_output=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = torchrun(folder / "run.py", str(folder / "results.pt"), str(STEPS), str(WARMUP), json.dumps(RUNS))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "results.pt")
 

@@ -6,16 +6,13 @@ than per-step communication), and the llama debug model trained through
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from components.parallel.diloco import DiLoCo
-from tests.conftest import ROOT
+from tests.conftest import torchrun
 
 LR, MU, H = 0.7, 0.9, 3  # the outer step and sync period of the numerics checks
 E2E_STEPS, E2E_H = 30, 5
@@ -161,10 +158,7 @@ def two_processes(tmp_path_factory):
     """One torchrun of 2 processes: the numerics on a small MLP, then the end-to-end runs."""
     folder = tmp_path_factory.mktemp("diloco")
     (folder / "run.py").write_text(SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(folder / "run.py"), str(folder / "results.pt"), str(E2E_STEPS), str(H),
-                           json.dumps(RUNS)], text=True, capture_output=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = torchrun(folder / "run.py", str(folder / "results.pt"), str(E2E_STEPS), str(H), json.dumps(RUNS))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "results.pt")
 
