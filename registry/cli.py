@@ -5,7 +5,9 @@
 
 Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
 (print the tree, dump JSON, dry-run plan, or build and run). Config faults exit with
-status 2 and a message naming each path and its fix, never a traceback. A run that
+status 2 and a message naming each path and its fix, never a traceback; so does a parallel
+plan the model or the launch cannot take (found when the plan is applied, before any
+process group or training; under torchrun every process says why). A run that
 diverges and cannot recover (see `components.train.guard`) exits with status 3 and a
 message naming the step, what went non-finite and what to try.
 """
@@ -155,6 +157,7 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         dry_run(config, console=out)
     else:
         from components.data.sources.rows import MalformedRowError
+        from components.parallel.mesh import MeshError
         from components.train.guard import TrainingDiverged
         from components.train.launch import launch
         from components.train.preemption import RunInterrupted
@@ -165,7 +168,9 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         except TrainingDiverged as error:
             err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(3)
-        except ResumeError as error:  # a checkpoint that cannot be resumed: the file or config paths, and the fix
+        except (ResumeError, MeshError) as error:  # a checkpoint that cannot be resumed, a plan the model or the
+            # launch cannot take: the config paths and the fix. Every process prints: torchrun stops the others
+            # as soon as one exits, so a message left to rank 0 alone could be lost.
             err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(2)
         except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved

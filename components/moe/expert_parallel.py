@@ -180,31 +180,41 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
 
 # -- applying it to a model -----------------------------------------------------------------------
 def expert_parallel_faults(model: nn.Module, ep: int) -> list[str]:
-    """Why `model` cannot run with expert-parallel degree `ep` (empty: it can).
+    """Why `model` cannot run with expert-parallel degree `ep` (empty: it can), each fault
+    naming the MoE layer by its config path (`model.layers[1].feed_forward`), the constraint
+    and a fix.
 
     Checks every MoE layer: `ep` divides its routed experts; group-limited routing's groups
     (V2 device-limited, V3 node-limited) do not straddle processes: n_groups is a multiple of
     ep (several groups per process) or divides it (a group spans whole processes, V3's node
     of 8 GPUs); V2's device-level balance loss balances the ep processes: n_devices == ep.
+    ep > 1 on a model without MoE layers is a fault too: there is nothing to shard.
     """
     if ep < 1:
         return [f"ep={ep}: the expert-parallel degree is at least 1"]
     faults = []
-    for name, module in model.named_modules():
-        if not isinstance(module, MoE):
-            continue
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+    if ep > 1 and not layers:
+        return [f"ep={ep} but the model has no MoE layer: expert parallelism shards routed experts and this "
+                f"model has none; use ep=1, or a model with MoE feed-forwards"]
+    for name, module in layers:
+        # the config path a user overrides: layers.1.feed_forward -> model.layers[1].feed_forward
+        path = "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
         e, router = module.experts.n_experts, module.router
         if e % ep:
-            faults.append(f"{name}: ep={ep} does not divide its {e} routed experts (experts.n_experts); "
-                          f"choose ep among the divisors of {e}")
+            faults.append(f"{path}: ep={ep} does not divide its {e} routed experts (experts.n_experts): "
+                          f"each process holds n_experts / ep of them; choose ep among the divisors of {e}: "
+                          f"{[d for d in range(1, e + 1) if e % d == 0]}")
         if ep > 1 and router.n_groups > 1 and router.n_groups % ep and ep % router.n_groups:
-            faults.append(f"{name}: group-limited routing's {router.n_groups} groups (router.n_groups) do not "
+            fits = [d for d in range(1, e + 1) if e % d == 0 and (router.n_groups % d == 0 or d % router.n_groups == 0)]
+            faults.append(f"{path}: group-limited routing's {router.n_groups} groups (router.n_groups) do not "
                           f"align with ep={ep} processes: each group should be a process (or several whole "
-                          f"ones, V3's node), so choose ep dividing or a multiple of {router.n_groups}")
+                          f"ones, V3's node), so choose ep dividing or a multiple of {router.n_groups} (here: "
+                          f"{fits}), or regroup the experts")
         if ep > 1 and module.device_balance_alpha and module.n_devices != ep:
-            faults.append(f"{name}: the device-level balance loss balances n_devices={module.n_devices} groups "
-                          f"but the experts are sharded over ep={ep} processes; set n_devices={ep} (V2 §2.2: "
-                          f"one group per device)")
+            faults.append(f"{path}: the device-level balance loss balances n_devices={module.n_devices} groups "
+                          f"but the experts are sharded over ep={ep} processes; set n_devices={ep} "
+                          f"(DeepSeek-V2 arXiv:2405.04434 §2.2.3: one group per device)")
     return faults
 
 

@@ -102,7 +102,8 @@ def pipeline_faults(model: DecoderLM, pp: int, virtual_stages: int = 1, *, sched
                     n_microbatches: int | None = None, input_weight: int = 0, output_weight: int = 0) -> list[str]:
     """Every reason `model` cannot be pipelined over `pp` ranks with `virtual_stages` stages
     per rank under `schedule` (and `n_microbatches` micro-batches per step, when given), each
-    naming the constraint and the fix; empty when it can. Works on a model on the meta device."""
+    naming the constraint and the fix; empty when it can. Works on a model on the meta device;
+    a model that is not a DecoderLM gets one fault saying so (stages are cut by its names)."""
     faults = []
     try:
         name = schedule_name(schedule)
@@ -110,6 +111,10 @@ def pipeline_faults(model: DecoderLM, pp: int, virtual_stages: int = 1, *, sched
         return [f"{error}; pick one of them (e.g. schedule='1F1B')"]
     if pp < 1 or virtual_stages < 1:
         return [f"pp={pp} and virtual_stages={virtual_stages} must be >= 1"]
+    if pp * stages_per_rank(name, virtual_stages) > 1 and not isinstance(model, DecoderLM):
+        return [f"model is a {type(model).__name__}, not a DecoderLM: pipeline stages are cut from a DecoderLM's "
+                f"embedding, layers, norm and head by their names; build the model as a DecoderLM "
+                f"(components.model.decoder) or use pp=1"]
     per_rank = stages_per_rank(name, virtual_stages)
     if name in ("GPipe", "1F1B") and virtual_stages != 1:
         faults.append(f"schedule {name} runs one stage per rank but virtual_stages={virtual_stages}; use "
@@ -120,9 +125,15 @@ def pipeline_faults(model: DecoderLM, pp: int, virtual_stages: int = 1, *, sched
     n_stages = pp * per_rank
     n_layers = len(model.layers)
     if n_stages > 1 and n_stages > n_layers:
+        # name where the stages per rank come from: the V of DualPipeV surprises at 2 x pp
+        why = {"DualPipeV": "schedule DualPipeV's V puts 2 stages on each rank",
+               "Interleaved1F1B": f"schedule Interleaved1F1B puts virtual_stages={virtual_stages} on each rank"}
+        most = max(1, n_layers // per_rank)
         faults.append(f"pp x stages per rank = {pp} x {per_rank} = {n_stages} pipeline stages but the model has "
-                      f"{n_layers} layers: each stage needs at least one layer (stages <= layers); lower pp "
-                      f"(or virtual_stages), or give the model at least {n_stages} layers")
+                      f"{n_layers} layers (model.layers): each stage needs at least one layer (stages <= layers; "
+                      f"{why.get(name, f'schedule {name} puts one stage on each rank')}); use pp <= {most}"
+                      f"{' or fewer virtual_stages' if name == 'Interleaved1F1B' else ''}, or give the model at "
+                      f"least {n_stages} layers")
     if n_stages > 1 and not faults:
         try:
             stage_layout(n_layers, n_stages, input_weight=input_weight, output_weight=output_weight)

@@ -172,11 +172,19 @@ def tensor_parallel_faults(model: Any, tp: int, *, seq_len: int | None = None) -
 
     Heads are divided among the ranks, so tp must divide every attention's n_heads and
     n_kv_heads; the MLP hidden widths and the vocabulary are split evenly too. `seq_len`,
-    if given, must divide by tp for sequence parallelism."""
+    if given, must divide by tp for sequence parallelism. Every attention and feed-forward
+    needs a `tensor_parallel_plan`; a model that is not a DecoderLM gets one fault saying so."""
     if tp < 1:
         return [f"tp={tp}: use a degree >= 1"]
     if tp == 1:
         return []
+    from components.model.decoder import DecoderLM  # here: the decoder module is not needed to split blocks
+
+    kind = _kind(model)
+    if isinstance(kind, type) and not issubclass(kind, DecoderLM):  # a factory config is judged by what it sets
+        return [f"model is a {kind.__name__}, not a DecoderLM: tensor parallelism splits a DecoderLM's embedding, "
+                f"layers, norm and head by their names; build the model as a DecoderLM "
+                f"(components.model.decoder) or use tp=1"]
     faults = []
     vocab = _get(model, "vocab_size")
     if vocab % tp:
