@@ -21,7 +21,6 @@ from components.families.deepseek.builder import MHASpec, MLASpec, MoESpec, deep
 from components.train.batch_ramp import BatchRamp
 from components.train.guard import StabilityGuard
 from components.train.outputs import run_outputs
-from components.train.planner import PlannedLayout
 from components.train.trainer import train
 from registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
 
@@ -102,22 +101,19 @@ def debug() -> fdl.Partial:
 
 def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, batch: int, steps: int,
               precision: fdl.Config, ramp: BatchRamp | None = None,
-              planned: fdl.Config | None = None) -> fdl.Partial:
-    """Preset `name`, a published-size run: the paper's model and optimisation, reporting and
-    checkpointing every 1000 steps to runs/deepseek_pretrain/NAME. Everything is stated here;
-    nothing comes from `debug`."""
+              parallel: fdl.Config | None = None) -> fdl.Partial:
+    """Preset `name`, a published-size run on GPUs: the paper's model, optimisation and
+    parallel plan (`parallel`; None: FSDP over every process, where the paper states none),
+    reporting and checkpointing every 1000 steps to runs/deepseek_pretrain/NAME. Everything
+    is stated here; nothing comes from `debug`."""
     return fdl.Partial(
         train, model=model,
         # The papers' corpora (2T-14.8T tokens) are not public: the default offline corpus stands
         # in, so that the preset runs as given; point `data` at a real corpus for a real run.
         data=stdlib_corpus(vocab_size=DEBUG_VOCAB),
         optimizer=adamw(lr), scheduler=schedule,
-        # None of these fits one device. The papers combine ZeRO-1 data parallelism with pipeline
-        # and expert parallelism (V2 §3.1.3, V3 §3.2); FSDP sharding is tessera's plan today.
-        parallel=PARALLEL_PLAN.config("fsdp"),
-        # the paper's own layout, which `--dry-run` plans (model-parallel degrees the mesh plan
-        # does not take yet)
-        planned_parallel=planned,
+        # None of these fits one device: `--dry-run` plans per-GPU memory for the layout
+        parallel=parallel or PARALLEL_PLAN.config("fsdp"), device="cuda",
         steps=steps, batch_size=batch, seq_len=SEQ,
         micro_batch_size=1,  # chosen: one 4K sequence per forward bounds activation memory
         batch_ramp=fdl.Config(BatchRamp, start_batch=ramp.start_batch, ramp_tokens=ramp.ramp_tokens)
@@ -170,10 +166,10 @@ def deepseek_v2() -> fdl.Partial:
     # V2 §3.1.3: 16-way zero-bubble pipeline, 8-way expert, ZeRO-1 data parallelism, no tensor
     # parallelism. The GPU count is not stated: 8 data-parallel ranks per stage (128 GPUs) chosen,
     # the fewest that EP8 can be carved from; 1F1B stands in for the zero-bubble schedule.
-    planned = fdl.Config(PlannedLayout, dp_replicate=8, pp=16, ep=8, zero1=True, schedule="1f1b")
+    plan = PARALLEL_PLAN.config("mesh", dp_replicate=8, pp=16, ep=8, zero1=True, schedule="1F1B")
     return _full_run("deepseek_v2", model, lr=2.4e-4, schedule=step_decay(8.1e12, first=0.6), batch=9216,
                      steps=steps_for(8.1e12, 9216, ramp), ramp=ramp, precision=PRECISION.config("bf16"),
-                     planned=planned)
+                     parallel=plan)
 
 
 @recipe.preset
@@ -203,8 +199,8 @@ def deepseek_v3() -> fdl.Partial:
                        # parallelism over 8 nodes x ZeRO-1 data parallelism, no tensor parallelism:
                        # 128 data-parallel ranks per stage, EP64 carved out of them. DualPipeV is
                        # DualPipe folded onto half the ranks (one copy of the parameters, not two).
-                       planned=fdl.Config(PlannedLayout, dp_replicate=128, pp=16, ep=64, zero1=True,
-                                          schedule="dualpipev"))
+                       parallel=PARALLEL_PLAN.config("mesh", dp_replicate=128, pp=16, ep=64, zero1=True,
+                                                     schedule="DualPipeV"))
     config.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
         "mtp_loss_weight": SCHEDULER.config("token_steps", values=[0.3, 0.1], boundaries=[10e12]),
         "bias_update_speed": SCHEDULER.config("token_steps", values=[0.001, 0.0], boundaries=[14.3e12]),

@@ -92,7 +92,10 @@ def local_experts(rows: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor
     padded, slot, total = padded_layout(row_expert[order], n_local,
                                         multiple=ROW_MULTIPLE if rows.device.type == "cpu" else 1)
     source_row = torch.zeros(total, dtype=torch.int64, device=rows.device).index_copy_(0, slot, order)
-    xs = rows.index_select(0, source_row)  # padding rows repeat row 0; their outputs are never read
+    # padding rows repeat row 0 (their outputs are never read); a process no token was routed to
+    # pads from a zero row, and still runs its experts so their gradient is zero, not missing
+    source = rows if rows.shape[0] else rows.new_zeros(1, rows.shape[1])
+    xs = source.index_select(0, source_row)
     hidden = F.silu(grouped_mm(xs, w_gate, padded)) * grouped_mm(xs, w_up, padded)
     out = grouped_mm(hidden, w_down, padded).index_select(0, slot)
     return torch.empty_like(out).index_copy(0, order, out)

@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from components.interfaces import CommHook
@@ -30,7 +32,8 @@ class _Call(nn.Module):
         return fn(batch)
 
 
-def wrap(model: nn.Module, process_group: Any, comm_hook: CommHook | None) -> DistributedDataParallel:
+def wrap(model: nn.Module, process_group: Any, comm_hook: CommHook | None,
+         ignore: set[nn.Parameter] | None = None) -> DistributedDataParallel:
     """DDP over `model`'s parameters (the model itself is not replaced: the trainer, the
     checkpoint and the evaluation keep using it), with `comm_hook` registered if given.
 
@@ -38,8 +41,15 @@ def wrap(model: nn.Module, process_group: Any, comm_hook: CommHook | None) -> Di
     every buffer the model has is either constant or kept identical on all ranks by
     construction (MoE router biases update from all-reduced expert loads), and some
     accumulate during the forward (expert load counts), which a broadcast from rank 0 would
-    overwrite."""
-    ddp = DistributedDataParallel(_Call(model), process_group=process_group, forward_sync_buffers=False)
+    overwrite.
+
+    `ignore`: parameters DDP leaves alone (routed experts under expert parallelism, whose
+    gradients `components.moe.expert_parallel` reduces itself)."""
+    call = _Call(model)
+    if ignore:
+        names = [f"model.{name}" for name, param in model.named_parameters() if param in ignore]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(call, names)
+    ddp = DistributedDataParallel(call, process_group=process_group, forward_sync_buffers=False)
     if comm_hook is not None:
         comm_hook.register(ddp, process_group)
     return ddp
@@ -58,3 +68,21 @@ def forward_backward(ddp: DistributedDataParallel, micro_batches: Iterable[dict[
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.item() / n_micro
     return totals
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[nn.Parameter], process_group: Any) -> None:
+    """Average the `.grad` of `params` (plain tensors, identical across `process_group` in
+    shape) over `process_group`, one flat all-reduce per dtype: what DDP does for a model it
+    cannot wrap (pipeline stages run by a schedule, which calls the stages' backward itself)."""
+    size = dist.get_world_size(process_group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in params:
+        if param.grad is not None:
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=process_group)  # gloo has no AVG: sum, then divide
+        flat /= size
+        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(averaged)

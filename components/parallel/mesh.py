@@ -12,8 +12,16 @@ from the two data-parallel degrees:
     1             N         FSDP2 (every process holds 1/N of each parameter)
     R             S         HSDP: FSDP2 sharded over S processes, replicated R times
 
-Tensor, pipeline and expert degrees (`tp`, `pp`, `ep`) are part of the mesh from the start
-and are refused above 1 until model parallelism lands.
+Model parallelism splits the model on top of that:
+
+    tp  heads, MLP widths and vocabulary over tp ranks (alone or under FSDP2)
+    pp  layers into pipeline stages (with any data-parallel layout above, and ep)
+    ep  routed experts over ep of the data-parallel processes: of dp_shard beside FSDP2
+        (torchtitan's layout), or of dp_replicate beside DDP / ZeRO-1 (DeepSeek-V3's:
+        @mesh(dp_replicate=128, pp=16, ep=64, zero1=True) on 2,048 GPUs)
+
+For example `@mesh(pp=2, dp_shard=2)` is FSDP x PP on 4 processes and
+`@mesh(pp=2, dp_replicate=2, ep=2, zero1=True)` V3's plan in miniature.
 """
 
 from __future__ import annotations
@@ -36,8 +44,6 @@ from components.parallel.process_group import ensure_process_group, set_data_par
 from registry.invariants import invariant
 from registry.kinds import PARALLEL_PLAN
 
-_MODEL_PARALLEL = "pipeline parallelism (pp) runs alone for now: @mesh(pp=P, schedule=...)"
-
 
 class MeshError(ValueError):
     """A parallel plan that cannot run on this many processes (raised before any process
@@ -47,23 +53,23 @@ class MeshError(ValueError):
 @invariant("dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1)",
            lambda dp_replicate, dp_shard: dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1),
            fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
-@invariant("pp == 1 or (pp >= 1 and dp_replicate == 1 and dp_shard in (1, -1) and tp == 1 and ep == 1 and not zero1 "
-           "and comm_hook is None and periodic_sync is None)",
-           lambda pp, dp_replicate, dp_shard, tp, ep, zero1, comm_hook, periodic_sync:
-           pp == 1 or (pp >= 1 and dp_replicate == 1 and dp_shard in (1, -1) and tp == 1 and ep == 1 and not zero1
-                       and comm_hook is None and periodic_sync is None),
-           fix=f"{_MODEL_PARALLEL}; compositions of pp with data, tensor or expert parallelism are not in the plan yet")
+@invariant("pp == 1 or (pp >= 1 and tp == 1 and comm_hook is None and periodic_sync is None)",
+           lambda pp, tp, comm_hook, periodic_sync:
+           pp == 1 or (pp >= 1 and tp == 1 and comm_hook is None and periodic_sync is None),
+           fix="pipeline stages compose with data parallelism (dp_replicate, dp_shard, zero1) and expert "
+               "parallelism (ep); not yet with tp, a comm_hook (the schedule runs the backward, not DDP) or a "
+               "periodic_sync")
 @invariant("tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None)",
            lambda tp, dp_replicate, ep, zero1, periodic_sync:
            tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None),
            fix="tensor parallelism runs alone or under FSDP2: use @mesh(tp=T) or @mesh(dp_shard=N,tp=T), without "
                "dp_replicate, ep, zero1 or periodic_sync")
-@invariant("ep == 1 or (ep >= 1 and dp_shard != 1 and not zero1 and comm_hook is None and periodic_sync is None)",
-           lambda ep, dp_shard, zero1, comm_hook, periodic_sync:
-           ep == 1 or (ep >= 1 and dp_shard != 1 and not zero1 and comm_hook is None and periodic_sync is None),
-           fix="expert parallelism shards the routed experts over ep of the dp_shard processes and FSDP2 shards "
-               "the rest (torchtitan's layout): use e.g. @mesh(dp_shard=N,ep=E) with E dividing N, without "
-               "zero1, comm_hook or periodic_sync")
+@invariant("ep == 1 or (ep >= 1 and comm_hook is None and periodic_sync is None)",
+           lambda ep, comm_hook, periodic_sync: ep == 1 or (ep >= 1 and comm_hook is None and periodic_sync is None),
+           fix="expert parallelism shards the routed experts over ep of the data-parallel processes (of dp_shard "
+               "beside FSDP2, e.g. @mesh(dp_shard=N,ep=E); of dp_replicate beside DDP or ZeRO-1, e.g. "
+               "@mesh(dp_replicate=N,ep=E,zero1=True)); a comm_hook or periodic_sync would treat the experts as "
+               "replicas: drop them")
 @invariant("comm_hook needs DDP: dp_replicate > 1 and dp_shard == 1",
            lambda comm_hook, dp_replicate, dp_shard: comm_hook is None or (dp_replicate > 1 and dp_shard == 1),
            fix="a communication hook compresses DDP's gradient all-reduce across dp_replicate > 1 replicas; with "
@@ -84,10 +90,10 @@ class MeshError(ValueError):
 class Mesh(ParallelPlan):
     """The processes as a device mesh: `dp_replicate` replicas (DDP, optionally ZeRO-1, a
     gradient hook or a periodic sync) x `dp_shard` shards (FSDP2; both > 1: HSDP) x `tp` x
-    `pp` (model parallelism: 1 for now), multiplying to the number of processes.
+    `pp`, multiplying to the number of processes.
 
-    `ep` is carved out of the other degrees as in torchtitan, whose `ParallelDims` builds
-    the mesh; the module docstring tabulates the layouts.
+    `ep` is carved out of the data-parallel degrees; torchtitan's `ParallelDims` builds the
+    mesh; the module docstring tabulates the layouts.
 
     Args:
         dp_replicate: replicas of the model (DDP; across nodes under HSDP).
@@ -96,14 +102,18 @@ class Mesh(ParallelPlan):
         tp: ranks each attention's heads, each MLP's hidden width and the vocabulary are split
             over (Megatron-style, with sequence-parallel norms and a vocab-parallel loss); alone
             or under FSDP2 (dp_shard).
-        pp: pipeline stages (alone for now): the first holds the embedding, the last the norm,
-            head and MTP modules (DeepSeek-V3's placement).
+        pp: pipeline stages: the first holds the embedding, the last the norm, head and MTP
+            modules (DeepSeek-V3's placement). Composes with dp_replicate (the stages'
+            gradients averaged after the schedule's backward), zero1, dp_shard (each stage an
+            FSDP2 root) and ep.
         schedule, virtual_stages, n_microbatches: the pipeline schedule (GPipe, 1F1B,
             Interleaved1F1B with `virtual_stages` per rank, DualPipeV), and micro-batches per
             step (None: the trainer's micro-batches).
         ep: processes the routed experts are sharded over (all-to-all dispatch), carved out of
-            dp_shard as in torchtitan; FSDP2 shards the other parameters.
-        zero1: shard the optimizer state across the replicas (ZeRO-1; needs dp_shard=1).
+            dp_shard (FSDP2 shards the other parameters, torchtitan's layout) or, with
+            dp_shard=1, out of dp_replicate (DDP or ZeRO-1 keep the others replicated).
+        zero1: shard the optimizer state across the replicas (ZeRO-1; needs dp_shard=1); with
+            ep, of the dense parameters (each process steps its own experts).
         comm_hook: how DDP communicates gradients (fp16, PowerSGD, 1-bit; needs dp_shard=1).
         periodic_sync: no per-step gradient averaging: each replica steps on its own and this
             synchronises the weights every so many steps (local SGD, DiLoCo; needs dp_shard=1).
@@ -138,6 +148,7 @@ class Mesh(ParallelPlan):
         self.group: Any = None  # the data-parallel process group
         self._ddp: nn.Module | None = None
         self._sharded = False
+        self._experts: set[nn.Parameter] = set()  # expert-parallel weights: DDP, FSDP and ZeRO-1 leave them alone
 
     # -- layout ----------------------------------------------------------------------------------
     def degrees(self, world_size: int) -> dict[str, int]:
@@ -161,67 +172,94 @@ class Mesh(ParallelPlan):
 
     def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
               device: str = "cpu") -> nn.Module:
-        degrees = self.degrees(int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
-        if self.ep > 1:
-            faults = expert_parallel.expert_parallel_faults(model, self.ep)
-            if degrees["dp_shard"] % self.ep:
-                faults.append(f"ep={self.ep} must divide dp_shard={degrees['dp_shard']} (the experts are sharded "
-                              f"over ep of the FSDP processes)")
-            if faults:
-                raise MeshError("parallel=@mesh: " + "; ".join(faults))
-        if self.tp > 1:
-            faults = tensor_parallel.tensor_parallel_faults(model, self.tp)
-            if faults:
-                raise MeshError("parallel=@mesh: " + "; ".join(faults))
-        if self.pp > 1:
-            faults = pipeline.pipeline_faults(model, self.pp, self.virtual_stages, schedule=self.schedule,
-                                              n_microbatches=self.n_microbatches)
-            if faults:
-                raise MeshError("parallel=@mesh: " + "; ".join(faults))
+        degrees = self.check(model, int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
         ensure_process_group(device)
-        self.dims = _parallel_dims(degrees, world()[1], torch.device(device).type)
-        # Every process is data-parallel while tp = pp = 1: the data loader's share is its global
-        # rank (`world()`); the mesh's "batch" dim is that group.
-        batch = self.dims.get_optional_mesh("batch")
-        self.group = batch.get_group() if batch is not None else dist.group.WORLD
-        # the processes reading different data: a tensor-parallel group reads one share
-        set_data_parallel(*((batch.get_local_rank(), batch.size()) if batch is not None else (0, 1)))
+        self.dims = _parallel_dims(self._mesh_degrees(degrees), world()[1], torch.device(device).type)
+        # The processes reading different data: the mesh's "batch" dims (dp_replicate x dp_shard,
+        # within one pipeline and one tensor-parallel group). A tensor-parallel group or a
+        # pipeline reads one share together.
+        # With one data-parallel process the group is torchtitan's size-1 stand-in (never the
+        # world: under tp or pp alone the world's processes hold different tensors).
+        batch = self.dims.get_optional_mesh("batch", include_singleton_axes=True)
+        self.group = batch.get_group()
+        set_data_parallel(batch.get_local_rank(), batch.size())
         if self.tp > 1:  # heads, hidden widths and vocabulary split over tp; norms sequence-parallel
             tensor_parallel.apply_tensor_parallel(model, self.dims.get_mesh("tp"))
             # the ranks of a tensor-parallel group route the same tokens: count their loads once
-            set_load_group(model, self.dims.get_optional_mesh("batch", include_singleton_axes=True).get_group())
+            set_load_group(model, self.group)
             self._sharded = True  # DTensor weights: initialised full, then split, as one process would
-        if self.pp > 1:  # this rank's stages; the schedule runs a step's forward and backward
-            pp_mesh = self.dims.get_mesh("pp")
-            model = pipeline.pipeline(model, pp_rank=pp_mesh.get_local_rank(), pp_size=self.pp,
+        if self.pp > 1:  # this rank's stages (the model's own submodules, still on the meta device)
+            model = pipeline.pipeline(model, pp_rank=self.dims.get_mesh("pp").get_local_rank(), pp_size=self.pp,
                                       virtual_stages=self.virtual_stages, schedule=self.schedule)
-            set_load_group(model, self.dims.get_optional_mesh("batch", include_singleton_axes=True).get_group())
+            set_load_group(model, self.group)
+        if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP/DDP skip them
+            replicas = [d for d in ("dp_replicate", "efsdp") if d == "efsdp" or self.dims.dp_replicate > 1]
+            expert_parallel.apply_expert_parallel(model, self.dims.get_mesh("ep"),
+                                                  replica_mesh=self.dims.get_optional_mesh(replicas),
+                                                  load_group=self.group)
+            self._experts = expert_parallel.expert_parameters(model)
+        if self._shards_dense(degrees):
+            names = ["dp_replicate", "fsdp"] if self.dims.dp_replicate > 1 else ["fsdp"]
+            # each pipeline stage is its own FSDP root: the schedule drives its gradient sync
+            for unit in (model.stages if self.pp > 1 else [model]):
+                sharding.shard(unit, self.dims.get_mesh(names), reshard_after_forward=self.reshard_after_forward,
+                               param_dtype=precision.param_dtype if precision is not None else None,
+                               reduce_dtype=self.reduce_dtype, ignored_params=self._experts or None)
+            self._sharded = True
+        if self.pp > 1:  # the schedule runs a step's forward and backward
             device_type = torch.device(device).type
             policy = precision
+            gathered = precision.param_dtype if self._sharded and precision is not None else None
             self._pipeline = PipelineRunner(
-                model=model, schedule=self.schedule, group=pp_mesh.get_group(), device=device,
-                n_microbatches=self.n_microbatches,
+                model=model, schedule=self.schedule, group=self.dims.get_mesh("pp").get_group(), device=device,
+                n_microbatches=self.n_microbatches, activation_dtype=gathered,
                 compute_context=(lambda: policy.autocast(device_type)) if policy is not None else None)
-            return model
-        experts: set[nn.Parameter] | None = None
-        if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP skips them
-            efsdp = ["dp_replicate", "efsdp"] if degrees["dp_replicate"] > 1 else ["efsdp"]
-            expert_parallel.apply_expert_parallel(model, self.dims.get_mesh("ep"),
-                                                  replica_mesh=self.dims.get_optional_mesh(efsdp),
-                                                  load_group=self.group)
-            experts = expert_parallel.expert_parameters(model)
-        if degrees["dp_shard"] > 1 or self.shard_alone:
-            names = ["dp_replicate", "fsdp"] if degrees["dp_replicate"] > 1 else ["fsdp"]
-            sharding.shard(model, self.dims.get_mesh(names), reshard_after_forward=self.reshard_after_forward,
-                           param_dtype=precision.param_dtype if precision is not None else None,
-                           reduce_dtype=self.reduce_dtype, ignored_params=experts)
-            self._sharded = True
         return model
+
+    def check(self, model: nn.Module, world_size: int) -> dict[str, int]:
+        """The degrees on `world_size` processes, after checking that `model` (on the meta
+        device is enough) can be laid out by them; MeshError naming every constraint broken.
+        Creates no process group: a plan for 2,048 GPUs can be checked on a laptop."""
+        degrees = self.degrees(world_size)
+        self._check_model(model, degrees)
+        return degrees
+
+    def _check_model(self, model: nn.Module, degrees: dict[str, int]) -> None:
+        """MeshError with every reason `model` cannot take these degrees (before any process group)."""
+        faults = []
+        if self.ep > 1:
+            faults += expert_parallel.expert_parallel_faults(model, self.ep)
+            over, name = (degrees["dp_shard"], "dp_shard") if degrees["dp_shard"] > 1 else \
+                (degrees["dp_replicate"], "dp_replicate")
+            if over % self.ep:
+                faults.append(f"ep={self.ep} must divide {name}={over} (the experts are sharded over ep of the "
+                              f"data-parallel processes: of dp_shard beside FSDP2, else of dp_replicate)")
+        if self.tp > 1:
+            faults += tensor_parallel.tensor_parallel_faults(model, self.tp)
+        if self.pp > 1:
+            faults += pipeline.pipeline_faults(model, self.pp, self.virtual_stages, schedule=self.schedule,
+                                               n_microbatches=self.n_microbatches)
+        if faults:
+            raise MeshError("parallel=@mesh: " + "; ".join(faults))
+
+    def _mesh_degrees(self, degrees: dict[str, int]) -> dict[str, int]:
+        """The degrees torchtitan's `ParallelDims` builds the mesh from. It carves `ep` out of
+        dp_shard (x tp); expert parallelism beside DDP or ZeRO-1 (dp_shard=1, DeepSeek-V3's
+        layout) carves it out of dp_replicate instead, so the mesh is built as dp_replicate/ep
+        replicas x ep "shards" whose dense parameters this plan then keeps replicated over all
+        dp_replicate processes (DDP, ZeRO-1) rather than FSDP-sharding them."""
+        if self.ep > 1 and degrees["dp_shard"] == 1:
+            return {**degrees, "dp_replicate": degrees["dp_replicate"] // self.ep, "dp_shard": self.ep}
+        return degrees
+
+    def _shards_dense(self, degrees: dict[str, int]) -> bool:
+        """Whether FSDP2 shards the dense parameters (dp_shard > 1, or the `fsdp` alias)."""
+        return degrees["dp_shard"] > 1 or self.shard_alone
 
     def materialize(self, model: nn.Module, device: str) -> None:
         if self._pipeline is not None:  # the whole model initialised in one process's order, then this rank's stages
             pipeline.materialize_stages(model, device)
-        elif self._sharded:
+        elif self._sharded or self._experts:  # DTensor weights: full init in one process's order, keep the shard
             sharding.materialize_sharded(model, device)
         else:  # every replica draws the same weights from the same seed
             super().materialize(model, device)
@@ -229,18 +267,23 @@ class Mesh(ParallelPlan):
     def ready(self, model: nn.Module) -> None:
         replicated = not self._sharded and self.periodic_sync is None and self._pipeline is None
         if replicated and dist.get_world_size(self.group) > 1:
-            self._ddp = ddp.wrap(model, self.group, self.comm_hook)
+            self._ddp = ddp.wrap(model, self.group, self.comm_hook, ignore=self._experts)
         if self.periodic_sync is not None:  # e.g. DiLoCo keeps the starting weights
             self.periodic_sync.begin(model, self.group)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        return zero.shard_optimizer_state(optimizer, self.group) if self.zero1 else optimizer
+        if not self.zero1 or dist.get_world_size(self.group) == 1:  # ZeRO-1 over one process: the optimizer
+            return optimizer
+        return zero.shard_optimizer_state(optimizer, self.group, local=self._experts)
 
     def forward_backward(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *,
                          n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
                          backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
         if self._pipeline is not None:
-            return self._pipeline.forward_backward(model, micro_batches, n_micro=n_micro)
+            terms = self._pipeline.forward_backward(model, micro_batches, n_micro=n_micro)
+            if not self._sharded and dist.get_world_size(self.group) > 1:  # replicated stages: DDP's average
+                ddp.average_gradients((p for p in model.parameters() if p not in self._experts), self.group)
+            return terms
         if self._ddp is None:
             return super().forward_backward(model, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
         return ddp.forward_backward(self._ddp, micro_batches, n_micro=n_micro, losses=losses, backward=backward)

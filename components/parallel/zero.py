@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from components.parallel.split_optimizer import SplitOptimizer, split_groups
+
 
 class ShardedOptimizerState(ZeroRedundancyOptimizer):
     """`ZeroRedundancyOptimizer` that torch.distributed.checkpoint's `get_state_dict` /
@@ -69,19 +71,25 @@ class ShardedOptimizerState(ZeroRedundancyOptimizer):
                              for group in state_dict["param_groups"]]})
 
 
-def shard_optimizer_state(optimizer: torch.optim.Optimizer, process_group: Any) -> ShardedOptimizerState:
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, process_group: Any, *,
+                          local: set[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """A ZeRO-1 optimizer of `optimizer`'s class and hyperparameters over the same parameter
     groups, its state partitioned across `process_group`. `optimizer` must not have stepped
-    (its state would be dropped)."""
+    (its state would be dropped).
+
+    `local`: parameters each process holds its own slice of (expert-parallel experts): they
+    get a plain optimizer of the same class, stepped on every process, beside ZeRO-1 over the
+    rest (`components.parallel.split_optimizer`)."""
     if optimizer.state:
         raise ValueError("ZeRO-1 shards a fresh optimizer; this one already holds state")
     # the hyperparameters the class's constructor takes (some keep derived ones in `defaults`)
     accepted = inspect.signature(type(optimizer)).parameters
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}
-    groups = [dict(group) for group in optimizer.param_groups]  # each group keeps its own settings
+    dense, own = split_groups(optimizer, local or set())
     try:
-        return ShardedOptimizerState(groups, optimizer_class=type(optimizer), process_group=process_group,
-                                     **defaults)
+        sharded = ShardedOptimizerState(dense, optimizer_class=type(optimizer), process_group=process_group,
+                                        **defaults)
+        return SplitOptimizer(first=sharded, second=type(optimizer)(own, **defaults)) if own else sharded
     except TypeError as err:  # a class whose constructor needs more than its `defaults` hold
         raise ValueError(f"parallel.zero1: cannot rebuild the optimizer {type(optimizer).__name__} for each process's "
                          f"partition from its settings ({err}); use zero1 with an optimizer built from its "

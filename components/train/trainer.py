@@ -43,7 +43,6 @@ from components.train.checkpoint import Checkpointer
 from components.train.divergence import divergence_message, first_nonfinite_weight
 from components.train.guard import StabilityGuard, TrainingDiverged
 from components.train.metrics import Metrics, moe_layer_indices
-from components.train.planner import PlannedLayout
 from components.train.preemption import RunInterrupted, StopRequest
 from components.train.progress import TrainProgress
 from components.train.recovery import after_rejected_step
@@ -87,7 +86,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           activation_checkpointing: Literal["none", "full", "selective"] = "none",
           compile: bool | str = False, grad_clip: float | None = 1.0, decay_embeddings: bool = False,
           decay_norms_and_biases: bool = False,
-          device: str = "cpu", seed: int = 0, planned_parallel: PlannedLayout | None = None,
+          device: str = "cpu", seed: int = 0,
           eval_batches: int = 8, threads: int | None = None, log_every: int = 25, progress: bool = True) -> TrainResult:
     """Train `model` for `steps` optimizer steps on next-token prediction.
 
@@ -123,8 +122,6 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
             embeddings and output head / to norm weights and biases too (off by default).
         device: where the model is materialised and batches go ("cpu", "cuda", ...).
         seed: seeds weights and batch sampling; the same seed gives the same run.
-        planned_parallel: the layout `--dry-run` plans for when `parallel` cannot express it
-            yet (model-parallel degrees); training ignores it.
         eval_batches: validation batches averaged at the end.
         threads: torch intra-op threads (None leaves torch's default).
     """
