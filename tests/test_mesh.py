@@ -193,9 +193,12 @@ def runs(tmp_path_factory):
     four += [{"label": f"fsdp_pp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2,pp=2,n_microbatches=2)"}
              for recipe in RECIPES]
     four += [{"label": label, "recipe": "deepseek", "plan": plan} for label, plan in COMPOSITIONS.items()]
+    four[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
     out.update(torchrun(4, tmp / "four", four))
     resumed = one_process("llama", without_last_checkpoint(tmp / "zero1-llama", tmp / "zero1-then-one"))
     out["zero1-then-one"] = (resumed.losses, dict(resumed.model.state_dict()))
+    resumed = one_process("deepseek", without_last_checkpoint(tmp / "ep_ddp_zero1", tmp / "ep_zero1-then-one"))
+    out["ep_zero1-then-one"] = (resumed.losses, dict(resumed.model.state_dict()))
     return out
 
 
@@ -268,6 +271,13 @@ def test_expert_parallel_beside_fsdp_trains_as_one_process(runs):
 @pytest.mark.parametrize("label", ["zero1-then-one", "one-then-zero1", "fsdp-then-hsdp"])
 def test_checkpoints_resume_exactly_under_another_layout(runs, label):
     assert_same_run(runs[label], runs["one-llama"], label)  # 2 -> 1, 1 -> 2, FSDP -> HSDP
+
+
+@pytest.mark.slow
+def test_zero1_beside_expert_parallelism_resumes_in_one_process(runs):
+    """Dense ZeRO-1 partitions and the experts' own optimizer state, saved from 4 processes,
+    load into one process's AdamW and continue exactly."""
+    assert_same_run(runs["ep_zero1-then-one"], runs["one-deepseek"], "ep_zero1-then-one")
 
 
 @pytest.mark.slow
