@@ -140,21 +140,35 @@ class Metrics:
         plt.close(fig)
         loads = [r["expert_load"] for r in self.rows if "expert_load" in r]
         if loads:
-            fig = expert_load_figure(loads, self.moe_layers or list(range(len(loads[0]))))
+            # rows labelled by layer index when the loads cover every MoE layer (positions otherwise)
+            labels = self.moe_layers if len(self.moe_layers) == len(loads[0]) else list(range(len(loads[0])))
+            fig = expert_load_figure(loads, labels)
             fig.savefig(self.folder / "expert_load.png", dpi=100, bbox_inches="tight")
             plt.close(fig)
 
 
+def layer_order(name: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key of a module name in a decoder's layer order: main layers (`layers.<i>...`)
+    by index, then the MTP modules (`mtp.<k>...`) by depth, then anything else; numbered
+    parts compare as numbers (`layers.10` after `layers.9`). The order expert loads are
+    logged in, whichever processes hold the layers."""
+    parts = name.split(".")
+    top = {"layers": 0, "mtp": 1}.get(parts[0], 2)
+    return ((top, 0, ""), *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
+
+
 def moe_layer_indices(model: torch.nn.Module, router_type: type) -> list[int]:
     """The layer index of every `router_type` module (e.g. `ReportsExpertLoad`) of a decoder,
-    in module order: i for
-    `layers.i`, and n_layers + k for MTP module k (the index DeepSeek checkpoints give it)."""
+    in `layer_order` (the order `report.expert_load` logs their loads in): i for `layers.i`,
+    and n_layers + k for MTP module k (the index DeepSeek checkpoints give it). Count them on
+    the whole model, before a pipeline plan keeps only some layers on each process."""
     n_layers = len(getattr(model, "layers", []))
+    names = sorted((name for name, module in model.named_modules() if isinstance(module, router_type)),
+                   key=layer_order)
     indices = []
-    for name, module in model.named_modules():
-        if isinstance(module, router_type):
-            parts = name.split(".")
-            indices.append(int(parts[1]) + (n_layers if parts[0] == "mtp" else 0))
+    for name in names:
+        parts = name.split(".")
+        indices.append(int(parts[1]) + (n_layers if parts[0] == "mtp" else 0))
     return indices
 
 
