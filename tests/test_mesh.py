@@ -166,7 +166,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mesh")
     out: dict[str, tuple[list[float], dict[str, torch.Tensor]]] = {}
     for recipe in RECIPES:
-        result = one_process(recipe, tmp / f"one-{recipe}" if recipe == "llama" else None)
+        result = one_process(recipe, tmp / f"one-{recipe}")
         out[f"one-{recipe}"] = (result.losses, {k: v.detach().clone() for k, v in result.model.state_dict().items()})
     two = []
     for recipe in RECIPES:
@@ -194,6 +194,8 @@ def runs(tmp_path_factory):
              for recipe in RECIPES]
     four += [{"label": label, "recipe": "deepseek", "plan": plan} for label, plan in COMPOSITIONS.items()]
     four[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
+    four.append({"label": "one-then-ep_zero1", "recipe": "deepseek", "plan": COMPOSITIONS["ep_ddp_zero1-deepseek"],
+                 "folder": without_last_checkpoint(tmp / "one-deepseek", tmp / "one-then-ep_zero1")})
     out.update(torchrun(4, tmp / "four", four))
     resumed = one_process("llama", without_last_checkpoint(tmp / "zero1-llama", tmp / "zero1-then-one"))
     out["zero1-then-one"] = (resumed.losses, dict(resumed.model.state_dict()))
@@ -276,8 +278,9 @@ def test_checkpoints_resume_exactly_under_another_layout(runs, label):
 @pytest.mark.slow
 def test_zero1_beside_expert_parallelism_resumes_in_one_process(runs):
     """Dense ZeRO-1 partitions and the experts' own optimizer state, saved from 4 processes,
-    load into one process's AdamW and continue exactly."""
-    assert_same_run(runs["ep_zero1-then-one"], runs["one-deepseek"], "ep_zero1-then-one")
+    load into one process's AdamW and continue exactly; and the other way round."""
+    for label in ("ep_zero1-then-one", "one-then-ep_zero1"):
+        assert_same_run(runs[label], runs["one-deepseek"], label)
 
 
 @pytest.mark.slow
