@@ -181,7 +181,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     with _explain_oom(), StopRequest() as stop, \
             TrainProgress(total_steps=steps, log_every=log_every, enabled=progress) as bar:
         reporter = StepReporter(bar=bar, metrics=metrics, model=model, seq_len=seq_len,
-                                flops_per_token=model_flops_per_token / world_size)
+                                flops_per_token=model_flops_per_token / world_size,
+                                layer_group=parallel.gradient_norm_group())  # pipeline stages: every layer's load
         while state.step < steps:
             step_start = time.perf_counter()
             outcome = runner.run(state)
