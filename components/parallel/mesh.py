@@ -240,7 +240,7 @@ class Mesh(ParallelPlan):
             faults += pipeline.pipeline_faults(model, self.pp, self.virtual_stages, schedule=self.schedule,
                                                n_microbatches=self.n_microbatches)
         if faults:
-            raise MeshError("parallel=@mesh: " + "; ".join(faults))
+            raise MeshError("parallel=@mesh:\n  " + ";\n  ".join(faults))
 
     def _mesh_degrees(self, degrees: dict[str, int]) -> dict[str, int]:
         """The degrees torchtitan's `ParallelDims` builds the mesh from. It carves `ep` out of
