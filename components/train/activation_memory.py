@@ -7,6 +7,11 @@ their views are not activations) and attributed to the block that was running (o
 "outside": embedding, head and loss). Routed experts pick tokens by value, which meta tensors
 do not have, so each MoE layer's routed part is counted in closed form for a balanced routing
 (`_routed_expert_bytes`) while its router input and shared experts run on meta as usual.
+
+`scaled_dot_product_attention` is counted as the fused kernel torch runs on every device for
+these calls (flash attention on CPU and on GPUs, memory-efficient attention for fp32 on GPUs):
+it saves its inputs, its output and a per-row log-sum-exp, never the [seq, seq] probabilities
+that the meta device's unfused decomposition would save (`_FusedAttention`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from components.interfaces import Attention
+from components.interfaces import Attention, FeedForward
 from components.moe.moe import MoE
 
 
@@ -34,6 +40,10 @@ class ActivationBytes:
     scores: per block, the [.., seq, seq] attention probabilities the unfused attention
         path saves (a fused kernel such as flash attention keeps none of them).
     outside: embedding, final norm, head and loss (the logits in fp32 dominate).
+    routed: per block, the part its MoE router and routed experts save (closed form).
+    module_inputs: per block, the bytes of the inputs of its attention and feed-forward
+        modules (each counted once; what sequence parallelism all-gathers and saves whole).
+    logits: the head's outputs (main and MTP heads), at the pass's dtype.
     """
 
     blocks: list[float]
@@ -41,22 +51,40 @@ class ActivationBytes:
     scores: list[float]
     block_inputs: list[float]
     outside: float
+    routed: list[float] = dataclasses.field(default_factory=list)
+    module_inputs: list[float] = dataclasses.field(default_factory=list)
+    logits: float = 0.0
 
 
-def _routed_expert_bytes(moe: MoE, tokens: int, element: int) -> float:
-    """What `GroupedExperts.forward` saves for `tokens` tokens routed top_k each: per
-    assignment, the gathered input (dim), the gate and up outputs, SiLU's output and the down
-    projection's input (4 x hidden), and the down output before weighting (dim); per token the
-    router's fp32 scores and their normalised copy (2 x n_experts)."""
-    k, dim, hidden = moe.router.top_k, moe.experts.dim, moe.experts.hidden_dim
-    per_assignment = (2 * dim + 4 * hidden) * element
-    return tokens * (k * per_assignment + 2 * moe.experts.n_experts * 4)
+def _routed_expert_bytes(moe: MoE, tokens: int, element: int, *, row_multiple: int = 1, ep: int = 1) -> float:
+    """What routing `tokens` tokens top_k each through `moe` saves, for a balanced routing.
+
+    Experts (`GroupedExperts.forward`, or `expert_parallel.local_experts` + `combine` under
+    ep): each expert's rows are padded to a multiple of `row_multiple` (16 on CPU, 1 on GPUs),
+    so the grouped GEMMs run on M / multiple * multiple + (n_experts / ep) * multiple rows for
+    M = tokens * top_k assignments (balanced: a process receives as many rows as it sends);
+    per row they save the gathered input (dim) and the gate, up, SiLU and product outputs
+    (4 x hidden). Per assignment the weighted combine saves the expert output twice (the
+    gate multiply's input, index_add_'s source: 2 x dim) and int64 row/token indices and an
+    fp32 gate. Router, fp32: per token about four [n_experts] score tensors (scores, biased
+    and group-masked choices, the balance loss's copy), top-k indices and normalised weights.
+    """
+    k, dim, hidden, n_experts = moe.router.top_k, moe.experts.dim, moe.experts.hidden_dim, moe.experts.n_experts
+    assignments = tokens * k
+    rows = -(-assignments // row_multiple) * row_multiple + n_experts // ep * row_multiple
+    experts = rows * (dim + 4 * hidden) * element
+    combine = assignments * (2 * dim * element + 8 + 8 + 4)
+    router = tokens * (4 * n_experts * 4 + k * (8 + 4))
+    return experts + combine + router
 
 
-def measure(model: nn.Module, *, micro_batch: int, seq_len: int) -> ActivationBytes:
+def measure(model: nn.Module, *, micro_batch: int, seq_len: int, row_multiple: int = 1,
+            ep: int = 1) -> ActivationBytes:
     """Saved-for-backward bytes of `model.losses` on a [micro_batch, seq_len] batch, on meta.
 
     `model` must be on the meta device (as `--dry-run` builds it); nothing is allocated.
+    row_multiple: what routed experts pad each expert's rows to (`components.moe.experts.
+    ROW_MULTIPLE` on CPU, 1 on GPUs); ep: processes the routed experts are split over.
     """
     blocks = list(model.blocks())
     index = {id(b): i for i, b in enumerate(blocks)}
@@ -64,18 +92,21 @@ def measure(model: nn.Module, *, micro_batch: int, seq_len: int) -> ActivationBy
     per_attention = [0.0] * len(blocks)
     per_scores = [0.0] * len(blocks)
     inputs = [0.0] * len(blocks)
-    outside = [0.0]
+    per_routed = [0.0] * len(blocks)
+    per_module_inputs = [0.0] * len(blocks)
+    outside, logits = [0.0], [0.0]
     where: list[int | None] = [None]
     in_attention = [False]
     params = {id(p) for p in model.parameters()}
     seen: set[int] = set()
 
-    def account(nbytes: float, square: bool = False) -> None:
+    def account(nbytes: float, square: bool = False, routed: bool = False) -> None:
         block = where[0]
         if block is None:
             outside[0] += nbytes
         else:
             per_block[block] += nbytes
+            per_routed[block] += nbytes if routed else 0.0
             if in_attention[0]:
                 per_attention[block] += nbytes
                 if square:
@@ -91,20 +122,36 @@ def measure(model: nn.Module, *, micro_batch: int, seq_len: int) -> ActivationBy
         account(base.numel() * base.element_size(), square)
         return t
 
+    def module_input(module: nn.Module, args: tuple) -> None:
+        first = args[0] if args else None
+        if where[0] is not None and isinstance(first, torch.Tensor) and id(first) not in seen_inputs:
+            seen_inputs.add(id(first))  # a MoE's shared experts read the MoE's own input
+            keep.append(first)
+            per_module_inputs[where[0]] += first.numel() * first.element_size()
+
+    def head_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        logits[0] += out.numel() * out.element_size()
+
     keep: list[torch.Tensor] = []
+    seen_inputs: set[int] = set()
     with contextlib.ExitStack() as stack:
         for block in blocks:
             stack.enter_context(_attributed(block, index[id(block)], where, inputs))
+        if isinstance(getattr(model, "head", None), nn.Module):
+            stack.enter_context(_hooked(model.head, lambda m, a: None, head_output))
         for module in model.modules():
+            if isinstance(module, (Attention, FeedForward)):
+                stack.enter_context(_hooked(module, module_input, lambda m, a, o: None))
             if isinstance(module, Attention):
                 stack.enter_context(_flagged(module, in_attention))
             if isinstance(module, MoE):
-                stack.enter_context(_closed_form_experts(module, account))
+                stack.enter_context(_closed_form_experts(module, account, row_multiple=row_multiple, ep=ep))
+        stack.enter_context(_FusedAttention())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
         tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
         model.losses(tokens, tokens)
     return ActivationBytes(blocks=per_block, attention=per_attention, scores=per_scores, block_inputs=inputs,
-                          outside=outside[0])
+                          outside=outside[0], routed=per_routed, module_inputs=per_module_inputs, logits=logits[0])
 
 
 @contextlib.contextmanager
@@ -140,12 +187,12 @@ def _hooked(module: nn.Module, pre, post) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _closed_form_experts(moe: MoE, account) -> Iterator[None]:
-    """Run `moe` on meta: shared experts for real, routed experts counted in closed form."""
+def _closed_form_experts(moe: MoE, account, *, row_multiple: int, ep: int) -> Iterator[None]:
+    """Run `moe` on meta: shared experts for real, router and routed experts in closed form."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        account(_routed_expert_bytes(moe, b * t, x.element_size()))
+        account(_routed_expert_bytes(moe, b * t, x.element_size(), row_multiple=row_multiple, ep=ep), routed=True)
         torch.nn.functional.linear(x, moe.router.weight)  # the router saves its input (once per tensor)
         out = x * 1.0  # the routed output's shape; multiplying by a number saves nothing
         return out + moe.shared_experts(x) if moe.shared_experts is not None else out
@@ -155,3 +202,36 @@ def _closed_form_experts(moe: MoE, account) -> Iterator[None]:
         yield
     finally:
         del moe.forward
+
+
+class _FusedAttentionSaves(torch.autograd.Function):
+    """Stand-in for a fused attention kernel on meta: an output of the right shape, and what
+    the kernel saves for its backward (inputs, output, log-sum-exp, any mask)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # noqa: ANN001 - autograd's ctx
+                mask: torch.Tensor | None) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype)  # [B, H, Tq, Dv]
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # [B, H, Tq]
+        ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        raise RuntimeError("the activation-memory pass runs forward only")
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Routes `F.scaled_dot_product_attention` (however it was imported) to `_FusedAttentionSaves`.
+
+    Why: on meta, SDPA decomposes into its math path and saves the [B, H, T, T] scores and
+    probabilities; a real run on CPU (torch's flash kernel for CPU, masks included) or on a GPU
+    saves q, k, v, the output and a [B, H, T] log-sum-exp instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            return _FusedAttentionSaves.apply(q, k, v, mask)
+        return func(*args, **kwargs)

@@ -43,8 +43,7 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
         out["all-gather"] += n_micro * gathers * shards * precision.param
         out["reduce-scatter"] += n_micro * shards * precision.grad
         if layout.dp_replicate > 1:
-            out["all-reduce"] += (split.dense / layout.dp_shard + split.expert / max(
-                1, layout.dp_shard * layout.tp // layout.ep)) * precision.grad
+            out["all-reduce"] += (split.dense / layout.dp_shard + split.expert / layout.expert_shard) * precision.grad
     else:
         if layout.dp_replicate > 1:
             out["all-reduce"] += split.dense * precision.grad

@@ -57,3 +57,52 @@ def in_flight(schedule: str, *, p: int, m: int, v: int = 1, rank: int = 0) -> fl
     if schedule == "interleaved_1f1b":
         return min((v - 1) * p + 2 * (p - 1 - rank) + 1, v * m) / v
     return min(2 * p + 1, 2 * m) / 2
+
+
+def peak_activations(schedule: str, *, p: int, m: int, v: int = 1, rank: int = 0,
+                     stage_bytes: list[float]) -> tuple[float, bool]:
+    """The most activation bytes pipeline rank `rank` holds at once during a step, and whether
+    a backward had run on the rank by then (so that its gradients exist at that peak).
+
+    stage_bytes: what one micro-batch saves in each stage the rank holds, in the order of its
+    stages (stage r first, then r + p, ...); stages of unequal depth weigh differently.
+    gpipe, 1f1b and interleaved_1f1b follow the rank's order of forwards and backwards in
+    torch's schedules: GPipe all m forwards, then the backwards; 1F1B p - rank forwards, then
+    one backward and one forward in turn; interleaved 1F1B forwards `round` micro-batches per
+    stage in turn, (v-1) round + 2 (p-1-rank) of them before one forward and one backward
+    alternate (arXiv:2104.04473 §2.2.2; round = m / (m // p)). dualpipev: `in_flight` times the
+    rank's whole share (its two stages taken as one).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if p == 1 or schedule == "dualpipev":
+        flight = in_flight(schedule, p=p, m=m, v=v, rank=rank)
+        return flight * sum(stage_bytes), p > 1 and flight < m
+    live = peak = 0.0
+    backwards, held = 0, False
+    for kind, stage in _rank_order(schedule, p=p, m=m, v=len(stage_bytes), rank=rank):
+        if kind == "B":
+            live -= stage_bytes[stage]
+            backwards += 1
+            continue
+        live += stage_bytes[stage]
+        if live > peak or (live == peak and backwards):
+            peak, held = live, backwards > 0
+    return peak, held
+
+
+def _rank_order(schedule: str, *, p: int, m: int, v: int, rank: int) -> list[tuple[str, int]]:
+    """("F" or "B", local stage) in the order rank `rank` runs them (see `peak_activations`)."""
+    if schedule == "gpipe":
+        return [("F", 0)] * m + [("B", 0)] * m
+    if schedule == "1f1b":
+        warm = min(p - rank, m)
+        return [("F", 0)] * warm + [op for _ in range(m - warm) for op in (("B", 0), ("F", 0))] + [("B", 0)] * warm
+    per_round = m // max(1, m // p)
+    warm = min((v - 1) * per_round + 2 * (p - 1 - rank), m * v)
+    forward = [(step // per_round) % v for step in range(m * v)]
+    backward = [v - 1 - (step // per_round) % v for step in range(m * v)]
+    order = [("F", s) for s in forward[:warm]]
+    for step in range(warm, m * v):
+        order += [("F", forward[step]), ("B", backward[step - warm])]
+    return order + [("B", s) for s in backward[m * v - warm:]]

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components.model import stats
+from components.moe.experts import ROW_MULTIPLE
 from components.moe.moe import MoE
 from components.train import activation_memory, comm_volume, pipeline_bubble, planner
 from components.train.launch import build_model_on_meta
@@ -87,12 +88,17 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
     batch = args.get("batch_size", 1)
     micro = args.get("micro_batch_size") or max(1, batch // layout.dp)
     n_micro = max(1, batch // (micro * layout.dp))
+    schedule_micro = _pipeline_microbatches(args.get("parallel"))
+    if layout.pp > 1 and schedule_micro:  # the schedule re-splits a step's rows into its own micro-batches
+        micro, n_micro = max(1, batch // layout.dp // schedule_micro), schedule_micro
     precision = planner.precision_of(args.get("precision"))
     device = args.get("device", "cpu")
     # a GPU run's attention is fused (flash/efficient kernels save no [seq, seq] probabilities);
     # a planned layout is a GPU cluster's
     fused = device != "cpu" or args.get("planned_parallel") is not None
-    acts = activation_memory.measure(model, micro_batch=micro, seq_len=seq_len)
+    # routed experts pad each expert's rows to ROW_MULTIPLE on CPU (GPU runs pad nothing)
+    acts = activation_memory.measure(model, micro_batch=micro, seq_len=seq_len, ep=layout.ep,
+                                     row_multiple=1 if fused else ROW_MULTIPLE)
     checkpointing = args.get("activation_checkpointing", "none")
     mem = planner.memory(model, layout, precision, acts, n_micro=n_micro, checkpointing=checkpointing,
                          fused_attention=fused, vocab_size=model.vocab_size if hasattr(model, "vocab_size") else None,
@@ -133,6 +139,15 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
     return {"layout": layout, "memory": mem.terms(), "checkpointing_alternatives": alternatives,
             "peak_bytes": mem.total, "communication": comm,
             "bubble": bubble, "fits_80gb": fits, "dominant": dominant, "n_micro": n_micro}
+
+
+def _pipeline_microbatches(parallel: Any) -> int | None:
+    """The pipeline schedule's own micro-batch count (`@mesh(n_microbatches=m)`), or None."""
+    if parallel is None:
+        return None
+    value = parallel.__arguments__.get("n_microbatches") if isinstance(parallel, fdl.Buildable) \
+        else getattr(parallel, "n_microbatches", None)
+    return value if isinstance(value, int) else None
 
 
 def _short(n: float) -> str:

@@ -81,6 +81,14 @@ class PlannedLayout:
         """Ranks holding the same experts (the data-parallel degree of routed experts)."""
         return self.dp * self.tp // self.ep
 
+    @property
+    def expert_shard(self) -> int:
+        """Ranks FSDP shards each routed expert over. ep = 1: the experts are parameters of their
+        block's FSDP unit like the rest, sharded over dp_shard (tensor parallelism does not
+        split routed experts: every tp rank runs all of them). ep > 1: what of dp_shard x tp
+        the ep ranks leave (torchtitan's "efsdp")."""
+        return self.dp_shard if self.ep == 1 else max(1, self.dp_shard * self.tp // self.ep)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Precision:
@@ -96,12 +104,15 @@ class Precision:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Parameter counts of one rank before data-parallel sharding: `dense` (split by tp)
-    and `expert` (routed experts, split by ep); `largest_unit`: the biggest FSDP unit."""
+    """Parameter counts of one pipeline rank before data-parallel sharding: `dense` (split by
+    tp) and `expert` (routed experts, split by ep); `root`: the dense parameters outside the
+    blocks (embedding, final norm, head: FSDP's root unit); `units`: per block (main layers,
+    then MTP modules), its (dense, expert) counts, each block being one FSDP unit."""
 
     dense: float
     expert: float
-    largest_unit: float
+    root: float = 0.0
+    units: tuple[tuple[float, float], ...] = ()
 
 
 def _stage_of_layers(n_layers: int, n_stages: int) -> list[int]:
@@ -130,14 +141,20 @@ def _expert_params(module: nn.Module) -> int:
     return sum(stats.count_parameters(m.experts) for m in module.modules() if isinstance(m, MoE))
 
 
-def rank_layers(model: nn.Module, layout: PlannedLayout) -> list[list[int]]:
-    """Main-layer indices each pipeline rank holds."""
+def rank_stages(model: nn.Module, layout: PlannedLayout) -> list[list[list[int]]]:
+    """Per pipeline rank, the main-layer indices of each stage it holds, its stages in order."""
     n_layers = len(model.layers)
     if layout.pp == 1:
-        return [list(range(n_layers))]
+        return [[list(range(n_layers))]]
     stage = _stage_of_layers(n_layers, layout.pp * layout.stages_per_rank)
     owner = _ranks_of_stages(layout)
-    return [[i for i in range(n_layers) if owner[stage[i]] == r] for r in range(layout.pp)]
+    return [[[i for i in range(n_layers) if stage[i] == s] for s in range(len(owner)) if owner[s] == r]
+            for r in range(layout.pp)]
+
+
+def rank_layers(model: nn.Module, layout: PlannedLayout) -> list[list[int]]:
+    """Main-layer indices each pipeline rank holds."""
+    return [[i for stage in stages for i in stage] for stages in rank_stages(model, layout)]
 
 
 def split_parameters(model: nn.Module, layout: PlannedLayout) -> list[Split]:
@@ -149,12 +166,12 @@ def split_parameters(model: nn.Module, layout: PlannedLayout) -> list[Split]:
     splits = []
     for r, mine in enumerate(layers):
         dense = expert = 0.0
-        units = [0.0]
+        units: list[tuple[float, float]] = []
         for i in mine:
             e = _expert_params(model.layers[i])
             d = stats.count_parameters(model.layers[i]) - e
             dense, expert = dense + d, expert + e
-            units.append(d / layout.tp + e / layout.ep)
+            units.append((d / layout.tp, e / layout.ep))
         head = 0.0
         if r == 0:
             head += sum(p.numel() for p in outside if id(p) in first)
@@ -165,10 +182,10 @@ def split_parameters(model: nn.Module, layout: PlannedLayout) -> list[Split]:
                 e = _expert_params(module)
                 d = stats.count_parameters(module) - e
                 dense, expert = dense + d, expert + e
-                units.append(d / layout.tp + e / layout.ep)
+                units.append((d / layout.tp, e / layout.ep))
         dense += head
-        units.append(head / layout.tp)
-        splits.append(Split(dense=dense / layout.tp, expert=expert / layout.ep, largest_unit=max(units)))
+        splits.append(Split(dense=dense / layout.tp, expert=expert / layout.ep, root=head / layout.tp,
+                            units=tuple(units)))
     return splits
 
 
@@ -205,28 +222,37 @@ class MemoryPlan:
 
 
 def memory(model: nn.Module, layout: PlannedLayout, precision: Precision, acts: ActivationBytes, *,
-           n_micro: int, optimizer_states: int = 2, checkpointing: str = "none", fused_attention: bool = False,
-           vocab_size: int | None = None, tokens: int = 0) -> MemoryPlan:
-    """Peak bytes on the busiest rank.
+           n_micro: int, **options: Any) -> MemoryPlan:
+    """Peak bytes on the busiest pipeline rank (`rank_memory`'s largest total)."""
+    return max(rank_memory(model, layout, precision, acts, n_micro=n_micro, **options), key=lambda plan: plan.total)
+
+
+def rank_memory(model: nn.Module, layout: PlannedLayout, precision: Precision, acts: ActivationBytes, *,
+                n_micro: int, optimizer_states: int = 2, checkpointing: str = "none", fused_attention: bool = False,
+                vocab_size: int | None = None, tokens: int = 0) -> list[MemoryPlan]:
+    """Peak bytes on each pipeline rank (one entry without pipeline parallelism).
 
     acts: `activation_memory.measure` for one micro-batch of `tokens` tokens (meta pass, fp32).
-    Activations: the rank's blocks' saved bytes (at `precision.activation` bytes each, divided
-    by tp: sequence parallelism splits what tensor parallelism does not), times the micro-
-    batches in flight (`pipeline_bubble.in_flight`), plus the embedding/head part on the ranks
-    holding them. checkpointing "full" keeps each block's input and one block's activations;
-    "selective" recomputes the attention sublayers. fused_attention drops the [seq, seq]
-    attention probabilities (flash attention saves none). Gradients: as held, for every local
-    parameter; with FSDP the shards plus one unsharded unit being reduced. Transient: FSDP's
-    gathered unit (two with prefetch) and, on the head's rank, the logits' gradient (fp32).
+    Activations: the rank's blocks' saved bytes (at `precision.activation` bytes each) and the
+    embedding/head part on the rank holding them, per stage, at the pipeline schedule's peak
+    of micro-batches in flight (`pipeline_bubble.peak_activations`). Under tp, sequence and
+    tensor parallelism split a block's saved bytes by tp except what every tp rank saves
+    whole: the inputs of its attention and feed-forward (all-gathered along the sequence and
+    saved by their first linears) and its routed experts and router (replicated: every tp
+    rank routes all tokens). checkpointing
+    "full" keeps each block's input and one block's activations; "selective" recomputes the
+    attention sublayers. fused_attention drops the [seq, seq] attention probabilities (flash
+    attention saves none). Gradients: as held, for every local parameter; with FSDP the shards.
+    Transient: FSDP's gathered units and, on the head's rank, the gradients of the loss's
+    backward (fp32 [tokens, vocab / tp]).
     """
     splits = split_parameters(model, layout)
-    layers = rank_layers(model, layout)
+    stages = rank_stages(model, layout)
     n_main = len(model.layers)
     scale = precision.activation / 4
-    dense_shard = layout.dp_shard
-    expert_shard = max(1, layout.dp_shard * layout.tp // layout.ep)
+    dense_shard, expert_shard = layout.dp_shard, layout.expert_shard
     fsdp = layout.dp_shard > 1
-    best: MemoryPlan | None = None
+    plans: list[MemoryPlan] = []
     for r, split in enumerate(splits):
         local = split.dense / dense_shard + split.expert / expert_shard
         params = local * precision.param
@@ -234,42 +260,80 @@ def memory(model: nn.Module, layout: PlannedLayout, precision: Precision, acts: 
         opt_share = split.dense / (dense_shard * (layout.dp_replicate if layout.zero1 else 1)) + \
             split.expert / (expert_shard * (layout.expert_dp // expert_shard if layout.zero1 else 1))
         optimizer = opt_share * (optimizer_states * precision.state + precision.master)
-        blocks = list(layers[r])
-        holds_head = r == len(splits) - 1 or (layout.schedule == "dualpipev" and r == 0 and layout.pp > 1)
-        if holds_head:
-            blocks += list(range(n_main, len(acts.blocks)))
-        per_micro = 0.0
-        for i in blocks:
-            scores = acts.scores[i] if fused_attention else 0.0
-            saved = acts.blocks[i] - scores
-            if checkpointing == "full":
-                saved = acts.block_inputs[i]
-            elif checkpointing == "selective":  # the attention input stays, its insides are recomputed
-                saved -= acts.attention[i] - scores - acts.block_inputs[i]
-            per_micro += saved
-        flight = pipeline_bubble.in_flight(layout.schedule, p=layout.pp, m=n_micro, v=layout.virtual_stages,
-                                           rank=r)
-        activations = per_micro * flight
-        if checkpointing == "full" and blocks:  # one block's activations, rebuilt during its backward
-            activations += max(acts.blocks[i] - (acts.scores[i] if fused_attention else 0.0) for i in blocks)
-        activations *= scale / layout.tp
-        # the embedding/head part is mostly the fp32 logits and their log-probabilities; the
-        # last stage runs each micro-batch's backward right after its forward (all m under GPipe)
+        mine = [list(stage) for stage in stages[r]]
+        dualpipev = layout.schedule == "dualpipev" and layout.pp > 1
+        holds_head = r == len(splits) - 1 or (dualpipev and r == 0)
+        if holds_head:  # the MTP blocks run on the last stage: the rank's last under every schedule
+            mine[-1] += list(range(n_main, len(acts.blocks)))
+        blocks = [i for stage in mine for i in stage]
+        stage_bytes = [sum(_block_bytes(acts, i, layout.tp, checkpointing, fused_attention) for i in stage) * scale
+                       for stage in mine]
+        # the embedding/head part is mostly the fp32 logits and their log-probabilities
         outside = acts.outside / layout.tp if holds_head else 0.0
-        activations += outside * (n_micro if layout.schedule == "gpipe" and layout.pp > 1 else 1)
+        if holds_head and layout.tp > 1:
+            # the vocab-parallel loss keeps its input, this rank's logits, in its graph until its backward
+            # (without tp they are freed once the log-softmax has read them)
+            outside += acts.logits * scale / layout.tp
+        if not dualpipev:  # it lives as long as the last stage's other activations
+            stage_bytes[-1] += outside
+        activations, backward_first = pipeline_bubble.peak_activations(
+            layout.schedule, p=layout.pp, m=n_micro, v=layout.virtual_stages, rank=r, stage_bytes=stage_bytes)
+        if dualpipev:  # DualPipeV's last stage runs each micro-batch's backward right after its forward
+            activations += outside
+        if checkpointing == "full" and blocks:  # one block's activations, rebuilt during its backward
+            activations += max(_block_bytes(acts, i, layout.tp, "none", fused_attention) for i in blocks) * scale
         transient = 0.0
         if holds_head and vocab_size:
-            transient += tokens * vocab_size * 4 / layout.tp  # d(loss)/d(logits) in fp32
+            # the loss's backward starts with every activation still saved: log-softmax's backward
+            # holds the gradient arriving at its output and the one it returns for the logits,
+            # both [tokens, vocab] in fp32 (measured: one alone undercounts by that much); torch's
+            # vocab-parallel loss (tp > 1) writes the logits' gradient in one step instead
+            transient += (1 if layout.tp > 1 else 2) * tokens * vocab_size * 4 / layout.tp
+        if layout.pp > 1:
+            # a pipeline rank's gradients exist at its activation peak only if a backward ran on
+            # it before (1F1B's steady state once m exceeds the warm-up; never under GPipe)
+            held = backward_first
+        else:
+            # accumulated over micro-batches, or DDP's gradient buckets (allocated when it wraps the model)
+            held = n_micro > 1 or (layout.dp_replicate > 1 and not fsdp)
         if fsdp:
-            transient += split.largest_unit * (2 * precision.param + precision.grad)
-        # accumulated over micro-batches, or DDP's gradient buckets (allocated when it wraps the model)
-        held = n_micro > 1 or (layout.dp_replicate > 1 and not fsdp) or layout.pp > 1
+            # FSDP2's gathered copies beside the shards: the root unit (embedding, final norm, head)
+            # stays gathered from its forward to the end of its backward, and a block's all-gather
+            # leaves a flat buffer of the block's size alive until the next all-gather. At the loss
+            # (the head's rank) that is the root and one block; a pipeline rank without the loss
+            # peaks as a backward starts: the root, the block being backwarded gathered, that flat
+            # buffer and the block's unsharded gradient. Without resharding after the forward every
+            # block stays gathered. Routed experts are in their block's unit only when FSDP shards them.
+            units = [d + (e if expert_shard > 1 else 0.0) for d, e in split.units]
+            block = max(units, default=0.0)
+            gathered = split.root + (block if layout.reshard_after_forward else sum(units))
+            if not holds_head:
+                gathered += block
+                transient += block * precision.grad
+            transient += gathered * precision.param
+            if layout.pp > 1:
+                # torch's schedules run every backward of an FSDP stage without resharding or gradient
+                # sync (`backward_maybe_with_nosync`): gradients stay unsharded until the step ends
+                grads = (split.dense + split.expert) * precision.grad
         plan = MemoryPlan(parameters=params, gradients=grads, optimizer=optimizer, activations=activations,
                           transient=transient, gradients_at_peak=held)
-        if best is None or plan.total > best.total:
-            best = plan
-    assert best is not None
-    return best
+        plans.append(plan)
+    return plans
+
+
+def _block_bytes(acts: ActivationBytes, i: int, tp: int, checkpointing: str, fused_attention: bool) -> float:
+    """Saved bytes of block `i` for one micro-batch on one tensor-parallel rank (see `memory`)."""
+    scores = acts.scores[i] if fused_attention else 0.0
+    if checkpointing == "full":  # only the block's input, sequence-parallel under tp
+        return acts.block_inputs[i] / tp
+    saved = acts.blocks[i] - scores
+    if checkpointing == "selective":  # the attention input stays, its insides are recomputed
+        saved -= acts.attention[i] - scores - acts.block_inputs[i]
+    whole = acts.routed[i] if acts.routed else 0.0
+    if tp > 1 and acts.module_inputs:
+        whole += acts.module_inputs[i]
+    whole = min(whole, saved)
+    return (saved - whole) / tp + whole
 
 
 def precision_of(policy: Any) -> Precision:

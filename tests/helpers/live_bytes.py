@@ -6,7 +6,7 @@ import weakref
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -14,7 +14,9 @@ class LiveTensorBytes(TorchDispatchMode):
     """Counts every storage an op under the mode returns, once, until it is freed; `peak` is the
     largest sum seen. Storages made before the mode are not counted: enter it before the model
     is built so that parameters, gradients, optimizer state and activations all are. In-place
-    storage resizes (FSDP2 frees and refills its gathered parameters that way) are followed."""
+    storage resizes (FSDP2 frees and refills its gathered parameters that way) are followed. A
+    DTensor counts as its local tensor; temporaries made and freed inside one DTensor op are
+    not seen (the mode is off while DTensor runs an op on its local tensors)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -24,6 +26,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _track(self, t: Any) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        if is_traceable_wrapper_subclass(t):
+            # a DTensor's own storage is a placeholder of the global size; what this process
+            # holds is its local tensor (made inside DTensor's dispatch, where this mode is off)
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                self._track(getattr(t, name))
             return
         try:
             storage = t.untyped_storage()
