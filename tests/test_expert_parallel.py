@@ -159,7 +159,8 @@ for label, (ep_mesh, replica_mesh, dense) in layouts.items():
     # a file, not stdout: two processes' long lines interleave on a shared pipe
     with open(f"{folder}/flows-{label}-{rank}.json", "w") as out:
         json.dump(flows, out)
-dist.destroy_process_group()
+from components.parallel.process_group import leave_process_group
+leave_process_group()  # barrier first: a rank tearing gloo down alone can abort
 """
 
 

@@ -192,6 +192,8 @@ def runs(tmp_path_factory):
                  "folder": without_last_checkpoint(tmp / "fsdp-llama", tmp / "fsdp-then-hsdp")})
     four += [{"label": f"fsdp_pp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2,pp=2,n_microbatches=2)"}
              for recipe in RECIPES]
+    four += [{"label": f"tp_pp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2,pp=2,n_microbatches=2)"}
+             for recipe in RECIPES]
     four += [{"label": label, "recipe": "deepseek", "plan": plan} for label, plan in COMPOSITIONS.items()]
     four[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
     four.append({"label": "one-then-ep_zero1", "recipe": "deepseek", "plan": COMPOSITIONS["ep_ddp_zero1-deepseek"],
@@ -251,7 +253,8 @@ COMPOSITIONS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["fsdp_pp-llama", "fsdp_pp-deepseek", *COMPOSITIONS])
+@pytest.mark.parametrize("label", ["fsdp_pp-llama", "fsdp_pp-deepseek", "tp_pp-llama", "tp_pp-deepseek",
+                                   *COMPOSITIONS])
 def test_compositions_train_as_one_process(runs, label):
     """4 processes, fp32: losses over every step and the final weights of the whole model
     (each process's stages merged, experts and FSDP shards gathered) equal one process's."""
@@ -323,7 +326,6 @@ def test_degrees_that_do_not_multiply_to_the_world_size_fail_before_any_process_
 
 @pytest.mark.parametrize("plan, words", [
     ("@mesh(dp_replicate=2,tp=2)", ["tp == 1 or", "without dp_replicate"]),
-    ("@mesh(pp=2,tp=2)", ["pp == 1 or", "not yet with tp"]),
     ("@mesh(dp_shard=2,ep=2,zero1=True)", ["zero1 needs replicated parameters"]),
     ("@mesh(dp_replicate=0)", ["degrees >= 1"]),
     ("@mesh(dp_shard=2,zero1=True)", ["zero1 needs replicated parameters", "already shards the optimizer state"]),

@@ -207,7 +207,8 @@ for family, schedule, virtual, n_micro, n_microbatches in [
     if rank == 0:
         print("CASE", json.dumps({"case": f"{family}-{schedule}-m{n_microbatches or n_micro}", "ranks": gathered}),
               flush=True)
-dist.destroy_process_group()
+from components.parallel.process_group import leave_process_group
+leave_process_group()  # barrier first: a rank tearing gloo down alone can abort
 '''
 
 

@@ -14,14 +14,15 @@ from the two data-parallel degrees:
 
 Model parallelism splits the model on top of that:
 
-    tp  heads, MLP widths and vocabulary over tp ranks (alone or under FSDP2)
-    pp  layers into pipeline stages (with any data-parallel layout above, and ep)
+    tp  heads, MLP widths and vocabulary over tp ranks (alone, under FSDP2, with pp)
+    pp  layers into pipeline stages (with any data-parallel layout above, tp and ep)
     ep  routed experts over ep of the data-parallel processes: of dp_shard beside FSDP2
         (torchtitan's layout), or of dp_replicate beside DDP / ZeRO-1 (DeepSeek-V3's:
         @mesh(dp_replicate=128, pp=16, ep=64, zero1=True) on 2,048 GPUs)
 
-For example `@mesh(pp=2, dp_shard=2)` is FSDP x PP on 4 processes and
-`@mesh(pp=2, dp_replicate=2, ep=2, zero1=True)` V3's plan in miniature.
+For example `@mesh(pp=2, dp_shard=2)` is FSDP x PP on 4 processes, `@mesh(dp_shard=2, tp=2,
+pp=2)` FSDP x TP x PP on 8, and `@mesh(pp=2, dp_replicate=2, ep=2, zero1=True)` V3's plan in
+miniature.
 """
 
 from __future__ import annotations
@@ -53,17 +54,16 @@ class MeshError(ValueError):
 @invariant("dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1)",
            lambda dp_replicate, dp_shard: dp_replicate >= 1 and (dp_shard >= 1 or dp_shard == -1),
            fix="use degrees >= 1 (dp_shard=-1 means: every process the other degrees leave)")
-@invariant("pp == 1 or (pp >= 1 and tp == 1 and comm_hook is None and periodic_sync is None)",
-           lambda pp, tp, comm_hook, periodic_sync:
-           pp == 1 or (pp >= 1 and tp == 1 and comm_hook is None and periodic_sync is None),
-           fix="pipeline stages compose with data parallelism (dp_replicate, dp_shard, zero1) and expert "
-               "parallelism (ep); not yet with tp, a comm_hook (the schedule runs the backward, not DDP) or a "
-               "periodic_sync")
+@invariant("pp == 1 or (pp >= 1 and comm_hook is None and periodic_sync is None)",
+           lambda pp, comm_hook, periodic_sync: pp == 1 or (pp >= 1 and comm_hook is None and periodic_sync is None),
+           fix="pipeline stages compose with data (dp_replicate, dp_shard, zero1), tensor (tp) and expert (ep) "
+               "parallelism; not with a comm_hook (the schedule runs the backward, not DDP) or a periodic_sync")
 @invariant("tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None)",
            lambda tp, dp_replicate, ep, zero1, periodic_sync:
            tp == 1 or (tp >= 1 and dp_replicate == 1 and ep == 1 and not zero1 and periodic_sync is None),
-           fix="tensor parallelism runs alone or under FSDP2: use @mesh(tp=T) or @mesh(dp_shard=N,tp=T), without "
-               "dp_replicate, ep, zero1 or periodic_sync")
+           fix="tensor parallelism runs alone, under FSDP2 or with pipeline stages: use @mesh(tp=T), "
+               "@mesh(dp_shard=N,tp=T) or @mesh(dp_shard=N,tp=T,pp=P), without dp_replicate, ep, zero1 or "
+               "periodic_sync")
 @invariant("ep == 1 or (ep >= 1 and comm_hook is None and periodic_sync is None)",
            lambda ep, comm_hook, periodic_sync: ep == 1 or (ep >= 1 and comm_hook is None and periodic_sync is None),
            fix="expert parallelism shards the routed experts over ep of the data-parallel processes (of dp_shard "
@@ -100,12 +100,12 @@ class Mesh(ParallelPlan):
         dp_shard: processes each parameter is sharded over (FSDP2); -1: all the processes
             the other degrees leave.
         tp: ranks each attention's heads, each MLP's hidden width and the vocabulary are split
-            over (Megatron-style, with sequence-parallel norms and a vocab-parallel loss); alone
-            or under FSDP2 (dp_shard).
+            over (Megatron-style, with sequence-parallel norms and a vocab-parallel loss); alone,
+            under FSDP2 (dp_shard) and with pp (stages exchange sequence shards).
         pp: pipeline stages: the first holds the embedding, the last the norm, head and MTP
             modules (DeepSeek-V3's placement). Composes with dp_replicate (the stages'
             gradients averaged after the schedule's backward), zero1, dp_shard (each stage an
-            FSDP2 root) and ep.
+            FSDP2 root), tp and ep.
         schedule, virtual_stages, n_microbatches: the pipeline schedule (GPipe, 1F1B,
             Interleaved1F1B with `virtual_stages` per rank, DualPipeV), and micro-batches per
             step (None: the trainer's micro-batches).
@@ -192,6 +192,9 @@ class Mesh(ParallelPlan):
             model = pipeline.pipeline(model, pp_rank=self.dims.get_mesh("pp").get_local_rank(), pp_size=self.pp,
                                       virtual_stages=self.virtual_stages, schedule=self.schedule)
             set_load_group(model, self.group)
+            if self.tp > 1:  # stages split over tp exchange their sequence shards
+                for stage in model.stages:
+                    stage.sequence_mesh = self.dims.get_mesh("tp")
         if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP/DDP skip them
             replicas = [d for d in ("dp_replicate", "efsdp") if d == "efsdp" or self.dims.dp_replicate > 1]
             expert_parallel.apply_expert_parallel(model, self.dims.get_mesh("ep"),
@@ -213,7 +216,8 @@ class Mesh(ParallelPlan):
             self._pipeline = PipelineRunner(
                 model=model, schedule=self.schedule, group=self.dims.get_mesh("pp").get_group(), device=device,
                 n_microbatches=self.n_microbatches, activation_dtype=gathered,
-                compute_context=(lambda: policy.autocast(device_type)) if policy is not None else None)
+                compute_context=(lambda: policy.autocast(device_type)) if policy is not None else None,
+                sequence_shards=self.tp)
         return model
 
     def check(self, model: nn.Module, world_size: int) -> dict[str, int]:

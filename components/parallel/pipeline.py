@@ -27,6 +27,8 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from components.interfaces import AbsoluteEncoding, AuxiliaryLoss
 from components.model.decoder import DecoderLM, cross_entropy
@@ -194,6 +196,10 @@ class PipelineStageModule(nn.Module):
             self.mtp = nn.ModuleDict({str(k): module for k, module in enumerate(model.mtp)})
         self.records: list[dict[str, torch.Tensor]] = []
         self.compute_context = None  # a zero-argument factory of a context (autocast) the forward runs in
+        # Under tensor parallelism: the tp mesh. The residual stream between stages is then
+        # sequence-parallel (DTensor `Shard(1)`), but stages exchange plain tensors: outputs leave
+        # as this rank's [b, T/tp, D] shard and inputs are re-wrapped on arrival.
+        self.sequence_mesh: DeviceMesh | None = None
 
     def blocks(self) -> list[nn.Module]:
         """This stage's transformer blocks (main layers, then MTP blocks): FSDP units,
@@ -218,6 +224,8 @@ class PipelineStageModule(nn.Module):
                 x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device), self.dim).to(x.dtype)
             x = self.embedding_dropout(x)
         else:
+            if self.sequence_mesh is not None:  # this rank's sequence shards, as the stage before left them
+                inputs = tuple(DTensor.from_local(t, self.sequence_mesh, [Shard(1)], run_check=False) for t in inputs)
             x = inputs[0]
             embeddings = inputs[1] if self.passes_embeddings else None
         for layer in self.layers.values():
@@ -228,11 +236,12 @@ class PipelineStageModule(nn.Module):
         if aux is not None:
             self._record({"balance": aux})
             x = _AuxiliaryGradient.apply(x, aux)
-        if self.passes_embeddings:
-            # a new tensor, not the received one (nor a view of it, which the schedules' backward
-            # cannot detach): the stage's output must be a node of this stage's graph
-            return x, (embeddings if self.spec.first else embeddings.clone())
-        return (x,)
+        # a new tensor, not the received one (nor a view of it, which the schedules' backward
+        # cannot detach): the stage's output must be a node of this stage's graph
+        out = (x, embeddings if self.spec.first else embeddings.clone()) if self.passes_embeddings else (x,)
+        if self.sequence_mesh is not None:
+            out = tuple(t.to_local().clone() if isinstance(t, DTensor) else t for t in out)
+        return out
 
     def _loss(self, x: torch.Tensor, embeddings: torch.Tensor | None, tokens: torch.Tensor | None,
               doc_ids: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:

@@ -47,12 +47,16 @@ class PipelineRunner:
             parameter dtype (the residual stream's dtype, autocast or not).
         compute_context: zero-argument factory of the context each stage's forward runs in
             (the precision policy's autocast); None: none.
+        sequence_shards: under tensor parallelism, the tp degree: stages exchange each rank's
+            [b, T/tp, D] shard of the sequence-parallel residual stream (T must divide by it).
     """
 
     def __init__(self, *, model: PipelinedModel, schedule: str, group: Any, device: str | torch.device,
                  n_microbatches: int | None = None, activation_dtype: torch.dtype | None = None,
-                 compute_context: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 compute_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 sequence_shards: int = 1):
         self.model = model
+        self.sequence_shards = sequence_shards
         self.schedule = schedule_name(schedule)
         self.group = group
         self.device = torch.device(device)
@@ -113,8 +117,9 @@ class PipelineRunner:
                 elif owner[index - 1] == me:
                     inputs = carried
                 else:
-                    inputs = tuple(torch.empty(*tokens.shape, module.dim, dtype=self.activation_dtype,
-                                               device=self.device) for _ in range(2 if module.passes_embeddings else 1))
+                    shape = (tokens.shape[0], self._local_seq(tokens.shape[1]), module.dim)
+                    inputs = tuple(torch.empty(*shape, dtype=self.activation_dtype, device=self.device)
+                                   for _ in range(2 if module.passes_embeddings else 1))
                     for tensor in inputs:
                         dist.recv(tensor, group=self.group, group_src=owner[index - 1])
                 out = module(*inputs, **kwargs)
@@ -180,7 +185,8 @@ class PipelineRunner:
         spec = module.spec
 
         def activation() -> torch.Tensor:
-            return torch.empty(rows, seq, module.dim, dtype=self.activation_dtype, device="meta", requires_grad=True)
+            return torch.empty(rows, self._local_seq(seq), module.dim, dtype=self.activation_dtype, device="meta",
+                               requires_grad=True)
 
         hops = 2 if module.passes_embeddings else 1
         inputs = (torch.empty(rows, seq, dtype=torch.long, device="meta"),) if spec.first else \
@@ -191,6 +197,13 @@ class PipelineRunner:
                               output_args=outputs, group=self.group)
         self._time(stage)
         return stage
+
+    def _local_seq(self, seq: int) -> int:
+        """Positions of the residual stream this rank sends and receives between stages."""
+        if seq % self.sequence_shards:
+            raise ValueError(f"pipeline x tensor parallelism: seq_len {seq} must be a multiple of tp="
+                             f"{self.sequence_shards} (stages exchange equal sequence shards)")
+        return seq // self.sequence_shards
 
     def _time(self, stage: PipelineStage) -> None:
         """Accumulate the compute time of `stage`'s forward, backward and weight-gradient

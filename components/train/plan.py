@@ -57,11 +57,8 @@ def dry_run(config: fdl.Buildable, *, console: Console | None = None) -> dict[st
 
 
 def layout_of(config: fdl.Buildable) -> planner.PlannedLayout:
-    """The layout to plan: `planned_parallel` when the config sets it, else the degrees of its
-    `parallel` plan (`single`: one process; `fsdp` and `dp_shard=-1`: WORLD_SIZE processes)."""
-    planned = config.__arguments__.get("planned_parallel")
-    if planned is not None:
-        return fdl.build(planned) if isinstance(planned, fdl.Buildable) else planned
+    """The layout to plan: the degrees of the config's `parallel` plan (`single`: one process;
+    `fsdp` and `dp_shard=-1`: WORLD_SIZE processes)."""
     parallel = config.__arguments__.get("parallel")
     if parallel is None:
         return planner.PlannedLayout()
@@ -93,9 +90,8 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
         micro, n_micro = max(1, batch // layout.dp // schedule_micro), schedule_micro
     precision = planner.precision_of(args.get("precision"))
     device = args.get("device", "cpu")
-    # a GPU run's attention is fused (flash/efficient kernels save no [seq, seq] probabilities);
-    # a planned layout is a GPU cluster's
-    fused = device != "cpu" or args.get("planned_parallel") is not None
+    # a GPU run's attention is fused (flash/efficient kernels save no [seq, seq] probabilities)
+    fused = device != "cpu"
     # routed experts pad each expert's rows to ROW_MULTIPLE on CPU (GPU runs pad nothing)
     acts = activation_memory.measure(model, micro_batch=micro, seq_len=seq_len, ep=layout.ep,
                                      row_multiple=1 if fused else ROW_MULTIPLE)
