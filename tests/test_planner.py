@@ -89,7 +89,7 @@ def test_dense_bytes_per_rank_against_hand_calculation(degrees):
     assert planner.memory(model, layout, planner.Precision(), acts, n_micro=1).total == max(p.total for p in plans)
 
 
-def test_expert_parallel_splits_routed_experts_and_zero1_over_their_replicas():
+def test_expert_parallel_splits_routed_experts_and_zero1_shards_the_dense_state():
     from components.moe.moe import MoE
 
     model = _deepseek_meta()
@@ -100,8 +100,13 @@ def test_expert_parallel_splits_routed_experts_and_zero1_over_their_replicas():
     assert split.expert == pytest.approx(experts / 2) and split.dense == pytest.approx(total - experts)
     acts = activation_memory.measure(model, micro_batch=1, seq_len=16)
     mem = planner.memory(model, layout, planner.Precision(), acts, n_micro=1)
-    # ZeRO-1: dense state over 4 replicas, expert state over the 4 x 1 / 2 = 2 ranks holding the same experts
-    assert mem.optimizer == pytest.approx(8 * ((total - experts) / 4 + experts / 2 / 2))
+    # ZeRO-1: dense state over 4 replicas; each process steps its own experts (1/ep of them) whole
+    assert mem.optimizer == pytest.approx(8 * ((total - experts) / 4 + experts / 2))
+    comm = comm_volume.per_step(model, layout, planner.Precision(), n_micro=3, tokens=64, dim=128, moe_layers=0,
+                                top_k=0)
+    # DDP all-reduces the dense gradients once; the 2 copies of each expert every micro-batch
+    assert comm["all-reduce"] == pytest.approx(4 * ((total - experts) + 3 * experts / 2))
+    assert comm["all-gather"] == pytest.approx(4 * (total - experts))  # ZeRO-1's refresh of the dense weights
 
 
 def test_all_to_all_and_point_to_point_volumes_against_hand_calculation():
@@ -289,6 +294,7 @@ def test_predicted_peak_within_15_percent_of_measured_on_two_processes(tmp_path)
         "dualpipev": ("llama_pretrain", "mesh", {"pp": 2, "schedule": "DualPipeV"}, (8, 128, 4)),
         "fsdp_ep": ("deepseek_pretrain", "mesh", {"dp_shard": 2, "ep": 2}, (8, 128, 1)),
         "ddp_ep": ("deepseek_pretrain", "mesh", {"dp_replicate": 2, "ep": 2}, (8, 128, 1)),
+        "tp_mla_moe": ("deepseek_pretrain", "mesh", {"tp": 2}, (8, 128, 1)),
     }, 2, tmp_path)
 
 
@@ -298,4 +304,10 @@ def test_predicted_peak_within_15_percent_of_measured_on_four_processes(tmp_path
         "fsdp_tp": ("llama_pretrain", "mesh", {"dp_shard": 2, "tp": 2}, (8, 128, 1)),
         "fsdp_pp": ("llama_pretrain", "mesh", {"dp_shard": 2, "pp": 2}, (8, 128, 2)),
         "pp_ep_fsdp": ("deepseek_pretrain", "mesh", {"pp": 2, "dp_shard": 2, "ep": 2}, (8, 128, 2)),
+        # every expert on 2 of the 4 processes (replicated, not FSDP-sharded), the rest sharded 4 ways
+        "fsdp_ep_replicas": ("deepseek_pretrain", "mesh", {"dp_shard": 4, "ep": 2}, (8, 128, 1)),
+        # DeepSeek-V3's layout in miniature: ZeRO-1 over the dense state, each process's experts whole
+        "pp_ep_zero1": ("deepseek_pretrain", "mesh", {"pp": 2, "dp_replicate": 2, "ep": 2, "zero1": True},
+                        (8, 128, 2)),
+        "tp_pp": ("llama_pretrain", "mesh", {"tp": 2, "pp": 2}, (8, 128, 2)),
     }, 4, tmp_path)

@@ -37,20 +37,22 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
     out = dict.fromkeys(KINDS, 0.0)
     split = max(split_parameters(model, layout), key=lambda s: s.dense + s.expert)
     act = precision.activation
+    # expert-parallel experts are outside FSDP / DDP / ZeRO-1: their copies all-reduce their
+    # gradients in each micro-batch's backward
+    managed = split.dense + (split.expert if layout.ep == 1 else 0.0)
+    if layout.ep > 1 and layout.expert_dp > 1:
+        out["all-reduce"] += n_micro * split.expert * precision.grad
     if layout.dp_shard > 1:
-        shards = split.dense + split.expert
         gathers = 1 if not layout.reshard_after_forward else 2
-        out["all-gather"] += n_micro * gathers * shards * precision.param
-        out["reduce-scatter"] += n_micro * shards * precision.grad
+        out["all-gather"] += n_micro * gathers * managed * precision.param
+        out["reduce-scatter"] += n_micro * managed * precision.grad
         if layout.dp_replicate > 1:
-            out["all-reduce"] += (split.dense / layout.dp_shard + split.expert / layout.expert_shard) * precision.grad
+            out["all-reduce"] += managed / layout.dp_shard * precision.grad
     else:
         if layout.dp_replicate > 1:
-            out["all-reduce"] += split.dense * precision.grad
-        if layout.expert_dp > 1:
-            out["all-reduce"] += split.expert * precision.grad
+            out["all-reduce"] += managed * precision.grad
         if layout.zero1:
-            out["all-gather"] += (split.dense + split.expert) * precision.param
+            out["all-gather"] += managed * precision.param
     layers_here = len(model.layers) / layout.pp
     if layout.tp > 1:
         per = tokens * dim * act

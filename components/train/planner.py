@@ -6,7 +6,8 @@ Conventions: a "rank" is one process (one GPU). The layout follows the mesh plan
 (`dp_replicate` x `dp_shard` x `tp` x `pp` processes; `ep` is carved out of the data-parallel
 processes, as in torchtitan): dense parameters are split by `tp` (every block linear layer,
 the embedding and head vocab-parallel) and sharded by FSDP over `dp_shard`; routed experts are
-split over `ep` and FSDP-sharded over what of `dp_shard x tp` is left. Pipeline stages take
+split over `ep` and held whole by their owner, replicated over what of the data-parallel ranks
+is left (tessera's expert parallelism: FSDP, DDP and ZeRO-1 leave them alone). Pipeline stages take
 whole layers, as evenly as possible, the embedding on the first stage and the final norm, head
 and MTP modules on the last (DeepSeek-V3's placement, arXiv:2412.19437 §3.2.1). The busiest
 rank is reported: its parameters and its peak activations.
@@ -85,9 +86,10 @@ class PlannedLayout:
     def expert_shard(self) -> int:
         """Ranks FSDP shards each routed expert over. ep = 1: the experts are parameters of their
         block's FSDP unit like the rest, sharded over dp_shard (tensor parallelism does not
-        split routed experts: every tp rank runs all of them). ep > 1: what of dp_shard x tp
-        the ep ranks leave (torchtitan's "efsdp")."""
-        return self.dp_shard if self.ep == 1 else max(1, self.dp_shard * self.tp // self.ep)
+        split routed experts: every tp rank runs all of them). ep > 1: none; each expert lives
+        whole on its owner and its `expert_dp` copies average their gradients
+        (`components.moe.expert_parallel`), where torchtitan would FSDP-shard it further."""
+        return self.dp_shard if self.ep == 1 else 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -258,7 +260,7 @@ def rank_memory(model: nn.Module, layout: PlannedLayout, precision: Precision, a
         params = local * precision.param
         grads = local * precision.grad
         opt_share = split.dense / (dense_shard * (layout.dp_replicate if layout.zero1 else 1)) + \
-            split.expert / (expert_shard * (layout.expert_dp // expert_shard if layout.zero1 else 1))
+            split.expert / (expert_shard * (layout.dp_replicate if layout.zero1 and layout.ep == 1 else 1))
         optimizer = opt_share * (optimizer_states * precision.state + precision.master)
         mine = [list(stage) for stage in stages[r]]
         dualpipev = layout.schedule == "dualpipev" and layout.pp > 1
