@@ -1,8 +1,19 @@
-"""Data-parallel plans and communication hooks at 1, 2 and 4 CPU processes (gloo, 1 thread
-each): tokens/s, communication bytes per step, bytes relative to plain all-reduce, and the
-loss after the same budget.
+"""Parallel plans at 1, 2 and 4 CPU processes (gloo, 1 thread each), in three suites:
 
-    python benchmarks/parallel_scaling.py [--steps 20] [--batch 8] [--seq 64] [--procs 1 2 4]
+    python benchmarks/parallel_scaling.py [--suite data model bubble] [--steps 20] [--batch 8] [--seq 64]
+                                          [--procs 1 2 4] [--repeats 3] [--out benchmarks/results]
+
+data: data-parallel plans and communication hooks (below). model: the model-parallel plans
+(tensor, pipeline and expert parallelism, alone and composed with data parallelism) on the
+llama and DeepSeek debug models: tokens/s and bytes per step by collective kind, counted at
+the dispatcher (`benchmarks/comm_counter.py`, which sees pipeline sends and expert all-to-alls
+too), beside the planner's prediction. bubble: the measured pipeline bubble of GPipe, 1F1B,
+interleaved 1F1B and DualPipeV at p=2 and m=2..8 against the closed forms and against the
+schedule replayed with the measured action times. Both run `benchmarks/model_parallel_worker.py`
+under torchrun; `benchmarks/model_parallel_suites.py` lists their jobs and says how their
+rows are computed. Each suite writes its table (markdown) and raw rows (JSON) to `--out`.
+
+The data suite:
 
 Every run trains the llama debug model (fp32, dropout 0) for `--steps` steps on a global
 batch of `--batch` sequences of `--seq` tokens, through `parallel=@mesh(...)`, all runs of one
@@ -27,9 +38,16 @@ import os
 import platform
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import model_parallel_suites as suites  # noqa: E402
+
+ROOT = suites.ROOT
 WARMUP = 5  # uncompressed steps of powersgd / one_bit (the lr warmup)
 
 
@@ -131,22 +149,15 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    a = parser.parse_args()
-    script = ROOT / "runs" / "parallel_scaling_worker.py"
-    script.parent.mkdir(exist_ok=True)
-    script.write_text(WORKER)
-    print(f"{cpu_name()}, {os.cpu_count()} cores; llama debug model, {a.steps} steps of {a.batch} x {a.seq} "
-          f"tokens, fp32, 1 thread per process\n")
-    print("| processes | plan | tokens/s | bytes/step (avg) | bytes/compressed step | vs all-reduce | loss (last 5) |")
-    print("|---|---|---|---|---|---|---|")
+def data_suite(a: argparse.Namespace, script: Path) -> tuple[str, list[dict]]:
+    """The data-parallel table (markdown) and its raw rows."""
+    lines = ["| processes | plan | tokens/s | bytes/step (avg) | bytes/compressed step | vs all-reduce "
+             "| loss (last 5) |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    raw = []
     for procs in a.procs:
         for row in run(procs, a.steps, a.batch, a.seq, script):
+            raw.append({"procs": procs, **row})
             full = row["param_bytes"]
             tokens = a.steps * a.batch * a.seq / row["seconds"]
             loss = sum(row["losses"][-5:]) / 5
@@ -164,8 +175,106 @@ def main() -> None:
                 per_compressed = (sent - warm * full) / (a.steps - warm)
                 avg, compressed = f"{per_step / 1e6:.2f} MB", f"{per_compressed / 1e6:.3f} MB"
                 ratio = f"1/{full / per_compressed:.1f}" if per_compressed else "0"
-            print(f"| {procs} | {row['name']} | {tokens:,.0f} | {avg} | {compressed} | {ratio} | {loss:.3f} |",
-                  flush=True)
+            lines.append(f"| {procs} | {row['name']} | {tokens:,.0f} | {avg} | {compressed} | {ratio} | {loss:.3f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n", raw
+
+
+def compositions_supported() -> bool:
+    """Whether the mesh plan takes pipeline parallelism beside FSDP and expert parallelism
+    beside DDP (the config invariants refuse them until they land)."""
+    from recipes.deepseek_pretrain import recipe
+    from registry.cli import resolve
+
+    try:
+        for plan in ("@mesh(dp_shard=2,pp=2)", "@mesh(dp_replicate=2,ep=2)", "@mesh(pp=2,dp_shard=2,ep=2)"):
+            resolve(recipe, ["debug", f"parallel={plan}"])
+    except Exception:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", nargs="+", choices=["data", "model", "bubble"], default=["data", "model", "bubble"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--bubble-steps", type=int, default=10)
+    parser.add_argument("--bubble-batch", type=int, default=16)
+    parser.add_argument("--bubble-seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="model and bubble suites: runs of every job")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--compositions", choices=["auto", "yes", "no"], default="auto",
+                        help="model suite: FSDP x PP, PP x EP x DP and EP over DDP rows (auto: if the plan takes them)")
+    a = parser.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today().isoformat()}"
+    print(f"{machine}; load average at start {os.getloadavg()[0]:.2f}\n", flush=True)
+
+    def save(name: str, header: str, table: str, raw: list[dict]) -> None:
+        load = f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}"
+        (a.out / f"{name}.md").write_text(f"{machine}\n\n{header}\n\n{table}\n{load}\n")
+        (a.out / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": raw}, indent=1))
+        print(f"{load}; wrote {a.out / name}.md and .json\n", flush=True)
+
+    if "data" in a.suite:
+        script = ROOT / "runs" / "parallel_scaling_worker.py"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(WORKER)
+        header = (f"llama debug model, {a.steps} steps of {a.batch} x {a.seq} tokens, fp32, 1 thread per process; "
+                  "data-parallel plans")
+        print(header, flush=True)
+        table, raw = data_suite(a, script)
+        save("parallel_scaling_data", header, table, raw)
+    loads: list[float] = []
+
+    def repeat(r: int) -> None:
+        loads.append(os.getloadavg()[0])
+        print(f"repeat {r + 1} of {a.repeats} (load average {loads[-1]:.2f})", flush=True)
+
+    if "model" in a.suite:
+        header = (f"llama and DeepSeek debug models, {a.steps} steps of {a.batch} x {a.seq} tokens, fp32, 1 thread "
+                  f"per process; tokens/s the median of {a.repeats} repeats; bytes per step in MB, busiest "
+                  "process, measured (planner)")
+        print(header, flush=True)
+        compositions = a.compositions == "yes" or a.compositions == "auto" and compositions_supported()
+        jobs = {procs: suites.model_jobs(procs, compositions) for procs in a.procs}
+        runs: dict[tuple, list[dict]] = {}
+        for r in range(a.repeats):
+            repeat(r)
+            for procs in a.procs:
+                for row in suites.run_worker("model", procs, jobs[procs], a.steps, a.batch, a.seq):
+                    runs.setdefault((procs, row["model"], row["name"]), []).append(row)
+                    rate = suites.model_row([row], procs, a.batch, a.seq, {})["tokens_per_s"]
+                    print(f"  {procs} {row['model']} {row['name']}: {rate:,.0f} tokens/s", flush=True)
+        rows, raw = [], []
+        for (procs, _, _), repeats in runs.items():
+            plan = suites.planned(repeats[0], procs, a.steps, a.batch, a.seq)
+            rows.append(suites.model_row(repeats, procs, a.batch, a.seq, plan))
+            raw.append({"procs": procs, "planned": plan, "repeats": repeats})
+        table = suites.model_table(rows)
+        print(table, flush=True)
+        save("parallel_scaling_model", f"{header}; load average at each repeat's start: "
+             + ", ".join(f"{x:.1f}" for x in loads[-a.repeats:]), table, raw)
+    if "bubble" in a.suite:
+        header = (f"llama debug model, pp=2 on 2 processes, {a.bubble_steps} steps of {a.bubble_batch} x "
+                  f"{a.bubble_seq} tokens (first {suites.BUBBLE_WARMUP} not measured), fp32, 1 thread per process, "
+                  f"{a.repeats} repeats")
+        print(header, flush=True)
+        runs = {}
+        for r in range(a.repeats):
+            repeat(r)
+            for row in suites.run_worker("bubble", 2, suites.bubble_jobs(2), a.bubble_steps, a.bubble_batch,
+                                         a.bubble_seq):
+                runs.setdefault((row["schedule"], row["m"]), []).append(row)
+        rows = [suites.bubble_row(repeats) for repeats in runs.values()]
+        table = suites.bubble_table(rows)
+        print(table, flush=True)
+        save("parallel_scaling_bubble", f"{header}; load average at each repeat's start: "
+             + ", ".join(f"{x:.1f}" for x in loads[-a.repeats:]), table,
+             [{"repeats": repeats, "summary": row} for repeats, row in zip(runs.values(), rows, strict=True)])
 
 
 if __name__ == "__main__":
