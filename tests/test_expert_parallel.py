@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from components.moe.expert_parallel import combine, expert_parallel_faults, local_experts, plan_dispatch
+from components.moe.expert_parallel import (
+    combine,
+    expert_parallel_faults,
+    local_experts,
+    plan_dispatch,
+    reduce_expert_gradients,
+)
 from components.moe.experts import GroupedExperts
 from components.moe.moe import MoE
 from components.moe.router import Router
@@ -192,6 +198,7 @@ def train(model, rank: int, world: int, after_forward=lambda model: None) -> tup
         after_forward(model)
         loss = torch.stack(list(terms.values())).sum()
         loss.backward()
+        reduce_expert_gradients(model)  # the experts' copies average their gradients, as the mesh plan does
         # one norm per device mesh (FSDP's and the experts'), as the trainer clips
         norms.append(clip_gradients(list(model.named_parameters()), 1.0)[0].item())
         optimizer.step()

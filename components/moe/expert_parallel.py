@@ -13,10 +13,11 @@ DeepSeek lays them out); FSDP/DDP must leave them alone (`expert_parameters`), b
 gradients are reduced here:
 
 - gradient of a local expert = sum over the ep group's tokens routed to it (the all-to-all's
-  backward brings every sender's contribution home), times 1/ep, then averaged over
-  `replica_mesh` (the processes holding the same experts with other data: torchtitan's
-  ["dp_replicate", "efsdp"]) - in all, the mean over every data-parallel process, as FSDP/DDP
-  give the other parameters.
+  backward brings every sender's contribution home), times 1/ep, accumulated over the step's
+  micro-batches, then averaged over `replica_mesh` (the processes holding the same experts with
+  other data: torchtitan's ["dp_replicate", "efsdp"]) once per step by
+  `reduce_expert_gradients` - in all, the mean over every data-parallel process, as FSDP/DDP
+  give the other parameters, with one all-reduce per step as DDP's accumulation has.
 
 Routing stays where it was: each process routes its own tokens; the aux-free bias update
 all-reduces the per-expert counts over `load_group` (every data-parallel process), so every
@@ -129,21 +130,17 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
 
 
 class _ExpertGradient(torch.autograd.Function):
-    """Identity forward; backward scales a local expert weight's gradient by 1/ep and averages
-    it over the processes holding the same experts (see the module docstring)."""
+    """Identity forward; backward scales a local expert weight's gradient by 1/ep (the mean over
+    the ep group's processes; see the module docstring)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, scale: float, replicas: Any) -> torch.Tensor:
-        ctx.scale, ctx.replicas = scale, replicas
+    def forward(ctx: Any, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        grad = grad * ctx.scale
-        if ctx.replicas is not None:
-            dist.all_reduce(grad, group=ctx.replicas)  # gloo has no AVG: sum, then divide
-            grad = grad / dist.get_world_size(ctx.replicas)
-        return grad, None, None
+        return grad * ctx.scale, None
 
 
 # -- the distributed forward ----------------------------------------------------------------------
@@ -171,7 +168,7 @@ class ExpertParallel:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             rows = _AllToAll.apply(x.index_select(0, plan.token).to(dtype), received, plan.splits, self.group)
-            local = [_ExpertGradient.apply(_local(w), 1.0 / self.ep, self.replicas).to(dtype)
+            local = [_ExpertGradient.apply(_local(w), 1.0 / self.ep).to(dtype)
                      for w in (experts.w_gate, experts.w_up, experts.w_down)]
             out = _AllToAll.apply(local_experts(rows, counts, *local), plan.splits, received, self.group)
             return combine(out, plan, x.shape[0])
@@ -179,6 +176,30 @@ class ExpertParallel:
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+@torch.no_grad()
+def reduce_expert_gradients(model: nn.Module) -> None:
+    """Average the accumulated gradients of `model`'s sharded experts over the processes holding
+    the same experts (their `replicas` group), one flat all-reduce per group: call once per
+    step, after the last micro-batch's backward and before clipping (the mesh plan does).
+    Nothing to do when ep covers every data-parallel process."""
+    by_group: dict[Any, list[torch.Tensor]] = {}
+    for module in model.modules():
+        parallel = getattr(module, "expert_parallel", None)
+        if isinstance(parallel, ExpertParallel) and parallel.replicas is not None:
+            by_group.setdefault(parallel.replicas, []).extend(
+                _local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None)
+    for group, grads in by_group.items():
+        if not grads:
+            continue
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=group)  # gloo has no AVG: sum, then divide
+        flat /= dist.get_world_size(group)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
 
 
 # -- applying it to a model -----------------------------------------------------------------------

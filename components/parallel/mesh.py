@@ -287,10 +287,13 @@ class Mesh(ParallelPlan):
             terms = self._pipeline.forward_backward(model, micro_batches, n_micro=n_micro)
             if not self._sharded and dist.get_world_size(self.group) > 1:  # replicated stages: DDP's average
                 ddp.average_gradients((p for p in model.parameters() if p not in self._experts), self.group)
-            return terms
-        if self._ddp is None:
-            return super().forward_backward(model, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
-        return ddp.forward_backward(self._ddp, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
+        elif self._ddp is None:
+            terms = super().forward_backward(model, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
+        else:
+            terms = ddp.forward_backward(self._ddp, micro_batches, n_micro=n_micro, losses=losses, backward=backward)
+        if self._experts:  # each expert's copies average their step's gradients once
+            expert_parallel.reduce_expert_gradients(model)
+        return terms
 
     def gradient_norm_group(self) -> Any:
         return self.dims.get_mesh("pp").get_group() if self._pipeline is not None else None

@@ -38,10 +38,10 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
     split = max(split_parameters(model, layout), key=lambda s: s.dense + s.expert)
     act = precision.activation
     # expert-parallel experts are outside FSDP / DDP / ZeRO-1: their copies all-reduce their
-    # gradients in each micro-batch's backward
+    # accumulated gradients once per step
     managed = split.dense + (split.expert if layout.ep == 1 else 0.0)
     if layout.ep > 1 and layout.expert_dp > 1:
-        out["all-reduce"] += n_micro * split.expert * precision.grad
+        out["all-reduce"] += split.expert * precision.grad
     if layout.dp_shard > 1:
         gathers = 1 if not layout.reshard_after_forward else 2
         out["all-gather"] += n_micro * gathers * managed * precision.param
