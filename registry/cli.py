@@ -152,9 +152,14 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         serialize.dump(config, ns.dump)
         out.print(f"wrote {ns.dump}", markup=False)
     elif ns.dry_run:
+        from components.parallel.mesh import MeshError
         from components.train.plan import dry_run
 
-        dry_run(config, console=out)
+        try:
+            dry_run(config, console=out)
+        except MeshError as error:  # the plan the model cannot take, found on the meta device
+            err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(2)
     else:
         from components.data.sources.rows import MalformedRowError
         from components.parallel.mesh import MeshError

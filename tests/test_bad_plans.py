@@ -26,7 +26,7 @@ from components.parallel.mesh import Mesh, MeshError
 from components.train.launch import build_model_on_meta
 from recipes import deepseek_pretrain, llama_pretrain
 from registry.cli import resolve
-from tests.conftest import ROOT, torchrun
+from tests.conftest import ROOT, run_recipe, torchrun
 
 LLAMA, DEEPSEEK = llama_pretrain.recipe, deepseek_pretrain.recipe  # debug: 6 layers / 4 layers + 1 MTP block
 
@@ -186,3 +186,13 @@ def test_a_bad_plan_from_torchrun_exits_before_training_with_the_message():
     assert f'File "{ROOT}' not in result.stderr and "MeshError" not in result.stderr, result.stderr
     assert "step" not in result.stdout, result.stdout  # nothing trained
     assert elapsed < 60, f"refusing the plan took {elapsed:.0f} s"
+
+
+def test_dry_run_finds_the_plan_the_model_cannot_take():
+    """`--dry-run` checks the plan against the model on the meta device, as the run would
+    before training: a tp that does not divide the heads is refused on a laptop (exit 2)."""
+    result = run_recipe("--dry-run", "debug", "parallel=@mesh(tp=4)")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "n_heads=6 is not divisible by tp=4" in result.stderr and "divisors: [1, 2, 3, 6]" in result.stderr
+    assert "Traceback" not in result.stderr and "memory: peak" not in result.stdout
+    assert run_recipe("--dry-run", "debug", "parallel=@mesh(tp=2)").returncode == 0

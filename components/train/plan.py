@@ -76,11 +76,22 @@ def layout_of(config: fdl.Buildable) -> planner.PlannedLayout:
     return planner.PlannedLayout(**degrees, **extra)
 
 
+def _check_plan(parallel: Any, model: Any, world: int) -> None:
+    """A mesh plan's faults for `model` on `world` processes (`MeshError`), as the run would
+    raise them before training: tp not dividing the heads, more stages than layers, ..."""
+    from components.parallel.mesh import Mesh
+
+    plan = fdl.build(parallel) if isinstance(parallel, fdl.Buildable) else parallel
+    if isinstance(plan, Mesh):
+        plan.check(model, world)
+
+
 def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity_gb: float = 80.0) -> dict[str, Any]:
     """Print and return the per-rank memory, communication per step and pipeline bubble of the
     config's layout; `fits_80gb` and `dominant` say whether the peak fits and what dominates."""
     args = config.__arguments__
     layout = layout_of(config)
+    _check_plan(args.get("parallel"), model, layout.world)
     seq_len = args.get("seq_len", 2048)
     batch = args.get("batch_size", 1)
     micro = args.get("micro_batch_size") or max(1, batch // layout.dp)
