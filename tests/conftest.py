@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,21 @@ def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] |
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def child_cpu_seconds() -> Iterator[list[float]]:
+    """CPU seconds (user + system) the subprocesses finished inside the block used, in the
+    yielded list's one item: a cost that, unlike wall time, does not grow when other work
+    shares the machine's cores."""
+    def used() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    out = [0.0]
+    start = used()
+    yield out
+    out[0] = used() - start
 
 
 def torchrun(script: Path, *args: str, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess[str]:
