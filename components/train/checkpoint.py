@@ -120,8 +120,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest,
-                                 "tensors": sorted(tensors)})
+        # Under pipeline parallelism each rank holds only its stages' tensors: the checkpoint
+        # lists every rank's (DCP writes them all), so that any layout can find them by name.
+        names, optim_rest = _over_ranks(sorted(tensors), optim_rest)
+        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": names})
 
         def finish() -> None:
             if _is_main():
@@ -291,13 +293,20 @@ class Checkpointer:
         try:
             state = json.loads((path / "state.json").read_text())
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+            saved = {name[len("model."):] for name in state["tensors"] if name.startswith("model.")}
+            elsewhere = _held_elsewhere(saved, set(model_sd))
+            for key in model_sd:
+                if key not in saved:
+                    raise KeyError(key)
             target: dict[str, torch.Tensor] = {}
             for name in state["tensors"]:
                 group, _, key = name.partition(".")
                 if group == "model":
-                    target[name] = model_sd[key]
+                    if key not in elsewhere:
+                        target[name] = model_sd[key]
                 elif group == "optim":
-                    target[name] = optim_sd[key] if key in optim_sd else None
+                    if _parameter_of(key) not in elsewhere:
+                        target[name] = optim_sd[key] if key in optim_sd else None
                 else:
                     target[name] = None
             shapes = _stored_shapes(path)
@@ -319,9 +328,10 @@ class Checkpointer:
                                       f"the configuration that wrote it") from err
         self.last = path
         optim_tensors = {k[len("optim."):]: v for k, v in target.items() if k.startswith("optim.")}
+        optim_rest = {k: v for k, v in state["optimizer"].items() if _parameter_of(k) not in elsewhere}
         set_state_dict(model, optimizer, model_state_dict={k[len("model."):]: v for k, v in target.items()
                                                            if k.startswith("model.")},
-                       optim_state_dict=join_tensors(state["optimizer"], optim_tensors), options=_OPTIONS)
+                       optim_state_dict=join_tensors(optim_rest, optim_tensors), options=_OPTIONS)
         extra_tensors = {k[len("extra."):]: v for k, v in target.items() if k.startswith("extra.")}
         return {"step": state["step"], "extra": join_tensors(state["extra"], extra_tensors)}
 
@@ -344,6 +354,43 @@ def load_model(path: str | Path) -> nn.Module:
         dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
     model.load_state_dict({k[len("model."):]: v for k, v in target.items()})
     return model
+
+
+def _over_ranks(names: list[str], optim_rest: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The union over all ranks of the tensor `names` each saves and of the non-tensor
+    optimizer entries (flattened: `param_groups.<parameter>.<key>`, one per parameter) each
+    holds: the same as this rank's unless ranks hold different parameters (pipeline stages).
+    A collective in a multi-process run."""
+    if not _distributed():
+        return names, optim_rest
+    every: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(every, (names, optim_rest))
+    merged: dict[str, Any] = {}
+    for _, rest in every:
+        merged.update(rest)
+    return sorted({name for rank_names, _ in every for name in rank_names}), merged
+
+
+def _held_elsewhere(saved: set[str], held: set[str]) -> set[str]:
+    """The checkpoint's model entries (`saved`) this rank does not hold (`held`) but another
+    rank does: under pipeline parallelism, the other stages' weights, which this rank skips.
+    A saved entry no rank holds is not among them (the checkpoint is of another model).
+    A collective in a multi-process run."""
+    missing = saved - held
+    if not _distributed():
+        return set()
+    every: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(every, sorted(missing))  # empty unless ranks hold different parts
+    held_by_none = set.intersection(*(set(rank_missing) for rank_missing in every))
+    return missing - held_by_none
+
+
+def _parameter_of(key: str) -> str:
+    """The parameter a flattened optimizer entry belongs to: `state.<parameter>.<name>` and
+    `param_groups.<parameter>.<key>` -> `<parameter>` (state and hyperparameter names hold no
+    dot); "" for any other key."""
+    kind, _, rest = key.partition(".")
+    return rest.rpartition(".")[0] if kind in ("state", "param_groups") else ""
 
 
 def _weights_from_masters(target: dict[str, torch.Tensor], shapes: dict[str, dict[str, Any]]) -> None:

@@ -12,9 +12,11 @@ windows, ...) is refused by `export_faults` on the meta-built model, before trai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import fiddle as fdl
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -22,6 +24,7 @@ from components.attention.mla import MultiHeadLatentAttention
 from components.families.deepseek import hf as deepseek_hf
 from components.families.llama import hf as llama_hf
 from components.model.decoder import DecoderLM
+from components.parallel.pipeline import PipelinedModel
 from components.parallel.process_group import world
 from registry.errors import Fault
 
@@ -39,22 +42,46 @@ def export_faults(model: DecoderLM) -> list[Fault]:
             for problem in family.unsupported(model)]
 
 
-def export_hf(model: DecoderLM, folder: str | Path, *, model_config: fdl.Buildable | None = None,
+def _gathered_stages(model: PipelinedModel) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the first process ({} on the others): each process's
+    stages, gathered whole (FSDP shards of a stage too), on the CPU. A tensor held by
+    several processes (a stage replicated over data-parallel ranks) is sent by one only."""
+    # no cpu_offload: it keeps the tensors on rank 0 alone, dropping the other stages'
+    mine = {name: tensor.cpu() for name, tensor in
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+    if world()[1] == 1:
+        return mine
+    names: list[Any] = [None] * world()[1]
+    dist.all_gather_object(names, sorted(mine))
+    sender: dict[str, int] = {}
+    for rank, held in enumerate(names):
+        for name in held:
+            sender.setdefault(name, rank)
+    rank = world()[0]
+    parts: list[Any] | None = [None] * world()[1] if rank == 0 else None
+    dist.gather_object({k: v for k, v in mine.items() if sender[k] == rank}, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if parts is not None else {}
+
+
+def export_hf(model: DecoderLM | PipelinedModel, folder: str | Path, *, model_config: fdl.Buildable | None = None,
               max_position_embeddings: int = 4096) -> str | None:
     """Write `model` into `folder` as a transformers checkpoint; returns the architecture
     written (None on processes other than the first, which write nothing).
 
-    A sharded model (DTensor parameters) is gathered whole onto the CPU of the first process
-    and loaded into an unsharded copy built from `model_config` (required then).
+    A sharded model (DTensor parameters) or a pipelined one (each process holds its stages:
+    a `PipelinedModel`) is gathered whole onto the CPU of the first process and loaded into
+    an unsharded copy built from `model_config` (required then). Every process calls this.
     """
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    pipelined = isinstance(model, PipelinedModel)
+    if pipelined or any(isinstance(p, DTensor) for p in model.parameters()):
         if model_config is None:
-            raise ValueError("export_hf: a sharded model needs its model_config to rebuild an unsharded copy")
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            raise ValueError("export_hf: a sharded or pipelined model needs its model_config to rebuild a whole copy")
+        full = _gathered_stages(model) if pipelined else \
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if world()[0] != 0:
             return None
         model = fdl.build(model_config)
-        model.load_state_dict(full)
+        model.load_state_dict(full)  # strict: every tensor of the model came from some stage
     elif world()[0] != 0:
         return None
     family, _ = _family(model)
