@@ -196,3 +196,16 @@ def test_dry_run_finds_the_plan_the_model_cannot_take():
     assert "n_heads=6 is not divisible by tp=4" in result.stderr and "divisors: [1, 2, 3, 6]" in result.stderr
     assert "Traceback" not in result.stderr and "memory: peak" not in result.stdout
     assert run_recipe("--dry-run", "debug", "parallel=@mesh(tp=2)").returncode == 0
+
+
+def test_too_few_micro_batches_for_the_schedule_name_the_settings():
+    """The trainer's micro-batch count is known at the first step; the plan refuses it there,
+    naming the settings that change it."""
+    from components.parallel.pipeline import microbatch_faults
+
+    (fault,) = microbatch_faults("1F1B", 2, 1, 1)
+    assert "1F1B needs at least 2 micro-batches per step on pp=2, got 1" in fault
+    assert "parallel.n_microbatches" in fault and "micro_batch_size" in fault
+    (fault,) = microbatch_faults("DualPipeV", 2, 1, 3)
+    assert "at least 4 micro-batches" in fault  # the V: 2 x pp stages
+    assert microbatch_faults("GPipe", 4, 1, 1) == [] and microbatch_faults("1F1B", 2, 1, 2) == []

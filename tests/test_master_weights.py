@@ -113,3 +113,24 @@ def test_second_order_optimizer_with_master_copies_is_refused_clearly():
                                 "optimizer=@sophia_h", "progress=False", "threads=1"])
     with pytest.raises(ValueError, match="differentiates the gradients a second time.*optimizer=@sophia"):
         launch(config)
+
+
+def test_an_inner_optimizer_with_a_fresh_state_mapping_keeps_its_state_and_masters():
+    """ZeRO-1 (and ZeRO-1 beside expert parallelism) hands out a new `state` mapping on each
+    access: the masters wrapper must read it live, or a checkpoint saves no Adam moments."""
+    from components.parallel.split_optimizer import SplitOptimizer
+
+    torch.manual_seed(0)
+    dense, expert = (torch.nn.Parameter(torch.randn(4, 4).to(torch.bfloat16)) for _ in range(2))
+    inner = SplitOptimizer(first=torch.optim.AdamW([dense], lr=1e-2), second=torch.optim.AdamW([expert], lr=1e-2))
+    optimizer = MasterWeights(inner)
+    assert optimizer.param_groups == inner.param_groups and len(optimizer.param_groups) == 2
+    for p in (dense, expert):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert sorted(saved["state"]) == [0, 1]
+    for entry in saved["state"].values():
+        assert {"exp_avg", "exp_avg_sq", "master"} <= set(entry) and entry["master"].dtype == torch.float32
+    optimizer.param_groups[1]["lr"] = 0.5  # an LR schedule reaches the part that owns the group
+    assert inner.parts[1].param_groups[0]["lr"] == 0.5

@@ -194,6 +194,8 @@ def runs(tmp_path_factory):
              for recipe in RECIPES]
     four += [{"label": f"tp_pp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2,pp=2,n_microbatches=2)"}
              for recipe in RECIPES]
+    four.append({"label": "fsdp_pp_bf16-llama", "recipe": "llama", "plan": "@mesh(dp_shard=2,pp=2,n_microbatches=2)",
+                 "extra": ["precision=@bf16_params"]})
     four += [{"label": label, "recipe": "deepseek", "plan": plan} for label, plan in COMPOSITIONS.items()]
     four[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
     four.append({"label": "one-then-ep_zero1", "recipe": "deepseek", "plan": COMPOSITIONS["ep_ddp_zero1-deepseek"],
@@ -260,6 +262,17 @@ def test_compositions_train_as_one_process(runs, label):
     (each process's stages merged, experts and FSDP shards gathered) equal one process's."""
     reference = runs[f"one-{label.split('-')[1]}"]
     assert_same_run(runs[label], reference, label)
+
+
+@pytest.mark.slow
+def test_bf16_weights_train_under_fsdp_x_pp(runs):
+    """bf16 weights (FSDP's mixed precision: fp32 shards, bf16 gathered copies) under FSDP x PP
+    follow the fp32 single-process run to bf16's accuracy; casting FSDP's shards in place (as a
+    plain model's bf16 policy does) instead froze the weights."""
+    losses, weights, _ = runs["fsdp_pp_bf16-llama"]
+    reference, start = runs["one-llama"][0], runs["one-llama"][0][0]
+    assert losses == pytest.approx(reference, rel=2e-3)
+    assert reference[-1] < start - 0.1  # a frozen model would stay ~0.1 above the reference by the end
 
 
 @pytest.mark.slow

@@ -212,10 +212,12 @@ class Mesh(ParallelPlan):
         if self.pp > 1:  # the schedule runs a step's forward and backward
             device_type = torch.device(device).type
             policy = precision
-            gathered = precision.param_dtype if self._sharded and precision is not None else None
+            # the residual stream's dtype: the gathered or cast weights' (bf16_params), else the
+            # parameters' own (fp32 masters under autocast keep an fp32 stream)
+            stream = precision.param_dtype if precision is not None else None
             self._pipeline = PipelineRunner(
                 model=model, schedule=self.schedule, group=self.dims.get_mesh("pp").get_group(), device=device,
-                n_microbatches=self.n_microbatches, activation_dtype=gathered,
+                n_microbatches=self.n_microbatches, activation_dtype=stream,
                 compute_context=(lambda: policy.autocast(device_type)) if policy is not None else None,
                 sequence_shards=self.tp)
         return model
@@ -284,6 +286,11 @@ class Mesh(ParallelPlan):
                          n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
                          backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
         if self._pipeline is not None:
+            # the trainer's micro-batch count is known only now: refuse before the first step runs
+            faults = pipeline.microbatch_faults(self.schedule, self.pp, self.virtual_stages,
+                                                self.n_microbatches or n_micro)
+            if faults:
+                raise MeshError("parallel=@mesh:\n  " + ";\n  ".join(faults))
             terms = self._pipeline.forward_backward(model, micro_batches, n_micro=n_micro)
             if not self._sharded and dist.get_world_size(self.group) > 1:  # replicated stages: DDP's average
                 ddp.average_gradients((p for p in model.parameters() if p not in self._experts), self.group)

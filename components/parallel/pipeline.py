@@ -146,16 +146,27 @@ def pipeline_faults(model: DecoderLM, pp: int, virtual_stages: int = 1, *, sched
                       "the embedding on the first stage and the head on the last; set model.tie_embeddings=False "
                       "or pp=1")
     if n_microbatches is not None and n_stages > 1:
-        if name in ("1F1B", "DualPipeV") and n_microbatches < (pp if name == "1F1B" else n_stages):
-            need = pp if name == "1F1B" else n_stages
-            faults.append(f"schedule {name} needs at least {need} micro-batches per step on pp={pp}, got "
-                          f"{n_microbatches}; raise the micro-batch count (batch_size / (micro x data-parallel "
-                          f"degree)) or lower pp")
-        if name == "Interleaved1F1B":
-            rounds = max(1, n_microbatches // pp)
-            if n_microbatches % rounds:
-                faults.append(f"schedule Interleaved1F1B needs the micro-batch count ({n_microbatches}) to be a "
-                              f"multiple of max(1, micro-batches // pp) = {rounds}; use a multiple of pp={pp}")
+        faults += microbatch_faults(name, pp, virtual_stages, n_microbatches)
+    return faults
+
+
+def microbatch_faults(schedule: str, pp: int, virtual_stages: int, n_microbatches: int) -> list[str]:
+    """Why `n_microbatches` micro-batches per step cannot run `schedule` on `pp` ranks (empty:
+    they can), each naming the config paths that set the count."""
+    name = schedule_name(schedule)
+    n_stages = pp * stages_per_rank(name, virtual_stages)
+    how = ("set parallel.n_microbatches, or raise the trainer's micro-batch count (batch_size / "
+           "(micro_batch_size x data-parallel degree))")
+    faults = []
+    if name in ("1F1B", "DualPipeV") and n_microbatches < (pp if name == "1F1B" else n_stages):
+        need = pp if name == "1F1B" else n_stages
+        faults.append(f"schedule {name} needs at least {need} micro-batches per step on pp={pp}, got "
+                      f"{n_microbatches}; {how}, or lower pp")
+    if name == "Interleaved1F1B":
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds:
+            faults.append(f"schedule Interleaved1F1B needs the micro-batch count ({n_microbatches}) to be a "
+                          f"multiple of max(1, micro-batches // pp) = {rounds}; use a multiple of pp={pp}: {how}")
     return faults
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from components.optim.facade import OptimizerFront
 
-class SplitOptimizer(torch.optim.Optimizer):
+
+class SplitOptimizer(OptimizerFront):
     """`first` and `second` (optimizers over disjoint parameters) behind one optimizer's API.
 
     - `param_groups`: first's groups, then second's (the very group dicts, so setting a
@@ -32,15 +34,8 @@ class SplitOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, *, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
-        # torch.optim.Optimizer.__init__ would build groups of its own; only its hook tables are needed
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
+        super().__init__(defaults=first.defaults)
         self.parts = (first, second)
-        self.defaults = first.defaults
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from components.optim.facade import OptimizerFront
 
-class MasterWeights(torch.optim.Optimizer):
+
+class MasterWeights(OptimizerFront):
     """Runs `inner` on fp32 master copies of the model's bf16/fp16 parameters.
 
     The model keeps low-precision parameters and gradients (what forward and backward
@@ -27,13 +29,33 @@ class MasterWeights(torch.optim.Optimizer):
 
     def __init__(self, inner: torch.optim.Optimizer):
         self.inner = inner
+        super().__init__(defaults=inner.defaults)
         params = [p for group in inner.param_groups for p in group["params"]]
-        super().__init__(params, {})
         self._masters = {p: p.detach().float() for p in params if p.is_floating_point() and p.dtype != torch.float32}
-        self._share()
 
-    def _share(self) -> None:
-        self.defaults, self.param_groups, self.state = self.inner.defaults, self.inner.param_groups, self.inner.state
+    # the inner optimizer's own, read on every access (ZeRO-1's `state` is a fresh mapping each time)
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: Any) -> None:
+        self.inner.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        # the inner optimizer's (ZeRO-1 gathers its partitions there), "master" entries included
+        return self.inner.state_dict()
 
     @contextlib.contextmanager
     def full_precision(self) -> Iterator[None]:
@@ -74,7 +96,6 @@ class MasterWeights(torch.optim.Optimizer):
         loaded = {p: p.detach().float() for p in self._masters}
         with torch.no_grad(), self.full_precision():
             self.inner.load_state_dict(state_dict)
-            self._share()
             for p, master in self._masters.items():
                 state = self.state.get(p)
                 saved = state.get("master") if state else None

@@ -54,7 +54,9 @@ class BF16Params(PrecisionPolicy):
         return torch.autocast(device_type, dtype=torch.bfloat16)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if isinstance(model, FSDPModule):  # FSDP casts its gathered copies (see the fsdp plan)
+        # FSDP casts its gathered copies (see the fsdp plan); under a pipeline the FSDP roots
+        # are the stages, below the model
+        if any(isinstance(module, FSDPModule) for module in model.modules()):
             return model
         for param in model.parameters():
             if param.is_floating_point():
