@@ -44,6 +44,20 @@ def dense_loop(x, indices, weights, keep, experts):
     return out
 
 
+def test_a_process_no_token_is_routed_to_gets_zero_expert_gradients():
+    """Small evaluation batches can leave a process's experts without rows: they still run
+    (on padding), return no rows, and get gradients of zero, not None (its optimizer then
+    steps them as one process would)."""
+    torch.manual_seed(0)
+    local = E // EP
+    weights = [torch.randn(local, *shape, requires_grad=True) for shape in ((H, D), (H, D), (D, H))]
+    out = local_experts(torch.zeros(0, D), torch.zeros(EP, local, dtype=torch.int64), *weights)
+    assert out.shape == (0, D)
+    out.sum().backward()
+    for weight in weights:
+        assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0
+
+
 def test_dispatch_and_combine_on_two_simulated_processes_equal_a_dense_loop():
     torch.manual_seed(0)
     experts = GroupedExperts(n_experts=E, dim=D, hidden_dim=H)

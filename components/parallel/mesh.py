@@ -239,7 +239,8 @@ class Mesh(ParallelPlan):
                 (degrees["dp_replicate"], "dp_replicate")
             if over % self.ep:
                 faults.append(f"ep={self.ep} must divide {name}={over} (the experts are sharded over ep of the "
-                              f"data-parallel processes: of dp_shard beside FSDP2, else of dp_replicate)")
+                              f"data-parallel processes: of dp_shard beside FSDP2, else of dp_replicate); set "
+                              f"parallel.{name} to a multiple of {self.ep}, or parallel.ep to a divisor of {over}")
         if self.tp > 1:
             faults += tensor_parallel.tensor_parallel_faults(model, self.tp)
         if self.pp > 1:

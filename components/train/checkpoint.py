@@ -294,10 +294,9 @@ class Checkpointer:
             state = json.loads((path / "state.json").read_text())
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
             saved = {name[len("model."):] for name in state["tensors"] if name.startswith("model.")}
-            elsewhere = _held_elsewhere(saved, set(model_sd))
-            for key in model_sd:
-                if key not in saved:
-                    raise KeyError(key)
+            elsewhere, absent = _held_elsewhere(saved, set(model_sd))
+            if absent:
+                raise KeyError(absent[0])
             target: dict[str, torch.Tensor] = {}
             for name in state["tensors"]:
                 group, _, key = name.partition(".")
@@ -357,32 +356,37 @@ def load_model(path: str | Path) -> nn.Module:
 
 
 def _over_ranks(names: list[str], optim_rest: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """The union over all ranks of the tensor `names` each saves and of the non-tensor
-    optimizer entries (flattened: `param_groups.<parameter>.<key>`, one per parameter) each
-    holds: the same as this rank's unless ranks hold different parameters (pipeline stages).
-    A collective in a multi-process run."""
+    """On rank 0 (which writes state.json): the union over all ranks of the tensor `names`
+    each saves and of the non-tensor optimizer entries (flattened: `param_groups.<parameter>.
+    <key>`, one per parameter) each holds: the same as its own unless ranks hold different
+    parameters (pipeline stages). Other ranks get their own back. A collective (a gather to
+    rank 0: no rank receives every other's lists) in a multi-process run."""
     if not _distributed():
         return names, optim_rest
-    every: list[Any] = [None] * world()[1]
-    torch.distributed.all_gather_object(every, (names, optim_rest))
+    every: list[Any] | None = [None] * world()[1] if _is_main() else None
+    torch.distributed.gather_object((names, optim_rest), every, dst=0)
+    if every is None:
+        return names, optim_rest
     merged: dict[str, Any] = {}
     for _, rest in every:
         merged.update(rest)
     return sorted({name for rank_names, _ in every for name in rank_names}), merged
 
 
-def _held_elsewhere(saved: set[str], held: set[str]) -> set[str]:
-    """The checkpoint's model entries (`saved`) this rank does not hold (`held`) but another
-    rank does: under pipeline parallelism, the other stages' weights, which this rank skips.
-    A saved entry no rank holds is not among them (the checkpoint is of another model).
-    A collective in a multi-process run."""
-    missing = saved - held
+def _held_elsewhere(saved: set[str], held: set[str]) -> tuple[set[str], list[str]]:
+    """(The checkpoint's model entries (`saved`) this rank does not hold (`held`) but another
+    rank does: under pipeline parallelism, the other stages' weights, which this rank skips;
+    the tensors some rank holds that the checkpoint lacks, the same list on every rank, so
+    that all of them refuse the checkpoint together instead of some waiting in the load's
+    collectives). A saved entry no rank holds is not in the first set (the checkpoint is of
+    another model). A collective in a multi-process run."""
+    missing, absent = saved - held, sorted(held - saved)
     if not _distributed():
-        return set()
+        return set(), absent
     every: list[Any] = [None] * world()[1]
-    torch.distributed.all_gather_object(every, sorted(missing))  # empty unless ranks hold different parts
-    held_by_none = set.intersection(*(set(rank_missing) for rank_missing in every))
-    return missing - held_by_none
+    torch.distributed.all_gather_object(every, (sorted(missing), absent))  # small unless the parts differ
+    held_by_none = set.intersection(*(set(rank_missing) for rank_missing, _ in every))
+    return missing - held_by_none, sorted({name for _, rank_absent in every for name in rank_absent})
 
 
 def _parameter_of(key: str) -> str:

@@ -45,7 +45,8 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
     if layout.dp_shard > 1:
         gathers = 1 if not layout.reshard_after_forward else 2
         out["all-gather"] += n_micro * gathers * managed * precision.param
-        out["reduce-scatter"] += n_micro * managed * precision.grad
+        # a pipeline schedule holds FSDP's gradient sync until the step's last backward
+        out["reduce-scatter"] += (1 if layout.pp > 1 else n_micro) * managed * precision.grad
         if layout.dp_replicate > 1:
             out["all-reduce"] += managed / layout.dp_shard * precision.grad
     else:
