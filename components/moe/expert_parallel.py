@@ -44,6 +44,7 @@ from components.moe.experts import ROW_MULTIPLE, GroupedExperts, expert_counts, 
 from components.moe.grouped_mm import grouped_mm
 from components.moe.moe import MoE
 from components.moe.router import set_load_group
+from components.parallel.process_group import average_in_place
 
 
 # -- the three local pieces: plan the dispatch, run the local experts, combine --------------------
@@ -191,15 +192,7 @@ def reduce_expert_gradients(model: nn.Module) -> None:
             by_group.setdefault(parallel.replicas, []).extend(
                 _local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None)
     for group, grads in by_group.items():
-        if not grads:
-            continue
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=group)  # gloo has no AVG: sum, then divide
-        flat /= dist.get_world_size(group)
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        average_in_place(grads, group)
 
 
 # -- applying it to a model -----------------------------------------------------------------------

@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from components.interfaces import CommHook
+from components.parallel.process_group import average_in_place
 
 Losses = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -70,19 +69,8 @@ def forward_backward(ddp: DistributedDataParallel, micro_batches: Iterable[dict[
     return totals
 
 
-@torch.no_grad()
 def average_gradients(params: Iterable[nn.Parameter], process_group: Any) -> None:
     """Average the `.grad` of `params` (plain tensors, identical across `process_group` in
-    shape) over `process_group`, one flat all-reduce per dtype: what DDP does for a model it
-    cannot wrap (pipeline stages run by a schedule, which calls the stages' backward itself)."""
-    size = dist.get_world_size(process_group)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=process_group)  # gloo has no AVG: sum, then divide
-        flat /= size
-        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-            grad.copy_(averaged)
+    shape) over `process_group`: what DDP does for a model it cannot wrap (pipeline stages run
+    by a schedule, which calls the stages' backward itself)."""
+    average_in_place((p.grad for p in params if p.grad is not None), process_group)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def ensure_process_group(device: str = "cpu") -> None:
@@ -74,3 +77,20 @@ def data_parallel() -> tuple[int, int]:
     if _DATA_PARALLEL is not None and dist.is_available() and dist.is_initialized():
         return _DATA_PARALLEL
     return world()
+
+
+@torch.no_grad()
+def average_in_place(tensors: Iterable[torch.Tensor], group: Any) -> None:
+    """Replace each of `tensors` (plain tensors of the same shapes on every process of `group`)
+    by its mean over `group`, with one flat all-reduce per dtype: how gradients a wrapper does
+    not reduce (pipeline stages, expert-parallel experts) are averaged once per step."""
+    size = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same in by_dtype.values():
+        flat = _flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=group)  # gloo has no AVG: sum, then divide
+        flat /= size
+        for tensor, averaged in zip(same, _unflatten_dense_tensors(flat, same), strict=True):
+            tensor.copy_(averaged)
