@@ -14,15 +14,19 @@ averaged over the counted steps; the planner's prediction for the same config
 
 Bubble suite. Each process's idle share of a step, 1 - busy / wall
 (`components.parallel.pipeline_schedule.measure_bubble`), the median over the measured
-steps, against the closed form `components.train.pipeline_bubble.bubble_fraction` (for
-DualPipeV also with the measured F, B and W put in), and against `replay`: the schedule's own
-action order as each rank ran it, replayed with each stage's mean measured action times and
-free communication. The closed forms assume equal stages; the replay keeps the stages'
-real costs (the last one holds the head and the loss) and the schedule's real shape at this
-m, so measured minus replayed is what communication, scheduling overhead and waiting for a
-core added. The "CPU share" column is the actions' thread CPU time over their wall time:
-below 1, the process waited for a core inside its compute, and busy-vs-wall measured
-contention, not the schedule.
+steps in which every rank had its core (below), against the closed form
+`components.train.pipeline_bubble.bubble_fraction` (for DualPipeV also with the measured F, B
+and W put in), and against `replay`: the schedule's own action order as each rank ran it,
+replayed with each stage's mean measured action times and free communication. The closed
+forms assume equal stages; the replay keeps the stages' real costs (the last one holds the
+head and the loss) and the schedule's real shape at this m, so measured minus replayed is
+what communication, scheduling overhead and waiting for a core added.
+
+On a shared machine other processes take the cores now and then. The "CPU share" column is
+the actions' thread CPU time over their wall time: below 1 the process waited for a core
+inside its compute, and busy-vs-wall measured contention, not the schedule. Steps where any
+rank's share fell below `UNCONTENDED` are left out of the idle shares and action times
+("steps kept").
 
 The bubble runs at p=2 only: with one core per process an idle rank's wait is the
 schedule's. At p=4 on 2 cores, two ranks share each core, a rank waiting on its neighbour
@@ -45,14 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "model_parallel_worker.py"
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "point-to-point", "broadcast")
 BUBBLE_WARMUP = 2  # steps of each bubble job not measured
+UNCONTENDED = 0.9  # a step counts when every rank's actions got this share of a core
 
 
 def run_args(model: str, steps: int, batch: int, seq: int) -> list[str]:
     """Command-line overrides every run of `model` ("llama" or "deepseek") shares."""
     extra = ["model.layers[*].attention.dropout=0.0"] if model == "llama" else []
     return ["debug", f"batch_size={batch}", f"seq_len={seq}", "precision=@fp32", "threads=1", "progress=False",
-            "checkpoint=None", "metrics=None", "eval_batches=1", "scheduler.warmup_steps=5", f"steps={steps}",
-            f"scheduler.total_steps={steps}", *extra]
+            "checkpoint=None", "metrics=None", "eval_batches=1", f"scheduler.warmup_steps={min(5, steps)}",
+            f"steps={steps}", f"scheduler.total_steps={steps}", *extra]
 
 
 def recipe(model: str):
@@ -232,28 +237,39 @@ def replay(orders: list[list[tuple[str, int, int]]], seconds: dict[tuple[str, in
     return [1 - b / max(free) for b in busy]
 
 
+def _uncontended(row: dict) -> list[int]:
+    """Indices of `row`'s measured steps in which every rank ran its actions with its core to
+    itself: thread CPU time at least `UNCONTENDED` of the actions' wall time."""
+    steps = range(BUBBLE_WARMUP, len(row["ranks"][0]))
+    return [i for i in steps if all(r[i]["busy_cpu"] >= UNCONTENDED * r[i]["busy"] for r in row["ranks"])]
+
+
 def bubble_row(repeats: list[dict]) -> dict:
-    """One schedule x m's rows (one per repeat) reduced to: per rank, the median over repeats
-    of the median idle share of the measured steps, mean action times, and the CPU share of
-    the action wall time (below 1: the process waited for a core inside its compute); the
-    closed form; the prediction from the measured stage times."""
-    ranks, spans = [], {}
-    for row in repeats:
+    """One schedule x m's rows (one per repeat) reduced to: per rank, the median idle share
+    over the uncontended measured steps of all repeats (all measured steps when none is), the
+    mean action times, the CPU share of the action wall time over all measured steps; the
+    closed form; the schedule replayed with the mean action times."""
+    kept = [(row, _uncontended(row)) for row in repeats]
+    n_kept = sum(len(ix) for _, ix in kept)
+    if not n_kept:
+        kept = [(row, list(range(BUBBLE_WARMUP, len(row["ranks"][0])))) for row in repeats]
+    spans: dict[tuple[str, int], list[float]] = {}
+    for row, ix in kept:
         for steps in row["ranks"]:
-            for step in steps[BUBBLE_WARMUP:]:
-                for kind, stage, _, seconds in step["trace"]:
+            for i in ix:
+                for kind, stage, _, seconds in steps[i]["trace"]:
                     spans.setdefault((kind, stage), []).append(seconds)
     action_seconds = {key: statistics.mean(values) for key, values in spans.items()}
     orders = [[(kind, stage, mb) for kind, stage, mb, _ in steps[-1]["trace"]] for steps in repeats[0]["ranks"]]
     replayed = replay(orders, action_seconds)
+    ranks = []
     for rank in range(len(repeats[0]["ranks"])):
-        kept = [s for row in repeats for s in row["ranks"][rank][BUBBLE_WARMUP:]]
-        idle = statistics.median(statistics.median(s["bubble"] for s in row["ranks"][rank][BUBBLE_WARMUP:])
-                                 for row in repeats)
-        mean = {k: statistics.mean(s[k] for s in kept) for k in ("F", "B_full", "B_input", "W") if k in kept[0]}
-        ranks.append({"idle": idle, "wall": statistics.median(s["wall"] for s in kept),
-                      "cpu_share": sum(s["busy_cpu"] for s in kept) / sum(s["busy"] for s in kept),
-                      "process_cpu": sum(s["process_cpu"] for s in kept) / sum(s["wall"] for s in kept), **mean})
+        mine = [row["ranks"][rank][i] for row, ix in kept for i in ix]
+        measured = [s for row in repeats for s in row["ranks"][rank][BUBBLE_WARMUP:]]
+        mean = {k: statistics.mean(s[k] for s in mine) for k in ("F", "B_full", "B_input", "W") if k in mine[0]}
+        ranks.append({"idle": statistics.median(s["bubble"] for s in mine),
+                      "wall": statistics.median(s["wall"] for s in mine),
+                      "cpu_share": sum(s["busy_cpu"] for s in measured) / sum(s["busy"] for s in measured), **mean})
     row = repeats[0]
     schedule, p, m, v = row["schedule"], row["p"], row["m"], row["v"]
     closed = bubble_fraction(_schedule_key(schedule), p=p, m=m, v=v)
@@ -264,6 +280,7 @@ def bubble_row(repeats: list[dict]) -> dict:
         full = statistics.mean(r.get("B_full", r.get("B_input", 0.0) + w) for r in ranks)
         formula = {"bubble": bubble_fraction("dualpipev", p=p, m=m, f=f, b=full, w=w), "F": f, "B": full, "W": w}
     return {"schedule": schedule, "p": p, "m": m, "v": v, "repeats": len(repeats), "ranks": ranks,
+            "steps_kept": n_kept, "steps_measured": sum(len(r["ranks"][0]) - BUBBLE_WARMUP for r in repeats),
             "closed_form": closed, "replayed": replayed, "formula_with_measured_times": formula,
             "action_seconds": {f"{k}{s}": v for (k, s), v in sorted(action_seconds.items())}}
 
@@ -271,8 +288,8 @@ def bubble_row(repeats: list[dict]) -> dict:
 def bubble_table(rows: list[dict]) -> str:
     head = ("| schedule | p | m | idle share measured, rank 0 / rank 1 | closed form | schedule replayed with the "
             "measured action times, no communication "
-            "| F / B / W per action, ms, rank 0; rank 1 | CPU share in actions | step wall, ms |\n"
-            + "|---" * 9 + "|\n")
+            "| F / B / W per action, ms, rank 0; rank 1 | CPU share in actions, all steps | steps kept "
+            "| step wall, ms |\n" + "|---" * 10 + "|\n")
     lines = []
 
     def ms(x: dict, k: str) -> str:
@@ -283,6 +300,7 @@ def bubble_table(rows: list[dict]) -> str:
         times = "; ".join(f"{ms(x, 'F')} / {ms(x, 'B_full') if 'B_full' in x else ms(x, 'B_input')} / {ms(x, 'W')}"
                           for x in r["ranks"])
         share = " / ".join(f"{x['cpu_share']:.2f}" for x in r["ranks"])
+        share += f" | {r['steps_kept']} of {r['steps_measured']}"
         name = r["schedule"] + (f" (v={r['v']})" if r["v"] > 1 else "")
         wall = statistics.median(x["wall"] for x in r["ranks"]) * 1e3
         closed = f"{r['closed_form']:.1%}"

@@ -194,6 +194,31 @@ def compositions_supported() -> bool:
     return True
 
 
+def retable(folder: Path, a: argparse.Namespace) -> None:
+    """Rewrite the model and bubble tables (markdown) of `folder` from its JSON rows: the
+    lines above and below each table are kept, the table and the bubble summaries recomputed
+    (and the planner's predictions, with `a.replan`)."""
+    for name, rebuild in (
+            ("parallel_scaling_model", lambda raw: suites.model_table(
+                [suites.model_row(r["repeats"], r["procs"], a.batch, a.seq, r["planned"]) for r in raw])),
+            ("parallel_scaling_bubble", lambda raw: suites.bubble_table(
+                [suites.bubble_row(r["repeats"]) for r in raw]))):
+        if not (folder / f"{name}.json").exists():
+            continue
+        data = json.loads((folder / f"{name}.json").read_text())
+        for r in data["rows"]:
+            if name.endswith("bubble"):
+                r["summary"] = suites.bubble_row(r["repeats"])
+            elif a.replan:
+                r["planned"] = suites.planned(r["repeats"][0], r["procs"], a.steps, a.batch, a.seq)
+        (folder / f"{name}.json").write_text(json.dumps(data, separators=(",", ":")))
+        lines = (folder / f"{name}.md").read_text().splitlines()
+        table = [i for i, line in enumerate(lines) if line.startswith("|")]
+        text = "\n".join(lines[:table[0]]) + "\n" + rebuild(data["rows"]) + "\n".join(lines[table[-1] + 1:]) + "\n"
+        (folder / f"{name}.md").write_text(text)
+        print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", nargs="+", choices=["data", "model", "bubble"], default=["data", "model", "bubble"])
@@ -205,10 +230,17 @@ def main() -> None:
     parser.add_argument("--bubble-batch", type=int, default=16)
     parser.add_argument("--bubble-seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="model and bubble suites: runs of every job")
+    parser.add_argument("--retable", type=Path, default=None,
+                        help="rebuild the model and bubble tables in this folder from its JSON rows, running nothing")
+    parser.add_argument("--replan", action="store_true",
+                        help="with --retable: recompute the planner's column with the planner as it is now")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--compositions", choices=["auto", "yes", "no"], default="auto",
                         help="model suite: FSDP x PP, PP x EP x DP and EP over DDP rows (auto: if the plan takes them)")
     a = parser.parse_args()
+    if a.retable is not None:
+        retable(a.retable, a)
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today().isoformat()}"
     print(f"{machine}; load average at start {os.getloadavg()[0]:.2f}\n", flush=True)
@@ -216,7 +248,7 @@ def main() -> None:
     def save(name: str, header: str, table: str, raw: list[dict]) -> None:
         load = f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}"
         (a.out / f"{name}.md").write_text(f"{machine}\n\n{header}\n\n{table}\n{load}\n")
-        (a.out / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": raw}, indent=1))
+        (a.out / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": raw}, separators=(",", ":")))
         print(f"{load}; wrote {a.out / name}.md and .json\n", flush=True)
 
     if "data" in a.suite:
