@@ -51,11 +51,14 @@ def test_a_process_no_token_is_routed_to_gets_zero_expert_gradients():
     torch.manual_seed(0)
     local = E // EP
     weights = [torch.randn(local, *shape, requires_grad=True) for shape in ((H, D), (H, D), (D, H))]
-    out = local_experts(torch.zeros(0, D), torch.zeros(EP, local, dtype=torch.int64), *weights)
+    rows = torch.zeros(0, D, requires_grad=True)  # as the dispatch all-to-all delivers them
+    out = local_experts(rows, torch.zeros(EP, local, dtype=torch.int64), *weights)
     assert out.shape == (0, D)
     out.sum().backward()
     for weight in weights:
         assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0
+    # the received rows stay in the graph: their all-to-all's backward (which the peers wait in) runs
+    assert rows.grad is not None and rows.grad.shape == (0, D)
 
 
 def test_dispatch_and_combine_on_two_simulated_processes_equal_a_dense_loop():

@@ -183,6 +183,9 @@ def runs(tmp_path_factory):
     two.append({"label": "ep-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_shard=2,ep=2)"})
     two += [{"label": f"tp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2)"} for recipe in RECIPES]
     two += [{"label": f"pp-{recipe}", "recipe": recipe, "plan": "@mesh(pp=2,n_microbatches=4)"} for recipe in RECIPES]
+    two += [{"label": "ep_ddp-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_replicate=2,ep=2)"},  # fused AdamW
+            {"label": "pp_noeval-llama", "recipe": "llama", "plan": "@mesh(pp=2,n_microbatches=4)",
+             "extra": ["eval_batches=0"]}]
     two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
                 "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
     out.update(torchrun(2, tmp / "two", two))
@@ -262,6 +265,14 @@ def test_compositions_train_as_one_process(runs, label):
     (each process's stages merged, experts and FSDP shards gathered) equal one process's."""
     reference = runs[f"one-{label.split('-')[1]}"]
     assert_same_run(runs[label], reference, label)
+
+
+@pytest.mark.slow
+def test_expert_parallel_beside_plain_ddp_and_a_pipeline_without_validation(runs):
+    """EP beside DDP with the default (fused where possible) AdamW over experts (DTensors) and
+    replicated weights (plain); a pipelined run with eval_batches=0."""
+    assert_same_run(runs["ep_ddp-deepseek"], runs["one-deepseek"], "ep_ddp-deepseek")
+    assert runs["pp_noeval-llama"][0] == pytest.approx(runs["one-llama"][0], rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.slow

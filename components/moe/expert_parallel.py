@@ -96,7 +96,9 @@ def local_experts(rows: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor
     source_row = torch.zeros(total, dtype=torch.int64, device=rows.device).index_copy_(0, slot, order)
     # padding rows repeat row 0 (their outputs are never read); a process no token was routed to
     # pads from a zero row, and still runs its experts so their gradient is zero, not missing
-    source = rows if rows.shape[0] else rows.new_zeros(1, rows.shape[1])
+    # (appended to `rows`, not instead of it: `rows` must stay in the graph, or this process
+    # would skip the dispatch all-to-all's backward that its peers wait in)
+    source = rows if rows.shape[0] else torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     xs = source.index_select(0, source_row)
     hidden = F.silu(grouped_mm(xs, w_gate, padded)) * grouped_mm(xs, w_up, padded)
     out = grouped_mm(hidden, w_down, padded).index_select(0, slot)

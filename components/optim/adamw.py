@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from components.interfaces import ParamGroups
 from registry.kinds import OPTIMIZER
@@ -16,7 +17,8 @@ def adamw(params: ParamGroups, *, lr: float = 1e-3, betas: tuple[float, float] =
     """torch.optim.AdamW over `params`. `fused=None` picks torch's fused kernel (one pass over
     each parameter for the whole update) when every parameter is a floating tensor on a device
     that has it (on this 2-core CPU 7x faster than the default loop: 15 ms vs 108 ms for 30M
-    parameters), and the default implementation otherwise; True/False force the choice."""
+    parameters) and they are all DTensors or all plain tensors, and the default implementation
+    otherwise; True/False force the choice."""
     groups = list(params)
     if groups and not isinstance(groups[0], dict):  # plain tensors: one group
         groups = [{"params": groups}]
@@ -24,5 +26,8 @@ def adamw(params: ParamGroups, *, lr: float = 1e-3, betas: tuple[float, float] =
               for g in groups]
     if fused is None:
         tensors = [p for g in groups for p in g["params"]]
-        fused = bool(tensors) and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors)
+        # the fused kernel takes DTensors (FSDP, TP) or plain tensors, not both at once (expert-
+        # parallel experts beside DDP's replicated weights): the loop then
+        fused = bool(tensors) and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors) \
+            and len({isinstance(p, DTensor) for p in tensors}) == 1
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)

@@ -307,7 +307,9 @@ class Mesh(ParallelPlan):
         return self.dims.get_mesh("pp").get_group() if self._pipeline is not None else None
 
     def validation_loss(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float | None:
-        return self._pipeline.evaluate(batches)["lm"] if self._pipeline is not None else None
+        if self._pipeline is None:
+            return None
+        return self._pipeline.evaluate(batches).get("lm", 0.0)  # no batches: 0, as one process's mean of none
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         if self.periodic_sync is not None:
