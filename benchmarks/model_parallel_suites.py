@@ -89,7 +89,7 @@ def model_jobs(procs: int, compositions: bool) -> list[dict]:
                      job(model, "pp=2 DualPipeV m=4", _pp(2, "DualPipeV", 4))]
         jobs.append(job("deepseek", "dp_shard=2,ep=2", "parallel=@mesh(dp_shard=2,ep=2)"))
         if compositions:
-            # fused AdamW refuses the mix of plain (DDP) and DTensor (expert) parameters in one group
+            # the plain loop: fused AdamW takes no mix of plain (DDP) and DTensor (expert) parameters
             jobs.append(job("deepseek", "dp_replicate=2,ep=2 (EP over DDP), unfused AdamW",
                             "parallel=@mesh(dp_replicate=2,ep=2) optimizer.fused=False"))
     if procs == 4:

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.pipelining.stage import _PipelineStageBase  # noqa: E402
 
-import components.moe.expert_parallel as expert_parallel  # noqa: E402
 import components.train.launch as launching  # noqa: E402
 from benchmarks.comm_counter import CommCounter  # noqa: E402
 from benchmarks.model_parallel_suites import recipe, run_args  # noqa: E402
@@ -41,20 +40,6 @@ from registry.cli import resolve  # noqa: E402
 
 launching.leave_process_group = lambda: None  # one process group for every job (see tests/test_comm_hooks.py)
 COUNTED = 2  # steps counted under CommCounter (after one warm-up step)
-_local_experts = expert_parallel.local_experts
-
-
-def _local_experts_kept_in_graph(rows: Any, counts: Any, *weights: Any) -> Any:
-    """`local_experts`, with the received rows kept in the autograd graph when no token was
-    routed to this process. The library pads from a fresh zero row then, which leaves the
-    dispatch all-to-all out of this process's backward: its peer waits in that all-to-all
-    while this process goes on to FSDP's reduce-scatter, and both hang (gloo). Adding
-    0 * rows.sum() changes no value and makes the empty all-to-all run in the backward."""
-    out = _local_experts(rows, counts, *weights)
-    return out + rows.sum() * 0 if rows.shape[0] == 0 else out
-
-
-expert_parallel.local_experts = _local_experts_kept_in_graph
 
 
 def gathered(value: Any) -> list[Any]:
