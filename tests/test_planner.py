@@ -124,6 +124,17 @@ def test_all_to_all_and_point_to_point_volumes_against_hand_calculation():
     comm = comm_volume.per_step(model, planner.PlannedLayout(pp=2, schedule="dualpipev"), prec, n_micro=m,
                                 tokens=tokens, dim=dim, moe_layers=moe_layers, top_k=top_k)
     assert comm["point-to-point"] == pytest.approx(2 * m * 2 * tokens * dim * 2)  # two stages per rank
+    # what the busiest rank sends per micro-batch, each hop carrying the hidden states and (MTP)
+    # the token embeddings: pp=4 1F1B, a middle rank, one send each way; pp=2 interleaved
+    # (stages 0 1 0 1 by rank), three sends per rank
+    for layout, sends in ((planner.PlannedLayout(pp=4), 2),
+                          (planner.PlannedLayout(pp=2, schedule="interleaved_1f1b", virtual_stages=2), 3)):
+        comm = comm_volume.per_step(model, layout, prec, n_micro=m, tokens=tokens, dim=dim, moe_layers=moe_layers,
+                                    top_k=top_k)
+        assert comm["point-to-point"] == pytest.approx(m * sends * 2 * tokens * dim * 2), layout
+    llama = comm_volume.per_step(_llama_meta(), planner.PlannedLayout(pp=2), prec, n_micro=m, tokens=tokens,
+                                 dim=64, moe_layers=0, top_k=0)
+    assert llama["point-to-point"] == pytest.approx(m * 1 * tokens * 64 * 2)  # no MTP: the hidden states alone
 
 
 def test_ddp_all_reduces_the_gradients_once_and_fsdp_gathers_twice_per_micro_batch():

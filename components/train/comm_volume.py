@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.train.planner import PlannedLayout, Precision, split_parameters
+from components.train.planner import PlannedLayout, Precision, split_parameters, stage_owners
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "point-to-point")
 
@@ -31,8 +31,10 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
       reduce-scatters of the [tokens, dim] activations forward, as many backward (arXiv:2205.05198 §4.2.2).
     - Expert parallel: per MoE layer and micro-batch, an all-to-all dispatch and combine of the
       tokens' top_k copies forward, the same backward; (ep-1)/ep of them leave the rank.
-    - Pipeline: per micro-batch and stage boundary, the activations forward and their
-      gradient backward (two boundaries per rank when a rank holds two stages).
+    - Pipeline: per micro-batch, what the busiest rank sends: each of its stages' activations
+      to a next stage on another rank and their gradients back to a previous one (a middle
+      rank of 1F1B: one each; an end rank: one; the first rank of DualPipeV's V: one of each
+      direction), twice with MTP (the token embeddings travel too).
     """
     out = dict.fromkeys(KINDS, 0.0)
     split = max(split_parameters(model, layout), key=lambda s: s.dense + s.expert)
@@ -64,6 +66,15 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
         moe_here = moe_layers / layout.pp
         out["all-to-all"] += n_micro * moe_here * 4 * tokens * top_k * dim * act * leaving / layout.tp
     if layout.pp > 1:
-        boundaries = layout.stages_per_rank
-        out["point-to-point"] += n_micro * boundaries * 2 * tokens * dim * act / layout.tp
+        # each tensor a stage hands to a stage on another rank: activations forward (all but
+        # the last stage), their gradients backward (all but the first); with MTP the token
+        # embeddings travel beside the hidden states (components.parallel.pipeline)
+        hops = 2 if len(getattr(model, "mtp", None) or []) else 1
+        owner = stage_owners(layout)
+        sends = [0] * layout.pp
+        for stage, rank in enumerate(owner):
+            forward = stage + 1 < len(owner) and owner[stage + 1] != rank
+            backward = stage > 0 and owner[stage - 1] != rank
+            sends[rank] += int(forward) + int(backward)
+        out["point-to-point"] += n_micro * max(sends) * hops * tokens * dim * act / layout.tp
     return out

@@ -129,7 +129,7 @@ def _stage_of_layers(n_layers: int, n_stages: int) -> list[int]:
     return out
 
 
-def _ranks_of_stages(layout: PlannedLayout) -> list[int]:
+def stage_owners(layout: PlannedLayout) -> list[int]:
     """Pipeline rank of each stage: looped for interleaved 1F1B, a V for DualPipeV."""
     p, v = layout.pp, layout.stages_per_rank
     if layout.schedule == "dualpipev" and p > 1:
@@ -149,7 +149,7 @@ def rank_stages(model: nn.Module, layout: PlannedLayout) -> list[list[list[int]]
     if layout.pp == 1:
         return [[list(range(n_layers))]]
     stage = _stage_of_layers(n_layers, layout.pp * layout.stages_per_rank)
-    owner = _ranks_of_stages(layout)
+    owner = stage_owners(layout)
     return [[[i for i in range(n_layers) if stage[i] == s] for s in range(len(owner)) if owner[s] == r]
             for r in range(layout.pp)]
 
