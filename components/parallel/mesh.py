@@ -185,18 +185,19 @@ class Mesh(ParallelPlan):
         set_data_parallel(batch.get_local_rank(), batch.size())
         if self.tp > 1:  # heads, hidden widths and vocabulary split over tp; norms sequence-parallel
             tensor_parallel.apply_tensor_parallel(model, self.dims.get_mesh("tp"))
-            # the ranks of a tensor-parallel group route the same tokens: count their loads once
-            set_load_group(model, self.group)
             self._sharded = True  # DTensor weights: initialised full, then split, as one process would
         if self.pp > 1:  # this rank's stages (the model's own submodules, still on the meta device)
             model = pipeline.pipeline(model, pp_rank=self.dims.get_mesh("pp").get_local_rank(), pp_size=self.pp,
                                       virtual_stages=self.virtual_stages, schedule=self.schedule)
-            set_load_group(model, self.group)
             if self.tp > 1:  # stages split over tp exchange their sequence shards
                 for stage in model.stages:
                     stage.sequence_mesh = self.dims.get_mesh("tp")
+        if self.tp > 1 or self.pp > 1:
+            # the aux-free bias sums expert loads over the processes reading different data only:
+            # a tensor-parallel group routes the same tokens, a pipeline's ranks other layers
+            set_load_group(model, self.group)
         if self.ep > 1:  # before FSDP: the experts become Shard(0) DTensors on the ep mesh, FSDP/DDP skip them
-            replicas = [d for d in ("dp_replicate", "efsdp") if d == "efsdp" or self.dims.dp_replicate > 1]
+            replicas = ["dp_replicate", "efsdp"] if self.dims.dp_replicate > 1 else ["efsdp"]
             expert_parallel.apply_expert_parallel(model, self.dims.get_mesh("ep"),
                                                   replica_mesh=self.dims.get_optional_mesh(replicas),
                                                   load_group=self.group)
@@ -211,14 +212,13 @@ class Mesh(ParallelPlan):
             self._sharded = True
         if self.pp > 1:  # the schedule runs a step's forward and backward
             device_type = torch.device(device).type
-            policy = precision
             # the residual stream's dtype: the gathered or cast weights' (bf16_params), else the
             # parameters' own (fp32 masters under autocast keep an fp32 stream)
             stream = precision.param_dtype if precision is not None else None
             self._pipeline = PipelineRunner(
                 model=model, schedule=self.schedule, group=self.dims.get_mesh("pp").get_group(), device=device,
                 n_microbatches=self.n_microbatches, activation_dtype=stream,
-                compute_context=(lambda: policy.autocast(device_type)) if policy is not None else None,
+                compute_context=(lambda: precision.autocast(device_type)) if precision is not None else None,
                 sequence_shards=self.tp)
         return model
 
@@ -246,8 +246,7 @@ class Mesh(ParallelPlan):
         if self.pp > 1:
             faults += pipeline.pipeline_faults(model, self.pp, self.virtual_stages, schedule=self.schedule,
                                                n_microbatches=self.n_microbatches)
-        if faults:
-            raise MeshError("parallel=@mesh:\n  " + ";\n  ".join(faults))
+        _refuse(faults)
 
     def _mesh_degrees(self, degrees: dict[str, int]) -> dict[str, int]:
         """The degrees torchtitan's `ParallelDims` builds the mesh from. It carves `ep` out of
@@ -288,10 +287,8 @@ class Mesh(ParallelPlan):
                          backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
         if self._pipeline is not None:
             # the trainer's micro-batch count is known only now: refuse before the first step runs
-            faults = pipeline.microbatch_faults(self.schedule, self.pp, self.virtual_stages,
-                                                self.n_microbatches or n_micro)
-            if faults:
-                raise MeshError("parallel=@mesh:\n  " + ";\n  ".join(faults))
+            _refuse(pipeline.microbatch_faults(self.schedule, self.pp, self.virtual_stages,
+                                               self.n_microbatches or n_micro))
             terms = self._pipeline.forward_backward(model, micro_batches, n_micro=n_micro)
             if not self._sharded and dist.get_world_size(self.group) > 1:  # replicated stages: DDP's average
                 ddp.average_gradients((p for p in model.parameters() if p not in self._experts), self.group)
@@ -318,6 +315,12 @@ class Mesh(ParallelPlan):
     @property
     def is_main_process(self) -> bool:
         return world()[0] == 0
+
+
+def _refuse(faults: list[str]) -> None:
+    """MeshError listing `faults`, one per line (none: nothing to refuse)."""
+    if faults:
+        raise MeshError("parallel=@mesh:\n  " + ";\n  ".join(faults))
 
 
 def _parallel_dims(degrees: dict[str, int], world_size: int, device_type: str) -> Any:

@@ -278,9 +278,15 @@ def _interrupted_message(signum: int, step: int, steps: int, saved: Path | None)
 def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
              precision: PrecisionPolicy, seed: int, device: str = "cpu") -> float:
     """Mean next-token cross-entropy on `batches` validation batches (a fixed sample per seed)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    sample = [data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator) for _ in range(batches)]
+    sample = _validation_sample(data, batches=batches, batch_size=batch_size, seq_len=seq_len, seed=seed)
     return _mean_loss(model, sample, precision=precision, device=device)
+
+
+def _validation_sample(data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
+                       seed: int) -> list[dict[str, torch.Tensor]]:
+    """The validation batches a seed fixes: the same sample for `evaluate` and the run's report."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return [data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator) for _ in range(batches)]
 
 
 @torch.no_grad()
@@ -319,8 +325,7 @@ def _validation(model: DecoderLM, data: TrainingData, parallel: ParallelPlan, ba
                 seq_len: int, precision: PrecisionPolicy, seed: int, device: str) -> dict[str, float]:
     """Validation loss (nats/token, averaged over the data-parallel processes) and bits per
     byte (when the data knows its bytes per token)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    sample = [data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator) for _ in range(batches)]
+    sample = _validation_sample(data, batches=batches, batch_size=batch_size, seq_len=seq_len, seed=seed)
     model.eval()
     loss = parallel.validation_loss(model, sample)
     model.train()
