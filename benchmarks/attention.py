@@ -45,11 +45,11 @@ def run_case(variant: str, seq: int, dtype_name: str, repeats: int) -> dict[str,
     """One measurement, in this process (called inside the per-case subprocess)."""
     import torch
 
-    from components.attention.block_sparse import BlockSparseAttention
-    from components.attention.gqa import GroupedQueryAttention
-    from components.attention.linear import LinearAttention
-    from components.attention.sliding_window import SlidingWindowAttention
-    from components.position.rope import RoPE
+    from tessera.components.attention.block_sparse import BlockSparseAttention
+    from tessera.components.attention.gqa import GroupedQueryAttention
+    from tessera.components.attention.linear import LinearAttention
+    from tessera.components.attention.sliding_window import SlidingWindowAttention
+    from tessera.components.position.rope import RoPE
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

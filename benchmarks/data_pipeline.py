@@ -24,11 +24,11 @@ import fiddle as fdl  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-import components.builtin  # noqa: E402,F401
-from components.data.dedup import Deduplicator, shingles  # noqa: E402
-from components.data.defaults import stdlib_corpus  # noqa: E402
-from components.data.document import Document  # noqa: E402
-from components.data.tokenizer import train_bpe  # noqa: E402
+import tessera.components.builtin  # noqa: E402,F401
+from tessera.components.data.dedup import Deduplicator, shingles  # noqa: E402
+from tessera.components.data.defaults import stdlib_corpus  # noqa: E402
+from tessera.components.data.document import Document  # noqa: E402
+from tessera.components.data.tokenizer import train_bpe  # noqa: E402
 
 
 def stage_table(console: Console, tmp: Path) -> list[str]:

@@ -30,11 +30,11 @@ from benchmarks.timing import (  # noqa: E402
     tessera_loss,
     training_step,
 )
-from components.families.llama.builder import llama  # noqa: E402
-from components.families.llama.hf import llama_parameter_names  # noqa: E402
-from components.model.stats import training_flops_per_token  # noqa: E402
-from components.precision.policies import BF16Params  # noqa: E402
-from components.precision.probe import matmul_flops  # noqa: E402
+from tessera.components.families.llama.builder import llama  # noqa: E402
+from tessera.components.families.llama.hf import llama_parameter_names  # noqa: E402
+from tessera.components.model.stats import training_flops_per_token  # noqa: E402
+from tessera.components.precision.policies import BF16Params  # noqa: E402
+from tessera.components.precision.probe import matmul_flops  # noqa: E402
 
 
 def copy_llama_weights(ours, theirs, n_layers: int) -> None:

@@ -10,12 +10,12 @@ Bytes per step: the busiest process's, by collective kind, counted at the dispat
 (`comm_counter.CommCounter`, planner's convention: all-gather at its gathered output,
 all-to-all at the rows leaving the process, point-to-point at what the process sends),
 averaged over the counted steps; the planner's prediction for the same config
-(`components.train.comm_volume.per_step` through `plan_report`) in parentheses.
+(`tessera.components.train.comm_volume.per_step` through `plan_report`) in parentheses.
 
 Bubble suite. Each process's idle share of a step, 1 - busy / wall
-(`components.parallel.pipeline_schedule.measure_bubble`), the median over the measured
+(`tessera.components.parallel.pipeline_schedule.measure_bubble`), the median over the measured
 steps in which every rank had its core (below), against the closed form
-`components.train.pipeline_bubble.bubble_fraction` (for DualPipeV also with the measured F, B
+`tessera.components.train.pipeline_bubble.bubble_fraction` (for DualPipeV also with the measured F, B
 and W put in), and against `replay`: the schedule's own action order as each rank ran it,
 replayed with each stage's mean measured action times and free communication. The closed
 forms assume equal stages; the replay keeps the stages' real costs (the last one holds the
@@ -43,7 +43,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.train.pipeline_bubble import bubble_fraction
+from tessera.components.train.pipeline_bubble import bubble_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "model_parallel_worker.py"
@@ -61,7 +61,7 @@ def run_args(model: str, steps: int, batch: int, seq: int) -> list[str]:
 
 
 def recipe(model: str):
-    from recipes import deepseek_pretrain, llama_pretrain
+    from tessera.recipes import deepseek_pretrain, llama_pretrain
 
     return {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}[model]
 
@@ -121,9 +121,9 @@ def planned(job: dict, procs: int, steps: int, batch: int, seq: int) -> dict[str
 
     from rich.console import Console
 
-    from components.train.launch import build_model_on_meta
-    from components.train.plan import plan_report
-    from registry.cli import resolve
+    from tessera.components.train.launch import build_model_on_meta
+    from tessera.components.train.plan import plan_report
+    from tessera.registry.cli import resolve
 
     config, _ = resolve(recipe(job["model"]), [*run_args(job["model"], steps, batch, seq), *job["plan"].split()])
     before = os.environ.get("WORLD_SIZE")

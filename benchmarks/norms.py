@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.norm.layernorm import LayerNorm  # noqa: E402
-from components.norm.rmsnorm import RMSNorm  # noqa: E402
+from tessera.components.norm.layernorm import LayerNorm  # noqa: E402
+from tessera.components.norm.rmsnorm import RMSNorm  # noqa: E402
 
 
 def rms_eager(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

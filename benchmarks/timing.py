@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from components.precision import auto
+from tessera.components.precision import auto
 
 Step = Callable[[], None]
 

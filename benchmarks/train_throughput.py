@@ -4,12 +4,12 @@
     python benchmarks/train_throughput.py dense [--no-compile]   # the dense d=512 table (llama_throughput.py)
 
 Both models are built from one HF DeepseekV3 config and hold the same weights (ours loaded
-through `components.families.deepseek.hf`), so they compute the same function; each runs full
+through `tessera.components.families.deepseek.hf`), so they compute the same function; each runs full
 training steps (forward, backward, AdamW step) under the same precision, side by side in
 this one process, one thread, eager and compiled (ours: per-block torch.compile, as the
 trainer's `compile=True`; theirs: torch.compile of the whole model), timed interleaved
 (one step of each in turn) and reported as medians. MFU divides achieved FLOP/s (FLOPs per token from
-`components.model.stats`, attention included, MTP off since transformers has none) by the
+`tessera.components.model.stats`, attention included, MTP off since transformers has none) by the
 machine's matmul peak measured here for that dtype. A second table compares one MoE layer
 with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expert width).
 Rows in a precision this machine runs slowly (bf16 without AMX / AVX512-BF16) are skipped
@@ -37,10 +37,10 @@ from benchmarks.timing import (  # noqa: E402
     tessera_loss,
     training_step,
 )
-from components.families.deepseek.hf import load_pretrained  # noqa: E402
-from components.mlp.gated import SwiGLU  # noqa: E402
-from components.model import stats  # noqa: E402
-from components.precision.probe import matmul_flops  # noqa: E402
+from tessera.components.families.deepseek.hf import load_pretrained  # noqa: E402
+from tessera.components.mlp.gated import SwiGLU  # noqa: E402
+from tessera.components.model import stats  # noqa: E402
+from tessera.components.precision.probe import matmul_flops  # noqa: E402
 
 
 def hf_config(args: argparse.Namespace):

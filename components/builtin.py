@@ -1,42 +1,20 @@
-"""Imports every built-in component module so that their registrations run.
+"""tessera's own components, registered the way a plugin's are.
 
-The registries import this lazily on first lookup; add new component modules here.
+pyproject.toml names `register` in the `tessera.components` entry-point group, so the registries
+load the built-ins exactly as they load an installed plugin, the first time one is consulted.
+`register` imports every module under `tessera.components`; a module registers what it defines
+when imported, so a new component module needs no list to be added to.
 """
 
-import components.attention.block_sparse  # noqa: F401
-import components.attention.gqa  # noqa: F401
-import components.attention.linear  # noqa: F401
-import components.attention.mla  # noqa: F401
-import components.attention.sliding_window  # noqa: F401
-import components.data.filters.heuristics  # noqa: F401
-import components.data.filters.language  # noqa: F401
-import components.data.filters.quality  # noqa: F401
-import components.data.sources.files  # noqa: F401
-import components.data.sources.stdlib  # noqa: F401
-import components.mlp.gated  # noqa: F401
-import components.mlp.mlp  # noqa: F401
-import components.moe.moe  # noqa: F401
-import components.norm.layernorm  # noqa: F401
-import components.norm.rmsnorm  # noqa: F401
-import components.optim.adafactor  # noqa: F401
-import components.optim.adamw  # noqa: F401
-import components.optim.lamb  # noqa: F401
-import components.optim.muon  # noqa: F401
-import components.optim.sophia  # noqa: F401
-import components.optim.sophia_h  # noqa: F401
-import components.parallel.diloco  # noqa: F401
-import components.parallel.fsdp  # noqa: F401
-import components.parallel.hooks.fp16  # noqa: F401
-import components.parallel.hooks.one_bit  # noqa: F401
-import components.parallel.hooks.powersgd  # noqa: F401
-import components.parallel.mesh  # noqa: F401
-import components.parallel.single  # noqa: F401
-import components.position.absolute  # noqa: F401
-import components.position.alibi  # noqa: F401
-import components.position.rope  # noqa: F401
-import components.position.yarn  # noqa: F401
-import components.precision.auto  # noqa: F401
-import components.precision.policies  # noqa: F401
-import components.schedule.basic  # noqa: F401
-import components.schedule.multi_stage  # noqa: F401
-import components.schedule.warmup_cosine  # noqa: F401
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import tessera.components
+
+
+def register() -> None:
+    """Import every module of the `tessera.components` package (each registers its components)."""
+    for module in pkgutil.walk_packages(tessera.components.__path__, prefix="tessera.components."):
+        importlib.import_module(module.name)

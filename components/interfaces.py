@@ -147,7 +147,7 @@ class Attention(nn.Module, abc.ABC):
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         """Re-initialise parameters in place: input projections Normal(0, init_std), output
         projections Normal(0, out_std), norms to one. A None std means 1/sqrt(fan_in) of each
-        weight (`components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
+        weight (`tessera.components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
         a model's init pass passes its own stds. Implementations also call it from their
         constructor, so a block is usable as built."""
 
@@ -164,7 +164,7 @@ class FeedForward(nn.Module, abc.ABC):
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         """Re-initialise parameters in place: input projections Normal(0, init_std), output
         projections Normal(0, out_std), norms to one. A None std means 1/sqrt(fan_in) of each
-        weight (`components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
+        weight (`tessera.components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
         a model's init pass passes its own stds. Implementations also call it from their
         constructor, so a block is usable as built."""
 
@@ -423,7 +423,7 @@ class BytesPerToken(abc.ABC):
 class DataSource(abc.ABC):
     """A stream of raw documents of one domain (code, prose, docs, web, ...).
 
-    `documents()` yields `components.data.document.Document`s; `domain` names the mixture
+    `documents()` yields `tessera.components.data.document.Document`s; `domain` names the mixture
     domain they belong to. Sources are plain keyword-only dataclasses, so their repr is the
     fingerprint of what they read.
     """

@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterator
 
 import fiddle as fdl
 
-from components.model import stats
-from components.moe.moe import MoE
-from components.train.launch import build_model_on_meta, launch
-from recipes import deepseek_pretrain, llama_pretrain
-from registry import ATTENTION, FEED_FORWARD, OPTIMIZER, POSITION, PRECISION, SCHEDULER, validate
-from registry.tags import model_width
+from tessera.components.model import stats
+from tessera.components.moe.moe import MoE
+from tessera.components.train.launch import build_model_on_meta, launch
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry import ATTENTION, FEED_FORWARD, OPTIMIZER, POSITION, PRECISION, SCHEDULER, validate
+from tessera.registry.tags import model_width
 
 STEPS = 5  # a smoke run: enough to show each variant trains, far too few to rank them
 

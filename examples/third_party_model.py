@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.attention.mla import MultiHeadLatentAttention
-from components.mlp.gated import SwiGLU
-from components.moe.experts import GroupedExperts
-from components.moe.moe import MoE
-from components.moe.router import Router
-from components.norm.rmsnorm import RMSNorm
-from components.position.rope import RoPE
+from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.mlp.gated import SwiGLU
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.moe import MoE
+from tessera.components.moe.router import Router
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.rope import RoPE
 
 DIM, N_LAYERS, N_HEADS = 64, 2, 4
 N_EXPERTS, TOP_K, EXPERT_HIDDEN = 8, 2, 64

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.ablation.cells import (
+from tessera.components.ablation.cells import (
     ATTENTIONS,
     FEED_FORWARDS,
     POSITIONS,
@@ -54,7 +54,7 @@ from components.ablation.cells import (
     size,
     skip_reason,
 )
-from components.precision.probe import cpu_model
+from tessera.components.precision.probe import cpu_model
 
 # dim 128, 2 layers, 4 heads: about 1M parameters (half of them embedding and head), 409,600
 # tokens per cell, sized so the whole grid (36 cells train) runs in 20-25 minutes on one thread
@@ -150,7 +150,7 @@ def _cell_worker(payload: dict[str, Any], conn: Any) -> None:
     try:
         import torch
 
-        from components.train.launch import launch
+        from tessera.components.train.launch import launch
 
         start_rss = _rss_mib()
         scale = Scale(**payload["scale"])
@@ -174,7 +174,7 @@ def _cell_worker(payload: dict[str, Any], conn: Any) -> None:
 
 def _run_cell(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     receive, send = ctx.Pipe(duplex=False)
-    from recipes import ablation  # the worker by its importable name (this file may be __main__)
+    from tessera.recipes import ablation  # the worker by its importable name (this file may be __main__)
 
     process = ctx.Process(target=ablation._cell_worker, args=(payload, send))
     process.start()
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     bytes_per_token = corpus.bytes_per_token("val")
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["components.builtin", "components.train.trainer", "components.ablation.cells",
-                                "recipes.ablation"])
+    ctx.set_forkserver_preload(["tessera.components.builtin", "tessera.components.train.trainer",
+                                "tessera.components.ablation.cells", "tessera.recipes.ablation"])
     rows: list[dict[str, Any]] = []
     runs = [(p, seed) for p in planned for seed in range(args.seeds)]
     results: dict[str, dict[int, dict[str, Any]]] = {}

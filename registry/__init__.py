@@ -1,12 +1,12 @@
 """Typed registries and the config machinery: registration, validation, CLI, serialization.
 
-    from registry import ATTENTION, validate
+    from tessera.registry import ATTENTION, validate
     cfg = ATTENTION.config("gqa", dim=256, n_heads=8, n_kv_heads=2)
 """
 
-from registry.errors import ConfigError, Fault, RegistryError
-from registry.invariants import invariant
-from registry.kinds import (
+from tessera.registry.errors import ConfigError, Fault, RegistryError
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import (
     ATTENTION,
     COMM_HOOK,
     DATA_FILTER,
@@ -20,10 +20,10 @@ from registry.kinds import (
     PRECISION,
     SCHEDULER,
 )
-from registry.recipe import Recipe
-from registry.registry import Registry, Shared, all_registries
-from registry.tags import ModelDim, Setting, model_width
-from registry.validate import validate
+from tessera.registry.recipe import Recipe
+from tessera.registry.registry import Registry, Shared, all_registries
+from tessera.registry.tags import ModelDim, Setting, model_width
+from tessera.registry.validate import validate
 
 __all__ = [
     "ATTENTION", "COMM_HOOK", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN",

@@ -1,10 +1,10 @@
-"""`python -m registry list [KIND]`: the component catalogue on the command line.
+"""`python -m tessera.registry list [KIND]`: the component catalogue on the command line.
 
-    python -m registry list                  # every registry, as tables
-    python -m registry list attention        # one kind (any case)
-    python -m registry list --markdown       # markdown, built-ins and installed plugins
-    python -m registry list --markdown --write-readme README.md   # regenerate the README block
-    python -m registry list --check-readme README.md              # exit 1 if the block is stale
+    python -m tessera.registry list                  # every registry, as tables
+    python -m tessera.registry list attention        # one kind (any case)
+    python -m tessera.registry list --markdown       # markdown, built-ins and installed plugins
+    python -m tessera.registry list --markdown --write-readme README.md   # regenerate the README block
+    python -m tessera.registry list --check-readme README.md              # exit 1 if the block is stale
 
 Exit status 2 for an unknown kind or a README without the catalogue markers.
 """
@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from registry import catalogue
-from registry.errors import ConfigError
+from tessera.registry import catalogue
+from tessera.registry.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m registry", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tessera.registry", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list registered components with their docs and arguments")
     listing.add_argument("kind", nargs="?", help="one registry kind, e.g. attention or feed_forward")

@@ -1,6 +1,6 @@
 """The component catalogue: every registry's entries with their one-line docs and arguments.
 
-`python -m registry list [KIND]` prints it as rich tables; `--markdown` as the markdown the
+`python -m tessera.registry list [KIND]` prints it as rich tables; `--markdown` as the markdown the
 README's component table is made of (built-ins only, so installed plugins never change it),
 and `--write-readme README.md` rewrites that block between the two marker comments.
 """
@@ -16,13 +16,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ConfigError, Fault, suggest
-from registry.registry import Registry, all_registries
-from registry.typecheck import annotations_of
+from tessera.registry.errors import ConfigError, Fault, suggest
+from tessera.registry.registry import Registry, all_registries
+from tessera.registry.typecheck import annotations_of
 
 START = "<!-- catalogue:start -->"
 END = "<!-- catalogue:end -->"
-REGENERATE = "python -m registry list --markdown --write-readme README.md"
+REGENERATE = "python -m tessera.registry list --markdown --write-readme README.md"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
 status 2 and a message naming each path and its fix, never a traceback; so does a parallel
 plan the model or the launch cannot take (found when the plan is applied, before any
 process group or training; under torchrun every process says why). A run that
-diverges and cannot recover (see `components.train.guard`) exits with status 3 and a
+diverges and cannot recover (see `tessera.components.train.guard`) exits with status 3 and a
 message naming the step, what went non-finite and what to try.
 """
 
@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 
-from registry import serialize
-from registry.errors import ConfigError, Fault, RegistryError
-from registry.overrides import apply_overrides
-from registry.printing import config_tree
-from registry.registry import all_registries
-from registry.validate import validate
+from tessera.registry import serialize
+from tessera.registry.errors import ConfigError, Fault, RegistryError
+from tessera.registry.overrides import apply_overrides
+from tessera.registry.printing import config_tree
+from tessera.registry.registry import all_registries
+from tessera.registry.validate import validate
 
 if TYPE_CHECKING:
-    from registry.recipe import Recipe
+    from tessera.registry.recipe import Recipe
 
 
 def _parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             f"presets:\n{presets}\n\nregistered components (swap with path=@name(arg=value); "
-            f"arguments and docs: python -m registry list [KIND]):\n{registries}\n\n"
+            f"arguments and docs: python -m tessera.registry list [KIND]):\n{registries}\n\n"
             "overrides:\n"
             "  steps=200  optimizer.lr=1e-3  precision=@fp16(loss_scale=None)\n"
             "  model.layers[*].attention.n_kv_heads=2      ([*] broadcasts over a list)\n"
@@ -117,8 +117,8 @@ def _check_export(config: Any, ns: argparse.Namespace) -> None:
     if ns.print or ns.dump or ns.dry_run:
         raise ConfigError([Fault("--export-hf", "exports the model a run trains, and this command trains none",
                                  "drop --print/--dump/--dry-run, or drop --export-hf")])
-    from components.train.export import export_faults
-    from components.train.launch import build_model_on_meta
+    from tessera.components.train.export import export_faults
+    from tessera.components.train.launch import build_model_on_meta
 
     faults = export_faults(build_model_on_meta(config.model))
     if faults:
@@ -152,8 +152,8 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         serialize.dump(config, ns.dump)
         out.print(f"wrote {ns.dump}", markup=False)
     elif ns.dry_run:
-        from components.parallel.mesh import MeshError
-        from components.train.plan import dry_run
+        from tessera.components.parallel.mesh import MeshError
+        from tessera.components.train.plan import dry_run
 
         try:
             dry_run(config, console=out)
@@ -161,12 +161,12 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
             err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(2)
     else:
-        from components.data.sources.rows import MalformedRowError
-        from components.parallel.mesh import MeshError
-        from components.train.guard import TrainingDiverged
-        from components.train.launch import launch
-        from components.train.preemption import RunInterrupted
-        from components.train.resume_config import ResumeError
+        from tessera.components.data.sources.rows import MalformedRowError
+        from tessera.components.parallel.mesh import MeshError
+        from tessera.components.train.guard import TrainingDiverged
+        from tessera.components.train.launch import launch
+        from tessera.components.train.preemption import RunInterrupted
+        from tessera.components.train.resume_config import ResumeError
 
         try:
             launch(config, export_hf=ns.export_hf)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from components.interfaces import (
+from tessera.components.interfaces import (
     Attention,
     CommHook,
     DataSource,
@@ -27,7 +27,7 @@ from components.interfaces import (
     Schedule,
     position_kind,
 )
-from registry.registry import Registry, Shared
+from tessera.registry.registry import Registry, Shared
 
 
 def _position_fits(target: Any, value: Any) -> bool:

@@ -5,10 +5,10 @@ element. Values are Python literals (`3`, `1e-3`, `(0.9, 0.95)`, `None`, `'text'
 torch dtype names (`torch.bfloat16`), or else taken as a plain string. A swap replaces a
 sub-config by another registry entry: the registry is the one of the field's annotated
 interface (or, for fields annotated loosely, of the current entry). Only arguments that mean
-the same thing in both entries carry over (the kind's shared arguments, `registry.kinds`, and
+the same thing in both entries carry over (the kind's shared arguments, `tessera.registry.kinds`, and
 those both inherit from a common class); the others are reported back to the caller, and a
 required argument the old entry cannot supply is asked for by name. Assigning a field tagged
-with a `registry.tags.Setting` (e.g. `model.dim`, the `ModelDim`) sets every field with that tag.
+with a `tessera.registry.tags.Setting` (e.g. `model.dim`, the `ModelDim`) sets every field with that tag.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import fiddle as fdl
 import torch
 from fiddle import daglish
 
-from registry.errors import ConfigError, Fault, RegistryError, suggest
-from registry.registry import Registry, accepted_arguments, all_registries, registry_for
-from registry.tags import settings_of
-from registry.typecheck import annotations_of, describe
-from registry.validate import path_str
+from tessera.registry.errors import ConfigError, Fault, RegistryError, suggest
+from tessera.registry.registry import Registry, accepted_arguments, all_registries, registry_for
+from tessera.registry.tags import settings_of
+from tessera.registry.typecheck import annotations_of, describe
+from tessera.registry.validate import path_str
 
 _TOKEN = re.compile(r"\.?([A-Za-z_]\w*)|\[(\*|-?\d+|'[^']*'|\"[^\"]*\")\]")
 _STAR = object()

@@ -8,15 +8,15 @@ import fiddle as fdl
 from rich.markup import escape
 from rich.tree import Tree
 
-from registry.registry import all_registries
-from registry.tags import settings_of
+from tessera.registry.registry import all_registries
+from tessera.registry.tags import settings_of
 
 
 def config_tree(config: Any, label: str = "config") -> Tree:
     """A rich Tree of `config`: one node per sub-config, one line per argument.
 
     Unset required arguments show as `<[unset]>`; arguments left at their default are dimmed;
-    fields tagged as one setting (`registry.tags`) end with the tag's name, e.g. `[ModelDim]`.
+    fields tagged as one setting (`tessera.registry.tags`) end with the tag's name, e.g. `[ModelDim]`.
     """
     tree = Tree(escape(label))
     _add(tree, config)

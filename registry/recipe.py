@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from registry.errors import ConfigError, Fault, suggest
+from tessera.registry.errors import ConfigError, Fault, suggest
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class Recipe:
         return doc.splitlines()[0] if doc else ""
 
     def main(self, argv: list[str] | None = None) -> None:
-        """Run the shared command line (see `registry.cli`) for this recipe."""
-        from registry.cli import run_cli
+        """Run the shared command line (see `tessera.registry.cli`) for this recipe."""
+        from tessera.registry.cli import run_cli
 
         run_cli(self, argv)

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import fiddle as fdl
 
-from registry.errors import RegistryError, suggest
+from tessera.registry.errors import RegistryError, suggest
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ def produced_type(target: Any) -> type | None:
 class Shared:
     """An argument that means the same thing in every entry of a kind, so a swap carries it over.
 
-    `meaning`: what the value is, shown by `python -m registry list`.
+    `meaning`: what the value is, shown by `python -m tessera.registry list`.
     `fits(target, value)`: whether the entry `target` can take this value (e.g. an attention
     accepts only some kinds of position encoding); a value that does not fit is left behind,
     with a note. None: every value fits.
@@ -155,13 +155,13 @@ class Registry(Generic[T]):
         return None
 
     def origin(self, name: str) -> str:
-        """The module that registered `name` (`components.*` for built-ins, a plugin's module otherwise)."""
+        """The module that registered `name` (`tessera.components.*` for built-ins, a plugin's module otherwise)."""
         self.get(name)
         return self._origins.get(name, "?")
 
     def is_builtin(self, name: str) -> bool:
         """Whether `name` was registered by tessera's own `components` package."""
-        return self.origin(name).split(".")[0] == "components"
+        return self.origin(name).startswith("tessera.components.")
 
     def config(self, name: str, /, **arguments: Any) -> fdl.Config[T]:
         """An `fdl.Config` of the entry `name` with `arguments` set; bad argument names raise."""
@@ -222,12 +222,14 @@ _loaded = False
 
 
 def _ensure_loaded() -> None:
-    """Import the built-in components and the installed plugins, once."""
+    """Load every entry of the `tessera.components` entry-point group, once.
+
+    tessera's own components are one such entry (see pyproject.toml), so nothing here names them.
+    """
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import components.builtin  # noqa: F401 - registers built-ins on import
-    from registry.plugins import load_plugins
+    from tessera.registry.plugins import load_plugins
 
     load_plugins()

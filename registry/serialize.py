@@ -1,24 +1,29 @@
 """JSON dump/load of config trees, on fiddle's serializer, with a restrictive import policy.
 
-`load` imports only: modules of this project (`registry`, `components`, `recipes`), modules
+`load` imports only: modules of this project (`tessera.*`), modules
 of plugins that loaded, components registered in any registry (which may live in torch,
 e.g. `torch.optim.AdamW`), fiddle's own types, JSON-like builtins and torch dtypes.
-Anything else in a JSON file is refused before it is imported.
+Anything else in a JSON file is refused before it is imported. Dumps written before the
+project moved under the one `tessera` name (modules `registry.*`, `components.*`, `recipes.*`)
+load too: their module names are read as the `tessera.*` modules they became.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from fiddle.experimental import serialization
 
-from registry.errors import ConfigError, Fault
-from registry.plugins import plugin_packages
-from registry.registry import all_registries
+from tessera.registry.errors import ConfigError, Fault
+from tessera.registry.plugins import plugin_packages
+from tessera.registry.registry import all_registries
 
-PROJECT_PACKAGES = frozenset({"registry", "components", "recipes"})
+PROJECT_PACKAGES = frozenset({"tessera"})
+# `"module": "components.x"` in a dump written before the rename (tessera 0.1 kept three top-level names).
+_PRE_RENAME_MODULE = re.compile(r'("module": ")(registry|components|recipes)([."])')
 _DTYPE_NAMES = frozenset(n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype))
 _SAFE_BUILTINS = frozenset({"tuple", "list", "dict", "set", "frozenset"})
 
@@ -78,6 +83,7 @@ def load(path: str | Path) -> Any:
 def load_text(text: str, *, where: str = "<text>") -> Any:
     """Parse JSON written by `dumps` under the project-only import policy."""
     all_registries()  # load plugins first: their modules are trusted only once they loaded
+    text = _PRE_RENAME_MODULE.sub(r"\1tessera.\2\3", text)
     try:
         return serialization.load_json(text, pyref_policy=ProjectPolicy())
     except serialization.PyrefPolicyError as err:

@@ -2,8 +2,8 @@
 
 A builder tags every argument that is the same quantity (e.g. every sub-config's `dim` that
 is the model width) with one tag; an override of any tagged field then sets them all
-(`registry.overrides`), and validation refuses a tree whose tagged fields disagree
-(`registry.validate`). Tags travel with `--dump` / `--load` and are carried over by swaps.
+(`tessera.registry.overrides`), and validation refuses a tree whose tagged fields disagree
+(`tessera.registry.validate`). Tags travel with `--dump` / `--load` and are carried over by swaps.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import fiddle as fdl
 
-from registry.registry import produced_type
+from tessera.registry.registry import produced_type
 
 
 def annotations_of(target: Any) -> dict[str, Any]:

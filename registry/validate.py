@@ -2,7 +2,7 @@
 
 It collects every fault (missing required arguments, wrong leaf types, sub-configs that
 do not satisfy the annotated interface, one sub-config shared by several places, fields
-tagged as one setting (`registry.tags`, e.g. the model width) that disagree, and violated
+tagged as one setting (`tessera.registry.tags`, e.g. the model width) that disagree, and violated
 component invariants) and raises them together as one `ConfigError`.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 import fiddle as fdl
 from fiddle import daglish
 
-from registry.errors import ConfigError, Fault
-from registry.invariants import invariants_of
-from registry.registry import produced_type, registry_for
-from registry.tags import settings_of
-from registry.typecheck import annotations_of, describe, matches
+from tessera.registry.errors import ConfigError, Fault
+from tessera.registry.invariants import invariants_of
+from tessera.registry.registry import produced_type, registry_for
+from tessera.registry.tags import settings_of
+from tessera.registry.typecheck import annotations_of, describe, matches
 
 
 def path_str(path: daglish.Path) -> str:

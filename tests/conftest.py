@@ -22,9 +22,9 @@ os.environ.setdefault("TESSERA_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-cach
 ROOT = Path(__file__).resolve().parents[1]
 
 # Test-only components (tests/helpers) may appear in configs that checkpoints serialize.
-import registry.serialize  # noqa: E402
+import tessera.registry.serialize  # noqa: E402
 
-registry.serialize.PROJECT_PACKAGES = registry.serialize.PROJECT_PACKAGES | {"helpers"}
+tessera.registry.serialize.PROJECT_PACKAGES = tessera.registry.serialize.PROJECT_PACKAGES | {"helpers"}
 
 
 def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] | None = None,
@@ -61,7 +61,7 @@ def torchrun(script: Path, *args: str, processes: int = 2, timeout: float = 600)
 @pytest.fixture
 def scratch_registry():
     """Yields a factory of throwaway registries, removed from the global list afterwards."""
-    from registry import registry as reg_mod
+    from tessera.registry import registry as reg_mod
 
     made = []
 
@@ -78,7 +78,7 @@ def scratch_registry():
 @pytest.fixture
 def temporary_entries():
     """Lets a test register into the real registries; its entries are removed afterwards."""
-    from registry.registry import all_registries
+    from tessera.registry.registry import all_registries
 
     saved = {id(r): dict(r._entries) for r in all_registries()}
     yield
@@ -93,8 +93,8 @@ def presets_without_run_outputs(monkeypatch):
     """In-process tests build presets without their default metrics and checkpoint folders
     (shared across tests, and slow to write); tests that check those set their own.
     Recipes run as subprocesses (`run_recipe`) keep them, as users get them."""
-    import recipes.deepseek_pretrain
-    import recipes.llama_pretrain
+    import tessera.recipes.deepseek_pretrain
+    import tessera.recipes.llama_pretrain
 
-    for module in (recipes.deepseek_pretrain, recipes.llama_pretrain):
+    for module in (tessera.recipes.deepseek_pretrain, tessera.recipes.llama_pretrain):
         monkeypatch.setattr(module, "run_outputs", lambda folder, **kwargs: {"metrics": None, "checkpoint": None})

@@ -8,15 +8,15 @@ import warnings
 import pytest
 import torch
 
-from components.attention.block_sparse import BlockSparseAttention
-from components.attention.gqa import GroupedQueryAttention
-from components.attention.linear import LinearAttention, chunked_linear_attention, quadratic_linear_attention
-from components.attention.mla import MultiHeadLatentAttention
-from components.attention.sliding_window import SlidingWindowAttention
-from components.norm.rmsnorm import RMSNorm
-from components.position.absolute import NoPE
-from components.position.alibi import ALiBi
-from components.position.rope import RoPE
+from tessera.components.attention.block_sparse import BlockSparseAttention
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.attention.linear import LinearAttention, chunked_linear_attention, quadratic_linear_attention
+from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.attention.sliding_window import SlidingWindowAttention
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.absolute import NoPE
+from tessera.components.position.alibi import ALiBi
+from tessera.components.position.rope import RoPE
 from tests.reference import causal_doc_allowed, plain_inv_freq, softmax_attention_reference
 
 DOCS = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])  # two rows, T = 16
@@ -180,7 +180,7 @@ def test_qk_norm_and_attention_dropout():
 
 
 def test_softmax_scale_uses_position_multiplier():
-    from components.position.yarn import YaRN
+    from tessera.components.position.yarn import YaRN
 
     attn = GroupedQueryAttention(dim=64, n_heads=2, position=YaRN(factor=40.0, mscale=1.0, mscale_all_dim=1.0))
     assert attn.softmax_scale == pytest.approx((0.1 * math.log(40) + 1) ** 2 / math.sqrt(32))
@@ -188,7 +188,7 @@ def test_softmax_scale_uses_position_multiplier():
 
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_sliding_window_gathered_blocks_match_dense_mask_with_padding_and_gradients(position):
-    from components.position.alibi import ALiBi
+    from tessera.components.position.alibi import ALiBi
 
     torch.manual_seed(0)
     encoding = RoPE() if position == "rope" else ALiBi()
@@ -215,8 +215,8 @@ def test_sliding_window_gathered_blocks_match_dense_mask_with_padding_and_gradie
 def test_mla_plain_op_attention_matches_sdpa(dtype, documents, t):
     """MLA's plain-op attention (taken on CPU for short sequences) against torch's SDPA, and the
     module's output the same whichever of the two it takes."""
-    import components.attention.mla as mla
-    from components.attention.masks import causal_document_mask
+    import tessera.components.attention.mla as mla
+    from tessera.components.attention.masks import causal_document_mask
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, t, 12, dtype=dtype), torch.randn(2, 4, t, 12, dtype=dtype)

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.moe.moe import MoE
-from components.parallel.mesh import Mesh, MeshError
-from components.train.launch import build_model_on_meta
-from recipes import deepseek_pretrain, llama_pretrain
-from registry.cli import resolve
+from tessera.components.moe.moe import MoE
+from tessera.components.parallel.mesh import Mesh, MeshError
+from tessera.components.train.launch import build_model_on_meta
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry.cli import resolve
 from tests.conftest import ROOT, child_cpu_seconds, run_recipe, torchrun
 
 LLAMA, DEEPSEEK = llama_pretrain.recipe, deepseek_pretrain.recipe  # debug: 6 layers / 4 layers + 1 MTP block
@@ -200,7 +200,7 @@ def test_dry_run_finds_the_plan_the_model_cannot_take():
 def test_too_few_micro_batches_for_the_schedule_name_the_settings():
     """The trainer's micro-batch count is known at the first step; the plan refuses it there,
     naming the settings that change it."""
-    from components.parallel.pipeline import microbatch_faults
+    from tessera.components.parallel.pipeline import microbatch_faults
 
     (fault,) = microbatch_faults("1F1B", 2, 1, 1)
     assert "1F1B needs at least 2 micro-batches per step on pp=2, got 1" in fault

@@ -15,26 +15,26 @@ import pytest
 import torch
 from torch import nn
 
-from components.attention.block_sparse import BlockSparseAttention
-from components.attention.gqa import GroupedQueryAttention
-from components.attention.linear import LinearAttention
-from components.attention.mla import MultiHeadLatentAttention
-from components.attention.sliding_window import SlidingWindowAttention
-from components.interfaces import Norm
-from components.mlp.gated import GatedMLP, GeGLU, ReGLU, SwiGLU
-from components.mlp.mlp import MLP
-from components.model.block import TransformerBlock
-from components.model.mtp import MultiTokenPrediction
-from components.moe.experts import GroupedExperts
-from components.moe.moe import MoE
-from components.moe.router import Router
-from components.norm.layernorm import LayerNorm
-from components.norm.rmsnorm import RMSNorm
-from components.position.absolute import LearnedPositions, NoPE, Sinusoidal
-from components.position.alibi import ALiBi
-from components.position.rope import RoPE
-from components.position.yarn import YaRN
-from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+from tessera.components.attention.block_sparse import BlockSparseAttention
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.attention.linear import LinearAttention
+from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.attention.sliding_window import SlidingWindowAttention
+from tessera.components.interfaces import Norm
+from tessera.components.mlp.gated import GatedMLP, GeGLU, ReGLU, SwiGLU
+from tessera.components.mlp.mlp import MLP
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.mtp import MultiTokenPrediction
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.moe import MoE
+from tessera.components.moe.router import Router
+from tessera.components.norm.layernorm import LayerNorm
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.absolute import LearnedPositions, NoPE, Sinusoidal
+from tessera.components.position.alibi import ALiBi
+from tessera.components.position.rope import RoPE
+from tessera.components.position.yarn import YaRN
+from tessera.registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
 
 D, T, B, HEADS = 32, 16, 2, 4
 
@@ -143,7 +143,7 @@ def float_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def test_every_builtin_component_has_a_small_build():
     """A component added to a registry without an entry in BUILDS fails here, not silently."""
     missing = [f"{kind}:{name}" for kind, registry in REGISTRIES.items() for name in registry.names()
-               if registry.get(name).__module__.startswith("components.") and (kind, name) not in BUILDS]
+               if registry.get(name).__module__.startswith("tessera.components.") and (kind, name) not in BUILDS]
     assert not missing, f"add a small construction of {missing} to BUILDS"
 
 
@@ -242,7 +242,7 @@ def test_model_init_pass_overrides_the_block_defaults():
     """DecoderLM.init_weights (the path of every run: built on meta, materialised, initialised)
     draws every weight with the model's stds, not the blocks' fan-in defaults: inputs init_std,
     the projections into the residual stream init_std / sqrt(2 * n_layers) (GPT-2)."""
-    from components.model.decoder import DecoderLM
+    from tessera.components.model.decoder import DecoderLM
 
     with torch.device("meta"):
         model = DecoderLM(vocab_size=64, dim=D, layers=[_block(), _block()], norm=RMSNorm(dim=D),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.attention.gqa import GroupedQueryAttention
-from components.mlp.gated import SwiGLU
-from components.model.block import TransformerBlock
-from components.model.decoder import DecoderLM
-from components.model.stats import count_parameters
-from components.norm.layernorm import LayerNorm
-from components.norm.rmsnorm import RMSNorm
-from components.position.rope import RoPE
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.mlp.gated import SwiGLU
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.model.stats import count_parameters
+from tessera.components.norm.layernorm import LayerNorm
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.rope import RoPE
 from tests.reference import causal_doc_allowed, plain_inv_freq, rope_reference, softmax_attention_reference
 
 

@@ -1,4 +1,4 @@
-"""The component catalogue: `python -m registry list`, its markdown, and the README block it generates."""
+"""The component catalogue: `python -m tessera.registry list`, its markdown, and the README block it generates."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from registry import ATTENTION, FEED_FORWARD, ConfigError, all_registries, catalogue
+from tessera.registry import ATTENTION, FEED_FORWARD, ConfigError, all_registries, catalogue
 from tests.conftest import ROOT
 from tests.test_plugins import make_distribution, run_python
 
 
 def run_list(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220"}
-    return subprocess.run([sys.executable, "-m", "registry", "list", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tessera.registry", "list", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
 
 
@@ -52,7 +52,7 @@ def test_each_row_lists_the_constructor_arguments_in_order(registry):
 
 
 def test_rows_carry_first_docstring_sentences_and_kinds_their_shared_arguments():
-    from components.mlp.gated import SwiGLU
+    from tessera.components.mlp.gated import SwiGLU
 
     text = catalogue.markdown("feed_forward")
     assert _row(text, "swiglu")[0] == " ".join(SwiGLU.__doc__.split())
@@ -72,7 +72,7 @@ def test_list_prints_one_kind_with_types_and_defaults():
 
 
 def test_unknown_kind_exits_2_with_a_suggestion(capsys):
-    from registry.__main__ import main
+    from tessera.registry.__main__ import main
 
     assert main(["list", "atention"]) == 2
     assert "did you mean 'ATTENTION'" in " ".join(capsys.readouterr().err.split())
@@ -81,8 +81,8 @@ def test_unknown_kind_exits_2_with_a_suggestion(capsys):
 def test_plugin_components_are_listed_but_never_enter_the_readme(tmp_path):
     make_distribution(tmp_path, "toy-attention", "toy_attention", '''
         import torch
-        from components.interfaces import Attention
-        from registry import ATTENTION
+        from tessera.components.interfaces import Attention
+        from tessera.registry import ATTENTION
 
         @ATTENTION.register("toy_identity")
         class ToyIdentity(Attention):
@@ -99,7 +99,7 @@ def test_plugin_components_are_listed_but_never_enter_the_readme(tmp_path):
     ''')
     result = run_python('''
         import contextlib, io
-        from registry.__main__ import main
+        from tessera.registry.__main__ import main
 
         def run(*argv):
             out = io.StringIO()

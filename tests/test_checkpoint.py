@@ -14,18 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.train.checkpoint import Checkpointer, ResumeError
-from components.train.launch import launch
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+from tessera.components.train.checkpoint import Checkpointer, ResumeError
+from tessera.components.train.launch import launch
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 RUN = """
 import sys, fiddle as fdl
-from components.train.checkpoint import Checkpointer
-from components.train.launch import launch
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.launch import launch
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1",
                              "progress=False", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
                              "model.layers[*].attention.dropout=0.1"])
@@ -84,7 +84,7 @@ def test_keep_last_k_and_crash_during_write_leaves_previous(tmp_path, monkeypatc
     small_run(tmp_path)
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert names == ["step-00000002", "step-00000003"]
-    import components.train.checkpoint as ck
+    import tessera.components.train.checkpoint as ck
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -164,7 +164,7 @@ def test_recipe_writes_checkpoints_by_default_and_resume_flag_continues(tmp_path
 
 
 def test_checkpoint_carries_the_config_that_wrote_it(tmp_path):
-    from registry import serialize
+    from tessera.registry import serialize
 
     config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@fp32",
                                  "progress=False", "threads=1", "optimizer.lr=1e-3"])

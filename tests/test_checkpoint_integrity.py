@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.train import resume_config
-from components.train.checkpoint import Checkpointer, ResumeError, ResumeMismatch
-from components.train.launch import launch
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+from tessera.components.train import resume_config
+from tessera.components.train.checkpoint import Checkpointer, ResumeError, ResumeMismatch
+from tessera.components.train.launch import launch
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 from tests.conftest import ROOT, run_recipe
 
 ARGS = ["debug", "batch_size=2", "seq_len=32", "precision=@fp32", "progress=False", "threads=1",
@@ -153,7 +153,7 @@ def test_a_checkpoint_from_before_manifests_loads_unverified(pristine, tmp_path,
 def test_verifying_a_debug_checkpoint_is_fast(pristine):
     import time
 
-    from components.train import manifest
+    from tessera.components.train import manifest
 
     source, _, _ = pristine
     checkpoint = source / "step-00000003"
@@ -259,11 +259,11 @@ TWO = """
 import json, os, shutil, sys
 from pathlib import Path
 import fiddle as fdl, torch
-import components.train.launch as launch_module
-from components.parallel.process_group import leave_process_group
-from components.train.checkpoint import Checkpointer, ResumeError
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+import tessera.components.train.launch as launch_module
+from tessera.components.parallel.process_group import leave_process_group
+from tessera.components.train.checkpoint import Checkpointer, ResumeError
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 from tests.test_checkpoint_integrity import damage
 
 launch_module.leave_process_group = lambda: None  # one process group for every run below

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiddle as fdl
 import pytest
 
-from recipes.llama_pretrain import recipe
+from tessera.recipes.llama_pretrain import recipe
 from tests.conftest import child_cpu_seconds, run_recipe
 
 

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from components.parallel.hooks.one_bit import compress, pack_signs, unpack_signs
-from components.parallel.hooks.powersgd import PowerSGD
+from tessera.components.parallel.hooks.one_bit import compress, pack_signs, unpack_signs
+from tessera.components.parallel.hooks.powersgd import PowerSGD
 from tests.conftest import torchrun
 
 STEPS = 30      # training steps of each end-to-end run
@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-import components.train.launch as launching
-from components.parallel.hooks.fp16 import Fp16Compression
-from components.parallel.hooks.one_bit import OneBitCompression
-from components.parallel.hooks.powersgd import PowerSGD
-from components.parallel.process_group import ensure_process_group, leave_process_group
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+import tessera.components.train.launch as launching
+from tessera.components.parallel.hooks.fp16 import Fp16Compression
+from tessera.components.parallel.hooks.one_bit import OneBitCompression
+from tessera.components.parallel.hooks.powersgd import PowerSGD
+from tessera.components.parallel.process_group import ensure_process_group, leave_process_group
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 
 ensure_process_group()
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
@@ -153,7 +153,7 @@ def test_compression_error_is_carried_like_a_naive_error_feedback_loop():
 
 
 def test_warmup_too_short_for_bucket_rebuild_is_a_clear_error():
-    from components.parallel.hooks.one_bit import OneBitCompression
+    from tessera.components.parallel.hooks.one_bit import OneBitCompression
 
     with pytest.raises(ValueError, match=r"one_bit.warmup_steps must be at least 2.*set one_bit.warmup_steps=2"):
         OneBitCompression(warmup_steps=1)

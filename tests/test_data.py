@@ -12,23 +12,23 @@ import textwrap
 import pytest
 import torch
 
-from components.data.dedup import Deduplicator, shingles
-from components.data.document import Document
-from components.data.filters.heuristics import (
+from tessera.components.data.dedup import Deduplicator, shingles
+from tessera.components.data.document import Document
+from tessera.components.data.filters.heuristics import (
     CodeHeuristics,
     LengthFilter,
     ProseHeuristics,
     RegexClean,
     RepetitionFilter,
 )
-from components.data.filters.language import LanguageFilter
-from components.data.filters.quality import QualityClassifier
-from components.data.loader import PackedLoader
-from components.data.mixture import mixture_weights
-from components.data.pipeline import TextPipeline
-from components.data.sources.files import LocalFiles
-from components.data.store import TokenStore, write_store
-from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
+from tessera.components.data.filters.language import LanguageFilter
+from tessera.components.data.filters.quality import QualityClassifier
+from tessera.components.data.loader import PackedLoader
+from tessera.components.data.mixture import mixture_weights
+from tessera.components.data.pipeline import TextPipeline
+from tessera.components.data.sources.files import LocalFiles
+from tessera.components.data.store import TokenStore, write_store
+from tessera.components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
 from tests.conftest import ROOT
 
 PROSE = ("The queue module implements multi-producer, multi-consumer queues. It is especially useful in "
@@ -132,7 +132,7 @@ def test_minhash_dedup_recall_and_precision():
 def test_minhash_worker_pool_gives_the_in_process_signatures(monkeypatch):
     """Large corpora MinHash in worker processes; the pool must return the same signatures in
     the same order as one process (here forced on a small corpus)."""
-    from components.data import dedup as dedup_module
+    from tessera.components.data import dedup as dedup_module
 
     random.seed(2)
     texts = [" ".join(random.choice("abcdefgh") for _ in range(50)) for _ in range(100)]
@@ -145,7 +145,7 @@ def test_minhash_worker_pool_gives_the_in_process_signatures(monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus_texts() -> list[str]:
-    from components.data.sources.stdlib import StdlibCode, StdlibDocstrings
+    from tessera.components.data.sources.stdlib import StdlibCode, StdlibDocstrings
 
     return [d.text for d in StdlibCode(max_bytes=600_000).documents()] + \
         [d.text for _, d in zip(range(300), StdlibDocstrings(max_bytes=2_000_000).documents())]
@@ -154,7 +154,7 @@ def corpus_texts() -> list[str]:
 def test_tokenizer_round_trip_and_agreement_with_trainer(tmp_path, corpus_texts):
     import rustbpe
 
-    from components.data.tokenizer import SPLIT_PATTERN
+    from tessera.components.data.tokenizer import SPLIT_PATTERN
 
     train, held_out = corpus_texts[:-40], corpus_texts[-40:]
     encoding = train_bpe(train, vocab_size=1024, folder=tmp_path / "tok")
@@ -244,8 +244,8 @@ def test_loader_resumes_exactly_in_a_new_process(tmp_path):
     torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import torch
-        from components.data.loader import PackedLoader
-        from components.data.store import TokenStore
+        from tessera.components.data.loader import PackedLoader
+        from tessera.components.data.store import TokenStore
         loader = PackedLoader(store=TokenStore({str(tmp_path / 'store')!r}), split="train", seq_len=32, batch_size=4,
                               weights={weights!r}, seed=999)
         loader.load_state_dict(torch.load({str(tmp_path / 'state.pt')!r}, weights_only=False))
@@ -340,14 +340,14 @@ def test_rejected_documents_are_written_for_inspection(tmp_path):
 
 
 def test_prepare_command_prints_the_report():
-    result = subprocess.run([sys.executable, "-m", "components.data.prepare", "deepseek_pretrain", "debug"],
+    result = subprocess.run([sys.executable, "-m", "tessera.components.data.prepare", "deepseek_pretrain", "debug"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     for word in ("collect", "clean: CodeHeuristics", "dedup", "tokenize (train)", "mixture (train)"):
         assert word in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "components.data.prepare", "no_such_recipe"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "tessera.components.data.prepare", "no_such_recipe"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "no recipe" in bad.stdout
 
 

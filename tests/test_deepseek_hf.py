@@ -13,15 +13,15 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.attention.mla import MultiHeadLatentAttention
-from components.families.deepseek.hf import config_from_hf, load_pretrained, save_pretrained, to_hf_state_dict
-from components.mlp.gated import SwiGLU
-from components.moe.experts import GroupedExperts
-from components.moe.moe import MoE
-from components.moe.router import Router
-from components.norm.rmsnorm import RMSNorm
-from components.position.rope import RoPE
-from components.position.yarn import YaRN
+from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.families.deepseek.hf import config_from_hf, load_pretrained, save_pretrained, to_hf_state_dict
+from tessera.components.mlp.gated import SwiGLU
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.moe import MoE
+from tessera.components.moe.router import Router
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.rope import RoPE
+from tessera.components.position.yarn import YaRN
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,7 +119,7 @@ def test_half_split_model_gets_rope_rows_permuted(tmp_path):
     model = fdl.build(half).eval()
     from safetensors.torch import load_file
 
-    from components.families.deepseek.hf import load_hf_state_dict
+    from tessera.components.families.deepseek.hf import load_hf_state_dict
 
     load_hf_state_dict(model, load_file(tmp_path / "hf" / "model.safetensors"))
     tokens = torch.randint(0, 97, (1, 9))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from components.parallel.diloco import DiLoCo
+from tessera.components.parallel.diloco import DiLoCo
 from tests.conftest import torchrun
 
 LR, MU, H = 0.7, 0.9, 3  # the outer step and sync period of the numerics checks
@@ -28,11 +28,11 @@ import fiddle as fdl
 import torch
 import torch.distributed as dist
 from torch import nn
-import components.train.launch as launching
-from components.parallel.diloco import DiLoCo, local_sgd
-from components.parallel.process_group import ensure_process_group, leave_process_group
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+import tessera.components.train.launch as launching
+from tessera.components.parallel.diloco import DiLoCo, local_sgd
+from tessera.components.parallel.process_group import ensure_process_group, leave_process_group
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 
 ensure_process_group()
 RANK, WORLD = dist.get_rank(), dist.get_world_size()

@@ -45,7 +45,7 @@ def test_swap_components_prints_each_swaps_cost_and_trains_it():
                               "cosine->wsd"], result.stdout
     assert list(llama) == ["base", "gqa->mqa"], result.stdout
     example = _load_example("swap_components")
-    from recipes import deepseek_pretrain, llama_pretrain
+    from tessera.recipes import deepseek_pretrain, llama_pretrain
 
     # Expected deltas, counted here from the preset's sizes (independent of tessera's stats).
     config = example.tiny(deepseek_pretrain.recipe.config("debug"))

@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from components.moe.expert_parallel import (
+from tessera.components.moe.expert_parallel import (
     combine,
     expert_parallel_faults,
     local_experts,
     plan_dispatch,
     reduce_expert_gradients,
 )
-from components.moe.experts import GroupedExperts
-from components.moe.moe import MoE
-from components.moe.router import Router
-from components.train.divergence import clip_gradients
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.moe import MoE
+from tessera.components.moe.router import Router
+from tessera.components.train.divergence import clip_gradients
 from tests.conftest import ROOT
 
 E, EP, D, H, K = 8, 2, 16, 12, 2
@@ -122,10 +122,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from components.moe.experts import GroupedExperts
-from components.moe.expert_parallel import apply_expert_parallel, expert_parameters
-from components.parallel.mesh import _parallel_dims
-from components.parallel.sharding import materialize_sharded
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.expert_parallel import apply_expert_parallel, expert_parameters
+from tessera.components.parallel.mesh import _parallel_dims
+from tessera.components.parallel.sharding import materialize_sharded
 from tests.test_expert_parallel import build, train
 
 dist.init_process_group("gloo")
@@ -182,16 +182,16 @@ for label, (ep_mesh, replica_mesh, dense) in layouts.items():
     # a file, not stdout: two processes' long lines interleave on a shared pipe
     with open(f"{folder}/flows-{label}-{rank}.json", "w") as out:
         json.dump(flows, out)
-from components.parallel.process_group import leave_process_group
+from tessera.components.parallel.process_group import leave_process_group
 leave_process_group()  # barrier first: a rank tearing gloo down alone can abort
 """
 
 
 def build():
     """The DeepSeek debug model on the meta device (fp32, as the recipe configures it)."""
-    from components.train.launch import build_model_on_meta
-    from recipes.deepseek_pretrain import recipe
-    from registry.cli import resolve
+    from tessera.components.train.launch import build_model_on_meta
+    from tessera.recipes.deepseek_pretrain import recipe
+    from tessera.registry.cli import resolve
 
     config, _ = resolve(recipe, ["debug"])
     return build_model_on_meta(config.model)
@@ -204,7 +204,7 @@ def train(model, rank: int, world: int, after_forward=lambda model: None) -> tup
     norm before clipping (Adam would hide wrongly scaled gradients; the norm does not)."""
     import torch.distributed as dist
 
-    from components.moe.router import Router
+    from tessera.components.moe.router import Router
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-5)
     generator = torch.Generator().manual_seed(1)

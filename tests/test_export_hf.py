@@ -8,12 +8,12 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.families.gpt2.builder import gpt2
-from components.families.llama.builder import llama
-from components.families.llama.hf import save_pretrained
-from components.train.checkpoint import load_model
-from components.train.export import export_faults
-from components.train.launch import build_model_on_meta
+from tessera.components.families.gpt2.builder import gpt2
+from tessera.components.families.llama.builder import llama
+from tessera.components.families.llama.hf import save_pretrained
+from tessera.components.train.checkpoint import load_model
+from tessera.components.train.export import export_faults
+from tessera.components.train.launch import build_model_on_meta
 from tests.conftest import run_recipe
 
 transformers = pytest.importorskip("transformers")

@@ -6,9 +6,9 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.families.gpt2.builder import gpt2
-from components.families.llama.builder import llama
-from components.families.llama.hf import llama_parameter_names
+from tessera.components.families.gpt2.builder import gpt2
+from tessera.components.families.llama.builder import llama
+from tessera.components.families.llama.hf import llama_parameter_names
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,18 +89,18 @@ def test_decoder_matches_gpt2_lm_head_model():
 
 @pytest.mark.parametrize("preset,published", [("gpt2_small", 124_439_808), ("llama3_8b", 8_030_261_248)])
 def test_presets_match_published_parameter_counts_exactly(preset, published):
-    from components.model.stats import count_parameters
-    from components.train.launch import build_model_on_meta
-    from recipes.llama_pretrain import recipe
+    from tessera.components.model.stats import count_parameters
+    from tessera.components.train.launch import build_model_on_meta
+    from tessera.recipes.llama_pretrain import recipe
 
     assert count_parameters(build_model_on_meta(recipe.config(preset).model)) == published
 
 
 @pytest.mark.parametrize("preset,billions", [("deepseek_llm_7b", 6.9), ("deepseek_llm_67b", 67)])
 def test_deepseek_llm_presets_round_to_published_totals(preset, billions):
-    from components.model.stats import count_parameters
-    from components.train.launch import build_model_on_meta
-    from recipes.llama_pretrain import recipe
+    from tessera.components.model.stats import count_parameters
+    from tessera.components.train.launch import build_model_on_meta
+    from tessera.recipes.llama_pretrain import recipe
 
     total = count_parameters(build_model_on_meta(recipe.config(preset).model)) / 1e9
     assert round(total, 1 if billions < 10 else 0) == billions, total

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.optim.lamb import Lamb
-from components.precision.master_weights import MasterWeights
-from components.train.checkpoint import Checkpointer
-from components.train.launch import launch
-from recipes.deepseek_pretrain import recipe as deepseek
-from recipes.llama_pretrain import recipe as llama
-from registry.cli import resolve
+from tessera.components.optim.lamb import Lamb
+from tessera.components.precision.master_weights import MasterWeights
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.launch import launch
+from tessera.recipes.deepseek_pretrain import recipe as deepseek
+from tessera.recipes.llama_pretrain import recipe as llama
+from tessera.registry.cli import resolve
 
 
 @pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
@@ -118,7 +118,7 @@ def test_second_order_optimizer_with_master_copies_is_refused_clearly():
 def test_an_inner_optimizer_with_a_fresh_state_mapping_keeps_its_state_and_masters():
     """ZeRO-1 (and ZeRO-1 beside expert parallelism) hands out a new `state` mapping on each
     access: the masters wrapper must read it live, or a checkpoint saves no Adam moments."""
-    from components.parallel.split_optimizer import SplitOptimizer
+    from tessera.components.parallel.split_optimizer import SplitOptimizer
 
     torch.manual_seed(0)
     dense, expert = (torch.nn.Parameter(torch.randn(4, 4).to(torch.bfloat16)) for _ in range(2))

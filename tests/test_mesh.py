@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from components.interfaces import CommHook, PeriodicSync
-from components.parallel.mesh import Mesh, MeshError
-from components.train.checkpoint import Checkpointer
-from components.train.launch import launch
-from recipes import deepseek_pretrain, llama_pretrain
-from registry.cli import resolve
-from registry.errors import ConfigError
+from tessera.components.interfaces import CommHook, PeriodicSync
+from tessera.components.parallel.mesh import Mesh, MeshError
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.launch import launch
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry.cli import resolve
+from tessera.registry.errors import ConfigError
 from tests.conftest import ROOT
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
@@ -42,16 +42,16 @@ import copy, json, os, sys
 import fiddle as fdl
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from components.parallel.process_group import leave_process_group
-from components.train.checkpoint import Checkpointer
-from components.train.launch import build_model_on_meta
-from recipes import deepseek_pretrain, llama_pretrain
-from registry.cli import resolve
+from tessera.components.parallel.process_group import leave_process_group
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.launch import build_model_on_meta
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry.cli import resolve
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from components.interfaces import CommHook, PeriodicSync
-from registry import COMM_HOOK, PERIODIC_SYNC
+from tessera.components.interfaces import CommHook, PeriodicSync
+from tessera.registry import COMM_HOOK, PERIODIC_SYNC
 
 
 @COMM_HOOK.register("test_fp16")
@@ -387,7 +387,7 @@ def test_full_size_presets_carry_their_papers_plans(preset, world, degrees):
     """The presets' `parallel` is the paper's layout as a runnable plan, and the full-size
     model (on the meta device) satisfies it: 256 (160) experts split over ep, group-limited
     routing's groups aligned with whole processes, 61 (60) layers over the pipeline stages."""
-    from components.train.launch import build_model_on_meta
+    from tessera.components.train.launch import build_model_on_meta
 
     config = deepseek_pretrain.recipe.config(preset)
     plan = fdl.build(config.parallel)

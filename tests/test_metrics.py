@@ -9,12 +9,12 @@ import math
 import fiddle as fdl
 import pytest
 
-from components.moe.moe import MoE
-from components.train.launch import launch
-from components.train.metrics import Metrics, expert_load_figure
-from recipes.deepseek_pretrain import recipe as deepseek
-from recipes.llama_pretrain import recipe as llama
-from registry.cli import resolve
+from tessera.components.moe.moe import MoE
+from tessera.components.train.launch import launch
+from tessera.components.train.metrics import Metrics, expert_load_figure
+from tessera.recipes.deepseek_pretrain import recipe as deepseek
+from tessera.recipes.llama_pretrain import recipe as llama
+from tessera.registry.cli import resolve
 
 from helpers.stdlib_bytes import StdlibBytes
 
@@ -53,7 +53,7 @@ def test_deepseek_run_writes_metrics_summary_and_plots(tmp_path):
 
 
 def _flops(model, seq_len):
-    from components.model.stats import training_flops_per_token
+    from tessera.components.model.stats import training_flops_per_token
 
     return training_flops_per_token(model, seq_len)
 

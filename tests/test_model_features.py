@@ -6,19 +6,19 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.attention.gqa import GroupedQueryAttention
-from components.attention.linear import LinearAttention
-from components.mlp.gated import GatedMLP, GeGLU, ReGLU
-from components.mlp.mlp import MLP
-from components.model.block import TransformerBlock
-from components.model.decoder import DecoderLM
-from components.norm.layernorm import LayerNorm
-from components.norm.rmsnorm import RMSNorm
-from components.position.rope import RoPE
-from components.train.launch import launch
-from recipes.llama_pretrain import recipe
-from registry import ConfigError
-from registry.cli import resolve
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.attention.linear import LinearAttention
+from tessera.components.mlp.gated import GatedMLP, GeGLU, ReGLU
+from tessera.components.mlp.mlp import MLP
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.norm.layernorm import LayerNorm
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.rope import RoPE
+from tessera.components.train.launch import launch
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry import ConfigError
+from tessera.registry.cli import resolve
 
 
 def block(norm_position="pre", **kw) -> TransformerBlock:
@@ -126,9 +126,9 @@ def test_trainer_checkpointing_switch_leaves_the_run_unchanged(mode):
 def test_a_tied_head_stays_tied_when_the_model_leaves_the_meta_device():
     """Materialising a meta-device model gives each module's parameter new storage; the GPT-2
     head must still be the embedding afterwards (it trained untied before this was fixed)."""
-    from components.families.gpt2.builder import gpt2
-    from components.parallel.single import SingleProcess
-    from components.train.launch import build_model_on_meta
+    from tessera.components.families.gpt2.builder import gpt2
+    from tessera.components.parallel.single import SingleProcess
+    from tessera.components.train.launch import build_model_on_meta
 
     model = build_model_on_meta(gpt2(vocab_size=97, dim=32, n_layers=1, n_heads=2, max_len=16))
     assert model.tied

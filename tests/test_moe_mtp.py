@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.attention.gqa import GroupedQueryAttention
-from components.mlp.gated import SwiGLU
-from components.model.block import TransformerBlock
-from components.moe.balance import device_balance_loss, expert_balance_loss
-from components.moe.experts import GroupedExperts
-from components.moe.moe import MoE, capacity_keep
-from components.moe.router import Router
-from components.norm.rmsnorm import RMSNorm
-from recipes.deepseek_pretrain import recipe
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.mlp.gated import SwiGLU
+from tessera.components.model.block import TransformerBlock
+from tessera.components.moe.balance import device_balance_loss, expert_balance_loss
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.moe import MoE, capacity_keep
+from tessera.components.moe.router import Router
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.recipes.deepseek_pretrain import recipe
 from tests.conftest import run_recipe
 
 
@@ -51,7 +51,7 @@ def test_moe_equals_per_token_loop():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mm_and_its_gradients_match_a_per_expert_loop(dtype):
-    from components.moe.grouped_mm import grouped_mm
+    from tessera.components.moe.grouped_mm import grouped_mm
 
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 1, 0, 7])  # empty experts included
@@ -211,8 +211,8 @@ def test_mtp_loss_matches_naive_and_presets_dry_run():
     ("deepseek_v3", 671, 37, False, 0),
 ])
 def test_presets_reproduce_published_counts(preset, total, activated, include_embedding, digits):
-    from components.model import stats
-    from components.train.launch import build_model_on_meta
+    from tessera.components.model import stats
+    from tessera.components.train.launch import build_model_on_meta
 
     model = build_model_on_meta(recipe.config(preset).model)
     main = stats.main_model_parameters(model) / 1e9

@@ -6,14 +6,14 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.optim.lamb import Lamb
-from components.optim.muon import MuonWithAdamW
-from components.optim.param_groups import decay_groups
-from components.optim.sophia import SophiaG
-from components.train.launch import launch
-from recipes.llama_pretrain import recipe
-from registry import OPTIMIZER
-from registry.cli import resolve
+from tessera.components.optim.lamb import Lamb
+from tessera.components.optim.muon import MuonWithAdamW
+from tessera.components.optim.param_groups import decay_groups
+from tessera.components.optim.sophia import SophiaG
+from tessera.components.train.launch import launch
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry import OPTIMIZER
+from tessera.registry.cli import resolve
 
 from helpers.stdlib_bytes import StdlibBytes
 
@@ -59,7 +59,7 @@ def test_muon_fp32_orthogonalisation_matches_torch_bf16_one():
     torch's bf16 one (to bf16 accuracy), and its result has singular values near 1."""
     import torch.optim._muon as torch_muon
 
-    from components.optim.muon import newton_schulz_fp32
+    from tessera.components.optim.muon import newton_schulz_fp32
 
     torch.manual_seed(0)
     for shape in ((16, 24), (24, 16)):
@@ -126,7 +126,7 @@ def test_every_optimizer_trains_the_debug_model(name, kwargs):
 
 
 def test_adamw_is_fused_on_cpu_and_follows_the_paper_update():
-    from registry.kinds import OPTIMIZER as optimizers
+    from tessera.registry.kinds import OPTIMIZER as optimizers
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(6, 4))
@@ -150,7 +150,7 @@ def test_sophia_h_follows_the_paper_update_with_hutchinson_estimates():
     L(w) = 1/2 sum a_i w_i^2, where u * (H u) = a exactly for Rademacher u. The paper's step
     lr * clip(m / max(gamma h, eps), 1) is the library's (lr / gamma) * clip(m / max(h, eps), gamma),
     and its decay lr * wd is the library's (lr / gamma) * (wd * gamma)."""
-    from registry.kinds import OPTIMIZER as optimizers
+    from tessera.registry.kinds import OPTIMIZER as optimizers
 
     torch.manual_seed(0)
     a = torch.rand(5, 3, dtype=torch.float64) + 0.5
@@ -176,7 +176,7 @@ def test_sophia_h_follows_the_paper_update_with_hutchinson_estimates():
 
 @pytest.mark.parametrize("flags", [{}, {"decay_embeddings": True, "decay_vectors": True}])
 def test_weight_decay_groups_skip_norms_biases_embeddings_and_never_hold_the_router_bias(flags):
-    from recipes.deepseek_pretrain import recipe as deepseek
+    from tessera.recipes.deepseek_pretrain import recipe as deepseek
 
     config, _ = resolve(deepseek, ["debug"])
     model = fdl.build(config.model)
@@ -196,7 +196,7 @@ def test_weight_decay_groups_skip_norms_biases_embeddings_and_never_hold_the_rou
 
 @pytest.mark.parametrize("name", ["sophia", "sophia_h"])
 def test_hessian_optimizers_resume_exactly(tmp_path, name):
-    from components.train.checkpoint import Checkpointer
+    from tessera.components.train.checkpoint import Checkpointer
 
     def run(steps: int, resume: bool):
         config, _ = resolve(recipe, ["debug", f"steps={steps}", "batch_size=2", "seq_len=32", "precision=@fp32",
@@ -214,7 +214,7 @@ def test_hessian_optimizers_resume_exactly(tmp_path, name):
 
 
 def test_adamw_factory_accepts_generators_and_tuples():
-    from registry.kinds import OPTIMIZER as optimizers
+    from tessera.registry.kinds import OPTIMIZER as optimizers
 
     model = torch.nn.Linear(3, 2)
     for params in (model.parameters(), [{"params": model.parameters()}], [{"params": tuple(model.parameters())}]):

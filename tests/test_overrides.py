@@ -9,14 +9,14 @@ import pytest
 import torch
 from fiddle import daglish
 
-from components.attention.gqa import GroupedQueryAttention
-from components.interfaces import Attention
-from components.position.rope import RoPE
-from recipes.llama_pretrain import recipe
-from registry import ATTENTION, ConfigError, serialize
-from registry.cli import resolve
-from registry.overrides import apply_overrides, parse_value
-from registry.printing import config_tree
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.interfaces import Attention
+from tessera.components.position.rope import RoPE
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry import ATTENTION, ConfigError, serialize
+from tessera.registry.cli import resolve
+from tessera.registry.overrides import apply_overrides, parse_value
+from tessera.registry.printing import config_tree
 
 
 def test_nested_override_touches_only_its_path():
@@ -121,7 +121,7 @@ def test_dump_load_round_trip(tmp_path):
     assert loaded == cfg
     assert loaded.precision == cfg.precision
     assert serialize.load_text(serialize.dumps([torch.bfloat16, torch.float16])) == [torch.bfloat16, torch.float16]
-    from components.optim.adamw import adamw
+    from tessera.components.optim.adamw import adamw
 
     assert fdl.get_callable(loaded.optimizer) is adamw
     again, _ = resolve(recipe, ["steps=3"], load=str(path))
@@ -130,7 +130,7 @@ def test_dump_load_round_trip(tmp_path):
 
 def test_load_refuses_foreign_imports_and_bad_files(tmp_path):
     cfg = recipe.config("debug")
-    text = serialize.dumps(cfg).replace('"module": "components.schedule.warmup_cosine"', '"module": "os"') \
+    text = serialize.dumps(cfg).replace('"module": "tessera.components.schedule.warmup_cosine"', '"module": "os"') \
         .replace('"name": "WarmupCosine"', '"name": "system"')
     evil = tmp_path / "evil.json"
     evil.write_text(text)
@@ -163,7 +163,7 @@ def test_print_tree_keeps_unset_markers():
 # -- swaps keep meaning (the flagship's debug preset) ------------------------------------------
 
 def _deepseek():
-    from recipes.deepseek_pretrain import recipe as deepseek_recipe
+    from tessera.recipes.deepseek_pretrain import recipe as deepseek_recipe
 
     return deepseek_recipe
 
@@ -296,7 +296,7 @@ def test_a_model_dim_edited_in_one_place_is_a_validation_fault():
     cfg = recipe.config("debug")
     cfg.model.layers[3].attention.dim = 64  # recipe code editing one copy only
     with pytest.raises(ConfigError, match=r"model.layers\[3\].attention.dim: fields tagged ModelDim .* must agree"):
-        from registry import validate
+        from tessera.registry import validate
 
         validate(cfg)
     # a swap keeps the tag, so the width still moves as one
@@ -312,9 +312,9 @@ def test_every_preset_takes_model_dim_as_one_setting(recipe_name):
     """Doubling the width on the command line moves every residual-width field of every preset."""
     import importlib
 
-    from registry import validate
+    from tessera.registry import validate
 
-    module = importlib.import_module(f"recipes.{recipe_name}")
+    module = importlib.import_module(f"tessera.recipes.{recipe_name}")
     for preset in module.recipe.presets:
         base = module.recipe.config(preset)
         cfg, _ = resolve(module.recipe, [preset, f"model.dim={2 * base.model.dim}"])

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-import components.builtin  # noqa: F401
-from components.data.defaults import stdlib_corpus
-from components.data.document import Document
-from components.data.pipeline import TextPipeline
-from components.data.sources.files import LocalFiles
-from components.data.sources.rows import MalformedRow, MalformedRowError
+import tessera.components.builtin  # noqa: F401
+from tessera.components.data.defaults import stdlib_corpus
+from tessera.components.data.document import Document
+from tessera.components.data.pipeline import TextPipeline
+from tessera.components.data.sources.files import LocalFiles
+from tessera.components.data.sources.rows import MalformedRow, MalformedRowError
 from tests.conftest import ROOT
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "dan", "ber", "qua", "zo", "fi", "gle", "tor",
@@ -201,7 +201,7 @@ def test_the_cache_key_follows_the_corpus_folder_and_its_contents(corpus, tmp_pa
 
 
 def run(*args: str, cwd: Path, module: bool = False) -> subprocess.CompletedProcess[str]:
-    command = ["-m", "components.data.prepare", "deepseek_pretrain"] if module else \
+    command = ["-m", "tessera.components.data.prepare", "deepseek_pretrain"] if module else \
         [str(ROOT / "recipes" / "deepseek_pretrain.py")]
     return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})

@@ -17,7 +17,7 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.parallel.pipeline import (
+from tessera.components.parallel.pipeline import (
     PipelinedModel,
     local_stage_indices,
     materialize_stages,
@@ -26,9 +26,9 @@ from components.parallel.pipeline import (
     split_stages,
     stage_layout,
 )
-from recipes.deepseek_pretrain import recipe as deepseek_recipe
-from recipes.llama_pretrain import recipe as llama_recipe
-from registry.cli import resolve
+from tessera.recipes.deepseek_pretrain import recipe as deepseek_recipe
+from tessera.recipes.llama_pretrain import recipe as llama_recipe
+from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 
@@ -104,12 +104,12 @@ import json, sys
 import fiddle as fdl
 import torch
 import torch.distributed as dist
-from components.moe.router import Router
-from components.parallel.pipeline import pipeline, materialize_stages
-from components.parallel.pipeline_schedule import PipelineRunner, measure_bubble
-from recipes.deepseek_pretrain import recipe as deepseek
-from recipes.llama_pretrain import recipe as llama
-from registry.cli import resolve
+from tessera.components.moe.router import Router
+from tessera.components.parallel.pipeline import pipeline, materialize_stages
+from tessera.components.parallel.pipeline_schedule import PipelineRunner, measure_bubble
+from tessera.recipes.deepseek_pretrain import recipe as deepseek
+from tessera.recipes.llama_pretrain import recipe as llama
+from tessera.registry.cli import resolve
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -207,7 +207,7 @@ for family, schedule, virtual, n_micro, n_microbatches in [
     if rank == 0:
         print("CASE", json.dumps({"case": f"{family}-{schedule}-m{n_microbatches or n_micro}", "ranks": gathered}),
               flush=True)
-from components.parallel.process_group import leave_process_group
+from tessera.components.parallel.process_group import leave_process_group
 leave_process_group()  # barrier first: a rank tearing gloo down alone can abort
 '''
 

@@ -7,10 +7,10 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.train import activation_memory, comm_volume, pipeline_bubble, planner
-from components.train.launch import build_model_on_meta
-from components.train.plan import layout_of, plan_report
-from registry import PARALLEL_PLAN, PRECISION
+from tessera.components.train import activation_memory, comm_volume, pipeline_bubble, planner
+from tessera.components.train.launch import build_model_on_meta
+from tessera.components.train.plan import layout_of, plan_report
+from tessera.registry import PARALLEL_PLAN, PRECISION
 from tests.conftest import run_recipe
 
 
@@ -47,14 +47,14 @@ def test_peak_activations_follow_each_ranks_order_of_forwards_and_backwards():
 
 
 def _llama_meta(n_layers: int = 4):
-    from components.families.llama.builder import llama
+    from tessera.components.families.llama.builder import llama
 
     with torch.device("meta"):
         return fdl.build(llama(vocab_size=256, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=128))
 
 
 def _deepseek_meta():
-    from recipes.deepseek_pretrain import recipe
+    from tessera.recipes.deepseek_pretrain import recipe
 
     return build_model_on_meta(recipe.config("debug").model)
 
@@ -90,7 +90,7 @@ def test_dense_bytes_per_rank_against_hand_calculation(degrees):
 
 
 def test_expert_parallel_splits_routed_experts_and_zero1_shards_the_dense_state():
-    from components.moe.moe import MoE
+    from tessera.components.moe.moe import MoE
 
     model = _deepseek_meta()
     experts = sum(sum(p.numel() for p in m.experts.parameters()) for m in model.modules() if isinstance(m, MoE))
@@ -157,7 +157,7 @@ def test_bad_layouts_name_the_constraint():
 
 
 def test_layout_of_reads_the_mesh_degrees():
-    from recipes.llama_pretrain import recipe
+    from tessera.recipes.llama_pretrain import recipe
 
     config = recipe.config("debug")
     config.parallel = PARALLEL_PLAN.config("mesh", dp_replicate=2, zero1=True)
@@ -184,13 +184,13 @@ def test_deepseek_v3_dry_run_reports_the_fit_and_what_dominates():
 MEASURE = r"""
 import importlib, json, sys
 import fiddle as fdl, torch, torch.distributed as dist
-from components.parallel.process_group import data_parallel
-from registry import PARALLEL_PLAN
+from tessera.components.parallel.process_group import data_parallel
+from tessera.registry import PARALLEL_PLAN
 from tests.helpers.live_bytes import LiveTensorBytes
 
 def measure(recipe_name, parallel, batch, seq, n_micro):
     torch.manual_seed(0)
-    cfg = importlib.import_module(f"recipes.{recipe_name}").recipe.config("debug")
+    cfg = importlib.import_module(f"tessera.recipes.{recipe_name}").recipe.config("debug")
     tracker = LiveTensorBytes()
     with tracker:
         with torch.device("meta"):
@@ -251,7 +251,7 @@ def _predicted(recipe_name: str, kind: str, kw: dict, shape: tuple, world: int) 
 
     from rich.console import Console
 
-    recipe = importlib.import_module(f"recipes.{recipe_name}").recipe
+    recipe = importlib.import_module(f"tessera.recipes.{recipe_name}").recipe
     config = recipe.config("debug")
     batch, seq, n_micro = shape
     config.parallel = PARALLEL_PLAN.config(kind, **kw)

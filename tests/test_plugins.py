@@ -35,8 +35,8 @@ def run_python(code: str, site: Path) -> subprocess.CompletedProcess[str]:
 def test_plugin_registers_lazily_and_broken_plugin_only_warns(tmp_path):
     make_distribution(tmp_path, "good-norms", "good_norms", """
         import torch
-        from components.interfaces import Norm
-        from registry import NORM
+        from tessera.components.interfaces import Norm
+        from tessera.registry import NORM
 
         @NORM.register("scale_norm")
         class ScaleNorm(Norm):
@@ -51,7 +51,7 @@ def test_plugin_registers_lazily_and_broken_plugin_only_warns(tmp_path):
     make_distribution(tmp_path, "broken-blocks", "broken_blocks", "raise RuntimeError('boom at import')\n")
     result = run_python("""
         import sys, warnings
-        from registry import NORM
+        from tessera.registry import NORM
         assert "good_norms" not in sys.modules, "plugins must load lazily"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -68,8 +68,8 @@ def test_plugin_registers_lazily_and_broken_plugin_only_warns(tmp_path):
 def test_plugin_component_is_swappable_and_loadable_from_json(tmp_path):
     make_distribution(tmp_path, "good-norms", "good_norms", """
         import torch
-        from components.interfaces import Norm
-        from registry import NORM
+        from tessera.components.interfaces import Norm
+        from tessera.registry import NORM
 
         @NORM.register("scale_norm")
         class ScaleNorm(Norm):
@@ -85,7 +85,7 @@ def test_plugin_component_is_swappable_and_loadable_from_json(tmp_path):
     result = run_python(f"""
         import sys
         sys.argv = [{recipe!r}, "model.norm=@scale_norm", "--dump", {str(dump)!r}]
-        from recipes.llama_pretrain import recipe
+        from tessera.recipes.llama_pretrain import recipe
         recipe.main()
     """, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -93,8 +93,8 @@ def test_plugin_component_is_swappable_and_loadable_from_json(tmp_path):
     result = run_python(f"""
         import sys
         sys.argv = [{recipe!r}, "--load", {str(dump)!r}, "--help"]
-        from recipes.llama_pretrain import recipe
-        from registry import serialize
+        from tessera.recipes.llama_pretrain import recipe
+        from tessera.registry import serialize
         cfg = serialize.load({str(dump)!r})
         assert type(cfg.model.norm).__name__ == "Config" and cfg.model.norm.__fn_or_cls__.__name__ == "ScaleNorm"
         recipe.main()
@@ -155,8 +155,8 @@ def naive_cosine_attention(attn, x, *, position, doc_ids=None):
 
 @pytest.mark.parametrize("position", ["rope", "alibi", "none"])
 def test_plugin_cosine_attention_matches_naive_reference(cosine_attention, position):
-    from components.position.alibi import ALiBi
-    from components.position.rope import RoPE
+    from tessera.components.position.alibi import ALiBi
+    from tessera.components.position.rope import RoPE
 
     torch.manual_seed(0)
     encoding = {"rope": RoPE(), "alibi": ALiBi(), "none": None}[position]

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from components.position.absolute import LearnedPositions, NoPE, Sinusoidal
-from components.position.alibi import ALiBi, alibi_slopes
-from components.position.rope import RoPE
-from components.position.yarn import YaRN, yarn_mscale
+from tessera.components.position.absolute import LearnedPositions, NoPE, Sinusoidal
+from tessera.components.position.alibi import ALiBi, alibi_slopes
+from tessera.components.position.rope import RoPE
+from tessera.components.position.yarn import YaRN, yarn_mscale
 from tests.reference import rope_reference
 
 

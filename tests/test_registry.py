@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from components.interfaces import Attention, FeedForward, Norm
-from recipes.llama_pretrain import recipe
-from registry import ATTENTION, FEED_FORWARD, NORM, OPTIMIZER, RegistryError
+from tessera.components.interfaces import Attention, FeedForward, Norm
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry import ATTENTION, FEED_FORWARD, NORM, OPTIMIZER, RegistryError
 
 
 class ToyNorm(Norm):
@@ -114,8 +114,8 @@ def test_builtin_kinds_are_populated():
 
 
 def test_registry_records_who_registered_each_entry(scratch_registry):
-    assert ATTENTION.origin("gqa") == "components.attention.gqa" and ATTENTION.is_builtin("gqa")
-    assert OPTIMIZER.origin("adafactor") == "components.optim.adafactor"  # a torch class, registered by us
+    assert ATTENTION.origin("gqa") == "tessera.components.attention.gqa" and ATTENTION.is_builtin("gqa")
+    assert OPTIMIZER.origin("adafactor") == "tessera.components.optim.adafactor"  # a torch class, registered by us
     reg = scratch_registry("TEST_NORM", Norm)
     reg.register("toy")(ToyNorm)
     assert reg.origin("toy") == __name__ and not reg.is_builtin("toy")
@@ -125,7 +125,7 @@ def test_registry_records_who_registered_each_entry(scratch_registry):
 
 def test_kinds_declare_only_arguments_their_entries_take():
     # a shared argument that no entry of its kind accepts would be a typo in registry/kinds.py
-    from registry.registry import accepted_arguments, all_registries
+    from tessera.registry.registry import accepted_arguments, all_registries
 
     for reg in all_registries():
         taken = {a for name in reg.names() for a in accepted_arguments(reg.get(name)) or ()}

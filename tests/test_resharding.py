@@ -24,9 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.train.checkpoint import Checkpointer, CheckpointLoadError, load_model
-from components.train.export import export_hf
-from registry import serialize
+from tessera.components.train.checkpoint import Checkpointer, CheckpointLoadError, load_model
+from tessera.components.train.export import export_hf
+from tessera.registry import serialize
 from tests.conftest import ROOT, torchrun
 from tests.helpers import resharding_jobs
 from tests.helpers.resharding_jobs import LENGTH, fixed_tokens

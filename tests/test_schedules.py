@@ -6,15 +6,15 @@ import math
 
 import pytest
 
-from components.schedule.basic import Constant, LinearDecay, Warmup, WarmupStableDecay
-from components.schedule.multi_stage import MultiStage, TokenSteps
-from components.schedule.scaling import (
+from tessera.components.schedule.basic import Constant, LinearDecay, Warmup, WarmupStableDecay
+from tessera.components.schedule.multi_stage import MultiStage, TokenSteps
+from tessera.components.schedule.scaling import (
     deepseek_llm_compute,
     deepseek_llm_optimal_batch_tokens,
     deepseek_llm_optimal_lr,
     sqrt_batch_lr,
 )
-from components.schedule.warmup_cosine import WarmupCosine
+from tessera.components.schedule.warmup_cosine import WarmupCosine
 
 
 def test_step_schedules():

@@ -6,15 +6,15 @@ import fiddle as fdl
 import pytest
 import torch
 
-from components.precision.loss_scale import LossScale
-from components.precision.policies import FP16Autocast
-from components.train.checkpoint import Checkpointer
-from components.train.guard import StabilityGuard, TrainingDiverged
-from components.train.launch import launch
-from components.train.trainer import train
-from recipes import deepseek_pretrain, llama_pretrain
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+from tessera.components.precision.loss_scale import LossScale
+from tessera.components.precision.policies import FP16Autocast
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.guard import StabilityGuard, TrainingDiverged
+from tessera.components.train.launch import launch
+from tessera.components.train.trainer import train
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 from tests.conftest import run_recipe
 
 from helpers.stdlib_bytes import StdlibBytes
@@ -76,7 +76,7 @@ def test_repeated_bad_steps_without_checkpoint_stop_with_advice():
 
 
 def test_fp8_is_refused_on_cpu_with_the_alternatives():
-    from components.precision.policies import FP8
+    from tessera.components.precision.policies import FP8
 
     with pytest.raises(RuntimeError, match="fp8 training needs a CUDA GPU.*emulate=True"):
         FP8().prepare(torch.nn.Linear(4, 4))

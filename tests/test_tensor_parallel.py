@@ -17,10 +17,14 @@ import types
 
 import pytest
 
-from components.parallel.tensor_parallel import TensorParallelError, apply_tensor_parallel, tensor_parallel_faults
-from components.train.launch import build_model_on_meta
-from recipes import deepseek_pretrain, llama_pretrain
-from registry.cli import resolve
+from tessera.components.parallel.tensor_parallel import (
+    TensorParallelError,
+    apply_tensor_parallel,
+    tensor_parallel_faults,
+)
+from tessera.components.train.launch import build_model_on_meta
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 RUN = '''
@@ -30,14 +34,14 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from components.interfaces import OptimizerStepHook
-from components.model.decoder import cross_entropy
-from components.parallel import sharding
-from components.parallel.tensor_parallel import apply_tensor_parallel
-from components.train.divergence import clip_gradients
-from components.train.launch import build_model_on_meta
-from recipes import deepseek_pretrain, llama_pretrain
-from registry.cli import resolve
+from tessera.components.interfaces import OptimizerStepHook
+from tessera.components.model.decoder import cross_entropy
+from tessera.components.parallel import sharding
+from tessera.components.parallel.tensor_parallel import apply_tensor_parallel
+from tessera.components.train.divergence import clip_gradients
+from tessera.components.train.launch import build_model_on_meta
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry.cli import resolve
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

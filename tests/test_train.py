@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from components.schedule.warmup_cosine import WarmupCosine
-from components.train.launch import launch
-from recipes.llama_pretrain import recipe
-from registry.cli import resolve
+from tessera.components.schedule.warmup_cosine import WarmupCosine
+from tessera.components.train.launch import launch
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry.cli import resolve
 
 
 def run(*overrides: str):
@@ -65,11 +65,11 @@ def test_vocab_mismatch_is_a_clear_error():
 
 @pytest.mark.slow
 def test_deepseek_debug_trains_with_every_mechanism_active():
-    from recipes.deepseek_pretrain import recipe as deepseek
+    from tessera.recipes.deepseek_pretrain import recipe as deepseek
 
     config, _ = resolve(deepseek, ["debug", "progress=False", "threads=1", "steps=60", "batch_size=8",
                                    "scheduler.total_steps=60", "scheduler.warmup_steps=6"])
-    from components.moe.router import Router
+    from tessera.components.moe.router import Router
 
     result = launch(config)
     assert {"lm", "mtp", "balance"} <= set(result.terms)
@@ -90,7 +90,7 @@ def test_flagship_debug_model_compiles_without_graph_breaks_and_matches_eager(pr
     tokens, as 128 adds ~7 s there)."""
     from torch._dynamo.utils import counters
 
-    from recipes.deepseek_pretrain import recipe as deepseek
+    from tessera.recipes.deepseek_pretrain import recipe as deepseek
 
     torch._dynamo.reset()  # earlier tests' compiled blocks share the code object and its recompile limit
     losses = {}

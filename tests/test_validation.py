@@ -7,9 +7,9 @@ import copy
 import fiddle as fdl
 import pytest
 
-from components.model.block import TransformerBlock
-from recipes.llama_pretrain import recipe
-from registry import ATTENTION, FEED_FORWARD, NORM, ConfigError, validate
+from tessera.components.model.block import TransformerBlock
+from tessera.recipes.llama_pretrain import recipe
+from tessera.registry import ATTENTION, FEED_FORWARD, NORM, ConfigError, validate
 
 
 def paths_of(error: ConfigError) -> list[str]:

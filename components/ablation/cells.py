@@ -15,7 +15,7 @@ rounded width. The matched quantity leaves out the embedding and the output head
 are the same in every cell and would otherwise hide most of the difference:
 - params: parameters of the transformer blocks (total: all experts count);
 - flops: training FLOPs per token of the blocks (routed experts count top_k / n_experts,
-  attention scores included; `components.model.stats.training_flops_per_token`).
+  attention scores included; `tessera.components.model.stats.training_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -28,18 +28,27 @@ import fiddle as fdl
 import torch
 from torch import nn
 
-from components.data.defaults import stdlib_corpus
-from components.model.block import TransformerBlock
-from components.model.decoder import DecoderLM
-from components.model.stats import activated_parameters, count_parameters, training_flops_per_token
-from components.moe.experts import GroupedExperts
-from components.moe.router import Router
-from components.train.guard import StabilityGuard
-from components.train.launch import build_model_on_meta
-from components.train.trainer import train
-from registry.errors import Fault
-from registry.kinds import ATTENTION, FEED_FORWARD, NORM, OPTIMIZER, PARALLEL_PLAN, POSITION, PRECISION, SCHEDULER
-from registry.validate import find_faults
+from tessera.components.data.defaults import stdlib_corpus
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.model.stats import activated_parameters, count_parameters, training_flops_per_token
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.router import Router
+from tessera.components.train.guard import StabilityGuard
+from tessera.components.train.launch import build_model_on_meta
+from tessera.components.train.trainer import train
+from tessera.registry.errors import Fault
+from tessera.registry.kinds import (
+    ATTENTION,
+    FEED_FORWARD,
+    NORM,
+    OPTIMIZER,
+    PARALLEL_PLAN,
+    POSITION,
+    PRECISION,
+    SCHEDULER,
+)
+from tessera.registry.validate import find_faults
 
 ATTENTIONS = ("mha", "gqa", "mla", "block_sparse", "linear", "sliding_window")
 POSITIONS = ("rope", "alibi", "nope")

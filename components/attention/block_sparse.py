@@ -6,12 +6,12 @@ from typing import Literal
 
 import torch
 
-from components.attention.block_gather import block_gather_attention
-from components.attention.gqa import GroupedQueryAttention
-from components.attention.masks import causal_document_mask
-from components.interfaces import Norm, PositionEncoding
-from registry.invariants import invariant
-from registry.kinds import ATTENTION
+from tessera.components.attention.block_gather import block_gather_attention
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.attention.masks import causal_document_mask
+from tessera.components.interfaces import Norm, PositionEncoding
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import ATTENTION
 
 Backend = Literal["gather", "mask", "flex"]
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.attention import rules
-from components.interfaces import Attention, PositionEncoding
-from components.model.init import init_linears
-from registry.invariants import invariant
-from registry.kinds import ATTENTION
+from tessera.components.attention import rules
+from tessera.components.interfaces import Attention, PositionEncoding
+from tessera.components.model.init import init_linears
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import ATTENTION
 
 FeatureMap = Literal["elu", "relu"]
 

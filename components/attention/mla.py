@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.attention import rules
-from components.attention.masks import causal_document_mask
-from components.interfaces import Attention, Norm, RotaryEncoding
-from components.model.init import normal_
-from components.parallel.tp_styles import LocalInputs, ParallelStyle, Placement, colwise, replicated, rowwise
-from registry.invariants import invariant
-from registry.kinds import ATTENTION
+from tessera.components.attention import rules
+from tessera.components.attention.masks import causal_document_mask
+from tessera.components.interfaces import Attention, Norm, RotaryEncoding
+from tessera.components.model.init import normal_
+from tessera.components.parallel.tp_styles import LocalInputs, ParallelStyle, Placement, colwise, replicated, rowwise
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import ATTENTION
 
 
 @ATTENTION.register("mla")

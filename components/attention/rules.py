@@ -1,10 +1,10 @@
-"""Invariants shared by the attention variants, declared with `registry.invariant`."""
+"""Invariants shared by the attention variants, declared with `tessera.registry.invariant`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from components.interfaces import position_kind
+from tessera.components.interfaces import position_kind
 
 
 def _head_dim(dim: int, n_heads: int, head_dim: int | None) -> int:

@@ -1,6 +1,6 @@
 """The pipeline's first stage: read one source, skipping and counting malformed rows per file.
 
-Malformed rows (see `components.data.sources.rows`) are written, one JSON object per line, to
+Malformed rows (see `tessera.components.data.sources.rows`) are written, one JSON object per line, to
 `rejects/{domain}.malformed.jsonl` in the prepared folder and summed up per file in the
 stage's report note; in strict mode the first one stops preparation with its file and line.
 """
@@ -11,9 +11,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from components.data.document import Document
-from components.data.sources.rows import MalformedRow, MalformedRowError, RowSource
-from components.interfaces import DataSource
+from tessera.components.data.document import Document
+from tessera.components.data.sources.rows import MalformedRow, MalformedRowError, RowSource
+from tessera.components.interfaces import DataSource
 
 SHOWN_FILES = 4  # files named in a report note; the rejects file lists every row
 

@@ -11,7 +11,7 @@ import dataclasses
 import multiprocessing
 from collections.abc import Sequence
 
-from components.data.document import Document
+from tessera.components.data.document import Document
 
 
 def shingles(text: str, size: int) -> list[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import fiddle as fdl
 
-from components.data.dedup import Deduplicator
-from components.data.pipeline import TextPipeline
-from registry.kinds import DATA_FILTER, DATA_SOURCE
+from tessera.components.data.dedup import Deduplicator
+from tessera.components.data.pipeline import TextPipeline
+from tessera.registry.kinds import DATA_FILTER, DATA_SOURCE
 
 
 def stdlib_corpus(*, vocab_size: int = 2048, code_bytes: int = 4_000_000, temperature: float = 2.0,

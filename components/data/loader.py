@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.data.store import TokenStore
+from tessera.components.data.store import TokenStore
 
 
 def doc_ids_from_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:

@@ -26,17 +26,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from components.data.collect import collect, first_malformed, malformed_note, rejects_file
-from components.data.dedup import Deduplicator
-from components.data.document import Document
-from components.data.loader import PackedLoader
-from components.data.mixture import mixture_weights
-from components.data.sources.files import LocalFiles
-from components.data.sources.readers import TxtSplit
-from components.data.sources.rows import RowSource
-from components.data.store import TokenStore, write_store
-from components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
-from components.interfaces import (
+from tessera.components.data.collect import collect, first_malformed, malformed_note, rejects_file
+from tessera.components.data.dedup import Deduplicator
+from tessera.components.data.document import Document
+from tessera.components.data.loader import PackedLoader
+from tessera.components.data.mixture import mixture_weights
+from tessera.components.data.sources.files import LocalFiles
+from tessera.components.data.sources.readers import TxtSplit
+from tessera.components.data.sources.rows import RowSource
+from tessera.components.data.store import TokenStore, write_store
+from tessera.components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
+from tessera.components.interfaces import (
     BytesPerToken,
     DataSource,
     DocumentFilter,
@@ -44,8 +44,8 @@ from components.interfaces import (
     StatefulData,
     TrainingData,
 )
-from components.parallel.process_group import data_parallel
-from registry.invariants import invariant
+from tessera.components.parallel.process_group import data_parallel
+from tessera.registry.invariants import invariant
 
 FORMAT_VERSION = 2  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted
 OWN_DOMAIN = "text"  # the domain of a corpus given by `path`

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.interfaces import FeedForward
-from components.mlp.activations import ACTIVATIONS, Activation
-from components.model.init import init_linears
-from components.parallel.tp_styles import ParallelStyle, Placement, colwise, rowwise
-from registry.invariants import invariant
-from registry.kinds import FEED_FORWARD
+from tessera.components.interfaces import FeedForward
+from tessera.components.mlp.activations import ACTIVATIONS, Activation
+from tessera.components.model.init import init_linears
+from tessera.components.parallel.tp_styles import ParallelStyle, Placement, colwise, rowwise
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import FEED_FORWARD
 
 
 @FEED_FORWARD.register("gated_mlp")

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from components.interfaces import Attention, FeedForward, Norm
-from registry.invariants import invariant
+from tessera.components.interfaces import Attention, FeedForward, Norm
+from tessera.registry.invariants import invariant
 
 
 @invariant("attention.dim == feed_forward.dim",

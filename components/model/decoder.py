@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from components.interfaces import AbsoluteEncoding, AuxiliaryLoss, Norm, PositionEncoding, position_kind
-from components.model.block import TransformerBlock
-from components.model.mtp import MultiTokenPrediction
-from registry.invariants import invariant
+from tessera.components.interfaces import AbsoluteEncoding, AuxiliaryLoss, Norm, PositionEncoding, position_kind
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.mtp import MultiTokenPrediction
+from tessera.registry.invariants import invariant
 
 
 @invariant("every layer's attention.dim == dim",
@@ -152,7 +152,7 @@ class DecoderLM(nn.Module):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits [B, T, V] (computed in fp32) against targets [B, T]."""
     if isinstance(logits, DTensor):  # vocab-sharded by tensor parallelism: loss from the shards, never gathered
-        from components.parallel.tensor_parallel import vocab_parallel_cross_entropy
+        from tessera.components.parallel.tensor_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(logits, targets)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

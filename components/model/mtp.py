@@ -7,10 +7,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from components.interfaces import Norm
-from components.model.block import TransformerBlock
-from components.model.init import init_linears
-from registry.invariants import invariant
+from tessera.components.interfaces import Norm
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.init import init_linears
+from tessera.registry.invariants import invariant
 
 
 @invariant("norm widths equal dim", lambda dim, embed_norm, hidden_norm, head_norm:

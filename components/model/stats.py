@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.interfaces import Attention
-from components.moe.moe import MoE
+from tessera.components.interfaces import Attention
+from tessera.components.moe.moe import MoE
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -40,11 +40,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from components.moe.experts import ROW_MULTIPLE, GroupedExperts, expert_counts, padded_layout
-from components.moe.grouped_mm import grouped_mm
-from components.moe.moe import MoE
-from components.moe.router import set_load_group
-from components.parallel.process_group import average_in_place
+from tessera.components.moe.experts import ROW_MULTIPLE, GroupedExperts, expert_counts, padded_layout
+from tessera.components.moe.grouped_mm import grouped_mm
+from tessera.components.moe.moe import MoE
+from tessera.components.moe.router import set_load_group
+from tessera.components.parallel.process_group import average_in_place
 
 
 # -- the three local pieces: plan the dispatch, run the local experts, combine --------------------

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.model.init import normal_
-from components.moe.grouped_mm import grouped_mm
+from tessera.components.model.init import normal_
+from tessera.components.moe.grouped_mm import grouped_mm
 
 
 def expert_counts(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ class GroupedExperts(nn.Module):
     forward and backward compile into one graph in fp32 and bf16.
 
     `expert_parallel`: None (every expert here), or set by
-    `components.moe.expert_parallel.apply_expert_parallel`, which shards the weights over
+    `tessera.components.moe.expert_parallel.apply_expert_parallel`, which shards the weights over
     processes and routes the forward through its all-to-all dispatch and combine.
     """
 

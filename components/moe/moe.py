@@ -6,12 +6,12 @@ import math
 
 import torch
 
-from components.interfaces import AuxiliaryLoss, FeedForward
-from components.moe.balance import device_balance_loss, expert_balance_loss
-from components.moe.experts import GroupedExperts
-from components.moe.router import Router
-from registry.invariants import invariant
-from registry.kinds import FEED_FORWARD
+from tessera.components.interfaces import AuxiliaryLoss, FeedForward
+from tessera.components.moe.balance import device_balance_loss, expert_balance_loss
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.router import Router
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import FEED_FORWARD
 
 
 def capacity_keep(weights: torch.Tensor, indices: torch.Tensor, n_experts: int, capacity_factor: float) -> torch.Tensor:

@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from components.interfaces import OptimizerStepHook, ReportsExpertLoad
-from components.model.init import normal_
-from components.moe.experts import expert_counts
-from registry.invariants import invariant
+from tessera.components.interfaces import OptimizerStepHook, ReportsExpertLoad
+from tessera.components.model.init import normal_
+from tessera.components.moe.experts import expert_counts
+from tessera.registry.invariants import invariant
 
 
 @dataclasses.dataclass

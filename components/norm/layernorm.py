@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.interfaces import Norm
-from components.norm.compiled import compiled as compiled_kernel
-from registry.kinds import NORM
+from tessera.components.interfaces import Norm
+from tessera.components.norm.compiled import compiled as compiled_kernel
+from tessera.registry.kinds import NORM
 
 
 @NORM.register("layernorm")
@@ -16,7 +16,7 @@ class LayerNorm(Norm):
     """(x - mean) / std * weight (+ bias) over the last dimension, computed in fp32.
 
     forward(x: [..., dim]) -> [..., dim] in x's dtype. `compiled=True` runs a torch.compile'd
-    kernel: measured faster in bf16, slower in fp32 (see `components.norm.compiled`).
+    kernel: measured faster in bf16, slower in fp32 (see `tessera.components.norm.compiled`).
     """
 
     def __init__(self, *, dim: int, eps: float = 1e-5, bias: bool = True, compiled: bool = False):

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.interfaces import Norm
-from components.norm.compiled import compiled as compiled_kernel
-from registry.kinds import NORM
+from tessera.components.interfaces import Norm
+from tessera.components.norm.compiled import compiled as compiled_kernel
+from tessera.registry.kinds import NORM
 
 
 @NORM.register("rmsnorm")
@@ -18,7 +18,7 @@ class RMSNorm(Norm):
     forward(x: [..., dim]) -> [..., dim] in x's dtype. The statistic is computed in fp32
     (under bf16 autocast too) because a bf16 mean of squares loses precision at large dim.
     `compiled=True` runs a torch.compile'd kernel (measured 3-5x faster on CPU; see
-    `components.norm.compiled`).
+    `tessera.components.norm.compiled`).
     """
 
     def __init__(self, *, dim: int, eps: float = 1e-6, compiled: bool = False):

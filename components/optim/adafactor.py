@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from registry.kinds import OPTIMIZER
+from tessera.registry.kinds import OPTIMIZER
 
 OPTIMIZER.register("adafactor")(torch.optim.Adafactor)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from components.interfaces import ParamGroups
-from registry.kinds import OPTIMIZER
+from tessera.components.interfaces import ParamGroups
+from tessera.registry.kinds import OPTIMIZER
 
 _FUSED_DEVICES = {"cpu", "cuda", "xpu", "mps"}  # devices with torch's fused AdamW kernel
 

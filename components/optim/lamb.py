@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from components.interfaces import ParamGroups
-from registry.kinds import OPTIMIZER
+from tessera.components.interfaces import ParamGroups
+from tessera.registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("lamb")

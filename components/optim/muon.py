@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 import torch.optim._muon as torch_muon
 
-from components.interfaces import ParamGroups
-from registry.kinds import OPTIMIZER
+from tessera.components.interfaces import ParamGroups
+from tessera.registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("muon")
@@ -79,7 +79,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if self.ns_dtype != "auto":
             return self.ns_dtype == "fp32"
         if self._auto_fp32 is None:
-            from components.precision.auto import choose
+            from tessera.components.precision.auto import choose
 
             device = self.param_groups[0]["params"][0].device.type if self.param_groups else "cpu"
             self._auto_fp32 = choose(device)[0].compute_dtype != torch.bfloat16

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from components.interfaces import HessianEstimateOptimizer, ParamGroups
-from registry.kinds import OPTIMIZER
+from tessera.components.interfaces import HessianEstimateOptimizer, ParamGroups
+from tessera.registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("sophia")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytorch_optimizer
 import torch
 
-from components.interfaces import SecondOrderOptimizer
-from registry.kinds import OPTIMIZER
+from tessera.components.interfaces import SecondOrderOptimizer
+from tessera.registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("sophia_h")

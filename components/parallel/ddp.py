@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from components.interfaces import CommHook
-from components.parallel.process_group import average_in_place
+from tessera.components.interfaces import CommHook
+from tessera.components.parallel.process_group import average_in_place
 
 Losses = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -43,7 +43,7 @@ def wrap(model: nn.Module, process_group: Any, comm_hook: CommHook | None,
     overwrite.
 
     `ignore`: parameters DDP leaves alone (routed experts under expert parallelism, whose
-    gradients `components.moe.expert_parallel` reduces itself)."""
+    gradients `tessera.components.moe.expert_parallel` reduces itself)."""
     call = _Call(model)
     if ignore:
         names = [f"model.{name}" for name, param in model.named_parameters() if param in ignore]

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging import utils as model_averaging
 
-from components.interfaces import PeriodicSync
-from registry.kinds import PERIODIC_SYNC
+from tessera.components.interfaces import PeriodicSync
+from tessera.registry.kinds import PERIODIC_SYNC
 
 
 @PERIODIC_SYNC.register("diloco")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from components.parallel.mesh import Mesh
-from registry.kinds import PARALLEL_PLAN
+from tessera.components.parallel.mesh import Mesh
+from tessera.registry.kinds import PARALLEL_PLAN
 
 
 @PARALLEL_PLAN.register("fsdp")

@@ -36,14 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
-from components.moe import expert_parallel
-from components.moe.router import set_load_group
-from components.parallel import ddp, pipeline, sharding, tensor_parallel, zero
-from components.parallel.pipeline_schedule import PipelineRunner
-from components.parallel.process_group import ensure_process_group, set_data_parallel, world
-from registry.invariants import invariant
-from registry.kinds import PARALLEL_PLAN
+from tessera.components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
+from tessera.components.moe import expert_parallel
+from tessera.components.moe.router import set_load_group
+from tessera.components.parallel import ddp, pipeline, sharding, tensor_parallel, zero
+from tessera.components.parallel.pipeline_schedule import PipelineRunner
+from tessera.components.parallel.process_group import ensure_process_group, set_data_parallel, world
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import PARALLEL_PLAN
 
 
 class MeshError(ValueError):

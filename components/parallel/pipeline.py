@@ -18,7 +18,7 @@ single-process run's.
 Stages are placed on the `pp` ranks as the schedule wants them: one per rank (GPipe, 1F1B),
 `virtual_stages` per rank in a loop (interleaved 1F1B: rank r holds stages r, r+p, ...), or
 two per rank in a V (DualPipeV: rank r holds stages r and 2p-1-r, so rank 0 holds both the
-embedding and the head). Running them is `components.parallel.pipeline_schedule`'s job.
+embedding and the head). Running them is `tessera.components.parallel.pipeline_schedule`'s job.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from components.interfaces import AbsoluteEncoding, AuxiliaryLoss
-from components.model.decoder import DecoderLM, cross_entropy
+from tessera.components.interfaces import AbsoluteEncoding, AuxiliaryLoss
+from tessera.components.model.decoder import DecoderLM, cross_entropy
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "DualPipeV")
 """The schedules of `torch.distributed.pipelining` a pipelined run can use (names as torch's
@@ -116,7 +116,7 @@ def pipeline_faults(model: DecoderLM, pp: int, virtual_stages: int = 1, *, sched
     if pp * stages_per_rank(name, virtual_stages) > 1 and not isinstance(model, DecoderLM):
         return [f"model is a {type(model).__name__}, not a DecoderLM: pipeline stages are cut from a DecoderLM's "
                 f"embedding, layers, norm and head by their names; build the model as a DecoderLM "
-                f"(components.model.decoder) or use pp=1"]
+                f"(tessera.components.model.decoder) or use pp=1"]
     per_rank = stages_per_rank(name, virtual_stages)
     if name in ("GPipe", "1F1B") and virtual_stages != 1:
         faults.append(f"schedule {name} runs one stage per rank but virtual_stages={virtual_stages}; use "
@@ -372,7 +372,7 @@ def materialize_stages(model: PipelinedModel, device: str) -> None:
     tensor no local stage holds is released to the meta device. Holds one full copy of the
     weights while initialising; afterwards only this rank's. The random state advances
     exactly as one process's `init_weights` advances it."""
-    from components.parallel.sharding import materialize_sharded
+    from tessera.components.parallel.sharding import materialize_sharded
 
     if not model._whole:
         raise RuntimeError("materialize_stages: this pipelined model was already materialised")

@@ -27,7 +27,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from components.parallel.pipeline import PipelinedModel, PipelineStageModule, schedule_name
+from tessera.components.parallel.pipeline import PipelinedModel, PipelineStageModule, schedule_name
 
 TERMS = ("lm", "mtp", "balance")
 """The loss terms a pipelined `DecoderLM` reports (those its model has), as `DecoderLM.losses`."""
@@ -38,7 +38,7 @@ class PipelineRunner:
     `PipelinedModel`, under `schedule` over the pipeline process `group`.
 
     Args:
-        model: this rank's stages (`components.parallel.pipeline.pipeline`).
+        model: this rank's stages (`tessera.components.parallel.pipeline.pipeline`).
         schedule: "GPipe", "1F1B", "Interleaved1F1B" or "DualPipeV" (the one the model was cut for).
         group: the process group of the `pp` mesh dim (`dims.get_mesh("pp").get_group()`).
         device: the device stages compute on.
@@ -242,7 +242,7 @@ def measure_bubble(runner: PipelineRunner, step: Callable[[], Any]) -> dict[str,
     wall seconds, busy seconds (its stages' forward/backward/weight-gradient compute), the
     measured idle share 1 - busy/wall, and the mean seconds per F, B and W action (to put
     into a closed form). Call it after a warm-up step; compare the ranks' idle shares with
-    `components.train.pipeline_bubble.bubble_fraction` ((p-1)/(m+p-1) for GPipe and 1F1B,
+    `tessera.components.train.pipeline_bubble.bubble_fraction` ((p-1)/(m+p-1) for GPipe and 1F1B,
     DualPipeV's own formula)."""
     runner.timing = {}
     if runner.group is not None:

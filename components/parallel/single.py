@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.interfaces import ParallelPlan, PrecisionPolicy
-from registry.kinds import PARALLEL_PLAN
+from tessera.components.interfaces import ParallelPlan, PrecisionPolicy
+from tessera.registry.kinds import PARALLEL_PLAN
 
 
 @PARALLEL_PLAN.register("single")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from components.optim.facade import OptimizerFront
+from tessera.components.optim.facade import OptimizerFront
 
 
 class SplitOptimizer(OptimizerFront):

@@ -36,9 +36,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import loss_parallel as torch_loss_parallel
 from torch.distributed.tensor.parallel import parallelize_module
 
-from components.interfaces import AbsoluteEncoding, position_kind
-from components.moe.moe import MoE
-from components.parallel.tp_styles import (
+from tessera.components.interfaces import AbsoluteEncoding, position_kind
+from tessera.components.moe.moe import MoE
+from tessera.components.parallel.tp_styles import (
     SEQUENCE,
     ColwiseParallel,
     ParallelStyle,
@@ -178,13 +178,13 @@ def tensor_parallel_faults(model: Any, tp: int, *, seq_len: int | None = None) -
         return [f"tp={tp}: use a degree >= 1"]
     if tp == 1:
         return []
-    from components.model.decoder import DecoderLM  # here: the decoder module is not needed to split blocks
+    from tessera.components.model.decoder import DecoderLM  # here: the decoder module is not needed to split blocks
 
     kind = _kind(model)
     if isinstance(kind, type) and not issubclass(kind, DecoderLM):  # a factory config is judged by what it sets
         return [f"model is a {kind.__name__}, not a DecoderLM: tensor parallelism splits a DecoderLM's embedding, "
                 f"layers, norm and head by their names; build the model as a DecoderLM "
-                f"(components.model.decoder) or use tp=1"]
+                f"(tessera.components.model.decoder) or use tp=1"]
     faults = []
     vocab = _get(model, "vocab_size")
     if vocab % tp:

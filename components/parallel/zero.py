@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from components.parallel.split_optimizer import SplitOptimizer, split_groups
+from tessera.components.parallel.split_optimizer import SplitOptimizer, split_groups
 
 
 class ShardedOptimizerState(ZeroRedundancyOptimizer):
@@ -79,7 +79,7 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, process_group: Any, 
 
     `local`: parameters each process holds its own slice of (expert-parallel experts): they
     get a plain optimizer of the same class, stepped on every process, beside ZeRO-1 over the
-    rest (`components.parallel.split_optimizer`)."""
+    rest (`tessera.components.parallel.split_optimizer`)."""
     if optimizer.state:
         raise ValueError("ZeRO-1 shards a fresh optimizer; this one already holds state")
     # the hyperparameters the class's constructor takes (some keep derived ones in `defaults`)

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from components.interfaces import AbsoluteEncoding, NoPosition
-from components.model.init import normal_
-from registry.invariants import invariant
-from registry.kinds import POSITION
+from tessera.components.interfaces import AbsoluteEncoding, NoPosition
+from tessera.components.model.init import normal_
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import POSITION
 
 
 @POSITION.register("learned")

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from components.interfaces import AdditiveBias
-from registry.kinds import POSITION
+from tessera.components.interfaces import AdditiveBias
+from tessera.registry.kinds import POSITION
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

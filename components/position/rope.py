@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from components.interfaces import RotaryEncoding
-from registry.kinds import POSITION
+from tessera.components.interfaces import RotaryEncoding
+from tessera.registry.kinds import POSITION
 
 
 @POSITION.register("rope")

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from components.position.rope import RoPE
-from registry.invariants import invariant
-from registry.kinds import POSITION
+from tessera.components.position.rope import RoPE
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import POSITION
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

@@ -3,7 +3,7 @@ elsewhere, and a warning when a run asks for a half precision the device runs sl
 
 The decision reads the device's capability (CUDA: `torch.cuda.is_bf16_supported()`; x86
 CPUs: AMX tiles or AVX512-BF16, which give a native bf16 dot product) and confirms it with
-the cached, time-boxed matmul probe of `components.precision.probe`. On CPUs without those
+the cached, time-boxed matmul probe of `tessera.components.precision.probe`. On CPUs without those
 instructions (AMD Zen 2 and 3, Intel before Cooper Lake) oneDNN emulates
 bf16 and runs it tens of times slower than fp32, so fp32 is both faster and exact there.
 
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.interfaces import PrecisionPolicy
-from components.precision.policies import FP32, BF16Autocast
-from components.precision.probe import matmul_flops
-from registry.kinds import PRECISION
+from tessera.components.interfaces import PrecisionPolicy
+from tessera.components.precision.policies import FP32, BF16Autocast
+from tessera.components.precision.probe import matmul_flops
+from tessera.registry.kinds import PRECISION
 
 FORCE_ENV = "TESSERA_FAST_BF16"
 PROBE_BUDGET_S = 0.15  # per dtype; cached after the first run on a machine

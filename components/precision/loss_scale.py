@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from registry.invariants import invariant
+from tessera.registry.invariants import invariant
 
 
 @invariant("backoff_factor < 1 < growth_factor",

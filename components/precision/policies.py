@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from components.interfaces import PrecisionPolicy
-from components.precision.loss_scale import LossScale
-from components.precision.master_weights import MasterWeights
-from registry.kinds import PRECISION
+from tessera.components.interfaces import PrecisionPolicy
+from tessera.components.precision.loss_scale import LossScale
+from tessera.components.precision.master_weights import MasterWeights
+from tessera.registry.kinds import PRECISION
 
 
 @PRECISION.register("fp32")

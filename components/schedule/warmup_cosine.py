@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from components.interfaces import Schedule
-from registry.invariants import invariant
-from registry.kinds import SCHEDULER
+from tessera.components.interfaces import Schedule
+from tessera.registry.invariants import invariant
+from tessera.registry.kinds import SCHEDULER
 
 
 @SCHEDULER.register("warmup_cosine")

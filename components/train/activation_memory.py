@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from components.interfaces import Attention, FeedForward
-from components.moe.moe import MoE
+from tessera.components.interfaces import Attention, FeedForward
+from tessera.components.moe.moe import MoE
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ def measure(model: nn.Module, *, micro_batch: int, seq_len: int, row_multiple: i
     """Saved-for-backward bytes of `model.losses` on a [micro_batch, seq_len] batch, on meta.
 
     `model` must be on the meta device (as `--dry-run` builds it); nothing is allocated.
-    row_multiple: what routed experts pad each expert's rows to (`components.moe.experts.
+    row_multiple: what routed experts pad each expert's rows to (`tessera.components.moe.experts.
     ROW_MULTIPLE` on CPU, 1 on GPUs); ep: processes the routed experts are split over.
     """
     blocks = list(model.blocks())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from registry.invariants import invariant
+from tessera.registry.invariants import invariant
 
 
 @invariant("start_batch >= 1 and ramp_tokens > 0",

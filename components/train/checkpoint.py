@@ -8,7 +8,7 @@ A checkpoint is a folder `step-00000042/` holding
   loader cursors, loss scale, guard counters, loss history);
 - `config.json`: the run's config (fiddle JSON, as `--dump` writes it), when launched
   through `launch`;
-- `MANIFEST.json`: every other file's size and CRC-32 (see `components.train.manifest`),
+- `MANIFEST.json`: every other file's size and CRC-32 (see `tessera.components.train.manifest`),
   covering all ranks' shards;
 - `COMPLETE`, written last.
 
@@ -17,7 +17,7 @@ mid-write never touches the previous checkpoint. Choosing what to resume from ch
 newest checkpoint's files against its manifest and falls back to the newest intact one,
 saying which file is damaged and how; a checkpoint named explicitly must be intact. Before
 any tensor is read, the run's config is compared with the checkpoint's `config.json` (see
-`components.train.resume_config` for what blocks a resume and what is only noted).
+`tessera.components.train.resume_config` for what blocks a resume and what is only noted).
 Loading reads safetensors and JSON only: nothing is unpickled.
 """
 
@@ -39,10 +39,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from components.parallel.process_group import world
-from components.train import manifest, resume_config
-from components.train.resume_config import CheckpointLoadError, ResumeError, ResumeMismatch
-from registry.invariants import invariant
+from tessera.components.parallel.process_group import world
+from tessera.components.train import manifest, resume_config
+from tessera.components.train.resume_config import CheckpointLoadError, ResumeError, ResumeMismatch
+from tessera.registry.invariants import invariant
 
 __all__ = ["Checkpointer", "CheckpointLoadError", "ResumeError", "ResumeMismatch", "load_model"]
 
@@ -255,8 +255,8 @@ class Checkpointer:
         """Compare this run's config (as `launch` recorded it) with the checkpoint's own."""
         if self.run_config is None or not (path / "config.json").exists():
             return  # a run not started by `launch`, or a checkpoint written by one: nothing to compare
-        from registry import serialize
-        from registry.errors import ConfigError
+        from tessera.registry import serialize
+        from tessera.registry.errors import ConfigError
 
         try:
             saved = serialize.load(path / "config.json")
@@ -340,7 +340,7 @@ def load_model(path: str | Path) -> nn.Module:
     into it (runs started by `launch`) and loaded with the checkpoint's model weights only."""
     import fiddle as fdl
 
-    from registry import serialize
+    from tessera.registry import serialize
 
     path = Path(path)
     if not (path / "config.json").exists():

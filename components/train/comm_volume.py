@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from components.train.planner import PlannedLayout, Precision, split_parameters, stage_owners
+from tessera.components.train.planner import PlannedLayout, Precision, split_parameters, stage_owners
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "point-to-point")
 
@@ -68,7 +68,7 @@ def per_step(model: nn.Module, layout: PlannedLayout, precision: Precision, *, n
     if layout.pp > 1:
         # each tensor a stage hands to a stage on another rank: activations forward (all but
         # the last stage), their gradients backward (all but the first); with MTP the token
-        # embeddings travel beside the hidden states (components.parallel.pipeline)
+        # embeddings travel beside the hidden states (tessera.components.parallel.pipeline)
         hops = 2 if len(getattr(model, "mtp", None) or []) else 1
         owner = stage_owners(layout)
         sends = [0] * layout.pp

@@ -2,8 +2,8 @@
 model.safetensors), picking the family layout that can hold it.
 
 - a model with multi-head latent attention -> DeepSeek-V3 (sigmoid routing) or DeepSeek-V2
-  (softmax routing), `components.families.deepseek.hf`;
-- any other -> `LlamaForCausalLM`, `components.families.llama.hf`.
+  (softmax routing), `tessera.components.families.deepseek.hf`;
+- any other -> `LlamaForCausalLM`, `tessera.components.families.llama.hf`.
 
 A model neither layout can express (ALiBi, learned positions, LayerNorm, GELU MLPs, sliding
 windows, ...) is refused by `export_faults` on the meta-built model, before training starts.
@@ -20,13 +20,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from components.attention.mla import MultiHeadLatentAttention
-from components.families.deepseek import hf as deepseek_hf
-from components.families.llama import hf as llama_hf
-from components.model.decoder import DecoderLM
-from components.parallel.pipeline import PipelinedModel
-from components.parallel.process_group import world
-from registry.errors import Fault
+from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.families.deepseek import hf as deepseek_hf
+from tessera.components.families.llama import hf as llama_hf
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.parallel.pipeline import PipelinedModel
+from tessera.components.parallel.process_group import world
+from tessera.registry.errors import Fault
 
 
 def _family(model: DecoderLM):

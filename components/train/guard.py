@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from registry.invariants import invariant
+from tessera.registry.invariants import invariant
 
 
 class TrainingDiverged(FloatingPointError):

@@ -9,8 +9,8 @@ from typing import Any
 import fiddle as fdl
 import torch
 
-from components.parallel.process_group import leave_process_group
-from registry import serialize
+from tessera.components.parallel.process_group import leave_process_group
+from tessera.registry import serialize
 
 
 def build_model_on_meta(model_config: fdl.Buildable) -> torch.nn.Module:
@@ -25,7 +25,7 @@ def launch(config: fdl.Partial, *, export_hf: str | None = None) -> Any:
     The model is built on the meta device first so that the parallel plan can shard it
     before weights are materialised; everything else is built normally. `export_hf`: a
     folder to write the trained model into as a transformers checkpoint (see
-    `components.train.export`; check it can with `export_faults` before calling).
+    `tessera.components.train.export`; check it can with `export_faults` before calling).
     """
     run = copy.copy(config)
     if "model" in config.__arguments__:
@@ -36,7 +36,7 @@ def launch(config: fdl.Partial, *, export_hf: str | None = None) -> Any:
         checkpoint.run_config = serialize.dumps(config)
     result = job()
     if export_hf is not None:
-        from components.train.export import export_hf as export
+        from tessera.components.train.export import export_hf as export
 
         seq_len = config.__arguments__.get("seq_len", 4096)
         architecture = export(result.model, export_hf, model_config=config.model, max_position_embeddings=seq_len)

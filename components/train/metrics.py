@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from components.precision.probe import matmul_flops
-from registry.invariants import invariant
+from tessera.components.precision.probe import matmul_flops
+from tessera.registry.invariants import invariant
 
 
 @invariant("eval_every >= 0 and device_watts > 0",

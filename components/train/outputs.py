@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fiddle as fdl
 
-from components.train.checkpoint import Checkpointer
-from components.train.metrics import Metrics
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.metrics import Metrics
 
 
 def run_outputs(folder: str, *, every: int, keep: int = 2) -> dict[str, fdl.Config]:

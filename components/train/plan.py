@@ -10,11 +10,11 @@ import fiddle as fdl
 from rich.console import Console
 from rich.table import Table
 
-from components.model import stats
-from components.moe.experts import ROW_MULTIPLE
-from components.moe.moe import MoE
-from components.train import activation_memory, comm_volume, pipeline_bubble, planner
-from components.train.launch import build_model_on_meta
+from tessera.components.model import stats
+from tessera.components.moe.experts import ROW_MULTIPLE
+from tessera.components.moe.moe import MoE
+from tessera.components.train import activation_memory, comm_volume, pipeline_bubble, planner
+from tessera.components.train.launch import build_model_on_meta
 
 
 def dry_run(config: fdl.Buildable, *, console: Console | None = None) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def layout_of(config: fdl.Buildable) -> planner.PlannedLayout:
 def _check_plan(parallel: Any, model: Any, world: int) -> None:
     """A mesh plan's faults for `model` on `world` processes (`MeshError`), as the run would
     raise them before training: tp not dividing the heads, more stages than layers, ..."""
-    from components.parallel.mesh import Mesh
+    from tessera.components.parallel.mesh import Mesh
 
     plan = fdl.build(parallel) if isinstance(parallel, fdl.Buildable) else parallel
     if isinstance(plan, Mesh):

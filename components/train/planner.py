@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.model import stats
-from components.train import pipeline_bubble
-from components.train.activation_memory import ActivationBytes
+from tessera.components.model import stats
+from tessera.components.train import pipeline_bubble
+from tessera.components.train.activation_memory import ActivationBytes
 
 GIB = 2**30
 
@@ -32,7 +32,7 @@ GIB = 2**30
 class PlannedLayout:
     """Parallel degrees and pipeline schedule a run is planned for.
 
-    dp_replicate, dp_shard, tp, pp, ep: the mesh plan's degrees (see `components.parallel.mesh`).
+    dp_replicate, dp_shard, tp, pp, ep: the mesh plan's degrees (see `tessera.components.parallel.mesh`).
     zero1: optimizer state sharded over the data-parallel ranks (ZeRO-1; needs dp_shard=1).
     schedule: pipeline schedule, one of `pipeline_bubble.SCHEDULES` (used when pp > 1).
     virtual_stages: stages per rank for interleaved 1F1B.
@@ -88,7 +88,7 @@ class PlannedLayout:
         block's FSDP unit like the rest, sharded over dp_shard (tensor parallelism does not
         split routed experts: every tp rank runs all of them). ep > 1: none; each expert lives
         whole on its owner and its `expert_dp` copies average their gradients
-        (`components.moe.expert_parallel`), where torchtitan would FSDP-shard it further."""
+        (`tessera.components.moe.expert_parallel`), where torchtitan would FSDP-shard it further."""
         return self.dp_shard if self.ep == 1 else 1
 
 
@@ -138,7 +138,7 @@ def stage_owners(layout: PlannedLayout) -> list[int]:
 
 
 def _expert_params(module: nn.Module) -> int:
-    from components.moe.moe import MoE
+    from tessera.components.moe.moe import MoE
 
     return sum(stats.count_parameters(m.experts) for m in module.modules() if isinstance(m, MoE))
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from components.interfaces import PrecisionPolicy, Schedule
-from components.train.checkpoint import Checkpointer
-from components.train.divergence import divergence_message, first_nonfinite_weight
-from components.train.guard import StabilityGuard, TrainingDiverged
-from components.train.run_state import RunState
-from components.train.step import StepOutcome
+from tessera.components.interfaces import PrecisionPolicy, Schedule
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.divergence import divergence_message, first_nonfinite_weight
+from tessera.components.train.guard import StabilityGuard, TrainingDiverged
+from tessera.components.train.run_state import RunState
+from tessera.components.train.step import StepOutcome
 
 
 def after_rejected_step(outcome: StepOutcome, *, state: RunState, guard: StabilityGuard,

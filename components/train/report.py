@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from components.interfaces import ReportsExpertLoad
-from components.train.metrics import Metrics, layer_order
-from components.train.progress import TrainProgress
-from components.train.step import StepOutcome
+from tessera.components.interfaces import ReportsExpertLoad
+from tessera.components.train.metrics import Metrics, layer_order
+from tessera.components.train.progress import TrainProgress
+from tessera.components.train.step import StepOutcome
 
 
 def expert_load(model: torch.nn.Module, *, layer_group: Any = None) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from components.interfaces import StatefulData, TrainingData
-from components.train.checkpoint import Checkpointer
-from components.train.guard import StabilityGuard
+from tessera.components.interfaces import StatefulData, TrainingData
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.guard import StabilityGuard
 
 
 @dataclasses.dataclass

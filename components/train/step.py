@@ -3,7 +3,7 @@
 The parallel plan owns the forward and backward passes over the step's micro-batches (plain
 gradient accumulation by default, a pipeline schedule under pipeline parallelism) and the
 averaging of the loss terms over data-parallel processes; this file owns everything around
-them. What happens to a step the guard rejects is `components.train.recovery`'s job.
+them. What happens to a step the guard rejects is `tessera.components.train.recovery`'s job.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from components.interfaces import (
+from tessera.components.interfaces import (
     HessianEstimateOptimizer,
     OptimizerStepHook,
     ParallelPlan,
@@ -26,11 +26,11 @@ from components.interfaces import (
     SecondOrderOptimizer,
     TrainingData,
 )
-from components.model.decoder import DecoderLM, cross_entropy
-from components.train.batch_ramp import BatchRamp
-from components.train.divergence import clip_gradients
-from components.train.guard import StabilityGuard
-from components.train.run_state import RunState
+from tessera.components.model.decoder import DecoderLM, cross_entropy
+from tessera.components.train.batch_ramp import BatchRamp
+from tessera.components.train.divergence import clip_gradients
+from tessera.components.train.guard import StabilityGuard
+from tessera.components.train.run_state import RunState
 
 
 @dataclasses.dataclass

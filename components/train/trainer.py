@@ -1,7 +1,7 @@
 """The training loop: seed, lay out and initialise the model, then step the optimizer.
 
 A recipe preset is `fdl.Partial(train, model=..., data=..., ...)`. The model arrives built
-on the meta device (see `components.train.launch`), so the parallel plan sees it before
+on the meta device (see `tessera.components.train.launch`), so the parallel plan sees it before
 any weight exists; here it is materialised on the CPU and initialised from `seed`.
 """
 
@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 from rich.console import Console
 
-from components.attention import rules
-from components.interfaces import (
+from tessera.components.attention import rules
+from tessera.components.interfaces import (
     BytesPerToken,
     OptimizerFactory,
     ParallelPlan,
@@ -31,25 +31,25 @@ from components.interfaces import (
     SecondOrderOptimizer,
     TrainingData,
 )
-from components.model.decoder import DecoderLM, cross_entropy
-from components.model.stats import training_flops_per_token
-from components.optim.param_groups import decay_groups
-from components.parallel.process_group import data_parallel, world
-from components.parallel.single import SingleProcess
-from components.precision import auto
-from components.precision.master_weights import MasterWeights
-from components.train.batch_ramp import BatchRamp
-from components.train.checkpoint import Checkpointer
-from components.train.divergence import divergence_message, first_nonfinite_weight
-from components.train.guard import StabilityGuard, TrainingDiverged
-from components.train.metrics import Metrics, moe_layer_indices
-from components.train.preemption import RunInterrupted, StopRequest
-from components.train.progress import TrainProgress
-from components.train.recovery import after_rejected_step
-from components.train.report import StepReporter
-from components.train.run_state import RunState, restore, snapshot
-from components.train.step import StepRunner
-from registry.invariants import invariant
+from tessera.components.model.decoder import DecoderLM, cross_entropy
+from tessera.components.model.stats import training_flops_per_token
+from tessera.components.optim.param_groups import decay_groups
+from tessera.components.parallel.process_group import data_parallel, world
+from tessera.components.parallel.single import SingleProcess
+from tessera.components.precision import auto
+from tessera.components.precision.master_weights import MasterWeights
+from tessera.components.train.batch_ramp import BatchRamp
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.divergence import divergence_message, first_nonfinite_weight
+from tessera.components.train.guard import StabilityGuard, TrainingDiverged
+from tessera.components.train.metrics import Metrics, moe_layer_indices
+from tessera.components.train.preemption import RunInterrupted, StopRequest
+from tessera.components.train.progress import TrainProgress
+from tessera.components.train.recovery import after_rejected_step
+from tessera.components.train.report import StepReporter
+from tessera.components.train.run_state import RunState, restore, snapshot
+from tessera.components.train.step import StepRunner
+from tessera.registry.invariants import invariant
 
 
 @dataclasses.dataclass

@@ -34,15 +34,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from components.parallel.pipeline import PipelinedModel
-from components.parallel.process_group import leave_process_group
-from components.position.absolute import AbsoluteEncoding
-from components.train.checkpoint import Checkpointer
-from components.train.export import export_hf
-from components.train.launch import build_model_on_meta
-from recipes import deepseek_pretrain, llama_pretrain
-from registry import serialize
-from registry.cli import resolve
+from tessera.components.parallel.pipeline import PipelinedModel
+from tessera.components.parallel.process_group import leave_process_group
+from tessera.components.position.absolute import AbsoluteEncoding
+from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.export import export_hf
+from tessera.components.train.launch import build_model_on_meta
+from tessera.recipes import deepseek_pretrain, llama_pretrain
+from tessera.registry import serialize
+from tessera.registry.cli import resolve
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
 BATCH, LENGTH = 2, 32  # the fixed batch's shape (LENGTH divisible by tp for sequence parallelism)

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from components.interfaces import Schedule
+from tessera.components.interfaces import Schedule
 
 
 class SignalAt(Schedule):

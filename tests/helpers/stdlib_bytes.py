@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from components.data.loader import doc_ids_from_eos
-from components.data.sources.stdlib import stdlib_files
-from components.interfaces import BytesPerToken, TrainingData
-from components.parallel.process_group import data_parallel
-from registry.invariants import invariant
+from tessera.components.data.loader import doc_ids_from_eos
+from tessera.components.data.sources.stdlib import stdlib_files
+from tessera.components.interfaces import BytesPerToken, TrainingData
+from tessera.components.parallel.process_group import data_parallel
+from tessera.registry.invariants import invariant
 
 EOS = 0
 VOCAB_SIZE = 256

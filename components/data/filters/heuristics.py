@@ -8,9 +8,9 @@ import dataclasses
 import re
 from collections import Counter
 
-from components.data.document import Document
-from components.interfaces import DocumentFilter
-from registry.kinds import DATA_FILTER
+from tessera.components.data.document import Document
+from tessera.components.interfaces import DocumentFilter
+from tessera.registry.kinds import DATA_FILTER
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from components.data.document import Document
-from components.interfaces import DocumentFilter
-from registry.kinds import DATA_FILTER
+from tessera.components.data.document import Document
+from tessera.components.interfaces import DocumentFilter
+from tessera.registry.kinds import DATA_FILTER
 
 
 @DATA_FILTER.register("language")

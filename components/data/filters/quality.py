@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from components.data.document import Document
-from components.interfaces import DataSource, DocumentFilter
-from registry.kinds import DATA_FILTER
+from tessera.components.data.document import Document
+from tessera.components.interfaces import DataSource, DocumentFilter
+from tessera.registry.kinds import DATA_FILTER
 
 
 @DATA_FILTER.register("quality_classifier")

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from components.data.document import Document
-from components.data.sources.readers import SUFFIXES, TxtSplit, file_format, read_rows
-from components.data.sources.rows import MalformedRow, RowSource
-from registry.kinds import DATA_SOURCE
+from tessera.components.data.document import Document
+from tessera.components.data.sources.readers import SUFFIXES, TxtSplit, file_format, read_rows
+from tessera.components.data.sources.rows import MalformedRow, RowSource
+from tessera.registry.kinds import DATA_SOURCE
 
 
 @DATA_SOURCE.register("local_files")

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Literal
 
-from components.data.document import Document, decode
-from components.data.sources.rows import MalformedRow
+from tessera.components.data.document import Document, decode
+from tessera.components.data.sources.rows import MalformedRow
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 """Formats read (each also as `NAME.gz`, except parquet, which compresses internally)."""

@@ -12,8 +12,8 @@ import abc
 import dataclasses
 from collections.abc import Iterator
 
-from components.data.document import Document
-from components.interfaces import DataSource
+from tessera.components.data.document import Document
+from tessera.components.interfaces import DataSource
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,9 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from components.data.document import Document, decode
-from components.interfaces import DataSource
-from registry.kinds import DATA_SOURCE
+from tessera.components.data.document import Document, decode
+from tessera.components.interfaces import DataSource
+from tessera.registry.kinds import DATA_SOURCE
 
 
 def stdlib_files(root: str | None, max_bytes: int) -> Iterator[tuple[Path, bytes]]:

@@ -34,13 +34,13 @@ from typing import Literal
 
 import fiddle as fdl
 
-from components.model.block import TransformerBlock
-from components.model.decoder import DecoderLM
-from components.model.mtp import MultiTokenPrediction
-from components.moe.experts import GroupedExperts
-from components.moe.router import Router
-from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
-from registry.tags import model_width
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.model.mtp import MultiTokenPrediction
+from tessera.components.moe.experts import GroupedExperts
+from tessera.components.moe.router import Router
+from tessera.registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+from tessera.registry.tags import model_width
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

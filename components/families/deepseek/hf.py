@@ -25,12 +25,12 @@ import fiddle as fdl
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.attention.mla import MultiHeadLatentAttention
-from components.families.deepseek.builder import MLASpec, MoESpec, deepseek
-from components.model.decoder import DecoderLM
-from components.moe.moe import MoE
-from components.position.yarn import YaRN
-from registry.kinds import POSITION
+from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.families.deepseek.builder import MLASpec, MoESpec, deepseek
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.moe.moe import MoE
+from tessera.components.position.yarn import YaRN
+from tessera.registry.kinds import POSITION
 
 
 def config_from_hf(hf: Mapping[str, Any], *, include_mtp: bool = True) -> fdl.Config[DecoderLM]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import fiddle as fdl
 
-from components.model.block import TransformerBlock
-from components.model.decoder import DecoderLM
-from registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
-from registry.tags import model_width
+from tessera.components.model.block import TransformerBlock
+from tessera.components.model.decoder import DecoderLM
+from tessera.registry.kinds import ATTENTION, FEED_FORWARD, NORM, POSITION
+from tessera.registry.tags import model_width
 
 
 def llama(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, hidden_dim: int,

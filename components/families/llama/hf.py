@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from components.attention.gqa import GroupedQueryAttention
-from components.mlp.gated import SwiGLU
-from components.model.decoder import DecoderLM
-from components.norm.rmsnorm import RMSNorm
-from components.position.rope import RoPE
+from tessera.components.attention.gqa import GroupedQueryAttention
+from tessera.components.mlp.gated import SwiGLU
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.norm.rmsnorm import RMSNorm
+from tessera.components.position.rope import RoPE
 
 _LAYER = [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
           ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
@@ -31,8 +31,8 @@ _LAYER = [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_pr
 
 
 def llama_parameter_names(n_layers: int) -> dict[str, str]:
-    """{our parameter name: LlamaForCausalLM's} for a `components.families.llama.builder.llama` model with an untied
-    head and `n_layers` blocks; same tensor shapes on both sides, so weights copy directly."""
+    """{our parameter name: LlamaForCausalLM's} for a `tessera.components.families.llama.builder.llama`
+    model with an untied head and `n_layers` blocks; same tensor shapes on both sides, so weights copy directly."""
     names = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "head.weight": "lm_head.weight"}
     for i in range(n_layers):

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from components.interfaces import CommHook
-from registry.kinds import COMM_HOOK
+from tessera.components.interfaces import CommHook
+from tessera.registry.kinds import COMM_HOOK
 
 
 @COMM_HOOK.register("fp16")

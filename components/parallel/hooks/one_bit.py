@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from components.interfaces import CommHook
-from registry.kinds import COMM_HOOK
+from tessera.components.interfaces import CommHook
+from tessera.registry.kinds import COMM_HOOK
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
-from components.interfaces import CommHook
-from registry.kinds import COMM_HOOK
+from tessera.components.interfaces import CommHook
+from tessera.registry.kinds import COMM_HOOK
 
 
 @COMM_HOOK.register("powersgd")

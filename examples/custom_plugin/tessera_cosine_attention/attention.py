@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.attention import rules
-from components.attention.masks import causal_document_mask
-from components.interfaces import Attention, PositionEncoding
-from registry import ATTENTION, invariant
+from tessera.components.attention import rules
+from tessera.components.attention.masks import causal_document_mask
+from tessera.components.interfaces import Attention, PositionEncoding
+from tessera.registry import ATTENTION, invariant
 
 DEFAULT_STD = 0.02  # the std a block uses when built alone (a model's init pass passes its own)
 
