@@ -121,9 +121,9 @@ def planned(job: dict, procs: int, steps: int, batch: int, seq: int) -> dict[str
 
     from rich.console import Console
 
+    from tessera.cli import resolve
     from tessera.components.train.launch import build_model_on_meta
     from tessera.components.train.plan import plan_report
-    from tessera.registry.cli import resolve
 
     config, _ = resolve(recipe(job["model"]), [*run_args(job["model"], steps, batch, seq), *job["plan"].split()])
     before = os.environ.get("WORLD_SIZE")

@@ -33,10 +33,10 @@ from torch.distributed.pipelining.stage import _PipelineStageBase  # noqa: E402
 import tessera.components.train.launch as launching  # noqa: E402
 from benchmarks.comm_counter import CommCounter  # noqa: E402
 from benchmarks.model_parallel_suites import recipe, run_args  # noqa: E402
+from tessera.cli import resolve  # noqa: E402
 from tessera.components.parallel.pipeline_schedule import PipelineRunner, measure_bubble  # noqa: E402
 from tessera.components.parallel.process_group import leave_process_group  # noqa: E402
 from tessera.components.train.step import StepRunner  # noqa: E402
-from tessera.registry.cli import resolve  # noqa: E402
 
 launching.leave_process_group = lambda: None  # one process group for every job (see tests/test_comm_hooks.py)
 COUNTED = 2  # steps counted under CommCounter (after one warm-up step)

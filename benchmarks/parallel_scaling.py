@@ -78,7 +78,7 @@ import fiddle as fdl
 import tessera.components.train.launch as launching
 from tessera.components.parallel.process_group import leave_process_group
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 
 launching.leave_process_group = lambda: None  # one process group for all runs (see tests/test_comm_hooks.py)
 import torch.distributed as dist
@@ -183,8 +183,8 @@ def data_suite(a: argparse.Namespace, script: Path) -> tuple[str, list[dict]]:
 def compositions_supported() -> bool:
     """Whether the mesh plan takes pipeline parallelism beside FSDP and expert parallelism
     beside DDP (the config invariants refuse them until they land)."""
+    from tessera.cli import resolve
     from tessera.recipes.deepseek_pretrain import recipe
-    from tessera.registry.cli import resolve
 
     try:
         for plan in ("@mesh(dp_shard=2,pp=2)", "@mesh(dp_replicate=2,ep=2)", "@mesh(pp=2,dp_shard=2,ep=2)"):

@@ -16,13 +16,14 @@ import math
 
 import fiddle as fdl
 
+from tessera.cli import Recipe
 from tessera.components.data.defaults import stdlib_corpus
 from tessera.components.families.deepseek.builder import MHASpec, MLASpec, MoESpec, deepseek
 from tessera.components.train.batch_ramp import BatchRamp
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.outputs import run_outputs
 from tessera.components.train.trainer import train
-from tessera.registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe
+from tessera.registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER
 
 # Chosen for the debug run: a BPE this small keeps the softmax cheap on 2 CPU cores while still
 # merging the corpus's common words (the papers' 100K-129K vocabularies would dominate the cost).

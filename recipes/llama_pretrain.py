@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import fiddle as fdl
 
+from tessera.cli import Recipe
 from tessera.components.data.defaults import stdlib_corpus
 from tessera.components.families.gpt2.builder import gpt2
 from tessera.components.families.llama.builder import llama
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.outputs import run_outputs
 from tessera.components.train.trainer import train
-from tessera.registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, Recipe, model_width
+from tessera.registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, model_width
 
 # Chosen for the debug run: a BPE this small keeps the softmax cheap on 2 CPU cores while still
 # merging the corpus's common words.

@@ -20,7 +20,6 @@ from tessera.registry.kinds import (
     PRECISION,
     SCHEDULER,
 )
-from tessera.registry.recipe import Recipe
 from tessera.registry.registry import Registry, Shared, all_registries
 from tessera.registry.tags import ModelDim, Setting, model_width
 from tessera.registry.validate import validate
@@ -29,6 +28,6 @@ __all__ = [
     "ATTENTION", "COMM_HOOK", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN",
     "PERIODIC_SYNC", "POSITION",
     "PRECISION", "SCHEDULER",
-    "ConfigError", "Fault", "ModelDim", "Recipe", "Registry", "RegistryError", "Setting", "Shared", "all_registries",
+    "ConfigError", "Fault", "ModelDim", "Registry", "RegistryError", "Setting", "Shared", "all_registries",
     "invariant", "model_width", "validate",
 ]

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tessera.cli import resolve
 from tessera.components.moe.moe import MoE
 from tessera.components.parallel.mesh import Mesh, MeshError
 from tessera.components.train.launch import build_model_on_meta
 from tessera.recipes import deepseek_pretrain, llama_pretrain
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT, child_cpu_seconds, run_recipe, torchrun
 
 LLAMA, DEEPSEEK = llama_pretrain.recipe, deepseek_pretrain.recipe  # debug: 6 layers / 4 layers + 1 MTP block

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tessera.cli import resolve
 from tessera.components.train.checkpoint import Checkpointer, ResumeError
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 RUN = """
@@ -25,7 +25,7 @@ import sys, fiddle as fdl
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1",
                              "progress=False", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
                              "model.layers[*].attention.dropout=0.1"])

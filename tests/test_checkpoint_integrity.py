@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tessera.cli import resolve
 from tessera.components.train import resume_config
 from tessera.components.train.checkpoint import Checkpointer, ResumeError, ResumeMismatch
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT, run_recipe
 
 ARGS = ["debug", "batch_size=2", "seq_len=32", "precision=@fp32", "progress=False", "threads=1",
@@ -263,7 +263,7 @@ import tessera.components.train.launch as launch_module
 from tessera.components.parallel.process_group import leave_process_group
 from tessera.components.train.checkpoint import Checkpointer, ResumeError
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 from tests.test_checkpoint_integrity import damage
 
 launch_module.leave_process_group = lambda: None  # one process group for every run below

@@ -39,7 +39,7 @@ from tessera.components.parallel.hooks.one_bit import OneBitCompression
 from tessera.components.parallel.hooks.powersgd import PowerSGD
 from tessera.components.parallel.process_group import ensure_process_group, leave_process_group
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 
 ensure_process_group()
 RANK, WORLD = dist.get_rank(), dist.get_world_size()

@@ -340,13 +340,13 @@ def test_rejected_documents_are_written_for_inspection(tmp_path):
 
 
 def test_prepare_command_prints_the_report():
-    result = subprocess.run([sys.executable, "-m", "tessera.components.data.prepare", "deepseek_pretrain", "debug"],
+    result = subprocess.run([sys.executable, "-m", "tessera.cli.prepare", "deepseek_pretrain", "debug"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     for word in ("collect", "clean: CodeHeuristics", "dedup", "tokenize (train)", "mixture (train)"):
         assert word in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "tessera.components.data.prepare", "no_such_recipe"],
+    bad = subprocess.run([sys.executable, "-m", "tessera.cli.prepare", "no_such_recipe"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "no recipe" in bad.stdout
 

@@ -32,7 +32,7 @@ import tessera.components.train.launch as launching
 from tessera.components.parallel.diloco import DiLoCo, local_sgd
 from tessera.components.parallel.process_group import ensure_process_group, leave_process_group
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 
 ensure_process_group()
 RANK, WORLD = dist.get_rank(), dist.get_world_size()

@@ -14,10 +14,10 @@ import json
 import fiddle as fdl
 import pytest
 
+from tessera.cli import resolve
 from tessera.components.train.launch import launch
 from tessera.components.train.metrics import Metrics, layer_order
 from tessera.recipes.deepseek_pretrain import recipe
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT, torchrun
 
 BATCH, SEQ, TOP_K = 8, 32, 2

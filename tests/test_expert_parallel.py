@@ -189,9 +189,9 @@ leave_process_group()  # barrier first: a rank tearing gloo down alone can abort
 
 def build():
     """The DeepSeek debug model on the meta device (fp32, as the recipe configures it)."""
+    from tessera.cli import resolve
     from tessera.components.train.launch import build_model_on_meta
     from tessera.recipes.deepseek_pretrain import recipe
-    from tessera.registry.cli import resolve
 
     config, _ = resolve(recipe, ["debug"])
     return build_model_on_meta(config.model)

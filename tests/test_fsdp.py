@@ -13,10 +13,10 @@ import fiddle as fdl
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1", "progress=False",
@@ -29,7 +29,7 @@ import json, os, sys, fiddle as fdl
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 config, _ = resolve(recipe, sys.argv[3:] + [f"steps={sys.argv[1]}", "parallel=@fsdp"])
 config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[2], every=2, keep=5, resume=True,
                                async_save=os.environ.get("ASYNC_SAVE") == "1")

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tessera.cli import resolve
 from tessera.components.optim.lamb import Lamb
 from tessera.components.precision.master_weights import MasterWeights
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.deepseek_pretrain import recipe as deepseek
 from tessera.recipes.llama_pretrain import recipe as llama
-from tessera.registry.cli import resolve
 
 
 @pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),

@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from tessera.cli import resolve
 from tessera.components.interfaces import CommHook, PeriodicSync
 from tessera.components.parallel.mesh import Mesh, MeshError
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes import deepseek_pretrain, llama_pretrain
-from tessera.registry.cli import resolve
 from tessera.registry.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -46,7 +46,7 @@ from tessera.components.parallel.process_group import leave_process_group
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import build_model_on_meta
 from tessera.recipes import deepseek_pretrain, llama_pretrain
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -9,12 +9,12 @@ import math
 import fiddle as fdl
 import pytest
 
+from tessera.cli import resolve
 from tessera.components.moe.moe import MoE
 from tessera.components.train.launch import launch
 from tessera.components.train.metrics import Metrics, expert_load_figure
 from tessera.recipes.deepseek_pretrain import recipe as deepseek
 from tessera.recipes.llama_pretrain import recipe as llama
-from tessera.registry.cli import resolve
 
 from helpers.stdlib_bytes import StdlibBytes
 

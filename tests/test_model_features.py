@@ -6,6 +6,7 @@ import fiddle as fdl
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.attention.gqa import GroupedQueryAttention
 from tessera.components.attention.linear import LinearAttention
 from tessera.components.mlp.gated import GatedMLP, GeGLU, ReGLU
@@ -18,7 +19,6 @@ from tessera.components.position.rope import RoPE
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 from tessera.registry import ConfigError
-from tessera.registry.cli import resolve
 
 
 def block(norm_position="pre", **kw) -> TransformerBlock:

@@ -6,6 +6,7 @@ import fiddle as fdl
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.optim.lamb import Lamb
 from tessera.components.optim.muon import MuonWithAdamW
 from tessera.components.optim.param_groups import decay_groups
@@ -13,7 +14,6 @@ from tessera.components.optim.sophia import SophiaG
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 from tessera.registry import OPTIMIZER
-from tessera.registry.cli import resolve
 
 from helpers.stdlib_bytes import StdlibBytes
 

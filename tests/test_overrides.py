@@ -9,12 +9,12 @@ import pytest
 import torch
 from fiddle import daglish
 
+from tessera.cli import resolve
 from tessera.components.attention.gqa import GroupedQueryAttention
 from tessera.components.interfaces import Attention
 from tessera.components.position.rope import RoPE
 from tessera.recipes.llama_pretrain import recipe
 from tessera.registry import ATTENTION, ConfigError, serialize
-from tessera.registry.cli import resolve
 from tessera.registry.overrides import apply_overrides, parse_value
 from tessera.registry.printing import config_tree
 

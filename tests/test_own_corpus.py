@@ -201,7 +201,7 @@ def test_the_cache_key_follows_the_corpus_folder_and_its_contents(corpus, tmp_pa
 
 
 def run(*args: str, cwd: Path, module: bool = False) -> subprocess.CompletedProcess[str]:
-    command = ["-m", "tessera.components.data.prepare", "deepseek_pretrain"] if module else \
+    command = ["-m", "tessera.cli.prepare", "deepseek_pretrain"] if module else \
         [str(ROOT / "recipes" / "deepseek_pretrain.py")]
     return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})

@@ -17,6 +17,7 @@ import fiddle as fdl
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.parallel.pipeline import (
     PipelinedModel,
     local_stage_indices,
@@ -28,7 +29,6 @@ from tessera.components.parallel.pipeline import (
 )
 from tessera.recipes.deepseek_pretrain import recipe as deepseek_recipe
 from tessera.recipes.llama_pretrain import recipe as llama_recipe
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 
@@ -109,7 +109,7 @@ from tessera.components.parallel.pipeline import pipeline, materialize_stages
 from tessera.components.parallel.pipeline_schedule import PipelineRunner, measure_bubble
 from tessera.recipes.deepseek_pretrain import recipe as deepseek
 from tessera.recipes.llama_pretrain import recipe as llama
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -12,12 +12,12 @@ import fiddle as fdl
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.precision import auto, probe
 from tessera.components.precision.policies import FP32, BF16Autocast, BF16Params, FP16Autocast
 from tessera.components.train.launch import launch
 from tessera.components.train.metrics import Metrics
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
 
 
 def fake_machine(monkeypatch, *, native: bool, ratio: float) -> None:

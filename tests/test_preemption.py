@@ -105,11 +105,11 @@ def test_a_signal_between_steps_stops_after_the_step_in_process(tmp_path):
     checkpoint of exactly that step, and no traceback of its own making."""
     import fiddle as fdl
 
+    from tessera.cli import resolve
     from tessera.components.train.checkpoint import Checkpointer
     from tessera.components.train.launch import launch
     from tessera.components.train.preemption import RunInterrupted
     from tessera.recipes.llama_pretrain import recipe
-    from tessera.registry.cli import resolve
 
     from helpers.signals import SignalAt
 

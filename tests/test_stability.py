@@ -6,6 +6,7 @@ import fiddle as fdl
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.precision.loss_scale import LossScale
 from tessera.components.precision.policies import FP16Autocast
 from tessera.components.train.checkpoint import Checkpointer
@@ -14,7 +15,6 @@ from tessera.components.train.launch import launch
 from tessera.components.train.trainer import train
 from tessera.recipes import deepseek_pretrain, llama_pretrain
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
 from tests.conftest import run_recipe
 
 from helpers.stdlib_bytes import StdlibBytes

@@ -17,6 +17,7 @@ import types
 
 import pytest
 
+from tessera.cli import resolve
 from tessera.components.parallel.tensor_parallel import (
     TensorParallelError,
     apply_tensor_parallel,
@@ -24,7 +25,6 @@ from tessera.components.parallel.tensor_parallel import (
 )
 from tessera.components.train.launch import build_model_on_meta
 from tessera.recipes import deepseek_pretrain, llama_pretrain
-from tessera.registry.cli import resolve
 from tests.conftest import ROOT
 
 RUN = '''
@@ -41,7 +41,7 @@ from tessera.components.parallel.tensor_parallel import apply_tensor_parallel
 from tessera.components.train.divergence import clip_gradients
 from tessera.components.train.launch import build_model_on_meta
 from tessera.recipes import deepseek_pretrain, llama_pretrain
-from tessera.registry.cli import resolve
+from tessera.cli import resolve
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

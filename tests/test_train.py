@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from tessera.cli import resolve
 from tessera.components.schedule.warmup_cosine import WarmupCosine
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry.cli import resolve
 
 
 def run(*overrides: str):

@@ -152,7 +152,7 @@ class DecoderLM(nn.Module):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits [B, T, V] (computed in fp32) against targets [B, T]."""
     if isinstance(logits, DTensor):  # vocab-sharded by tensor parallelism: loss from the shards, never gathered
-        from tessera.components.parallel.tensor_parallel import vocab_parallel_cross_entropy
+        from tessera.components.parallel.loss_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(logits, targets)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -28,12 +28,9 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import loss_parallel as torch_loss_parallel
 from torch.distributed.tensor.parallel import parallelize_module
 
 from tessera.components.interfaces import AbsoluteEncoding, position_kind
@@ -202,36 +199,6 @@ def tensor_parallel_faults(model: Any, tp: int, *, seq_len: int | None = None) -
         faults += _attention_faults(f"{path}.attention", _get(block, "attention"), tp)
         faults += _feed_forward_faults(f"{path}.feed_forward", _get(block, "feed_forward"), tp)
     return faults
-
-
-def vocab_parallel_cross_entropy(logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of vocab-sharded logits [B, T, V] (a DTensor, `Shard(-1)` on the tp
-    mesh) against plain targets [B, T], as a plain scalar tensor equal on every rank.
-
-    torch's `loss_parallel` computes it from the shards (a max, a sum of exponentials and the
-    target logit, each all-reduced over the ranks). Its backward must run under the same
-    context, but a trainer calls `backward` far from here (gradient accumulation, loss
-    scaling, evaluation without any), so the forward and the backward each enter it here."""
-    return _LossParallel.apply(logits, targets)
-
-
-class _LossParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
-        leaf = logits.detach().requires_grad_(logits.requires_grad)
-        with torch.enable_grad(), torch_loss_parallel():
-            loss = F.cross_entropy(leaf.float().flatten(0, 1), targets.flatten())
-        ctx.graph = (leaf, loss)
-        return loss.detach().to_local().clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        leaf, loss = ctx.graph
-        ctx.graph = None
-        upstream = DTensor.from_local(grad, loss.device_mesh, loss.placements, run_check=False)
-        with torch_loss_parallel():
-            (grad_logits,) = torch.autograd.grad(loss, leaf, upstream)
-        return grad_logits, None
 
 
 def _norm(sequence_parallel: bool) -> ParallelStyle:

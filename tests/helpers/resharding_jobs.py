@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from tessera.cli import resolve
 from tessera.components.parallel.pipeline import PipelinedModel
 from tessera.components.parallel.process_group import leave_process_group
 from tessera.components.position.absolute import AbsoluteEncoding
@@ -42,7 +43,6 @@ from tessera.components.train.export import export_hf
 from tessera.components.train.launch import build_model_on_meta
 from tessera.recipes import deepseek_pretrain, llama_pretrain
 from tessera.registry import serialize
-from tessera.registry.cli import resolve
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
 BATCH, LENGTH = 2, 32  # the fixed batch's shape (LENGTH divisible by tp for sequence parallelism)

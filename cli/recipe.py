@@ -54,7 +54,7 @@ class Recipe:
         return doc.splitlines()[0] if doc else ""
 
     def main(self, argv: list[str] | None = None) -> None:
-        """Run the shared command line (see `tessera.registry.cli`) for this recipe."""
-        from tessera.registry.cli import run_cli
+        """Run the shared command line (see `tessera.cli.run`) for this recipe."""
+        from tessera.cli.run import run_cli
 
         run_cli(self, argv)

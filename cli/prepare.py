@@ -1,7 +1,7 @@
 """Run only the data pipeline of a recipe preset, with live progress and the per-stage report.
 
-    python -m tessera.components.data.prepare deepseek_pretrain [PRESET] [path=value ...] [--force]
-    python -m tessera.components.data.prepare deepseek_pretrain data.path=my_corpus/   # your own files
+    python -m tessera.cli.prepare deepseek_pretrain [PRESET] [path=value ...] [--force]
+    python -m tessera.cli.prepare deepseek_pretrain data.path=my_corpus/   # your own files
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import fiddle as fdl
 from rich.console import Console
 from rich.markup import escape
 
+from tessera.cli.run import resolve
 from tessera.registry.errors import ConfigError, RegistryError
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tessera.components.data.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tessera.cli.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe module under recipes/, e.g. deepseek_pretrain")
     parser.add_argument("args", nargs="*", metavar="[PRESET] [path=value ...]")
     parser.add_argument("--force", action="store_true", help="prepare again even if a cached copy exists")
     ns = parser.parse_args(argv)
     console = Console(width=160)
-    from tessera.registry.cli import resolve
 
     try:
         recipe = importlib.import_module(f"tessera.recipes.{ns.recipe}").recipe

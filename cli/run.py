@@ -30,7 +30,7 @@ from tessera.registry.registry import all_registries
 from tessera.registry.validate import validate
 
 if TYPE_CHECKING:
-    from tessera.registry.recipe import Recipe
+    from tessera.cli.recipe import Recipe
 
 
 def _parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -126,63 +126,77 @@ def _check_export(config: Any, ns: argparse.Namespace) -> None:
 
 
 def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
-    parser = _parser(recipe)
-    ns = parser.parse_args(argv)
+    """Parse `argv` (default: sys.argv), resolve and validate the config, then do the one action asked."""
+    ns = _parser(recipe).parse_args(argv)
     if isinstance(ns.resume, str) and "=" in ns.resume and not Path(ns.resume).exists():
         ns.args.append(ns.resume)  # `--resume steps=400`: an override, not a checkpoint path
         ns.resume = True
     err, out = Console(stderr=True), Console()
     try:
-        config, notes = resolve(recipe, ns.args, ns.load, check=False)
-        for note in notes:
-            err.print(f"note: {note}", markup=False, highlight=False)
-        if ns.resume is not None:
-            _set_resume(config, ns.resume)
-        if ns.print:  # printed before validation so a faulty tree can be inspected
-            out.print(config_tree(config, label=f"{recipe.name}"))
-        validate(config)
-        if ns.export_hf is not None:
-            _check_export(config, ns)
+        config = _checked_config(recipe, ns, err=err, out=out)
     except (ConfigError, RegistryError) as error:
-        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(err, error, status=2)
     if ns.print:
         return
     if ns.dump:
         serialize.dump(config, ns.dump)
         out.print(f"wrote {ns.dump}", markup=False)
     elif ns.dry_run:
-        from tessera.components.parallel.mesh import MeshError
-        from tessera.components.train.plan import dry_run
-
-        try:
-            dry_run(config, console=out)
-        except MeshError as error:  # the plan the model cannot take, found on the meta device
-            err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
-            sys.exit(2)
+        _dry_run(config, err=err, out=out)
     else:
-        from tessera.components.data.sources.rows import MalformedRowError
-        from tessera.components.parallel.mesh import MeshError
-        from tessera.components.train.guard import TrainingDiverged
-        from tessera.components.train.launch import launch
-        from tessera.components.train.preemption import RunInterrupted
-        from tessera.components.train.resume_config import ResumeError
+        _train(config, export_hf=ns.export_hf, err=err)
 
-        try:
-            launch(config, export_hf=ns.export_hf)
-        except TrainingDiverged as error:
-            err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
-            sys.exit(3)
-        except (ResumeError, MeshError) as error:  # a checkpoint that cannot be resumed, a plan the model or the
-            # launch cannot take: the config paths and the fix. Every process prints: torchrun stops the others
-            # as soon as one exits, so a message left to rank 0 alone could be lost.
-            err.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
-            sys.exit(2)
-        except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved
-            err.print(f"[bold yellow]stopped:[/bold yellow] {escape(str(stopped))}", markup=True, highlight=False,
-                      soft_wrap=True)
-            sys.exit(128 + stopped.signum)
-        except (MalformedRowError, FileNotFoundError) as error:  # the user's corpus: name the file, no traceback
-            err.print(f"[bold red]data error:[/bold red] {escape(str(error))}", markup=True, highlight=False,
-                      soft_wrap=True)
-            sys.exit(4)
+
+def _fail(err: Console, error: BaseException, *, status: int, label: str = "[bold red]error:[/bold red]") -> None:
+    """Print `error` as one message (no traceback) and exit with `status`."""
+    err.print(f"{label} {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
+    sys.exit(status)
+
+
+def _checked_config(recipe: Recipe, ns: argparse.Namespace, *, err: Console, out: Console) -> Any:
+    """The resolved config with --resume applied, printed first under --print (so a faulty
+    tree can be inspected), then validated."""
+    config, notes = resolve(recipe, ns.args, ns.load, check=False)
+    for note in notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    if ns.resume is not None:
+        _set_resume(config, ns.resume)
+    if ns.print:
+        out.print(config_tree(config, label=f"{recipe.name}"))
+    validate(config)
+    if ns.export_hf is not None:
+        _check_export(config, ns)
+    return config
+
+
+def _dry_run(config: Any, *, err: Console, out: Console) -> None:
+    from tessera.components.parallel.mesh import MeshError
+    from tessera.components.train.plan import dry_run
+
+    try:
+        dry_run(config, console=out)
+    except MeshError as error:  # the plan the model cannot take, found on the meta device
+        _fail(err, error, status=2)
+
+
+def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
+    """Build and run; each way a run can end early is one message and its exit status."""
+    from tessera.components.data.sources.rows import MalformedRowError
+    from tessera.components.parallel.mesh import MeshError
+    from tessera.components.train.guard import TrainingDiverged
+    from tessera.components.train.launch import launch
+    from tessera.components.train.preemption import RunInterrupted
+    from tessera.components.train.resume_config import ResumeError
+
+    try:
+        launch(config, export_hf=export_hf)
+    except TrainingDiverged as error:
+        _fail(err, error, status=3)
+    except (ResumeError, MeshError) as error:  # a checkpoint that cannot be resumed, a plan the model or the
+        # launch cannot take: the config paths and the fix. Every process prints: torchrun stops the others
+        # as soon as one exits, so a message left to rank 0 alone could be lost.
+        _fail(err, error, status=2)
+    except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved
+        _fail(err, stopped, status=128 + stopped.signum, label="[bold yellow]stopped:[/bold yellow]")
+    except (MalformedRowError, FileNotFoundError) as error:  # the user's corpus: name the file, no traceback
+        _fail(err, error, status=4, label="[bold red]data error:[/bold red]")
