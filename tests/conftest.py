@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,43 +13,14 @@ torch.set_num_threads(1)
 # shared with subprocesses: tests never read or write the user's own cache.
 os.environ.setdefault("TESSERA_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-cache-"))
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # Test-only components (tests/helpers) may appear in configs that checkpoints serialize.
 import tessera.registry.serialize  # noqa: E402
 
+# Launching other processes lives in tests/helpers/launch.py; these names stay here for the test
+# files that still import them from `tests.conftest`.
+from helpers.launch import ROOT, child_cpu_seconds, run_recipe, torchrun  # noqa: E402, F401
+
 tessera.registry.serialize.PROJECT_PACKAGES = tessera.registry.serialize.PROJECT_PACKAGES | {"helpers"}
-
-
-def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `python recipes/<recipe>.py ARGS` in a subprocess, as a user would."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
-
-
-@contextlib.contextmanager
-def child_cpu_seconds() -> Iterator[list[float]]:
-    """CPU seconds (user + system) the subprocesses finished inside the block used, in the
-    yielded list's one item: a cost that, unlike wall time, does not grow when other work
-    shares the machine's cores."""
-    def used() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
-    out = [0.0]
-    start = used()
-    yield out
-    out[0] = used() - start
-
-
-def torchrun(script: Path, *args: str, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run `script ARGS` on `processes` CPU processes under torchrun (1 thread each, the
-    project importable), as the multi-process tests do once per module."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(processes), str(script), *args], text=True, capture_output=True, cwd=ROOT,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture
