@@ -17,7 +17,8 @@ from tessera.components.norm.rmsnorm import RMSNorm
 from tessera.components.position.absolute import NoPE
 from tessera.components.position.alibi import ALiBi
 from tessera.components.position.rope import RoPE
-from tests.reference import causal_doc_allowed, plain_inv_freq, softmax_attention_reference
+
+from helpers.reference import causal_doc_allowed, plain_inv_freq, softmax_attention_reference
 
 DOCS = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])  # two rows, T = 16
 

@@ -13,7 +13,8 @@ from tessera.components.model.stats import count_parameters
 from tessera.components.norm.layernorm import LayerNorm
 from tessera.components.norm.rmsnorm import RMSNorm
 from tessera.components.position.rope import RoPE
-from tests.reference import causal_doc_allowed, plain_inv_freq, rope_reference, softmax_attention_reference
+
+from helpers.reference import causal_doc_allowed, plain_inv_freq, rope_reference, softmax_attention_reference
 
 
 def test_rmsnorm_matches_formula():

@@ -11,7 +11,8 @@ from tessera.components.position.absolute import LearnedPositions, NoPE, Sinusoi
 from tessera.components.position.alibi import ALiBi, alibi_slopes
 from tessera.components.position.rope import RoPE
 from tessera.components.position.yarn import YaRN, yarn_mscale
-from tests.reference import rope_reference
+
+from helpers.reference import rope_reference
 
 
 @pytest.mark.parametrize("n_heads,expected", [
