@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -244,6 +244,15 @@ class PrecisionPolicy(abc.ABC):
         return optimizer
 
 
+class DataShare(NamedTuple):
+    """Which share of every batch a process reads: share `rank` of `size` (the processes that
+    read different data; the processes of one tensor-parallel group or one pipeline read the
+    same share). `DataShare(0, 1)`: the whole batch."""
+
+    rank: int
+    size: int
+
+
 class ParallelPlan(abc.ABC):
     """How a model is laid out across processes.
 
@@ -283,6 +292,16 @@ class ParallelPlan(abc.ABC):
     def is_main_process(self) -> bool:
         """True on the process that logs and writes files."""
         return True
+
+    @property
+    def data_parallel(self) -> DataShare:
+        """This process's share of every batch, valid once `apply` has run. Default: every
+        process of the group reads its own share (pure data parallelism), the whole batch
+        outside a process group; a plan whose processes also split the model (tensor or
+        pipeline parallelism) narrows it to the processes that hold different data."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return DataShare(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return DataShare(0, 1)
 
     def forward_backward(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *,
                          n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
@@ -379,7 +398,7 @@ class TrainingData(abc.ABC):
     `vocab_size`: token ids are < vocab_size. `batch(split, batch_size=B, seq_len=T, generator=g)`
     returns {"tokens": [B, T], "targets": [B, T] (tokens shifted by one), "doc_ids": [B, T]}
     for split "train" or "val". Optional capabilities are the interfaces below:
-    `StatefulData`, `PreparedData`, `BytesPerToken`.
+    `StatefulData`, `ShardedData`, `PreparedData`, `BytesPerToken`.
     """
 
     vocab_size: int
@@ -398,6 +417,16 @@ class StatefulData(abc.ABC):
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShardedData(abc.ABC):
+    """Training data that several data-parallel processes read, each its own share of every
+    batch (the shares together are the batch one process would read). The trainer calls
+    `read_share(plan.data_parallel)` once the parallel plan is applied and before the first
+    batch; until then the data reads the whole batch (`DataShare(0, 1)`)."""
+
+    @abc.abstractmethod
+    def read_share(self, share: DataShare) -> None: ...
 
 
 class PreparedData(abc.ABC):

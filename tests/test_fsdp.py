@@ -115,14 +115,16 @@ def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(tmp_path):
     assert {v.dtype for k, v in stored.items() if k.startswith("model.")} == {torch.float32}
 
 
-def test_random_window_data_gives_each_rank_its_share(monkeypatch):
+def test_random_window_data_gives_each_rank_its_share():
+    from tessera.components.interfaces import DataShare
+
     import helpers.stdlib_bytes as stdlib_bytes
 
     data = stdlib_bytes.StdlibBytes(max_bytes=200_000)
     whole = data.batch("train", batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(3))["tokens"]
     shares = []
     for rank in range(2):
-        monkeypatch.setattr(stdlib_bytes, "data_parallel", lambda rank=rank: (rank, 2))
+        data.read_share(DataShare(rank, 2))
         shares.append(data.batch("train", batch_size=2, seq_len=16,
                                  generator=torch.Generator().manual_seed(3))["tokens"])
     assert torch.equal(shares[0], whole[0::2]) and torch.equal(shares[1], whole[1::2])

@@ -184,7 +184,6 @@ def test_deepseek_v3_dry_run_reports_the_fit_and_what_dominates():
 MEASURE = r"""
 import importlib, json, sys
 import fiddle as fdl, torch, torch.distributed as dist
-from tessera.components.parallel.process_group import data_parallel
 from tessera.registry import PARALLEL_PLAN
 from tests.helpers.live_bytes import LiveTensorBytes
 
@@ -200,7 +199,7 @@ def measure(recipe_name, parallel, batch, seq, n_micro):
         plan.materialize(model, "cpu")
         plan.ready(model)
         opt = plan.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
-        rank, dp = data_parallel()
+        rank, dp = plan.data_parallel
         rows = torch.Generator().manual_seed(rank)
         for step in range(2):
             tokens = torch.randint(0, cfg.model.vocab_size, (batch // dp, seq + 1), generator=rows)

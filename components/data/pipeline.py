@@ -38,13 +38,14 @@ from tessera.components.data.store import TokenStore, write_store
 from tessera.components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
 from tessera.components.interfaces import (
     BytesPerToken,
+    DataShare,
     DataSource,
     DocumentFilter,
     PreparedData,
+    ShardedData,
     StatefulData,
     TrainingData,
 )
-from tessera.components.parallel.process_group import data_parallel
 from tessera.registry.invariants import invariant
 
 FORMAT_VERSION = 2  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted
@@ -73,7 +74,7 @@ def _nbytes(docs: list[Document]) -> int:
 
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out e.g. 0.02 of the documents")
 @invariant("mixture_temperature > 0", lambda mixture_temperature: mixture_temperature > 0, fix="use a temperature > 0")
-class TextPipeline(TrainingData, StatefulData, PreparedData, BytesPerToken):
+class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesPerToken):
     """Multi-domain text -> packed token sequences, prepared once and cached.
 
     Args:
@@ -131,6 +132,7 @@ class TextPipeline(TrainingData, StatefulData, PreparedData, BytesPerToken):
         self._fingerprint: str | None = None
         self._report: list[StageRow] | None = None
         self._loaders: dict[str, PackedLoader] = {}
+        self._share = DataShare(0, 1)
 
     # -- identity and caching -----------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -348,11 +350,19 @@ class TextPipeline(TrainingData, StatefulData, PreparedData, BytesPerToken):
             return named_encoding(self.encoding_name)
         return load_encoding(self.folder / "tokenizer")
 
+    def read_share(self, share: DataShare) -> None:
+        """Read share `share.rank` of `share.size` of every batch from now on: the loaders
+        hand the processes disjoint sequences of one stream. Set it before the first batch (a
+        loader keeps the share it was created with)."""
+        if self._loaders and share != self._share:
+            raise RuntimeError(f"data: the share {tuple(share)} comes after batches were read as "
+                               f"{tuple(self._share)}; call read_share before the first batch")
+        self._share = share
+
     def loader(self, split: str, *, batch_size: int, seq_len: int, seed: int) -> PackedLoader:
-        rank, world = data_parallel()
         weights = self.weights() if split == "train" else {d: 1.0 for d in self.store.domains(split)}
         return PackedLoader(store=self.store, split=split, seq_len=seq_len, batch_size=batch_size, weights=weights,
-                            seed=seed, rank=rank, world_size=world)
+                            seed=seed, rank=self._share.rank, world_size=self._share.size)
 
     def batch(self, split: str, *, batch_size: int, seq_len: int,
               generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tessera.components.interfaces import CommHook, ParallelPlan, PeriodicSync, PrecisionPolicy
+from tessera.components.interfaces import CommHook, DataShare, ParallelPlan, PeriodicSync, PrecisionPolicy
 from tessera.components.moe import expert_parallel
 from tessera.components.moe.router import set_load_group
 from tessera.components.parallel import ddp, pipeline, sharding, tensor_parallel, zero
 from tessera.components.parallel.pipeline_schedule import PipelineRunner
-from tessera.components.parallel.process_group import ensure_process_group, set_data_parallel, world
+from tessera.components.parallel.process_group import ensure_process_group, world
 from tessera.registry.invariants import invariant
 from tessera.registry.kinds import PARALLEL_PLAN
 
@@ -146,6 +146,7 @@ class Mesh(ParallelPlan):
         self._pipeline: Any = None  # the schedule runner under pp > 1
         self.dims: Any = None  # torchtitan's ParallelDims, once `apply` built the mesh
         self.group: Any = None  # the data-parallel process group
+        self._share: DataShare | None = None  # this process's share of each batch, once `apply` built the mesh
         self._ddp: nn.Module | None = None
         self._sharded = False
         self._experts: set[nn.Parameter] = set()  # expert-parallel weights: DDP, FSDP and ZeRO-1 leave them alone
@@ -182,7 +183,7 @@ class Mesh(ParallelPlan):
         # world: under tp or pp alone the world's processes hold different tensors).
         batch = self.dims.get_optional_mesh("batch", include_singleton_axes=True)
         self.group = batch.get_group()
-        set_data_parallel(batch.get_local_rank(), batch.size())
+        self._share = DataShare(batch.get_local_rank(), batch.size())
         if self.tp > 1:  # heads, hidden widths and vocabulary split over tp; norms sequence-parallel
             tensor_parallel.apply_tensor_parallel(model, self.dims.get_mesh("tp"))
             self._sharded = True  # DTensor weights: initialised full, then split, as one process would
@@ -315,6 +316,12 @@ class Mesh(ParallelPlan):
     @property
     def is_main_process(self) -> bool:
         return world()[0] == 0
+
+    @property
+    def data_parallel(self) -> DataShare:
+        """The mesh's "batch" dims (dp_replicate x dp_shard): a tensor-parallel group or a
+        pipeline reads one share together. Before `apply`: the default (every process)."""
+        return self._share if self._share is not None else super().data_parallel
 
 
 def _refuse(faults: list[str]) -> None:

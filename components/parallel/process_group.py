@@ -41,8 +41,6 @@ def leave_process_group() -> None:
     """End of a successful run: wait for every rank, then tear the group down while the
     interpreter is still whole (a rank tearing gloo down alone, or during interpreter
     shutdown, can abort with "terminate called without an active exception")."""
-    global _DATA_PARALLEL
-    _DATA_PARALLEL = None
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -58,25 +56,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-_DATA_PARALLEL: tuple[int, int] | None = None
-
-
-def set_data_parallel(rank: int, size: int) -> None:
-    """Declare this process's place among the processes that read different data (a parallel
-    plan does, once its mesh is built): processes of one tensor- or pipeline-parallel group
-    read the same batches."""
-    global _DATA_PARALLEL
-    _DATA_PARALLEL = (rank, size)
-
-
-def data_parallel() -> tuple[int, int]:
-    """(rank, size) among the processes that read different data: what a plan declared with
-    `set_data_parallel`, else every process of the group (pure data parallelism)."""
-    if _DATA_PARALLEL is not None and dist.is_available() and dist.is_initialized():
-        return _DATA_PARALLEL
-    return world()
 
 
 @torch.no_grad()

@@ -29,12 +29,13 @@ from tessera.components.interfaces import (
     ReportsExpertLoad,
     Schedule,
     SecondOrderOptimizer,
+    ShardedData,
     TrainingData,
 )
 from tessera.components.model.decoder import DecoderLM, cross_entropy
 from tessera.components.model.stats import training_flops_per_token
 from tessera.components.optim.param_groups import decay_groups
-from tessera.components.parallel.process_group import data_parallel, world
+from tessera.components.parallel.process_group import world
 from tessera.components.parallel.single import SingleProcess
 from tessera.components.precision import auto
 from tessera.components.precision.master_weights import MasterWeights
@@ -135,7 +136,9 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     moe_layers = moe_layer_indices(model, ReportsExpertLoad)
     model = parallel.apply(model, precision=precision, device=device)
     rank, world_size = world()
-    _, dp_size = data_parallel()  # processes reading different data (tp / pp groups share theirs)
+    dp_size = parallel.data_parallel.size  # processes reading different data (tp / pp groups share theirs)
+    if isinstance(data, ShardedData):
+        data.read_share(parallel.data_parallel)
     eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
     if not parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, False

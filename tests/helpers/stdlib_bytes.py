@@ -12,8 +12,7 @@ import torch
 
 from tessera.components.data.loader import doc_ids_from_eos
 from tessera.components.data.sources.stdlib import stdlib_files
-from tessera.components.interfaces import BytesPerToken, TrainingData
-from tessera.components.parallel.process_group import data_parallel
+from tessera.components.interfaces import BytesPerToken, DataShare, ShardedData, TrainingData
 from tessera.registry.invariants import invariant
 
 EOS = 0
@@ -21,7 +20,7 @@ VOCAB_SIZE = 256
 
 
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out a fraction such as 0.05")
-class StdlibBytes(TrainingData, BytesPerToken):
+class StdlibBytes(TrainingData, ShardedData, BytesPerToken):
     """Train/validation byte streams of up to `max_bytes` of standard-library source.
 
     Args:
@@ -45,6 +44,11 @@ class StdlibBytes(TrainingData, BytesPerToken):
                              f"pass root=<folder with .py files> or a larger max_bytes")
         self.train = _join(train)
         self.val = _join(val)
+        self.share = DataShare(0, 1)
+
+    def read_share(self, share: DataShare) -> None:
+        """Draw share `share.rank` of `share.size` of every batch (see `batch`)."""
+        self.share = share
 
     def bytes_per_token(self, split: str) -> float:
         """One byte per token: the tokens are the bytes."""
@@ -59,7 +63,7 @@ class StdlibBytes(TrainingData, BytesPerToken):
         keeps its own every world_size-th one, so the ranks' batches are disjoint and together
         are the batch one process would draw.
         """
-        rank, world_size = data_parallel()
+        rank, world_size = self.share
         stream = self.train if split == "train" else self.val
         starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size * world_size,),
                                generator=generator)[rank::world_size]
