@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tessera.cli import resolve
+from tessera.components.model.decoder import DecoderLM
 from tessera.components.parallel.pipeline import (
     PipelinedModel,
     local_stage_indices,
@@ -44,12 +45,44 @@ def test_two_stages_hold_embedding_first_and_norm_head_mtp_last():
     first, = split_stages(model, pp_rank=0, pp_size=2)
     last, = split_stages(model, pp_rank=1, pp_size=2)
     assert list(first.layers) == ["0", "1"] and list(last.layers) == ["2", "3"]
-    assert first.embedding is model.embedding and not hasattr(first, "head") and not hasattr(first, "mtp")
-    assert last.head is model.head and last.norm is model.norm and not hasattr(last, "embedding")
+    assert first.embedding is model.embedding and first.head is None and first.norm is None and not first.mtp
+    assert last.head is model.head and last.norm is model.norm and last.embedding is None
     assert last.mtp["0"] is model.mtp[0] and last.blocks() == [model.layers[2], model.layers[3], model.mtp[0].block]
     # together the two stages hold every parameter of the model exactly once, under the model's names
     names = [n for stage in (first, last) for n, _ in stage.named_parameters()]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_a_stage_runs_the_decoders_own_forward_and_losses(monkeypatch):
+    """One forward: the stages call `DecoderLM.hidden_states` and `DecoderLM.losses` on the
+    part they hold (no copy of either), and chained they give the whole model's loss terms."""
+    torch.manual_seed(0)
+    model = meta_model(deepseek_recipe)  # 4 layers, MoE and 1 MTP module
+    model.to_empty(device="cpu")
+    model.init_weights()
+    first, = split_stages(model, pp_rank=0, pp_size=2)
+    last, = split_stages(model, pp_rank=1, pp_size=2)
+    tokens = torch.randint(0, model.vocab_size, (2, 17))
+    doc_ids = torch.tensor([[0] * 9 + [1] * 7] * 2)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        expected = model.losses(inputs, targets, doc_ids=doc_ids)
+        x, embeddings = first(inputs, doc_ids=doc_ids)
+        loss = last(x, embeddings, doc_ids=doc_ids, targets=targets)
+    (head_terms,), (tail_terms,) = first.records, last.records
+    assert set(tail_terms) == {"lm", "mtp", "balance"}
+    assert torch.equal(tail_terms["lm"], expected["lm"]) and torch.equal(tail_terms["mtp"], expected["mtp"])
+    assert torch.allclose(head_terms["balance"] + tail_terms["balance"], expected["balance"])
+    assert torch.equal(loss, torch.stack(list(tail_terms.values())).sum())
+    # what each stage runs is the decoder's own code, not a copy of it
+    calls = []
+    for name in ("hidden_states", "losses"):
+        method = getattr(DecoderLM, name)
+        monkeypatch.setattr(DecoderLM, name, lambda self, *a, _m=method, _n=name, **k: calls.append(
+            (self, _n)) or _m(self, *a, **k))
+    with torch.no_grad():
+        last(*first(inputs, doc_ids=doc_ids), doc_ids=doc_ids, targets=targets)
+    assert calls == [(first, "hidden_states"), (last, "losses"), (last, "hidden_states")]
 
 
 def test_schedules_place_stages_in_a_loop_or_a_v():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,28 @@ class DecoderLM(nn.Module):
 
     @property
     def tied(self) -> bool:
-        return self.head.weight is self.embedding.weight
+        """Whether the head reads the embedding's very weight (False on a part holding only one)."""
+        return self.head is not None and self.embedding is not None and self.head.weight is self.embedding.weight
+
+    def _share_part_of(self, model: DecoderLM, *, layers: Sequence[int], first: bool, last: bool) -> None:
+        """Make this module a part of `model` (a pipeline stage) holding `model`'s own
+        submodules, not copies, under `model`'s names: the embedding, its position table and
+        dropout when `first`; the main layers `layers` (an `nn.ModuleDict` keyed by their index
+        in `model`, so they keep their names `layers.<i>`); the final norm, head and MTP modules
+        when `last`. What it does not hold is None (MTP: an empty dict), and `hidden_states`
+        and `losses` skip it. A subclass's constructor calls this after `nn.Module.__init__`
+        in place of `DecoderLM.__init__` (which would build new modules and draw their weights)."""
+        self.vocab_size, self.dim, self.init_std = model.vocab_size, model.dim, model.init_std
+        self.depth_scaled_init, self.mtp_loss_weight = model.depth_scaled_init, model.mtp_loss_weight
+        self.tie_embeddings = model.tie_embeddings and first and last
+        # registered in DecoderLM.__init__'s order: parameter and auxiliary-loss order follow it
+        self.embedding = model.embedding if first else None
+        self.position = model.position if first else None
+        self.embedding_dropout = model.embedding_dropout if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
+        self.norm = model.norm if last else None
+        self.head = model.head if last else None
+        self.mtp = nn.ModuleDict({str(k): module for k, module in enumerate(model.mtp)} if last else {})
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> DecoderLM:
         """As `nn.Module.to_empty`, keeping a tied head tied: leaving the meta device gives every
@@ -88,23 +110,39 @@ class DecoderLM(nn.Module):
         """Every transformer block in depth order: the main layers, then each multi-token
         prediction module's block. The units that parallel plans shard, activation
         checkpointing recomputes and `compile=True` compiles."""
-        return [*self.layers, *(module.block for module in self.mtp)]
+        return [*_members(self.layers), *(module.block for module in _members(self.mtp))]
 
-    def hidden_states(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, D] (what the head reads)."""
-        x = self.embedding(tokens)
+    def hidden_states(self, inputs: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                      embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states [B, T, D] after the layers this model holds: final-normed (what the
+        head reads) where it holds the norm, else its last layer's output (a pipeline stage's
+        residual stream).
+
+        inputs: tokens [B, T] int64 where the model holds the embedding; else the residual
+            stream [B, T, D] the layers before it left (a pipeline stage after the first).
+        doc_ids: [B, T] document ids (attention stays within a document), or None.
+        embeddings: the raw token embeddings [B, T, D] of the tokens when already looked up
+            (a pipeline's first stage looks them up once for the layers and the MTP modules);
+            None: looked up here.
+        """
+        x = inputs if self.embedding is None else self._embedded(inputs, embeddings)
+        for layer in _members(self.layers):
+            x = layer(x, doc_ids=doc_ids)
+        return x if self.norm is None else self.norm(x)
+
+    def _embedded(self, tokens: torch.Tensor, embeddings: torch.Tensor | None) -> torch.Tensor:
+        """The residual stream's start [B, T, D]: token embeddings (plus absolute positions),
+        after the embedding dropout."""
+        x = self.embedding(tokens) if embeddings is None else embeddings
         if isinstance(self.position, AbsoluteEncoding):
             x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device), self.dim).to(x.dtype)
-        x = self.embedding_dropout(x)
-        for layer in self.layers:
-            x = layer(x, doc_ids=doc_ids)
-        return self.norm(x)
+        return self.embedding_dropout(x)
 
     def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.hidden_states(tokens, doc_ids=doc_ids))
 
-    def losses(self, tokens: torch.Tensor, targets: torch.Tensor, *,
-               doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+               embeddings: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss terms; their sum is what is minimised.
 
         - "lm": next-token cross-entropy (mean over tokens, fp32 logits);
@@ -112,23 +150,45 @@ class DecoderLM(nn.Module):
           cross-entropy of predicting targets[:, k:] (token i+k+1) at positions i < T-k;
         - "balance" (with MoE layers): the sum of their weighted balance losses.
 
-        tokens, targets: [B, T] (targets are tokens shifted by one); doc_ids: [B, T].
+        inputs: tokens [B, T] int64 (or, on a part without the embedding, the residual stream
+        [B, T, D]: see `hidden_states`, as for `embeddings`); targets: [B, T] (the tokens
+        shifted by one); doc_ids: [B, T]. A part of a model (`_share_part_of`) gives the terms
+        of what it holds: "lm" and "mtp" where it holds the head, "balance" of its own layers.
         """
-        hidden = self.hidden_states(tokens, doc_ids=doc_ids)
-        terms = {"lm": cross_entropy(self.head(hidden), targets)}
-        if len(self.mtp):
-            depth_losses = []
-            for k, module in enumerate(self.mtp, start=1):
-                t = tokens.shape[1] - k
-                hidden = module(hidden[:, :t], self.embedding(tokens[:, k:]),
-                                doc_ids[:, :t] if doc_ids is not None else None)
-                depth_losses.append(cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
-            terms["mtp"] = self.mtp_loss_weight * torch.stack(depth_losses).mean()
+        hidden = self.hidden_states(inputs, doc_ids=doc_ids, embeddings=embeddings)
+        terms: dict[str, torch.Tensor] = {}
+        if self.head is not None:
+            terms["lm"] = cross_entropy(self.head(hidden), targets)
+            if len(self.mtp):
+                terms["mtp"] = self._mtp_loss(hidden, inputs, targets, doc_ids=doc_ids, embeddings=embeddings)
+        balance = self.balance_loss()
+        if balance is not None:
+            terms["balance"] = balance
+        return terms
+
+    def _mtp_loss(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, *,
+                  doc_ids: torch.Tensor | None, embeddings: torch.Tensor | None) -> torch.Tensor:
+        """mtp_loss_weight x the mean over depths k of the cross-entropy of targets[:, k:]:
+        depth k reads depth k-1's hidden states [B, T-k+1, D] (the main model's, normed, for
+        k = 1) at positions < T-k and the embeddings of the tokens k steps ahead, which are
+        `embeddings[:, k:]` when given, else looked up from `tokens`."""
+        if embeddings is None and self.embedding is None:
+            raise ValueError("the MTP modules read the token embeddings, which this part of the model does not "
+                             "hold: pass embeddings= (the first stage's lookup)")
+        depth_losses = []
+        for k, module in enumerate(_members(self.mtp), start=1):
+            t = targets.shape[1] - k
+            ahead = self.embedding(tokens[:, k:]) if embeddings is None else embeddings[:, k:]
+            hidden = module(hidden[:, :t], ahead, doc_ids[:, :t] if doc_ids is not None else None)
+            depth_losses.append(cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
+        return self.mtp_loss_weight * torch.stack(depth_losses).mean()
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """The sum of this model's auxiliary losses (the MoE balance terms) from the forward
+        just run, a scalar; None when no module has one."""
         aux = [m.auxiliary_loss() for m in self.modules() if isinstance(m, AuxiliaryLoss)]
         aux = [a for a in aux if a is not None]
-        if aux:
-            terms["balance"] = torch.stack(aux).sum()
-        return terms
+        return torch.stack(aux).sum() if aux else None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -156,3 +216,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
         return vocab_parallel_cross_entropy(logits, targets)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _members(modules: nn.ModuleList | nn.ModuleDict) -> list[nn.Module]:
+    """The modules of a list, or of a dict keyed by their index in the whole model (the
+    layers a pipeline stage holds), in order."""
+    return list(modules.values()) if isinstance(modules, nn.ModuleDict) else list(modules)

@@ -9,11 +9,12 @@ modules read the embedding without holding a copy of it (V3 shares it between th
 and MTP): one more [B, T, D] activation per hop instead of a tied weight whose gradient two
 ranks would have to sum.
 
-A stage module holds the very submodules of the model it was cut from (no copies), and its
-parameter names are the model's (`layers.3.attention...`), so a model built on the meta
-device is cut first and materialised afterwards in exactly the single-process order
-(`materialize_stages`), and checkpoints of a pipelined run name the same tensors as a
-single-process run's.
+A stage module is a `DecoderLM` holding the very submodules of the model it was cut from (no
+copies; what it does not hold is None), so it runs the decoder's own `hidden_states` and
+`losses` on its part. Its parameter names are the model's (`layers.3.attention...`), so a
+model built on the meta device is cut first and materialised afterwards in exactly the
+single-process order (`materialize_stages`), and checkpoints of a pipelined run name the
+same tensors as a single-process run's.
 
 Stages are placed on the `pp` ranks as the schedule wants them: one per rank (GPipe, 1F1B),
 `virtual_stages` per rank in a loop (interleaved 1F1B: rank r holds stages r, r+p, ...), or
@@ -30,8 +31,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from tessera.components.interfaces import AbsoluteEncoding, AuxiliaryLoss
-from tessera.components.model.decoder import DecoderLM, cross_entropy
+from tessera.components.model.decoder import DecoderLM
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "DualPipeV")
 """The schedules of `torch.distributed.pipelining` a pipelined run can use (names as torch's
@@ -170,17 +170,20 @@ def microbatch_faults(schedule: str, pp: int, virtual_stages: int, n_microbatche
     return faults
 
 
-class PipelineStageModule(nn.Module):
-    """One pipeline stage of a `DecoderLM`: the model's own submodules under the model's
-    own names (`embedding`, `layers.<i>` for the held layers, `norm`, `head`, `mtp.<k>`).
+class PipelineStageModule(DecoderLM):
+    """One pipeline stage of a `DecoderLM`: the model itself, cut down to the part this stage
+    holds (`DecoderLM._share_part_of`): the model's own submodules under the model's own names
+    (`embedding`, `layers.<i>` for the held layers, `norm`, `head`, `mtp.<k>`), None for
+    those it does not hold. It computes with the decoder's own `hidden_states` and `losses`,
+    which skip what is absent: no second copy of the forward or the loss to keep in step.
 
-    forward(*inputs, doc_ids: [b, T], targets: [b, T]):
+    forward(*inputs, doc_ids: [b, T], targets: [b, T]) (the schedules' calling convention):
     - first stage: inputs = (tokens [b, T] int64,);
     - other stages: inputs = (x [b, T, D],) plus, when the model has MTP modules, the raw
       token embeddings [b, T, D] the first stage passed on;
     - a stage that is not last returns (x,) or (x, embeddings); the last stage returns the
-      micro-batch's loss (a scalar: lm + mtp + its blocks' balance losses, as
-      `DecoderLM.losses` adds them).
+      micro-batch's loss (a scalar: the sum of `DecoderLM.losses`' terms on its part:
+      lm + mtp + its blocks' balance losses).
 
     The MoE balance losses of a stage's own blocks join the backward pass where they arise:
     on the last stage they are part of the loss; on another stage the output carries them
@@ -190,21 +193,11 @@ class PipelineStageModule(nn.Module):
     """
 
     def __init__(self, *, model: DecoderLM, spec: StageSpec):
-        super().__init__()
+        nn.Module.__init__(self)  # not DecoderLM.__init__: a stage builds no module, it shares the model's
+        self._share_part_of(model, layers=spec.layers, first=spec.first, last=spec.last)
         self.spec = spec
-        self.dim = model.dim
-        self.mtp_loss_weight = model.mtp_loss_weight
         # MTP modules on the last stage read the embeddings the first stage computed
         self.passes_embeddings = len(model.mtp) > 0 and spec.n_stages > 1
-        if spec.first:
-            self.embedding = model.embedding
-            self.position = model.position
-            self.embedding_dropout = model.embedding_dropout
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in spec.layers})
-        if spec.last:
-            self.norm = model.norm
-            self.head = model.head
-            self.mtp = nn.ModuleDict({str(k): module for k, module in enumerate(model.mtp)})
         self.records: list[dict[str, torch.Tensor]] = []
         self.compute_context = None  # a zero-argument factory of a context (autocast) the forward runs in
         # Under tensor parallelism: the tp mesh. The residual stream between stages is then
@@ -212,11 +205,10 @@ class PipelineStageModule(nn.Module):
         # as this rank's [b, T/tp, D] shard and inputs are re-wrapped on arrival.
         self.sequence_mesh: DeviceMesh | None = None
 
-    def blocks(self) -> list[nn.Module]:
-        """This stage's transformer blocks (main layers, then MTP blocks): FSDP units,
-        activation checkpointing, compilation, as `DecoderLM.blocks`."""
-        mtp = [module.block for module in self.mtp.values()] if self.spec.last else []
-        return [*self.layers.values(), *mtp]
+    def init_weights(self) -> None:
+        """Refused: a stage's weights are drawn with the whole model's, in the single-process
+        order (`materialize_stages`); drawn here they would follow neither."""
+        raise NotImplementedError("a pipeline stage is initialised with the model it was cut from: materialize_stages")
 
     def forward(self, *inputs: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -227,26 +219,22 @@ class PipelineStageModule(nn.Module):
 
     def _forward(self, inputs: tuple[torch.Tensor, ...], doc_ids: torch.Tensor | None,
                  targets: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if self.spec.first:
-            (tokens,) = inputs
-            embeddings = self.embedding(tokens)
-            x = embeddings
-            if isinstance(self.position, AbsoluteEncoding):
-                x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device), self.dim).to(x.dtype)
-            x = self.embedding_dropout(x)
-        else:
-            if self.sequence_mesh is not None:  # this rank's sequence shards, as the stage before left them
-                inputs = tuple(DTensor.from_local(t, self.sequence_mesh, [Shard(1)], run_check=False) for t in inputs)
-            x = inputs[0]
-            embeddings = inputs[1] if self.passes_embeddings else None
-        for layer in self.layers.values():
-            x = layer(x, doc_ids=doc_ids)
+        if not self.spec.first and self.sequence_mesh is not None:  # this rank's sequence shards, as sent
+            inputs = tuple(DTensor.from_local(t, self.sequence_mesh, [Shard(1)], run_check=False) for t in inputs)
+        embeddings = self._embeddings(inputs)
         if self.spec.last:
-            return self._loss(x, embeddings, tokens if self.spec.first else None, doc_ids, targets)
-        aux = self._auxiliary()
-        if aux is not None:
-            self._record({"balance": aux})
-            x = _AuxiliaryGradient.apply(x, aux)
+            if targets is None:
+                raise ValueError("the last pipeline stage computes the loss: pass targets= to the schedule's step")
+            # super(), not self.losses: FSDP registers `losses` of a stage it roots as a forward
+            # method of its own (sharding.shard), whose hooks this forward has already run
+            terms = super().losses(inputs[0], targets, doc_ids=doc_ids, embeddings=embeddings)
+            self._record(terms)
+            return torch.stack(list(terms.values())).sum()
+        x = self.hidden_states(inputs[0], doc_ids=doc_ids, embeddings=embeddings)
+        balance = self.balance_loss()
+        if balance is not None:
+            self._record({"balance": balance})
+            x = _AuxiliaryGradient.apply(x, balance)
         # a new tensor, not the received one (nor a view of it, which the schedules' backward
         # cannot detach): the stage's output must be a node of this stage's graph
         out = (x, embeddings if self.spec.first else embeddings.clone()) if self.passes_embeddings else (x,)
@@ -254,31 +242,13 @@ class PipelineStageModule(nn.Module):
             out = tuple(t.to_local().clone() if isinstance(t, DTensor) else t for t in out)
         return out
 
-    def _loss(self, x: torch.Tensor, embeddings: torch.Tensor | None, tokens: torch.Tensor | None,
-              doc_ids: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
-        if targets is None:
-            raise ValueError("the last pipeline stage computes the loss: pass targets= to the schedule's step")
-        hidden = self.norm(x)
-        terms = {"lm": cross_entropy(self.head(hidden), targets)}
-        if len(self.mtp):
-            depth_losses = []
-            for k, module in enumerate(self.mtp.values(), start=1):
-                t = targets.shape[1] - k
-                ahead = self.embedding(tokens[:, k:]) if embeddings is None else embeddings[:, k:]
-                hidden = module(hidden[:, :t], ahead, doc_ids[:, :t] if doc_ids is not None else None)
-                depth_losses.append(cross_entropy(self.head(module.head_norm(hidden)), targets[:, k:]))
-            terms["mtp"] = self.mtp_loss_weight * torch.stack(depth_losses).mean()
-        aux = self._auxiliary()
-        if aux is not None:
-            terms["balance"] = aux
-        self._record(terms)
-        return torch.stack(list(terms.values())).sum()
-
-    def _auxiliary(self) -> torch.Tensor | None:
-        """The sum of this stage's auxiliary losses from the forward just run, or None."""
-        aux = [m.auxiliary_loss() for m in self.modules() if isinstance(m, AuxiliaryLoss)]
-        aux = [a for a in aux if a is not None]
-        return torch.stack(aux).sum() if aux else None
+    def _embeddings(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The raw token embeddings [b, T, D] the MTP modules read, where they travel down the
+        pipeline: looked up once on the first stage (its layers read the same lookup), received
+        on the others; None without MTP (a single stage's `losses` looks them up itself)."""
+        if not self.passes_embeddings:
+            return None
+        return self.embedding(inputs[0]) if self.spec.first else inputs[1]
 
     def _record(self, terms: dict[str, torch.Tensor]) -> None:
         self.records.append({name: value.detach() for name, value in terms.items()})
