@@ -3,10 +3,10 @@
     python -m tessera.registry list                  # every registry, as tables
     python -m tessera.registry list attention        # one kind (any case)
     python -m tessera.registry list --markdown       # markdown, built-ins and installed plugins
-    python -m tessera.registry list --markdown --write-readme README.md   # regenerate the README block
-    python -m tessera.registry list --check-readme README.md              # exit 1 if the block is stale
+    python -m tessera.registry list --write docs/catalogue.md   # regenerate the docs' catalogue block
+    python -m tessera.registry list --check docs/catalogue.md   # exit 1 if that block is stale
 
-Exit status 2 for an unknown kind or a README without the catalogue markers.
+Exit status 2 for an unknown kind or a file without the catalogue markers.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("kind", nargs="?", help="one registry kind, e.g. attention or feed_forward")
     listing.add_argument("--markdown", action="store_true", help="print markdown instead of tables")
     listing.add_argument("--builtin-only", action="store_true", help="leave out plugins' components")
-    listing.add_argument("--write-readme", metavar="README", help="rewrite the catalogue block of README "
-                         "(built-ins only, every kind)")
-    listing.add_argument("--check-readme", metavar="README", help="exit 1 if README's catalogue block is stale")
+    listing.add_argument("--write", metavar="FILE", help="rewrite the catalogue block of the markdown FILE "
+                         "(built-ins only, every kind), e.g. docs/catalogue.md")
+    listing.add_argument("--check", metavar="FILE", help="exit 1 if the catalogue block of FILE is stale")
     return parser
 
 
@@ -59,17 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     out, err = Console(), Console(stderr=True)
     try:
-        if ns.write_readme:
-            changed = catalogue.write_readme(ns.write_readme)
-            out.print(f"{'rewrote' if changed else 'unchanged:'} the catalogue block of {ns.write_readme}",
-                      markup=False)
+        if ns.write:
+            changed = catalogue.write(ns.write)
+            out.print(f"{'rewrote' if changed else 'unchanged:'} the catalogue block of {ns.write}", markup=False)
             return 0
-        if ns.check_readme:
-            if catalogue.readme_matches(ns.check_readme):
-                out.print(f"{ns.check_readme}: the catalogue block is up to date", markup=False)
+        if ns.check:
+            if catalogue.matches(ns.check):
+                out.print(f"{ns.check}: the catalogue block is up to date", markup=False)
                 return 0
-            err.print(f"{ns.check_readme}: the catalogue block differs from the registries; "
-                      f"run {catalogue.REGENERATE}", markup=False)
+            err.print(f"{ns.check}: the catalogue block differs from the registries; run {catalogue.REGENERATE}",
+                      markup=False)
             return 1
         if ns.markdown:
             sys.stdout.write(catalogue.markdown(ns.kind, builtin_only=ns.builtin_only))

@@ -1,8 +1,9 @@
 """The component catalogue: every registry's entries with their one-line docs and arguments.
 
-`python -m tessera.registry list [KIND]` prints it as rich tables; `--markdown` as the markdown the
-README's component table is made of (built-ins only, so installed plugins never change it),
-and `--write-readme README.md` rewrites that block between the two marker comments.
+`python -m tessera.registry list [KIND]` prints it as rich tables; `--markdown` as markdown; and
+`--write docs/catalogue.md` rewrites the documentation's catalogue page between its two marker
+comments (built-ins only, so installed plugins never change it). `--check FILE` says whether
+that block is stale; a test runs the same check.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from tessera.registry.typecheck import annotations_of
 
 START = "<!-- catalogue:start -->"
 END = "<!-- catalogue:end -->"
-REGENERATE = "python -m tessera.registry list --markdown --write-readme README.md"
+PAGE = "docs/catalogue.md"
+REGENERATE = f"python -m tessera.registry list --write {PAGE}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,7 +176,7 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def readme_block(text: str, where: str = "README.md") -> tuple[int, int]:
+def block(text: str, where: str = PAGE) -> tuple[int, int]:
     """Start and end offsets of the text between the catalogue markers of `text`."""
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
@@ -183,20 +185,20 @@ def readme_block(text: str, where: str = "README.md") -> tuple[int, int]:
     return start + len(START), end
 
 
-def write_readme(path: str | Path) -> bool:
-    """Replace the catalogue block of the README at `path` with the built-in catalogue; returns
-    whether the file changed. Everything outside the markers is kept byte for byte."""
+def write(path: str | Path) -> bool:
+    """Replace the catalogue block of the markdown file at `path` with the built-in catalogue;
+    returns whether the file changed. Everything outside the markers is kept byte for byte."""
     path = Path(path)
     text = path.read_text()
-    start, end = readme_block(text, str(path))
+    start, end = block(text, str(path))
     updated = text[:start] + "\n" + markdown(builtin_only=True) + text[end:]
     if updated != text:
         path.write_text(updated)
     return updated != text
 
 
-def readme_matches(path: str | Path) -> bool:
-    """Whether the README's catalogue block is what `markdown(builtin_only=True)` generates."""
+def matches(path: str | Path) -> bool:
+    """Whether the catalogue block of the file at `path` is what `markdown(builtin_only=True)` generates."""
     text = Path(path).read_text()
-    start, end = readme_block(text, str(path))
+    start, end = block(text, str(path))
     return text[start:end] == "\n" + markdown(builtin_only=True)

@@ -1,4 +1,4 @@
-"""The component catalogue: `python -m tessera.registry list`, its markdown, and the README block it generates."""
+"""The component catalogue: `python -m tessera.registry list`, its markdown, and the docs page it generates."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ def run_list(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, cwd=ROOT, timeout=120)
 
 
-def test_readme_block_is_the_generated_catalogue():
-    text = (ROOT / "README.md").read_text()
-    start, end = catalogue.readme_block(text)
+def test_the_docs_catalogue_page_is_the_generated_catalogue():
+    text = (ROOT / catalogue.PAGE).read_text()
+    start, end = catalogue.block(text)
     assert text[start:end] == "\n" + catalogue.markdown(builtin_only=True), (
-        f"README.md's component catalogue is stale: run {catalogue.REGENERATE}")
+        f"{catalogue.PAGE}'s component catalogue is stale: run {catalogue.REGENERATE}")
 
 
 def _row(markdown: str, name: str) -> tuple[str, str]:
@@ -78,7 +78,7 @@ def test_unknown_kind_exits_2_with_a_suggestion(capsys):
     assert "did you mean 'ATTENTION'" in " ".join(capsys.readouterr().err.split())
 
 
-def test_plugin_components_are_listed_but_never_enter_the_readme(tmp_path):
+def test_plugin_components_are_listed_but_never_enter_the_docs_page(tmp_path):
     make_distribution(tmp_path, "toy-attention", "toy_attention", '''
         import torch
         from tessera.components.interfaces import Attention
@@ -114,7 +114,7 @@ def test_plugin_components_are_listed_but_never_enter_the_readme(tmp_path):
         assert "| `toy_identity` (from `toy_attention`) | Returns its input" in md, md
         code, md = run("list", "--markdown", "--builtin-only")
         assert "toy_identity" not in md
-        code, checked = run("list", "--check-readme", "README.md")
+        code, checked = run("list", "--check", "docs/catalogue.md")
         assert code == 0, checked
         print("OK")
     ''', tmp_path)
@@ -122,18 +122,30 @@ def test_plugin_components_are_listed_but_never_enter_the_readme(tmp_path):
     assert result.stdout.strip().endswith("OK")
 
 
-def test_write_readme_replaces_only_the_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{catalogue.START}\nold table\n{catalogue.END}\nafter\n")
-    assert catalogue.write_readme(readme)
-    text = readme.read_text()
+def test_write_replaces_only_the_block(tmp_path):
+    page = tmp_path / "catalogue.md"
+    page.write_text(f"# title\n\nbefore\n{catalogue.START}\nold table\n{catalogue.END}\nafter\n")
+    assert catalogue.write(page)
+    text = page.read_text()
     assert text.startswith("# title\n\nbefore\n" + catalogue.START + "\n")
     assert text.endswith(catalogue.END + "\nafter\n") and "old table" not in text
-    assert catalogue.readme_matches(readme) and not catalogue.write_readme(readme)
-    readme.write_text("no markers here\n")
+    assert catalogue.matches(page) and not catalogue.write(page)
+    page.write_text("no markers here\n")
     with pytest.raises(ConfigError, match="has no catalogue block") as info:
-        catalogue.write_readme(readme)
+        catalogue.write(page)
     assert catalogue.REGENERATE in str(info.value)
+
+
+def test_write_and_check_on_the_command_line(tmp_path):
+    from tessera.registry.__main__ import main
+
+    page = tmp_path / "catalogue.md"
+    page.write_text(f"# components\n{catalogue.START}\nstale\n{catalogue.END}\n")
+    assert main(["list", "--check", str(page)]) == 1
+    assert main(["list", "--write", str(page)]) == 0
+    assert main(["list", "--check", str(page)]) == 0
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert main(["list", "--check", str(tmp_path / "plain.md")]) == 2
 
 
 def test_every_builtin_entry_is_catalogued():
