@@ -40,6 +40,7 @@ from tessera.components.interfaces import CommHook, DataShare, ParallelPlan, Per
 from tessera.components.moe import expert_parallel
 from tessera.components.moe.router import set_load_group
 from tessera.components.parallel import ddp, pipeline, sharding, tensor_parallel, zero
+from tessera.components.parallel.layout import Layout, expert_parallel_fault
 from tessera.components.parallel.pipeline_schedule import PipelineRunner
 from tessera.components.parallel.process_group import ensure_process_group, world
 from tessera.registry.invariants import invariant
@@ -231,17 +232,23 @@ class Mesh(ParallelPlan):
         self._check_model(model, degrees)
         return degrees
 
+    def layout(self, model: nn.Module, *, world_size: int) -> Layout:
+        """The layout this plan gives `model`, after `check`: dp_shard=-1 takes what the other
+        degrees leave of `world_size` processes; fixed degrees are laid out as given, whatever
+        `world_size` is (a plan for 2,048 GPUs is sized on a laptop). MeshError: `check`'s faults."""
+        fixed = self.dp_replicate * self.tp * self.pp
+        degrees = self.check(model, world_size if self.dp_shard == -1 else fixed * self.dp_shard)
+        return Layout(**degrees, zero1=self.zero1, reshard_after_forward=self.reshard_after_forward,
+                      schedule=self.schedule, virtual_stages=self.virtual_stages, n_microbatches=self.n_microbatches)
+
     def _check_model(self, model: nn.Module, degrees: dict[str, int]) -> None:
         """MeshError with every reason `model` cannot take these degrees (before any process group)."""
         faults = []
         if self.ep > 1:
             faults += expert_parallel.expert_parallel_faults(model, self.ep)
-            over, name = (degrees["dp_shard"], "dp_shard") if degrees["dp_shard"] > 1 else \
-                (degrees["dp_replicate"], "dp_replicate")
-            if over % self.ep:
-                faults.append(f"ep={self.ep} must divide {name}={over} (the experts are sharded over ep of the "
-                              f"data-parallel processes: of dp_shard beside FSDP2, else of dp_replicate); set "
-                              f"parallel.{name} to a multiple of {self.ep}, or parallel.ep to a divisor of {over}")
+            fault = expert_parallel_fault(dp_replicate=degrees["dp_replicate"], dp_shard=degrees["dp_shard"],
+                                          ep=self.ep)
+            faults += [fault] if fault else []
         if self.tp > 1:
             faults += tensor_parallel.tensor_parallel_faults(model, self.tp)
         if self.pp > 1:

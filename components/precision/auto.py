@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tessera.components.interfaces import PrecisionPolicy
+from tessera.components.interfaces import DryRunError, ElementBytes, PrecisionPolicy
 from tessera.components.precision.policies import FP32, BF16Autocast
 from tessera.components.precision.probe import matmul_flops
 from tessera.registry.kinds import PRECISION
@@ -128,6 +128,17 @@ class Auto(PrecisionPolicy):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.resolve("cpu")[0].prepare(model)
+
+    def element_bytes(self, device_type: str) -> ElementBytes:
+        """The bytes of the policy `auto` picks on `device_type`, measured here (or forced by
+        `TESSERA_FAST_BF16`): DryRunError when this machine has no such device to measure (fp32
+        and bf16 autocast save activations in different widths, so neither is a safe guess)."""
+        here = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available())
+        if not here and os.environ.get(FORCE_ENV) not in ("0", "1"):
+            raise DryRunError(f"precision=auto picks fp32 or bf16 autocast by measuring the run's device "
+                              f"({device_type}), which this machine does not have; size the run with an explicit "
+                              f"precision (precision=@bf16 or precision=@fp32)")
+        return self.resolve(device_type)[0].element_bytes(device_type)
 
 
 def resolve(precision: PrecisionPolicy, device: str) -> tuple[PrecisionPolicy, str]:

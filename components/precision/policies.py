@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from tessera.components.interfaces import PrecisionPolicy
+from tessera.components.interfaces import ElementBytes, PrecisionPolicy
 from tessera.components.precision.loss_scale import LossScale
 from tessera.components.precision.master_weights import MasterWeights
 from tessera.registry.kinds import PRECISION
@@ -66,6 +66,10 @@ class BF16Params(PrecisionPolicy):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return MasterWeights(optimizer)
 
+    def element_bytes(self, device_type: str) -> ElementBytes:
+        """bf16 parameters and gradients, fp32 masters and optimizer state, bf16 activations."""
+        return ElementBytes(parameter=2, gradient=2, optimizer_state=4, master=4, activation=2)
+
 
 @PRECISION.register("fp16")
 class FP16Autocast(PrecisionPolicy):
@@ -111,6 +115,11 @@ class FP8(PrecisionPolicy):
             raise ImportError("fp8 training uses torchao: pip install torchao") from err
         return convert_to_float8_training(model, config=Float8LinearConfig(emulate=self.emulate),
                                           module_filter_fn=_fp8_eligible)
+
+    def element_bytes(self, device_type: str) -> ElementBytes:
+        """torchao's float8 training keeps fp32 weights, gradients and state; the linear layers
+        save their inputs in bf16 or fp8, counted as bf16 (the upper bound)."""
+        return ElementBytes(parameter=4, gradient=4, optimizer_state=4, activation=2)
 
 
 def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
