@@ -221,6 +221,30 @@ class AuxiliaryLoss(abc.ABC):
     def auxiliary_loss(self) -> torch.Tensor | None: ...
 
 
+class DryRunError(ValueError):
+    """What `--dry-run` asked of an object that cannot answer it (a precision policy's bytes
+    per element, a parallel plan's layout, a component's activations on the meta device): the
+    message names the object and what to define or change."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ElementBytes:
+    """Bytes per element of each kind of training state a precision policy keeps: what
+    `--dry-run` multiplies parameter and activation counts by.
+
+    parameter, gradient: as the model holds them; optimizer_state: each optimizer state
+    (AdamW keeps two per parameter); master: an fp32 master copy the optimizer keeps beside
+    lower-precision parameters (0: none); activation: what the forward saves for the
+    backward, in the compute dtype.
+    """
+
+    parameter: int
+    gradient: int
+    optimizer_state: int
+    master: int = 0
+    activation: int
+
+
 class PrecisionPolicy(abc.ABC):
     """The run's numeric precision, one global policy (never a per-module dtype field).
 
@@ -247,6 +271,24 @@ class PrecisionPolicy(abc.ABC):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
+    def element_bytes(self, device_type: str) -> ElementBytes:
+        """Bytes per element this policy keeps of each kind of training state on `device_type`.
+
+        The default answers for a policy that only picks the compute dtype (it sets no
+        `param_dtype` and overrides neither `prepare` nor `wrap_optimizer`): parameters,
+        gradients and optimizer state stay fp32, as initialised, and activations are saved in
+        `compute_dtype`. Any other policy stores something its own way, so it must override
+        this; until it does, DryRunError names it rather than guess fp32.
+        """
+        policy = type(self)
+        if self.param_dtype is not None or policy.prepare is not PrecisionPolicy.prepare or \
+                policy.wrap_optimizer is not PrecisionPolicy.wrap_optimizer:
+            raise DryRunError(f"precision policy {policy.__module__}.{policy.__qualname__} changes how parameters or "
+                              f"optimizer state are stored (param_dtype, prepare or wrap_optimizer) but does not say "
+                              f"its bytes per element: define element_bytes(device_type) returning "
+                              f"tessera.components.interfaces.ElementBytes")
+        return ElementBytes(parameter=4, gradient=4, optimizer_state=4, activation=self.compute_dtype.itemsize)
+
 
 class DataShare(NamedTuple):
     """Which share of every batch a process reads: share `rank` of `size` (the processes that
@@ -269,6 +311,17 @@ class ParallelPlan(abc.ABC):
     @abc.abstractmethod
     def apply(self, model: nn.Module, *, precision: PrecisionPolicy | None = None,
               device: str = "cpu") -> nn.Module: ...
+
+    def layout(self, model: nn.Module, *, world_size: int) -> Layout:
+        """How this plan lays `model` (on the meta device is enough) out for a run of
+        `world_size` processes: the degrees, the pipeline schedule and the stages each rank
+        holds (`tessera.components.parallel.layout.Layout`), after the checks `apply` would
+        make; what `--dry-run` sizes memory and communication by. Creates no process group.
+        Default: DryRunError naming the plan (a plugin plan defines it to be sized)."""
+        plan = type(self)
+        raise DryRunError(f"parallel plan {plan.__module__}.{plan.__qualname__} does not say how it lays a model out: "
+                          f"define layout(model, world_size=...) returning a "
+                          f"tessera.components.parallel.layout.Layout to size it with --dry-run")
 
     def materialize(self, model: nn.Module, device: str) -> None:
         """Allocate the (meta-device) model's storage on `device` and initialise it from the
@@ -301,30 +354,6 @@ class ParallelPlan(abc.ABC):
     def data_parallel(self) -> DataShare:
         """This process's share of every batch, valid once `apply` has run. Default: every
         process of the group reads its own share (pure data parallelism), the whole batch
-class DryRunError(ValueError):
-    """What `--dry-run` asked of an object that cannot answer it (a precision policy's bytes
-    per element, a parallel plan's layout, a component's activations on the meta device): the
-    message names the object and what to define or change."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ElementBytes:
-    """Bytes per element of each kind of training state a precision policy keeps: what
-    `--dry-run` multiplies parameter and activation counts by.
-
-    parameter, gradient: as the model holds them; optimizer_state: each optimizer state
-    (AdamW keeps two per parameter); master: an fp32 master copy the optimizer keeps beside
-    lower-precision parameters (0: none); activation: what the forward saves for the
-    backward, in the compute dtype.
-    """
-
-    parameter: int
-    gradient: int
-    optimizer_state: int
-    master: int = 0
-    activation: int
-
-
         outside a process group; a plan whose processes also split the model (tensor or
         pipeline parallelism) narrows it to the processes that hold different data."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -351,24 +380,6 @@ class ElementBytes:
                 totals[name] = totals.get(name, 0.0) + value.item() / n_micro
         return totals
 
-    def element_bytes(self, device_type: str) -> ElementBytes:
-        """Bytes per element this policy keeps of each kind of training state on `device_type`.
-
-        The default answers for a policy that only picks the compute dtype (it sets no
-        `param_dtype` and overrides neither `prepare` nor `wrap_optimizer`): parameters,
-        gradients and optimizer state stay fp32, as initialised, and activations are saved in
-        `compute_dtype`. Any other policy stores something its own way, so it must override
-        this; until it does, DryRunError names it rather than guess fp32.
-        """
-        policy = type(self)
-        if self.param_dtype is not None or policy.prepare is not PrecisionPolicy.prepare or \
-                policy.wrap_optimizer is not PrecisionPolicy.wrap_optimizer:
-            raise DryRunError(f"precision policy {policy.__module__}.{policy.__qualname__} changes how parameters or "
-                              f"optimizer state are stored (param_dtype, prepare or wrap_optimizer) but does not say "
-                              f"its bytes per element: define element_bytes(device_type) returning "
-                              f"tessera.components.interfaces.ElementBytes")
-        return ElementBytes(parameter=4, gradient=4, optimizer_state=4, activation=self.compute_dtype.itemsize)
-
     def gradient_norm_group(self) -> Any:
         """The process group over which parameters are split into disjoint sets that each
         process holds whole (pipeline stages): the global gradient norm sums their squared
@@ -392,17 +403,6 @@ class ElementBytes:
         names = sorted(values)
         total = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(total)  # gloo has no AVG: sum, then divide
-    def layout(self, model: nn.Module, *, world_size: int) -> Layout:
-        """How this plan lays `model` (on the meta device is enough) out for a run of
-        `world_size` processes: the degrees, the pipeline schedule and the stages each rank
-        holds (`tessera.components.parallel.layout.Layout`), after the checks `apply` would
-        make; what `--dry-run` sizes memory and communication by. Creates no process group.
-        Default: DryRunError naming the plan (a plugin plan defines it to be sized)."""
-        plan = type(self)
-        raise DryRunError(f"parallel plan {plan.__module__}.{plan.__qualname__} does not say how it lays a model out: "
-                          f"define layout(model, world_size=...) returning a "
-                          f"tessera.components.parallel.layout.Layout to size it with --dry-run")
-
         return {n: v / size for n, v in zip(names, total.tolist(), strict=True)}
 
 
