@@ -22,10 +22,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from tessera.components.interfaces import Attention, FeedForward
 from tessera.components.moe.moe import MoE
+from tessera.components.train.known_values import KnownValues
 
 
 @dataclasses.dataclass
@@ -82,96 +84,141 @@ def measure(model: nn.Module, *, micro_batch: int, seq_len: int, row_multiple: i
             ep: int = 1) -> ActivationBytes:
     """Saved-for-backward bytes of `model.losses` on a [micro_batch, seq_len] batch, on meta.
 
-    `model` must be on the meta device (as `--dry-run` builds it); nothing is allocated.
-    row_multiple: what routed experts pad each expert's rows to (`tessera.components.moe.experts.
-    ROW_MULTIPLE` on CPU, 1 on GPUs); ep: processes the routed experts are split over.
+    `model` is on the meta device (as `--dry-run` builds it; nothing model-sized is
+    allocated) or on any other (the same count, at that device's cost). On meta, values a
+    component reads that follow from constants alone (positions, block layouts) are computed
+    for real beside the pass (`known_values`); reading one that depends on the weights or the
+    batch raises `known_values.UnknownValue` (a DryRunError) naming the module.
+    row_multiple: what routed experts pad each expert's rows to
+    (`tessera.components.moe.experts.ROW_MULTIPLE` on CPU, 1 on GPUs); ep: processes the
+    routed experts are split over.
     """
-    blocks = list(model.blocks())
-    index = {id(b): i for i, b in enumerate(blocks)}
-    per_block = [0.0] * len(blocks)
-    per_attention = [0.0] * len(blocks)
-    per_scores = [0.0] * len(blocks)
-    inputs = [0.0] * len(blocks)
-    per_routed = [0.0] * len(blocks)
-    per_module_inputs = [0.0] * len(blocks)
-    outside, logits = [0.0], [0.0]
-    where: list[int | None] = [None]
-    in_attention = [False]
-    params = {id(p) for p in model.parameters()}
-    seen: set[int] = set()
+    tally = _Tally(model, seq_len=seq_len)
+    device = next(model.parameters()).device
+    tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)  # made outside: values unknown
+    with contextlib.ExitStack() as stack:
+        _instrument(stack, model, tally, row_multiple=row_multiple, ep=ep)
+        model.losses(tokens, tokens)
+    return tally.result()
 
-    def account(nbytes: float, square: bool = False, routed: bool = False) -> None:
-        block = where[0]
-        if block is None:
-            outside[0] += nbytes
-        else:
-            per_block[block] += nbytes
-            per_routed[block] += nbytes if routed else 0.0
-            if in_attention[0]:
-                per_attention[block] += nbytes
-                if square:
-                    per_scores[block] += nbytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+class _Tally:
+    """What one measuring pass has counted so far, and the hooks that count it (see `measure`)."""
+
+    def __init__(self, model: nn.Module, *, seq_len: int):
+        self.blocks = list(model.blocks())
+        n = len(self.blocks)
+        self.per_block, self.attention, self.scores = [0.0] * n, [0.0] * n, [0.0] * n
+        self.inputs, self.routed, self.module_inputs = [0.0] * n, [0.0] * n, [0.0] * n
+        self.outside = self.logits = 0.0
+        self.where: int | None = None  # the block running, None outside the blocks
+        self.in_attention = False
+        self.seq_len = seq_len
+        self.params = {id(p) for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.seen_inputs: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # every counted tensor stays alive, so its id stays unique
+
+    def account(self, nbytes: float, square: bool = False, routed: bool = False) -> None:
+        if self.where is None:
+            self.outside += nbytes
+            return
+        self.per_block[self.where] += nbytes
+        self.routed[self.where] += nbytes if routed else 0.0
+        if self.in_attention:
+            self.attention[self.where] += nbytes
+            self.scores[self.where] += nbytes if square else 0.0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """saved_tensors_hooks' pack: count each saved base once, parameters never."""
         base = t._base if t._base is not None else t
-        if id(base) in params or id(base) in seen:
+        if id(base) in self.params or id(base) in self.seen:
             return t
-        seen.add(id(base))
-        keep.append(base)  # ids stay unique while the pass runs
-        square = base.dim() >= 2 and base.shape[-1] == base.shape[-2] == seq_len
-        account(base.numel() * base.element_size(), square)
+        self.seen.add(id(base))
+        self.keep.append(base)
+        square = base.dim() >= 2 and base.shape[-1] == base.shape[-2] == self.seq_len
+        self.account(base.numel() * base.element_size(), square)
         return t
 
-    def module_input(module: nn.Module, args: tuple) -> None:
+    def module_input(self, module: nn.Module, args: tuple) -> None:
         first = args[0] if args else None
-        if where[0] is not None and isinstance(first, torch.Tensor) and id(first) not in seen_inputs:
-            seen_inputs.add(id(first))  # a MoE's shared experts read the MoE's own input
-            keep.append(first)
-            per_module_inputs[where[0]] += first.numel() * first.element_size()
+        if self.where is not None and isinstance(first, torch.Tensor) and id(first) not in self.seen_inputs:
+            self.seen_inputs.add(id(first))  # a MoE's shared experts read the MoE's own input
+            self.keep.append(first)
+            self.module_inputs[self.where] += first.numel() * first.element_size()
 
-    def head_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        logits[0] += out.numel() * out.element_size()
+    def head_output(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.logits += out.numel() * out.element_size()
 
-    keep: list[torch.Tensor] = []
-    seen_inputs: set[int] = set()
-    with contextlib.ExitStack() as stack:
-        for block in blocks:
-            stack.enter_context(_attributed(block, index[id(block)], where, inputs))
-        if isinstance(getattr(model, "head", None), nn.Module):
-            stack.enter_context(_hooked(model.head, lambda m, a: None, head_output))
-        for module in model.modules():
-            if isinstance(module, (Attention, FeedForward)):
-                stack.enter_context(_hooked(module, module_input, lambda m, a, o: None))
-            if isinstance(module, Attention):
-                stack.enter_context(_flagged(module, in_attention))
-            if isinstance(module, MoE):
-                stack.enter_context(_closed_form_experts(module, account, row_multiple=row_multiple, ep=ep))
-        stack.enter_context(_FusedAttention())
-        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
-        model.losses(tokens, tokens)
-    return ActivationBytes(blocks=per_block, attention=per_attention, scores=per_scores, block_inputs=inputs,
-                          outside=outside[0], routed=per_routed, module_inputs=per_module_inputs, logits=logits[0])
+    def result(self) -> ActivationBytes:
+        return ActivationBytes(blocks=self.per_block, attention=self.attention, scores=self.scores,
+                               block_inputs=self.inputs, outside=self.outside, routed=self.routed,
+                               module_inputs=self.module_inputs, logits=self.logits)
+
+
+def _instrument(stack: contextlib.ExitStack, model: nn.Module, tally: _Tally, *, row_multiple: int,
+                ep: int) -> None:
+    """Enter on `stack` every hook and mode of a measuring pass over `model`."""
+    for i, block in enumerate(tally.blocks):
+        stack.enter_context(_attributed(block, i, tally))
+    if isinstance(getattr(model, "head", None), nn.Module):
+        stack.enter_context(_hooked(model.head, lambda m, a: None, tally.head_output))
+    for module in model.modules():
+        if isinstance(module, (Attention, FeedForward)):
+            stack.enter_context(_hooked(module, tally.module_input, lambda m, a, o: None))
+        if isinstance(module, Attention):
+            stack.enter_context(_flagged(module, tally))
+        if isinstance(module, MoE):
+            stack.enter_context(_closed_form_experts(module, tally.account, row_multiple=row_multiple, ep=ep))
+    running = stack.enter_context(_running_modules(model))
+    stack.enter_context(_FusedAttention())
+    stack.enter_context(KnownValues(where=lambda: f"model.{running[-1]}" if running else "the model"))
+    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda t: t))
 
 
 @contextlib.contextmanager
-def _attributed(block: nn.Module, i: int, where: list[int | None], inputs: list[float]) -> Iterator[None]:
+def _running_modules(model: nn.Module) -> Iterator[list[str]]:
+    """The names of `model`'s modules whose forward is running, innermost last (for faults)."""
+    names = {id(m): name for name, m in model.named_modules() if name}
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        if id(module) in names:
+            running.append(names[id(module)])
+
+    def leave(module: nn.Module, args: tuple, out: object) -> None:
+        if id(module) in names and running:
+            running.pop()
+
+    handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+    try:
+        yield running
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _attributed(block: nn.Module, i: int, tally: _Tally) -> Iterator[None]:
+    """Count what is saved while `block` runs as block `i`'s, and its input's size."""
     def pre(module: nn.Module, args: tuple) -> None:
-        where[0] = i
+        tally.where = i
         first = args[0] if args else None
         if isinstance(first, torch.Tensor):
-            inputs[i] = first.numel() * first.element_size()
+            tally.inputs[i] = first.numel() * first.element_size()
 
     def post(module: nn.Module, args: tuple, out: object) -> None:
-        where[0] = None
+        tally.where = None
 
     with _hooked(block, pre, post):
         yield
 
 
 @contextlib.contextmanager
-def _flagged(module: nn.Module, flag: list[bool]) -> Iterator[None]:
-    with _hooked(module, lambda m, a: flag.__setitem__(0, True), lambda m, a, o: flag.__setitem__(0, False)):
+def _flagged(attention: nn.Module, tally: _Tally) -> Iterator[None]:
+    """Mark what is saved while `attention` runs as its attention's (selective checkpointing)."""
+    with _hooked(attention, lambda m, a: setattr(tally, "in_attention", True),
+                 lambda m, a, o: setattr(tally, "in_attention", False)):
         yield
 
 
