@@ -189,6 +189,86 @@ class ReportsExpertLoad(abc.ABC):
     last_load: torch.Tensor
 
 
+class ExpertBank(abc.ABC):
+    """Routed experts held as stacked weights, so expert parallelism can shard them: every
+    direct parameter is [n_experts, ...] with expert e's weights at index e (sharded along
+    dim 0, each process keeping a contiguous block of experts).
+
+    forward(x: [N, D], indices: [N, K] int64, weights: [N, K], keep: [N, K] bool | None) -> [N, D]:
+    sum over k of weights[n, k] * expert_{indices[n, k]}(x[n]); assignments with keep=False
+    contribute nothing. While `expert_parallel` is not None, forward must return
+    `self.expert_parallel(self, x, indices, weights, keep)`: expert parallelism sets it after
+    sharding the weights, and its all-to-all calls `grouped_forward` on the rows it received.
+    """
+
+    n_experts: int
+    expert_parallel: Callable[..., torch.Tensor] | None = None
+
+    @abc.abstractmethod
+    def grouped_forward(self, xs: torch.Tensor, rows: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        """The experts on rows sorted by expert: xs [R, D], `rows` int64 [E'] (expert e' has
+        rows[e'] consecutive rows; they sum to R), `weights` this bank's direct parameters in
+        registration order, sliced to the same E' experts and in xs's dtype -> [R, D]."""
+
+
+class RoutedExperts(abc.ABC):
+    """A feed-forward that sends each token to `top_k` of `n_experts` routed experts (a mixture
+    of experts). What tessera reads from it:
+
+    - `routed_experts`: the module holding the routed experts' weights. The statistics count
+      its parameters at `active_fraction()` per token (activated parameters, training FLOPs)
+      and every other parameter at one; the planner counts them as the experts' memory.
+      Expert parallelism shards it, so it must be an `ExpertBank` for `ep` > 1.
+    - `top_k`, `n_experts`: the expert-parallel dispatch volume the planner predicts.
+    - `expert_parallel_faults(ep)`: the block's own constraints on the expert-parallel degree
+      (routing groups, a per-device balance loss) beyond `ep` dividing `n_experts`, which the
+      caller checks.
+    """
+
+    @property
+    @abc.abstractmethod
+    def routed_experts(self) -> nn.Module: ...
+
+    @property
+    @abc.abstractmethod
+    def n_experts(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def top_k(self) -> int: ...
+
+    def active_fraction(self) -> float:
+        """Share of the routed experts' parameters one token uses (top_k / n_experts)."""
+        return self.top_k / self.n_experts
+
+    def expert_parallel_faults(self, ep: int) -> list[str]:
+        """Why this block cannot shard its experts over `ep` processes beyond `ep` | n_experts
+        (each fault names the constructor argument and a fix, without the block's path); []."""
+        return []
+
+
+class TensorParallel(abc.ABC):
+    """A block (attention or feed-forward) that states its own tensor-parallel split.
+
+    `tensor_parallel_plan(output_layout=...)` maps its submodules' relative names to styles of
+    `tessera.components.parallel.tp_styles` (see its contract: the input arrives as a DTensor
+    replicated over the tp mesh, the output leaves with `output_layout`). An entry for "" (the
+    block itself) takes over its input and output instead: it receives the residual stream's
+    layout, which is `output_layout` (a residual sublayer reads and writes the same stream).
+
+    Checked from the config before anything is built: tp must divide each constructor
+    argument named in `tensor_parallel_divides` (heads or hidden units the plan splits), and
+    the blocks held by the arguments in `tensor_parallel_parts` (split by their own plans
+    inside this one's, e.g. a MoE's shared experts) are checked the same way.
+    """
+
+    tensor_parallel_divides: ClassVar[tuple[str, ...]] = ()
+    tensor_parallel_parts: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def tensor_parallel_plan(self, *, output_layout: Any) -> dict[str, Any]: ...
+
+
 class SecondOrderOptimizer(abc.ABC):
     """An optimizer whose step differentiates the gradients again (Hessian-vector products,
     e.g. Sophia-H's Hutchinson estimate): when `wants_second_order()` is True the trainer runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import nn
 
 from tessera.components.attention import rules
 from tessera.components.attention.masks import causal_document_mask
-from tessera.components.interfaces import Attention, Norm, PositionEncoding
+from tessera.components.interfaces import Attention, Norm, PositionEncoding, TensorParallel
 from tessera.components.model.init import init_linears
 from tessera.components.parallel.tp_styles import ParallelStyle, Placement, colwise, per_head_norm, rowwise
 from tessera.registry.invariants import invariant
@@ -24,7 +25,7 @@ from tessera.registry.kinds import ATTENTION
 @invariant(**rules.EVEN_ROTARY_DIM)
 @invariant(**rules.QK_NORM_DIMS)
 @invariant(**rules.DROPOUT_RANGE)
-class GroupedQueryAttention(Attention):
+class GroupedQueryAttention(Attention, TensorParallel):
     """Causal softmax attention where groups of query heads share one key/value head.
 
     Args:
@@ -43,6 +44,9 @@ class GroupedQueryAttention(Attention):
     `F.scaled_dot_product_attention`, with the causal flag when no mask or bias is needed.
     Subclasses change which keys a query may see by overriding `allowed`.
     """
+
+    # each tp rank holds H/tp query heads and Hkv/tp key/value heads
+    tensor_parallel_divides: ClassVar[tuple[str, ...]] = ("n_heads", "n_kv_heads")
 
     def __init__(self, *, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  position: PositionEncoding | None = None, bias: bool = False, dropout: float = 0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import nn
 
 from tessera.components.attention import rules
 from tessera.components.attention.masks import causal_document_mask
-from tessera.components.interfaces import Attention, Norm, RotaryEncoding
+from tessera.components.interfaces import Attention, Norm, RotaryEncoding, TensorParallel
 from tessera.components.model.init import normal_
 from tessera.components.parallel.tp_styles import LocalInputs, ParallelStyle, Placement, colwise, replicated, rowwise
 from tessera.registry.invariants import invariant
@@ -29,7 +30,7 @@ from tessera.registry.kinds import ATTENTION
 @invariant("qk_rope_head_dim is even", lambda qk_rope_head_dim: qk_rope_head_dim % 2 == 0,
            fix="use an even qk_rope_head_dim (RoPE rotates channel pairs)")
 @invariant("0 <= dropout < 1", lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)")
-class MultiHeadLatentAttention(Attention):
+class MultiHeadLatentAttention(Attention, TensorParallel):
     """MLA with optional query compression and a decoupled RoPE key shared by all heads.
 
         c_q   = q_norm(W_dq x)             (only with q_lora_rank; else q = W_q x)
@@ -58,6 +59,8 @@ class MultiHeadLatentAttention(Attention):
     """
 
     supported_positions = frozenset({"rotary"})
+
+    tensor_parallel_divides: ClassVar[tuple[str, ...]] = ("n_heads",)  # each tp rank holds H/tp heads
 
     def __init__(self, *, dim: int, n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
                  v_head_dim: int, position: RotaryEncoding, kv_norm: Norm, q_lora_rank: int | None = None,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from tessera.components.interfaces import FeedForward
+from tessera.components.interfaces import FeedForward, TensorParallel
 from tessera.components.mlp.activations import ACTIVATIONS, Activation
 from tessera.components.model.init import init_linears
 from tessera.components.parallel.tp_styles import ParallelStyle, Placement, colwise, rowwise
@@ -15,7 +17,7 @@ from tessera.registry.kinds import FEED_FORWARD
 
 @FEED_FORWARD.register("mlp")
 @invariant("0 <= dropout < 1", lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)")
-class MLP(FeedForward):
+class MLP(FeedForward, TensorParallel):
     """The classic transformer MLP (GPT-2: gelu_tanh, hidden 4D, biases).
 
     Args:
@@ -25,6 +27,8 @@ class MLP(FeedForward):
 
     forward(x: [B, T, D]) -> [B, T, D].
     """
+
+    tensor_parallel_divides: ClassVar[tuple[str, ...]] = ("hidden_dim",)  # the hidden units split over tp ranks
 
     def __init__(self, *, dim: int, hidden_dim: int, activation: Activation = "gelu", bias: bool = True,
                  dropout: float = 0.0):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.components.interfaces import ExpertBank
 from tessera.components.model.init import normal_
 from tessera.components.moe.grouped_mm import grouped_mm
 
@@ -17,6 +18,13 @@ def expert_counts(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
     depends on the data and so breaks a compiled graph."""
     return torch.zeros(n_experts, dtype=torch.int64, device=flat_expert.device).scatter_add_(
         0, flat_expert, torch.ones_like(flat_expert))
+
+
+def swiglu_experts(xs: torch.Tensor, rows: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts on rows sorted by expert: xs [R, D], `rows` int64 [E'] per expert, w_gate and
+    w_up [E', F, D], w_down [E', D, F], all in xs's dtype -> [R, D]."""
+    return grouped_mm(F.silu(grouped_mm(xs, w_gate, rows)) * grouped_mm(xs, w_up, rows), w_down, rows)
 
 
 ROW_MULTIPLE = 16
@@ -45,7 +53,7 @@ def padded_layout(sorted_expert: torch.Tensor, n_experts: int, *,
     return rows, slot, total
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(nn.Module, ExpertBank):
     """`n_experts` SwiGLU experts (DeepSeekMoE fine-grained experts) with weights stacked per projection.
 
     Tokens are sorted by expert so each projection is one grouped GEMM over contiguous
@@ -61,7 +69,7 @@ class GroupedExperts(nn.Module):
 
     `expert_parallel`: None (every expert here), or set by
     `tessera.components.moe.expert_parallel.apply_expert_parallel`, which shards the weights over
-    processes and routes the forward through its all-to-all dispatch and combine.
+    processes and routes the forward through its all-to-all dispatch and combine (an `ExpertBank`).
     """
 
     def __init__(self, *, n_experts: int, dim: int, hidden_dim: int):
@@ -93,10 +101,15 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             xs = x.index_select(0, row_token).to(dtype)  # padding rows repeat token 0; outputs never read
-            hidden = F.silu(grouped_mm(xs, self.w_gate.to(dtype), rows)) * grouped_mm(
-                xs, self.w_up.to(dtype), rows)
-            out = grouped_mm(hidden, self.w_down.to(dtype), rows).index_select(0, slot) * gate[:, None].to(dtype)
+            out = self.grouped_forward(xs, rows, self.w_gate.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype))
+            out = out.index_select(0, slot) * gate[:, None].to(dtype)
             return torch.zeros(n, self.dim, dtype=dtype, device=x.device).index_add_(0, token, out)
+
+    def grouped_forward(self, xs: torch.Tensor, rows: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of each expert on its rows: xs [R, D] sorted by expert, `rows` int64 [E'] per
+        expert, weights (w_gate, w_up, w_down) sliced to those E' experts, in xs's dtype -> [R, D].
+        Expert parallelism calls it on the rows it received, with this process's slices."""
+        return swiglu_experts(xs, rows, *weights)
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         normal_(self.w_gate, init_std)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from tessera.components.interfaces import AuxiliaryLoss, FeedForward
+from tessera.components.interfaces import AuxiliaryLoss, FeedForward, RoutedExperts, TensorParallel
 from tessera.components.moe.balance import device_balance_loss, expert_balance_loss
 from tessera.components.moe.experts import GroupedExperts
 from tessera.components.moe.router import Router
+from tessera.components.parallel.tp_styles import (
+    ParallelStyle,
+    Placement,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    Replicate,
+    ReplicatedCompute,
+)
 from tessera.registry.invariants import invariant
 from tessera.registry.kinds import FEED_FORWARD
 
@@ -41,7 +50,7 @@ def capacity_keep(weights: torch.Tensor, indices: torch.Tensor, n_experts: int, 
            fix="give router, experts and shared_experts the MoE's dim, and router.n_experts == experts.n_experts")
 @invariant("n_experts % n_devices == 0", lambda experts, n_devices: experts.n_experts % n_devices == 0,
            fix="choose n_devices (expert groups for the device-level loss) that divides n_experts")
-class MoE(FeedForward, AuxiliaryLoss):
+class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
     """h + sum_shared FFN_s(h) + sum_{i in top-k} g_i FFN_i(h) (the residual is added by the block).
 
     Args:
@@ -59,7 +68,11 @@ class MoE(FeedForward, AuxiliaryLoss):
 
     forward(x: [B, T, D]) -> [B, T, D]. `auxiliary_loss()` returns the weighted balance
     terms of the latest forward; `router.last_load` the per-expert load of the last step.
+    As a `RoutedExperts` its routed experts are `experts` (an `ExpertBank`); as a
+    `TensorParallel` block it replicates routing and routed experts (`tensor_parallel_plan`).
     """
+
+    tensor_parallel_parts: ClassVar[tuple[str, ...]] = ("shared_experts",)  # split like a gated MLP
 
     def __init__(self, *, dim: int, router: Router, experts: GroupedExperts, shared_experts: FeedForward | None = None,
                  balance_alpha: float = 0.0, device_balance_alpha: float = 0.0, n_devices: int = 1,
@@ -101,9 +114,58 @@ class MoE(FeedForward, AuxiliaryLoss):
     def auxiliary_loss(self) -> torch.Tensor | None:
         return self._aux
 
-    def active_fraction(self) -> float:
-        """Share of the routed experts' parameters used per token (top_k / n_experts)."""
-        return self.router.top_k / self.experts.n_experts
+    @property
+    def routed_experts(self) -> GroupedExperts:
+        return self.experts
+
+    @property
+    def n_experts(self) -> int:
+        return self.experts.n_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def expert_parallel_faults(self, ep: int) -> list[str]:
+        """Group-limited routing's groups (V2 device-limited, V3 node-limited) must not straddle
+        processes: n_groups is a multiple of ep (several groups per process) or divides it (a
+        group spans whole processes, V3's node of 8 GPUs); V2's device-level balance loss must
+        balance the ep processes: n_devices == ep."""
+        faults: list[str] = []
+        e, groups = self.experts.n_experts, self.router.n_groups
+        if ep > 1 and groups > 1 and groups % ep and ep % groups:
+            fits = [d for d in range(1, e + 1) if e % d == 0 and (groups % d == 0 or d % groups == 0)]
+            faults.append(f"group-limited routing's {groups} groups (router.n_groups) do not align with ep={ep} "
+                          f"processes: each group should be a process (or several whole ones, V3's node), so "
+                          f"choose ep dividing or a multiple of {groups} (here: {fits}), or regroup the experts")
+        if ep > 1 and self.device_balance_alpha and self.n_devices != ep:
+            faults.append(f"the device-level balance loss balances n_devices={self.n_devices} groups but the "
+                          f"experts are sharded over ep={ep} processes; set n_devices={ep} "
+                          f"(DeepSeek-V2 arXiv:2405.04434 §2.2.3: one group per device)")
+        return faults
+
+    def tensor_parallel_plan(self, *, output_layout: Placement) -> dict[str, ParallelStyle]:
+        """The simplest correct split: every tp rank gathers the whole sequence (the "" entry
+        takes the residual stream's `output_layout` in), routes every token (the router sees
+        full hidden states) and runs every routed expert on it (replicated weights: no
+        communication inside, tp-fold redundant expert compute), then keeps its `output_layout`
+        part of the output. The shared experts split like a gated MLP. To divide the routed
+        experts' work, use expert parallelism (`ep`)."""
+        plan: dict[str, ParallelStyle] = {
+            # replicated plain input whose gradient is whole on each rank; the output goes back to the stream
+            "": PrepareModuleInputOutput(input_layouts=(output_layout,), desired_input_layouts=(Replicate(),),
+                                         use_local_input=True, output_layouts=(Replicate(),),
+                                         desired_output_layouts=(output_layout,), use_local_output=False),
+            "router": ReplicatedCompute(),
+            "experts": ReplicatedCompute(),
+        }
+        if self.shared_experts is not None:
+            shared = self.shared_experts.tensor_parallel_plan(output_layout=Replicate())
+            plan.update({f"shared_experts.{name}" if name else "shared_experts": style
+                         for name, style in shared.items()})
+            plan["shared_experts"] = PrepareModuleOutput(output_layouts=(Replicate(),),
+                                                         desired_output_layouts=(Replicate(),), use_local_output=True)
+        return plan
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         """Router gate and expert inputs with `init_std`, expert outputs with `out_std` (None: defaults).
