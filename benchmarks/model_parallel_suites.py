@@ -10,7 +10,7 @@ Bytes per step: the busiest process's, by collective kind, counted at the dispat
 (`comm_counter.CommCounter`, planner's convention: all-gather at its gathered output,
 all-to-all at the rows leaving the process, point-to-point at what the process sends),
 averaged over the counted steps; the planner's prediction for the same config
-(`tessera.components.train.comm_volume.per_step` through `plan_report`) in parentheses.
+(`tessera.components.train.comm_volume.per_step` through `per_rank_report`) in parentheses.
 
 Bubble suite. Each process's idle share of a step, 1 - busy / wall
 (`tessera.components.parallel.pipeline_schedule.measure_bubble`), the median over the measured
@@ -55,8 +55,8 @@ UNCONTENDED = 0.9  # a step counts when every rank's actions got this share of a
 def run_args(model: str, steps: int, batch: int, seq: int) -> list[str]:
     """Command-line overrides every run of `model` ("llama" or "deepseek") shares."""
     extra = ["model.layers[*].attention.dropout=0.0"] if model == "llama" else []
-    return ["debug", f"batch_size={batch}", f"seq_len={seq}", "precision=@fp32", "threads=1", "progress=False",
-            "checkpoint=None", "metrics=None", "eval_batches=1", f"scheduler.warmup_steps={min(5, steps)}",
+    return ["debug", f"batch_size={batch}", f"seq_len={seq}", "precision=@fp32", "compute.threads=1", "progress=None",
+            "checkpoint=None", "metrics=None", "validation.batches=1", f"scheduler.warmup_steps={min(5, steps)}",
             f"steps={steps}", f"scheduler.total_steps={steps}", *extra]
 
 
@@ -115,21 +115,21 @@ def model_jobs(procs: int, compositions: bool) -> list[dict]:
 
 
 def planned(job: dict, procs: int, steps: int, batch: int, seq: int) -> dict[str, float]:
-    """The planner's communication per step (busiest rank, bytes by kind) for `job` on `procs`
-    processes: `plan_report`, the numbers `--dry-run` prints."""
+    """The dry run's communication per step (busiest rank, bytes by kind) for `job` on `procs`
+    processes: `per_rank_report`, the numbers `--dry-run` prints."""
     import io
 
     from rich.console import Console
 
     from tessera.cli import resolve
+    from tessera.components.train.dry_run import per_rank_report
     from tessera.components.train.launch import build_model_on_meta
-    from tessera.components.train.plan import plan_report
 
     config, _ = resolve(recipe(job["model"]), [*run_args(job["model"], steps, batch, seq), *job["plan"].split()])
     before = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = str(procs)
     try:
-        report = plan_report(config, build_model_on_meta(config.model), console=Console(file=io.StringIO()))
+        report = per_rank_report(config, build_model_on_meta(config.model), console=Console(file=io.StringIO()))
     finally:
         if before is None:
             del os.environ["WORLD_SIZE"]

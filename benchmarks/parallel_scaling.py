@@ -106,8 +106,8 @@ _count("reduce_scatter_single", lambda *a, **k: _nbytes(k["input"] if "input" in
 _count("all_reduce", lambda tensor, *a, **k: _nbytes(tensor))
 _count("broadcast", lambda tensor, src=None, *a, **k: _nbytes(tensor) if src == dist.get_rank() else 0)
 steps, batch, seq = (int(a) for a in sys.argv[1:4])
-args = ["debug", f"batch_size={batch}", f"seq_len={seq}", "precision=@fp32", "threads=1", "progress=False",
-        "checkpoint=None", "metrics=None", "eval_batches=0", "model.layers[*].attention.dropout=0.0",
+args = ["debug", f"batch_size={batch}", f"seq_len={seq}", "precision=@fp32", "compute.threads=1", "progress=None",
+        "checkpoint=None", "metrics=None", "validation.batches=0", "model.layers[*].attention.dropout=0.0",
         "scheduler.warmup_steps=5", f"steps={steps}", f"scheduler.total_steps={steps}"]
 for name, plan in json.loads(sys.argv[4]).items():
     config, _ = resolve(recipe, [*args, *plan.split()])

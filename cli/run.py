@@ -72,8 +72,12 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
 def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: bool = True) -> tuple[Any, list[str]]:
     """The config for positional `args` (preset then overrides), validated when `check`.
 
-    Returns (config, notes), the notes being what swaps want the user to know.
+    Option groups the preset leaves at their defaults are spelled out first, so overrides reach
+    them (`step.grad_clip=0.5`). Returns (config, notes), the notes being what swaps want the
+    user to know.
     """
+    from tessera.cli import option_groups
+
     overrides = list(args)
     preset = None
     if overrides and "=" not in overrides[0]:
@@ -85,6 +89,7 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
         config = serialize.load(load)
     else:
         config = recipe.config(preset)
+    option_groups.spell_out(config)
     notes = apply_overrides(config, overrides)
     if check:
         validate(config)

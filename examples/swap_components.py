@@ -41,7 +41,8 @@ def tiny(config: fdl.Partial) -> fdl.Partial:
     config.scheduler = SCHEDULER.config("warmup_cosine", warmup_steps=1, total_steps=STEPS, min_ratio=0.1)
     config.precision = PRECISION.config("fp32")  # same numerics on every machine, so variants compare
     config.metrics = config.checkpoint = None
-    config.progress = config.data.progress = False  # the losses are printed below, once per variant
+    config.progress = None  # the losses are printed below, once per variant
+    config.data.progress = False
     return config
 
 

@@ -155,8 +155,8 @@ def _cell_worker(payload: dict[str, Any], conn: Any) -> None:
         start_rss = _rss_mib()
         scale = Scale(**payload["scale"])
         config = run_config(Cell(*payload["cell"]), payload["hidden"], scale, seed=payload["seed"],
-                            precision=payload["precision"], device=payload["device"], threads=payload["threads"])
-        config.eval_batches = payload["eval_batches"]
+                            precision=payload["precision"], device=payload["device"], threads=payload["threads"],
+                            validation_batches=payload["eval_batches"])
         result = launch(config)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         cuda = payload["device"].startswith("cuda")

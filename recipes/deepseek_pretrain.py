@@ -22,6 +22,7 @@ from tessera.components.families.deepseek.builder import MHASpec, MLASpec, MoESp
 from tessera.components.train.batch_ramp import BatchRamp
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.outputs import run_outputs
+from tessera.components.train.step_options import StepOptions
 from tessera.components.train.trainer import train
 from tessera.registry import OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER
 
@@ -95,7 +96,7 @@ def debug() -> fdl.Partial:
         parallel=PARALLEL_PLAN.config("single"),
         steps=steps,
         batch_size=16, seq_len=128,  # chosen: 2048 tokens a step keeps a step under a second on 2 cores
-        grad_clip=1.0,  # the papers' clipping (V3 §4.2)
+        step=fdl.Config(StepOptions, grad_clip=1.0),  # the papers' clipping (V3 §4.2)
         precision=PRECISION.config("auto"), guard=stability_guard(), seed=0,
         **run_outputs("runs/deepseek_pretrain/debug", every=100))
 
@@ -116,10 +117,12 @@ def _full_run(name: str, model: fdl.Config, *, lr: float, schedule: fdl.Config, 
         # None of these fits one device: `--dry-run` plans per-GPU memory for the layout
         parallel=parallel or PARALLEL_PLAN.config("fsdp"), device="cuda",
         steps=steps, batch_size=batch, seq_len=SEQ,
-        micro_batch_size=1,  # chosen: one 4K sequence per forward bounds activation memory
-        batch_ramp=fdl.Config(BatchRamp, start_batch=ramp.start_batch, ramp_tokens=ramp.ramp_tokens)
-        if ramp else None,
-        grad_clip=1.0,  # every paper clips at 1.0 (LLM §2.3, MoE §5.1.2, V2 §3.1.2, V3 §4.2)
+        step=fdl.Config(
+            StepOptions,
+            micro_batch_size=1,  # chosen: one 4K sequence per forward bounds activation memory
+            batch_ramp=fdl.Config(BatchRamp, start_batch=ramp.start_batch, ramp_tokens=ramp.ramp_tokens)
+            if ramp else None,
+            grad_clip=1.0),  # every paper clips at 1.0 (LLM §2.3, MoE §5.1.2, V2 §3.1.2, V3 §4.2)
         precision=precision, guard=stability_guard(), seed=0,
         **run_outputs(f"runs/deepseek_pretrain/{name}", every=1000))
 
@@ -202,7 +205,7 @@ def deepseek_v3() -> fdl.Partial:
                        # DualPipe folded onto half the ranks (one copy of the parameters, not two).
                        parallel=PARALLEL_PLAN.config("mesh", dp_replicate=128, pp=16, ep=64, zero1=True,
                                                      schedule="DualPipeV"))
-    config.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
+    config.step.scheduled = {  # lambda 0.3 for the first 10T tokens then 0.1; gamma 0.001 until 14.3T then 0
         "mtp_loss_weight": SCHEDULER.config("token_steps", values=[0.3, 0.1], boundaries=[10e12]),
         "bias_update_speed": SCHEDULER.config("token_steps", values=[0.001, 0.0], boundaries=[14.3e12]),
     }

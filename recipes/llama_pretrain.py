@@ -18,6 +18,7 @@ from tessera.components.families.gpt2.builder import gpt2
 from tessera.components.families.llama.builder import llama
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.outputs import run_outputs
+from tessera.components.train.step_options import StepOptions
 from tessera.components.train.trainer import train
 from tessera.registry import ATTENTION, OPTIMIZER, PARALLEL_PLAN, PRECISION, SCHEDULER, model_width
 
@@ -57,7 +58,7 @@ def debug() -> fdl.Partial:
         steps=steps,
         batch_size=16,  # chosen: 16 x 128 = 2048 tokens a step keeps a step well under a second
         seq_len=128,
-        grad_clip=1.0,  # chosen: the common LLM clipping (Llama 3 and DeepSeek use 1.0)
+        step=fdl.Config(StepOptions, grad_clip=1.0),  # chosen: the common LLM clipping (Llama 3 and DeepSeek use 1.0)
         precision=PRECISION.config("auto"),  # bf16 where this machine runs it faster than fp32, else fp32
         guard=stability_guard(),
         seed=0,
@@ -98,8 +99,8 @@ def _published(name: str, model: fdl.Config, *, seq_len: int, batch_size: int, l
                                                min_ratio=min_ratio),
         parallel=PARALLEL_PLAN.config("fsdp"),  # none of these trains in reasonable time on one device
         steps=steps, batch_size=batch_size, seq_len=seq_len,
-        micro_batch_size=1,  # chosen: one sequence per forward bounds activation memory
-        grad_clip=1.0,
+        step=fdl.Config(StepOptions, grad_clip=1.0,
+                        micro_batch_size=1),  # chosen: one sequence per forward bounds activation memory
         precision=PRECISION.config("bf16"),  # the published runs' precision, whatever machine inspects them
         guard=stability_guard(), seed=0,
         **run_outputs(f"runs/llama_pretrain/{name}", every=1000))

@@ -26,8 +26,8 @@ from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 from tessera.cli import resolve
-config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1",
-                             "progress=False", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
+config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1",
+                             "progress=None", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
                              "model.layers[*].attention.dropout=0.1"])
 config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[1], every=1, keep=20, resume=True)
 launch(config)
@@ -75,7 +75,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 
 def small_run(tmp_path, *extra: str, **checkpoint):
     config, _ = resolve(recipe, ["debug", "steps=3", "batch_size=2", "seq_len=32", "precision=@fp32",
-                                 "progress=False", "threads=1", *extra])
+                                 "progress=None", "compute.threads=1", *extra])
     config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / "ck"), **{"every": 1, "keep": 2, **checkpoint})
     return launch(config)
 
@@ -122,8 +122,8 @@ def test_gradient_accumulation_equals_one_large_batch():
 
     results = []
     for micro in (2, 8):
-        config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=8", f"micro_batch_size={micro}", "seq_len=32",
-                                     "precision=@fp32", "progress=False", "threads=1"])
+        config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=8", f"step.micro_batch_size={micro}", "seq_len=32",
+                                     "precision=@fp32", "progress=None", "compute.threads=1"])
         config.data = fdl.Config(StdlibBytes, max_bytes=400_000)  # generator-driven: same sequences either way
         config.model.vocab_size = 2048
         results.append(launch(config))
@@ -150,7 +150,7 @@ def test_async_save_writes_the_same_checkpoint_and_resumes(tmp_path):
 def test_recipe_writes_checkpoints_by_default_and_resume_flag_continues(tmp_path):
     from tests.conftest import run_recipe
 
-    args = ["steps=4", "batch_size=2", "seq_len=32", "threads=1", "scheduler.warmup_steps=1",
+    args = ["steps=4", "batch_size=2", "seq_len=32", "compute.threads=1", "scheduler.warmup_steps=1",
             "scheduler.total_steps=6", f"metrics.folder={tmp_path}", f"checkpoint.folder={tmp_path}/ck",
             "checkpoint.every=2", "metrics.plots=False"]
     first = run_recipe(*args)
@@ -167,7 +167,7 @@ def test_checkpoint_carries_the_config_that_wrote_it(tmp_path):
     from tessera.registry import serialize
 
     config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@fp32",
-                                 "progress=False", "threads=1", "optimizer.lr=1e-3"])
+                                 "progress=None", "compute.threads=1", "optimizer.lr=1e-3"])
     config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / "ck"), every=1, keep=2)
     launch(config)
     for step in (1, 2):

@@ -22,7 +22,7 @@ from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 from tests.conftest import ROOT, run_recipe
 
-ARGS = ["debug", "batch_size=2", "seq_len=32", "precision=@fp32", "progress=False", "threads=1",
+ARGS = ["debug", "batch_size=2", "seq_len=32", "precision=@fp32", "progress=None", "compute.threads=1",
         "scheduler.warmup_steps=1", "scheduler.total_steps=3"]
 
 
@@ -210,7 +210,8 @@ def test_only_tensor_shapes_and_the_optimizer_block_a_resume(tmp_path):
 def cli_run(tmp_path_factory):
     """A 2-step run from the command line, checkpointed every step."""
     root = tmp_path_factory.mktemp("cli")
-    args = ["debug", "batch_size=2", "seq_len=32", "threads=1", "scheduler.warmup_steps=1", "scheduler.total_steps=4",
+    args = ["debug", "batch_size=2", "seq_len=32", "compute.threads=1", "scheduler.warmup_steps=1",
+            "scheduler.total_steps=4",
             f"metrics.folder={root}", "metrics.plots=False", "metrics.tensorboard=False", "metrics.eval_every=100",
             f"checkpoint.folder={root}/ck", "checkpoint.every=1"]
     first = run_recipe(*args, "steps=2")
@@ -268,8 +269,8 @@ from tests.test_checkpoint_integrity import damage
 
 launch_module.leave_process_group = lambda: None  # one process group for every run below
 root, rank = Path(sys.argv[1]), int(os.environ["RANK"])
-args = ["debug", "batch_size=4", "seq_len=32", "precision=@fp32", "progress=False", "threads=1", "parallel=@fsdp",
-        "scheduler.warmup_steps=1", "scheduler.total_steps=3", "steps=3", "optimizer.eps=1e-5"]
+args = ["debug", "batch_size=4", "seq_len=32", "precision=@fp32", "progress=None", "compute.threads=1",
+        "parallel=@fsdp", "scheduler.warmup_steps=1", "scheduler.total_steps=3", "steps=3", "optimizer.eps=1e-5"]
 
 def run(folder, resume):
     config, _ = resolve(recipe, args)

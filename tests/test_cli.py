@@ -55,7 +55,7 @@ def test_dump_then_load_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_run_from_command_line_trains():
-    result = run_recipe("steps=15", "batch_size=4", "seq_len=64", "log_every=5", timeout=180)
+    result = run_recipe("steps=15", "batch_size=4", "seq_len=64", "progress.log_every=5", timeout=180)
     assert result.returncode == 0, result.stderr
     assert "done: loss" in result.stdout and "step    15" in result.stdout
 

@@ -82,8 +82,8 @@ dist.barrier()
 # new one in the same torchrun processes hangs, so it is left once, after the last run.
 launching.leave_process_group = lambda: None
 steps = sys.argv[2]
-args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1", "progress=False",
-        "checkpoint=None", "metrics=None", "eval_batches=0", "model.layers[*].attention.dropout=0.0",
+args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
+        "checkpoint=None", "metrics=None", "validation.batches=0", "model.layers[*].attention.dropout=0.0",
         f"scheduler.warmup_steps={sys.argv[3]}", f"steps={steps}", f"scheduler.total_steps={steps}"]
 for name, plan in json.loads(sys.argv[4]).items():
     config, _ = resolve(recipe, [*args, *plan.split()])

@@ -84,8 +84,8 @@ dist.barrier()
 # The end-to-end runs share this process group (see tests/test_comm_hooks.py).
 launching.leave_process_group = lambda: None
 steps = sys.argv[2]
-args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1", "progress=False",
-        "checkpoint=None", "metrics=None", "eval_batches=0", "model.layers[*].attention.dropout=0.0",
+args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
+        "checkpoint=None", "metrics=None", "validation.batches=0", "model.layers[*].attention.dropout=0.0",
         "scheduler.warmup_steps=10", f"steps={steps}", f"scheduler.total_steps={steps}"]
 for name, plan in json.loads(sys.argv[4]).items():
     config, _ = resolve(recipe, [*args, *plan.split()])

@@ -105,8 +105,8 @@ def test_example_plugin_installed_with_pip_swaps_in_from_the_cli_and_trains(tmp_
     attention_line = next(line for line in listed.stdout.splitlines() if line.strip().startswith("ATTENTION"))
     assert "cosine_attention" in attention_line and "gqa" in attention_line
     trained = run_recipe("model.layers[*].attention=@cosine_attention", "steps=5", "batch_size=4", "seq_len=64",
-                         "precision=@fp32", "scheduler.warmup_steps=1", "scheduler.total_steps=5", "log_every=1",
-                         "metrics=None", "checkpoint=None", "threads=1", env=env)
+                         "precision=@fp32", "scheduler.warmup_steps=1", "scheduler.total_steps=5",
+                         "progress.log_every=1", "metrics=None", "checkpoint=None", "compute.threads=1", env=env)
     assert trained.returncode == 0, trained.stderr
     assert "swapped to ATTENTION 'cosine_attention'" in trained.stderr
     losses = [float(x) for x in re.findall(r"^step\s+\d+\s+loss (\S+)", trained.stdout, flags=re.M)]

@@ -21,8 +21,8 @@ from tessera.recipes.deepseek_pretrain import recipe
 from tests.conftest import ROOT, torchrun
 
 BATCH, SEQ, TOP_K = 8, 32, 2
-ARGS = ["debug", "steps=2", f"batch_size={BATCH}", "micro_batch_size=2", f"seq_len={SEQ}", "precision=@fp32",
-        "threads=1", "progress=False", "eval_batches=1", "checkpoint=None"]
+ARGS = ["debug", "steps=2", f"batch_size={BATCH}", "step.micro_batch_size=2", f"seq_len={SEQ}", "precision=@fp32",
+        "compute.threads=1", "progress=None", "validation.batches=1", "checkpoint=None"]
 METRICS = {"tensorboard": False, "peak_flops": 1e11, "eval_every": 0}  # no probe, no mid-run validation
 
 

@@ -19,7 +19,7 @@ from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 from tests.conftest import ROOT
 
-ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "threads=1", "progress=False",
+ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
         "scheduler.total_steps=6", "scheduler.warmup_steps=2", "model.layers[*].attention.dropout=0.0",
         # Rows of tokens absent from a batch get gradients of ~1e-9 that differ with summation
         # order; Adam's default eps (1e-8) would blow those up to full-size steps of either sign.
@@ -102,7 +102,8 @@ def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(tmp_path):
-    small = ("precision=@bf16_params", "batch_size=4", "seq_len=32", "eval_batches=2")  # bf16 is slow on AVX2-only CPUs
+    small = ("precision=@bf16_params", "batch_size=4", "seq_len=32",
+             "validation.batches=2")  # bf16 is slow on AVX2-only CPUs
     sharded = two_processes(4, tmp_path / "two", *small)
     single = one_process(4, tmp_path / "one", *small).losses
     assert sharded[0] == pytest.approx(single[0], rel=1e-2)  # bf16 compute either way; masters start
@@ -136,7 +137,7 @@ def test_bf16_params_masters_become_the_sharded_weights_on_resume(tmp_path, monk
 
     from safetensors.torch import load_file
 
-    small = ("batch_size=4", "seq_len=32", "eval_batches=2")  # bf16 is slow on AVX2-only CPUs
+    small = ("batch_size=4", "seq_len=32", "validation.batches=2")  # bf16 is slow on AVX2-only CPUs
     one_process(2, tmp_path / "ck", "precision=@bf16_params", *small)  # bf16 weights and fp32 masters saved
     stored = load_file(next((tmp_path / "ck" / "step-00000002").glob("*.safetensors")))
     with socket.socket() as s:  # a group of one in this process, its environment undone afterwards

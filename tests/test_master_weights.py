@@ -64,8 +64,8 @@ def test_state_dict_round_trip_keeps_fp32_state():
 def test_deepseek_debug_trains_with_bf16_parameters_and_fp32_router_bias():
     # Small batches: bf16 runs ~40x slower than fp32 on CPUs without native bf16.
     config, _ = resolve(deepseek, ["debug", "precision=@bf16_params", "steps=12", "batch_size=2", "seq_len=64",
-                                   "scheduler.warmup_steps=2", "scheduler.total_steps=12", "eval_batches=2",
-                                   "checkpoint=None", "metrics=None", "progress=False", "threads=1"])
+                                   "scheduler.warmup_steps=2", "scheduler.total_steps=12", "validation.batches=2",
+                                   "checkpoint=None", "metrics=None", "progress=None", "compute.threads=1"])
     result = launch(config)
     params = dict(result.model.named_parameters())
     assert {p.dtype for p in params.values()} == {torch.bfloat16}
@@ -77,7 +77,7 @@ def test_deepseek_debug_trains_with_bf16_parameters_and_fp32_router_bias():
 def test_bf16_params_resume_is_exact(tmp_path):
     def run(steps: int, resume: bool):
         config, _ = resolve(llama, ["debug", f"steps={steps}", "batch_size=2", "seq_len=32", "precision=@bf16_params",
-                                    "progress=False", "threads=1", "scheduler.total_steps=4",
+                                    "progress=None", "compute.threads=1", "scheduler.total_steps=4",
                                     "scheduler.warmup_steps=1"])
         config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path / f"ck{int(resume)}"), every=1, keep=5,
                                        resume=resume)
@@ -110,7 +110,7 @@ def test_state_without_masters_starts_them_from_the_loaded_weights():
 
 def test_second_order_optimizer_with_master_copies_is_refused_clearly():
     config, _ = resolve(llama, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@bf16_params",
-                                "optimizer=@sophia_h", "progress=False", "threads=1"])
+                                "optimizer=@sophia_h", "progress=None", "compute.threads=1"])
     with pytest.raises(ValueError, match="differentiates the gradients a second time.*optimizer=@sophia"):
         launch(config)
 

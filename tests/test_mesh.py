@@ -30,8 +30,8 @@ from tests.conftest import ROOT
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
 STEPS = 4
-ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "threads=1", "progress=False", "eval_batches=2",
-        f"steps={STEPS}", "scheduler.total_steps=6", "scheduler.warmup_steps=2",
+ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
+        "validation.batches=2", f"steps={STEPS}", "scheduler.total_steps=6", "scheduler.warmup_steps=2",
         # Rows of tokens absent from a batch get gradients of ~1e-9 that differ with summation
         # order; Adam's default eps (1e-8) would blow those up to full-size steps of either sign.
         "optimizer.eps=1e-5"]
@@ -171,7 +171,7 @@ def runs(tmp_path_factory):
     two = []
     for recipe in RECIPES:
         two += [{"label": f"ddp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2)",
-                 "extra": ["micro_batch_size=2"]},  # two micro-batches: the first under no_sync
+                 "extra": ["step.micro_batch_size=2"]},  # two micro-batches: the first under no_sync
                 {"label": f"zero1-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2,zero1=True)"},
                 {"label": f"fsdp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2)"}]
     two[1]["folder"] = str(tmp / "zero1-llama")  # checkpoints for 2 -> 1
@@ -185,7 +185,7 @@ def runs(tmp_path_factory):
     two += [{"label": f"pp-{recipe}", "recipe": recipe, "plan": "@mesh(pp=2,n_microbatches=4)"} for recipe in RECIPES]
     two += [{"label": "ep_ddp-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_replicate=2,ep=2)"},  # fused AdamW
             {"label": "pp_noeval-llama", "recipe": "llama", "plan": "@mesh(pp=2,n_microbatches=4)",
-             "extra": ["eval_batches=0"]}]
+             "extra": ["validation.batches=0"]}]
     two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
                 "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
     out.update(torchrun(2, tmp / "two", two))

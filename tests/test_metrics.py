@@ -20,8 +20,8 @@ from helpers.stdlib_bytes import StdlibBytes
 
 
 def test_deepseek_run_writes_metrics_summary_and_plots(tmp_path):
-    config, _ = resolve(deepseek, ["debug", "steps=4", "batch_size=2", "seq_len=64", "progress=False", "threads=1",
-                                   "scheduler.warmup_steps=1", "scheduler.total_steps=4"])
+    config, _ = resolve(deepseek, ["debug", "steps=4", "batch_size=2", "seq_len=64", "progress=None",
+                                   "compute.threads=1", "scheduler.warmup_steps=1", "scheduler.total_steps=4"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     config.metrics = fdl.Config(Metrics, folder=str(tmp_path / "run"), eval_every=2, peak_flops=1e11,
                                 device_watts=100.0, price_per_kwh=0.3)
@@ -59,7 +59,7 @@ def _flops(model, seq_len):
 
 
 def test_out_of_memory_names_the_switches():
-    config, _ = resolve(llama, ["debug", "steps=2", "batch_size=2", "seq_len=32", "progress=False", "threads=1"])
+    config, _ = resolve(llama, ["debug", "steps=2", "batch_size=2", "seq_len=32", "progress=None", "compute.threads=1"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     built = fdl.build(config)
     model = fdl.build(config.model)
@@ -90,7 +90,7 @@ class FakeWandb:
 
 
 def _small_llama_run(tmp_path, **metrics):
-    config, _ = resolve(llama, ["debug", "steps=3", "batch_size=2", "seq_len=32", "progress=False", "threads=1",
+    config, _ = resolve(llama, ["debug", "steps=3", "batch_size=2", "seq_len=32", "progress=None", "compute.threads=1",
                                 "scheduler.warmup_steps=1", "scheduler.total_steps=3"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     config.metrics = fdl.Config(Metrics, folder=str(tmp_path / "run"), peak_flops=1e11, tensorboard=False,

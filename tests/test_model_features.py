@@ -82,7 +82,7 @@ def test_init_std_and_depth_scaling():
 
 
 def test_hybrid_preset_mixes_linear_and_softmax_and_trains():
-    config, _ = resolve(recipe, ["hybrid_debug", "steps=2", "batch_size=2", "seq_len=64", "progress=False"])
+    config, _ = resolve(recipe, ["hybrid_debug", "steps=2", "batch_size=2", "seq_len=64", "progress=None"])
     kinds = [fdl.get_callable(layer.attention) for layer in config.model.layers]
     assert kinds.count(LinearAttention) == 4 and kinds.count(GroupedQueryAttention) == 2
     result = launch(config)
@@ -115,7 +115,8 @@ def test_trainer_checkpointing_switch_leaves_the_run_unchanged(mode):
     results = []
     for switch in ("none", mode):
         config, _ = resolve(recipe, ["debug", "steps=2", "batch_size=2", "seq_len=32", "precision=@fp32",
-                                     "progress=False", "threads=1", f"activation_checkpointing={switch!r}"])
+                                     "progress=None", "compute.threads=1",
+                                     f"compute.activation_checkpointing={switch!r}"])
         config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
         results.append(launch(config))
     assert results[0].losses == results[1].losses

@@ -117,7 +117,8 @@ def test_muon_on_matrices_adamw_elsewhere_match_torch():
     ("sophia_h", dict(lr=2e-2, update_period=2)),
 ])
 def test_every_optimizer_trains_the_debug_model(name, kwargs):
-    config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=4", "seq_len=64", "progress=False", "threads=1",
+    config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=4", "seq_len=64", "progress=None",
+                                 "compute.threads=1",
                                  "precision=@fp32", "scheduler.warmup_steps=2", "scheduler.total_steps=12"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     config.optimizer = OPTIMIZER.partial(name, **kwargs)
@@ -200,7 +201,8 @@ def test_hessian_optimizers_resume_exactly(tmp_path, name):
 
     def run(steps: int, resume: bool):
         config, _ = resolve(recipe, ["debug", f"steps={steps}", "batch_size=2", "seq_len=32", "precision=@fp32",
-                                     "progress=False", "threads=1", f"optimizer=@{name}", "scheduler.warmup_steps=1",
+                                     "progress=None", "compute.threads=1", f"optimizer=@{name}",
+                                     "scheduler.warmup_steps=1",
                                      "scheduler.total_steps=5", "model.layers[*].attention.dropout=0.0"])
         config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
         setattr(config.optimizer, "update_period" if name == "sophia_h" else "hessian_interval", 2)

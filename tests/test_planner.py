@@ -170,7 +170,7 @@ def test_deepseek_v3_dry_run_reports_the_fit_and_what_dominates():
     out = " ".join(result.stdout.split())
     assert "2,048 ranks" in out and "pp=16" in out and "ep=64" in out and "zero1" in out and "dualpipev" in out
     assert "does not fit a 80 GB GPU; activations dominate" in out
-    assert "with activation_checkpointing=full" in out
+    assert "with compute.activation_checkpointing=full" in out
 
 
 # -- predicted against measured peak memory -----------------------------------------------------
@@ -256,7 +256,7 @@ def _predicted(recipe_name: str, kind: str, kw: dict, shape: tuple, world: int) 
     config.parallel = PARALLEL_PLAN.config(kind, **kw)
     # tensor- and pipeline-parallel ranks read the same rows: the batch splits over data parallelism only
     dp = world // (kw.get("tp", 1) * kw.get("pp", 1))
-    config.batch_size, config.seq_len, config.micro_batch_size = batch, seq, batch // dp // n_micro
+    config.batch_size, config.seq_len, config.step.micro_batch_size = batch, seq, batch // dp // n_micro
     config.precision = PRECISION.config("fp32")
     saved = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = str(world)

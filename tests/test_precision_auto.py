@@ -75,7 +75,8 @@ def test_explicit_precision_the_device_runs_fast_is_silent(monkeypatch):
 @pytest.mark.parametrize(("forced", "word"), [("0", "fp32"), ("1", "bf16 autocast")])
 def test_run_says_what_auto_chose_first_and_in_its_summary(tmp_path, monkeypatch, capsys, forced, word):
     monkeypatch.setenv(auto.FORCE_ENV, forced)
-    config, _ = resolve(recipe, ["debug", "threads=1", "steps=2", "batch_size=2", "seq_len=32", "checkpoint=None"])
+    config, _ = resolve(recipe, ["debug", "compute.threads=1", "steps=2", "batch_size=2", "seq_len=32",
+                                 "checkpoint=None"])
     config.metrics = fdl.Config(Metrics, folder=str(tmp_path), peak_flops=1e11, tensorboard=False, plots=False)
     launch(config)
     first = capsys.readouterr().out.strip().splitlines()[0]

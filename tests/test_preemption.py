@@ -18,7 +18,7 @@ from tessera.components.train.checkpoint import load_model
 from tests.conftest import ROOT
 
 STEPS = 24
-ARGS = ["debug", f"steps={STEPS}", "batch_size=4", "seq_len=32", "precision=@fp32", "log_every=1",
+ARGS = ["debug", f"steps={STEPS}", "batch_size=4", "seq_len=32", "precision=@fp32", "progress.log_every=1",
         "scheduler.warmup_steps=2", f"scheduler.total_steps={STEPS}", "checkpoint.every=1000",
         "metrics.eval_every=1000", "metrics.plots=False", "metrics.tensorboard=False",
         "model.layers[*].attention.dropout=0.0", "optimizer.eps=1e-5"]
@@ -113,8 +113,8 @@ def test_a_signal_between_steps_stops_after_the_step_in_process(tmp_path):
 
     from helpers.signals import SignalAt
 
-    config, _ = resolve(recipe, [*ARGS[:1], "steps=6", "batch_size=2", "seq_len=32", "progress=False", "threads=1",
-                                 "metrics=None"])
+    config, _ = resolve(recipe, [*ARGS[:1], "steps=6", "batch_size=2", "seq_len=32", "progress=None",
+                                 "compute.threads=1", "metrics=None"])
     config.checkpoint = fdl.Config(Checkpointer, folder=str(tmp_path), every=1000)
     config.scheduler = fdl.Config(SignalAt, step=3)
     with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM after step 4 of 6") as stopped:

@@ -32,7 +32,8 @@ from tests.helpers import resharding_jobs
 from tests.helpers.resharding_jobs import LENGTH, fixed_tokens
 
 STEPS = 2
-ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "threads=1", "progress=False", "eval_batches=1",
+ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
+        "validation.batches=1",
         f"steps={STEPS}", "scheduler.total_steps=4", "scheduler.warmup_steps=1", "optimizer.eps=1e-5"]
 EXTRA = {"llama": ["model.layers[*].attention.dropout=0.0"], "deepseek": []}
 PLANS = {"fsdp": "@mesh(dp_shard=2)", "ddp": "@mesh(dp_replicate=2)", "tp": "@mesh(tp=2)",

@@ -22,7 +22,7 @@ from helpers.stdlib_bytes import StdlibBytes
 
 def run_with_fault(bad_steps: set[int], *, steps: int = 6, **kwargs):
     """Train the debug model where the forward output becomes inf/nan at the given steps."""
-    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", f"steps={steps}", "batch_size=2",
+    config, _ = resolve(recipe, ["debug", "progress=None", "compute.threads=1", f"steps={steps}", "batch_size=2",
                                  "seq_len=32", "precision=@fp32"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     built = fdl.build(config)
@@ -93,7 +93,7 @@ def test_guard_judges_spikes_against_recent_losses_and_round_trips():
 
 
 def test_fp8_emulation_converts_the_linears_and_trains():
-    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=4", "batch_size=2", "seq_len=32",
+    config, _ = resolve(recipe, ["debug", "progress=None", "compute.threads=1", "steps=4", "batch_size=2", "seq_len=32",
                                  "precision=@fp8(emulate=True)", "scheduler.warmup_steps=1", "scheduler.total_steps=4"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     result = launch(config)
@@ -117,7 +117,7 @@ def test_the_guard_leaves_a_healthy_run_unchanged():
 
 def test_a_non_finite_gradient_is_named_in_the_stop_message():
     """The loss stays finite; one weight's gradient becomes infinite from the second step on."""
-    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=6", "batch_size=2", "seq_len=32",
+    config, _ = resolve(recipe, ["debug", "progress=None", "compute.threads=1", "steps=6", "batch_size=2", "seq_len=32",
                                  "precision=@fp32"])
     config.data = fdl.Config(StdlibBytes, max_bytes=300_000)
     built = fdl.build(config)
@@ -143,7 +143,7 @@ def test_a_diverging_run_stops_from_the_command_line_with_a_nonzero_exit(tmp_pat
     """lr 30 (10,000x the preset's): steps are skipped, the run rolls back to its step-1
     checkpoint three times, diverges again and stops, naming the step and what to try."""
     result = run_recipe("precision=@fp32", "optimizer.lr=30.0", "steps=40", "batch_size=2", "seq_len=32",
-                        "log_every=1", f"metrics.folder={tmp_path}/run", f"checkpoint.folder={tmp_path}/ck",
+                        "progress.log_every=1", f"metrics.folder={tmp_path}/run", f"checkpoint.folder={tmp_path}/ck",
                         "checkpoint.every=1", "metrics.tensorboard=False", "metrics.plots=False",
                         recipe="deepseek_pretrain", timeout=180)
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]

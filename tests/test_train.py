@@ -16,7 +16,7 @@ from tessera.recipes.llama_pretrain import recipe
 
 
 def run(*overrides: str):
-    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", *overrides])
+    config, _ = resolve(recipe, ["debug", "progress=None", "compute.threads=1", *overrides])
     return launch(config)
 
 
@@ -31,8 +31,8 @@ def test_warmup_cosine_matches_formula():
 
 @pytest.mark.slow
 def test_debug_preset_learns_beyond_unigram_statistics():
-    config, _ = resolve(recipe, ["debug", "progress=False", "threads=1", "steps=100", "batch_size=8", "seq_len=64",
-                                 "scheduler.total_steps=100", "scheduler.warmup_steps=10"])
+    config, _ = resolve(recipe, ["debug", "progress=None", "compute.threads=1", "steps=100", "batch_size=8",
+                                 "seq_len=64", "scheduler.total_steps=100", "scheduler.warmup_steps=10"])
     result = launch(config)
     first, last = result.losses[0], sum(result.losses[-10:]) / 10
     assert first > math.log(2048) - 0.3, first  # ~ln(vocab) at init
@@ -67,7 +67,7 @@ def test_vocab_mismatch_is_a_clear_error():
 def test_deepseek_debug_trains_with_every_mechanism_active():
     from tessera.recipes.deepseek_pretrain import recipe as deepseek
 
-    config, _ = resolve(deepseek, ["debug", "progress=False", "threads=1", "steps=60", "batch_size=8",
+    config, _ = resolve(deepseek, ["debug", "progress=None", "compute.threads=1", "steps=60", "batch_size=8",
                                    "scheduler.total_steps=60", "scheduler.warmup_steps=6"])
     from tessera.components.moe.router import Router
 
@@ -96,9 +96,10 @@ def test_flagship_debug_model_compiles_without_graph_breaks_and_matches_eager(pr
     losses = {}
     for compile in (False, True):
         config, _ = resolve(deepseek, ["debug", "steps=2", "batch_size=2", "seq_len=128", f"precision=@{precision}",
-                                       "progress=False", "threads=1", f"compile={backend if compile else False}",
-                                       "checkpoint=None", "metrics=None", "eval_batches=0", "scheduler.warmup_steps=1",
-                                       "scheduler.total_steps=2", *extra])
+                                       "progress=None", "compute.threads=1",
+                                       f"compute.compile={backend if compile else False}",
+                                       "checkpoint=None", "metrics=None", "validation.batches=0",
+                                       "scheduler.warmup_steps=1", "scheduler.total_steps=2", *extra])
         counters.clear()
         losses[compile] = launch(config).losses
         assert (counters["stats"]["unique_graphs"] > 0) == compile
@@ -114,7 +115,8 @@ def test_compile_option_compiles_the_blocks_and_matches_eager():
     losses = {}
     for compile in (False, True):
         config, _ = resolve(recipe, ["debug", "steps=3", "batch_size=2", "seq_len=32", "precision=@fp32",
-                                     "progress=False", "threads=1", f"compile={compile}", "scheduler.warmup_steps=1",
+                                     "progress=None", "compute.threads=1", f"compute.compile={compile}",
+                                     "scheduler.warmup_steps=1",
                                      "scheduler.total_steps=3", "model.layers[*].attention.dropout=0.0"])
         counters.clear()
         losses[compile] = launch(config).losses

@@ -34,9 +34,12 @@ from tessera.components.model.decoder import DecoderLM
 from tessera.components.model.stats import activated_parameters, count_parameters, training_flops_per_token
 from tessera.components.moe.experts import GroupedExperts
 from tessera.components.moe.router import Router
+from tessera.components.train.compute import Compute
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.launch import build_model_on_meta
+from tessera.components.train.step_options import StepOptions
 from tessera.components.train.trainer import train
+from tessera.components.train.validation import Validation
 from tessera.registry.errors import Fault
 from tessera.registry.kinds import (
     ATTENTION,
@@ -180,17 +183,20 @@ def model_config(cell: Cell, hidden: int, scale: Scale) -> fdl.Config[DecoderLM]
 
 
 def run_config(cell: Cell, hidden: int, scale: Scale, *, seed: int = 0, precision: str = "fp32",
-               device: str = "cpu", threads: int | None = None) -> fdl.Partial:
-    """The cell's whole training run: the default corpus, AdamW, warmup + cosine, the stability guard."""
+               device: str = "cpu", threads: int | None = None, validation_batches: int = 8) -> fdl.Partial:
+    """The cell's whole training run: the default corpus, AdamW, warmup + cosine, the stability
+    guard, validated on `validation_batches` batches at the end; silent (the grid reports)."""
     return fdl.Partial(
         train, model=model_config(cell, hidden, scale), data=stdlib_corpus(vocab_size=scale.vocab_size),
         optimizer=OPTIMIZER.partial("adamw", lr=scale.lr, betas=(0.9, 0.95), weight_decay=0.1),
         scheduler=SCHEDULER.config("warmup_cosine", warmup_steps=scale.warmup_steps, total_steps=scale.steps,
                                    min_ratio=0.1),
         parallel=PARALLEL_PLAN.config("single"), steps=scale.steps, batch_size=scale.batch_size,
-        seq_len=scale.seq_len, grad_clip=1.0, precision=PRECISION.config(precision), seed=seed,
+        seq_len=scale.seq_len, step=fdl.Config(StepOptions, grad_clip=1.0), precision=PRECISION.config(precision),
+        seed=seed,
         # No checkpoint to roll back to: a cell that cannot recover stops and is reported as failed.
-        guard=fdl.Config(StabilityGuard, rollback=False), device=device, threads=threads, progress=False)
+        guard=fdl.Config(StabilityGuard, rollback=False), device=device, compute=fdl.Config(Compute, threads=threads),
+        validation=fdl.Config(Validation, batches=validation_batches), progress=None)
 
 
 def faults(cell: Cell, scale: Scale) -> list[Fault]:

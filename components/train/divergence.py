@@ -77,8 +77,8 @@ def divergence_message(*, step: int, reason: str, terms: dict[str, float], first
                      f"(now {warmup_steps})")
     else:
         tries.append("a schedule with a warmup (scheduler=@warmup_cosine(...))")
-    tries.append("gradient clipping, grad_clip=1.0 (now off)" if grad_clip is None
-                 else f"tighter gradient clipping, e.g. grad_clip={grad_clip / 2:g} (now {grad_clip:g})")
+    tries.append("gradient clipping, step.grad_clip=1.0 (now off)" if grad_clip is None
+                 else f"tighter gradient clipping, e.g. step.grad_clip={grad_clip / 2:g} (now {grad_clip:g})")
     if compute_dtype != torch.float32:
         tries.append(f"precision=@fp32, to rule out {str(compute_dtype).removeprefix('torch.')} overflow")
     return "; ".join(parts) + ". Try " + "; or ".join(tries) + "."

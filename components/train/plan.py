@@ -94,7 +94,7 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
     _check_plan(args.get("parallel"), model, layout.world)
     seq_len = args.get("seq_len", 2048)
     batch = args.get("batch_size", 1)
-    micro = args.get("micro_batch_size") or max(1, batch // layout.dp)
+    micro = getattr(args.get("step"), "micro_batch_size", None) or max(1, batch // layout.dp)
     n_micro = max(1, batch // (micro * layout.dp))
     schedule_micro = _pipeline_microbatches(args.get("parallel"))
     if layout.pp > 1 and schedule_micro:  # the schedule re-splits a step's rows into its own micro-batches
@@ -106,7 +106,7 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
     # routed experts pad each expert's rows to ROW_MULTIPLE on CPU (GPU runs pad nothing)
     acts = activation_memory.measure(model, micro_batch=micro, seq_len=seq_len, ep=layout.ep,
                                      row_multiple=1 if fused else ROW_MULTIPLE)
-    checkpointing = args.get("activation_checkpointing", "none")
+    checkpointing = getattr(args.get("compute"), "activation_checkpointing", "none")
     mem = planner.memory(model, layout, precision, acts, n_micro=n_micro, checkpointing=checkpointing,
                          fused_attention=fused, vocab_size=model.vocab_size if hasattr(model, "vocab_size") else None,
                          tokens=micro * seq_len)
@@ -141,7 +141,7 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
                                      fused_attention=fused, vocab_size=getattr(model, "vocab_size", None),
                                      tokens=micro * seq_len)
                 alternatives[other] = alt.total
-                console.print(f"plan: with activation_checkpointing={other}: peak {alt.total / 1e9:,.1f} GB "
+                console.print(f"plan: with compute.activation_checkpointing={other}: peak {alt.total / 1e9:,.1f} GB "
                               f"({'fits' if planner.fits(alt, capacity_gb) else 'does not fit'})", highlight=False)
     return {"layout": layout, "memory": mem.terms(), "checkpointing_alternatives": alternatives,
             "peak_bytes": mem.total, "communication": comm,

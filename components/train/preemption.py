@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -58,3 +59,13 @@ class StopRequest:
         flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
+
+
+def interrupted_message(signum: int, step: int, steps: int, saved: Path | None) -> str:
+    """What a run stopped by `signum` after `step` of `steps` says: where its progress went
+    (`saved`: the checkpoint it wrote; None: it writes none) and how to continue."""
+    name = signal.Signals(signum).name
+    if saved is None:
+        return (f"stopped by {name} after step {step} of {steps}; this run writes no checkpoints (set `checkpoint`), "
+                f"so its progress is not saved")
+    return f"stopped by {name} after step {step} of {steps}; checkpoint written to {saved}; continue with --resume"

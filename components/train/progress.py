@@ -1,11 +1,29 @@
-"""Rich live progress for the training loop: step, loss, lr, tokens/s, ETA."""
+"""Rich live progress for the training loop: step, loss, lr, tokens/s, ETA.
+
+`Progress` is the run's setting (`progress=fdl.Config(Progress, log_every=5)`, or
+`progress=None` for a silent run); `TrainProgress` is the display it configures.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import rich.progress
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tessera.registry.invariants import invariant
+
+
+@invariant("log_every >= 0", lambda log_every: log_every >= 0, fix="use log_every >= 0 (0: the bar only)")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What the main process shows while it trains: a live bar, the precision it chose and
+    notes (resume, rollback), and a printed line every `log_every` steps (and after the first),
+    visible in logs without a TTY (0: no lines). A run with `progress=None` prints nothing."""
+
+    log_every: int = 25
 
 
 class TrainProgress:
@@ -15,7 +33,7 @@ class TrainProgress:
         self.console = console or Console()
         self.log_every = log_every
         self.enabled = enabled
-        self._progress = Progress(
+        self._progress = rich.progress.Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not enabled,

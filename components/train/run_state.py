@@ -3,7 +3,7 @@
 Exact resume needs more than weights and optimizer state: the step and token counters, the
 loss history, the global RNG, the batch-sampling generator, the loss scaler, the stability
 guard's window and the data loader's position. `snapshot` gathers them into the checkpoint's
-`extra` tree; `restore` puts them back.
+`extra` tree; `restore` puts them back; `restore_or_start_fresh` is how a run begins.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from tessera.components.interfaces import StatefulData, TrainingData
 from tessera.components.train.checkpoint import Checkpointer
@@ -65,3 +66,26 @@ def restore(checkpoint: Checkpointer, path: Path, *, model: torch.nn.Module, opt
         guard.load_state_dict(extra["guard"])
     if isinstance(data, StatefulData):
         data.load_state_dict(extra["data"])
+
+
+def restore_or_start_fresh(checkpoint: Checkpointer | None, state: RunState, *, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, scaler: Any, guard: StabilityGuard | None,
+                           data: TrainingData, say: bool) -> bool:
+    """Resume from the checkpoint `checkpoint.resume` asks for (True), or start fresh, moving
+    an earlier run's checkpoints aside rather than mixing them with this run's (False).
+    `say`: print what was done (the main process of a run that shows progress)."""
+    if checkpoint is None:
+        return False
+    resume_from = checkpoint.resume_path()
+    if resume_from is None:
+        moved = checkpoint.set_aside_previous()
+        if moved is not None and say:
+            Console().print(f"note: a fresh run: the earlier run's checkpoints are now in {moved}", highlight=False,
+                            soft_wrap=True)
+        return False
+    restore(checkpoint, resume_from, model=model, optimizer=optimizer, state=state, scaler=scaler, guard=guard,
+            data=data)
+    if say:
+        Console().print(f"resuming from {resume_from} (step {state.step}, {state.tokens:,} tokens)", highlight=False,
+                        soft_wrap=True)
+    return True

@@ -27,10 +27,10 @@ from tessera.components.interfaces import (
     TrainingData,
 )
 from tessera.components.model.decoder import DecoderLM, cross_entropy
-from tessera.components.train.batch_ramp import BatchRamp
 from tessera.components.train.divergence import clip_gradients
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.run_state import RunState
+from tessera.components.train.step_options import StepOptions
 
 
 @dataclasses.dataclass
@@ -50,7 +50,8 @@ class StepOutcome:
 class StepRunner:
     """Runs training steps of `model` with `optimizer` (already wrapped by the precision
     policy; `raw_optimizer` is the optimizer before wrapping, whose capabilities decide
-    second-order backward passes and Hessian estimates)."""
+    second-order backward passes and Hessian estimates), as `options` say (micro-batches,
+    batch ramp, clipping, scheduled values)."""
 
     model: DecoderLM
     optimizer: torch.optim.Optimizer
@@ -59,14 +60,14 @@ class StepRunner:
     precision: PrecisionPolicy
     data: TrainingData
     scheduler: Schedule
-    scheduled: dict[str, Schedule]
-    batch_ramp: BatchRamp | None
+    options: StepOptions
     guard: StabilityGuard | None
-    grad_clip: float | None
     batch_size: int
-    micro: int
+    """Sequences per step over all data-parallel processes (before a batch ramp)."""
+    micro_batch_size: int
+    """Sequences per forward/backward on each process (resolved: never None)."""
     seq_len: int
-    world_size: int
+    data_parallel_size: int
     """Processes reading different data (the data-parallel degree)."""
     device: str
 
@@ -80,19 +81,21 @@ class StepRunner:
 
     def sequences(self, tokens: int) -> int:
         """Sequences in the step that starts after `tokens` training tokens (batch ramps grow it)."""
-        if self.batch_ramp is None:
+        ramp = self.options.batch_ramp
+        if ramp is None:
             return self.batch_size
-        return self.batch_ramp.batch_size(tokens, full_batch=self.batch_size, micro_batch=self.micro * self.world_size)
+        return ramp.batch_size(tokens, full_batch=self.batch_size,
+                               micro_batch=self.micro_batch_size * self.data_parallel_size)
 
     def run(self, state: RunState) -> StepOutcome:
         """Take step `state.step` (0-based); `state` is not advanced here."""
         multiplier = self.scheduler(state.step, state.tokens)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * multiplier
-        for name, schedule in self.scheduled.items():
+        for name, schedule in (self.options.scheduled or {}).items():
             set_everywhere(self.model, name, schedule(state.step, state.tokens))
         sequences = self.sequences(state.tokens)
-        n_micro = sequences // (self.micro * self.world_size)
+        n_micro = sequences // (self.micro_batch_size * self.data_parallel_size)  # on each process
         # Optimizers that differentiate the gradients (Sophia-H's Hutchinson estimate) need
         # their graph, and attention whose backward is differentiable (SDPA's math kernel).
         second_order = isinstance(self.raw_optimizer, SecondOrderOptimizer) and \
@@ -101,7 +104,7 @@ class StepRunner:
 
         def micro_batches() -> Iterator[dict[str, torch.Tensor]]:
             for _ in range(n_micro):
-                batch = self.data.batch("train", batch_size=self.micro, seq_len=self.seq_len,
+                batch = self.data.batch("train", batch_size=self.micro_batch_size, seq_len=self.seq_len,
                                         generator=state.generator)
                 last_batch.update({k: v.to(self.device) for k, v in batch.items()})
                 yield dict(last_batch)
@@ -131,7 +134,7 @@ class StepRunner:
         opt, scaler = self.optimizer, self.scaler
         if scaler is not None:
             scaler.unscale_(opt)  # clip and judge the true gradients
-        norm, first_bad_grad = clip_gradients(self.named_params, self.grad_clip,
+        norm, first_bad_grad = clip_gradients(self.named_params, self.options.grad_clip,
                                               sum_over=self.parallel.gradient_norm_group())
         grad_norm = norm.item()
         overflow = scaler is not None and not math.isfinite(grad_norm)  # the scaler's to handle

@@ -1,0 +1,136 @@
+"""Setting a run up: everything between the config and the first step.
+
+In order (the order fixes the random draws, so one seed gives one run): torch threads, the
+seed, the precision policy (`auto` resolved for this machine), the parallel plan's layout of
+the model (still on the meta device), the data's share of every batch, the weights
+materialised and initialised as one process would, the precision policy's conversion, the
+compute switches (activation checkpointing, compilation), and the optimizer over the
+model's parameter groups, wrapped by the plan and the precision policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from rich.console import Console
+
+from tessera.components.interfaces import (
+    DataShare,
+    OptimizerFactory,
+    ParallelPlan,
+    PrecisionPolicy,
+    PreparedData,
+    ReportsExpertLoad,
+    SecondOrderOptimizer,
+    ShardedData,
+    TrainingData,
+)
+from tessera.components.model.decoder import DecoderLM
+from tessera.components.model.stats import training_flops_per_token
+from tessera.components.optim.param_groups import decay_groups
+from tessera.components.parallel.process_group import world
+from tessera.components.parallel.single import SingleProcess
+from tessera.components.precision import auto
+from tessera.components.precision.master_weights import MasterWeights
+from tessera.components.train.compute import Compute
+from tessera.components.train.metrics import moe_layer_indices
+from tessera.components.train.step_options import StepOptions
+
+
+@dataclasses.dataclass(kw_only=True)
+class Assembled:
+    """A run ready for its first step."""
+
+    model: DecoderLM
+    """The module to train, as the plan laid it out (possibly wrapped, sharded or staged)."""
+    parallel: ParallelPlan
+    precision: PrecisionPolicy
+    precision_note: str
+    """What `auto` chose and why (or the policy's name): the run's first line."""
+    optimizer: torch.optim.Optimizer
+    """What the run steps: the optimizer wrapped by the plan and the precision policy."""
+    raw_optimizer: torch.optim.Optimizer
+    """The optimizer as built over the parameter groups (its capabilities decide second-order passes)."""
+    data_parallel: DataShare
+    micro_batch_size: int
+    """Sequences per forward/backward on each process (resolved from `StepOptions`)."""
+    flops_per_token: float
+    """Training FLOPs per token of the whole model (before a plan splits it)."""
+    moe_layers: list[int]
+    """The layer index of each MoE layer of the whole model, in the order expert loads are logged."""
+    processes: int
+
+
+def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, parallel: ParallelPlan | None,
+             precision: PrecisionPolicy | None, batch_size: int, seq_len: int, seed: int, device: str,
+             step: StepOptions, compute: Compute, announce: bool) -> Assembled:
+    """Set the run up (see the module docstring for the order). `model` may be on the meta
+    device or already materialised; `announce`: print the precision note on the main process.
+    Raises ValueError for a batch that does not split into whole micro-batches, or an
+    optimizer the layout cannot serve."""
+    compute.set_threads()
+    torch.manual_seed(seed)
+    precision, precision_note = auto.resolve(precision or auto.Auto(), device)
+    parallel = parallel if parallel is not None else SingleProcess()
+    # Counted on the whole model, before a plan splits it into stages or shards.
+    flops_per_token = training_flops_per_token(model, seq_len)
+    moe_layers = moe_layer_indices(model, ReportsExpertLoad)
+    model = parallel.apply(model, precision=precision, device=device)
+    rank, processes = world()
+    share = parallel.data_parallel  # processes reading different data (tp / pp groups share theirs)
+    if announce and parallel.is_main_process:
+        Console().print(f"precision: {precision_note}", highlight=False, soft_wrap=True)
+    micro_batch_size = _micro_batch_size(step.micro_batch_size, batch_size, share.size)
+    if isinstance(data, ShardedData):
+        data.read_share(share)
+    if processes > 1 and isinstance(data, PreparedData):
+        _prepare_once(data, rank)
+    if any(p.is_meta for p in model.parameters()):
+        parallel.materialize(model, device)
+    model = precision.prepare(model)
+    compute.apply(model)
+    parallel.ready(model)
+    raw_optimizer = optimizer(decay_groups(model, decay_embeddings=step.decay_embeddings,
+                                           decay_vectors=step.decay_norms_and_biases))
+    wrapped = precision.wrap_optimizer(parallel.wrap_optimizer(raw_optimizer))
+    _refuse_second_order(raw_optimizer, wrapped, processes)
+    return Assembled(model=model, parallel=parallel, precision=precision, precision_note=precision_note,
+                     optimizer=wrapped, raw_optimizer=raw_optimizer, data_parallel=share,
+                     micro_batch_size=micro_batch_size, flops_per_token=flops_per_token, moe_layers=moe_layers,
+                     processes=processes)
+
+
+def _micro_batch_size(asked: int | None, batch_size: int, data_parallel_size: int) -> int:
+    """Sequences per forward on each process: `asked`, or each process's whole share; a
+    ValueError when `batch_size` is not a whole number of micro-batches on every process."""
+    micro_batch_size = asked or max(1, batch_size // data_parallel_size)
+    if batch_size % (micro_batch_size * data_parallel_size):
+        raise ValueError(f"batch_size={batch_size} is not a whole number of micro-batches of {micro_batch_size} "
+                         f"sequences on each of {data_parallel_size} data-parallel processes; choose batch_size a "
+                         f"multiple of step.micro_batch_size x data-parallel processes "
+                         f"({micro_batch_size * data_parallel_size})")
+    return micro_batch_size
+
+
+def _refuse_second_order(raw: torch.optim.Optimizer, wrapped: torch.optim.Optimizer, processes: int) -> None:
+    """A ValueError for an optimizer that differentiates the gradients where they are sharded
+    or cast (what it would differentiate is not the gradient it was given)."""
+    if isinstance(raw, SecondOrderOptimizer) and (isinstance(wrapped, MasterWeights) or processes > 1):
+        raise ValueError("optimizer: this optimizer differentiates the gradients a second time (Hessian-vector "
+                         "products), which sharded data-parallel gradients and bf16_params' fp32 master copies do "
+                         "not carry; use it with parallel=@single and precision=@fp32 or @bf16, or use "
+                         "optimizer=@sophia (its Gauss-Newton-Bartlett estimate needs no second derivative)")
+
+
+def _prepare_once(data: PreparedData, rank: int) -> None:
+    """Prepare (clean, dedup, tokenize) the data on rank 0 only; the other ranks wait for its
+    cache instead of racing to write the same folder. They poll rather than wait in a
+    collective, whose timeout a large corpus would outlast (if rank 0 fails, torchrun stops them)."""
+    if rank == 0:
+        data.prepare()
+        return
+    while not data.prepared():
+        time.sleep(1.0)
+    data.prepare()

@@ -1,0 +1,46 @@
+"""What every optimizer step does around its forward and backward passes: how the step's
+batch is cut into micro-batches and grown, how its gradients are clipped, which parameters
+weight decay reaches, and which model values follow a schedule.
+
+A recipe sets it as `step=fdl.Config(StepOptions, grad_clip=1.0, ...)`; on the command line
+`step.grad_clip=0.5`, `step.micro_batch_size=2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tessera.components.interfaces import Schedule
+from tessera.components.train.batch_ramp import BatchRamp
+from tessera.registry.invariants import invariant
+
+
+@invariant("grad_clip is None or grad_clip > 0", lambda grad_clip: grad_clip is None or grad_clip > 0,
+           fix="set step.grad_clip to a positive max norm, or None to disable clipping")
+@invariant("micro_batch_size is None or micro_batch_size >= 1",
+           lambda micro_batch_size: micro_batch_size is None or micro_batch_size >= 1,
+           fix="use at least one sequence per micro-batch, or None for each process's whole share")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepOptions:
+    """How each optimizer step is taken.
+
+    Args:
+        micro_batch_size: sequences per forward/backward on each process; a step accumulates
+            batch_size / (micro_batch_size x data-parallel processes) of them (None: each
+            process's whole share at once). `batch_size` is global: N data-parallel processes
+            train on 1/N each.
+        batch_ramp: grow the sequences per step from a smaller start (DeepSeek-V2/V3).
+        grad_clip: max global gradient norm (the pre-clip norm is reported); None: no clipping.
+        scheduled: attribute name -> schedule of its value, set before every step on each
+            module of the model that has the attribute (e.g. "mtp_loss_weight",
+            "bias_update_speed"); None: none.
+        decay_embeddings, decay_norms_and_biases: apply the optimizer's weight decay to the
+            embeddings and output head / to norm weights and biases too (off by default).
+    """
+
+    micro_batch_size: int | None = None
+    batch_ramp: BatchRamp | None = None
+    grad_clip: float | None = 1.0
+    scheduled: dict[str, Schedule] | None = None
+    decay_embeddings: bool = False
+    decay_norms_and_biases: bool = False
