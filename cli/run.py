@@ -73,24 +73,29 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
     """The config for positional `args` (preset then overrides), validated when `check`.
 
     Option groups the preset leaves at their defaults are spelled out first, so overrides reach
-    them (`step.grad_clip=0.5`). Returns (config, notes), the notes being what swaps want the
-    user to know.
+    them (`step.grad_clip=0.5`); a `--load` file written before `train` grouped its options is
+    regrouped. Returns (config, notes), the notes being what swaps and old files want the user
+    to know.
     """
-    from tessera.cli import option_groups
+    from tessera.cli import old_configs, option_groups
 
     overrides = list(args)
     preset = None
+    notes: list[str] = []
     if overrides and "=" not in overrides[0]:
         preset = overrides.pop(0)
     if load is not None:
         if preset is not None:
             raise ConfigError([Fault(
                 preset, "a preset name cannot be combined with --load", "drop the preset or --load")])
-        config = serialize.load(load)
+        config, notes = old_configs.load(load)
     else:
         config = recipe.config(preset)
     option_groups.spell_out(config)
-    notes = apply_overrides(config, overrides)
+    moved = old_configs.moved_override_faults(config, overrides)
+    if moved:
+        raise ConfigError(moved)
+    notes += apply_overrides(config, overrides)
     if check:
         validate(config)
     return config, notes
