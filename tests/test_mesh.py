@@ -2,16 +2,13 @@
 llama and DeepSeek debug models exactly as one process does, checkpoints move between
 layouts, and plans that cannot run fail before training with the constraint they break.
 
-Each process count is launched once (torchrun, 1 thread per rank) and runs its layouts in
-sequence inside one script."""
+The layouts run in a few groups, each one torchrun launch (1 thread per rank) that runs its
+layouts in sequence (tests/helpers/workers/mesh.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import fiddle as fdl
 import pytest
@@ -26,7 +23,8 @@ from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes import deepseek_pretrain, llama_pretrain
 from tessera.registry.errors import ConfigError
-from tests.conftest import ROOT
+
+from helpers.launch import torchrun, worker
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
 STEPS = 4
@@ -36,69 +34,6 @@ ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threa
         # order; Adam's default eps (1e-8) would blow those up to full-size steps of either sign.
         "optimizer.eps=1e-5"]
 EXTRA = {"llama": ["model.layers[*].attention.dropout=0.0"], "deepseek": []}
-
-RUN = """
-import copy, json, os, sys
-import fiddle as fdl
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from tessera.components.parallel.process_group import leave_process_group
-from tessera.components.train.checkpoint import Checkpointer
-from tessera.components.train.launch import build_model_on_meta
-from tessera.recipes import deepseek_pretrain, llama_pretrain
-from tessera.cli import resolve
-import torch
-import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from tessera.components.interfaces import CommHook, PeriodicSync
-from tessera.registry import COMM_HOOK, PERIODIC_SYNC
-
-
-@COMM_HOOK.register("test_fp16")
-class TorchFp16(CommHook):  # torch's fp16 compression hook, counting the bytes it all-reduces
-    def register(self, ddp, process_group):
-        def hook(group, bucket):
-            self.bytes_sent += bucket.buffer().numel() * 2
-            return default_hooks.fp16_compress_hook(group, bucket)
-        ddp.register_comm_hook(process_group, hook)
-
-
-@PERIODIC_SYNC.register("test_mean")
-class MeanEveryStep(PeriodicSync):  # averages the replicas' weights after every step
-    def __init__(self):
-        self.seen = []
-    def after_step(self, model, step, process_group):
-        size = dist.get_world_size(process_group)
-        with torch.no_grad():
-            for param in model.parameters():
-                dist.all_reduce(param, group=process_group)
-                param /= size
-        self.seen.append([step, size])
-
-
-recipes = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
-for job in json.loads(open(sys.argv[1]).read()):
-    config, _ = resolve(recipes[job["recipe"]], job["args"])
-    config.metrics = None
-    config.checkpoint = None if job["folder"] is None else fdl.Config(
-        Checkpointer, folder=job["folder"], every=2, keep=5, resume=True)
-    run = copy.copy(config)
-    run.model = build_model_on_meta(config.model)  # as `launch` does, without leaving the process group
-    train = fdl.build(run)
-    result = train()
-    plan = train.keywords["parallel"]
-    stats = {"params": sum(p.numel() for p in result.model.parameters()),
-             "bytes": getattr(plan.comm_hook, "bytes_sent", None), "seen": getattr(plan.periodic_sync, "seen", None)}
-    # every process's whole tensors (a pipeline stage holds only its own): the test merges them
-    full = get_model_state_dict(result.model, options=StateDictOptions(full_state_dict=True))
-    save_file({k: v.clone() for k, v in full.items()}, job["weights"] + "." + os.environ["RANK"])
-    dist.barrier()
-    if os.environ["RANK"] == "0":
-        print("RESULT", job["label"], json.dumps(result.losses), flush=True)
-        print("STATS", job["label"], json.dumps(stats), flush=True)
-leave_process_group()
-"""
-
 
 def args(recipe: str, *extra: str) -> list[str]:
     return [*ARGS, *EXTRA[recipe], *extra]
@@ -111,20 +46,16 @@ def one_process(recipe: str, folder, *extra: str):
     return launch(config)
 
 
-def torchrun(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple]:
-    """Run `jobs` ({label, recipe, plan, folder, extra}) in sequence on `processes` processes;
-    returns each label's per-step losses, final full weights and stats (parameter count,
-    bytes the comm hook sent, (step, group size) the periodic sync saw)."""
+def on_processes(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple]:
+    """Run `jobs` ({label, recipe, plan, folder, extra}) in sequence on `processes` processes
+    (tests/helpers/workers/mesh.py); returns each label's per-step losses, final full weights
+    and stats (parameter count, bytes the comm hook sent, (step, group size) the periodic sync saw)."""
     tmp.mkdir(parents=True, exist_ok=True)
     spec = [{"label": j["label"], "recipe": j["recipe"], "folder": j.get("folder"),
              "weights": str(tmp / f"{j['label']}.safetensors"),
              "args": args(j["recipe"], f"parallel={j['plan']}", *j.get("extra", ()))} for j in jobs]
     (tmp / "jobs.json").write_text(json.dumps(spec))
-    (tmp / "run.py").write_text(RUN)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(processes), str(tmp / "run.py"), str(tmp / "jobs.json")], text=True,
-                          capture_output=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = torchrun(worker("mesh"), str(tmp / "jobs.json"), processes=processes)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = {}
     for line in done.stdout.splitlines():
@@ -159,55 +90,96 @@ def without_last_checkpoint(source, target):
     return str(target)
 
 
+def job(label: str, plan: str, *extra: str, recipe: str | None = None, folder: str | None = None) -> dict:
+    """A job of `label` (<layout>-<recipe> unless `recipe` is given) under `plan`."""
+    return {"label": label, "recipe": recipe or label.split("-")[-1], "plan": plan, "extra": list(extra),
+            "folder": folder}
+
+
+def results(*groups: dict[str, tuple]) -> dict[str, tuple]:
+    return {label: run for group in groups for label, run in group.items()}
+
+
+# The runs are grouped so that no launch takes much over half a minute on 2 cores; each group is a
+# module fixture, set up when the first test that needs it runs. Checkpoints pass between groups:
+# the reference's to ZeRO-1 (1 -> 2) and to ZeRO-1 beside experts (1 -> 4), FSDP's to HSDP,
+# ZeRO-1's to one process (2 -> 1), and ZeRO-1 beside experts' to one process (4 -> 1).
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One process (the reference), then 2 processes (DDP, ZeRO-1, FSDP, and ZeRO-1 resuming
-    the reference's checkpoint), then 4 (HSDP 2x2, and HSDP resuming the FSDP checkpoint)."""
-    tmp = tmp_path_factory.mktemp("mesh")
-    out: dict[str, tuple[list[float], dict[str, torch.Tensor]]] = {}
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("mesh")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp):
+    """One process per recipe (checkpointing every 2 steps): what every layout must equal."""
+    out = {}
     for recipe in RECIPES:
         result = one_process(recipe, tmp / f"one-{recipe}")
         out[f"one-{recipe}"] = (result.losses, {k: v.detach().clone() for k, v in result.model.state_dict().items()})
-    two = []
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tmp, reference):
+    """2 processes: DDP, ZeRO-1 and FSDP of both recipes, a comm hook and a periodic sync, and
+    ZeRO-1 resuming the reference's checkpoint."""
+    jobs = []
     for recipe in RECIPES:
-        two += [{"label": f"ddp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2)",
-                 "extra": ["step.micro_batch_size=2"]},  # two micro-batches: the first under no_sync
-                {"label": f"zero1-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2,zero1=True)"},
-                {"label": f"fsdp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2)"}]
-    two[1]["folder"] = str(tmp / "zero1-llama")  # checkpoints for 2 -> 1
-    two[2]["folder"] = str(tmp / "fsdp-llama")   # checkpoints for FSDP -> HSDP
-    two += [{"label": "hook-llama", "recipe": "llama", "plan": "@mesh(dp_replicate=2)",
-             "extra": ["parallel.comm_hook=@test_fp16"]},
-            {"label": "sync-llama", "recipe": "llama", "plan": "@mesh(dp_replicate=2)",
-             "extra": ["parallel.periodic_sync=@test_mean"]}]
-    two.append({"label": "ep-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_shard=2,ep=2)"})
-    two += [{"label": f"tp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2)"} for recipe in RECIPES]
-    two += [{"label": f"pp-{recipe}", "recipe": recipe, "plan": "@mesh(pp=2,n_microbatches=4)"} for recipe in RECIPES]
-    two += [{"label": "ep_ddp-deepseek", "recipe": "deepseek", "plan": "@mesh(dp_replicate=2,ep=2)"},  # fused AdamW
-            {"label": "pp_noeval-llama", "recipe": "llama", "plan": "@mesh(pp=2,n_microbatches=4)",
-             "extra": ["validation.batches=0"]}]
-    two.append({"label": "one-then-zero1", "recipe": "llama", "plan": "@mesh(dp_replicate=2,zero1=True)",
-                "folder": without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1")})
-    out.update(torchrun(2, tmp / "two", two))
-    four = [{"label": f"hsdp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_replicate=2,dp_shard=2)"}
-            for recipe in RECIPES]
-    four.append({"label": "fsdp-then-hsdp", "recipe": "llama", "plan": "@mesh(dp_replicate=2,dp_shard=2)",
-                 "folder": without_last_checkpoint(tmp / "fsdp-llama", tmp / "fsdp-then-hsdp")})
-    four += [{"label": f"fsdp_pp-{recipe}", "recipe": recipe, "plan": "@mesh(dp_shard=2,pp=2,n_microbatches=2)"}
-             for recipe in RECIPES]
-    four += [{"label": f"tp_pp-{recipe}", "recipe": recipe, "plan": "@mesh(tp=2,pp=2,n_microbatches=2)"}
-             for recipe in RECIPES]
-    four.append({"label": "fsdp_pp_bf16-llama", "recipe": "llama", "plan": "@mesh(dp_shard=2,pp=2,n_microbatches=2)",
-                 "extra": ["precision=@bf16_params"]})
-    four += [{"label": label, "recipe": "deepseek", "plan": plan} for label, plan in COMPOSITIONS.items()]
-    four[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
-    four.append({"label": "one-then-ep_zero1", "recipe": "deepseek", "plan": COMPOSITIONS["ep_ddp_zero1-deepseek"],
-                 "folder": without_last_checkpoint(tmp / "one-deepseek", tmp / "one-then-ep_zero1")})
-    out.update(torchrun(4, tmp / "four", four))
-    resumed = one_process("llama", without_last_checkpoint(tmp / "zero1-llama", tmp / "zero1-then-one"))
-    out["zero1-then-one"] = (resumed.losses, dict(resumed.model.state_dict()))
-    resumed = one_process("deepseek", without_last_checkpoint(tmp / "ep_ddp_zero1", tmp / "ep_zero1-then-one"))
-    out["ep_zero1-then-one"] = (resumed.losses, dict(resumed.model.state_dict()))
+        jobs += [job(f"ddp-{recipe}", "@mesh(dp_replicate=2)", "step.micro_batch_size=2"),  # 2 micro-batches: 1 no_sync
+                 job(f"zero1-{recipe}", "@mesh(dp_replicate=2,zero1=True)"),
+                 job(f"fsdp-{recipe}", "@mesh(dp_shard=2)")]
+    jobs[1]["folder"] = str(tmp / "zero1-llama")  # checkpoints for 2 -> 1
+    jobs[2]["folder"] = str(tmp / "fsdp-llama")   # checkpoints for FSDP -> HSDP
+    jobs += [job("hook-llama", "@mesh(dp_replicate=2)", "parallel.comm_hook=@test_fp16"),
+             job("sync-llama", "@mesh(dp_replicate=2)", "parallel.periodic_sync=@test_mean"),
+             job("one-then-zero1", "@mesh(dp_replicate=2,zero1=True)", recipe="llama",
+                 folder=without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1"))]
+    return on_processes(2, tmp / "data_parallel", jobs)
+
+
+@pytest.fixture(scope="module")
+def model_parallel(tmp):
+    """2 processes: expert (beside FSDP and DDP), tensor and pipeline parallelism."""
+    jobs = [job("ep-deepseek", "@mesh(dp_shard=2,ep=2)"),
+            *(job(f"tp-{recipe}", "@mesh(tp=2)") for recipe in RECIPES),
+            *(job(f"pp-{recipe}", "@mesh(pp=2,n_microbatches=4)") for recipe in RECIPES),
+            job("ep_ddp-deepseek", "@mesh(dp_replicate=2,ep=2)"),  # fused AdamW
+            job("pp_noeval-llama", "@mesh(pp=2,n_microbatches=4)", "validation.batches=0")]
+    return on_processes(2, tmp / "model_parallel", jobs)
+
+
+@pytest.fixture(scope="module")
+def sharded_on_four(tmp, data_parallel):
+    """4 processes: HSDP 2x2 (and resuming the FSDP checkpoint), FSDP x PP (in fp32 and bf16)."""
+    jobs = [*(job(f"hsdp-{recipe}", "@mesh(dp_replicate=2,dp_shard=2)") for recipe in RECIPES),
+            job("fsdp-then-hsdp", "@mesh(dp_replicate=2,dp_shard=2)", recipe="llama",
+                folder=without_last_checkpoint(tmp / "fsdp-llama", tmp / "fsdp-then-hsdp")),
+            *(job(f"fsdp_pp-{recipe}", "@mesh(dp_shard=2,pp=2,n_microbatches=2)") for recipe in RECIPES),
+            job("fsdp_pp_bf16-llama", "@mesh(dp_shard=2,pp=2,n_microbatches=2)", "precision=@bf16_params")]
+    return on_processes(4, tmp / "sharded_on_four", jobs)
+
+
+@pytest.fixture(scope="module")
+def composed_on_four(tmp, reference):
+    """4 processes: TP x PP, and DeepSeek's compositions with expert parallelism (ZeRO-1 beside
+    experts checkpointing for one process, and resuming the reference's checkpoint)."""
+    jobs = [*(job(f"tp_pp-{recipe}", "@mesh(tp=2,pp=2,n_microbatches=2)") for recipe in RECIPES),
+            *(job(label, plan) for label, plan in COMPOSITIONS.items())]
+    jobs[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
+    jobs.append(job("one-then-ep_zero1", COMPOSITIONS["ep_ddp_zero1-deepseek"], recipe="deepseek",
+                    folder=without_last_checkpoint(tmp / "one-deepseek", tmp / "one-then-ep_zero1")))
+    return on_processes(4, tmp / "composed_on_four", jobs)
+
+
+@pytest.fixture(scope="module")
+def resumed_in_one_process(tmp, data_parallel, composed_on_four):
+    """One process resuming the checkpoints of ZeRO-1 (2 processes) and of ZeRO-1 beside experts (4)."""
+    out = {}
+    for label, recipe, source in [("zero1-then-one", "llama", "zero1-llama"),
+                                  ("ep_zero1-then-one", "deepseek", "ep_ddp_zero1")]:
+        resumed = one_process(recipe, without_last_checkpoint(tmp / source, tmp / label))
+        out[label] = (resumed.losses, dict(resumed.model.state_dict()))
     return out
 
 
@@ -219,29 +191,33 @@ def assert_same_run(got: tuple, expected: tuple, label: str) -> None:
         torch.testing.assert_close(got[1][name], value, rtol=1e-4, atol=1e-6, msg=f"{label}: {name}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", list(RECIPES))
-@pytest.mark.parametrize("layout", ["ddp", "zero1", "fsdp", "hsdp"])
-def test_every_data_parallel_layout_trains_as_one_process(runs, layout, recipe):
-    reference = runs[f"one-{recipe}"]
-    assert reference[0][-1] < reference[0][0]  # the reference trains
-    assert_same_run(runs[f"{layout}-{recipe}"], reference, f"{layout}-{recipe}")
+LAYOUTS = {"ddp": "data_parallel", "zero1": "data_parallel", "fsdp": "data_parallel", "hsdp": "sharded_on_four"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_tensor_parallel_trains_as_one_process(runs, recipe):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_data_parallel_layout_trains_as_one_process(reference, request, layout, recipe):
+    expected = reference[f"one-{recipe}"]
+    assert expected[0][-1] < expected[0][0]  # the reference trains
+    runs = request.getfixturevalue(LAYOUTS[layout])  # the group that ran this layout
+    assert_same_run(runs[f"{layout}-{recipe}"], expected, f"{layout}-{recipe}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_tensor_parallel_trains_as_one_process(reference, model_parallel, recipe):
     """tp=2 through the recipe's own data and trainer: both ranks read the same batches, heads,
     hidden widths and vocabulary are split, norms sequence-parallel; the run equals one process."""
-    assert_same_run(runs[f"tp-{recipe}"], runs[f"one-{recipe}"], f"tp-{recipe}")
+    assert_same_run(model_parallel[f"tp-{recipe}"], reference[f"one-{recipe}"], f"tp-{recipe}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_pipeline_parallel_trains_as_one_process(runs, recipe):
+def test_pipeline_parallel_trains_as_one_process(reference, model_parallel, recipe):
     """pp=2 (1F1B, 4 micro-batches) through the recipe's trainer: losses (MoE balance and MTP
     terms included), and the weights of both stages, equal one process's."""
-    assert_same_run(runs[f"pp-{recipe}"], runs[f"one-{recipe}"], f"pp-{recipe}")
+    assert_same_run(model_parallel[f"pp-{recipe}"], reference[f"one-{recipe}"], f"pp-{recipe}")
 
 
 COMPOSITIONS = {
@@ -260,64 +236,71 @@ COMPOSITIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("label", ["fsdp_pp-llama", "fsdp_pp-deepseek", "tp_pp-llama", "tp_pp-deepseek",
                                    *COMPOSITIONS])
-def test_compositions_train_as_one_process(runs, label):
+def test_compositions_train_as_one_process(reference, request, label):
     """4 processes, fp32: losses over every step and the final weights of the whole model
     (each process's stages merged, experts and FSDP shards gathered) equal one process's."""
-    reference = runs[f"one-{label.split('-')[1]}"]
-    assert_same_run(runs[label], reference, label)
+    runs = request.getfixturevalue("sharded_on_four" if label.startswith("fsdp_pp-") else "composed_on_four")
+    assert_same_run(runs[label], reference[f"one-{label.split('-')[1]}"], label)
 
 
 @pytest.mark.slow
-def test_expert_parallel_beside_plain_ddp_and_a_pipeline_without_validation(runs):
+def test_expert_parallel_beside_plain_ddp_and_a_pipeline_without_validation(reference, model_parallel):
     """EP beside DDP with the default (fused where possible) AdamW over experts (DTensors) and
     replicated weights (plain); a pipelined run with eval_batches=0."""
+    runs = results(reference, model_parallel)
     assert_same_run(runs["ep_ddp-deepseek"], runs["one-deepseek"], "ep_ddp-deepseek")
     assert runs["pp_noeval-llama"][0] == pytest.approx(runs["one-llama"][0], rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.slow
-def test_bf16_weights_train_under_fsdp_x_pp(runs):
+def test_bf16_weights_train_under_fsdp_x_pp(reference, sharded_on_four):
     """bf16 weights (FSDP's mixed precision: fp32 shards, bf16 gathered copies) under FSDP x PP
     follow the fp32 single-process run to bf16's accuracy; casting FSDP's shards in place (as a
     plain model's bf16 policy does) instead froze the weights."""
-    losses, weights, _ = runs["fsdp_pp_bf16-llama"]
-    reference, start = runs["one-llama"][0], runs["one-llama"][0][0]
-    assert losses == pytest.approx(reference, rel=2e-3)
-    assert reference[-1] < start - 0.1  # a frozen model would stay ~0.1 above the reference by the end
+    losses, weights, _ = sharded_on_four["fsdp_pp_bf16-llama"]
+    expected, start = reference["one-llama"][0], reference["one-llama"][0][0]
+    assert losses == pytest.approx(expected, rel=2e-3)
+    assert expected[-1] < start - 0.1  # a frozen model would stay ~0.1 above the reference by the end
 
 
 @pytest.mark.slow
-def test_expert_parallel_beside_fsdp_trains_as_one_process(runs):
+def test_expert_parallel_beside_fsdp_trains_as_one_process(reference, model_parallel):
     """ep=2: each process holds 4 of the 8 routed experts per MoE layer (all-to-all dispatch),
     FSDP2 shards the rest; losses, weights (experts gathered) and the routers' aux-free bias
     equal the single-process run's."""
-    reference = runs["one-deepseek"]
-    assert any("expert_bias" in name for name in reference[1])
-    assert_same_run(runs["ep-deepseek"], reference, "ep-deepseek")
+    expected = reference["one-deepseek"]
+    assert any("expert_bias" in name for name in expected[1])
+    assert_same_run(model_parallel["ep-deepseek"], expected, "ep-deepseek")
+
+
+RESUMED = {"zero1-then-one": "resumed_in_one_process", "one-then-zero1": "data_parallel",
+           "fsdp-then-hsdp": "sharded_on_four"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["zero1-then-one", "one-then-zero1", "fsdp-then-hsdp"])
-def test_checkpoints_resume_exactly_under_another_layout(runs, label):
-    assert_same_run(runs[label], runs["one-llama"], label)  # 2 -> 1, 1 -> 2, FSDP -> HSDP
+@pytest.mark.parametrize("label", list(RESUMED))
+def test_checkpoints_resume_exactly_under_another_layout(reference, request, label):
+    runs = request.getfixturevalue(RESUMED[label])
+    assert_same_run(runs[label], reference["one-llama"], label)  # 2 -> 1, 1 -> 2, FSDP -> HSDP
 
 
 @pytest.mark.slow
-def test_zero1_beside_expert_parallelism_resumes_in_one_process(runs):
+def test_zero1_beside_expert_parallelism_resumes_in_one_process(reference, composed_on_four, resumed_in_one_process):
     """Dense ZeRO-1 partitions and the experts' own optimizer state, saved from 4 processes,
     load into one process's AdamW and continue exactly; and the other way round."""
+    runs = results(composed_on_four, resumed_in_one_process)
     for label in ("ep_zero1-then-one", "one-then-ep_zero1"):
-        assert_same_run(runs[label], runs["one-deepseek"], label)
+        assert_same_run(runs[label], reference["one-deepseek"], label)
 
 
 @pytest.mark.slow
-def test_ddp_registers_the_comm_hook_and_periodic_sync_replaces_ddp(runs):
-    losses, _, stats = runs["hook-llama"]
-    reference = runs["one-llama"][0]
-    assert losses == pytest.approx(reference, rel=1e-3)  # fp16 gradients: close, not equal
-    assert losses != pytest.approx(reference, rel=1e-7, abs=0)  # ... because the hook compressed them
+def test_ddp_registers_the_comm_hook_and_periodic_sync_replaces_ddp(reference, data_parallel):
+    losses, _, stats = data_parallel["hook-llama"]
+    expected = reference["one-llama"][0]
+    assert losses == pytest.approx(expected, rel=1e-3)  # fp16 gradients: close, not equal
+    assert losses != pytest.approx(expected, rel=1e-7, abs=0)  # ... because the hook compressed them
     assert stats["bytes"] == STEPS * stats["params"] * 2  # every gradient, every step, in 2 bytes
-    losses, _, stats = runs["sync-llama"]
+    losses, _, stats = data_parallel["sync-llama"]
     assert stats["seen"] == [[step, 2] for step in range(1, STEPS + 1)]  # after each step, over both replicas
     assert stats["bytes"] is None and losses[-1] < losses[0]
 

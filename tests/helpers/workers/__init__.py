@@ -1,0 +1,1 @@
+"""Worker programs the tests run in other processes (tests/helpers/launch.py launches them)."""
