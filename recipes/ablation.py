@@ -278,21 +278,35 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Plan the grid, train every planned cell (each seed in its own process), and write the tables."""
     args = _arguments(argv)
     scale = QUICK if args.quick else FULL
     if args.steps is not None:
         scale = dataclasses.replace(scale, steps=args.steps, warmup_steps=min(scale.warmup_steps, args.steps))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    planned, skipped, reference = _plan(_cells(args), scale, args.match, args.tolerance)
+    _print_plan(planned, skipped, reference, args)
+    results = _train_cells(planned, skipped, args, scale)
+    rows = _rows(planned, results, skipped)
+    wall = time.perf_counter() - started
+    _write(out, rows, skipped, args, scale, reference, wall)
+    if planned and not rows:
+        raise SystemExit("no cell trained; see the skipped list above for each one's reason")
+
+
+def _cells(args: argparse.Namespace) -> list[Cell]:
+    """The grid's cells (the quick handful or the whole product) that the axis filters keep."""
     attentions = _parse_axis(args.attention, ATTENTIONS, "--attention")
     positions = _parse_axis(args.position, POSITIONS, "--position")
     ffns = _parse_axis(args.feed_forward, FEED_FORWARDS, "--feed-forward")
     grid = QUICK_CELLS if args.quick else [Cell(*c) for c in itertools.product(ATTENTIONS, POSITIONS, FEED_FORWARDS)]
-    cells = [c for c in grid if c.attention in attentions and c.position in positions and c.feed_forward in ffns]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    return [c for c in grid if c.attention in attentions and c.position in positions and c.feed_forward in ffns]
 
-    planned, skipped, reference = _plan(cells, scale, args.match, args.tolerance)
-    print(f"budget ({args.match}, from {'/'.join(REFERENCE)} at FFN width {scale.reference_hidden}): "
+
+def _print_plan(planned: list[Planned], skipped: dict[str, str], reference: Size, args: argparse.Namespace) -> None:
+    print(f"budget ({args.match}, from {'/'.join(REFERENCE)} at FFN width {reference.hidden}): "
           f"{reference.block_params:,} block parameters, {reference.block_flops:,.0f} block training FLOPs/token; "
           f"each cell within ±{args.tolerance:.0%}", flush=True)
     for p in planned:
@@ -302,18 +316,20 @@ def main(argv: list[str] | None = None) -> None:
     for name, reason in skipped.items():
         print(f"  {name:<30} skipped: {reason}", flush=True)
 
+
+def _train_cells(planned: list[Planned], skipped: dict[str, str], args: argparse.Namespace,
+                 scale: Scale) -> dict[str, dict[int, dict[str, Any]]]:
+    """Train every planned cell for every seed, each in its own process: cell name -> seed ->
+    what it measured. A cell that fails is added to `skipped` with the reason."""
     # The corpus is prepared once here; every cell's process then only loads the cached tokens.
-    data = run_config(Cell(*REFERENCE), scale.reference_hidden, scale).data
     import fiddle as fdl
 
-    corpus = fdl.build(data)
+    corpus = fdl.build(run_config(Cell(*REFERENCE), scale.reference_hidden, scale).data)
     corpus.prepare()
     bytes_per_token = corpus.bytes_per_token("val")
-
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["tessera.components.builtin", "tessera.components.train.trainer",
                                 "tessera.components.ablation.cells", "tessera.recipes.ablation"])
-    rows: list[dict[str, Any]] = []
     runs = [(p, seed) for p in planned for seed in range(args.seeds)]
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for i, (p, seed) in enumerate(runs, 1):
@@ -330,6 +346,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"[{i}/{len(runs)}] {p.cell.name} seed {seed}: FAILED {message['error']}", flush=True)
             skipped[p.cell.name] = f"failed while training (seed {seed}): {message['error']}"
+    return results
+
+
+def _rows(planned: list[Planned], results: dict[str, dict[int, dict[str, Any]]],
+          skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """One table row per cell that trained (every seed summarised)."""
+    rows: list[dict[str, Any]] = []
     for p in planned:
         per_seed = results.get(p.cell.name, {})
         if p.cell.name in skipped or not per_seed:
@@ -346,10 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             "tokens_per_second": _summary([m["tokens_per_second"] for m in measured]),
             "peak_mib": max(m["peak_mib"] for m in measured),
             "over_start_mib": max(m["peak_mib"] - m["start_mib"] for m in measured)})
-    wall = time.perf_counter() - started
-    _write(out, rows, skipped, args, scale, reference, wall)
-    if planned and not rows:
-        raise SystemExit("no cell trained; see the skipped list above for each one's reason")
+    return rows
 
 
 def _write(out: Path, rows: list[dict[str, Any]], skipped: dict[str, str], args: argparse.Namespace, scale: Scale,
