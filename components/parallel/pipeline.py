@@ -156,7 +156,7 @@ def microbatch_faults(schedule: str, pp: int, virtual_stages: int, n_microbatche
     name = schedule_name(schedule)
     n_stages = pp * stages_per_rank(name, virtual_stages)
     how = ("set parallel.n_microbatches, or raise the trainer's micro-batch count (batch_size / "
-           "(micro_batch_size x data-parallel degree))")
+           "(step.micro_batch_size x data-parallel degree))")
     faults = []
     if name in ("1F1B", "DualPipeV") and n_microbatches < (pp if name == "1F1B" else n_stages):
         need = pp if name == "1F1B" else n_stages
