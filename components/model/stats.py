@@ -4,15 +4,15 @@ Conventions (those that reproduce the totals the DeepSeek papers state: arXiv:24
 arXiv:2401.06066 §5.1.2, arXiv:2405.04434 §3.1.2 and App. B.1, arXiv:2412.19437 §4.2): totals
 count every parameter of the main model (embedding and untied head included, MTP modules excluded);
 "activated" counts what runs for one token: routed experts scaled by top_k / n_experts, the head included, and the
-input embedding excluded (DeepSeek-V2/V3) or included (DeepSeekMoE 16B).
+input embedding excluded (DeepSeek-V2/V3) or included (DeepSeekMoE 16B). A MoE layer is any `RoutedExperts` block
+(ours or a plugin's): its `routed_experts` count at its `active_fraction()`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from tessera.components.interfaces import Attention
-from tessera.components.moe.moe import MoE
+from tessera.components.interfaces import Attention, RoutedExperts
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -35,7 +35,8 @@ def main_model_parameters(model: nn.Module) -> int:
 
 
 def _inactive_expert_parameters(module: nn.Module) -> float:
-    return sum(count_parameters(m.experts) * (1 - m.active_fraction()) for m in module.modules() if isinstance(m, MoE))
+    return sum(count_parameters(m.routed_experts) * (1 - m.active_fraction())
+               for m in module.modules() if isinstance(m, RoutedExperts))
 
 
 def activated_parameters(model: nn.Module, *, include_embedding: bool) -> float:
@@ -53,14 +54,14 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
     excluded) and the routed experts' weights times top_k / n_experts. Attention adds 3x its
     forward score FLOPs at `seq_len`. MTP modules are included (they run in training).
     """
-    seen: set[int] = set()
-    matmul = 0.0
+    moes = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    # routed experts built from nn.Linear (a plugin's) count once, at their active fraction
+    seen = {id(p) for m in moes for p in m.routed_experts.parameters()}
+    matmul = sum(count_parameters(m.routed_experts) * m.active_fraction() for m in moes)
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             matmul += module.weight.numel()
-        elif isinstance(module, MoE):
-            matmul += count_parameters(module.experts) * module.active_fraction()
     attention = sum(m.score_flops_per_token(seq_len) for m in model.modules() if isinstance(m, Attention))
     return 6.0 * matmul + 3.0 * attention
 

@@ -31,18 +31,17 @@ is not capturable as one static torch.compile graph under EP (the single-process
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from tessera.components.moe.experts import ROW_MULTIPLE, GroupedExperts, expert_counts, padded_layout
-from tessera.components.moe.grouped_mm import grouped_mm
-from tessera.components.moe.moe import MoE
+from tessera.components.interfaces import ExpertBank, RoutedExperts
+from tessera.components.moe.experts import ROW_MULTIPLE, expert_counts, padded_layout, swiglu_experts
 from tessera.components.moe.router import set_load_group
 from tessera.components.parallel.process_group import average_in_place
 
@@ -79,13 +78,14 @@ def plan_dispatch(indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tens
                     splits=counts.view(ep, n_experts // ep).sum(1).tolist())
 
 
-def local_experts(rows: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                  w_down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts on received rows.
+def local_experts(rows: torch.Tensor, counts: torch.Tensor, *weights: torch.Tensor,
+                  compute: Callable[..., torch.Tensor] = swiglu_experts) -> torch.Tensor:
+    """This process's experts on the rows it received.
 
     rows: [R, D] as received: grouped by source process, within a source by local expert;
     counts: int64 [sources, E_local] rows per (source, local expert); weights: this process's
-    [E_local, ...] slices (in the compute dtype). Returns [R, D] in the same row order.
+    [E_local, ...] slices (in the compute dtype); compute: an `ExpertBank.grouped_forward`
+    (default: `GroupedExperts`' SwiGLU). Returns [R, D] in the same row order.
     """
     n_local = counts.shape[1]
     row_expert = torch.arange(n_local, device=rows.device).repeat(counts.shape[0]).repeat_interleave(
@@ -100,8 +100,7 @@ def local_experts(rows: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor
     # would skip the dispatch all-to-all's backward that its peers wait in)
     source = rows if rows.shape[0] else torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     xs = source.index_select(0, source_row)
-    hidden = F.silu(grouped_mm(xs, w_gate, padded)) * grouped_mm(xs, w_up, padded)
-    out = grouped_mm(hidden, w_down, padded).index_select(0, slot)
+    out = compute(xs, padded, *weights).index_select(0, slot)
     return torch.empty_like(out).index_copy(0, order, out)
 
 
@@ -148,9 +147,9 @@ class _ExpertGradient(torch.autograd.Function):
 
 # -- the distributed forward ----------------------------------------------------------------------
 class ExpertParallel:
-    """What a `GroupedExperts` needs to run sharded: the ep process group (its size `ep`), the
-    group of its replicas (or None), and the row counts of the last forward (for tests and
-    metrics: `sent` / `received` rows per peer process)."""
+    """What an `ExpertBank` (e.g. `GroupedExperts`) needs to run sharded: the ep process group
+    (its size `ep`), the group of its replicas (or None), and the row counts of the last forward
+    (for tests and metrics: `sent` / `received` rows per peer process)."""
 
     def __init__(self, *, group: Any, replicas: Any = None):
         self.group = group
@@ -159,9 +158,9 @@ class ExpertParallel:
         self.sent: list[int] = []
         self.received: list[int] = []
 
-    def __call__(self, experts: GroupedExperts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+    def __call__(self, experts: ExpertBank, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                  keep: torch.Tensor | None) -> torch.Tensor:
-        """`GroupedExperts.forward` on this process's tokens x [N, D] with its experts' shard."""
+        """The bank's forward on this process's tokens x [N, D] with its experts' shard."""
         n_local = experts.n_experts // self.ep
         plan = plan_dispatch(indices, weights, keep, n_experts=experts.n_experts, ep=self.ep)
         counts = _all_to_all(plan.counts, [n_local] * self.ep, [n_local] * self.ep, self.group).view(self.ep, n_local)
@@ -172,8 +171,9 @@ class ExpertParallel:
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             rows = _AllToAll.apply(x.index_select(0, plan.token).to(dtype), received, plan.splits, self.group)
             local = [_ExpertGradient.apply(_local(w), 1.0 / self.ep).to(dtype)
-                     for w in (experts.w_gate, experts.w_up, experts.w_down)]
-            out = _AllToAll.apply(local_experts(rows, counts, *local), plan.splits, received, self.group)
+                     for w in experts.parameters(recurse=False)]  # type: ignore[attr-defined]
+            out = _AllToAll.apply(local_experts(rows, counts, *local, compute=experts.grouped_forward),
+                                  plan.splits, received, self.group)
             return combine(out, plan, x.shape[0])
 
 
@@ -203,50 +203,61 @@ def expert_parallel_faults(model: nn.Module, ep: int) -> list[str]:
     naming the MoE layer by its config path (`model.layers[1].feed_forward`), the constraint
     and a fix.
 
-    Checks every MoE layer: `ep` divides its routed experts; group-limited routing's groups
-    (V2 device-limited, V3 node-limited) do not straddle processes: n_groups is a multiple of
-    ep (several groups per process) or divides it (a group spans whole processes, V3's node
-    of 8 GPUs); V2's device-level balance loss balances the ep processes: n_devices == ep.
-    ep > 1 on a model without MoE layers is a fault too: there is nothing to shard.
+    A MoE layer is any `RoutedExperts` module (ours or a plugin's). For each: `ep` divides its
+    routed experts; for ep > 1 its `routed_experts` is an `ExpertBank` (stacked weights the
+    dispatch can shard); and the layer's own `expert_parallel_faults(ep)` (ours: group-limited
+    routing's groups do not straddle processes, V2's device-level loss balances the ep
+    processes). ep > 1 on a model without MoE layers is a fault too: there is nothing to shard.
     """
     if ep < 1:
         return [f"ep={ep}: the expert-parallel degree is at least 1"]
-    faults = []
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+    layers = _layers(model)
     if ep > 1 and not layers:
         return [f"ep={ep} but the model has no MoE layer: expert parallelism shards routed experts and this "
                 f"model has none; use ep=1, or a model with MoE feed-forwards"]
-    for name, module in layers:
-        # the config path a user overrides: layers.1.feed_forward -> model.layers[1].feed_forward
-        path = "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
-        e, router = module.experts.n_experts, module.router
+    faults = []
+    for path, module in layers:
+        e = module.n_experts
         if e % ep:
             faults.append(f"{path}: ep={ep} does not divide its {e} routed experts (experts.n_experts): "
                           f"each process holds n_experts / ep of them; choose ep among the divisors of {e}: "
                           f"{[d for d in range(1, e + 1) if e % d == 0]}")
-        if ep > 1 and router.n_groups > 1 and router.n_groups % ep and ep % router.n_groups:
-            fits = [d for d in range(1, e + 1) if e % d == 0 and (router.n_groups % d == 0 or d % router.n_groups == 0)]
-            faults.append(f"{path}: group-limited routing's {router.n_groups} groups (router.n_groups) do not "
-                          f"align with ep={ep} processes: each group should be a process (or several whole "
-                          f"ones, V3's node), so choose ep dividing or a multiple of {router.n_groups} (here: "
-                          f"{fits}), or regroup the experts")
-        if ep > 1 and module.device_balance_alpha and module.n_devices != ep:
-            faults.append(f"{path}: the device-level balance loss balances n_devices={module.n_devices} groups "
-                          f"but the experts are sharded over ep={ep} processes; set n_devices={ep} "
-                          f"(DeepSeek-V2 arXiv:2405.04434 §2.2.3: one group per device)")
+        faults += _bank_faults(path, module) if ep > 1 else []
+        faults += [f"{path}: {fault}" for fault in module.expert_parallel_faults(ep)]
     return faults
+
+
+def _layers(model: nn.Module) -> list[tuple[str, RoutedExperts]]:
+    """Every MoE layer of `model` with its config path (layers.1.feed_forward -> model.layers[1].feed_forward)."""
+    return [("model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part),
+             module) for name, module in model.named_modules() if isinstance(module, RoutedExperts)]
+
+
+def _bank_faults(path: str, module: RoutedExperts) -> list[str]:
+    bank = module.routed_experts
+    if isinstance(bank, ExpertBank):
+        return []
+    return [f"{path}: its routed experts are a {type(bank).__name__}, which is not an ExpertBank "
+            f"(tessera.components.interfaces): expert parallelism shards stacked [n_experts, ...] weights "
+            f"and runs them on the rows it receives; implement ExpertBank or use ep=1"]
+
+
+def _banks(model: nn.Module) -> list[nn.Module]:
+    """The routed experts of every MoE layer of `model` (main layers and MTP blocks), once each."""
+    banks = {id(m.routed_experts): m.routed_experts for m in model.modules() if isinstance(m, RoutedExperts)}
+    return list(banks.values())
 
 
 def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
     """The routed experts' weights: FSDP2's `ignored_params` (DDP: parameters to ignore) when
     experts are sharded by `apply_expert_parallel`, which reduces their gradients itself."""
-    return {p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters(recurse=False)}
+    return {p for bank in _banks(model) for p in bank.parameters(recurse=False)}
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh: DeviceMesh | None = None,
                           load_group: Any = None) -> None:
-    """Shard every `GroupedExperts` of `model` (main layers and MTP blocks) over the 1-D
-    `ep_mesh`, in place.
+    """Shard the routed experts (`RoutedExperts.routed_experts`, an `ExpertBank`) of every MoE
+    layer of `model` (main layers and MTP blocks) over the 1-D `ep_mesh`, in place.
 
     Call on the model while it is still on the meta device, before FSDP (`fully_shard` with
     `ignored_params=expert_parameters(model)`) or DDP (ignoring the same parameters), then
@@ -261,7 +272,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D, got dims {ep_mesh.mesh_dim_names}")
     ep = ep_mesh.size()
-    faults = expert_parallel_faults(model, ep)
+    # ep=1 (experts replicated over replica_mesh) still makes the banks' weights DTensors
+    faults = expert_parallel_faults(model, ep) if ep > 1 else [f for p, m in _layers(model) for f in _bank_faults(p, m)]
     if faults:
         raise ValueError("expert parallelism cannot shard this model: " + "; ".join(faults))
     replicas = None
@@ -269,11 +281,10 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, *, replica_mesh
         replicas = (replica_mesh if replica_mesh.ndim == 1 else replica_mesh._flatten()).get_group()
     if load_group is not None:
         set_load_group(model, load_group)
-    for module in model.modules():
-        if isinstance(module, GroupedExperts):
-            for name, param in list(module.named_parameters(recurse=False)):
-                local = param.detach().chunk(ep, dim=0)[ep_mesh.get_local_rank()].clone()
-                sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
-                                             shape=param.shape, stride=param.stride())
-                setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-            module.expert_parallel = ExpertParallel(group=ep_mesh.get_group(), replicas=replicas)
+    for bank in _banks(model):
+        for name, param in list(bank.named_parameters(recurse=False)):
+            local = param.detach().chunk(ep, dim=0)[ep_mesh.get_local_rank()].clone()
+            sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
+                                         shape=param.shape, stride=param.stride())
+            setattr(bank, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        bank.expert_parallel = ExpertParallel(group=ep_mesh.get_group(), replicas=replicas)

@@ -9,7 +9,8 @@ GQA, MLA, the gated MLPs and the MLP); this module joins those plans into the mo
                      attention / feed-forward: input all-gathered along T, the block's own
                      plan inside, output reduce-scattered back along T
     MoE              routing and routed experts replicated (every rank routes all tokens
-                     and runs every expert), shared experts split like a gated MLP
+                     and runs every expert), shared experts split like a gated MLP (the
+                     MoE's own plan: any `TensorParallel` block may take its input itself)
     final norm       sequence-parallel
     head             column-wise over the vocabulary; the loss reads vocab-sharded logits
                      (torch's `loss_parallel`), never the full [B, T, V]
@@ -33,17 +34,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from tessera.components.interfaces import AbsoluteEncoding, position_kind
-from tessera.components.moe.moe import MoE
+from tessera.components.interfaces import AbsoluteEncoding, TensorParallel, position_kind
 from tessera.components.parallel.tp_styles import (
     SEQUENCE,
     ColwiseParallel,
     ParallelStyle,
     Placement,
     PrepareModuleInput,
-    PrepareModuleInputOutput,
-    PrepareModuleOutput,
-    ReplicatedCompute,
     RowwiseParallel,
     SequenceParallel,
     replicated,
@@ -120,32 +117,9 @@ def block_plan(block: nn.Module, *, sequence_parallel: bool) -> dict[str, Parall
         "attention": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
     }
     plan.update(_prefixed("attention", block.attention.tensor_parallel_plan(output_layout=stream)))
-    if isinstance(block.feed_forward, MoE):
-        plan.update(_prefixed("feed_forward", moe_plan(block.feed_forward, stream=stream)))
-    else:
-        plan["feed_forward"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
-        plan.update(_prefixed("feed_forward", block.feed_forward.tensor_parallel_plan(output_layout=stream)))
-    return plan
-
-
-def moe_plan(moe: MoE, *, stream: Placement) -> dict[str, ParallelStyle]:
-    """MoE under tensor parallelism, the simplest correct split: every tp rank gathers the
-    whole sequence, routes every token (the router sees full hidden states) and runs every
-    routed expert on it (replicated weights: no communication inside, tp-fold redundant expert
-    compute), then keeps its `stream` part of the output. The shared experts split like a
-    gated MLP. To divide the routed experts' work, use expert parallelism (`ep`)."""
-    plan: dict[str, ParallelStyle] = {
-        # replicated plain input whose gradient is whole on each rank; the output goes back to `stream`
-        "": PrepareModuleInputOutput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
-                                     use_local_input=True, output_layouts=(Replicate(),),
-                                     desired_output_layouts=(stream,), use_local_output=False),
-        "router": ReplicatedCompute(),
-        "experts": ReplicatedCompute(),
-    }
-    if moe.shared_experts is not None:
-        plan.update(_prefixed("shared_experts", moe.shared_experts.tensor_parallel_plan(output_layout=Replicate())))
-        plan["shared_experts"] = PrepareModuleOutput(output_layouts=(Replicate(),),
-                                                     desired_output_layouts=(Replicate(),), use_local_output=True)
+    plan["feed_forward"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
+    # after the gather: a plan with an entry for "" (the MoE's) replaces it and takes the stream itself
+    plan.update(_prefixed("feed_forward", block.feed_forward.tensor_parallel_plan(output_layout=stream)))
     return plan
 
 
@@ -167,10 +141,11 @@ def tensor_parallel_faults(model: Any, tp: int, *, seq_len: int | None = None) -
     """Why `model` (a built `DecoderLM` or its fiddle config) cannot be split over `tp` ranks,
     each fault naming the config path, the constraint and a fix; [] when it can.
 
-    Heads are divided among the ranks, so tp must divide every attention's n_heads and
-    n_kv_heads; the MLP hidden widths and the vocabulary are split evenly too. `seq_len`,
-    if given, must divide by tp for sequence parallelism. Every attention and feed-forward
-    needs a `tensor_parallel_plan`; a model that is not a DecoderLM gets one fault saying so."""
+    Every attention and feed-forward must be a `TensorParallel` block, and tp must divide the
+    arguments its `tensor_parallel_divides` names (heads, hidden widths; its
+    `tensor_parallel_parts` are checked the same way); the vocabulary is split evenly too.
+    `seq_len`, if given, must divide by tp for sequence parallelism. A model that is not a
+    DecoderLM gets one fault saying so."""
     if tp < 1:
         return [f"tp={tp}: use a degree >= 1"]
     if tp == 1:
@@ -234,36 +209,46 @@ def _kind(node: Any) -> type:
 
 
 def _attention_faults(path: str, attention: Any, tp: int) -> list[str]:
-    kind = _kind(attention)
-    if not hasattr(kind, "tensor_parallel_plan"):
-        return [f"{path} is a {kind.__name__}, which has no tensor-parallel plan; use gqa or mla attention, or tp=1"]
-    faults = []
-    n_heads = _get(attention, "n_heads")
-    n_kv = _get(attention, "n_kv_heads") if "n_kv_heads" in _signature(kind) else None
-    for name, count in (("n_heads", n_heads), ("n_kv_heads", n_kv)):
-        if count is not None and count % tp:
-            faults.append(f"{path}.{name}={count} is not divisible by tp={tp}: tensor parallelism gives each rank "
-                          f"{name} / tp heads; use a tp that divides {name} (divisors: "
-                          f"{[d for d in range(1, count + 1) if count % d == 0]})")
-    if position_kind(_get(attention, "position")) == "additive":
+    faults = _block_faults(path, attention, tp, instead="gqa or mla attention")
+    if _has_plan(_kind(attention)) and position_kind(_get(attention, "position")) == "additive":
         faults.append(f"{path}.position is an additive score bias (e.g. ALiBi), whose per-head slopes are not split "
                       "over tp ranks; use rotary positions or tp=1")
     return faults
 
 
 def _feed_forward_faults(path: str, feed_forward: Any, tp: int) -> list[str]:
-    kind = _kind(feed_forward)
-    if issubclass(kind, MoE):
-        shared = _get(feed_forward, "shared_experts")
-        return [] if shared is None else _feed_forward_faults(f"{path}.shared_experts", shared, tp)
-    if not hasattr(kind, "tensor_parallel_plan"):
-        return [f"{path} is a {kind.__name__}, which has no tensor-parallel plan; use mlp, a gated MLP or moe, "
-                "or tp=1"]
-    hidden = _get(feed_forward, "hidden_dim")
-    if hidden is not None and hidden % tp:
-        return [f"{path}.hidden_dim={hidden} is not divisible by tp={tp}: the hidden units are split evenly over "
-                f"the tp ranks; use a multiple of {tp}"]
-    return []
+    return _block_faults(path, feed_forward, tp, instead="mlp, a gated MLP or moe")
+
+
+def _block_faults(path: str, block: Any, tp: int, *, instead: str) -> list[str]:
+    """A block (config or module) that cannot split over `tp` ranks: it is no `TensorParallel`,
+    tp does not divide an argument of its `tensor_parallel_divides`, or one of its
+    `tensor_parallel_parts` (checked the same way) cannot split."""
+    kind = _kind(block)
+    if not _has_plan(kind):
+        return [f"{path} is a {getattr(kind, '__name__', kind)}, which has no tensor-parallel plan (it does not "
+                f"implement tessera.components.interfaces.TensorParallel); use {instead}, or tp=1"]
+    faults = []
+    for name in kind.tensor_parallel_divides:
+        count = _get(block, name)
+        if count is None or count % tp == 0:
+            continue
+        if name in HEAD_COUNTS:
+            faults.append(f"{path}.{name}={count} is not divisible by tp={tp}: tensor parallelism gives each rank "
+                          f"{name} / tp heads; use a tp that divides {name} (divisors: "
+                          f"{[d for d in range(1, count + 1) if count % d == 0]})")
+        else:
+            faults.append(f"{path}.{name}={count} is not divisible by tp={tp}: tensor parallelism splits {name} "
+                          f"evenly over the tp ranks; use a multiple of {tp}")
+    for name in kind.tensor_parallel_parts:
+        part = _get(block, name)
+        faults += [] if part is None else _block_faults(f"{path}.{name}", part, tp, instead=instead)
+    return faults
+
+
+def _has_plan(kind: Any) -> bool:
+    """Whether blocks of `kind` (a class; a factory's config is not judged by its return) split themselves."""
+    return isinstance(kind, type) and issubclass(kind, TensorParallel)
 
 
 def _signature(kind: Any) -> Mapping[str, inspect.Parameter]:

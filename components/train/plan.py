@@ -10,9 +10,9 @@ import fiddle as fdl
 from rich.console import Console
 from rich.table import Table
 
+from tessera.components.interfaces import RoutedExperts
 from tessera.components.model import stats
 from tessera.components.moe.experts import ROW_MULTIPLE
-from tessera.components.moe.moe import MoE
 from tessera.components.train import activation_memory, comm_volume, pipeline_bubble, planner
 from tessera.components.train.launch import build_model_on_meta
 
@@ -110,10 +110,10 @@ def plan_report(config: fdl.Buildable, model: Any, *, console: Console, capacity
     mem = planner.memory(model, layout, precision, acts, n_micro=n_micro, checkpointing=checkpointing,
                          fused_attention=fused, vocab_size=model.vocab_size if hasattr(model, "vocab_size") else None,
                          tokens=micro * seq_len)
-    moes = [m for m in model.layers.modules() if isinstance(m, MoE)]
+    moes = [m for m in model.layers.modules() if isinstance(m, RoutedExperts)]
     comm = comm_volume.per_step(model, layout, precision, n_micro=n_micro, tokens=micro * seq_len,
                                 dim=model.embedding.weight.shape[1], moe_layers=len(moes),
-                                top_k=moes[0].router.top_k if moes else 0)
+                                top_k=moes[0].top_k if moes else 0)
     bubble = pipeline_bubble.bubble_fraction(layout.schedule, p=layout.pp, m=n_micro, v=layout.virtual_stages)
     fits = planner.fits(mem, capacity_gb)
     dominant = mem.dominant()

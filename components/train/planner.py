@@ -138,9 +138,9 @@ def stage_owners(layout: PlannedLayout) -> list[int]:
 
 
 def _expert_params(module: nn.Module) -> int:
-    from tessera.components.moe.moe import MoE
+    from tessera.components.interfaces import RoutedExperts
 
-    return sum(stats.count_parameters(m.experts) for m in module.modules() if isinstance(m, MoE))
+    return sum(stats.count_parameters(m.routed_experts) for m in module.modules() if isinstance(m, RoutedExperts))
 
 
 def rank_stages(model: nn.Module, layout: PlannedLayout) -> list[list[list[int]]]:
