@@ -54,7 +54,7 @@ def train_before_groups(*, model: Any = None, data: Any = None, optimizer: Any =
     raise TypeError("train_before_groups only reads old configs; regroup() them into train")
 
 
-def load(path: str | Path) -> tuple[Any, list[str]]:
+def load_config(path: str | Path) -> tuple[Any, list[str]]:
     """The config a `--dump` file holds (written before or after the regrouping), and notes
     for the user (which old arguments moved where)."""
     try:

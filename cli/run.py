@@ -77,7 +77,8 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
     regrouped. Returns (config, notes), the notes being what swaps and old files want the user
     to know.
     """
-    from tessera.cli import old_configs, option_groups
+    from tessera.cli.old_configs import load_config, moved_override_faults
+    from tessera.cli.option_groups import spell_out
 
     overrides = list(args)
     preset = None
@@ -88,11 +89,11 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
         if preset is not None:
             raise ConfigError([Fault(
                 preset, "a preset name cannot be combined with --load", "drop the preset or --load")])
-        config, notes = old_configs.load(load)
+        config, notes = load_config(load)
     else:
         config = recipe.config(preset)
-    option_groups.spell_out(config)
-    moved = old_configs.moved_override_faults(config, overrides)
+    spell_out(config)
+    moved = moved_override_faults(config, overrides)
     if moved:
         raise ConfigError(moved)
     notes += apply_overrides(config, overrides)
