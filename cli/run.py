@@ -181,12 +181,14 @@ def _checked_config(recipe: Recipe, ns: argparse.Namespace, *, err: Console, out
 
 
 def _dry_run(config: Any, *, err: Console, out: Console) -> None:
+    from tessera.components.interfaces import DryRunError
     from tessera.components.parallel.mesh import MeshError
-    from tessera.components.train.plan import dry_run
+    from tessera.components.train.dry_run import dry_run
 
     try:
         dry_run(config, console=out)
-    except MeshError as error:  # the plan the model cannot take, found on the meta device
+    except (MeshError, DryRunError) as error:  # the plan the model cannot take, found on the meta device; a
+        # plan, precision policy or component that cannot say what the run would hold
         _fail(err, error, status=2)
 
 

@@ -19,10 +19,10 @@ from tessera.components.model import stats
 from tessera.components.moe.expert_parallel import expert_parallel_faults
 from tessera.components.moe.moe import MoE
 from tessera.components.parallel.tensor_parallel import tensor_parallel_faults
-from tessera.components.train import planner
+from tessera.components.train import memory_model
+from tessera.components.train.dry_run import dry_run
 from tessera.components.train.launch import build_model_on_meta
 from tessera.components.train.metrics import moe_layer_indices
-from tessera.components.train.plan import dry_run
 from tessera.registry import PARALLEL_PLAN, PRECISION
 from tessera.registry.kinds import FEED_FORWARD
 
@@ -82,11 +82,11 @@ def test_dry_run_and_plan_count_a_plugin_moe_swapped_in_by_name(temporary_entrie
 
     model = build_model_on_meta(config.model)
     routed = 6 * 2 * 4 * 64 * 192
-    (split,) = planner.split_parameters(model, report["plan"]["layout"])
+    (split,) = memory_model.rank_parameters(model, report["per_rank"]["layout"])
     assert split.expert == pytest.approx(routed / 2)  # each process holds half the experts
-    tokens, n_micro = 32, report["plan"]["n_micro"]  # one sequence per process
+    tokens, n_micro = 32, report["per_rank"]["n_micro"]  # one sequence per process
     # dispatch + combine, forward + backward, of top_k copies per token; half leave the process
-    all_to_all = report["plan"]["communication"]["all-to-all"]
+    all_to_all = report["per_rank"]["communication"]["all-to-all"]
     assert all_to_all == pytest.approx(n_micro * 6 * 4 * tokens * 2 * 192 * 4 / 2)
 
 

@@ -293,8 +293,8 @@ def _check_recipe(script: str, args: list[str], *, world_size: int | None) -> No
     from rich.console import Console
 
     from tessera.cli import resolve
+    from tessera.components.train.dry_run import dry_run
     from tessera.components.train.launch import build_model_on_meta
-    from tessera.components.train.plan import dry_run
 
     assert (ROOT / script).is_file(), f"{script} does not exist"
     recipe = getattr(importlib.import_module(f"tessera.recipes.{Path(script).stem}"), "recipe", None)

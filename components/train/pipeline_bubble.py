@@ -10,6 +10,16 @@ overlap hides communication, not compute). These ratios are assumptions a caller
 from __future__ import annotations
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "dualpipev")
+"""The schedules in closed form; any spelling that differs only in case and underscores names
+the same one (the parallel plans' "GPipe", "1F1B", "Interleaved1F1B", "DualPipeV")."""
+
+
+def _known(schedule: str) -> str:
+    """`schedule` as spelled in `SCHEDULES`, or ValueError naming them."""
+    for name in SCHEDULES:
+        if name.replace("_", "") == schedule.lower().replace("_", ""):
+            return name
+    raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
 def bubble_fraction(schedule: str, *, p: int, m: int, v: int = 1, f: float = 1.0, b: float = 2.0,
@@ -23,8 +33,7 @@ def bubble_fraction(schedule: str, *, p: int, m: int, v: int = 1, f: float = 1.0
     rank, a "V"), so with p ranks the bubble time is (p-1)(F&B+B-3W), against 2m(F+B) of work
     per rank (every micro-batch visits both of its stages).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    schedule = _known(schedule)
     if p == 1:
         return 0.0
     if schedule in ("gpipe", "1f1b"):
@@ -46,8 +55,7 @@ def in_flight(schedule: str, *, p: int, m: int, v: int = 1, rank: int = 0) -> fl
     activations with S = 2p stages (arXiv:2412.19437 Table 2: "PP+1"), each half of the rank's
     layers.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    schedule = _known(schedule)
     if p == 1:
         return 1.0
     if schedule == "gpipe":
@@ -73,8 +81,7 @@ def peak_activations(schedule: str, *, p: int, m: int, v: int = 1, rank: int = 0
     alternate (arXiv:2104.04473 §2.2.2; round = m / (m // p)). dualpipev: `in_flight` times the
     rank's whole share (its two stages taken as one).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    schedule = _known(schedule)
     if p == 1 or schedule == "dualpipev":
         flight = in_flight(schedule, p=p, m=m, v=v, rank=rank)
         return flight * sum(stage_bytes), p > 1 and flight < m
