@@ -39,7 +39,9 @@ class BlockSparseAttention(GroupedQueryAttention):
     - "flex": FlexAttention with a `BlockMask` of the layout (skips masked blocks; on CPU
       torch runs it forward-only, so use it for evaluation there).
 
-    The training sequence length must be a multiple of `block_size` (checked at validation).
+    The training sequence length must be a multiple of `block_size` (checked at validation);
+    a shorter input, such as the T - k positions a depth-k multi-token-prediction module
+    reads, ends in a partial block (its missing keys masked).
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
     """
 
@@ -75,7 +77,6 @@ class BlockSparseAttention(GroupedQueryAttention):
 
     def allowed(self, seq_len: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The token-level boolean mask [B or 1, 1, T, T] equivalent to the layout."""
-        self._check_length(seq_len)
         blocks = torch.arange(seq_len, device=device) // self.block_size
         pos = torch.arange(seq_len, device=device)
         mask = (self.block_allowed(blocks[:, None], blocks[None, :]) & (pos[None, :] <= pos[:, None]))[None, None]
@@ -85,7 +86,6 @@ class BlockSparseAttention(GroupedQueryAttention):
         """The layout as a FlexAttention `BlockMask` (block size = `block_size`)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        self._check_length(seq_len)
         size = self.block_size
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -97,16 +97,11 @@ class BlockSparseAttention(GroupedQueryAttention):
         batch = None if doc_ids is None else doc_ids.shape[0]
         return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, BLOCK_SIZE=size)
 
-    def _check_length(self, seq_len: int) -> None:
-        if seq_len % self.block_size:
-            raise ValueError(f"sequence length {seq_len} is not a multiple of block_size {self.block_size}")
-
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.backend == "mask":
             return super().forward(x, doc_ids=doc_ids)
         b, t, _ = x.shape
-        self._check_length(t)
         q, k, v = self.project(x)
         if self.backend == "flex":
             out = _flex_attention(compiled=self.flex_compile)(
@@ -119,7 +114,7 @@ class BlockSparseAttention(GroupedQueryAttention):
     def _gather_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           doc_ids: torch.Tensor | None) -> torch.Tensor:
         return block_gather_attention(
-            q, k, v, block_size=self.block_size, layout=self.layout(q.shape[2] // self.block_size, q.device),
+            q, k, v, block_size=self.block_size, layout=self.layout(-(-q.shape[2] // self.block_size), q.device),
             token_rule=lambda q_pos, k_pos: k_pos <= q_pos, doc_ids=doc_ids, scale=self.softmax_scale,
             dropout=self.dropout if self.training else 0.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +26,25 @@ def stdlib_files(root: str | None, max_bytes: int) -> Iterator[tuple[Path, bytes
     if not folder.is_dir():
         raise FileNotFoundError(f"stdlib folder {folder} does not exist; set root=<a folder of .py files>")
     total = 0
-    for path in sorted(p for p in folder.rglob("*.py") if "site-packages" not in p.parts):
+    for path in _python_files(folder) if root else _stdlib_listing(folder):
         data = path.read_bytes()
         if total + len(data) > max_bytes:
             return
         total += len(data)
         yield path, data
+
+
+def _python_files(folder: Path) -> list[Path]:
+    """The `.py` files under `folder`, sorted, site-packages left out."""
+    return sorted(p for p in folder.rglob("*.py") if "site-packages" not in p.parts)
+
+
+@functools.cache
+def _stdlib_listing(folder: Path) -> tuple[Path, ...]:
+    """`_python_files` of this interpreter's stdlib, listed once per process: walking the tree
+    takes most of a small corpus's preparation, and the stdlib does not change under a running
+    interpreter (a `root` folder, which may, is listed every time)."""
+    return tuple(_python_files(folder))
 
 
 @DATA_SOURCE.register("stdlib_code")
