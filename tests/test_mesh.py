@@ -246,7 +246,7 @@ def test_compositions_train_as_one_process(reference, request, label):
 @pytest.mark.slow
 def test_expert_parallel_beside_plain_ddp_and_a_pipeline_without_validation(reference, model_parallel):
     """EP beside DDP with the default (fused where possible) AdamW over experts (DTensors) and
-    replicated weights (plain); a pipelined run with eval_batches=0."""
+    replicated weights (plain); a pipelined run with validation.batches=0."""
     runs = results(reference, model_parallel)
     assert_same_run(runs["ep_ddp-deepseek"], runs["one-deepseek"], "ep_ddp-deepseek")
     assert runs["pp_noeval-llama"][0] == pytest.approx(runs["one-llama"][0], rel=1e-5, abs=1e-5)
