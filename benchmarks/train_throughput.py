@@ -7,7 +7,7 @@ Both models are built from one HF DeepseekV3 config and hold the same weights (o
 through `tessera.components.families.deepseek.hf`), so they compute the same function; each runs full
 training steps (forward, backward, AdamW step) under the same precision, side by side in
 this one process, one thread, eager and compiled (ours: per-block torch.compile, as the
-trainer's `compile=True`; theirs: torch.compile of the whole model), timed interleaved
+trainer's `compute.compile=True`; theirs: torch.compile of the whole model), timed interleaved
 (one step of each in turn) and reported as medians. MFU divides achieved FLOP/s (FLOPs per token from
 `tessera.components.model.stats`, attention included, MTP off since transformers has none) by the
 machine's matmul peak measured here for that dtype. A second table compares one MoE layer
@@ -110,7 +110,7 @@ def main() -> None:
         theirs.save_pretrained(tmp)
         models = {"tessera": load_pretrained(tmp).train(), "tessera compile": load_pretrained(tmp).train(),
                   "transformers": theirs.train(), "transformers compile": copy.deepcopy(theirs).train()}
-    for layer in models["tessera compile"].layers:  # what the trainer's compile=True does
+    for layer in models["tessera compile"].layers:  # what the trainer's compute.compile=True does
         layer.compile(dynamic=False)
     models["transformers compile"] = torch.compile(models["transformers compile"])
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
