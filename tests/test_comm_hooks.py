@@ -13,7 +13,8 @@ import torch
 
 from tessera.components.parallel.hooks.one_bit import compress, pack_signs, unpack_signs
 from tessera.components.parallel.hooks.powersgd import PowerSGD
-from tests.conftest import torchrun
+
+from helpers.launch import torchrun, worker
 
 STEPS = 30      # training steps of each end-to-end run
 WARMUP = 10     # uncompressed steps of powersgd / one_bit in those runs (= the lr warmup)
@@ -26,88 +27,13 @@ RUNS = {
                f"parallel.comm_hook.warmup_steps={WARMUP}",
 }
 
-SCRIPT = r'''
-import copy, json, os, sys
-import fiddle as fdl
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-import tessera.components.train.launch as launching
-from tessera.components.parallel.hooks.fp16 import Fp16Compression
-from tessera.components.parallel.hooks.one_bit import OneBitCompression
-from tessera.components.parallel.hooks.powersgd import PowerSGD
-from tessera.components.parallel.process_group import ensure_process_group, leave_process_group
-from tessera.recipes.llama_pretrain import recipe
-from tessera.cli import resolve
-
-ensure_process_group()
-RANK, WORLD = dist.get_rank(), dist.get_world_size()
-HOOKS = {"fp16": lambda: Fp16Compression(), "powersgd": lambda: PowerSGD(rank=1, start_iter=2),
-         "one_bit": lambda: OneBitCompression(warmup_steps=2)}
-
-
-def gather(t):
-    parts = [torch.empty_like(t) for _ in range(WORLD)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.stack(parts)
-
-
-def numerics(name, steps=5):
-    """Every rank's own gradients (an unwrapped copy of the model) and what DDP + hook left."""
-    torch.manual_seed(0)
-    ref = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 12))
-    ddp = DistributedDataParallel(copy.deepcopy(ref))
-    hook = HOOKS[name]()
-    hook.register(ddp, None)
-    record = {"local": [], "reduced": [], "bytes": [], "shapes": [tuple(p.shape) for p in ref.parameters()]}
-    for step in range(steps):
-        g = torch.Generator().manual_seed(100 * step + RANK)
-        x, y = torch.randn(8, 24, generator=g), torch.randn(8, 12, generator=g)
-        ref.zero_grad()
-        nn.functional.mse_loss(ref(x), y).backward()
-        record["local"].append([gather(p.grad) for p in ref.parameters()])
-        ddp.zero_grad()
-        before = hook.bytes_sent
-        nn.functional.mse_loss(ddp(x), y).backward()
-        record["bytes"].append(hook.bytes_sent - before)
-        record["reduced"].append([p.grad.clone() for p in ddp.module.parameters()])
-    return record
-
-
-results = {"numerics": {name: numerics(name) for name in HOOKS}, "runs": {}}
-dist.barrier()
-
-# The end-to-end runs share this process group: launch() leaves it after a run, and joining a
-# new one in the same torchrun processes hangs, so it is left once, after the last run.
-launching.leave_process_group = lambda: None
-steps = sys.argv[2]
-args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
-        "checkpoint=None", "metrics=None", "validation.batches=0", "model.layers[*].attention.dropout=0.0",
-        f"scheduler.warmup_steps={sys.argv[3]}", f"steps={steps}", f"scheduler.total_steps={steps}"]
-for name, plan in json.loads(sys.argv[4]).items():
-    config, _ = resolve(recipe, [*args, *plan.split()])
-    hook = None
-    if config.parallel.comm_hook is not None:
-        hook = fdl.build(config.parallel.comm_hook)  # the run's own instance, to read its count
-        config.parallel.comm_hook = hook
-    result = launching.launch(config)
-    params = sum(p.numel() * p.element_size() for p in result.model.parameters())
-    results["runs"][name] = {"losses": result.losses, "bytes": getattr(hook, "bytes_sent", None),
-                             "param_bytes": params}
-if RANK == 0:
-    torch.save(results, sys.argv[1])
-leave_process_group()
-'''
-
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One torchrun of 2 processes for the whole module: the hooks' numerics on a small MLP,
-    then the end-to-end runs (about 25 s on one thread per process)."""
+    """One torchrun of 2 processes for the whole module (tests/helpers/workers/comm_hooks.py): the
+    hooks' numerics on a small MLP, then the end-to-end runs (about 25 s on one thread per process)."""
     folder = tmp_path_factory.mktemp("comm_hooks")
-    (folder / "run.py").write_text(SCRIPT)
-    done = torchrun(folder / "run.py", str(folder / "results.pt"), str(STEPS), str(WARMUP), json.dumps(RUNS))
+    done = torchrun(worker("comm_hooks"), str(folder / "results.pt"), str(STEPS), str(WARMUP), json.dumps(RUNS))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "results.pt")
 

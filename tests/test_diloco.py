@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from tessera.components.parallel.diloco import DiLoCo
-from tests.conftest import torchrun
+
+from helpers.launch import torchrun, worker
 
 LR, MU, H = 0.7, 0.9, 3  # the outer step and sync period of the numerics checks
 E2E_STEPS, E2E_H = 30, 5
@@ -21,88 +22,6 @@ RUNS = {
     "diloco": f"parallel=@mesh(dp_replicate=2) parallel.periodic_sync=@diloco "
               f"parallel.periodic_sync.inner_steps={E2E_H}",
 }
-
-SCRIPT = r'''
-import json, sys
-import fiddle as fdl
-import torch
-import torch.distributed as dist
-from torch import nn
-import tessera.components.train.launch as launching
-from tessera.components.parallel.diloco import DiLoCo, local_sgd
-from tessera.components.parallel.process_group import ensure_process_group, leave_process_group
-from tessera.recipes.llama_pretrain import recipe
-from tessera.cli import resolve
-
-ensure_process_group()
-RANK, WORLD = dist.get_rank(), dist.get_world_size()
-calls = {"all_reduce": 0}
-real_all_reduce = dist.all_reduce
-
-
-def counting_all_reduce(*args, **kwargs):
-    calls["all_reduce"] += 1
-    return real_all_reduce(*args, **kwargs)
-
-
-def gather(t):
-    parts = [torch.empty_like(t) for _ in range(WORLD)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.stack(parts)
-
-
-def replicas(sync, steps=9):
-    """Each rank's weights before and after `sync.after_step` at every step (inner SGD on the
-    rank's own data), and the all-reduces the sync issued."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
-    inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    sync.begin(model, dist.group.WORLD)
-    record = {"start": [p.detach().clone() for p in model.parameters()], "before": [], "after": []}
-    calls["all_reduce"] = 0
-    for step in range(1, steps + 1):
-        g = torch.Generator().manual_seed(100 * step + RANK)
-        nn.functional.mse_loss(model(torch.randn(8, 6, generator=g)), torch.randn(8, 3, generator=g)).backward()
-        inner.step()
-        inner.zero_grad()
-        record["before"].append([gather(p.detach()) for p in model.parameters()])
-        dist.all_reduce = counting_all_reduce  # counted only inside the sync
-        sync.after_step(model, step, dist.group.WORLD)
-        dist.all_reduce = real_all_reduce
-        record["after"].append([gather(p.detach()) for p in model.parameters()])
-    record.update(all_reduces=calls["all_reduce"], bytes=sync.bytes_sent, syncs=sync.syncs,
-                  param_bytes=sum(p.numel() * 4 for p in model.parameters()))
-    return record
-
-
-H = int(sys.argv[3])
-results = {"diloco": replicas(DiLoCo(inner_steps=H, outer_lr=0.7, outer_momentum=0.9)),
-           "local_sgd": replicas(local_sgd(inner_steps=H)),
-           "every_step": replicas(local_sgd(inner_steps=1)), "runs": {}}
-dist.barrier()
-
-# The end-to-end runs share this process group (see tests/test_comm_hooks.py).
-launching.leave_process_group = lambda: None
-steps = sys.argv[2]
-args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
-        "checkpoint=None", "metrics=None", "validation.batches=0", "model.layers[*].attention.dropout=0.0",
-        "scheduler.warmup_steps=10", f"steps={steps}", f"scheduler.total_steps={steps}"]
-for name, plan in json.loads(sys.argv[4]).items():
-    config, _ = resolve(recipe, [*args, *plan.split()])
-    sync = None
-    if config.parallel.periodic_sync is not None:
-        sync = fdl.build(config.parallel.periodic_sync)  # the run's own instance, to read its counts
-        config.parallel.periodic_sync = sync
-    result = launching.launch(config)
-    final = [gather(p.detach()) for p in result.model.parameters()]
-    results["runs"][name] = {
-        "losses": result.losses, "syncs": getattr(sync, "syncs", None), "bytes": getattr(sync, "bytes_sent", None),
-        "param_bytes": sum(p.numel() * p.element_size() for p in result.model.parameters()),
-        "replicas_equal": all(bool((t[0] == t[1]).all()) for t in final)}
-if RANK == 0:
-    torch.save(results, sys.argv[1])
-leave_process_group()
-'''
 
 
 def naive_outer_steps(start: list[torch.Tensor], averages: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -155,10 +74,10 @@ def test_bad_settings_name_the_fix():
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One torchrun of 2 processes: the numerics on a small MLP, then the end-to-end runs."""
+    """One torchrun of 2 processes (tests/helpers/workers/diloco.py): the numerics on a small MLP,
+    then the end-to-end runs."""
     folder = tmp_path_factory.mktemp("diloco")
-    (folder / "run.py").write_text(SCRIPT)
-    done = torchrun(folder / "run.py", str(folder / "results.pt"), str(E2E_STEPS), str(H), json.dumps(RUNS))
+    done = torchrun(worker("diloco"), str(folder / "results.pt"), str(E2E_STEPS), str(H), json.dumps(RUNS))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "results.pt")
 

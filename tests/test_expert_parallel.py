@@ -6,9 +6,6 @@ other parameters, against one process: losses, final weights and router biases."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,13 +17,13 @@ from tessera.components.moe.expert_parallel import (
     expert_parallel_faults,
     local_experts,
     plan_dispatch,
-    reduce_expert_gradients,
 )
 from tessera.components.moe.experts import GroupedExperts
 from tessera.components.moe.moe import MoE
 from tessera.components.moe.router import Router
-from tessera.components.train.divergence import clip_gradients
-from tests.conftest import ROOT
+
+from helpers.launch import torchrun, worker
+from helpers.workers.expert_parallel import build, train
 
 E, EP, D, H, K = 8, 2, 16, 12, 2
 
@@ -112,124 +109,6 @@ def test_expert_parallel_faults_name_the_constraint():
     assert expert_parallel_faults(v2, 4) == []
 
 
-STEPS = 3
-RUN = """
-import json, sys
-import torch, torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
-from tessera.components.moe.experts import GroupedExperts
-from tessera.components.moe.expert_parallel import apply_expert_parallel, expert_parameters
-from tessera.components.parallel.mesh import _parallel_dims
-from tessera.components.parallel.sharding import materialize_sharded
-from tests.test_expert_parallel import build, train
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-folder = sys.argv[1]
-dims = _parallel_dims(dict(dp_replicate=1, dp_shard=2, tp=1, pp=1, ep=2), 2, "cpu")
-# ep=1 with the experts whole on both processes: their gradients averaged over the replica mesh
-replicated = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
-# DDP over the other parameters: torchtitan's ParallelDims carves ep out of dp_shard only, so a mesh of its own
-beside_ddp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("efsdp", "ep"))
-layouts = {"ep2": (dims.get_mesh("ep"), dims.get_optional_mesh("efsdp"), "fsdp"),
-           "replicas2": (replicated["ep"], replicated["dp_replicate", "efsdp"], "fsdp"),  # 2-D, as under HSDP
-           "ep2_ddp": (beside_ddp["ep"], beside_ddp["efsdp"], "ddp")}
-
-
-class ThroughDDP(torch.nn.Module):  # model.losses called through DDP, as components/parallel/ddp.py does
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        names = [f"model.{n}" for n, p in model.named_parameters() if p in expert_parameters(model)]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
-        object.__setattr__(self, "ddp", DistributedDataParallel(self, forward_sync_buffers=False))  # no cycle
-        self.vocab_size = model.vocab_size
-    def forward(self, tokens, targets):
-        return self.model.losses(tokens, targets)
-    def losses(self, tokens, targets):
-        return self.ddp(tokens, targets)
-
-
-for label, (ep_mesh, replica_mesh, dense) in layouts.items():
-    torch.manual_seed(0)
-    model = build()
-    # the routers' loads summed over the data-parallel ("batch") group, as under pipeline parallelism
-    load_group = dims.get_mesh("batch").get_group() if label == "ep2" else None
-    apply_expert_parallel(model, ep_mesh, replica_mesh=replica_mesh, load_group=load_group)
-    assert all(getattr(m, "load_group", load_group) is load_group for m in model.modules())
-    ignored = expert_parameters(model)
-    if dense == "fsdp":
-        for unit in [*model.blocks(), model]:  # FSDP over the other parameters, as sharding.shard does
-            fully_shard(unit, mesh=dims.get_mesh("fsdp"), ignored_params=ignored)
-        register_fsdp_forward_method(model, "losses")
-    materialize_sharded(model, "cpu")
-    flows = []
-    def record(model):
-        flows.extend([m.expert_parallel.sent, m.expert_parallel.received]
-                     for m in model.modules() if isinstance(m, GroupedExperts))
-    result = train(model if dense == "fsdp" else ThroughDDP(model), rank, 2, after_forward=record)
-    dcp.save(model.state_dict(), checkpoint_id=f"{folder}/{label}-dcp")  # each process writes its shards
-    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for k, v in model.state_dict().items()}
-    if rank == 0:
-        save_file(full, f"{folder}/{label}.safetensors")
-        print("RESULT", label, json.dumps(result), flush=True)
-    # a file, not stdout: two processes' long lines interleave on a shared pipe
-    with open(f"{folder}/flows-{label}-{rank}.json", "w") as out:
-        json.dump(flows, out)
-from tessera.components.parallel.process_group import leave_process_group
-leave_process_group()  # barrier first: a rank tearing gloo down alone can abort
-"""
-
-
-def build():
-    """The DeepSeek debug model on the meta device (fp32, as the recipe configures it)."""
-    from tessera.cli import resolve
-    from tessera.components.train.launch import build_model_on_meta
-    from tessera.recipes.deepseek_pretrain import recipe
-
-    config, _ = resolve(recipe, ["debug"])
-    return build_model_on_meta(config.model)
-
-
-def train(model, rank: int, world: int, after_forward=lambda model: None) -> tuple[list[float], list[float]]:
-    """STEPS AdamW steps on a fixed random batch of 4 sequences (process `rank` of `world`
-    takes rows rank::world, as the data loaders do) with gradient clipping and the routers'
-    bias update; returns each step's total loss averaged over the processes and its gradient
-    norm before clipping (Adam would hide wrongly scaled gradients; the norm does not)."""
-    import torch.distributed as dist
-
-    from tessera.components.moe.router import Router
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-5)
-    generator = torch.Generator().manual_seed(1)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        batch = torch.randint(model.vocab_size, (4, 33), generator=generator)[rank::world]
-        terms = model.losses(batch[:, :-1], batch[:, 1:])
-        after_forward(model)
-        loss = torch.stack(list(terms.values())).sum()
-        loss.backward()
-        reduce_expert_gradients(model)  # the experts' copies average their gradients, as the mesh plan does
-        # one norm per device mesh (FSDP's and the experts'), as the trainer clips
-        norms.append(clip_gradients(list(model.named_parameters()), 1.0)[0].item())
-        optimizer.step()
-        optimizer.zero_grad()
-        for module in model.modules():
-            if isinstance(module, Router):
-                module.after_optimizer_step()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses, norms
-
-
 @pytest.mark.slow
 def test_deepseek_debug_model_with_expert_parallel_beside_fsdp_or_ddp_trains_like_one_process(tmp_path):
     """ep=2 (each process 4 of the 8 experts, tokens exchanged) with FSDP or DDP over the other
@@ -237,11 +116,7 @@ def test_deepseek_debug_model_with_expert_parallel_beside_fsdp_or_ddp_trains_lik
     the replica mesh) with FSDP; DCP checkpoints saved under each load into one process."""
     import torch.distributed.checkpoint as dcp
 
-    (tmp_path / "run.py").write_text(RUN)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(tmp_path / "run.py"), str(tmp_path)], text=True,
-                          capture_output=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = torchrun(worker("expert_parallel"), str(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
     results = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("RESULT")}

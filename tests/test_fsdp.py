@@ -4,10 +4,7 @@ sharded checkpoints that reshard between 2 processes and 1."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import fiddle as fdl
 import pytest
@@ -17,40 +14,23 @@ from tessera.cli import resolve
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tests.conftest import ROOT
+
+from helpers.launch import torchrun, worker
 
 ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
         "scheduler.total_steps=6", "scheduler.warmup_steps=2", "model.layers[*].attention.dropout=0.0",
         # Rows of tokens absent from a batch get gradients of ~1e-9 that differ with summation
         # order; Adam's default eps (1e-8) would blow those up to full-size steps of either sign.
         "optimizer.eps=1e-5"]
-RUN = """
-import json, os, sys, fiddle as fdl
-from tessera.components.train.checkpoint import Checkpointer
-from tessera.components.train.launch import launch
-from tessera.recipes.llama_pretrain import recipe
-from tessera.cli import resolve
-config, _ = resolve(recipe, sys.argv[3:] + [f"steps={sys.argv[1]}", "parallel=@fsdp"])
-config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[2], every=2, keep=5, resume=True,
-                               async_save=os.environ.get("ASYNC_SAVE") == "1")
-result = launch(config)
-if os.environ["RANK"] == "0":
-    print("LOSSES", json.dumps(result.losses))
-"""
 
 
 def two_processes(steps: int, folder, *extra: str, async_save: bool = False) -> list[float]:
-    """Train on 2 processes under torchrun (validating every 2 steps, which every rank must
-    join); returns the per-step losses rank 0 reports."""
+    """Train on 2 processes under torchrun (tests/helpers/workers/fsdp.py; validating every 2
+    steps, which every rank must join); returns the per-step losses rank 0 reports."""
     extra = (f"metrics.folder={folder}/metrics", "metrics.eval_every=2", "metrics.plots=False",
              "metrics.tensorboard=False", *extra)
-    script = folder.parent / "run.py"
-    script.write_text(RUN)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(steps), str(folder), *ARGS, *extra], text=True, capture_output=True,
-                          cwd=ROOT,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                                                    "ASYNC_SAVE": str(int(async_save))})
+    done = torchrun(worker("fsdp"), str(steps), str(folder), *ARGS, *extra, timeout=300,
+                    env={"ASYNC_SAVE": str(int(async_save))})
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("LOSSES"))
     return json.loads(line[len("LOSSES"):])
