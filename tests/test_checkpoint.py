@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import fiddle as fdl
@@ -18,26 +16,15 @@ from tessera.cli import resolve
 from tessera.components.train.checkpoint import Checkpointer, ResumeError
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tests.conftest import ROOT
 
-RUN = """
-import sys, fiddle as fdl
-from tessera.components.train.checkpoint import Checkpointer
-from tessera.components.train.launch import launch
-from tessera.recipes.llama_pretrain import recipe
-from tessera.cli import resolve
-config, _ = resolve(recipe, ["debug", "steps=12", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1",
-                             "progress=None", "scheduler.total_steps=12", "scheduler.warmup_steps=2",
-                             "model.layers[*].attention.dropout=0.1"])
-config.checkpoint = fdl.Config(Checkpointer, folder=sys.argv[1], every=1, keep=20, resume=True)
-launch(config)
-print("FINISHED")
-"""
+from helpers.launch import run_recipe, worker
+from helpers.launch import start as launch_process
 
 
 def start(folder) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUN, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """12 steps checkpointed every step into `folder` (tests/helpers/workers/checkpoint_every_step.py)."""
+    return launch_process(worker("checkpoint_every_step"), str(folder), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
 
 
 def final_state(folder):
@@ -148,8 +135,6 @@ def test_async_save_writes_the_same_checkpoint_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_writes_checkpoints_by_default_and_resume_flag_continues(tmp_path):
-    from tests.conftest import run_recipe
-
     args = ["steps=4", "batch_size=2", "seq_len=32", "compute.threads=1", "scheduler.warmup_steps=1",
             "scheduler.total_steps=6", f"metrics.folder={tmp_path}", f"checkpoint.folder={tmp_path}/ck",
             "checkpoint.every=2", "metrics.plots=False"]

@@ -4,10 +4,7 @@ resuming with another model names the config paths that differ instead of failin
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import fiddle as fdl
@@ -20,7 +17,9 @@ from tessera.components.train import resume_config
 from tessera.components.train.checkpoint import Checkpointer, ResumeError, ResumeMismatch
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
-from tests.conftest import ROOT, run_recipe
+
+from helpers.checkpoint_damage import damage
+from helpers.launch import run_recipe, torchrun, worker
 
 ARGS = ["debug", "batch_size=2", "seq_len=32", "precision=@fp32", "progress=None", "compute.threads=1",
         "scheduler.warmup_steps=1", "scheduler.total_steps=3"]
@@ -30,38 +29,6 @@ def run(folder: Path, *extra: str, steps: int = 3, resume: bool | str = True):
     config, _ = resolve(recipe, [*ARGS, f"steps={steps}", *extra])
     config.checkpoint = fdl.Config(Checkpointer, folder=str(folder), every=1, keep=5, resume=resume)
     return launch(config)
-
-
-def flip(path: Path, offset: int) -> None:
-    """Change one bit of the byte at `offset` (negative: from the end), keeping the size."""
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def damage(checkpoint: Path, case: str) -> tuple[Path, str]:
-    """Damage `checkpoint` as `case` says; returns the file named and what the warning must say."""
-    shard = sorted(checkpoint.glob("*.safetensors"))[-1]
-    size = shard.stat().st_size
-    if case == "header":  # inside the JSON header that says where each tensor lies
-        flip(shard, 20)
-        return shard, "bytes changed since written"
-    if case == "middle":
-        flip(shard, size // 2)
-        return shard, "bytes changed since written"
-    if case == "last byte":
-        flip(shard, -1)
-        return shard, "bytes changed since written"
-    if case == "truncated":  # as a full disk or an interrupted copy leaves it: header intact
-        shard.write_bytes(shard.read_bytes()[: size // 2])
-        return shard, f"{size // 2:,} bytes, expected {size:,} (truncated)"
-    if case == "missing shard":
-        shard.unlink()
-        return shard, f"missing (expected {size:,} bytes)"
-    if case == "missing manifest":
-        (checkpoint / "MANIFEST.json").unlink()
-        return checkpoint / "MANIFEST.json", "missing"
-    raise ValueError(case)
 
 
 def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -256,62 +223,14 @@ def test_cli_resume_extending_steps_and_damaged_explicit_path(cli_run, tmp_path)
 
 # -- two processes -----------------------------------------------------------------------------------
 
-TWO = """
-import json, os, shutil, sys
-from pathlib import Path
-import fiddle as fdl, torch
-import tessera.components.train.launch as launch_module
-from tessera.components.parallel.process_group import leave_process_group
-from tessera.components.train.checkpoint import Checkpointer, ResumeError
-from tessera.recipes.llama_pretrain import recipe
-from tessera.cli import resolve
-from tests.test_checkpoint_integrity import damage
-
-launch_module.leave_process_group = lambda: None  # one process group for every run below
-root, rank = Path(sys.argv[1]), int(os.environ["RANK"])
-args = ["debug", "batch_size=4", "seq_len=32", "precision=@fp32", "progress=None", "compute.threads=1",
-        "parallel=@fsdp", "scheduler.warmup_steps=1", "scheduler.total_steps=3", "steps=3", "optimizer.eps=1e-5"]
-
-def run(folder, resume):
-    config, _ = resolve(recipe, args)
-    config.metrics = None
-    config.checkpoint = fdl.Config(Checkpointer, folder=str(folder), every=1, keep=5, resume=resume)
-    return launch_module.launch(config)
-
-out = {"full": run(root / "full", False).losses}
-for case in sys.argv[2:]:
-    folder = root / case.replace(" ", "_")
-    if rank == 0:
-        shutil.copytree(root / "full", folder)
-        damage(folder / "step-00000003", case)
-    torch.distributed.barrier()
-    chosen = Checkpointer(folder=str(folder), resume=True).resume_path()
-    out[case] = {"chosen": chosen.name, "losses": run(folder, True).losses}
-try:
-    Checkpointer(folder=str(folder), resume=str(folder / "step-00000001")).resume_path()
-    folder_copy = root / "explicit"
-    if rank == 0:
-        shutil.copytree(root / "full", folder_copy)
-        damage(folder_copy / "step-00000003", "truncated")
-    torch.distributed.barrier()
-    Checkpointer(folder=str(folder_copy), resume=str(folder_copy / "step-00000003")).resume_path()
-except ResumeError as err:
-    out["explicit"] = str(err)
-print("RESULT", json.dumps(out), flush=True)
-leave_process_group()
-"""
 TWO_CASES = ["header", "truncated", "missing shard", "missing manifest"]
 
 
 @pytest.mark.slow
 def test_two_processes_fall_back_alike_and_resume_like_an_uninterrupted_run(tmp_path):
-    script = tmp_path / "two.py"
-    script.write_text(TWO)
     logs = tmp_path / "logs"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--log-dir", str(logs), "--redirects", "3", str(script), str(tmp_path), *TWO_CASES],
-                          text=True, capture_output=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = torchrun(worker("checkpoint_integrity"), str(tmp_path), *TWO_CASES, timeout=300,
+                    options=["--log-dir", str(logs), "--redirects", "3"])
     per_rank = {int(p.parent.name): p.parent for p in logs.rglob("stdout.log")}
     stdout = {rank: (folder / "stdout.log").read_text() for rank, folder in per_rank.items()}
     stderr = {rank: (folder / "stderr.log").read_text() for rank, folder in per_rank.items()}

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -29,7 +28,8 @@ from tessera.components.data.pipeline import TextPipeline
 from tessera.components.data.sources.files import LocalFiles
 from tessera.components.data.store import TokenStore, write_store
 from tessera.components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
-from tests.conftest import ROOT
+
+from helpers.launch import ROOT, run_program, worker
 
 PROSE = ("The queue module implements multi-producer, multi-consumer queues. It is especially useful in "
          "threaded programming when information must be exchanged safely between multiple threads. The Queue "
@@ -242,19 +242,8 @@ def test_loader_resumes_exactly_in_a_new_process(tmp_path):
     torch.save(loader.state_dict(), tmp_path / "state.pt")
     expected = torch.stack([loader.next_batch()["tokens"] for _ in range(5)])
     torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import torch
-        from tessera.components.data.loader import PackedLoader
-        from tessera.components.data.store import TokenStore
-        loader = PackedLoader(store=TokenStore({str(tmp_path / 'store')!r}), split="train", seq_len=32, batch_size=4,
-                              weights={weights!r}, seed=999)
-        loader.load_state_dict(torch.load({str(tmp_path / 'state.pt')!r}, weights_only=False))
-        got = torch.stack([loader.next_batch()["tokens"] for _ in range(5)])
-        assert torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r})), "resumed batches differ"
-        print("OK")
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    result = run_program(worker("loader_resume"), str(tmp_path / "store"), json.dumps(weights),
+                         str(tmp_path / "state.pt"), str(tmp_path / "expected.pt"), timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
 
 

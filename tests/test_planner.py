@@ -15,7 +15,8 @@ from tessera.components.train import activation_memory, comm_volume, memory_mode
 from tessera.components.train.dry_run import layout_of, per_rank_report
 from tessera.components.train.launch import build_model_on_meta
 from tessera.registry import PARALLEL_PLAN, PRECISION
-from tests.conftest import run_recipe
+
+from helpers.launch import run_recipe, torchrun, worker
 
 
 # -- closed forms ------------------------------------------------------------------------------
@@ -262,64 +263,16 @@ def test_deepseek_v3_dry_run_reports_the_fit_and_what_dominates():
 # loop is not used so that the data pipeline's token buffers stay out of it. Each data-parallel
 # share of the batch (tensor- and pipeline-parallel processes read the same rows) is cut into the
 # case's micro-batches; a pipeline schedule re-splits them when the plan sets n_microbatches.
-MEASURE = r"""
-import importlib, json, sys
-import fiddle as fdl, torch, torch.distributed as dist
-from tessera.registry import PARALLEL_PLAN
-from tests.helpers.live_bytes import LiveTensorBytes
-
-def measure(recipe_name, parallel, batch, seq, n_micro):
-    torch.manual_seed(0)
-    cfg = importlib.import_module(f"tessera.recipes.{recipe_name}").recipe.config("debug")
-    tracker = LiveTensorBytes()
-    with tracker:
-        with torch.device("meta"):
-            model = fdl.build(cfg.model)
-        plan = fdl.build(parallel)
-        model = plan.apply(model, device="cpu")
-        plan.materialize(model, "cpu")
-        plan.ready(model)
-        opt = plan.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
-        rank, dp = plan.data_parallel
-        rows = torch.Generator().manual_seed(rank)
-        for step in range(2):
-            tokens = torch.randint(0, cfg.model.vocab_size, (batch // dp, seq + 1), generator=rows)
-            micro = [dict(tokens=t[:, :-1], targets=t[:, 1:]) for t in torch.chunk(tokens, n_micro)]
-            plan.forward_backward(model, micro, n_micro=n_micro,
-                                  losses=lambda b: model.losses(b["tokens"], b["targets"]),
-                                  backward=lambda loss: loss.backward())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    peak = torch.tensor(float(tracker.peak))
-    if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest process, as the planner reports
-    return int(peak.item())
-
-cases = json.loads(sys.argv[1])
-peaks = {name: measure(r, PARALLEL_PLAN.config(kind, **kw), *shape) for name, (r, kind, kw, shape) in cases.items()}
-if not dist.is_initialized() or dist.get_rank() == 0:
-    print("PEAKS" + json.dumps(peaks))
-"""
 
 Case = tuple[str, str, dict, tuple[int, int, int]]
 """(recipe, parallel plan kind, its arguments, (global batch, seq_len, micro-batches per step))."""
 
 
-def _measure(cases: dict[str, Case], processes: int, tmp_path) -> dict[str, int]:
+def _measure(cases: dict[str, Case], processes: int) -> dict[str, int]:
+    """Each case's measured peak (tests/helpers/workers/memory_peaks.py on `processes` processes)."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "measure.py"
-    script.write_text(MEASURE)
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] \
-        if processes > 1 else []
-    done = subprocess.run([sys.executable, *launcher, str(script), json.dumps(cases)], text=True,
-                          capture_output=True, cwd=root, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    done = torchrun(worker("memory_peaks"), json.dumps(cases), processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("PEAKS"))
     return json.loads(line[len("PEAKS"):])
@@ -353,9 +306,9 @@ def _predicted(recipe_name: str, kind: str, kw: dict, shape: tuple, world: int) 
     return report["peak_bytes"]
 
 
-def _check(cases: dict[str, Case], processes: int, tmp_path) -> None:
+def _check(cases: dict[str, Case], processes: int) -> None:
     """Every case's predicted peak within 15% of its measured one; all ratios in the message."""
-    measured = _measure(cases, processes, tmp_path)
+    measured = _measure(cases, processes)
     rows = {name: (_predicted(recipe, kind, kw, shape, processes), measured[name])
             for name, (recipe, kind, kw, shape) in cases.items()}
     shown = ", ".join(f"{name}: {p / 2**20:.1f} / {m / 2**20:.1f} MiB = {p / m:.3f}" for name, (p, m) in rows.items())
@@ -364,13 +317,13 @@ def _check(cases: dict[str, Case], processes: int, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("recipe_name", ["llama_pretrain", "deepseek_pretrain"])
-def test_predicted_peak_within_15_percent_of_measured_single_process(recipe_name, tmp_path):
+def test_predicted_peak_within_15_percent_of_measured_single_process(recipe_name):
     _check({"single": (recipe_name, "single", {}, (8, 128, 1)),
-            "accumulate": (recipe_name, "single", {}, (8, 128, 2))}, 1, tmp_path)
+            "accumulate": (recipe_name, "single", {}, (8, 128, 2))}, 1)
 
 
 @pytest.mark.slow
-def test_predicted_peak_within_15_percent_of_measured_on_two_processes(tmp_path):
+def test_predicted_peak_within_15_percent_of_measured_on_two_processes():
     _check({
         "ddp": ("llama_pretrain", "mesh", {"dp_replicate": 2}, (8, 128, 1)),
         "zero1": ("llama_pretrain", "mesh", {"dp_replicate": 2, "zero1": True}, (8, 128, 1)),
@@ -386,11 +339,11 @@ def test_predicted_peak_within_15_percent_of_measured_on_two_processes(tmp_path)
         "fsdp_ep": ("deepseek_pretrain", "mesh", {"dp_shard": 2, "ep": 2}, (8, 128, 1)),
         "ddp_ep": ("deepseek_pretrain", "mesh", {"dp_replicate": 2, "ep": 2}, (8, 128, 1)),
         "tp_mla_moe": ("deepseek_pretrain", "mesh", {"tp": 2}, (8, 128, 1)),
-    }, 2, tmp_path)
+    }, 2)
 
 
 @pytest.mark.slow
-def test_predicted_peak_within_15_percent_of_measured_on_four_processes(tmp_path):
+def test_predicted_peak_within_15_percent_of_measured_on_four_processes():
     _check({
         "fsdp_tp": ("llama_pretrain", "mesh", {"dp_shard": 2, "tp": 2}, (8, 128, 1)),
         "fsdp_pp": ("llama_pretrain", "mesh", {"dp_shard": 2, "pp": 2}, (8, 128, 2)),
@@ -401,4 +354,4 @@ def test_predicted_peak_within_15_percent_of_measured_on_four_processes(tmp_path
         "pp_ep_zero1": ("deepseek_pretrain", "mesh", {"pp": 2, "dp_replicate": 2, "ep": 2, "zero1": True},
                         (8, 128, 2)),
         "tp_pp": ("llama_pretrain", "mesh", {"tp": 2, "pp": 2}, (8, 128, 2)),
-    }, 4, tmp_path)
+    }, 4)

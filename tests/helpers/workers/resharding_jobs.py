@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_resharding.py: train or resume recipe jobs under a parallel
 plan and write, per rank, what each job's final model holds.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/resharding_jobs.py JOBS.json
+    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/resharding_jobs.py JOBS.json
 
 JOBS.json is a list of {label, recipe, args, folder, resume, out, export}: `args` are recipe
 overrides (the plan included); `folder` is where checkpoints are written (every `steps`);
