@@ -18,7 +18,8 @@ from tessera.cli import resolve
 from tessera.components.train.launch import launch
 from tessera.components.train.metrics import Metrics, layer_order
 from tessera.recipes.deepseek_pretrain import recipe
-from tests.conftest import ROOT, torchrun
+
+from helpers.launch import recipe_script, torchrun
 
 BATCH, SEQ, TOP_K = 8, 32, 2
 ARGS = ["debug", "steps=2", f"batch_size={BATCH}", "step.micro_batch_size=2", f"seq_len={SEQ}", "precision=@fp32",
@@ -40,7 +41,7 @@ def test_pipelined_expert_load_covers_every_moe_layer_as_one_process(tmp_path):
     one, one_summary = logged(tmp_path / "one")
 
     overrides = [f"metrics.{k}={v}" for k, v in METRICS.items()]
-    result = torchrun(ROOT / "recipes" / "deepseek_pretrain.py", *ARGS, "parallel=@mesh(pp=2)",
+    result = torchrun(recipe_script("deepseek_pretrain"), *ARGS, "parallel=@mesh(pp=2)",
                       f"metrics.folder={tmp_path / 'pp'}", *overrides, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     pp, pp_summary = logged(tmp_path / "pp")

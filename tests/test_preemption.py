@@ -4,47 +4,43 @@ where an uninterrupted run ends. Checked from the command line, in one process a
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tessera.components.train.checkpoint import load_model
-from tests.conftest import ROOT
+
+from helpers.launch import recipe_script, run_program, start
 
 STEPS = 24
 ARGS = ["debug", f"steps={STEPS}", "batch_size=4", "seq_len=32", "precision=@fp32", "progress.log_every=1",
         "scheduler.warmup_steps=2", f"scheduler.total_steps={STEPS}", "checkpoint.every=1000",
         "metrics.eval_every=1000", "metrics.plots=False", "metrics.tensorboard=False",
         "model.layers[*].attention.dropout=0.0", "optimizer.eps=1e-5"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+ENV = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 
-def command(folder: Path, processes: int, *extra: str) -> list[str]:
+def overrides(folder: Path, processes: int, *extra: str) -> list[str]:
     outputs = [f"checkpoint.folder={folder}/checkpoints", f"metrics.folder={folder}"]
     plan = ["parallel=@fsdp"] if processes > 1 else []
-    script = [str(ROOT / "recipes" / "llama_pretrain.py"), *ARGS, *outputs, *plan, *extra]
-    if processes == 1:
-        return [sys.executable, *script]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-            *script]
+    return [*ARGS, *outputs, *plan, *extra]
 
 
 def run(folder: Path, processes: int, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command(folder, processes, *extra), capture_output=True, text=True, cwd=ROOT, env=ENV,
-                          timeout=300)
+    """The llama recipe from the command line, on 1 process or under torchrun."""
+    return run_program(recipe_script("llama_pretrain"), *overrides(folder, processes, *extra), processes=processes,
+                       env=ENV, timeout=300)
 
 
 def terminated_at(folder: Path, processes: int, after_step: int) -> tuple[int, str]:
     """Start the run, send SIGTERM (to torchrun itself under 2 processes) once step
     `after_step` is printed; returns the exit status and everything the run printed."""
-    proc = subprocess.Popen(command(folder, processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, env=ENV)
+    proc = start(recipe_script("llama_pretrain"), *overrides(folder, processes), processes=processes, env=ENV,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     printed = []
     for line in proc.stdout:
         printed.append(line)

@@ -99,7 +99,10 @@ def own_traceback_frames(text: str) -> list[str]:
     environments = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     own = []
     for line in re.findall(r'File "[^"]+", line \d+', text):
-        path = Path(line.split('"')[1]).resolve()
+        name = line.split('"')[1]
+        if not Path(name).is_absolute():  # "<frozen runpy>", "<string>": no file of ours
+            continue
+        path = Path(name).resolve()
         installed = "tessera" in path.parts and "site-packages" in path.parts
         in_environment = any(path.is_relative_to(prefix) for prefix in environments)
         if installed or (path.is_relative_to(ROOT) and not in_environment):
