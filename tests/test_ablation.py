@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from tests.conftest import run_recipe
+from helpers.launch import run_recipe
 
 COLUMNS = ["attention", "position", "feed-forward", "FFN width", "params total", "params activated",
            "train FLOPs/token", "params vs budget", "val bits/byte", "tokens/s", "peak memory MiB",

@@ -6,7 +6,8 @@ import fiddle as fdl
 import pytest
 
 from tessera.recipes.llama_pretrain import recipe
-from tests.conftest import child_cpu_seconds, run_recipe
+
+from helpers.launch import child_cpu_seconds, run_recipe
 
 
 def test_help_lists_presets_and_registries():

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from helpers.launch import ROOT
 
 
 def test_third_party_model_trains_with_hand_wired_balancing():

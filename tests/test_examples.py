@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import ROOT, run_recipe
+from helpers.launch import ROOT, run_recipe
 
 
 def run_example(script: str) -> subprocess.CompletedProcess[str]:

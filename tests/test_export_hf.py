@@ -14,7 +14,8 @@ from tessera.components.families.llama.hf import save_pretrained
 from tessera.components.train.checkpoint import load_model
 from tessera.components.train.export import export_faults
 from tessera.components.train.launch import build_model_on_meta
-from tests.conftest import run_recipe
+
+from helpers.launch import run_recipe
 
 transformers = pytest.importorskip("transformers")
 

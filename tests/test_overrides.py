@@ -179,7 +179,7 @@ def _attention_runs(cfg, seq_len: int = 64) -> torch.Tensor:
 
 
 def test_mla_to_gqa_swap_on_the_flagship_runs_as_a_user_would():
-    from tests.conftest import run_recipe
+    from helpers.launch import run_recipe
 
     result = run_recipe("model.layers[*].attention=@gqa", "--dry-run", recipe="deepseek_pretrain")
     assert result.returncode == 0, result.stderr

@@ -28,7 +28,8 @@ from tessera.components.data.document import Document
 from tessera.components.data.pipeline import TextPipeline
 from tessera.components.data.sources.files import LocalFiles
 from tessera.components.data.sources.rows import MalformedRow, MalformedRowError
-from tests.conftest import ROOT
+
+from helpers.launch import ROOT
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "dan", "ber", "qua", "zo", "fi", "gle", "tor",
              "ost", "ing", "el", "um", "spa", "cre", "wid", "noy"]

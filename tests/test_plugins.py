@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
-
-
-def make_distribution(site: Path, dist: str, module: str, source: str) -> None:
-    """Write an installed distribution (package + .dist-info with an entry point) into `site`."""
-    (site / module).mkdir(parents=True)
-    (site / module / "__init__.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[tessera.components]\n{dist} = {module}\n")
-    (info / "RECORD").write_text("")
-
-
-def run_python(code: str, site: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+from helpers.launch import ROOT
+from helpers.plugins import make_distribution, run_python  # test_catalogue.py imports them from here too
 
 
 def test_plugin_registers_lazily_and_broken_plugin_only_warns(tmp_path):

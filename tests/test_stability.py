@@ -15,8 +15,8 @@ from tessera.components.train.launch import launch
 from tessera.components.train.trainer import train
 from tessera.recipes import deepseek_pretrain, llama_pretrain
 from tessera.recipes.llama_pretrain import recipe
-from tests.conftest import run_recipe
 
+from helpers.launch import run_recipe
 from helpers.stdlib_bytes import StdlibBytes
 
 
