@@ -4,7 +4,8 @@ step 3 damaged (tests/helpers/checkpoint_damage.py), resumed; and a damaged chec
 explicitly. Rank 0 and 1 each print `RESULT <json>`: {"full": losses, CASE: {chosen, losses},
 "explicit": the error's message}.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/checkpoint_integrity.py ROOT CASE...
+    PYTHONPATH=tests python -m torch.distributed.run --nproc-per-node 2 \
+        tests/helpers/workers/checkpoint_integrity.py ROOT CASE...
 """
 
 from __future__ import annotations

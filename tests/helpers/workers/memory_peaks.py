@@ -2,7 +2,7 @@
 tensor bytes (tests/helpers/live_bytes.py) from building the debug model under the case's parallel
 plan through two optimizer steps, the busiest process's; prints `PEAKS <json>` (rank 0).
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/memory_peaks.py \
+    PYTHONPATH=tests python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/memory_peaks.py \
         '{"name": [recipe, plan kind, plan arguments, [global batch, seq_len, micro-batches]], ...}'
 """
 
