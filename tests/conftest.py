@@ -16,10 +16,6 @@ os.environ.setdefault("TESSERA_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-cach
 # Test-only components (tests/helpers) may appear in configs that checkpoints serialize.
 import tessera.registry.serialize  # noqa: E402
 
-# Launching other processes lives in tests/helpers/launch.py; these names stay here for the test
-# files that still import them from `tests.conftest`.
-from helpers.launch import ROOT, child_cpu_seconds, run_recipe, torchrun  # noqa: E402, F401
-
 tessera.registry.serialize.PROJECT_PACKAGES = tessera.registry.serialize.PROJECT_PACKAGES | {"helpers"}
 
 

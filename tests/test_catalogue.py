@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from tessera.registry import ATTENTION, FEED_FORWARD, ConfigError, all_registries, catalogue
-from tests.conftest import ROOT
-from tests.test_plugins import make_distribution, run_python
+
+from helpers.launch import ROOT
+from helpers.plugins import make_distribution, run_python
 
 
 def run_list(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,8 @@ from tessera.components.train.validation import Validation
 from tessera.recipes.llama_pretrain import recipe
 from tessera.registry import serialize
 from tessera.registry.errors import ConfigError
-from tests.conftest import ROOT
+
+from helpers.launch import ROOT
 
 PRE_RENAME = ROOT / "tests" / "data" / "pre_rename_llama_default.json"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers.launch import ROOT
-from helpers.plugins import make_distribution, run_python  # test_catalogue.py imports them from here too
+from helpers.plugins import make_distribution, run_python
 
 
 def test_plugin_registers_lazily_and_broken_plugin_only_warns(tmp_path):

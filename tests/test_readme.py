@@ -5,7 +5,7 @@ Every fenced block of README.md and docs/**/*.md is checked by its language:
 - `python`: executed as it stands, each block in a fresh namespace (all in one subprocess). A
   block preceded by `<!-- doctest: fragment (why) -->` is only compiled and its imports run; one
   preceded by `<!-- doctest: script (why) -->` is a whole script, run by its own test below.
-- `bash`: must parse (`bash -n`); every command in it is checked by `_check_command` (all in one
+- `bash`: must parse (`bash -n`); every command in it is checked by `helpers.doc_commands` (all in one
   subprocess): a recipe's preset and overrides are resolved and validated as the recipe would,
   `--dry-run` runs the dry run, `torchrun` checks the plan against its process count, `python -m`
   modules must import, scripts must exist and know the flags given, `pip install` targets and
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-# Not conftest's ROOT: the command checker runs this module in a subprocess of its own.
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LANGUAGES = {"python", "bash", "toml", "text", ""}
 MODES = {"run", "fragment", "script"}
@@ -79,13 +79,13 @@ def commands(block: Block) -> list[str]:
     return found
 
 
-def _run_json(code: str, items: list[dict[str, str]], timeout: float) -> list[dict[str, str]]:
-    """Run `code` in a fresh interpreter with `items` as JSON on stdin; it writes one result per
-    item, as JSON, to the file named by argv[1]."""
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"tessera-doctest-{os.getpid()}-{abs(hash(code))}.json"
-    result = subprocess.run([sys.executable, "-c", code, str(out)], input=json.dumps(items), text=True,
+def _run_json(module: str, items: list[dict[str, str]], timeout: float) -> list[dict[str, str]]:
+    """Run `python -m module OUT` (a module of tests/helpers) in a fresh interpreter with `items`
+    as JSON on stdin; it writes one result per item, as JSON, to the file OUT."""
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"tessera-doctest-{os.getpid()}-{module}.json"
+    result = subprocess.run([sys.executable, "-m", module, str(out)], input=json.dumps(items), text=True,
                             capture_output=True, cwd=ROOT, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(TESTS)})
     assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
     try:
         return json.loads(out.read_text())
@@ -146,26 +146,10 @@ def test_bash_blocks_parse():
 
 # -- python blocks -----------------------------------------------------------------------------
 
-_RUN_PYTHON = r'''
-import ast, json, sys, traceback
-
-results = []
-for item in json.loads(sys.stdin.read()):
-    try:
-        tree = ast.parse(item["code"], item["where"])
-        if item["mode"] != "run":  # a fragment or a script: its imports must still resolve
-            tree.body = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-        exec(compile(tree, item["where"], "exec"), {"__name__": "__doc_block__"})
-        results.append({"where": item["where"], "error": ""})
-    except BaseException:
-        results.append({"where": item["where"], "error": traceback.format_exc(limit=-3)})
-open(sys.argv[1], "w").write(json.dumps(results))
-'''
-
-
 def test_python_blocks_run():
     blocks = doc_blocks("python")
-    results = _run_json(_RUN_PYTHON, [{"where": b.where, "code": b.code, "mode": b.mode} for b in blocks], 300)
+    items = [{"where": b.where, "code": b.code, "mode": b.mode} for b in blocks]
+    results = _run_json("helpers.workers.doc_python", items, 300)
     failed = [f"{r['where']}:\n{r['error']}" for r in results if r["error"]]
     assert not failed, "\n".join(failed)
     assert len(results) == len(blocks)
@@ -179,7 +163,7 @@ def test_the_ten_line_recipe_trains_from_its_command_line(tmp_path):
         [sys.executable, str(script), "steps=3", "batch_size=2", "seq_len=32", "scheduler.warmup_steps=1",
          "model.layers[*].attention=@sliding_window(window=16)"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     done = re.search(r"done: loss ([\d.]+) -> ([\d.]+) \(val ([\d.]+)\) in 3 steps", result.stdout)
     assert done, result.stdout[-2000:]
@@ -194,178 +178,7 @@ def test_bash_commands_are_accepted(part):
     items = [{"where": b.where, "command": c} for b in doc_blocks("bash") for c in commands(b)
              if b.where.startswith(part)]
     assert len(items) > 10
-    results = _run_json("import sys; from tests.test_readme import _check_commands_main; _check_commands_main()",
-                        items, 240)
+    results = _run_json("helpers.doc_commands", items, 240)
     failed = [f"{r['where']}: `{r['command']}`\n{r['error']}" for r in results if r["error"]]
     assert not failed, "\n".join(failed)
     assert len(results) == len(items)
-
-
-def _check_commands_main() -> None:
-    """Entry point of the checking subprocess: items on stdin, results to the file argv[1]."""
-    import traceback
-
-    checked: dict[str, str] = {}
-    results = []
-    for item in json.loads(sys.stdin.read()):
-        command = item["command"]
-        if command not in checked:
-            try:
-                _check_command(command)
-                checked[command] = ""
-            except BaseException:
-                checked[command] = traceback.format_exc(limit=-4)
-        results.append({**item, "error": checked[command]})
-    Path(sys.argv[1]).write_text(json.dumps(results))
-
-
-def _check_command(command: str) -> None:
-    import shlex
-
-    words = shlex.split(command)
-    while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):  # VAR=value before the program
-        words.pop(0)
-    program, args = words[0], words[1:]
-    if program == "pip":
-        _check_pip(args)
-    elif program == "torchrun":
-        _check_torchrun(args)
-    elif program == "python" and args[:1] == ["-m"]:
-        _check_module(args[1], args[2:])
-    elif program == "python" and args[0].startswith("recipes/"):
-        _check_recipe(args[0], args[1:], world_size=None)
-    elif program == "python":
-        _check_script(args[0], args[1:])
-    else:
-        raise AssertionError(f"no check for `{program}` commands: add one to tests/test_readme.py")
-
-
-def _check_pip(args: list[str]) -> None:
-    assert args[:1] == ["install"], f"only `pip install` is checked, not pip {args[:1]}"
-    ci_pin = re.search(r"torch==([\w.+]+)", (ROOT / ".ci" / "run").read_text())[1]
-    rest = args[1:]
-    while rest:
-        word = rest.pop(0)
-        if word == "--index-url":
-            assert rest.pop(0).startswith("https://")
-        elif word.startswith("torch=="):
-            assert word == f"torch=={ci_pin}", f"{word}: CI installs torch=={ci_pin}"
-        elif word == "-e":
-            _check_editable(rest.pop(0))
-        else:
-            raise AssertionError(f"no check for `pip install {word}`")
-
-
-def _check_editable(target: str) -> None:
-    """`pip install -e PATH[extras]`: PATH holds a project declaring the extras. A plugin's
-    registering modules are imported, as an installed plugin's would be."""
-    match = re.fullmatch(r"([^\[]+)(?:\[([\w,-]+)\])?", target)
-    folder = (ROOT / match[1]).resolve()
-    project = tomllib.loads((folder / "pyproject.toml").read_text())["project"]
-    for extra in filter(None, (match[2] or "").split(",")):
-        assert extra in project.get("optional-dependencies", {}), f"{match[1]} has no extra {extra!r}"
-    plugins = project.get("entry-points", {}).get("tessera.components", {})
-    if folder != ROOT and plugins:
-        import importlib
-
-        sys.path.insert(0, str(folder))
-        for module in plugins.values():
-            importlib.import_module(module.split(":")[0])
-
-
-def _check_torchrun(args: list[str]) -> None:
-    nproc, nodes = 1, 1
-    while args[0].startswith("--"):
-        flag = args.pop(0)
-        if flag in ("--nproc-per-node", "--nproc_per_node"):
-            nproc = int(args.pop(0))
-        elif flag == "--nnodes":
-            nodes = int(args.pop(0))
-        elif flag != "--standalone":
-            raise AssertionError(f"no check for torchrun's {flag}")
-    _check_recipe(args[0], args[1:], world_size=nproc * nodes)
-
-
-def _check_recipe(script: str, args: list[str], *, world_size: int | None) -> None:
-    """Resolve and validate the preset and overrides as the recipe's command line would; run the
-    dry run for --dry-run; check the parallel plan against torchrun's process count."""
-    import contextlib
-    import importlib
-    import io
-
-    import fiddle as fdl
-    from rich.console import Console
-
-    from tessera.cli import resolve
-    from tessera.components.train.dry_run import dry_run
-    from tessera.components.train.launch import build_model_on_meta
-
-    assert (ROOT / script).is_file(), f"{script} does not exist"
-    recipe = getattr(importlib.import_module(f"tessera.recipes.{Path(script).stem}"), "recipe", None)
-    if recipe is None:  # a recipe file with a command line of its own (ablation.py)
-        assert world_size is None, f"{script} is not a Recipe: torchrun cannot be checked for it"
-        return _check_script(script, args)
-    positional, flags = [], set()
-    args = list(args)
-    while args:
-        word = args.pop(0)
-        if word in ("--help", "--print", "--dry-run"):
-            flags.add(word)
-        elif word in ("--dump", "--export-hf"):
-            assert args and not args.pop(0).startswith("-"), f"{word} needs a path"
-        elif word == "--resume":
-            if args and not args[0].startswith("-") and "=" not in args[0] and args[0] not in recipe.presets:
-                args.pop(0)  # a checkpoint path
-        elif word.startswith("-"):
-            raise AssertionError(f"the recipe command line has no {word}")
-        else:
-            positional.append(word)
-    if "--help" in flags:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
-            recipe.main(["--help"])
-            raise AssertionError("--help did not exit")
-        return
-    config, _ = resolve(recipe, positional)
-    if "--dry-run" in flags:
-        dry_run(config, console=Console(file=io.StringIO()))
-    if world_size is not None:
-        plan = fdl.build(config.parallel)
-        assert hasattr(plan, "check"), f"{type(plan).__name__} cannot be checked against {world_size} processes"
-        plan.check(build_model_on_meta(config.model), world_size)
-
-
-def _check_module(module: str, args: list[str]) -> None:
-    import importlib
-    import importlib.util
-
-    if module == "tessera.registry":  # the catalogue: --write is checked as --check (and writes nothing)
-        from tessera.registry.__main__ import main
-
-        argv = ["--check" if a == "--write" else a for a in args]
-        assert main(argv) == 0, f"python -m tessera.registry {' '.join(argv)} failed"
-    elif module == "tessera.cli.prepare":  # the data pipeline of a recipe's preset: resolve it
-        from tessera.cli import resolve
-
-        recipe = importlib.import_module(f"tessera.recipes.{args[0]}").recipe
-        resolve(recipe, [a for a in args[1:] if a != "--force"])
-    elif module == "mkdocs":
-        assert args[:1] in (["build"], ["serve"]), f"mkdocs {args[:1]}"
-        assert (ROOT / "mkdocs.yml").is_file()
-    elif module == "pytest":
-        assert importlib.util.find_spec("pytest")
-    else:
-        raise AssertionError(f"no check for `python -m {module}`: add one to tests/test_readme.py")
-
-
-def _check_script(script: str, args: list[str]) -> None:
-    """A script other than a recipe: it exists, and defines every --flag given (in its own source,
-    or in a module of its folder that it names, as `train_throughput.py dense` hands over to
-    `llama_throughput.py`)."""
-    path = ROOT / script
-    assert path.is_file(), f"{script} does not exist"
-    source = path.read_text()
-    sources = [source, *(p.read_text() for p in path.parent.glob("*.py")
-                         if p != path and re.search(rf"\b{p.stem}\b", source))]
-    for flag in (a.split("=")[0] for a in args if a.startswith("--")):
-        assert any(f'"{flag}"' in s for s in sources), f"{script} defines no {flag}"
-
