@@ -129,3 +129,15 @@ def test_importing_the_bottom_layer_loads_no_component(imported: str):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(sys.prefix)).stdout.strip()
     assert out == "[]", out
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function a reader can hold at once: at most 60 lines, decorators and docstring included."""
+    long = []
+    for module, path in sorted(all_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - start + 1 > 60:
+                    long.append(f"{module}.{node.name}: {node.end_lineno - start + 1} lines ({path}:{start})")
+    assert not long, "\n".join(long)
