@@ -196,6 +196,7 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     """Build and run; each way a run can end early is one message and its exit status."""
     from tessera.components.data.sources.rows import MalformedRowError
     from tessera.components.parallel.mesh import MeshError
+    from tessera.components.parallel.tensor_parallel import TensorParallelError
     from tessera.components.train.guard import TrainingDiverged
     from tessera.components.train.launch import launch
     from tessera.components.train.preemption import RunInterrupted
@@ -205,8 +206,9 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
         launch(config, export_hf=export_hf)
     except TrainingDiverged as error:
         _fail(err, error, status=3)
-    except (ResumeError, MeshError) as error:  # a checkpoint that cannot be resumed, a plan the model or the
-        # launch cannot take: the config paths and the fix. Every process prints: torchrun stops the others
+    except (ResumeError, MeshError, TensorParallelError) as error:  # a checkpoint that cannot be resumed, a
+        # plan the model or the launch cannot take (a plugin block whose own tensor-parallel plan leaves a weight
+        # unsplit): the config paths and the fix. Every process prints: torchrun stops the others
         # as soon as one exits, so a message left to rank 0 alone could be lost.
         _fail(err, error, status=2)
     except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved

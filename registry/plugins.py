@@ -26,14 +26,22 @@ class PluginWarning(UserWarning):
 
 
 def load_plugins() -> list[str]:
-    """Load every plugin in the entry-point group; returns the names that loaded."""
+    """Load every entry of the group, tessera's own first; returns the names that loaded.
+
+    tessera's own entry (its built-in components) loads first, so a plugin reusing a built-in
+    name fails alone, and a failure there raises: a broken built-in is a bug to see, not a
+    component to skip. A third-party plugin that fails is skipped with a `PluginWarning`.
+    """
     loaded = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entries = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(entries, key=lambda ep: not _is_own(ep)):
         dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+        if _is_own(ep):
+            _load(ep)
+            loaded.append(ep.name)
+            continue
         try:
-            obj = ep.load()
-            if callable(obj) and not isinstance(obj, types.ModuleType):
-                obj()
+            _load(ep)
         except Exception as err:  # noqa: BLE001 - a broken plugin must not stop the run
             warnings.warn(
                 f"tessera plugin {ep.name!r} ({ep.value}, from distribution {dist!r}) failed to "
@@ -46,6 +54,17 @@ def load_plugins() -> list[str]:
         _plugin_modules.add(ep.value.split(":")[0].split(".")[0])
         loaded.append(ep.name)
     return loaded
+
+
+def _is_own(ep: importlib.metadata.EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name == "tessera"
+
+
+def _load(ep: importlib.metadata.EntryPoint) -> None:
+    """Import what `ep` names; call it when it is a function (e.g. a `register`)."""
+    obj = ep.load()
+    if callable(obj) and not isinstance(obj, types.ModuleType):
+        obj()
 
 
 def plugin_packages() -> frozenset[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -338,6 +339,18 @@ def test_prepare_command_prints_the_report():
     bad = subprocess.run([sys.executable, "-m", "tessera.cli.prepare", "no_such_recipe"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "no recipe" in bad.stdout
+
+
+def test_prepare_takes_a_users_own_recipe_file(tmp_path):
+    own = tmp_path / "my_run.py"
+    shutil.copy(ROOT / "recipes" / "deepseek_pretrain.py", own)
+    result = subprocess.run([sys.executable, "-m", "tessera.cli.prepare", str(own), "debug"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tokenize (train)" in result.stdout
+    missing = subprocess.run([sys.executable, "-m", "tessera.cli.prepare", str(tmp_path / "absent.py")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and "absent.py is not a file" in missing.stdout
 
 
 

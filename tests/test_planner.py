@@ -202,6 +202,13 @@ def test_layout_of_asks_the_built_plan():
         assert layout_of(config) == Layout(dp_shard=4)  # every process the launcher started
 
 
+def test_a_sharded_plan_is_sized_on_fewer_processes_than_its_fixed_degrees_need():
+    """`--dry-run` of `@mesh(tp=2, dp_shard=-1)` on a laptop (no WORLD_SIZE): one shard, not a fault."""
+    model = _deepseek_meta()
+    assert Mesh(tp=2, dp_shard=-1).layout(model, world_size=1).dp_shard == 1
+    assert Mesh(tp=2, dp_shard=-1).layout(model, world_size=8).dp_shard == 4
+
+
 def test_a_plugin_plan_or_policy_that_cannot_answer_is_a_fault_not_fp32():
     from tessera.components.interfaces import ParallelPlan, PrecisionPolicy
     from tessera.components.precision.auto import Auto

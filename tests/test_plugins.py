@@ -160,3 +160,35 @@ def test_plugin_cosine_attention_is_usable_as_built_and_learns_its_scale(cosine_
     assert attn.wq.weight.std().item() > 0.3 and attn.wo.weight.std().item() < 0.2
     # score FLOPs as for softmax attention of the same heads: q k^T and the weighted sum
     assert attn.score_flops_per_token(100) == 2 * 2 * 3 * 8 * 100
+
+
+class _FakeEntry:
+    """An entry point of the `tessera.components` group from distribution `dist`."""
+
+    def __init__(self, name: str, dist: str, load):
+        self.name, self.value, self.load = name, f"{name}_module", load
+        self.dist = type("Dist", (), {"name": dist})()
+
+
+def test_tessera_own_entry_loads_first_and_its_failure_raises(monkeypatch):
+    import importlib.metadata
+
+    from tessera.registry import plugins
+
+    order = []
+    third_party = _FakeEntry("third", "some-plugin", lambda: order.append("third"))
+    own = _FakeEntry("tessera", "tessera", lambda: order.append("own"))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [third_party, own])
+    assert plugins.load_plugins() == ["tessera", "third"] and order == ["own", "third"]
+
+    def broken():
+        raise ImportError("a built-in module is broken")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [_FakeEntry("tessera", "tessera", broken)])
+    with pytest.raises(ImportError, match="built-in module is broken"):
+        plugins.load_plugins()
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [_FakeEntry("third", "some-plugin", broken)])
+    with pytest.warns(plugins.PluginWarning, match="some-plugin"):
+        assert plugins.load_plugins() == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tessera.components.interfaces import DryRunError
 from tessera.components.parallel import pipeline
 
 
@@ -64,10 +65,10 @@ class Layout:
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "virtual_stages"):
             if getattr(self, name) < 1:
-                raise ValueError(f"layout: {name}={getattr(self, name)} must be >= 1")
+                raise DryRunError(f"layout: {name}={getattr(self, name)} must be >= 1")
         fault = expert_parallel_fault(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, ep=self.ep)
         if fault:
-            raise ValueError(f"layout: {fault}")
+            raise DryRunError(f"layout: {fault}")
         object.__setattr__(self, "schedule", pipeline.schedule_name(self.schedule))
 
     @property

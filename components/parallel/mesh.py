@@ -235,9 +235,11 @@ class Mesh(ParallelPlan):
     def layout(self, model: nn.Module, *, world_size: int) -> Layout:
         """The layout this plan gives `model`, after `check`: dp_shard=-1 takes what the other
         degrees leave of `world_size` processes; fixed degrees are laid out as given, whatever
-        `world_size` is (a plan for 2,048 GPUs is sized on a laptop). MeshError: `check`'s faults."""
+        `world_size` is (a plan for 2,048 GPUs is sized on a laptop), and so is dp_shard=-1 on
+        fewer processes than the fixed degrees need (as one shard). MeshError: `check`'s faults."""
         fixed = self.dp_replicate * self.tp * self.pp
-        degrees = self.check(model, world_size if self.dp_shard == -1 else fixed * self.dp_shard)
+        sized = world_size if self.dp_shard == -1 and world_size >= fixed else fixed * max(1, self.dp_shard)
+        degrees = self.check(model, sized)
         return Layout(**degrees, zero1=self.zero1, reshard_after_forward=self.reshard_after_forward,
                       schedule=self.schedule, virtual_stages=self.virtual_stages, n_microbatches=self.n_microbatches)
 
