@@ -1,7 +1,7 @@
 """Configs written before `train` grouped its options still load, and old overrides say where
 their options went.
 
-Up to tessera 0.2 `train` took every option as its own argument (`grad_clip=1.0`,
+Before the option groups (tessera 0.1), `train` took every option as its own argument (`grad_clip=1.0`,
 `micro_batch_size=1`, `threads=1`, `progress=False`, ...). Now the options live in the groups
 of the parts that read them (`step`, `compute`, `validation`, `progress`; see `MOVED`). A
 `--dump` from before is read against the old signature (`train_before_groups`, which exists

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -158,7 +158,7 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         _train(config, export_hf=ns.export_hf, err=err)
 
 
-def _fail(err: Console, error: BaseException, *, status: int, label: str = "[bold red]error:[/bold red]") -> None:
+def _fail(err: Console, error: BaseException, *, status: int, label: str = "[bold red]error:[/bold red]") -> NoReturn:
     """Print `error` as one message (no traceback) and exit with `status`."""
     err.print(f"{label} {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(status)

@@ -67,7 +67,7 @@ QUICK = Scale(dim=64, n_layers=1, n_heads=4, reference_hidden=192, seq_len=64, b
 QUICK_CELLS = [Cell("mha", "rope", "swiglu"), Cell("mha", "rope", "moe"), Cell("gqa", "alibi", "mlp"),
                Cell("linear", "nope", "swiglu"), Cell("mla", "alibi", "swiglu"), Cell("linear", "rope", "swiglu"),
                Cell("block_sparse", "alibi", "mlp")]
-EVAL_BATCHES = {"full": 32, "quick": 2}  # validation batches of batch_size x seq_len tokens
+VALIDATION_BATCHES = {"full": 32, "quick": 2}  # validation batches of batch_size x seq_len tokens
 
 
 @dataclasses.dataclass
@@ -156,7 +156,7 @@ def _cell_worker(payload: dict[str, Any], conn: Any) -> None:
         scale = Scale(**payload["scale"])
         config = run_config(Cell(*payload["cell"]), payload["hidden"], scale, seed=payload["seed"],
                             precision=payload["precision"], device=payload["device"], threads=payload["threads"],
-                            validation_batches=payload["eval_batches"])
+                            validation_batches=payload["validation_batches"])
         result = launch(config)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         cuda = payload["device"].startswith("cuda")
@@ -335,7 +335,7 @@ def _train_cells(planned: list[Planned], skipped: dict[str, str], args: argparse
     for i, (p, seed) in enumerate(runs, 1):
         payload = {"cell": dataclasses.astuple(p.cell), "hidden": p.size.hidden, "scale": dataclasses.asdict(scale),
                    "seed": seed, "precision": args.precision, "device": args.device, "threads": args.threads,
-                   "eval_batches": EVAL_BATCHES["quick" if args.quick else "full"],
+                   "validation_batches": VALIDATION_BATCHES["quick" if args.quick else "full"],
                    "bytes_per_token": bytes_per_token}
         message = _run_cell(ctx, payload)
         if message["ok"]:

@@ -1,4 +1,4 @@
-"""Typed registries and the config machinery: registration, validation, CLI, serialization.
+"""Typed registries and the config machinery: registration, validation, overrides, serialization.
 
     from tessera.registry import ATTENTION, validate
     cfg = ATTENTION.config("gqa", dim=256, n_heads=8, n_kv_heads=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -75,7 +75,7 @@ def _summary(metrics: Metrics, state: RunState, validation: dict[str, float], pr
             "rollbacks": len(history.get("rollbacks", []))}
 
 
-def _refuse_unusable(runner: StepRunner, *, steps: int, val_loss: float, last_loss: float) -> None:
+def _refuse_unusable(runner: StepRunner, *, steps: int, val_loss: float, last_loss: float) -> NoReturn:
     """`TrainingDiverged` for a model whose final validation loss is `val_loss` (not finite)."""
     raise TrainingDiverged(divergence_message(
         step=steps, reason=f"the final validation loss is {val_loss} (last training loss {last_loss:.4g})",

@@ -27,7 +27,7 @@ from tessera.components.train.step import StepOutcome, StepRunner
 from tessera.components.train.validation import Validator
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class LoopEnd:
     """How the loop ended: the validation of its last step (None unless that step validated),
     the training throughput it saw, and the console it reported on (None: it printed nothing)."""

@@ -26,7 +26,7 @@ from tessera.components.train import pipeline_bubble
 from tessera.components.train.activation_memory import ActivationBytes
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RankParameters:
     """Parameter counts of one pipeline rank before data-parallel sharding: `dense` (split by
     tp) and `expert` (routed experts, split by ep); `root`: the dense parameters outside the
@@ -69,7 +69,7 @@ def _dense_and_expert(module: nn.Module) -> tuple[float, float]:
     return float(stats.count_parameters(module) - expert), float(expert)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class RankMemory:
     """Bytes one rank holds at its peak (all floats, bytes)."""
 
