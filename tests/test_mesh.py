@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import fiddle as fdl
 import pytest
@@ -58,15 +59,10 @@ def on_processes(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple]:
     done = torchrun(worker("mesh"), str(tmp / "jobs.json"), processes=processes)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            _, label, losses = line.split(" ", 2)
-            results[label] = (json.loads(losses), merged_weights(tmp / f"{label}.safetensors", processes))
-    for line in done.stdout.splitlines():
-        if line.startswith("STATS "):
-            _, label, stats = line.split(" ", 2)
-            results[label] += (json.loads(stats),)
-    assert set(results) == {j["label"] for j in jobs}, done.stdout[-2000:]
+    for job in spec:
+        written = json.loads(Path(job["weights"] + ".result.json").read_text())
+        results[job["label"]] = (written["losses"], merged_weights(Path(job["weights"]), processes),
+                                 written["stats"])
     return results
 
 

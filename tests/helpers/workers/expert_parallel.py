@@ -1,7 +1,7 @@
 """The DeepSeek debug model under expert parallelism, for tests/test_expert_parallel.py: `build` and
 `train` (shared with the test's single-process reference), and, run under torchrun on 2
 processes, ep=2 beside FSDP or DDP and ep=1 with the experts replicated, each trained with
-`train`; rank 0 prints `RESULT <label> <[losses, norms]>` and writes `<label>.safetensors` (the
+`train`; rank 0 writes `result-<label>.json` ([losses, norms]) and `<label>.safetensors` (the
 whole final state); every rank writes its DCP shards (`<label>-dcp`) and the all-to-all's row
 counts (`flows-<label>-<rank>.json`) into FOLDER.
 
@@ -131,7 +131,8 @@ def main() -> None:
                 for k, v in model.state_dict().items()}
         if rank == 0:
             save_file(full, f"{folder}/{label}.safetensors")
-            print("RESULT", label, json.dumps(result), flush=True)
+            with open(f"{folder}/result-{label}.json", "w") as out:  # not stdout: one pipe for both processes
+                out.write(json.dumps(result))
         # a file, not stdout: two processes' long lines interleave on a shared pipe
         with open(f"{folder}/flows-{label}-{rank}.json", "w") as out:
             json.dump(flows, out)
