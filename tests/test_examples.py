@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers.launch import ROOT, run_recipe
+from helpers.user_project import make_user_project, run_in
 
 
-def run_example(script: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+def run_example(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run the example from a user's project that has its own `registry.py` and `components/`."""
+    return run_in(make_user_project(tmp_path / "project"), ROOT / "examples" / script, timeout=180)
 
 
 # `name: parameters N +D (+P%) | FLOPs/token N +D (+P%) | losses l1 l2 ...`
@@ -34,8 +35,8 @@ def _load_example(name: str):
     return module
 
 
-def test_swap_components_prints_each_swaps_cost_and_trains_it():
-    result = run_example("swap_components.py")
+def test_swap_components_prints_each_swaps_cost_and_trains_it(tmp_path):
+    result = run_example("swap_components.py", tmp_path)
     assert result.returncode == 0, result.stderr
     sections = result.stdout.split("== Llama")
     assert len(sections) == 2, result.stdout

@@ -3,12 +3,11 @@
 Before the `tessera` namespace the wheel installed `registry`, `components` and `recipes` as
 top-level packages: a user project with its own `registry.py` or `components/` package (common
 in applications) shadowed them, and a block dropped into a third-party model failed to import.
+The example scripts run in such a project in tests/test_examples.py and test_example_third_party.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.user_project import make_user_project, run_in
+
 ROOT = Path(__file__).resolve().parents[1]
-SHADOWS = "raise ImportError('the user project\\'s own {name} was imported instead of tessera\\'s')\n"
 
 
 def test_the_wheel_installs_no_top_level_name_but_tessera(tmp_path: Path):
@@ -36,26 +36,7 @@ def test_the_wheel_installs_no_top_level_name_but_tessera(tmp_path: Path):
 
 @pytest.fixture
 def user_project(tmp_path: Path) -> Path:
-    """A folder holding a user's own `registry.py` and `components/` package, which fail loudly
-    if anything imports them."""
-    (tmp_path / "registry.py").write_text(SHADOWS.format(name="registry.py"))
-    (tmp_path / "components").mkdir()
-    (tmp_path / "components" / "__init__.py").write_text(SHADOWS.format(name="components package"))
-    (tmp_path / "recipes.py").write_text(SHADOWS.format(name="recipes.py"))
-    return tmp_path
-
-
-def run_in(project: Path, script: Path, *args: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
-    """Copy `script` into the user's project and run it there, as a user who copied it would:
-    the script's folder (the project) comes first on sys.path."""
-    if script.parent != project:
-        shutil.copy(script, project / script.name)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    env.pop("PYTHONPATH", None)
-    if extra_path:
-        env["PYTHONPATH"] = extra_path
-    return subprocess.run([sys.executable, script.name, *args], cwd=project, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return make_user_project(tmp_path / "project")
 
 
 def test_the_flagship_recipe_runs_in_a_project_with_its_own_registry(user_project: Path):
@@ -63,12 +44,6 @@ def test_the_flagship_recipe_runs_in_a_project_with_its_own_registry(user_projec
                     "precision=@fp32")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: loss" in result.stdout, result.stdout[-2000:]
-
-
-@pytest.mark.parametrize("example", ["swap_components.py", "third_party_model.py"])
-def test_the_examples_run_in_a_project_with_its_own_registry(user_project: Path, example: str):
-    result = run_in(user_project, ROOT / "examples" / example)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_the_example_plugin_registers_in_a_project_with_its_own_registry(user_project: Path):
