@@ -17,6 +17,7 @@ import types
 import warnings
 
 ENTRY_POINT_GROUP = "tessera.components"
+OWN_ENTRY = "tessera"  # the entry of tessera's own distribution: its built-in components
 
 _plugin_modules: set[str] = set()
 
@@ -57,7 +58,7 @@ def load_plugins() -> list[str]:
 
 
 def _is_own(ep: importlib.metadata.EntryPoint) -> bool:
-    return ep.dist is not None and ep.dist.name == "tessera"
+    return ep.dist is not None and ep.dist.name == "tessera" and ep.name == OWN_ENTRY
 
 
 def _load(ep: importlib.metadata.EntryPoint) -> None:

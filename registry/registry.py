@@ -229,7 +229,13 @@ def _ensure_loaded() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    from tessera.registry.plugins import load_plugins
+    _loaded = True  # first: the modules being imported consult the registries as they register
+    from tessera.registry.plugins import OWN_ENTRY, load_plugins
 
-    load_plugins()
+    if OWN_ENTRY not in load_plugins():
+        _loaded = False
+        raise RegistryError(
+            "tessera's own components are not registered: no installed tessera distribution has the "
+            f"`{OWN_ENTRY}` entry of the `tessera.components` entry-point group (the folders are on the path "
+            "without being installed, or the install predates the entry point)",
+            "pip install -e . in the checkout (or pip install tessera)")

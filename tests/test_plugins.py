@@ -192,3 +192,17 @@ def test_tessera_own_entry_loads_first_and_its_failure_raises(monkeypatch):
                         lambda group: [_FakeEntry("third", "some-plugin", broken)])
     with pytest.warns(plugins.PluginWarning, match="some-plugin"):
         assert plugins.load_plugins() == []
+
+
+def test_registries_without_tessera_own_entry_point_say_how_to_install(monkeypatch):
+    """The folders on PYTHONPATH without an install register no built-in: a message, not "unknown name"."""
+    import importlib.metadata
+
+    from tessera.registry import RegistryError
+    from tessera.registry import registry as registry_module
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(registry_module, "_loaded", False)
+    with pytest.raises(RegistryError, match="pip install -e ."):
+        registry_module._ensure_loaded()
+    assert registry_module._loaded is False  # asked again on the next lookup
