@@ -41,7 +41,7 @@ def user_project(tmp_path: Path) -> Path:
 
 def test_the_flagship_recipe_runs_in_a_project_with_its_own_registry(user_project: Path):
     result = run_in(user_project, ROOT / "recipes" / "deepseek_pretrain.py", "steps=2", "metrics.eval_every=0",
-                    "precision=@fp32")
+                    "precision=@fp32", f"data.data_dir={ROOT / 'runs' / 'data'}")  # the suite's prepared corpus
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: loss" in result.stdout, result.stdout[-2000:]
 
