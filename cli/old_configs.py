@@ -24,7 +24,7 @@ from tessera.components.train.step_options import StepOptions
 from tessera.components.train.trainer import train
 from tessera.components.train.validation import Validation
 from tessera.registry import serialize
-from tessera.registry.errors import ConfigError, Fault
+from tessera.registry.errors import Fault
 
 GROUPS: dict[str, type] = {"step": StepOptions, "compute": Compute, "validation": Validation, "progress": Progress}
 MOVED: dict[str, tuple[str, str]] = {
@@ -57,12 +57,7 @@ def train_before_groups(*, model: Any = None, data: Any = None, optimizer: Any =
 def load_config(path: str | Path) -> tuple[Any, list[str]]:
     """The config a `--dump` file holds (written before or after the regrouping), and notes
     for the user (which old arguments moved where)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError([Fault(str(path), f"cannot read the file ({err.strerror})",
-                                 "pass an existing --load file")]) from None
-    config = serialize.load_text(_read_as_old_train(text), where=str(path))
+    config = serialize.load_text(_read_as_old_train(serialize.read_text(path)), where=str(path))
     if not (isinstance(config, fdl.Buildable) and fdl.get_callable(config) is train_before_groups):
         return config, []
     moved = [name for name in config.__arguments__ if name in MOVED or name == "progress"]

@@ -72,12 +72,16 @@ def dump(config: Any, path: str | Path) -> None:
 
 def load(path: str | Path) -> Any:
     """Read a config written by `dump`; any problem becomes a `ConfigError` naming the file."""
+    return load_text(read_text(path), where=str(path))
+
+
+def read_text(path: str | Path) -> str:
+    """The text of the --load file `path`; a `ConfigError` naming it when it cannot be read."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as err:
         raise ConfigError([Fault(str(path), f"cannot read the file ({err.strerror})",
                                  "pass an existing --load file")]) from None
-    return load_text(text, where=str(path))
 
 
 def load_text(text: str, *, where: str = "<text>") -> Any:
