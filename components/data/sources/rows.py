@@ -63,3 +63,14 @@ class RowSource(DataSource):
 
     def content_signature(self) -> str:
         return ""
+
+    def shards(self) -> list[str]:
+        """Names of the pieces this source can be read in independently (a corpus folder's
+        files); the preparation reads each in its own task. One piece by default."""
+        return ["all"]
+
+    def shard_rows(self, shard: str) -> Iterator[Document | MalformedRow]:
+        """The rows of one of `shards()`, in order (their concatenation over `shards()` is `rows()`)."""
+        if shard != "all":
+            raise ValueError(f"{type(self).__name__} has one shard, 'all'; got {shard!r}")
+        return self.rows()
