@@ -130,20 +130,6 @@ def test_minhash_dedup_recall_and_precision():
     assert exact.exact_removed == 1 and len(exact.kept) == 2
 
 
-def test_minhash_worker_pool_gives_the_in_process_signatures(monkeypatch):
-    """Large corpora MinHash in worker processes; the pool must return the same signatures in
-    the same order as one process (here forced on a small corpus)."""
-    from tessera.components.data import dedup as dedup_module
-
-    random.seed(2)
-    texts = [" ".join(random.choice("abcdefgh") for _ in range(50)) for _ in range(100)]
-    dedup = Deduplicator(shingle=3, workers=2)
-    alone = dedup._minhash_all(texts)  # small: in this process
-    monkeypatch.setattr(dedup_module, "IN_PROCESS_CHARS", 0)
-    pooled = dedup._minhash_all(texts)
-    assert [m.digest() for m in pooled] == [m.digest() for m in alone]
-
-
 @pytest.fixture(scope="module")
 def corpus_texts() -> list[str]:
     from tessera.components.data.sources.stdlib import StdlibCode, StdlibDocstrings

@@ -1,6 +1,11 @@
 """Rule-based cleaning: regex line cleaning, length, symbol, repetition (Gopher/C4-style for
 prose) and code-shape (StarCoder-style) filters. Thresholds are per-instance, so each domain
-gets its own: web heuristics would destroy code and documentation."""
+gets its own: web heuristics would destroy code and documentation.
+
+The filters run on every document of a corpus, so each takes the cheap path when it can
+(C-level string methods instead of per-character Python loops, bounds that make a costly
+count unnecessary) while deciding exactly as the plain definitions in their docstrings.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,36 @@ import dataclasses
 import re
 from collections import Counter
 
+import numpy as np
+
+from tessera.components.data import minhash
 from tessera.components.data.document import Document
 from tessera.components.interfaces import DocumentFilter
 from tessera.registry.kinds import DATA_FILTER
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The same characters as bytes: in UTF-8 these byte values only ever encode themselves.
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_NOT_ASCII_ALNUM = bytes(c for c in range(128) if not chr(c).isalnum())
+# Regex constructs whose meaning on one line differs from their meaning inside the whole
+# text: string anchors, lookarounds, atomic groups / possessive repeats, and turning flags off.
+_NOT_LINE_LOCAL = re.compile(r"\\[AZz]|\(\?[<=!>]|[*+?}]\+|\(\?[a-zA-Z]*-")
+
+
+def without_controls(text: str) -> str:
+    """`text` without the control characters of `_CONTROL` (tab, newline and carriage return
+    stay); the same string object when it has none. Deleting bytes is several times faster
+    than a regex scan, and exact: UTF-8 never uses these byte values inside a multi-byte
+    character."""
+    data = text.encode("utf-8", "surrogatepass")
+    kept = data.translate(None, _CONTROL_BYTES)
+    return text if len(kept) == len(data) else kept.decode("utf-8", "surrogatepass")
+
+
+def _line_local(pattern: str) -> bool:
+    """Whether a search for `pattern` with re.MULTILINE over a whole text is sure to match when
+    the pattern matches one of its lines (no construct that looks past a line's ends)."""
+    return _NOT_LINE_LOCAL.search(pattern) is None
 
 
 @DATA_FILTER.register("regex_clean")
@@ -27,14 +57,23 @@ class RegexClean(DocumentFilter):
 
     def __post_init__(self) -> None:
         self._drop = [re.compile(p) for p in self.drop_line_patterns]
+        # one search over the whole text finds no match => no line matches, so the per-line
+        # loop only runs on documents that may lose a line (None: a pattern that needs it always)
+        self._probes = [re.compile(p, re.MULTILINE) if _line_local(p) else None for p in self.drop_line_patterns]
+        self._run = "\n" * (self.max_blank_lines + 2)  # more blank lines in a row than allowed
+        self._runs = re.compile(rf"\n{{{self.max_blank_lines + 2},}}")
+        self._fill = "\n" * (self.max_blank_lines + 1)
 
     def process(self, doc: Document) -> Document | None:
-        text = _CONTROL.sub("", doc.text)
-        if self._drop:
+        text = without_controls(doc.text)
+        if self._drop and any(probe is None or probe.search(text) for probe in self._probes):
             text = "\n".join(line for line in text.split("\n") if not any(p.search(line) for p in self._drop))
-        runs = re.compile(rf"\n{{{self.max_blank_lines + 2},}}")  # more blank lines in a row than allowed
-        text = runs.sub("\n" * (self.max_blank_lines + 1), text).strip("\n")
-        return doc.replace_text(text) if text.strip() else None
+        if self._run in text:  # a substring search is far cheaper than the regex scan
+            text = self._runs.sub(self._fill, text)
+        text = text.strip("\n")
+        if not text or text.isspace():
+            return None
+        return doc if text is doc.text else doc.replace_text(text)
 
 
 @DATA_FILTER.register("length")
@@ -47,10 +86,47 @@ class LengthFilter(DocumentFilter):
     min_words: int = 0
 
     def process(self, doc: Document) -> Document | None:
-        n = len(doc.text)
-        if not self.min_chars <= n <= self.max_chars or len(doc.text.split()) < self.min_words:
+        if not self.min_chars <= len(doc.text) <= self.max_chars:
             return None
+        if self.min_words > 0:
+            # splitting at most min_words - 1 times yields min(words, min_words) pieces
+            # (the last the unsplit rest): no list of every word
+            if len(doc.text.split(maxsplit=self.min_words - 1)) < self.min_words:
+                return None
         return doc
+
+
+def _has_text(line: str) -> bool:
+    """line.strip() != '' without building the stripped copy."""
+    return bool(line) and not line.isspace()
+
+
+def _word_stats(text: str) -> tuple[int, int, int]:
+    """(len(words), sum(map(len, words)), how many words have an alphabetic character) for
+    words = text.split(), counted on the UTF-8 bytes with numpy (no Python string per word).
+
+    Characters are the bytes that do not continue a multi-byte sequence. A word with an ASCII
+    letter has an alphabetic character; a word with neither letters nor non-ASCII bytes has
+    none; only the rest (no ASCII letter, some non-ASCII character) is decoded and checked
+    with str.isalpha, as the plain definition does for every word.
+    """
+    data, starts, lengths = minhash.word_spans(text)
+    if len(starts) == 0:
+        return 0, 0, 0
+    b = np.frombuffer(data, dtype=np.uint8)
+    # a word's count of some kind of byte is the difference of running counts at its ends
+    before, last = starts - 1, starts + lengths - 1
+    letters = np.cumsum(((b | np.uint8(0x20)) - np.uint8(0x61)) < 26, dtype=np.int32)  # [A-Za-z]
+    has_letter = letters[last] > letters[before]
+    alpha = int(np.count_nonzero(has_letter))
+    if text.isascii():
+        return len(starts), int(lengths.sum()), alpha
+    continuing = np.cumsum((b & np.uint8(0xC0)) == 0x80, dtype=np.int32)  # bytes inside a character
+    inner = continuing[last] - continuing[before]  # > 0: the word has a non-ASCII character
+    for i in np.flatnonzero((inner > 0) & ~has_letter).tolist():
+        word = data[starts[i]: starts[i] + lengths[i]].decode("utf-8", "surrogatepass")
+        alpha += any(c.isalpha() for c in word)
+    return len(starts), int(lengths.sum() - inner.sum()), alpha
 
 
 @DATA_FILTER.register("prose_quality")
@@ -67,48 +143,76 @@ class ProseHeuristics(DocumentFilter):
     max_bullet_lines: float = 0.9
 
     def process(self, doc: Document) -> Document | None:
-        words = doc.text.split()
-        if not words:
+        text = doc.text
+        n_words, chars, alpha = _word_stats(text)
+        if not n_words:
             return None
-        mean_length = sum(len(w) for w in words) / len(words)
-        symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("\u2026")
-        alpha = sum(any(c.isalpha() for c in w) for w in words) / len(words)
-        lines = [line for line in doc.text.split("\n") if line.strip()]
+        # the rules in increasing cost; the first that fails decides
+        if not self.min_mean_word_length <= chars / n_words <= self.max_mean_word_length:
+            return None
+        symbols = text.count("#") + text.count("...") + text.count("\u2026")
+        if not symbols / n_words <= self.max_symbol_ratio:
+            return None
+        if not alpha / n_words >= self.min_alpha_words:
+            return None
+        lines = list(filter(_has_text, text.split("\n")))
         bullets = sum(line.lstrip().startswith(("*", "-", "\u2022")) for line in lines) / max(1, len(lines))
-        ok = (self.min_mean_word_length <= mean_length <= self.max_mean_word_length
-              and symbols / len(words) <= self.max_symbol_ratio and alpha >= self.min_alpha_words
-              and bullets <= self.max_bullet_lines)
-        return doc if ok else None
+        return doc if bullets <= self.max_bullet_lines else None
 
 
 @DATA_FILTER.register("repetition")
 @dataclasses.dataclass(kw_only=True)
 class RepetitionFilter(DocumentFilter):
     """Gopher repetition rules: duplicated lines may cover at most `max_duplicate_line_chars`
-    of the characters, and the most frequent word n-gram at most `max_top_ngram_chars`."""
+    of the characters, and the most frequent word n-gram at most `max_top_ngram_chars`.
+
+    Duplicated characters are those of every repeat of an earlier non-blank line. The n-gram
+    rule takes the most frequent word n-gram (the first in the text among equally frequent
+    ones) and rejects when it occurs more than once and count * its characters (words
+    without separators) / the document's characters exceeds `max_top_ngram_chars`."""
 
     max_duplicate_line_chars: float = 0.3
     ngram: int = 2
     max_top_ngram_chars: float = 0.2
 
+    def __post_init__(self) -> None:
+        if self.ngram < 1:
+            raise ValueError(f"ngram must be at least 1, got {self.ngram}")
+
     def process(self, doc: Document) -> Document | None:
-        lines = [line for line in doc.text.split("\n") if line.strip()]
-        total = max(1, sum(len(line) for line in lines))
-        seen: set[str] = set()
-        duplicated = 0
-        for line in lines:
-            if line in seen:
-                duplicated += len(line)
-            seen.add(line)
+        text = doc.text
+        lines = list(filter(_has_text, text.split("\n")))
+        total = max(1, sum(map(len, lines)))
+        counts = Counter(lines)
+        duplicated = 0 if len(counts) == len(lines) else sum(len(line) * (n - 1) for line, n in counts.items())
         if duplicated / total > self.max_duplicate_line_chars:
             return None
-        words = doc.text.split()
-        grams = Counter(tuple(words[i: i + self.ngram]) for i in range(len(words) - self.ngram + 1))
-        if grams:
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and count * sum(len(w) for w in gram) / max(1, len(doc.text)) > self.max_top_ngram_chars:
-                return None
-        return doc
+        return doc if self._top_ngram_ok(text) else None
+
+    def _top_ngram_ok(self, text: str) -> bool:
+        """The n-gram rule. An n-gram occurring c times has c <= count(w) for each of its words
+        w, so c * chars <= n * max over words of count(w) * len(w); when even that bound passes
+        (natural text), the costly split and count of every n-gram are skipped."""
+        n_words, heaviest = _heaviest_word_bound(text)
+        size = max(1, len(text))
+        if n_words < self.ngram or self.ngram * heaviest / size <= self.max_top_ngram_chars:
+            return True
+        words = text.split()
+        grams = Counter(zip(*(words[i:] for i in range(self.ngram))))
+        gram, count = grams.most_common(1)[0]
+        return not (count > 1 and count * sum(map(len, gram)) / size > self.max_top_ngram_chars)
+
+
+def _heaviest_word_bound(text: str) -> tuple[int, float]:
+    """(len(text.split()), a number >= max over distinct words w of count(w) * len(w)).
+
+    Words are keyed with numpy (no Python string per word) into 4096 buckets by the top bits
+    of their key, and the bound is the largest bucket's sum of UTF-8 lengths: a bucket holds
+    every occurrence of its words, and a word's UTF-8 length is at least its length in
+    characters, so sharing a bucket or being non-ASCII only loosens the bound."""
+    keys, lengths = minhash.word_keys(text)
+    buckets = (keys >> np.uint64(52)).view(np.int64)
+    return len(keys), float(np.bincount(buckets, weights=lengths, minlength=4096).max(initial=0))
 
 
 @DATA_FILTER.register("code_quality")
@@ -125,12 +229,17 @@ class CodeHeuristics(DocumentFilter):
         default_factory=lambda: ["auto-generated", "autogenerated", "automatically generated", "do not edit"])
 
     def process(self, doc: Document) -> Document | None:
-        lines = doc.text.split("\n")
-        if max(len(line) for line in lines) > self.max_line_length:
+        text = doc.text
+        lines = text.split("\n")
+        if max(map(len, lines)) > self.max_line_length:
             return None
-        if sum(len(line) for line in lines) / len(lines) > self.max_mean_line_length:
+        if sum(map(len, lines)) / len(lines) > self.max_mean_line_length:
             return None
-        if sum(c.isalnum() for c in doc.text) / max(1, len(doc.text)) < self.min_alnum_fraction:
+        if text.isascii():  # deleting the other bytes counts [A-Za-z0-9], str.isalnum on ASCII
+            alnum = len(text.encode("ascii").translate(None, _NOT_ASCII_ALNUM))
+        else:
+            alnum = sum(map(str.isalnum, text))
+        if alnum / max(1, len(text)) < self.min_alnum_fraction:
             return None
         head = "\n".join(lines[:5]).lower()
         return None if any(marker in head for marker in self.generated_markers) else doc
