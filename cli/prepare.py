@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from tessera.cli.recipe import Recipe
 from tessera.cli.run import resolve
+from tessera.components.data.preparation import PreparationQueued
 from tessera.registry.errors import ConfigError, RegistryError
 
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         data.prepare(force=ns.force, console=console)
-    except (FileNotFoundError, ValueError) as err:  # a missing corpus, a malformed row in strict mode, ...
+    except (FileNotFoundError, ValueError, ConnectionError, PreparationQueued) as err:
+        # a missing corpus, a malformed row in strict mode, an unreachable hub dataset, jobs queued on Slurm
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
         sys.exit(1)
     console.print(data.report_table())

@@ -612,6 +612,23 @@ class DocumentFilter(abc.ABC):
     def process(self, doc: Any) -> Any | None: ...
 
 
+class DataEngine(abc.ABC):
+    """Runs one stage of data preparation: `tasks` independent tasks of a pipeline, somewhere.
+
+    `run(steps=..., tasks=..., logs=..., name=..., input_bytes=...)` runs the pipeline `steps`
+    (datatrove pipeline steps) once per task rank in [0, tasks) and returns when all have
+    finished (or, for a batch scheduler, when they are queued: then `waits` is False);
+    `input_bytes` (the corpus's size, 0 if unknown) may guide how many workers to start. Tasks already marked
+    complete under `logs` (a folder every worker can reach) are skipped, so a stage cut short
+    continues where it stopped. The result never depends on the engine or its worker count.
+    """
+
+    waits: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def run(self, *, steps: list[Any], tasks: int, logs: str, name: str, input_bytes: int = 0) -> None: ...
+
+
 ParamGroups = Iterable[dict[str, Any]]
 """What an optimizer factory receives: torch-style parameter groups."""
 

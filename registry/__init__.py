@@ -9,6 +9,7 @@ from tessera.registry.invariants import invariant
 from tessera.registry.kinds import (
     ATTENTION,
     COMM_HOOK,
+    DATA_ENGINE,
     DATA_FILTER,
     DATA_SOURCE,
     FEED_FORWARD,
@@ -25,8 +26,8 @@ from tessera.registry.tags import ModelDim, Setting, model_width
 from tessera.registry.validate import validate
 
 __all__ = [
-    "ATTENTION", "COMM_HOOK", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER", "PARALLEL_PLAN",
-    "PERIODIC_SYNC", "POSITION",
+    "ATTENTION", "COMM_HOOK", "DATA_ENGINE", "DATA_FILTER", "DATA_SOURCE", "FEED_FORWARD", "NORM", "OPTIMIZER",
+    "PARALLEL_PLAN", "PERIODIC_SYNC", "POSITION",
     "PRECISION", "SCHEDULER",
     "ConfigError", "Fault", "ModelDim", "Registry", "RegistryError", "Setting", "Shared", "all_registries",
     "invariant", "model_width", "validate",

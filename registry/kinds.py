@@ -16,6 +16,7 @@ import torch
 from tessera.components.interfaces import (
     Attention,
     CommHook,
+    DataEngine,
     DataSource,
     DocumentFilter,
     FeedForward,
@@ -77,4 +78,5 @@ DATA_SOURCE: Registry[DataSource] = Registry(kind="DATA_SOURCE", base=DataSource
     "domain": Shared(meaning="mixture domain the documents belong to"),
 })
 DATA_FILTER: Registry[DocumentFilter] = Registry(kind="DATA_FILTER", base=DocumentFilter)
+DATA_ENGINE: Registry[DataEngine] = Registry(kind="DATA_ENGINE", base=DataEngine)
 PRECISION: Registry[PrecisionPolicy] = Registry(kind="PRECISION", base=PrecisionPolicy)

@@ -1,19 +1,19 @@
-"""The pipeline's first stage: read one source, skipping and counting malformed rows per file.
+"""Malformed rows in reports and errors: where they are listed, how they are summed up.
 
-Malformed rows (see `tessera.components.data.sources.rows`) are written, one JSON object per line, to
-`rejects/{domain}.malformed.jsonl` in the prepared folder and summed up per file in the
-stage's report note; in strict mode the first one stops preparation with its file and line.
+Malformed rows (see `tessera.components.data.sources.rows`) are written, one JSON object per
+line, to `rejects/{domain}.malformed.jsonl` in the prepared folder and summed up per file in
+the collect stage's report note; in strict mode the first one stops preparation with its
+file and line.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
-from tessera.components.data.document import Document
-from tessera.components.data.sources.rows import MalformedRow, MalformedRowError, RowSource
-from tessera.components.interfaces import DataSource
+from tessera.components.data.sources.rows import MalformedRowError
 
 SHOWN_FILES = 4  # files named in a report note; the rejects file lists every row
 
@@ -21,26 +21,6 @@ SHOWN_FILES = 4  # files named in a report note; the rejects file lists every ro
 def rejects_file(folder: Path, domain: str) -> Path:
     """Where the malformed rows of `domain` are written, under a prepared folder."""
     return folder / "rejects" / f"{domain}.malformed.jsonl"
-
-
-def collect(source: DataSource, *, strict: bool, folder: Path) -> tuple[list[Document], list[MalformedRow]]:
-    """The documents of `source` and the malformed rows it skipped (appended to the domain's
-    rejects file under `folder`). With `strict`, raises `MalformedRowError` at the first one."""
-    docs: list[Document] = []
-    malformed: list[MalformedRow] = []
-    for row in source.rows() if isinstance(source, RowSource) else source.documents():
-        if isinstance(row, Document):
-            docs.append(row)
-            continue
-        if strict:
-            raise strict_error(row.where, row.reason, source.domain)
-        malformed.append(row)
-    if malformed:
-        path = rejects_file(folder, source.domain)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(row.record(), ensure_ascii=False) + "\n" for row in malformed)
-    return docs, malformed
 
 
 def strict_error(where: str, reason: str, domain: str) -> MalformedRowError:
@@ -59,15 +39,15 @@ def first_malformed(folder: Path, domain: str) -> MalformedRowError:
     return strict_error(first["where"], first["reason"], domain)
 
 
-def malformed_note(malformed: list[MalformedRow], root: str | None = None) -> str:
-    """'3 malformed rows skipped (a.jsonl 2, b.parquet 1)': counts per file, most first; file
+def malformed_note(per_file: Mapping[str, int], root: str | None = None) -> str:
+    """'3 malformed rows skipped (a.jsonl 2, b.parquet 1)': rows per file, most first; file
     names relative to `root` when they are under it."""
-    per_file: Counter[str] = Counter()
-    for row in malformed:
-        per_file[_short(row.file, root)] += row.rows
-    total = sum(per_file.values())
-    shown = ", ".join(f"{name} {count}" for name, count in per_file.most_common(SHOWN_FILES))
-    more = f", +{len(per_file) - SHOWN_FILES} more files" if len(per_file) > SHOWN_FILES else ""
+    counts: Counter[str] = Counter()
+    for file, rows in per_file.items():
+        counts[_short(file, root)] += rows
+    total = sum(counts.values())
+    shown = ", ".join(f"{name} {count}" for name, count in counts.most_common(SHOWN_FILES))
+    more = f", +{len(counts) - SHOWN_FILES} more files" if len(counts) > SHOWN_FILES else ""
     return f"{total} malformed row{'s' * (total != 1)} skipped ({shown}{more})"
 
 

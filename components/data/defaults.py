@@ -7,7 +7,7 @@ import fiddle as fdl
 
 from tessera.components.data.dedup import Deduplicator
 from tessera.components.data.pipeline import TextPipeline
-from tessera.registry.kinds import DATA_FILTER, DATA_SOURCE
+from tessera.registry.kinds import DATA_ENGINE, DATA_FILTER, DATA_SOURCE
 
 
 def stdlib_corpus(*, vocab_size: int = 2048, code_bytes: int = 4_000_000, temperature: float = 2.0,
@@ -20,7 +20,11 @@ def stdlib_corpus(*, vocab_size: int = 2048, code_bytes: int = 4_000_000, temper
     that file or folder of txt / jsonl / parquet instead, as the one domain "text", cleaned by
     the "*" chain below (control characters, empty and repetitive documents), deduplicated,
     with a BPE trained on it. The chain assumes nothing about language or genre, so code,
-    prose and non-English text all pass."""
+    prose and non-English text all pass.
+
+    The preparation runs on this machine's cores (`data.engine.workers=N` to choose); on a
+    cluster, `data.engine=@ray` (a Ray cluster) or `data.engine=@slurm
+    data.engine.partition=NAME` (Slurm job arrays) run the same stages with the same result."""
     licence = [r"(?i)^\s*#.*(copyright|all rights reserved|licensed under)"]
     return fdl.Config(
         TextPipeline,
@@ -44,4 +48,5 @@ def stdlib_corpus(*, vocab_size: int = 2048, code_bytes: int = 4_000_000, temper
         mixture_temperature=temperature,
         val_fraction=0.05,
         data_dir=data_dir,
+        engine=DATA_ENGINE.config("local"),
     )

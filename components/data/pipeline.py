@@ -5,9 +5,10 @@ instead of its sources. Preparation runs once per fingerprint (the repr of every
 filter and setting, each source's content signature (local files' paths, sizes and
 modification times), plus the Python version, whose stdlib is the default corpus) into
 `{data_dir}/{fingerprint}/`; a second run with the same config and files loads the cached
-store in seconds, any change prepares anew. Every stage reports, per domain, documents and
-bytes in and out (and tokens), and rows that could not be read are counted per file, so
-nothing is dropped uncounted.
+store in seconds, any change prepares anew. The preparation streams over shards on a
+`DataEngine` (see `tessera.components.data.stages`): memory is bounded by a shard, never the
+corpus. Every stage reports, per domain, documents and bytes in and out (and tokens), and
+rows that could not be read are counted per file, so nothing is dropped uncounted.
 """
 
 from __future__ import annotations
@@ -17,27 +18,28 @@ import hashlib
 import json
 import shutil
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tessera.components.data.collect import collect, first_malformed, malformed_note, rejects_file
+from tessera.components.data.collect import first_malformed, rejects_file
 from tessera.components.data.dedup import Deduplicator
-from tessera.components.data.document import Document
+from tessera.components.data.engine import LocalEngine
 from tessera.components.data.loader import PackedLoader
 from tessera.components.data.mixture import mixture_weights
-from tessera.components.data.sources.files import LocalFiles
+from tessera.components.data.preparation import band_partitions, preparation_lock, prepare_into
+from tessera.components.data.sources.files import HubDataset, LocalFiles
 from tessera.components.data.sources.readers import TxtSplit
 from tessera.components.data.sources.rows import RowSource
-from tessera.components.data.store import TokenStore, write_store
-from tessera.components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
+from tessera.components.data.stages.layout import Settings
+from tessera.components.data.store import TokenStore
+from tessera.components.data.tokenizer import load_encoding, named_encoding
 from tessera.components.interfaces import (
     BytesPerToken,
+    DataEngine,
     DataShare,
     DataSource,
     DocumentFilter,
@@ -48,8 +50,9 @@ from tessera.components.interfaces import (
 )
 from tessera.registry.invariants import invariant
 
-FORMAT_VERSION = 2  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted
+FORMAT_VERSION = 3  # 2: EOS is tiktoken's <|endoftext|>; malformed rows are counted; 3: sharded token files
 OWN_DOMAIN = "text"  # the domain of a corpus given by `path`
+HUB_PREFIX = "hub:"  # path="hub:NAME" streams a Hugging Face hub dataset
 
 
 @dataclasses.dataclass
@@ -68,10 +71,6 @@ class StageRow:
     """Rows the source could not read (collect stage only); docs_in counts them, docs_out not."""
 
 
-def _nbytes(docs: list[Document]) -> int:
-    return sum(len(d.text.encode("utf-8", "replace")) for d in docs)
-
-
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out e.g. 0.02 of the documents")
 @invariant("mixture_temperature > 0", lambda mixture_temperature: mixture_temperature > 0, fix="use a temperature > 0")
 class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesPerToken):
@@ -79,8 +78,10 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
 
     Args:
         sources: the `DataSource`s; each yields the documents of its `domain`.
-        path: your own corpus instead of `sources`: a txt / jsonl / json / parquet file or a
-            folder of them (see `LocalFiles`), read as the one domain "text".
+        path: your own corpus instead of `sources`: a txt / jsonl / json / parquet file (also
+            .gz / .zst) or a folder of them or one written by `datasets`' `save_to_disk` (see
+            `LocalFiles`), or "hub:NAME" for a Hugging Face hub dataset (streamed; needs the
+            network), read as the one domain "text".
         text_field: the jsonl field / parquet column holding the text (with `path`).
         txt_split: a txt file is one document ("file"), one per paragraph ("paragraph": between
             blank lines) or one per non-blank line ("line") (with `path`).
@@ -98,8 +99,11 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
         mixture_temperature, mixture_weights: domain sampling (see `mixture_weights`).
         val_fraction: documents held out for validation (chosen by content hash).
         data_dir: where prepared data is cached. rejects: also write rejected documents to
-            `rejects/{domain}.{filter}.jsonl` for inspection. workers: tiktoken encoding threads
-            (the deduplicator has its own `workers` processes).
+            `rejects/{domain}.{filter}.jsonl` (and dropped duplicates, with the document kept in
+            their place, to `rejects/{domain}.dedup.jsonl`) for inspection.
+        engine: where the preparation's sharded stages run (`LocalEngine(workers=N)` by
+            default; `RayEngine`, `SlurmEngine` for a cluster); the prepared data is the same on
+            any engine, so it is not part of the fingerprint.
     """
 
     def __init__(self, *, sources: list[DataSource] | None = None, path: str | None = None, text_field: str = "text",
@@ -107,9 +111,11 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
                  filters: dict[str, list[DocumentFilter]] | None = None,
                  dedup: Deduplicator | None = None, vocab_size: int = 2048, tokenizer_sample_bytes: int = 20_000_000,
                  mixture_temperature: float = 1.0, mixture_weights: dict[str, float] | None = None,
-                 val_fraction: float = 0.02, data_dir: str = "runs/data", rejects: bool = False, workers: int = 2,
-                 progress: bool = True, encoding_name: str | None = None):
-        if path is not None:  # the user's own corpus replaces the preset's sources
+                 val_fraction: float = 0.02, data_dir: str = "runs/data", rejects: bool = False,
+                 engine: DataEngine | None = None, progress: bool = True, encoding_name: str | None = None):
+        if path is not None and path.startswith(HUB_PREFIX):
+            sources = [HubDataset(name=path.removeprefix(HUB_PREFIX), domain=OWN_DOMAIN, text_field=text_field)]
+        elif path is not None:  # the user's own corpus replaces the preset's sources
             sources = [LocalFiles(path=path, domain=OWN_DOMAIN, text_field=text_field, txt_split=txt_split)]
         if not sources:
             raise ValueError("TextPipeline needs sources=[...] or path=<a corpus file or folder>")
@@ -125,7 +131,7 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
         self.val_fraction = val_fraction
         self.data_dir = Path(data_dir)
         self.rejects = rejects
-        self.workers = workers
+        self.engine = engine or LocalEngine()
         self.progress = progress
         self.encoding_name = encoding_name
         self._store: TokenStore | None = None
@@ -156,31 +162,45 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
         return (self.folder / "report.json").exists()
 
     def prepare(self, *, force: bool = False, console: Console | None = None) -> list[StageRow]:
-        """Run the pipeline unless a prepared copy with this fingerprint exists; returns the report."""
+        """Run the pipeline unless a prepared copy with this fingerprint exists; returns the report.
+
+        A preparation cut short continues from its finished shards; a second process asking
+        for the same fingerprint meanwhile waits for the first and loads its result."""
         folder = self.folder
         console = console or Console()
-        if not force and self.prepared():
-            self._report = [StageRow(**row) for row in json.loads((folder / "report.json").read_text())]
-            self._store = TokenStore(folder / "tokens")
-            if self.strict:  # a copy prepared leniently still holds the rows strict mode refuses
-                bad = [r.domain for r in self._report if r.stage == "collect" and r.malformed]
-                if bad:
-                    raise first_malformed(folder, bad[0])
-            if self.progress:
-                console.print(self.summary(cached=True), highlight=False, soft_wrap=True)
-            return self._report
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        report = self._run(tmp, console)
-        (tmp / "report.json").write_text(json.dumps([dataclasses.asdict(r) for r in report], indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)  # atomic: a crash mid-preparation never leaves a half-written cache
-        self._report = report
-        self._store = TokenStore(folder / "tokens")
+        with preparation_lock(folder, console):
+            if not force and self.prepared():
+                return self._load(folder, console)
+            tmp = folder.with_name(folder.name + ".tmp")
+            if force:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prepare_into(self._settings(tmp), self.engine, console=console, progress=self.progress)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)  # atomic: the cache is whole or absent
         self._loaders = {}  # loaders of a previous preparation read deleted files
+        return self._load(folder, console, cached=False)
+
+    def _load(self, folder: Path, console: Console, *, cached: bool = True) -> list[StageRow]:
+        self._report = [StageRow(**row) for row in json.loads((folder / "report.json").read_text())]
+        self._store = TokenStore(folder / "tokens")
+        if self.strict and cached:  # a copy prepared leniently still holds the rows strict mode refuses
+            bad = [r.domain for r in self._report if r.stage == "collect" and r.malformed]
+            if bad:
+                raise first_malformed(folder, bad[0])
         if self.progress:
-            console.print(self.summary(cached=False), highlight=False, soft_wrap=True)
-        return report
+            console.print(self.summary(cached=cached), highlight=False, soft_wrap=True)
+        return self._report
+
+    def _settings(self, folder: Path) -> Settings:
+        if self.encoding_name is not None:
+            encoding = named_encoding(self.encoding_name)
+            if encoding.n_vocab > self.vocab_size:
+                raise ValueError(f"encoding {self.encoding_name!r} has {encoding.n_vocab} ids but vocab_size is "
+                                 f"{self.vocab_size}; set vocab_size (and model.vocab_size) >= {encoding.n_vocab}")
+        return Settings(folder=str(folder), sources=self.sources, filters=self.filters, dedup=self.dedup,
+                        strict=self.strict, rejects=self.rejects, val_fraction=self.val_fraction,
+                        vocab_size=self.vocab_size, encoding_name=self.encoding_name,
+                        tokenizer_sample_bytes=self.tokenizer_sample_bytes, partitions=band_partitions(self.sources))
 
     def summary(self, *, cached: bool) -> str:
         """One line on what preparation read, kept and skipped (printed by `prepare`)."""
@@ -199,133 +219,6 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
         else:
             line += "; 0 malformed rows"
         return line
-
-    # -- the stages ------------------------------------------------------------------------------
-    def _run(self, folder: Path, console: Console) -> list[StageRow]:
-        report: list[StageRow] = []
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, disable=not self.progress) as bar:
-            docs = self._collect(report, bar, folder)
-            docs = self._clean(docs, report, bar, folder)
-            if self.dedup is not None:
-                docs = self._deduplicate(docs, report, bar)
-            splits = self._split(docs, report)
-            task = bar.add_task("train tokenizer", total=1)
-            if self.encoding_name is not None:
-                encoding = named_encoding(self.encoding_name)
-                if encoding.n_vocab > self.vocab_size:
-                    raise ValueError(f"encoding {self.encoding_name!r} has {encoding.n_vocab} ids but vocab_size is "
-                                     f"{self.vocab_size}; set vocab_size (and model.vocab_size) >= {encoding.n_vocab}")
-            else:
-                encoding = train_bpe(self._tokenizer_sample(splits), vocab_size=self.vocab_size,
-                                     folder=folder / "tokenizer")
-            bar.advance(task)
-            task = bar.add_task("tokenize", total=len(splits))
-            arrays = {}
-            for (domain, split), ds in sorted(splits.items()):
-                arrays[(domain, split)] = encode_documents(encoding, [d.text for d in ds], threads=self.workers)
-                n_tokens = sum(len(t) + 1 for t in arrays[(domain, split)])
-                report.append(StageRow(f"tokenize ({split})", domain, len(ds), len(ds), _nbytes(ds), _nbytes(ds),
-                                       tokens=n_tokens, note=f"{_nbytes(ds) / max(1, n_tokens):.2f} bytes/token"))
-                bar.advance(task)
-            # tiktoken's end-of-text id: <|endoftext|> in the named encodings and in ours
-            write_store(folder / "tokens", arrays, eos=encoding.eot_token, vocab_size=self.vocab_size)
-        return report
-
-    def _tokenizer_sample(self, splits: dict[tuple[str, str], list[Document]]) -> list[str]:
-        """Training-split texts for the BPE: an equal byte budget per domain, so a large domain
-        (code) does not crowd the others out of the vocabulary."""
-        domains = sorted({domain for domain, split in splits if split == "train"})
-        budget = self.tokenizer_sample_bytes // max(1, len(domains))
-        sample = []
-        for domain in domains:
-            size = 0
-            for doc in splits[(domain, "train")]:
-                if size >= budget:
-                    break
-                sample.append(doc.text)
-                size += len(doc.text.encode("utf-8", "replace"))
-        return sample
-
-    def _collect(self, report: list[StageRow], bar: Progress, folder: Path) -> list[Document]:
-        docs: list[Document] = []
-        task = bar.add_task("collect", total=len(self.sources))
-        for source in self.sources:
-            found, malformed = collect(source, strict=self.strict, folder=folder)
-            if not found:
-                first = "; ".join(f"{m.where}: {m.reason}" for m in malformed[:3])
-                raise ValueError(f"data source {source!r} produced no documents; check its path or settings"
-                                 + (f" ({len(malformed)} malformed rows, e.g. {first})" if malformed else ""))
-            invalid = sum(d.invalid_utf8 for d in found)
-            notes = [f"{invalid} with invalid UTF-8 (replaced)"] if invalid else []
-            if malformed:
-                notes.append(malformed_note(malformed, root=source.path if isinstance(source, LocalFiles) else None))
-            n_bad = sum(m.rows for m in malformed)
-            report.append(StageRow("collect", source.domain, len(found) + n_bad, len(found),
-                                   _nbytes(found) + sum(m.nbytes for m in malformed), _nbytes(found),
-                                   note="; ".join(notes), malformed=n_bad))
-            docs.extend(found)
-            bar.advance(task)
-        return docs
-
-    def _clean(self, docs: list[Document], report: list[StageRow], bar: Progress, folder: Path) -> list[Document]:
-        by_domain: dict[str, list[Document]] = defaultdict(list)
-        for doc in docs:
-            by_domain[doc.domain].append(doc)
-        kept_all: list[Document] = []
-        task = bar.add_task("clean", total=len(docs))
-        for domain, current in sorted(by_domain.items()):
-            for flt in self.filters.get(domain, self.filters.get("*", [])):
-                kept, rejected = [], []
-                for doc in current:
-                    out = flt.process(doc)
-                    (kept if out is not None else rejected).append(out if out is not None else doc)
-                report.append(StageRow(f"clean: {flt.name}", domain, len(current), len(kept), _nbytes(current),
-                                       _nbytes(kept)))
-                if self.rejects and rejected:
-                    path = folder / "rejects" / f"{domain}.{flt.name}.jsonl"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text("".join(json.dumps({"source": d.source, "text": d.text}) + "\n" for d in rejected))
-                if not kept:
-                    raise ValueError(f"filter {flt.name} ({flt!r}) removed every remaining document of domain "
-                                     f"{domain!r} ({len(current)}); loosen its thresholds for this domain")
-                current = kept
-            kept_all.extend(current)
-            bar.advance(task, len(by_domain[domain]))
-        return kept_all
-
-    def _deduplicate(self, docs: list[Document], report: list[StageRow], bar: Progress) -> list[Document]:
-        by_domain: dict[str, list[Document]] = defaultdict(list)
-        for doc in docs:
-            by_domain[doc.domain].append(doc)
-        kept_all = []
-        task = bar.add_task("dedup", total=len(by_domain))
-        for domain, current in sorted(by_domain.items()):
-            result = self.dedup(current)
-            report.append(StageRow("dedup", domain, len(current), len(result.kept), _nbytes(current),
-                                   _nbytes(result.kept), note=f"{result.exact_removed} exact, {result.near_removed} "
-                                                              f"near-duplicate in {result.clusters} clusters"))
-            kept_all.extend(result.kept)
-            bar.advance(task)
-        return kept_all
-
-    def _split(self, docs: list[Document], report: list[StageRow]) -> dict[tuple[str, str], list[Document]]:
-        splits: dict[tuple[str, str], list[Document]] = defaultdict(list)
-        for doc in docs:
-            held_out = int(doc.key[:8], 16) / 16**8 < self.val_fraction
-            splits[(doc.domain, "val" if held_out else "train")].append(doc)
-        for domain in sorted({d.domain for d in docs}):
-            train, val = splits[(domain, "train")], splits[(domain, "val")]
-            if len(train) + len(val) < 2:
-                raise ValueError(f"domain {domain!r} has {len(train) + len(val)} document(s) after cleaning; it needs "
-                                 f"at least 2 (one for training, one held out): give it more documents (a single "
-                                 f"txt file is one document unless split: data.txt_split=paragraph or =line)")
-            # A small domain can hash entirely to one side: move the document nearest the cut.
-            if not val:
-                val.append(train.pop(min(range(len(train)), key=lambda i: train[i].key)))
-            if not train:
-                train.append(val.pop(max(range(len(val)), key=lambda i: val[i].key)))
-        return splits
 
     # -- reading ---------------------------------------------------------------------------------
     @property
