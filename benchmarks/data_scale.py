@@ -181,12 +181,12 @@ def corpus_for(gigabytes: float, ns: argparse.Namespace, root: Path, console: Co
     spec = Spec(out=root / f"synthetic-{gigabytes:g}gb-seed{ns.seed}", gigabytes=gigabytes, files=ns.files,
                 seed=ns.seed, duplicate_fraction=ns.duplicate_fraction, control_fraction=ns.control_fraction,
                 compression=ns.compression)
-    meta_path = spec.out / "corpus.json"
+    meta_path = spec.out / ".corpus.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         wanted = {k: v for k, v in dataclasses.asdict(spec).items() if k != "out"}
         if meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in wanted.items()) \
-                and (spec.out / "manifest.jsonl").exists():
+                and (spec.out / ".manifest.jsonl").exists():
             console.print(f"corpus: reusing {spec.out} ({meta['text_bytes'] / 1e6:,.0f} MB of text)")
             return meta
     console.print(f"corpus: generating {gigabytes:g} GB in {spec.out}")
@@ -214,7 +214,7 @@ class Planted:
     def load(cls, corpus: Path, min_jaccard: float) -> Planted:
         """From `corpus`/manifest.jsonl; exact and near copies count from `min_jaccard` up."""
         pairs, controls, cluster = [], set(), {}
-        with open(corpus / "manifest.jsonl") as f:
+        with open(corpus / ".manifest.jsonl") as f:
             for line in f:
                 row = json.loads(line)
                 copy, original = source_key(row["source"]), source_key(row["original"])

@@ -5,7 +5,7 @@
                                      [--compression zst|gz|none] [--processes N]
 
 Writes OUT/part-00000.jsonl.zst ... (zstd level 3, one {"id", "text"} object per line),
-OUT/manifest.jsonl (one line per planted document) and OUT/corpus.json (sizes, counts, the
+OUT/.manifest.jsonl (one line per planted document) and OUT/.corpus.json (sizes, counts, the
 settings). The files are written by independent streams of 4 (part-00000, -00004, -00008,
 -00012 by the first of 4 streams, ...), one process per stream at a time; a stream deals its
 documents round-robin to its files, so every file spans the whole run, and puts a planted
@@ -447,7 +447,7 @@ def generate(spec: Spec, processes: int | None = None) -> dict:
             parts = pool.map(work, range(spec.streams), chunksize=1)
     else:
         parts = [work(stream) for stream in range(spec.streams)]
-    with open(spec.out / "manifest.jsonl", "w") as manifest:
+    with open(spec.out / ".manifest.jsonl", "w") as manifest:
         for stream in range(spec.streams):
             part = spec.out / f".manifest-{stream:03d}.jsonl"
             manifest.write(part.read_text())
@@ -462,7 +462,7 @@ def generate(spec: Spec, processes: int | None = None) -> dict:
             "jaccard_range": {kind: [min(v), max(v)] for kind, v in jaccards.items() if v},
             "processes": processes, "seconds": round(seconds, 3),
             "text_mb_per_s": round(text_bytes / 1e6 / seconds, 2)}
-    (spec.out / "corpus.json").write_text(json.dumps(meta, indent=1))
+    (spec.out / ".corpus.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 

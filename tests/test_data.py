@@ -151,7 +151,7 @@ def test_tokenizer_round_trip_and_agreement_with_trainer(tmp_path, corpus_texts)
     assert encoding.encode("a<|endoftext|>", allowed_special={"<|endoftext|>"})[-1] == 1021
     with pytest.raises(ValueError, match="disallowed special token"):
         encoding.encode("a<|endoftext|>")
-    forged = encode_documents(encoding, ["text that spells <|endoftext|> itself"])[0]
+    forged = encode_documents(encoding, ["text that spells <|endoftext|> itself"])[0].tolist()
     assert 1021 not in forged and encoding.decode(forged).endswith("<|endoftext|> itself")
     random.seed(0)
     samples = ["", "héllo wörld — ñ 😀 中文 العربية", "\x00\x01\t\r\n", "".join(chr(random.randint(32, 0x2FFF))

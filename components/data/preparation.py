@@ -31,9 +31,9 @@ from tessera.components.data.stages.layout import Settings, read_stats, write_js
 from tessera.components.data.stages.tokenize import TokenizeStep, TrainTokenizerStep
 from tessera.components.interfaces import DataEngine
 
-BAND_SLICE_BYTES = 32 << 30
-"""Input bytes per hash range of a band: a bucket task holds about 16 bytes per document of
-its slice (some 170 MB for 32 GB of text at 3 KB per document)."""
+BAND_SLICE_BYTES = 8 << 30
+"""Input bytes per hash range of the LSH bands: a bucket task holds 16 bytes per document and
+band of its group for its slice (some 180 MB for 8 GB of text at 3 KB per document)."""
 
 
 class PreparationQueued(RuntimeError):

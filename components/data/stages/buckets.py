@@ -1,12 +1,12 @@
 """Stage 2, one task per (group of LSH bands, hash range): candidate pairs, verified.
 
-Task r handles the bands of group `r // partitions` (every `band_groups`-th band) one at a
-time: it reads that band of every shard's band hashes, keeps those in hash range
-`r % partitions` (hash mod partitions), and sorts them: documents sharing a band hash are
-candidates (MinHash LSH, Broder 1997; Leskovec et al., Mining of Massive Datasets, ch. 3).
-A candidate pair is kept when its signatures' estimated Jaccard similarity reaches the
-threshold. Memory: the task's slice of one band, 16 bytes per document of the corpus divided
-by `partitions` (chosen from the corpus size), plus the signatures it compares.
+Task r handles the bands of group `r // partitions` (every `band_groups`-th band): it reads
+those bands of every shard's band hashes, one shard at a time, keeps per band the hashes in
+range `r % partitions` (hash mod partitions), and sorts each band's: documents sharing a band
+hash are candidates (MinHash LSH; Leskovec, Rajaraman and Ullman, Mining of Massive Datasets,
+ch. 3). A candidate pair is kept when its signatures' estimated Jaccard similarity reaches
+the threshold. Memory: 16 bytes per document and band of the group, for the corpus divided by
+`partitions` (chosen from the corpus size), plus the signatures it compares.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from tessera.components.data.minhash import similarity
-from tessera.components.data.stages.layout import TaskStep, save_array
+from tessera.components.data.stages.layout import TaskStep, read_rows, save_array
 
 PAIR = np.dtype([("a", "<u8"), ("b", "<u8"), ("similarity", "<f4")])
 """A verified pair of documents by global id (shard << 32 | index in shard), a < b."""
@@ -61,7 +61,7 @@ def _signature_rows(settings, ids: np.ndarray) -> np.ndarray:
     rows = (ids & np.uint64(0xFFFFFFFF)).astype(np.int64)
     for shard in np.unique(shards):
         where = np.flatnonzero(shards == shard)
-        sigs = np.load(settings.work("sigs", int(shard), ".npy"), mmap_mode="r")
+        sigs = read_rows(settings, "sigs", int(shard))
         order = np.argsort(rows[where])
         out[where[order]] = sigs[rows[where][order]]
     return out
@@ -73,19 +73,24 @@ class BucketStep(TaskStep):
     name = "buckets"
 
     def run_task(self, rank: int, world_size: int) -> None:
-        group, part = divmod(rank, self.settings.partitions)
-        for band in range(group, self.settings.dedup.num_bands, band_groups(self.settings)):
-            self._bucket(band, part)
-
-    def _bucket(self, band: int, part: int) -> None:
         s = self.settings
-        hashes, ids = [], []
-        for shard in range(len(s.shards())):
-            column = np.load(s.work("bands", shard, ".npy"), mmap_mode="r")[band]
-            mine = np.flatnonzero(column % np.uint64(s.partitions) == part)
-            hashes.append(np.asarray(column[mine]))
-            ids.append(global_ids(shard, column.size)[mine])
-        a, b = _candidates(np.concatenate(hashes), np.concatenate(ids))
+        group, part = divmod(rank, s.partitions)
+        bands = list(range(group, s.dedup.num_bands, band_groups(s)))
+        hashes: dict[int, list[np.ndarray]] = {band: [] for band in bands}
+        ids: dict[int, list[np.ndarray]] = {band: [] for band in bands}
+        for shard in range(len(s.shards())):  # one shard's band rows in memory at a time
+            block = np.asarray(read_rows(s, "bands", shard)[:, bands])
+            shard_ids = global_ids(shard, block.shape[0])
+            for column, band in enumerate(bands):
+                mine = block[:, column] % np.uint64(s.partitions) == part
+                hashes[band].append(block[mine, column])
+                ids[band].append(shard_ids[mine])
+        for band in bands:
+            self._bucket(np.concatenate(hashes.pop(band)), np.concatenate(ids.pop(band)), band, part)
+
+    def _bucket(self, hashes: np.ndarray, ids: np.ndarray, band: int, part: int) -> None:
+        s = self.settings
+        a, b = _candidates(hashes, ids)
         pairs = np.zeros(a.size, dtype=PAIR)
         if a.size:
             sim = similarity(_signature_rows(s, a), _signature_rows(s, b))

@@ -3,8 +3,8 @@
 Writes, for input shard NNNNN: the kept documents' UTF-8 texts back to back
 (`work/docs/NNNNN.zst`, zstd), where each came from (`work/sources/NNNNN.jsonl`), their
 `META` rows, and with dedup their MinHash signatures and LSH band hashes. Documents are
-handled in batches of `BATCH_BYTES`, so a task's memory is one batch plus the shard's
-signatures (num_perm x 4 bytes per document), whatever the corpus size.
+handled in batches of `BATCH_BYTES`, each appended to the files as it is done, so a task
+holds one batch, whatever the size of its shard or the corpus.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 import numpy as np
 
@@ -21,32 +21,38 @@ from tessera.components.data.collect import strict_error
 from tessera.components.data.document import Document
 from tessera.components.data.minhash import band_hashes, signatures
 from tessera.components.data.sources.rows import MalformedRow, RowSource
-from tessera.components.data.stages.layout import META, TaskStep, save_array, stats_path, write_json
+from tessera.components.data.stages.layout import META, TaskStep, stats_path, write_json
 
 BATCH_BYTES = 8 << 20
 EXAMPLES = 3  # malformed rows quoted in the error when a source yields no document
 
 
 class _Writer:
-    """The task's outputs, written under temporary names and renamed when the task ends."""
+    """The task's outputs, appended batch by batch under temporary names and renamed when
+    the task ends (a killed task leaves no file that looks finished)."""
 
-    def __init__(self, paths: dict[str, Path]):
+    def __init__(self, settings, rank: int, *, dedup: bool):
         import zstandard
 
-        self.paths = paths
-        for path in paths.values():
+        names = {"docs": ".zst", "sources": ".jsonl", "meta": ".bin", **({"sigs": ".bin", "bands": ".bin"} if dedup
+                                                                           else {})}
+        self.paths = {name: settings.work(name, rank, suffix) for name, suffix in names.items()}
+        self.files = {}
+        for name, path in self.paths.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-        self._raw = open(self._tmp("docs"), "wb")
-        self.docs = zstandard.ZstdCompressor(level=1).stream_writer(self._raw)
-        self.sources = open(self._tmp("sources"), "w", encoding="utf-8")
+            self.files[name] = open(self._tmp(name), "wb")
+        self.docs = zstandard.ZstdCompressor(level=1).stream_writer(self.files["docs"])
 
     def _tmp(self, name: str) -> Path:
         return self.paths[name].with_name(self.paths[name].name + ".tmp")
 
+    def write(self, name: str, data: bytes) -> None:
+        (self.docs if name == "docs" else self.files[name]).write(data)
+
     def close(self) -> None:
-        self.docs.close()  # also closes the raw file
-        self.sources.close()
-        for name in ("docs", "sources"):
+        self.docs.close()  # also closes the docs file
+        for name, f in self.files.items():
+            f.close()
             self._tmp(name).replace(self.paths[name])
 
 
@@ -58,18 +64,18 @@ class CleanStep(TaskStep):
     def run_task(self, rank: int, world_size: int) -> None:
         s = self.settings
         index, shard = s.shards()[rank]
+        self._rank = rank
         source = s.sources[index]
         domain = source.domain
         self._chain = s.filters.get(domain, s.filters.get("*", []))
         self._stats = {"source": index, "domain": domain, "rows": 0, "docs": 0, "bytes_in": 0, "bytes": 0,
                        "invalid_utf8": 0, "malformed": 0, "malformed_files": Counter(), "examples": [],
                        "error": None, "filters": [[f.name, 0, 0, 0, 0] for f in self._chain]}
-        self._rejected: dict[str, list[str]] = {}
-        self._malformed: list[str] = []
-        writer = _Writer({k: s.work(k, rank, ext) for k, ext in (("docs", ".zst"), ("sources", ".jsonl"))})
+        self._lines: dict[str, IO[str]] = {}  # rejects files, opened on first use
+        writer = _Writer(s, rank, dedup=s.dedup is not None)
         batch: list[tuple[str, bytes, str]] = []
         size = 0
-        self._meta, self._sigs = [], []
+        self._kept = self._kept_bytes = 0
         rows = source.shard_rows(shard) if isinstance(source, RowSource) else source.documents()
         for row in rows:
             if isinstance(row, MalformedRow):
@@ -101,7 +107,7 @@ class CleanStep(TaskStep):
         st["malformed_files"][row.file] += row.rows
         if len(st["examples"]) < EXAMPLES:
             st["examples"].append(f"{row.where}: {row.reason}")
-        self._malformed.append(json.dumps(row.record(), ensure_ascii=False))
+        self._reject("malformed", json.dumps(row.record(), ensure_ascii=False))
         return False
 
     def _clean(self, doc: Document) -> Document | None:
@@ -119,8 +125,7 @@ class CleanStep(TaskStep):
             out = flt.process(doc)
             if out is None:
                 if self.settings.rejects:
-                    self._rejected.setdefault(flt.name, []).append(json.dumps({"source": doc.source,
-                                                                               "text": doc.text}))
+                    self._reject(flt.name, json.dumps({"source": doc.source, "text": doc.text}))
                 return None
             if out.text is not doc.text:
                 nbytes = len(out.text.encode("utf-8", "surrogatepass"))
@@ -136,32 +141,31 @@ class CleanStep(TaskStep):
         meta["key"] = [int(hashlib.sha1(data).hexdigest()[:16], 16) for _, data, _ in batch]
         meta["domain"] = domain_id
         meta["nbytes"] = [len(data) for _, data, _ in batch]
-        self._meta.append(meta)
-        for _, data, source in batch:
-            writer.docs.write(data)
-            writer.sources.write(json.dumps(source) + "\n")
+        self._kept += len(batch)
+        self._kept_bytes += int(meta["nbytes"].sum())
+        writer.write("meta", meta.tobytes())
+        # one write per batch: zstd's per-call cost is larger than its per-byte cost for documents
+        writer.write("docs", b"".join(data for _, data, _ in batch))
+        writer.write("sources", "".join(json.dumps(source) + "\n" for _, _, source in batch).encode())
         dedup = self.settings.dedup
         if dedup is not None:
-            self._sigs.append(signatures([text for text, _, _ in batch], shingle=dedup.shingle,
-                                         num_perm=dedup.num_perm, seed=dedup.seed))
+            sigs = signatures([text for text, _, _ in batch], shingle=dedup.shingle, num_perm=dedup.num_perm,
+                              seed=dedup.seed).astype(np.uint32, copy=False)
+            writer.write("sigs", sigs.tobytes())
+            writer.write("bands", band_hashes(sigs, dedup.num_bands).astype(np.uint64, copy=False).tobytes())
+
+    def _reject(self, name: str, line: str) -> None:
+        """Append a line to this task's `rejects/DOMAIN.NAME.NNNNN.jsonl`."""
+        if name not in self._lines:
+            path = self.settings.root / "rejects" / f"{self._stats['domain']}.{name}.{self._rank:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lines[name] = open(path, "w", encoding="utf-8")
+        self._lines[name].write(line + "\n")
 
     def _finish(self, rank: int, domain: str) -> None:
         s = self.settings
-        meta = np.concatenate(self._meta) if self._meta else np.zeros(0, dtype=META)
-        if s.dedup is not None:
-            sigs = np.concatenate(self._sigs) if self._sigs else np.zeros((0, s.dedup.num_perm), dtype=np.uint32)
-            save_array(s.work("sigs", rank, ".npy"), sigs)
-            save_array(s.work("bands", rank, ".npy"), np.ascontiguousarray(band_hashes(sigs, s.dedup.num_bands).T))
-        save_array(s.work("meta", rank, ".npy"), meta)
-        _write_lines(s.root / "rejects" / f"{domain}.malformed.{rank:05d}.jsonl", self._malformed)
-        for name, lines in self._rejected.items():
-            _write_lines(s.root / "rejects" / f"{domain}.{name}.{rank:05d}.jsonl", lines)
-        self._stats["kept"] = int(meta.size)
-        self._stats["kept_bytes"] = int(meta["nbytes"].sum())
+        for f in self._lines.values():
+            f.close()
+        self._stats["kept"] = self._kept
+        self._stats["kept_bytes"] = self._kept_bytes
         write_json(stats_path(s, "clean", rank), self._stats)
-
-
-def _write_lines(path: Path, lines: list[Any]) -> None:
-    if lines:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from tessera.components.data.stages.buckets import PAIR
-from tessera.components.data.stages.layout import TaskStep, held_out, save_array, stats_path, write_json
+from tessera.components.data.stages.layout import TaskStep, held_out, read_rows, save_array, stats_path, write_json
 
 LOW = np.uint64(0xFFFFFFFF)
 
@@ -62,7 +62,7 @@ class ClusterStep(TaskStep):
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i in dropped:
             by_shard[i >> 32].append(i & 0xFFFFFFFF)
-        metas = [np.load(s.work("meta", shard, ".npy"), mmap_mode="r") for shard in range(len(s.shards()))]
+        metas = [read_rows(s, "meta", shard) for shard in range(len(s.shards()))]
         report = {d: {"docs_in": 0, "bytes_in": 0, "exact": 0, "near": 0, "bytes_out": 0,
                       "clusters": len({r for i, r in roots.items() if r != i and _domain(metas, r, s) == d})}
                   for d in s.domains}

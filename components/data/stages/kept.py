@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tessera.components.data.stages.cluster import moves_of
-from tessera.components.data.stages.layout import Settings, held_out
+from tessera.components.data.stages.layout import Settings, held_out, read_rows
 
 
 class Kept(NamedTuple):
@@ -26,7 +26,7 @@ def kept_documents(settings: Settings, shard: int) -> Iterator[Kept]:
     from the shard's zstd file (one document in memory at a time)."""
     import zstandard
 
-    meta = np.load(settings.work("meta", shard, ".npy"), mmap_mode="r")
+    meta = read_rows(settings, "meta", shard)
     drop = set(np.load(settings.work("drop", shard, ".npy")).tolist())
     moves = moves_of(settings, shard)
     val = held_out(meta["key"], settings.val_fraction)

@@ -4,8 +4,9 @@ Under the preparation folder:
 
     shards.json                       the input shards [source index, shard name], by task rank
     work/docs/NNNNN.jsonl.zst         cleaned documents of input shard NNNNN (text, domain, source)
-    work/meta/NNNNN.npy               per document: content key, domain id, UTF-8 bytes
-    work/sigs/NNNNN.npy, bands/...    MinHash signatures [n, num_perm], band hashes [bands, n]
+    work/meta/NNNNN.bin               per document: content key, domain id, UTF-8 bytes (`META`)
+    work/sigs/NNNNN.bin, bands/...    MinHash signatures [n, num_perm] uint32, band hashes
+                                      [n, num_bands] uint64 (raw rows, appended batch by batch)
     work/pairs/BBB.PPP.npy            verified near-duplicate pairs of band BBB, hash range PPP
     work/drop/NNNNN.npy               sorted indices of shard NNNNN's documents to drop
     work/split.json                   documents moved across the train / validation cut
@@ -90,6 +91,25 @@ def save_array(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+ROWS = {"meta": (META, 1), "sigs": (np.dtype(np.uint32), 0), "bands": (np.dtype(np.uint64), 0)}
+"""The row files a clean task appends to: dtype, and row width (0: set by the dedup settings)."""
+
+
+def row_width(settings: Settings, kind: str) -> int:
+    dtype, width = ROWS[kind]
+    return width or (settings.dedup.num_perm if kind == "sigs" else settings.dedup.num_bands)
+
+
+def read_rows(settings: Settings, kind: str, shard: int) -> np.ndarray:
+    """Shard `shard`'s `kind` rows ("meta", "sigs", "bands"), memory-mapped: [n] or [n, width]."""
+    dtype, _ = ROWS[kind]
+    path, width = settings.work(kind, shard, ".bin"), row_width(settings, kind)
+    if path.stat().st_size == 0:  # numpy cannot map an empty file
+        return np.zeros((0, width) if kind != "meta" else 0, dtype=dtype)
+    rows = np.memmap(path, dtype=dtype, mode="r")
+    return rows if kind == "meta" else rows.reshape(-1, width)
 
 
 def stats_path(settings: Settings, stage: str, rank: int) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 
 from tessera.components.data.stages.kept import kept_documents
 from tessera.components.data.stages.layout import TaskStep, stats_path, write_json
-from tessera.components.data.tokenizer import load_encoding, named_encoding, train_bpe
+from tessera.components.data.tokenizer import encode_documents, load_encoding, named_encoding, train_bpe
 
 BATCH_BYTES = 4 << 20
 
@@ -69,12 +69,9 @@ class TokenizeStep(TaskStep):
 
         def flush() -> None:
             for (domain, split), texts in batch.items():
-                tokens = encoding.encode_ordinary_batch(texts, num_threads=1)
-                lengths = np.fromiter((len(t) + 1 for t in tokens), dtype=np.int64, count=len(tokens))
-                flat = np.full(int(lengths.sum()), eos, dtype=dtype)
-                starts = np.r_[0, np.cumsum(lengths)[:-1]]
-                for start, ids in zip(starts.tolist(), tokens):
-                    flat[start: start + len(ids)] = ids
+                eos_row = np.array([eos], dtype=dtype)
+                pieces = [p for ids in encode_documents(encoding, texts) for p in (ids, eos_row)]
+                flat = np.concatenate(pieces).astype(dtype, copy=False)
                 key = (domain, split)
                 if key not in files:
                     files[key] = open(_token_file(s.root, domain, split, rank, tmp=True), "wb")
