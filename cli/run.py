@@ -194,6 +194,7 @@ def _dry_run(config: Any, *, err: Console, out: Console) -> None:
 
 def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     """Build and run; each way a run can end early is one message and its exit status."""
+    from tessera.components.data.preparation import PreparationQueued
     from tessera.components.data.sources.rows import MalformedRowError
     from tessera.components.parallel.mesh import MeshError
     from tessera.components.parallel.tensor_parallel import TensorParallelError
@@ -213,5 +214,5 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
         _fail(err, error, status=2)
     except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved
         _fail(err, stopped, status=128 + stopped.signum, label="[bold yellow]stopped:[/bold yellow]")
-    except (MalformedRowError, FileNotFoundError) as error:  # the user's corpus: name the file, no traceback
+    except (MalformedRowError, FileNotFoundError, PreparationQueued) as error:  # the corpus: say what, no traceback
         _fail(err, error, status=4, label="[bold red]data error:[/bold red]")

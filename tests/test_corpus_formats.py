@@ -8,7 +8,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ import zstandard
 from tessera.components.data.document import Document
 from tessera.components.data.sources.files import HubDataset, HubUnreachableError, LocalFiles
 from tessera.components.data.sources.rows import MalformedRow
+
+from helpers.launch import ROOT
 
 WORDS = ["amber", "quill", "torrent", "lattice", "meadow", "cinder", "harbor", "vellum", "orbit", "thistle",
          "gossamer", "pylon", "saffron", "wicket", "zephyr", "bramble"]
@@ -216,3 +221,33 @@ def test_an_unreachable_hub_dataset_says_how_to_use_a_local_copy(monkeypatch):
     assert "hub dataset 'tessera-tests/never-published' (source 'web') could not be reached (offline?" in message
     assert "HF_HUB_OFFLINE is set" in message
     assert ".save_to_disk('DIR')" in message and "data.path=DIR" in message
+
+
+def _train(path: str, cwd: Path, **env: str):
+    """Two steps of the flagship recipe on `data.path=path`."""
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "deepseek_pretrain.py"), f"data.path={path}",
+                           "data.vocab_size=300", "steps=2", "batch_size=2", "seq_len=32", "validation.batches=1"],
+                          capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **env})
+
+
+@pytest.mark.slow
+def test_the_flagship_trains_from_a_save_to_disk_folder_and_a_zst_file(tmp_path):
+    import datasets
+
+    rows = texts(120, seed=7)
+    datasets.Dataset.from_dict({"text": rows, "n": list(range(len(rows)))}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "corpus.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in rows).encode()))
+    for path in (tmp_path / "saved", tmp_path / "corpus.jsonl.zst"):
+        result = _train(str(path), tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"{len(rows):,} rows read" in result.stdout and "0 malformed rows" in result.stdout, result.stdout
+        assert "done: loss" in result.stdout, result.stdout[-2000:]
+
+
+def test_a_hub_dataset_by_name_offline_ends_in_the_fix_not_a_traceback(tmp_path):
+    result = _train("hub:someone/some-corpus", tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    assert result.returncode == 4, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "someone/some-corpus" in result.stderr and "save_to_disk" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
