@@ -114,7 +114,7 @@ def test_minhash_dedup_recall_and_precision():
         for _ in range(random.randint(1, 6)):  # edit 0.3-2% of the words
             words[random.randrange(len(words))] = random.choice(vocab)
         planted.append(" ".join(words))
-    dedup = Deduplicator(threshold=0.8, shingle=3, workers=2)
+    dedup = Deduplicator(threshold=0.8, shingle=3)
     result = dedup([doc(t) for t in originals + planted])
     kept = {d.text for d in result.kept}
     truly_near = [i for i, p in enumerate(planted) if jaccard(p, originals[i], 3) >= 0.8]
@@ -262,7 +262,7 @@ def small_pipeline(tmp_path, **kw) -> TextPipeline:
         body = " ".join(rng.choice(words) for _ in range(80)).encode()
         (raw / f"{i}.txt").write_bytes(body + (b" invalid bytes \xff\xfe here" if i == 0 else b""))
     sources = [LocalFiles(path=str(corpus / "prose.jsonl"), domain="prose"), LocalFiles(path=str(raw), domain="raw")]
-    defaults = dict(sources=sources, filters={"*": [LengthFilter(min_chars=50)]}, dedup=Deduplicator(workers=1),
+    defaults = dict(sources=sources, filters={"*": [LengthFilter(min_chars=50)]}, dedup=Deduplicator(),
                     vocab_size=300, val_fraction=0.2, data_dir=str(tmp_path / "data"), progress=False)
     return TextPipeline(**{**defaults, **kw})
 

