@@ -602,7 +602,8 @@ class DataSource(abc.ABC):
 
 class DocumentFilter(abc.ABC):
     """One cleaning step: `process(doc)` returns the (possibly rewritten) document, or None
-    to reject it. `name` labels its rows in the pipeline report."""
+    to reject it; `process_batch(docs)` the same for many. `name` labels its rows in the
+    pipeline report."""
 
     @property
     def name(self) -> str:
@@ -610,6 +611,11 @@ class DocumentFilter(abc.ABC):
 
     @abc.abstractmethod
     def process(self, doc: Any) -> Any | None: ...
+
+    def process_batch(self, docs: list[Any]) -> list[Any | None]:
+        """`process` of each document, in order; a filter whose work vectorizes across
+        documents overrides this (the pipeline calls it on batches of a shard's documents)."""
+        return [self.process(doc) for doc in docs]
 
 
 class DataEngine(abc.ABC):

@@ -198,6 +198,11 @@ def test_repetition_filter_matches_reference(max_dup, ngram, max_top):
     decisions = [(flt.process(doc(text)) is not None) for text in DOCS]
     assert decisions == [ref_repetition(text, max_dup, ngram, max_top) for text in DOCS]
     assert 0 < sum(decisions) < len(DOCS)
+    # the batch path (the pipeline's) decides the same, in batches of mixed sizes
+    docs = [doc(text) for text in DOCS]
+    batched = [out for i in range(0, len(docs), 37) for out in flt.process_batch(docs[i: i + 37])]
+    assert [out is not None for out in batched] == decisions
+    assert all(out is None or out is d for out, d in zip(batched, docs))
 
 
 def test_repetition_filter_takes_the_first_of_equally_frequent_ngrams():

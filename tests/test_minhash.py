@@ -258,3 +258,13 @@ def test_deduplicator_config_and_edges():
         Deduplicator(threshold=1.5)([Document(text="a", domain="d")])
     with pytest.raises(ValueError, match="divide"):
         Deduplicator(num_bands=7)([Document(text="a", domain="d")])
+
+
+def test_flat_word_keys_are_each_texts_word_keys():
+    texts = ["Hello  world", "", "naïve\u3000café x", "   ", "one two one", "Σίσυφος\ttab\x85next"]
+    keys, lengths, offsets = minhash.flat_word_keys(texts)
+    for i, text in enumerate(texts):
+        one_keys, one_lengths = minhash.word_keys(text)
+        assert keys[offsets[i]: offsets[i + 1]].tolist() == one_keys.tolist()
+        assert lengths[offsets[i]: offsets[i + 1]].tolist() == one_lengths.tolist() == \
+            [len(w.encode()) for w in text.split()]

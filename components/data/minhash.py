@@ -276,6 +276,24 @@ def word_keys(text: str) -> tuple[np.ndarray, np.ndarray]:
     return keys, lengths
 
 
+def flat_word_keys(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`word_keys` of many texts at once: (keys [W] uint64, lengths [W] int64, offsets [n + 1]
+    int64), text i's words being [offsets[i], offsets[i + 1]). One pass of numpy over the
+    joined texts costs far less than a pass per text when texts are a few KB."""
+    parts = [t.encode("utf-8", "surrogatepass") for t in texts]
+    sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    data = b" " + b" ".join(parts) + _PAD  # whitespace between texts: no word spans two
+    text_starts = np.ones(len(parts) + 1, dtype=np.int64)
+    np.cumsum(sizes + 1, out=text_starts[1:])
+    text_starts[1:] += 1  # text i's bytes begin after the leading space and i separators
+    starts, lengths = _word_spans(_space_mask(data, data.isascii()))
+    chunks = np.ndarray((len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    keys = _read(chunks, starts, lengths)
+    keys ^= _length_tags(lengths)
+    keys *= _M_MIX
+    return keys, lengths, np.searchsorted(starts, text_starts)
+
+
 def signatures(texts: Sequence[str], *, shingle: int, num_perm: int, seed: int,
                batch_chars: int = 2**20) -> np.ndarray:
     """MinHash signatures [n, num_perm] uint32 of the texts' shingle sets: rensa's RMinHash with

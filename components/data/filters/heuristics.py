@@ -180,20 +180,33 @@ class RepetitionFilter(DocumentFilter):
             raise ValueError(f"ngram must be at least 1, got {self.ngram}")
 
     def process(self, doc: Document) -> Document | None:
-        text = doc.text
+        if not self._lines_ok(doc.text):
+            return None
+        return doc if self._top_ngram_ok(doc.text, *_heaviest_word_bound(doc.text)) else None
+
+    def process_batch(self, docs: list[Document]) -> list[Document | None]:
+        """`process` of each, with the n-gram rule's word bound computed for all at once."""
+        out: list[Document | None] = [None] * len(docs)
+        passing = [i for i, doc in enumerate(docs) if self._lines_ok(doc.text)]
+        n_words, heaviest = _heaviest_word_bounds([docs[i].text for i in passing])
+        for i, n, bound in zip(passing, n_words.tolist(), heaviest.tolist()):
+            if self._top_ngram_ok(docs[i].text, n, bound):
+                out[i] = docs[i]
+        return out
+
+    def _lines_ok(self, text: str) -> bool:
+        """The duplicated-lines rule."""
         lines = list(filter(_has_text, text.split("\n")))
         total = max(1, sum(map(len, lines)))
         counts = Counter(lines)
         duplicated = 0 if len(counts) == len(lines) else sum(len(line) * (n - 1) for line, n in counts.items())
-        if duplicated / total > self.max_duplicate_line_chars:
-            return None
-        return doc if self._top_ngram_ok(text) else None
+        return duplicated / total <= self.max_duplicate_line_chars
 
-    def _top_ngram_ok(self, text: str) -> bool:
-        """The n-gram rule. An n-gram occurring c times has c <= count(w) for each of its words
-        w, so c * chars <= n * max over words of count(w) * len(w); when even that bound passes
-        (natural text), the costly split and count of every n-gram are skipped."""
-        n_words, heaviest = _heaviest_word_bound(text)
+    def _top_ngram_ok(self, text: str, n_words: int, heaviest: float) -> bool:
+        """The n-gram rule, given `_heaviest_word_bound(text)`. An n-gram occurring c times has
+        c <= count(w) for each of its words w, so c * chars <= n * max over words of
+        count(w) * len(w); when even that bound passes (natural text), the costly split and
+        count of every n-gram are skipped."""
         size = max(1, len(text))
         if n_words < self.ngram or self.ngram * heaviest / size <= self.max_top_ngram_chars:
             return True
@@ -213,6 +226,19 @@ def _heaviest_word_bound(text: str) -> tuple[int, float]:
     keys, lengths = minhash.word_keys(text)
     buckets = (keys >> np.uint64(52)).view(np.int64)
     return len(keys), float(np.bincount(buckets, weights=lengths, minlength=4096).max(initial=0))
+
+
+def _heaviest_word_bounds(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`_heaviest_word_bound` of each text [n] int64, [n] float64: every text's words counted
+    into its own 4096 buckets in one bincount."""
+    if not texts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    keys, lengths, offsets = minhash.flat_word_keys(texts)
+    counts = np.diff(offsets)
+    text_of = np.repeat(np.arange(len(texts)), counts)
+    buckets = text_of * 4096 + (keys >> np.uint64(52)).view(np.int64)
+    sums = np.bincount(buckets, weights=lengths, minlength=len(texts) * 4096).reshape(len(texts), 4096)
+    return counts, sums.max(axis=1)
 
 
 @DATA_FILTER.register("code_quality")

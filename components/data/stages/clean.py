@@ -10,6 +10,7 @@ holds one batch, whatever the size of its shard or the corpus.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,8 @@ from tessera.components.data.minhash import band_hashes, signatures
 from tessera.components.data.sources.rows import MalformedRow, RowSource
 from tessera.components.data.stages.layout import META, TaskStep, stats_path, write_json
 
-BATCH_BYTES = 8 << 20
+BATCH_BYTES = 8 << 20  # kept documents signed and written at a time
+FILTER_CHARS = 1 << 20  # documents read before they go through the filters together
 EXAMPLES = 3  # malformed rows quoted in the error when a source yields no document
 
 
@@ -73,25 +75,28 @@ class CleanStep(TaskStep):
                        "error": None, "filters": [[f.name, 0, 0, 0, 0] for f in self._chain]}
         self._lines: dict[str, IO[str]] = {}  # rejects files, opened on first use
         writer = _Writer(s, rank, dedup=s.dedup is not None)
-        batch: list[tuple[str, bytes, str]] = []
-        size = 0
         self._kept = self._kept_bytes = 0
+        batch: list[tuple[str, bytes, str]] = []  # kept documents: text, UTF-8 bytes, source
+        pending: list[Document] = []  # read, not yet through the filters
+        size = pending_chars = 0
         rows = source.shard_rows(shard) if isinstance(source, RowSource) else source.documents()
-        for row in rows:
+        for row in itertools.chain(rows, [None]):  # None: the end, where the last batches go
             if isinstance(row, MalformedRow):
                 if self._malformed_row(row, domain):
                     break
                 continue
-            doc = self._clean(row)
-            if doc is None:
-                continue
-            data = doc.text.encode("utf-8", "surrogatepass")
-            batch.append((doc.text, data, doc.source))
-            size += len(data)
-            if size >= BATCH_BYTES:
+            if row is not None:
+                pending.append(row)
+                pending_chars += len(row.text)
+                if pending_chars < FILTER_CHARS:
+                    continue
+            for kept in self._clean(pending):
+                batch.append(kept)
+                size += len(kept[1])
+            pending, pending_chars = [], 0
+            if size >= BATCH_BYTES or row is None:
                 self._flush(batch, writer, s.domains.index(domain))
                 batch, size = [], 0
-        self._flush(batch, writer, s.domains.index(domain))
         writer.close()
         self._finish(rank, domain)
 
@@ -110,29 +115,35 @@ class CleanStep(TaskStep):
         self._reject("malformed", json.dumps(row.record(), ensure_ascii=False))
         return False
 
-    def _clean(self, doc: Document) -> Document | None:
-        """`doc` through the domain's filters, counted per filter; None when one rejects it."""
+    def _clean(self, docs: list[Document]) -> list[tuple[str, bytes, str]]:
+        """`docs` through the domain's filters, a batch at a time, counted per filter: the
+        survivors' (text, UTF-8 bytes, source)."""
         st = self._stats
-        nbytes = len(doc.text.encode("utf-8", "surrogatepass"))
-        st["rows"] += 1
-        st["docs"] += 1
-        st["bytes_in"] += nbytes
-        st["bytes"] += nbytes
-        st["invalid_utf8"] += doc.invalid_utf8
+        data = [doc.text.encode("utf-8", "surrogatepass") for doc in docs]
+        total = sum(map(len, data))
+        st["rows"] += len(docs)
+        st["docs"] += len(docs)
+        st["bytes_in"] += total
+        st["bytes"] += total
+        st["invalid_utf8"] += sum(doc.invalid_utf8 for doc in docs)
+        docs, alive = list(docs), list(range(len(docs)))
         for flt, counts in zip(self._chain, st["filters"]):
-            counts[1] += 1
-            counts[3] += nbytes
-            out = flt.process(doc)
-            if out is None:
-                if self.settings.rejects:
-                    self._reject(flt.name, json.dumps({"source": doc.source, "text": doc.text}))
-                return None
-            if out.text is not doc.text:
-                nbytes = len(out.text.encode("utf-8", "surrogatepass"))
-            counts[2] += 1
-            counts[4] += nbytes
-            doc = out
-        return doc
+            counts[1] += len(alive)
+            counts[3] += sum(len(data[i]) for i in alive)
+            survivors = []
+            for i, out in zip(alive, flt.process_batch([docs[i] for i in alive])):
+                if out is None:
+                    if self.settings.rejects:
+                        self._reject(flt.name, json.dumps({"source": docs[i].source, "text": docs[i].text}))
+                    continue
+                if out.text is not docs[i].text:
+                    data[i] = out.text.encode("utf-8", "surrogatepass")
+                docs[i] = out
+                survivors.append(i)
+            counts[2] += len(survivors)
+            counts[4] += sum(len(data[i]) for i in survivors)
+            alive = survivors
+        return [(docs[i].text, data[i], docs[i].source) for i in alive]
 
     def _flush(self, batch: list[tuple[str, bytes, str]], writer: _Writer, domain_id: int) -> None:
         if not batch:
