@@ -13,12 +13,14 @@ from tessera.components.data.stages.layout import Settings, held_out, read_rows
 
 
 class Kept(NamedTuple):
-    """One kept document: its row in the shard, text, domain and split ("train" / "val")."""
+    """One kept document: its row in the shard, text, domain, split ("train" / "val") and
+    UTF-8 size."""
 
     row: int
     text: str
     domain: str
     split: str
+    nbytes: int
 
 
 def kept_documents(settings: Settings, shard: int) -> Iterator[Kept]:
@@ -37,4 +39,5 @@ def kept_documents(settings: Settings, shard: int) -> Iterator[Kept]:
             if row in drop:
                 continue
             split = moves.get(row, "val" if val[row] else "train")
-            yield Kept(row, data.decode("utf-8", "surrogatepass"), settings.domains[int(meta["domain"][row])], split)
+            yield Kept(row, data.decode("utf-8", "surrogatepass"), settings.domains[int(meta["domain"][row])], split,
+                       nbytes)

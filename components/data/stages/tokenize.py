@@ -65,6 +65,7 @@ class TokenizeStep(TaskStep):
         files: dict[tuple[str, str], BinaryIO] = {}
         stats: dict[str, dict[str, int]] = {}
         batch: dict[tuple[str, str], list[str]] = defaultdict(list)
+        nbytes: dict[tuple[str, str], int] = defaultdict(int)
         size = 0
 
         def flush() -> None:
@@ -78,13 +79,14 @@ class TokenizeStep(TaskStep):
                 files[key].write(flat.tobytes())
                 row = stats.setdefault(f"{domain}.{split}", {"documents": 0, "bytes": 0, "tokens": 0})
                 row["documents"] += len(texts)
-                row["bytes"] += sum(len(t.encode("utf-8", "replace")) for t in texts)
+                row["bytes"] += nbytes.pop(key)
                 row["tokens"] += int(flat.size)
             batch.clear()
 
         for doc in kept_documents(s, rank):
             batch[(doc.domain, doc.split)].append(doc.text)
-            size += len(doc.text)
+            nbytes[(doc.domain, doc.split)] += doc.nbytes
+            size += doc.nbytes
             if size >= BATCH_BYTES:
                 flush()
                 size = 0
