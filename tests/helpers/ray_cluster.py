@@ -62,7 +62,10 @@ class LocalRayCluster:
 
     def _ray(self, command: list[str]) -> None:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RayUnavailable(f"`{' '.join(command[1:3])}`: {e}") from e
         if done.returncode:
             raise RayUnavailable(f"`{' '.join(command[1:3])}` failed ({done.returncode}): "
                                  + (done.stderr or done.stdout)[-2000:])
@@ -72,8 +75,11 @@ class LocalRayCluster:
         this cluster) so that this process stays unconnected."""
         code = ("import json, ray; ray.init(logging_level='ERROR', log_to_driver=False); "
                 "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "RAY_ADDRESS": self.address})
+        try:
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "RAY_ADDRESS": self.address})
+        except subprocess.TimeoutExpired as e:
+            raise RayUnavailable(f"no answer from {self.address} in {e.timeout} s") from e
         if done.returncode:
             raise RayUnavailable(f"could not connect to {self.address}: {done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -81,7 +87,7 @@ class LocalRayCluster:
     def stop(self) -> None:
         """SIGKILL every process of this cluster (what `ray stop --force` does to all of them)."""
         mine = {pid for pid, args in _processes().items()
-                if any(self.temp_dir in a or a.endswith(f":{self.port}") for a in args)}
+                if any(a.endswith((self.temp_dir, f":{self.port}")) or f"{self.temp_dir}/" in a for a in args)}
         for _ in range(3):  # the raylets' children: workers, agents (and theirs)
             mine |= {pid for pid, parent in _parents().items() if parent in mine}
         mine.discard(os.getpid())
