@@ -73,8 +73,6 @@ def test_ray_cluster_prepares_the_same_data_as_this_machine(cluster, tmp_path):
     assert len(ran) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="RayEngine.run returns normally when a task failed (datatrove's Ray executor "
-                                       "only logs 'Only k/n tasks completed'); drop this mark with the fix")
 def test_a_failed_task_fails_the_stage_as_on_this_machine(cluster, tmp_path):
     def odd_ranks_fail(data, rank, world_size):  # nested: pickled by value to the workers
         if rank % 2:

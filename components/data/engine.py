@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tessera.components.interfaces import DataEngine
@@ -47,34 +49,34 @@ def _local_executor_class() -> type:
     return QuietLocalExecutor
 
 
-SMALL_INPUT_BYTES = 64 << 20
-"""Below this much input the automatic worker count is 1: starting worker processes for
-each stage (about a second) costs more than a small corpus's work."""
-
-
 @DATA_ENGINE.register("local")
 @dataclasses.dataclass(kw_only=True)
 class LocalEngine(DataEngine):
-    """This machine: `workers` processes at once (datatrove's local executor); with 1 the
-    tasks run one after another in this process.
+    """This machine: up to `workers` tasks at once in worker processes (datatrove's local
+    executor); a stage with one task, or with less input than `in_process_below`, runs its
+    tasks one after another in this process, where starting workers would cost more (about a
+    second a stage) than they save.
 
     Args:
-        workers: tasks running at once; 0 chooses one per CPU core this process may use, or
-            1 for an input under `SMALL_INPUT_BYTES`.
+        workers: most tasks running at once; 0: one per CPU core this process may use.
+        in_process_below: input bytes under which a stage runs in this process.
     """
 
     workers: int = 0
+    in_process_below: int = 64 << 20
 
     def worker_count(self, tasks: int, input_bytes: int) -> int:
-        if self.workers:
-            return min(self.workers, tasks)
-        return 1 if input_bytes < SMALL_INPUT_BYTES else min(len(os.sched_getaffinity(0)), tasks)
+        if input_bytes < self.in_process_below:
+            return 1
+        return min(self.workers or len(os.sched_getaffinity(0)), tasks)
 
     def run(self, *, steps: list[Any], tasks: int, logs: str, name: str, input_bytes: int = 0) -> None:
         import multiprocess.forkserver
 
-        # Workers need not import the caller's __main__ (dill sends what it defines by value).
-        multiprocess.forkserver.set_forkserver_preload([])
+        # Worker processes fork from a server that has imported the stages (and torch, through
+        # the interfaces) once, instead of importing them again for every stage's pool; and
+        # they need not import the caller's __main__ (dill sends what it defines by value).
+        multiprocess.forkserver.set_forkserver_preload(["tessera.components.data.preparation"])
         workers = self.worker_count(tasks, input_bytes)
         executor = _local_executor_class()(pipeline=steps, tasks=tasks, workers=workers, logging_dir=logs,
                                            skip_completed=True, start_method="forkserver")
@@ -112,11 +114,16 @@ class RayEngine(DataEngine):
         if not ray.is_initialized():
             ray.init(address=self.address, log_to_driver=False, logging_level="ERROR",
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        executor = RayPipelineExecutor(pipeline=steps, tasks=tasks, workers=self.workers, logging_dir=logs,
-                                       skip_completed=True, cpus_per_task=self.cpus_per_task,
-                                       mem_per_cpu_gb=self.mem_per_cpu_gb)
-        with _quiet_driver():
+        with _quiet_driver():  # also its warning, once a stage, that `logs` is a local path
+            executor = RayPipelineExecutor(pipeline=steps, tasks=tasks, workers=self.workers, logging_dir=logs,
+                                           skip_completed=True, cpus_per_task=self.cpus_per_task,
+                                           mem_per_cpu_gb=self.mem_per_cpu_gb)
             executor.run()
+        # datatrove's Ray executor only logs failed tasks; the next stage would read missing files
+        failed = executor.get_incomplete_ranks(range(tasks))
+        if failed:
+            raise RuntimeError(f"data: {len(failed)} of {tasks} {name} tasks failed on Ray; the first one's log: "
+                               f"{logs}/logs/task_{failed[0]:05d}.log")
 
 
 @DATA_ENGINE.register("slurm")
@@ -131,7 +138,8 @@ class SlurmEngine(DataEngine):
         partition: the Slurm partition. time: each task's limit ("HH:MM:SS").
         workers: array tasks running at once (-1: no limit). cpus_per_task, mem_per_cpu_gb:
         each task's reservation. sbatch_args: extra `#SBATCH` options (e.g. {"account": "x"}).
-        venv_path: a virtualenv activated on the nodes (default: this interpreter's).
+        venv_path: the `activate` script the nodes source (default: this interpreter's
+            virtualenv's, when it runs in one).
     """
 
     waits = False
@@ -152,6 +160,13 @@ class SlurmEngine(DataEngine):
             pipeline=steps, tasks=tasks, workers=self.workers, logging_dir=logs, job_name=f"tessera-{name}",
             partition=self.partition, time=self.time, cpus_per_task=self.cpus_per_task,
             mem_per_cpu_gb=self.mem_per_cpu_gb, sbatch_args=self.sbatch_args, depends=self._previous,
-            venv_path=self.venv_path or os.environ.get("VIRTUAL_ENV"), skip_completed=True)
+            venv_path=self.venv_path or _this_venv(), skip_completed=True)
         executor.run()
         self._previous = executor
+
+
+def _this_venv() -> str | None:
+    """This interpreter's virtualenv's activate script (datatrove's job script sources the path)."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    return str(Path(sys.prefix) / "bin" / "activate")

@@ -101,15 +101,21 @@ def prepare_into(settings: Settings, engine: DataEngine, *, console: Console, pr
             ("tokenize", TokenizeStep, shards), ("finish", FinishStep, 1)]
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not progress) as bar:
+        queued = False
         for stage, step, tasks in plan:
             logs = root / "logs" / stage
             with _watch(bar, stage, tasks, logs):
-                engine.run(steps=[step(settings=settings)], tasks=tasks, logs=str(logs), name=stage, input_bytes=size)
-            if engine.waits:
+                engine.run(steps=[step(settings=settings)], tasks=tasks, logs=str(logs), name=stage,
+                           input_bytes=_stage_bytes(stage, size))
+            # a batch scheduler returns at once: a stage is checked when its jobs have finished
+            if engine.waits or _finished(logs, tasks):
                 _check(settings, stage)
-    if not engine.waits:
+            else:
+                queued = True
+    if queued:
+        final = root.with_name(root.name.removesuffix(".tmp"))
         raise PreparationQueued(f"data: the preparation's stages are queued ({type(engine).__name__}); run the same "
-                                f"command again when its jobs have finished, and it will load {root}")
+                                f"command again when its jobs have finished, and it will load {final}")
 
 
 @contextlib.contextmanager
@@ -133,6 +139,17 @@ def _watch(bar: Progress, stage: str, tasks: int, logs: Path) -> Iterator[None]:
         bar.update(task, completed=tasks)
 
 
+def _stage_bytes(stage: str, corpus: int) -> int:
+    """About how much a stage reads, for an engine choosing how many workers to start: the
+    corpus's size for the stages whose work grows with it, 0 for the single-task ones."""
+    return corpus if stage in ("clean", "buckets", "tokenize") else 0
+
+
+def _finished(logs: Path, tasks: int) -> bool:
+    marks = logs / "completions"
+    return marks.is_dir() and len(list(marks.iterdir())) >= tasks
+
+
 def _check(settings: Settings, stage: str) -> None:
     """Raise what a finished stage found wrong with the data."""
     if stage == "clean":
@@ -144,7 +161,7 @@ def _check(settings: Settings, stage: str) -> None:
             raise MalformedRowError(stats[failed[0]]["error"])
         _check_sources(settings, stats)
     elif stage == "cluster":
-        errors = json.loads((settings.root / "work" / "split.json").read_text())["errors"]
+        errors = json.loads((settings.root / "stats" / "split.json").read_text())["errors"]
         if errors:
             raise ValueError(errors[0])
 

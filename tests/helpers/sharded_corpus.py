@@ -44,6 +44,7 @@ def write_corpus(folder: Path, *, files: int, seed: int = 0) -> list[str]:
 def pipeline(path: Path, data_dir: Path, *, workers: int = 1) -> TextPipeline:
     return TextPipeline(sources=[LocalFiles(path=str(path), domain="text")],
                         filters={"*": [LengthFilter(min_chars=50)]}, dedup=Deduplicator(), vocab_size=300,
-                        val_fraction=0.1, data_dir=str(data_dir), engine=LocalEngine(workers=workers), progress=False)
+                        val_fraction=0.1, data_dir=str(data_dir), progress=False,
+                        engine=LocalEngine(workers=workers, in_process_below=0))
 
 

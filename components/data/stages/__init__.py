@@ -2,7 +2,7 @@
 
     clean      one task per input shard: read -> count malformed rows -> filters -> MinHash
                signatures; writes the cleaned documents, signatures and LSH band hashes
-    buckets    one task per (LSH band, hash range): candidate pairs of equal band hashes,
+    buckets    one task per (group of LSH bands, hash range): candidate pairs of equal band hashes,
                kept when their estimated Jaccard similarity reaches the threshold
     cluster    one task: union-find over the verified pairs -> documents to drop per shard,
                the train / validation split's repairs, the dedup report

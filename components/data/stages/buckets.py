@@ -11,6 +11,8 @@ the threshold. Memory: 16 bytes per document and band of the group, for the corp
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from tessera.components.data.minhash import similarity
@@ -39,19 +41,23 @@ def _candidates(hashes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nda
     hashes, ids = hashes[order], ids[order]
     starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
     sizes = np.diff(np.r_[starts, hashes.size])
-    first_a, first_b = [], []
-    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+    pairs = starts[sizes == 2]  # most groups: one pair, taken without a Python loop
+    first_a, first_b = [ids[pairs]], [ids[pairs + 1]]
+    for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
         group = ids[start: start + size]
         if size <= SMALL_GROUP:
-            i, j = np.triu_indices(size, 1)
+            i, j = _all_pairs(size)
             first_a.append(group[i])
             first_b.append(group[j])
         else:
             first_a.append(np.full(size - 1, group[0]))
             first_b.append(group[1:])
-    if not first_a:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
     return np.concatenate(first_a), np.concatenate(first_b)
+
+
+@functools.cache
+def _all_pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(size, 1)
 
 
 def _signature_rows(settings, ids: np.ndarray) -> np.ndarray:

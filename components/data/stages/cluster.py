@@ -75,7 +75,7 @@ class ClusterStep(TaskStep):
             keep[drop] = False
             self._count(report, meta, keep, drop, shard, roots, metas)
             self._split_ends(meta, keep, shard, ends, counts)
-        write_json(s.root / "work" / "split.json", self._repairs(ends, counts))
+        write_json(s.root / "stats" / "split.json", self._repairs(ends, counts))
         if s.rejects and dropped:
             _list_dropped(s, roots, dropped, metas)
         write_json(stats_path(s, "cluster", 0), report)
@@ -132,7 +132,7 @@ def _domain(metas: list[np.ndarray], gid: int, settings) -> str:
 
 def moves_of(settings, shard: int) -> dict[int, str]:
     """Rows of `shard` moved across the train / validation cut -> their split."""
-    repairs = json.loads((settings.root / "work" / "split.json").read_text())
+    repairs = json.loads((settings.root / "stats" / "split.json").read_text())
     return {row: split for s, row, split in repairs["moves"] if s == shard}
 
 

@@ -9,8 +9,8 @@ Under the preparation folder:
                                       [n, num_bands] uint64 (raw rows, appended batch by batch)
     work/pairs/BBB.PPP.npy            verified near-duplicate pairs of band BBB, hash range PPP
     work/drop/NNNNN.npy               sorted indices of shard NNNNN's documents to drop
-    work/split.json                   documents moved across the train / validation cut
     stats/STAGE/NNNNN.json            what each task did (summed into report.json)
+    stats/split.json                  documents moved across the train / validation cut
     logs/STAGE/                       the engine's task logs and completion marks
     tokenizer/, tokens/               the results (tokens/DOMAIN.SPLIT.NNNNN.bin, index.json)
 """
