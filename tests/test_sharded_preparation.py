@@ -16,6 +16,7 @@ from tessera.components.data.dedup import Deduplicator
 from tessera.components.data.document import Document
 from tessera.components.data.engine import LocalEngine
 from tessera.components.data.pipeline import TextPipeline
+from tessera.components.data.preparation import PreparationQueued
 from tessera.components.data.stages.clean import CleanStep
 
 from helpers.launch import ROOT
@@ -112,3 +113,30 @@ def test_two_processes_preparing_one_fingerprint_share_one_result(tmp_path):
     assert streams(shared) == streams(fresh)
     digest = hashlib.sha256(b"".join(streams(shared).values())).hexdigest()
     assert digest == hashlib.sha256(b"".join(streams(fresh).values())).hexdigest()
+
+
+class BatchScheduler(LocalEngine):
+    """An engine that, like Slurm, returns before its tasks ran: `jobs_ran` says whether the
+    scheduler has run them by the time the command looks."""
+
+    waits = False
+
+    def __init__(self, *, jobs_ran: bool):
+        super().__init__(workers=1)
+        self.jobs_ran = jobs_ran
+
+    def run(self, **kw) -> None:
+        if self.jobs_ran:
+            super().run(**kw)
+
+
+def test_on_a_batch_scheduler_the_first_run_queues_and_a_rerun_after_the_jobs_loads(tmp_path):
+    write_corpus(tmp_path / "c", files=2)
+    queued = pipeline(tmp_path / "c", tmp_path / "d")
+    queued.engine = BatchScheduler(jobs_ran=False)
+    with pytest.raises(PreparationQueued, match=f"it will load {queued.folder}$"):
+        queued.prepare()
+    done = pipeline(tmp_path / "c", tmp_path / "d")
+    done.engine = BatchScheduler(jobs_ran=True)  # the jobs have finished: every stage's tasks are marked
+    done.prepare()
+    assert done.prepared() and streams(done) == streams(pipeline(tmp_path / "c", tmp_path / "fresh"))

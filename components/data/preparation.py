@@ -31,9 +31,10 @@ from tessera.components.data.stages.layout import Settings, read_stats, write_js
 from tessera.components.data.stages.tokenize import TokenizeStep, TrainTokenizerStep
 from tessera.components.interfaces import DataEngine
 
-BAND_SLICE_BYTES = 8 << 30
-"""Input bytes per hash range of the LSH bands: a bucket task holds 16 bytes per document and
-band of its group for its slice (some 180 MB for 8 GB of text at 3 KB per document)."""
+BAND_SLICE_BYTES = 1 << 30
+"""Input file bytes per hash range of the LSH bands: a bucket task holds about 40 bytes per
+document of its range for one band at a time (some 15 MB for 1 GB of text at 3 KB per
+document), so its memory stays flat as the corpus grows."""
 
 
 class PreparationQueued(RuntimeError):

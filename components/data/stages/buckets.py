@@ -1,12 +1,12 @@
 """Stage 2, one task per (group of LSH bands, hash range): candidate pairs, verified.
 
-Task r handles the bands of group `r // partitions` (every `band_groups`-th band): it reads
-those bands of every shard's band hashes, one shard at a time, keeps per band the hashes in
-range `r % partitions` (hash mod partitions), and sorts each band's: documents sharing a band
-hash are candidates (MinHash LSH; Leskovec, Rajaraman and Ullman, Mining of Massive Datasets,
+Task r handles the bands of group `r // partitions` (every `band_groups`-th band), one band at
+a time: it reads that band of every shard's band hashes, keeps those in range
+`r % partitions` (hash mod partitions), and sorts them: documents sharing a band hash are
+candidates (MinHash LSH; Leskovec, Rajaraman and Ullman, Mining of Massive Datasets,
 ch. 3). A candidate pair is kept when its signatures' estimated Jaccard similarity reaches
-the threshold. Memory: 16 bytes per document and band of the group, for the corpus divided by
-`partitions` (chosen from the corpus size), plus the signatures it compares.
+the threshold. Memory: about 40 bytes per document of the corpus divided by `partitions`
+(chosen from the corpus size), plus the signatures of `VERIFY_PAIRS` pairs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ PAIR = np.dtype([("a", "<u8"), ("b", "<u8"), ("similarity", "<f4")])
 BAND_GROUPS = 4
 """Bands are bucketed in this many tasks per hash range (a stage of few, larger tasks starts
 faster than one task per band; the count is fixed, so the tasks are the same on any engine)."""
+VERIFY_PAIRS = 1 << 15  # candidate pairs whose signatures are read at a time (2 x 16 MB at 128 values)
 SMALL_GROUP = 16  # groups up to this size compare every pair; larger ones each member to the first
 
 
@@ -61,46 +62,43 @@ def _all_pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _signature_rows(settings, ids: np.ndarray) -> np.ndarray:
-    """The signatures of documents `ids` (read from their shards' memory-mapped files)."""
-    out = np.zeros((ids.size, settings.dedup.num_perm), dtype=np.uint64)
+    """The signatures [len(ids), num_perm] uint32 of documents `ids`, read from their shards'
+    files in row order."""
+    out = np.zeros((ids.size, settings.dedup.num_perm), dtype=np.uint32)
     shards = (ids >> np.uint64(32)).astype(np.int64)
     rows = (ids & np.uint64(0xFFFFFFFF)).astype(np.int64)
     for shard in np.unique(shards):
         where = np.flatnonzero(shards == shard)
-        sigs = read_rows(settings, "sigs", int(shard))
         order = np.argsort(rows[where])
-        out[where[order]] = sigs[rows[where][order]]
+        out[where[order]] = read_rows(settings, "sigs", int(shard))[rows[where][order]]
     return out
 
 
 class BucketStep(TaskStep):
-    """Find and verify the near-duplicate pairs of one band's hash range."""
+    """Find and verify the near-duplicate pairs of one group of bands, in one hash range."""
 
     name = "buckets"
 
     def run_task(self, rank: int, world_size: int) -> None:
         s = self.settings
         group, part = divmod(rank, s.partitions)
-        bands = list(range(group, s.dedup.num_bands, band_groups(s)))
-        hashes: dict[int, list[np.ndarray]] = {band: [] for band in bands}
-        ids: dict[int, list[np.ndarray]] = {band: [] for band in bands}
-        for shard in range(len(s.shards())):  # one shard's band rows in memory at a time
-            block = np.asarray(read_rows(s, "bands", shard)[:, bands])
-            shard_ids = global_ids(shard, block.shape[0])
-            for column, band in enumerate(bands):
-                mine = block[:, column] % np.uint64(s.partitions) == part
-                hashes[band].append(block[mine, column])
-                ids[band].append(shard_ids[mine])
-        for band in bands:
-            self._bucket(np.concatenate(hashes.pop(band)), np.concatenate(ids.pop(band)), band, part)
+        for band in range(group, s.dedup.num_bands, band_groups(s)):  # one band in memory at a time
+            hashes, ids = [], []
+            for shard in range(len(s.shards())):
+                column = np.asarray(read_rows(s, "bands", shard)[:, band])
+                mine = np.flatnonzero(column % np.uint64(s.partitions) == part)
+                hashes.append(column[mine])
+                ids.append(global_ids(shard, column.size)[mine])
+            self._bucket(np.concatenate(hashes), np.concatenate(ids), band, part)
 
     def _bucket(self, hashes: np.ndarray, ids: np.ndarray, band: int, part: int) -> None:
         s = self.settings
         a, b = _candidates(hashes, ids)
-        pairs = np.zeros(a.size, dtype=PAIR)
-        if a.size:
-            sim = similarity(_signature_rows(s, a), _signature_rows(s, b))
-            keep = sim >= s.dedup.threshold
-            pairs = pairs[keep]
-            pairs["a"], pairs["b"], pairs["similarity"] = a[keep], b[keep], sim[keep]
+        sim = np.zeros(a.size, dtype=np.float32)
+        for start in range(0, a.size, VERIFY_PAIRS):  # signatures of a bounded number of pairs at once
+            end = start + VERIFY_PAIRS
+            sim[start:end] = similarity(_signature_rows(s, a[start:end]), _signature_rows(s, b[start:end]))
+        keep = sim >= s.dedup.threshold
+        pairs = np.zeros(int(keep.sum()), dtype=PAIR)
+        pairs["a"], pairs["b"], pairs["similarity"] = a[keep], b[keep], sim[keep]
         save_array(s.root / "work" / "pairs" / f"{band:03d}.{part:03d}.npy", pairs)

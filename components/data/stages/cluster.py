@@ -44,10 +44,14 @@ def _roots(pairs: np.ndarray) -> dict[int, int]:
 
 
 def _read_pairs(settings) -> np.ndarray:
-    files = sorted((settings.root / "work" / "pairs").glob("*.npy"))
-    pairs = np.concatenate([np.load(f) for f in files]) if files else np.zeros(0, dtype=PAIR)
-    _, first = np.unique(np.stack([pairs["a"], pairs["b"]], axis=1), axis=0, return_index=True)
-    return pairs[np.sort(first)]
+    """The distinct verified pairs of every band, in the order first found: a pair found in
+    several bands is held once (the files are joined one at a time)."""
+    pairs = np.zeros(0, dtype=PAIR)
+    for path in sorted((settings.root / "work" / "pairs").glob("*.npy")):
+        joined = np.concatenate([pairs, np.load(path)])
+        _, first = np.unique(np.stack([joined["a"], joined["b"]], axis=1), axis=0, return_index=True)
+        pairs = joined[np.sort(first)]
+    return pairs
 
 
 class ClusterStep(TaskStep):
