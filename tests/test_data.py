@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import tiktoken
 import torch
 
 from tessera.components.data.dedup import Deduplicator, shingles
@@ -387,3 +388,23 @@ def test_pipeline_loads_loader_positions_with_older_four_part_keys(tmp_path):
     after = [p.batch("train", batch_size=2, seq_len=16, generator=torch.Generator().manual_seed(0))["tokens"]
              for p in (pipeline, restored)]
     assert torch.equal(after[0], after[1])
+
+
+GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+              r"""\s*[\r\n]|\s+(?!\S)|\s+""")
+"""GPT-4's split (cl100k_base), with its possessive quantifiers."""
+
+
+def test_the_split_pattern_cuts_text_as_gpt4s_possessive_one_does(tmp_path):
+    from tessera.components.data.tokenizer import SPLIT_PATTERN
+
+    rng = random.Random(3)
+    alphabet = " \n\r\t!?.,;'\"-_aZzé1 9中😀\u00a0\u2028"
+    texts = ["x\n\n  y", "  \t\r\n!!\n\n", "don't I'LL 123456 a1b2", "héllo wörld — ñ 😀 中文 العربية",
+             "...\n\r\n ?!x", ""]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300))) for _ in range(400)]
+    ranks = train_bpe(texts * 3, vocab_size=400, folder=tmp_path)._mergeable_ranks
+    ours = tiktoken.Encoding(name="ours", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    gpt4 = tiktoken.Encoding(name="gpt4", pat_str=GPT4_SPLIT, mergeable_ranks=ranks, special_tokens={})
+    for text in texts:
+        assert ours.encode_ordinary(text) == gpt4.encode_ordinary(text), repr(text)
