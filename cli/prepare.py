@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config, _ = resolve(_recipe(ns.recipe), ns.args)
     except (ModuleNotFoundError, FileNotFoundError, AttributeError) as err:
-        console.print(f"[bold red]error:[/bold red] no recipe {escape(ns.recipe)!s} ({escape(str(err))})")
+        console.print(f"[bold red]error:[/bold red] no recipe {escape(ns.recipe)!s} ({escape(str(err))})",
+                      soft_wrap=True)  # a path is never broken across lines
         sys.exit(2)
     except (ConfigError, RegistryError) as err:
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}")

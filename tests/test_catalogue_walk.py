@@ -98,6 +98,7 @@ PLACES: dict[str, Place] = {
     "DATA_SOURCE": Place({LLAMA: ("data.sources[0]",)}, around=SMALL_CORPUS),
     "DATA_FILTER": Place({LLAMA: ("data.filters['code'][0]", "data.filters['prose'][0]", "data.filters['docs'][0]")},
                          around=SMALL_CORPUS),
+    "DATA_ENGINE": Place({LLAMA: ("data.engine",)}, around=SMALL_CORPUS),
 }
 
 
@@ -150,6 +151,10 @@ NEEDS: dict[tuple[str, str], Needs] = {
         no_training="it downloads from the Hugging Face hub, which tests do not reach"),
     # Threshold 0 keeps every document: a classifier of pydoc text against code rejects all of
     # one of the domains it sits in, and the walk checks that it runs, not what it keeps.
+    ("DATA_ENGINE", "ray"): Needs(no_training="it joins a running Ray cluster, which the walk does not start "
+                                             "(tests/test_data_on_ray.py prepares on a two-node one)"),
+    ("DATA_ENGINE", "slurm"): Needs("the partition has no default", arguments="partition='cpu'",
+                                    no_training="it submits jobs to Slurm, which tests do not have"),
     ("DATA_FILTER", "quality_classifier"): Needs(
         "it learns from a positive and a negative source, which have no default; 2^12 features (not 2^18) "
         "train in a fraction of the time", arguments="threshold=0.0, n_features=4096",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,8 +114,8 @@ class RayEngine(DataEngine):
         from datatrove.executor.ray import RayPipelineExecutor
 
         if not ray.is_initialized():
-            ray.init(address=self.address, log_to_driver=False, logging_level="ERROR",
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+            _keeping_signal_handlers(lambda: ray.init(address=self.address, log_to_driver=False, logging_level="ERROR",
+                                                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}))
         with _quiet_driver():  # also its warning, once a stage, that `logs` is a local path
             executor = RayPipelineExecutor(pipeline=steps, tasks=tasks, workers=self.workers, logging_dir=logs,
                                            skip_completed=True, cpus_per_task=self.cpus_per_task,
@@ -170,3 +172,16 @@ def _this_venv() -> str | None:
     if sys.prefix == sys.base_prefix:
         return None
     return str(Path(sys.prefix) / "bin" / "activate")
+
+
+def _keeping_signal_handlers(start: Any) -> None:
+    """Call `start` and put back the SIGTERM / SIGINT handlers it replaced: `ray.init` installs
+    its own, which would outlive the preparation and take over the training run's (a
+    preempted run saves its step on SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread():
+        start()
+        return
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    start()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
