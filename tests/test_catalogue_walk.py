@@ -151,6 +151,8 @@ NEEDS: dict[tuple[str, str], Needs] = {
         no_training="it downloads from the Hugging Face hub, which tests do not reach"),
     # Threshold 0 keeps every document: a classifier of pydoc text against code rejects all of
     # one of the domains it sits in, and the walk checks that it runs, not what it keeps.
+    ("DATA_ENGINE", "local"): Needs(no_training="it is the presets' own engine: every training case of the walk "
+                                               "prepares its data with it"),
     ("DATA_ENGINE", "ray"): Needs(no_training="it joins a running Ray cluster, which the walk does not start "
                                              "(tests/test_data_on_ray.py prepares on a two-node one)"),
     ("DATA_ENGINE", "slurm"): Needs("the partition has no default", arguments="partition='cpu'",
