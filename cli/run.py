@@ -2,6 +2,7 @@
 
     python recipes/X.py [PRESET] [path=value ...] [--print | --dump FILE | --dry-run] [--load FILE]
                         [--resume [CHECKPOINT]] [--export-hf DIR]
+    python recipes/X.py sample | perplexity | evaluate ...     (see `tessera.cli.use`)
 
 Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
 (print the tree, dump JSON, dry-run plan, or build and run). Config faults exit with
@@ -49,7 +50,9 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
             "overrides:\n"
             "  steps=200  optimizer.lr=1e-3  precision=@fp16(loss_scale=None)\n"
             "  model.layers[*].attention.n_kv_heads=2      ([*] broadcasts over a list)\n"
-            "  model.layers[*].attention=@gqa(n_kv_heads=2) (swap by registry name)"
+            "  model.layers[*].attention=@gqa(n_kv_heads=2) (swap by registry name)\n\n"
+            f"use a trained model (help: python recipes/{recipe.name}.py sample -h):\n"
+            "  sample --prompt TEXT    perplexity FILE    evaluate --tasks hellaswag,arc_easy"
         ),
     )
     parser.add_argument("args", nargs="*", metavar="[PRESET] [path=value ...]",
@@ -137,7 +140,13 @@ def _check_export(config: Any, ns: argparse.Namespace) -> None:
 
 
 def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
-    """Parse `argv` (default: sys.argv), resolve and validate the config, then do the one action asked."""
+    """Parse `argv` (default: sys.argv), resolve and validate the config, then do the one action
+    asked; `sample`, `perplexity` and `evaluate` use a trained model instead (`tessera.cli.use`)."""
+    from tessera.cli.use import COMMANDS, use_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return use_cli(recipe, argv)
     ns = _parser(recipe).parse_args(argv)
     if isinstance(ns.resume, str) and "=" in ns.resume and not Path(ns.resume).exists():
         ns.args.append(ns.resume)  # `--resume steps=400`: an override, not a checkpoint path
