@@ -36,7 +36,7 @@ from tessera.components.data.sources.readers import TxtSplit
 from tessera.components.data.sources.rows import RowSource
 from tessera.components.data.stages.layout import Settings
 from tessera.components.data.store import TokenStore
-from tessera.components.data.tokenizer import load_encoding, named_encoding
+from tessera.components.data.tokenizer import encoding_identity, load_encoding, named_encoding
 from tessera.components.interfaces import (
     BytesPerToken,
     DataEngine,
@@ -150,7 +150,8 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
     def _compute_fingerprint(self) -> str:
         contents = [s.content_signature() if isinstance(s, RowSource) else "" for s in self.sources]
         spec = repr((FORMAT_VERSION, sys.version, self.sources, contents, sorted(self.filters.items()), self.dedup,
-                     self.vocab_size, self.tokenizer_sample_bytes, self.val_fraction, self.encoding_name))
+                     self.vocab_size, self.tokenizer_sample_bytes, self.val_fraction,
+                     encoding_identity(self.encoding_name)))
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
     @property

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from tessera.components.data import hf_tokenizer
+
 EOS = "<|endoftext|>"
 """End of document (separates packed documents): the name tiktoken's `Encoding.eot_token`
 looks up, so one call finds it in our encodings and in tiktoken's named ones alike."""
@@ -77,7 +79,10 @@ def load_encoding(folder: str | Path) -> tiktoken.Encoding:
 
 
 def named_encoding(name: str) -> tiktoken.Encoding:
-    """A standard tiktoken encoding (e.g. "cl100k_base"), if tiktoken can load it here."""
+    """A standard tiktoken encoding (e.g. "cl100k_base"), if tiktoken can load it here, or
+    "hf:PATH": a checkpoint's own tokenizer.json converted exactly (see `hf_tokenizer`)."""
+    if name.startswith(hf_tokenizer.PREFIX):
+        return hf_tokenizer.hf_encoding(name.removeprefix(hf_tokenizer.PREFIX))
     try:
         return tiktoken.get_encoding(name)
     except Exception as err:  # noqa: BLE001 - offline downloads fail with various errors
@@ -85,6 +90,14 @@ def named_encoding(name: str) -> tiktoken.Encoding:
             f"tiktoken encoding {name!r} is not available ({type(err).__name__}: {err}). tiktoken downloads its "
             f"named encodings on first use; offline, train a BPE on your corpus instead (the default) or put the "
             f"file in tiktoken's cache (TIKTOKEN_CACHE_DIR)") from None
+
+
+def encoding_identity(name: str | None) -> str | None:
+    """What names encoding `name` in the prepared data's fingerprint: a tiktoken name as it
+    is, a tokenizer.json ("hf:PATH") by its content, so that editing it prepares anew."""
+    if name is not None and name.startswith(hf_tokenizer.PREFIX):
+        return hf_tokenizer.identity(name.removeprefix(hf_tokenizer.PREFIX))
+    return name
 
 
 def encode_documents(encoding: tiktoken.Encoding, texts: list[str]) -> list[np.ndarray]:
