@@ -98,7 +98,8 @@ class AdditiveBias(PositionEncoding):
 class AbsoluteEncoding(PositionEncoding):
     """A vector per position added to the token embeddings (learned or sinusoidal).
 
-    forward(positions: [T] int64, dim: int) -> [T, dim] fp32.
+    forward(positions: [T] or [B, T] int64, dim: int) -> [T, dim] or [B, T, dim] fp32 (per-row
+    positions are what batched decoding with left padding passes).
     """
 
     kind: ClassVar[PositionKind] = "absolute"
@@ -154,6 +155,46 @@ class Attention(nn.Module, abc.ABC):
         weight (`tessera.components.model.init.fan_in_std`), so `reset_parameters()` works on its own;
         a model's init pass passes its own stds. Implementations also call it from their
         constructor, so a block is usable as built."""
+
+
+class AttentionCache(abc.ABC):
+    """One layer's decoding state (keys and values, a latent, or a recurrent state), made by
+    `CachedAttention.new_cache`. Rows of a batch advance in lockstep: `length` counts the
+    token slots written so far (left padding included), the same for every row.
+
+    `truncate(length)` forgets the slots from `length` on (a rejected speculative draft; an
+    implementation may only go back as far as the last forward); `nbytes()` is the memory the
+    state holds, for tables of bytes per token.
+    """
+
+    length: int
+
+    @abc.abstractmethod
+    def truncate(self, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def nbytes(self) -> int: ...
+
+
+class CachedAttention(abc.ABC):
+    """An attention that decodes incrementally: a capability of `Attention`s that can generate.
+
+    `new_cache(batch=B, max_len=S, device=..., dtype=...)` returns an empty `AttentionCache`
+    for up to S token slots per row. `forward_cached(x: [B, T, D], cache=, positions=[B, T]
+    int64) -> [B, T, D]` attends the T new tokens to everything the cache holds and to each
+    other (causally), then records them in the cache. `positions` are each token's position in
+    its own row (rotary angles, ALiBi distances, windows and sparse layouts are computed from
+    them); -1 marks a padding token, which no other token attends to and whose output is
+    finite but meaningless. The result equals `forward` over the whole sequence at those
+    positions (up to rounding).
+    """
+
+    @abc.abstractmethod
+    def new_cache(self, *, batch: int, max_len: int, device: torch.device | str,
+                  dtype: torch.dtype) -> AttentionCache: ...
+
+    @abc.abstractmethod
+    def forward_cached(self, x: torch.Tensor, *, cache: AttentionCache, positions: torch.Tensor) -> torch.Tensor: ...
 
 
 class FeedForward(nn.Module, abc.ABC):

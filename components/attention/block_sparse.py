@@ -97,6 +97,10 @@ class BlockSparseAttention(GroupedQueryAttention):
         batch = None if doc_ids is None else doc_ids.shape[0]
         return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device, BLOCK_SIZE=size)
 
+    def position_rule(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The layout on the tokens' blocks, and causality (cached decoding over a full KV cache)."""
+        return self.block_allowed(q_pos // self.block_size, k_pos // self.block_size) & (k_pos <= q_pos)
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.backend == "mask":

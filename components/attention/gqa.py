@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.components.attention import rules
-from tessera.components.attention.masks import causal_document_mask
-from tessera.components.interfaces import Attention, Norm, PositionEncoding, TensorParallel
+from tessera.components.attention.caches import KVCache
+from tessera.components.attention.masks import causal_document_mask, position_mask
+from tessera.components.interfaces import (
+    Attention,
+    AttentionCache,
+    CachedAttention,
+    Norm,
+    PositionEncoding,
+    TensorParallel,
+)
 from tessera.components.model.init import init_linears
 from tessera.components.parallel.tp_styles import ParallelStyle, Placement, colwise, per_head_norm, rowwise
 from tessera.registry.invariants import invariant
@@ -25,7 +33,7 @@ from tessera.registry.kinds import ATTENTION
 @invariant(**rules.EVEN_ROTARY_DIM)
 @invariant(**rules.QK_NORM_DIMS)
 @invariant(**rules.DROPOUT_RANGE)
-class GroupedQueryAttention(Attention, TensorParallel):
+class GroupedQueryAttention(Attention, TensorParallel, CachedAttention):
     """Causal softmax attention where groups of query heads share one key/value head.
 
     Args:
@@ -42,7 +50,8 @@ class GroupedQueryAttention(Attention, TensorParallel):
 
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D]. Runs on
     `F.scaled_dot_product_attention`, with the causal flag when no mask or bias is needed.
-    Subclasses change which keys a query may see by overriding `allowed`.
+    Subclasses change which keys a query may see by overriding `allowed` (training) and
+    `position_rule` (cached decoding, where the cache is a `KVCache` [B, Hkv, S, Dh]).
     """
 
     # each tp rank holds H/tp query heads and Hkv/tp key/value heads
@@ -75,8 +84,10 @@ class GroupedQueryAttention(Attention, TensorParallel):
     def _position_kind(self) -> str | None:
         return None if self.position is None else self.position.kind
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, H, T, Dh], k and v [B, Hkv, T, Dh], with QK-norm and rotary encoding applied."""
+    def project(self, x: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, Dh], k and v [B, Hkv, T, Dh], with QK-norm and rotary encoding applied
+        at `positions` ([B, T] per row when decoding; None: 0..T-1)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -84,7 +95,7 @@ class GroupedQueryAttention(Attention, TensorParallel):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self._position_kind == "rotary":
-            positions = torch.arange(t, device=x.device)
+            positions = torch.arange(t, device=x.device) if positions is None else positions
             q, k = self.position(q, positions), self.position(k, positions)
         return q, k, v
 
@@ -106,6 +117,33 @@ class GroupedQueryAttention(Attention, TensorParallel):
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
             scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads,
         )
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    # -- cached decoding -------------------------------------------------------------------------
+    def position_rule(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Whether a query at q_pos may read a key at k_pos (broadcasting int64 tensors): causal."""
+        return k_pos <= q_pos
+
+    def new_cache(self, *, batch: int, max_len: int, device: torch.device | str,
+                  dtype: torch.dtype) -> AttentionCache:
+        return KVCache(batch=batch, max_len=max_len, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                       device=device, dtype=dtype)
+
+    def remember(self, cache: AttentionCache, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record the new keys in `cache`; return the keys, values and positions to attend over."""
+        return cache.append(k, v, positions)
+
+    def forward_cached(self, x: torch.Tensor, *, cache: AttentionCache, positions: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, positions)
+        keys, values, key_positions = self.remember(cache, k, v, positions)
+        mask = position_mask(positions, key_positions, self.position_rule)
+        if self._position_kind == "additive":
+            bias = self.position.pair_bias(self.n_heads, positions[:, :, None], key_positions[:, None, :])
+            mask = bias.transpose(0, 1).to(q.dtype).masked_fill(~mask, float("-inf"))  # [B, H, T, S]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.softmax_scale,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def tensor_parallel_plan(self, *, output_layout: Placement) -> dict[str, ParallelStyle]:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.components.attention import rules
-from tessera.components.interfaces import Attention, PositionEncoding
+from tessera.components.attention.caches import LinearState
+from tessera.components.interfaces import Attention, AttentionCache, CachedAttention, PositionEncoding
 from tessera.components.model.init import init_linears
 from tessera.registry.invariants import invariant
 from tessera.registry.kinds import ATTENTION
@@ -69,11 +70,30 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat(outputs, dim=2)
 
 
+def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                               normaliser: torch.Tensor, chunk: int, eps: float) -> torch.Tensor:
+    """New tokens continuing a running state: out_i = (q_i S + sum_{j<=i new} (q_i . k_j) v_j) /
+    (q_i z + sum_{j<=i new} q_i . k_j + eps), chunk by chunk. q, k [B, H, T, Dk] (mapped), v
+    [B, H, T, Dv], state S [B, H, Dk, Dv], normaliser z [B, H, Dk, 1] -> [B, H, T, Dv]."""
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    outputs = []
+    for start in range(0, q.shape[2], chunk):
+        qc, kc, vc = q[:, :, start:start + chunk], k[:, :, start:start + chunk], v[:, :, start:start + chunk]
+        c = qc.shape[2]
+        weights = (qc @ kc.transpose(-1, -2)) * causal[:c, :c]
+        numerator = weights @ vc + qc @ state
+        denominator = weights.sum(-1, keepdim=True) + qc @ normaliser
+        outputs.append(numerator / (denominator + eps))
+        state = state + kc.transpose(-1, -2) @ vc
+        normaliser = normaliser + kc.sum(-2)[..., None]
+    return torch.cat(outputs, dim=2)
+
+
 @ATTENTION.register("linear")
 @invariant(**rules.HEADS_DIVIDE_DIM)
 @invariant(**rules.POSITION_SUPPORTED)
 @invariant("chunk_size >= 1", lambda chunk_size: chunk_size >= 1, fix="use a positive chunk_size such as 64")
-class LinearAttention(Attention):
+class LinearAttention(Attention, CachedAttention):
     """Softmax-free causal attention: phi(q_i) . sum_{j<=i} phi(k_j) v_j^T, normalised by phi(q_i) . sum phi(k_j).
 
     Cost is linear in T (chunked: exact quadratic inside chunks of `chunk_size`, a running
@@ -87,7 +107,8 @@ class LinearAttention(Attention):
             and rotating feature-mapped queries breaks the positivity the normaliser needs.
         eps: added to the normaliser.
 
-    forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
+    forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D]. Decoding carries only the
+    running state (`LinearState`, [B, H, Dh, Dh] + [B, H, Dh, 1]): O(1) memory in the length.
     """
 
     supported_positions = frozenset({"none"})
@@ -120,6 +141,18 @@ class LinearAttention(Attention):
         b, t, _ = x.shape
         q, k, v = self.mapped_qkv(x)
         out = chunked_linear_attention(q, k, v, doc_ids, self.chunk_size, self.eps)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
+
+    def new_cache(self, *, batch: int, max_len: int, device: torch.device | str,
+                  dtype: torch.dtype) -> AttentionCache:
+        return LinearState(batch=batch, n_heads=self.n_heads, head_dim=self.head_dim, device=device)
+
+    def forward_cached(self, x: torch.Tensor, *, cache: AttentionCache, positions: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.mapped_qkv(x)
+        k = k * (positions >= 0)[:, None, :, None].to(k.dtype)  # padding adds nothing to the state
+        out = recurrent_linear_attention(q, k, v, cache.state, cache.normaliser, self.chunk_size, self.eps)
+        cache.update(k, v)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
 
     def score_flops_per_token(self, seq_len: int) -> float:

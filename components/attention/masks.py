@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -14,3 +16,17 @@ def causal_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (causal & same_doc)[:, None]
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor,
+                  rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S] for cached decoding, from positions instead of slot indices.
+
+    q_pos: [B, T] positions of the new tokens; k_pos: [B, S] positions of the keys they may
+    read (-1: an empty or padding slot, never attended). `rule(q [B, T, 1], k [B, 1, S])` is
+    the attention's own condition (causal, a window, a block layout). A padding query (-1)
+    may read every key, so its softmax has something finite to normalise; nothing reads it.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (k >= 0) & rule(q, k)
+    return (allowed | (q < 0))[:, None]

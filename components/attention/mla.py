@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.components.attention import rules
-from tessera.components.attention.masks import causal_document_mask
-from tessera.components.interfaces import Attention, Norm, RotaryEncoding, TensorParallel
+from tessera.components.attention.caches import LatentCache
+from tessera.components.attention.masks import causal_document_mask, position_mask
+from tessera.components.interfaces import (
+    Attention,
+    AttentionCache,
+    CachedAttention,
+    Norm,
+    RotaryEncoding,
+    TensorParallel,
+)
 from tessera.components.model.init import normal_
 from tessera.components.parallel.tp_styles import LocalInputs, ParallelStyle, Placement, colwise, replicated, rowwise
 from tessera.registry.invariants import invariant
@@ -30,7 +38,7 @@ from tessera.registry.kinds import ATTENTION
 @invariant("qk_rope_head_dim is even", lambda qk_rope_head_dim: qk_rope_head_dim % 2 == 0,
            fix="use an even qk_rope_head_dim (RoPE rotates channel pairs)")
 @invariant("0 <= dropout < 1", lambda dropout: 0 <= dropout < 1, fix="use a probability in [0, 1)")
-class MultiHeadLatentAttention(Attention, TensorParallel):
+class MultiHeadLatentAttention(Attention, TensorParallel, CachedAttention):
     """MLA with optional query compression and a decoupled RoPE key shared by all heads.
 
         c_q   = q_norm(W_dq x)             (only with q_lora_rank; else q = W_q x)
@@ -56,7 +64,15 @@ class MultiHeadLatentAttention(Attention, TensorParallel):
 
     Parameter names follow the paper: wq or wq_a/wq_b, wkv_a, wkv_b, wo.
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
+
+    Decoding caches only c_kv and the rotated k_rope (`LatentCache`). With `absorb` (the
+    default, `decode_absorbed`) the key and value up-projections are folded into the query and
+    the output (V2 §2.1.2), so attention runs in the latent space and no per-head key or value
+    is ever formed; without it the cached latents are decompressed by W_ukv every step.
     """
+
+    decode_absorbed: bool = True
+    """What `new_cache` picks when not told: attend in the latent space (absorbed projections)."""
 
     supported_positions = frozenset({"rotary"})
 
@@ -111,6 +127,53 @@ class MultiHeadLatentAttention(Attention, TensorParallel):
     def kv_cache_elements_per_token(self) -> int:
         """Elements cached per token for this layer at inference: the kv latent plus the shared rope key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    # -- cached decoding -------------------------------------------------------------------------
+    def new_cache(self, *, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype,
+                  absorb: bool | None = None) -> AttentionCache:
+        return LatentCache(batch=batch, max_len=max_len, kv_lora_rank=self.kv_lora_rank,
+                           rope_dim=self.qk_rope_head_dim, device=device, dtype=dtype,
+                           absorb=self.decode_absorbed if absorb is None else absorb)
+
+    def forward_cached(self, x: torch.Tensor, *, cache: AttentionCache, positions: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, nope, rope = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_rope = q.view(b, t, h, self.qk_head_dim).transpose(1, 2).split([nope, rope], dim=-1)
+        q_rope = self.position(q_rope, positions)
+        c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, rope], dim=-1)
+        k_rope = self.position(k_rope.view(b, 1, t, rope), positions).view(b, t, rope)
+        latents, rope_keys, key_positions = cache.append(self.kv_norm(c_kv), k_rope, positions)
+        mask = position_mask(positions, key_positions, lambda q_pos, k_pos: k_pos <= q_pos)
+        attend = self._attend_absorbed if cache.absorb else self._attend_decompressed
+        out = attend(q_nope, q_rope, latents, rope_keys[:, None], mask)                 # [B, H, T, Dv]
+        return self.wo(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk [H, d_nope, r] and W_uv [H, d_v, r]: wkv_b's rows, per head keys then values."""
+        w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
+                         rope_keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q_nope^T W_uk^T c = (W_uk q_nope)^T c: the query moves into the latent space, scores
+        are read against the cached latents [B, S, r] directly, and W_uv maps the attended
+        latent back to each head's value width. Returns [B, H, T, Dv]."""
+        w_uk, w_uv = self._up_projections()
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        scores = q_latent @ latents[:, None].transpose(-1, -2) + q_rope @ rope_keys.transpose(-1, -2)
+        context = _masked_softmax(scores, mask, self.softmax_scale).to(latents.dtype) @ latents[:, None]
+        return torch.einsum("bhtr,hvr->bhtv", context, w_uv)
+
+    def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
+                             rope_keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training form over the cache: W_ukv expands every cached latent into per-head
+        keys and values [B, H, S, d] each step. Returns [B, H, T, Dv]."""
+        b, s, _ = latents.shape
+        kv = self.wkv_b(latents).view(b, s, self.n_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        scores = q_nope @ k_nope.transpose(-1, -2) + q_rope @ rope_keys.transpose(-1, -2)
+        return _masked_softmax(scores, mask, self.softmax_scale).to(v.dtype) @ v
 
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -181,6 +244,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Te
     if dropout:
         probs = F.dropout(probs, p=dropout)
     return probs.to(v.dtype) @ v
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scores * scale) in fp32 over keys a bool `mask` (True: may attend) allows."""
+    return (scores.float() * scale).masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}

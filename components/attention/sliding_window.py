@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from tessera.components.attention.block_gather import block_gather_attention
+from tessera.components.attention.caches import RingKVCache
 from tessera.components.attention.gqa import GroupedQueryAttention
 from tessera.components.attention.masks import causal_document_mask
-from tessera.components.interfaces import Norm, PositionEncoding
+from tessera.components.interfaces import AttentionCache, Norm, PositionEncoding
 from tessera.registry.invariants import invariant
 from tessera.registry.kinds import ATTENTION
 
@@ -23,7 +24,8 @@ class SlidingWindowAttention(GroupedQueryAttention):
     gives the equivalent dense mask. The training sequence length must be at least `window`, or the
     window would be pointless (checked at validation against the run's seq_len).
 
-    forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
+    forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D]. Decoding keeps the last
+    `window` keys in a ring (`RingKVCache`), so its memory does not grow with the output.
     """
 
     def __init__(self, *, dim: int, n_heads: int, window: int, n_kv_heads: int | None = None,
@@ -56,6 +58,18 @@ class SlidingWindowAttention(GroupedQueryAttention):
         distance = pos[:, None] - pos[None, :]
         local = ((distance >= 0) & (distance < self.window))[None, None]
         return local & causal_document_mask(doc_ids) if doc_ids is not None else local
+
+    def position_rule(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return (k_pos <= q_pos) & (q_pos - k_pos < self.window)
+
+    def new_cache(self, *, batch: int, max_len: int, device: torch.device | str,
+                  dtype: torch.dtype) -> AttentionCache:
+        return RingKVCache(batch=batch, window=self.window, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                           device=device, dtype=dtype)
+
+    def remember(self, cache: AttentionCache, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return cache.extend(k, v, positions)
 
     def score_flops_per_token(self, seq_len: int) -> float:
         return 4.0 * self.n_heads * self.head_dim * min(seq_len, self.window)

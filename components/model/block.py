@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tessera.components.interfaces import Attention, FeedForward, Norm
+from tessera.components.interfaces import Attention, AttentionCache, FeedForward, Norm
 from tessera.registry.invariants import invariant
 
 
@@ -31,6 +31,8 @@ class TransformerBlock(nn.Module):
             recomputes only the attention sublayer (selective: its score-sized activations).
 
     forward(x: [B, T, D], *, doc_ids: [B, T] | None) -> [B, T, D].
+    forward_cached(x: [B, T, D], *, cache, positions: [B, T]) -> [B, T, D]: the same layer over
+    new tokens only, its attention reading and extending `cache` (a `CachedAttention`'s).
     """
 
     def __init__(self, *, attention: Attention, feed_forward: FeedForward, attention_norm: Norm, ffn_norm: Norm,
@@ -62,6 +64,17 @@ class TransformerBlock(nn.Module):
             return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
         x = self.attention_norm(x + self.dropout(self._attend(x, doc_ids, selective)))
         return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
+
+    def forward_cached(self, x: torch.Tensor, *, cache: AttentionCache, positions: torch.Tensor) -> torch.Tensor:
+        # Mirrors `_forward` rather than sharing it, so the training path gains no indirection.
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return self.attention.forward_cached(h, cache=cache, positions=positions)
+
+        if self.norm_position == "pre":
+            x = x + attend(self.attention_norm(x))
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + attend(x))
+        return self.ffn_norm(x + self.feed_forward(x))
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         """Re-initialise both sublayers (None stds: their defaults) and the norms."""

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from tessera.components.interfaces import AbsoluteEncoding, AuxiliaryLoss, Norm, PositionEncoding, position_kind
+from tessera.components.interfaces import (
+    AbsoluteEncoding,
+    AttentionCache,
+    AuxiliaryLoss,
+    CachedAttention,
+    Norm,
+    PositionEncoding,
+    position_kind,
+)
 from tessera.components.model.block import TransformerBlock
 from tessera.components.model.mtp import MultiTokenPrediction
 from tessera.registry.invariants import invariant
@@ -50,6 +58,8 @@ class DecoderLM(nn.Module):
         mtp_loss_weight: lambda of the MTP loss (V3: 0.3, later 0.1).
 
     forward(tokens: [B, T] int64, *, doc_ids: [B, T] | None) -> logits [B, T, V].
+    Decoding (`tessera.components.generate`): `new_caches` / `new_mtp_caches` make one cache per
+    layer, `hidden_cached` runs new tokens over them.
     """
 
     def __init__(self, *, vocab_size: int, dim: int, layers: list[TransformerBlock], norm: Norm,
@@ -141,6 +151,33 @@ class DecoderLM(nn.Module):
     def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.hidden_states(tokens, doc_ids=doc_ids))
 
+    # -- cached decoding ---------------------------------------------------------------------------
+    def new_caches(self, *, batch: int, max_len: int, device: torch.device | str,
+                   dtype: torch.dtype) -> list[AttentionCache]:
+        """One empty cache per main layer for `batch` rows of up to `max_len` tokens. Raises
+        TypeError naming the first layer whose attention cannot decode with a cache."""
+        return [_cached_attention(layer.attention, f"layers.{i}").new_cache(
+            batch=batch, max_len=max_len, device=device, dtype=dtype) for i, layer in enumerate(_members(self.layers))]
+
+    def new_mtp_caches(self, *, batch: int, max_len: int, device: torch.device | str,
+                       dtype: torch.dtype) -> list[AttentionCache]:
+        """One empty cache per multi-token prediction module's block (their attention runs over
+        positions too)."""
+        return [_cached_attention(module.block.attention, f"mtp.{k}.block").new_cache(
+            batch=batch, max_len=max_len, device=device, dtype=dtype) for k, module in enumerate(_members(self.mtp))]
+
+    def hidden_cached(self, tokens: torch.Tensor, *, caches: Sequence[AttentionCache],
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D] of new tokens [B, T] at `positions` [B, T] (-1:
+        left padding), each layer reading and extending its cache from `new_caches`."""
+        x = self.embedding(tokens)
+        if isinstance(self.position, AbsoluteEncoding):  # padding (-1) takes position 0; nothing reads it
+            x = x + self.position(positions.clamp(min=0), self.dim).to(x.dtype)
+        x = self.embedding_dropout(x)
+        for layer, cache in zip(_members(self.layers), caches, strict=True):
+            x = layer.forward_cached(x, cache=cache, positions=positions)
+        return self.norm(x)
+
     def losses(self, inputs: torch.Tensor, targets: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
                embeddings: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss terms; their sum is what is minimised.
@@ -216,6 +253,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
         return vocab_parallel_cross_entropy(logits, targets)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _cached_attention(attention: nn.Module, where: str) -> CachedAttention:
+    """`attention` if it can decode with a cache, else a TypeError naming it and the way out."""
+    if not isinstance(attention, CachedAttention):
+        kind = type(attention)
+        raise TypeError(f"{where}.attention ({kind.__module__}.{kind.__qualname__}) cannot decode with a cache: it "
+                        f"does not implement tessera.components.interfaces.CachedAttention (new_cache, "
+                        f"forward_cached); generate with use_cache=False, or implement that interface")
+    return attention
 
 
 def _members(modules: nn.ModuleList | nn.ModuleDict) -> list[nn.Module]:

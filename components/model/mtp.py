@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tessera.components.interfaces import Norm
+from tessera.components.interfaces import AttentionCache, Norm
 from tessera.components.model.block import TransformerBlock
 from tessera.components.model.init import init_linears
 from tessera.registry.invariants import invariant
@@ -27,6 +27,9 @@ class MultiTokenPrediction(nn.Module):
     checkpoint (eh_proj) and its inference engines put the embedding first, so that is the default.
 
     forward(hidden: [B, T', D], next_embeddings: [B, T', D], doc_ids: [B, T'] | None) -> h_k [B, T', D].
+    forward_cached(hidden, next_embeddings, *, cache, positions: [B, T']) -> h_k: the same over
+    new positions only, the block's attention reading and extending its own `cache` (drafting
+    tokens for speculative decoding).
     """
 
     def __init__(self, *, dim: int, block: TransformerBlock, embed_norm: Norm, hidden_norm: Norm, head_norm: Norm,
@@ -43,10 +46,18 @@ class MultiTokenPrediction(nn.Module):
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block(self._combined(hidden, next_embeddings), doc_ids=doc_ids)
+
+    def forward_cached(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, *, cache: AttentionCache,
+                       positions: torch.Tensor) -> torch.Tensor:
+        return self.block.forward_cached(self._combined(hidden, next_embeddings), cache=cache, positions=positions)
+
+    def _combined(self, hidden: torch.Tensor, next_embeddings: torch.Tensor) -> torch.Tensor:
+        """W [embed_norm(e); hidden_norm(h)] (or hidden first): the block's input [B, T', D]."""
         parts = [self.embed_norm(next_embeddings), self.hidden_norm(hidden)]
         if self.concat_order == "hidden_first":
             parts.reverse()
-        return self.block(self.proj(torch.cat(parts, dim=-1)), doc_ids=doc_ids)
+        return self.proj(torch.cat(parts, dim=-1))
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
         """The projection with Normal(0, init_std), then the block and norms (None: `fan_in_std`)."""

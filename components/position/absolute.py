@@ -16,7 +16,7 @@ from tessera.registry.kinds import POSITION
 @POSITION.register("learned")
 @invariant("max_len > 0", lambda max_len: max_len > 0, fix="set max_len to the longest training sequence")
 class LearnedPositions(AbsoluteEncoding):
-    """A trained [max_len, dim] table (GPT-2). forward(positions: [T], dim) -> [T, dim]."""
+    """A trained [max_len, dim] table (GPT-2). forward(positions: [T] or [B, T], dim) -> [..., dim]."""
 
     def __init__(self, *, max_len: int, dim: int):
         super().__init__()
@@ -27,7 +27,8 @@ class LearnedPositions(AbsoluteEncoding):
 
     def forward(self, positions: torch.Tensor, dim: int) -> torch.Tensor:
         if positions.max() >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} exceeds the learned table (max_len={self.max_len})")
+            raise ValueError(f"position {int(positions.max())} exceeds the learned table (max_len={self.max_len}): "
+                             f"generate fewer tokens or use a model with a larger max_len")
         return self.table(positions)
 
     def reset_parameters(self, *, init_std: float | None = None, out_std: float | None = None) -> None:
@@ -38,7 +39,7 @@ class LearnedPositions(AbsoluteEncoding):
 class Sinusoidal(AbsoluteEncoding):
     """Fixed encoding (Vaswani et al., 2017): channel 2i = sin(p w_i), 2i+1 = cos(p w_i), w_i = base^(-2i/dim).
 
-    forward(positions: [T], dim) -> [T, dim]; dim must be even.
+    forward(positions: [T] or [B, T], dim) -> [..., dim]; dim must be even.
     """
 
     def __init__(self, *, base: float = 10000.0):
@@ -48,7 +49,7 @@ class Sinusoidal(AbsoluteEncoding):
     def forward(self, positions: torch.Tensor, dim: int) -> torch.Tensor:
         freqs = torch.exp(-math.log(self.base) * torch.arange(0, dim, 2, device=positions.device,
                                                                 dtype=torch.float32) / dim)
-        angles = positions.to(torch.float32)[:, None] * freqs
+        angles = positions.to(torch.float32)[..., None] * freqs
         return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # sin at even, cos at odd
 
 
