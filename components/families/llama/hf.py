@@ -2,6 +2,11 @@
 
     problems = unsupported(model)          # [] when LlamaForCausalLM can express the model
     save_pretrained(model, "out/", max_position_embeddings=4096)
+    config = config_from_hf(json.load(open("ckpt/config.json")))   # the model, as a fiddle config
+    names = sources(hf)                    # {our parameter: where it is in the checkpoint}
+
+Loading builds the model half-split RoPE (transformers' layout), so checkpoint tensors copy
+without any permutation, and each rank can read only its shard (`families.hf_weights`).
 
 A model is expressible when every block is pre-norm RMSNorm -> grouped-query attention with
 RoPE (no QK-norm) -> RMSNorm -> SwiGLU, with the same sizes in every layer and no absolute
@@ -13,9 +18,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+import fiddle as fdl
+
+from tessera.components.families.hf_weights import Source
+from tessera.components.families.llama.builder import llama
 
 from tessera.components.attention.gqa import GroupedQueryAttention
 from tessera.components.mlp.gated import SwiGLU
@@ -39,6 +50,42 @@ def llama_parameter_names(n_layers: int) -> dict[str, str]:
         for ours, theirs in _LAYER:
             names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
     return names
+
+
+def config_from_hf(hf: dict[str, Any]) -> fdl.Config[DecoderLM]:
+    """The tessera model config equal to a `LlamaForCausalLM` config.json dict; ValueError
+    naming a setting it has no equivalent for (RoPE scaling, another activation)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (plain RoPE only)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (Llama's SwiGLU is silu)")
+    n_heads = hf["num_attention_heads"]
+    config = llama(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                   hidden_dim=hf["intermediate_size"], rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e4)),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02),
+                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    for layer in config.layers:
+        layer.attention.head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        layer.attention.bias = bool(hf.get("attention_bias", False))
+        layer.feed_forward.bias = bool(hf.get("mlp_bias", False))
+    return config
+
+
+def sources(hf: dict[str, Any]) -> dict[str, Source]:
+    """{our parameter name: its checkpoint tensor} for the model `config_from_hf(hf)` builds."""
+    names = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not hf.get("tie_word_embeddings", False):
+        names["head.weight"] = "lm_head.weight"
+    kinds = {"attention": hf.get("attention_bias", False), "feed_forward": hf.get("mlp_bias", False)}
+    for i in range(hf["num_hidden_layers"]):
+        for ours, theirs in _LAYER:
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+            if kinds.get(ours.split(".")[0]):
+                names[f"layers.{i}.{ours}.bias"] = f"model.layers.{i}.{theirs}.bias"
+    return {ours: Source(name=theirs) for ours, theirs in names.items()}
 
 
 def unsupported(model: DecoderLM) -> list[str]:
