@@ -115,8 +115,8 @@ def _check_model(spec: Mapping[str, Any], model: Mapping[str, Any]) -> None:
         raise _refuse(f"the model is {model.get('type')!r}, not BPE")
     if spec.get("normalizer") is not None:
         raise _refuse(f"a {spec['normalizer'].get('type')} normalizer rewrites text before splitting")
-    for key, why in (("dropout", "BPE dropout is random"), ("byte_fallback", "byte fallback is a sentencepiece BPE"),
-                     ("continuing_subword_prefix", "a subword prefix"), ("end_of_word_suffix", "an end-of-word suffix")):
+    for key, why in (("dropout", "BPE dropout is random"), ("byte_fallback", "a sentencepiece-style fallback"),
+                     ("continuing_subword_prefix", "a subword prefix"), ("end_of_word_suffix", "a word suffix")):
         if model.get(key) not in (None, False, ""):
             raise _refuse(f"model.{key}={model[key]!r} ({why})")
 

@@ -123,7 +123,7 @@ def _check_names(model: torch.nn.Module, files: Mapping[str, Path], sources: Map
     unmapped = [name for name in ours if name not in sources]
     missing = sorted({sources[n].name for n in ours if n in sources and sources[n].name not in files})
     used = {source.name for source in sources.values()}
-    aliases = {p + n for n in used for p in DROPPED_PREFIXES} | {n.removeprefix(p) for n in used for p in DROPPED_PREFIXES}
+    aliases = {name for n in used for p in DROPPED_PREFIXES for name in (p + n, n.removeprefix(p))}
     unexpected = sorted(n for n in files if n not in used | aliases and not n.endswith(IGNORED_SUFFIXES))
     if unmapped or missing or unexpected:
         raise KeyError(f"the checkpoint does not match the model: parameters with no checkpoint tensor "

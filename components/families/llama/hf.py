@@ -20,15 +20,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import fiddle as fdl
 import torch
 from safetensors.torch import save_file
 
-import fiddle as fdl
-
+from tessera.components.attention.gqa import GroupedQueryAttention
 from tessera.components.families.hf_weights import Source
 from tessera.components.families.llama.builder import llama
-
-from tessera.components.attention.gqa import GroupedQueryAttention
 from tessera.components.mlp.gated import SwiGLU
 from tessera.components.model.decoder import DecoderLM
 from tessera.components.norm.rmsnorm import RMSNorm
