@@ -1,7 +1,7 @@
 """The command line shared by every recipe:
 
     python recipes/X.py [PRESET] [path=value ...] [--print | --dump FILE | --dry-run] [--load FILE]
-                        [--resume [CHECKPOINT]] [--export-hf DIR]
+                        [--resume [CHECKPOINT]] [--export-hf DIR] [--from-hf CHECKPOINT]
     python recipes/X.py sample | perplexity | evaluate ...     (see `tessera.cli.use`)
 
 Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
@@ -69,10 +69,15 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     parser.add_argument("--export-hf", metavar="DIR",
                         help="after training (or resuming a finished run), write the model to DIR as a transformers "
                              "checkpoint: LlamaForCausalLM, or DeepseekV3/V2ForCausalLM for MLA models")
+    parser.add_argument("--from-hf", metavar="CHECKPOINT",
+                        help="continue pretraining a transformers checkpoint folder: its config.json replaces the "
+                             "preset's model, its weights the initialisation, its tokenizer.json the data's tokenizer "
+                             "(applied before the overrides; see docs/guides/continued-pretraining.md)")
     return parser
 
 
-def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: bool = True) -> tuple[Any, list[str]]:
+def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: bool = True,
+            from_hf: str | None = None) -> tuple[Any, list[str]]:
     """The config for positional `args` (preset then overrides), validated when `check`.
 
     Option groups the preset leaves at their defaults are spelled out first, so overrides reach
@@ -96,6 +101,10 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
     else:
         config = recipe.config(preset)
     spell_out(config)
+    if from_hf is not None:  # before the overrides, so they can still adjust the checkpoint's run
+        from tessera.cli.from_hf import apply_from_hf
+
+        notes += apply_from_hf(config, from_hf)
     moved = moved_override_faults(config, overrides)
     if moved:
         raise ConfigError(moved)
@@ -176,7 +185,7 @@ def _fail(err: Console, error: BaseException, *, status: int, label: str = "[bol
 def _checked_config(recipe: Recipe, ns: argparse.Namespace, *, err: Console, out: Console) -> Any:
     """The resolved config with --resume applied, printed first under --print (so a faulty
     tree can be inspected), then validated."""
-    config, notes = resolve(recipe, ns.args, ns.load, check=False)
+    config, notes = resolve(recipe, ns.args, ns.load, check=False, from_hf=ns.from_hf)
     for note in notes:
         err.print(f"note: {note}", markup=False, highlight=False)
     if ns.resume is not None:

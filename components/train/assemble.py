@@ -35,6 +35,7 @@ from tessera.components.parallel.single import SingleProcess
 from tessera.components.precision import auto
 from tessera.components.precision.master_weights import MasterWeights
 from tessera.components.train.compute import Compute
+from tessera.components.train.init_options import InitOptions
 from tessera.components.train.metrics import moe_layer_indices
 from tessera.components.train.step_options import StepOptions
 
@@ -65,11 +66,12 @@ class Assembled:
 
 def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, parallel: ParallelPlan | None,
              precision: PrecisionPolicy | None, batch_size: int, seq_len: int, seed: int, device: str,
-             step: StepOptions, compute: Compute, announce: bool) -> Assembled:
+             step: StepOptions, compute: Compute, announce: bool, init: InitOptions | None = None) -> Assembled:
     """Set the run up (see the module docstring for the order). `model` may be on the meta
     device or already materialised; `announce`: print the precision note on the main process.
     Raises ValueError for a batch that does not split into whole micro-batches, or an
-    optimizer the layout cannot serve."""
+    optimizer the layout cannot serve. `init.from_hf`: the checkpoint whose weights replace the
+    initialisation, each process reading its own shard."""
     compute.set_threads()
     torch.manual_seed(seed)
     precision, precision_note = auto.resolve(precision or auto.Auto(), device)
@@ -89,6 +91,8 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
         _prepare_once(data, rank)
     if any(p.is_meta for p in model.parameters()):
         parallel.materialize(model, device)
+    if init is not None and init.from_hf is not None:  # before any cast: fp32 weights, then the policy's dtype
+        _load_from_hf(model, init.from_hf, announce=announce and parallel.is_main_process)
     model = precision.prepare(model)
     compute.apply(model)
     parallel.ready(model)
@@ -100,6 +104,18 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
                      optimizer=wrapped, raw_optimizer=raw_optimizer, data_parallel=share,
                      micro_batch_size=micro_batch_size, flops_per_token=flops_per_token, moe_layers=moe_layers,
                      processes=processes)
+
+
+def _load_from_hf(model: torch.nn.Module, folder: str, *, announce: bool) -> None:
+    """Each process reads its own shard of every weight from the checkpoint in `folder`."""
+    from tessera.components.families.hf_checkpoint import read_config, sources
+    from tessera.components.families.hf_weights import load_hf_weights
+
+    hf = read_config(folder)
+    read = load_hf_weights(model, folder, sources(hf))
+    if announce:
+        Console().print(f"init: weights from {folder} ({', '.join(hf.get('architectures') or [hf['model_type']])}; "
+                        f"{read:,} values read by this process)", highlight=False, soft_wrap=True)
 
 
 def _micro_batch_size(asked: int | None, batch_size: int, data_parallel_size: int) -> int:

@@ -11,6 +11,7 @@ windows, ...) is refused by `export_faults` on the meta-built model, before trai
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,14 @@ from torch.distributed.tensor import DTensor
 
 from tessera.components.attention.mla import MultiHeadLatentAttention
 from tessera.components.families.deepseek import hf as deepseek_hf
+from tessera.components.families.hf_checkpoint import read_config
 from tessera.components.families.llama import hf as llama_hf
 from tessera.components.model.decoder import DecoderLM
 from tessera.components.parallel.pipeline import PipelinedModel
 from tessera.components.parallel.process_group import world
 from tessera.registry.errors import Fault
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def _family(model: DecoderLM):
@@ -63,10 +67,21 @@ def _gathered_stages(model: PipelinedModel) -> dict[str, torch.Tensor]:
     return {k: v for part in parts for k, v in part.items()} if parts is not None else {}
 
 
+def _copy_tokenizer(source: Path, folder: Path) -> None:
+    """The source checkpoint's tokenizer files, unchanged (the run trained with exactly them)."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
 def export_hf(model: DecoderLM | PipelinedModel, folder: str | Path, *, model_config: fdl.Buildable | None = None,
-              max_position_embeddings: int = 4096) -> str | None:
+              max_position_embeddings: int = 4096, source: str | Path | None = None) -> str | None:
     """Write `model` into `folder` as a transformers checkpoint; returns the architecture
     written (None on processes other than the first, which write nothing).
+
+    `source`: the transformers checkpoint the run continued (`--from-hf`): its
+    max_position_embeddings is kept and its tokenizer files are copied alongside, so the folder
+    loads with `AutoTokenizer` too.
 
     A sharded model (DTensor parameters) or a pipelined one (each process holds its stages:
     a `PipelinedModel`) is gathered whole onto the CPU of the first process and loaded into
@@ -85,7 +100,11 @@ def export_hf(model: DecoderLM | PipelinedModel, folder: str | Path, *, model_co
     elif world()[0] != 0:
         return None
     family, _ = _family(model)
+    if source is not None:
+        max_position_embeddings = read_config(source).get("max_position_embeddings", max_position_embeddings)
     with torch.no_grad():
         family.save_pretrained(model, folder, max_position_embeddings=max_position_embeddings)
+    if source is not None:
+        _copy_tokenizer(Path(source), Path(folder))
     return (deepseek_hf.hf_config_of if family is deepseek_hf else llama_hf.hf_config_of)(
         model, max_position_embeddings=max_position_embeddings)["architectures"][0]

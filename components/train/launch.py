@@ -19,6 +19,12 @@ def build_model_on_meta(model_config: fdl.Buildable) -> torch.nn.Module:
         return fdl.build(model_config)
 
 
+def _from_hf(config: fdl.Partial) -> str | None:
+    """The transformers checkpoint the run started from (`init.from_hf`), if any."""
+    init = config.__arguments__.get("init")
+    return getattr(init, "from_hf", None)
+
+
 def launch(config: fdl.Partial, *, export_hf: str | None = None) -> Any:
     """Build `config` (a `fdl.Partial` of a train function with a `model` argument) and call it.
 
@@ -38,8 +44,10 @@ def launch(config: fdl.Partial, *, export_hf: str | None = None) -> Any:
     if export_hf is not None:
         from tessera.components.train.export import export_hf as export
 
+        source = _from_hf(config)
         seq_len = config.__arguments__.get("seq_len", 4096)
-        architecture = export(result.model, export_hf, model_config=config.model, max_position_embeddings=seq_len)
+        architecture = export(result.model, export_hf, model_config=config.model, max_position_embeddings=seq_len,
+                              source=source)
         if architecture is not None:
             print(f"exported the model as {architecture} to {export_hf}", flush=True)
     leave_process_group()  # a data-parallel run's processes leave together (no-op in one process)

@@ -25,6 +25,7 @@ from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.compute import Compute
 from tessera.components.train.finish import TrainResult, finish
 from tessera.components.train.guard import StabilityGuard
+from tessera.components.train.init_options import InitOptions
 from tessera.components.train.loop import TrainingLoop
 from tessera.components.train.metrics import Metrics
 from tessera.components.train.progress import Progress
@@ -38,6 +39,7 @@ __all__ = ["TrainResult", "train"]
 
 # The groups' defaults: frozen, so one instance serves every call.
 _STEP, _COMPUTE, _VALIDATION, _PROGRESS = StepOptions(), Compute(), Validation(), Progress()
+_INIT = InitOptions()
 
 
 @invariant("steps > 0 and batch_size > 0 and seq_len > 0",
@@ -55,7 +57,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           steps: int, batch_size: int, seq_len: int, seed: int = 0, device: str = "cpu",
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
           step: StepOptions = _STEP, compute: Compute = _COMPUTE, validation: Validation = _VALIDATION,
-          progress: Progress | None = _PROGRESS) -> TrainResult:
+          progress: Progress | None = _PROGRESS, init: InitOptions = _INIT) -> TrainResult:
     """Train `model` for `steps` optimizer steps of next-token prediction on `batch_size`
     sequences (over all processes) of `seq_len` tokens; the same `seed` gives the same run.
 
@@ -66,11 +68,12 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     to resume exactly; `guard`: skip bad steps, roll back, stop with `TrainingDiverged`;
     `metrics`: logs, MFU, periodic validation, summary, plots (each None: off; a final
     validation loss that is not finite raises `TrainingDiverged` all the same). `step`,
-    `compute`, `validation`, `progress` (None: silent): see their classes.
+    `compute`, `validation`, `progress` (None: silent), `init` (initial weights from a
+    transformers checkpoint): see their classes.
     """
     run = assemble(model=model, data=data, optimizer=optimizer, parallel=parallel, precision=precision,
                    batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, step=step, compute=compute,
-                   announce=progress is not None)
+                   announce=progress is not None, init=init)
     eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
     if not run.parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, None
