@@ -32,7 +32,7 @@ def choose_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
 
     temperature 0: the argmax (greedy; top_k/top_p change nothing). Otherwise one draw from
     softmax(logits / temperature) after the top-k and then the top-p filter, using `generator`
-    (on the logits' device) so a seeded generator reproduces the draw.
+    (drawn on its device) so a seeded generator reproduces the draw.
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -41,4 +41,7 @@ def choose_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
         scaled = keep_top_k(scaled, top_k)
     if top_p is not None:
         scaled = keep_nucleus(scaled, top_p)
-    return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = scaled.softmax(-1)
+    if generator is not None and generator.device != probs.device:  # e.g. a CPU generator for a GPU model
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
