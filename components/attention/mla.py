@@ -158,11 +158,13 @@ class MultiHeadLatentAttention(Attention, TensorParallel, CachedAttention):
                          rope_keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q_nope^T W_uk^T c = (W_uk q_nope)^T c: the query moves into the latent space, scores
         are read against the cached latents [B, S, r] directly, and W_uv maps the attended
-        latent back to each head's value width. Returns [B, H, T, Dv]."""
+        latent back to each head's value width. That is multi-query attention with one shared
+        key [c; k_rope] and value c, so it runs on SDPA with a single kv head. Returns [B, H, T, Dv]."""
         w_uk, w_uv = self._up_projections()
-        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
-        scores = q_latent @ latents[:, None].transpose(-1, -2) + q_rope @ rope_keys.transpose(-1, -2)
-        context = _masked_softmax(scores, mask, self.softmax_scale).to(latents.dtype) @ latents[:, None]
+        q = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope), dim=-1)     # [B, H, T, r + rope]
+        k = torch.cat((latents[:, None], rope_keys), dim=-1)                              # [B, 1, S, r + rope]
+        context = F.scaled_dot_product_attention(q, k, latents[:, None], attn_mask=mask, scale=self.softmax_scale,
+                                                 enable_gqa=True)                         # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bhtv", context, w_uv)
 
     def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
@@ -172,8 +174,9 @@ class MultiHeadLatentAttention(Attention, TensorParallel, CachedAttention):
         b, s, _ = latents.shape
         kv = self.wkv_b(latents).view(b, s, self.n_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        scores = q_nope @ k_nope.transpose(-1, -2) + q_rope @ rope_keys.transpose(-1, -2)
-        return _masked_softmax(scores, mask, self.softmax_scale).to(v.dtype) @ v
+        k = torch.cat((k_nope, rope_keys.expand(b, self.n_heads, s, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
 
     def forward(self, x: torch.Tensor, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -244,11 +247,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Te
     if dropout:
         probs = F.dropout(probs, p=dropout)
     return probs.to(v.dtype) @ v
-
-
-def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scores * scale) in fp32 over keys a bool `mask` (True: may attend) allows."""
-    return (scores.float() * scale).masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}
