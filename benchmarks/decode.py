@@ -145,8 +145,8 @@ def speculative_rows(args) -> list[list[str]]:
         spec, stats = speculative_generate(decoder, [prompt], max_new_tokens=args.new)
         assert spec == plain, "speculative decoding must equal greedy"
         medians = interleaved_medians({
-            "greedy": lambda d=decoder: generate(d, [prompt], max_new_tokens=args.new),
-            "speculative": lambda d=decoder: speculative_generate(d, [prompt], max_new_tokens=args.new)},
+            "greedy": lambda d=decoder, p=prompt: generate(d, [p], max_new_tokens=args.new),
+            "speculative": lambda d=decoder, p=prompt: speculative_generate(d, [p], max_new_tokens=args.new)},
             repeats=args.repeats, warmup=1)
         rows.append([label, f"{stats.acceptance_rate:.2f}", f"{stats.tokens_per_forward:.2f}",
                      f"{args.new / medians['greedy']:.0f}", f"{args.new / medians['speculative']:.0f}",

@@ -7,9 +7,10 @@ import fiddle as fdl
 import pytest
 import torch
 
-from helpers.decoding_models import ATTENTION_SETTINGS, DIM, VOCAB, combinations, tiny_model
 from tessera.components.generate import generate
 from tessera.registry.kinds import ATTENTION
+
+from helpers.decoding_models import ATTENTION_SETTINGS, DIM, VOCAB, combinations, tiny_model
 
 PROMPTS = [[3, 14, 15, 9, 26, 5, 35], [8, 9], [7, 9, 3, 2, 38, 4, 6, 26, 43, 3, 8]]  # 7, 2, 11 tokens
 PAIRS = combinations()

@@ -7,9 +7,10 @@ import fiddle as fdl
 import pytest
 import torch
 
-from helpers.decoding_models import tiny_model
 from tessera.components.generate import generate, speculative_generate
 from tessera.registry.kinds import ATTENTION
+
+from helpers.decoding_models import tiny_model
 
 
 def _deepseek_debug(vocab_size: int | None = None):

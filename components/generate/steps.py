@@ -6,8 +6,8 @@ after appending one token per row, [B, V] each, so the decode loop does not care
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
