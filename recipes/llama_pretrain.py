@@ -82,6 +82,29 @@ def hybrid_debug() -> fdl.Partial:
     return config
 
 
+@recipe.preset
+def continue_hf() -> fdl.Partial:
+    """Continued pretraining of a transformers checkpoint: run with --from-hf CHECKPOINT.
+
+    `--from-hf` replaces the model by the checkpoint's (config.json), its initialisation by the
+    checkpoint's weights and the data's tokenizer by its tokenizer.json; this preset gives the
+    rest: the learning rate re-warmed from 0 to a new peak over the first 10% of the run, then
+    cosine to 10% of it (Ibrahim et al. 2024, arXiv:2403.08763 §5: re-warm and re-decay), on
+    the debug run's corpus and batch (point data.path at the new corpus). Without --from-hf it
+    trains the debug model from scratch."""
+    steps = 200  # chosen: a short adaptation run on the debug corpus
+    config = debug()
+    for key, value in run_outputs("runs/llama_pretrain/continue_hf", every=100).items():
+        setattr(config, key, value)
+    config.steps = steps
+    # chosen: a peak well below the debug run's 3e-3, as a trained model's loss surface is sharper
+    # (Ibrahim et al. §5 re-warm to the original peak for large shifts; lower it for small ones)
+    config.optimizer = OPTIMIZER.partial("adamw", lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    config.scheduler = SCHEDULER.config("rewarm", warmup_steps=steps // 10, total_steps=steps, min_ratio=0.1)
+    config.precision = PRECISION.config("fp32")  # chosen: exact continuation of fp32 weights on any machine
+    return config
+
+
 def _published(name: str, model: fdl.Config, *, seq_len: int, batch_size: int, lr: float, steps: int,
                warmup_steps: int, min_ratio: float = 0.1, schedule: fdl.Config | None = None) -> fdl.Partial:
     """A full-size run: the published architecture and optimiser settings (for --dry-run and

@@ -39,9 +39,9 @@ def test_wsd_rewarm_holds_then_cools_down_linearly():
     assert schedule(100) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("kwargs,named", [({"warmup_steps": 0, "total_steps": 10}, "0 < warmup_steps"),
-                                          ({"warmup_steps": 5, "total_steps": 10, "start_ratio": 1.0}, "start_ratio"),
-                                          ({"warmup_steps": 5, "total_steps": 10, "decay_fraction": 0}, "decay_fraction")])
+@pytest.mark.parametrize("kwargs,named", [({"warmup_steps": 0}, "0 < warmup_steps"),
+                                          ({"warmup_steps": 5, "start_ratio": 1.0}, "start_ratio"),
+                                          ({"warmup_steps": 5, "decay_fraction": 0}, "decay_fraction")])
 def test_bad_settings_are_config_faults(kwargs, named):
     with pytest.raises(ConfigError, match=named):
-        validate(SCHEDULER.config("rewarm", **kwargs))
+        validate(SCHEDULER.config("rewarm", total_steps=10, **kwargs))

@@ -1,0 +1,156 @@
+"""Continued pretraining from a transformers checkpoint on the command line (`--from-hf`): a
+tiny Llama written by transformers, with a tokenizer.json trained here, continues training on
+a small corpus; its first step's loss is transformers' loss on the run's first batch, the
+exported folder loads in transformers with the trained model's logits and its tokenizer, and
+under FSDP every process reads only its shard."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import fiddle as fdl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.cli import resolve
+from tessera.cli.run import run_cli
+from tessera.components.data.hf_tokenizer import hf_encoding
+from tessera.components.train.checkpoint import load_model
+from tessera.recipes.llama_pretrain import recipe
+
+from helpers.launch import run_recipe, torchrun, worker
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ("river stone light cloud paper garden window music 2026 3.14 café naïve 東京 north south quickly "
+         "def return for while print(x) {key: value} 1234567 the a of and to in is that").split()
+SEQ, BATCH = 48, 2
+
+
+def corpus(folder, n: int = 80) -> list[str]:
+    """n documents of random word salad (distinct, so dedup keeps them), one txt file each."""
+    rng = random.Random(0)
+    folder.mkdir()
+    texts = []
+    for i in range(n):
+        text = f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) + "\n"
+        (folder / f"{i:03d}.txt").write_text(text)
+        texts.append(text)
+    return texts
+
+
+def checkpoint(folder, texts: list[str]) -> None:
+    """A Llama-3-style byte-level BPE trained on `texts` and a tiny LlamaForCausalLM of its vocabulary."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}{1,3}|[^\r\n\p{L}\p{N}]?\p{L}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"),
+                             behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size() + 3, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, eos_token_id=tok.token_to_id("<|end_of_text|>"),
+                                      bos_token_id=0, initializer_range=0.3)  # far from uniform predictions
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continue_hf")
+    checkpoint(root / "ckpt", corpus(root / "corpus"))
+    return root
+
+
+def run_args(root) -> list[str]:
+    return ["continue_hf", f"data.path={root / 'corpus'}", f"data.data_dir={root / 'data'}", "data.val_fraction=0.2",
+            "steps=3", f"batch_size={BATCH}", f"seq_len={SEQ}", "scheduler.warmup_steps=1", "scheduler.total_steps=3",
+            f"metrics.folder={root / 'run'}", "metrics.tensorboard=False", "metrics.plots=False",
+            f"checkpoint.folder={root / 'ck'}", "checkpoint.every=3", "validation.batches=1"]
+
+
+def hf_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' mean next-token loss on our packed batch: each document of a row run on its
+    own (our attention stays within a document; RoPE scores depend only on relative positions)."""
+    logits = []
+    for row, docs in zip(batch["tokens"], batch["doc_ids"], strict=True):
+        pieces = [model(row[docs == d][None]).logits[0] for d in docs.unique(sorted=True)]
+        logits.append(torch.cat(pieces))
+    logits = torch.stack(logits)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+
+
+@pytest.mark.slow
+def test_continued_run_starts_at_transformers_loss_and_exports(released):
+    ckpt, out = released / "ckpt", released / "hf"
+    result = run_recipe(*run_args(released), "--from-hf", str(ckpt), "--export-hf", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"init: weights from {ckpt}" in result.stdout and "tokenized with" in result.stderr
+
+    # The run's first batch, from its own (cached) data pipeline.
+    config, _ = resolve(recipe, run_args(released)[:4], from_hf=str(ckpt))  # the preset and data settings
+    data = fdl.build(config.data)
+    data.progress = False
+    batch = data.batch("train", batch_size=BATCH, seq_len=SEQ, generator=torch.Generator().manual_seed(config.seed))
+    assert int(batch["tokens"].max()) < hf_encoding(ckpt).n_vocab
+    assert int(batch["doc_ids"].max()) > 0  # documents packed together: the per-document attention counts
+    theirs = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        expected = hf_loss(theirs, batch).item()
+    steps = [json.loads(line) for line in (released / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = load_model(released / "ck" / "step-00000003").eval()
+    tokens = batch["tokens"]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, trained(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(exported(tokens).logits, theirs(tokens).logits)  # it did train
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "river stone 1234567 café"
+    assert tokenizer.encode(text, add_special_tokens=False) == hf_encoding(ckpt).encode_ordinary(text)
+
+
+@pytest.mark.slow
+def test_loading_under_fsdp_reads_each_rank_its_shard(released, tmp_path):
+    result = torchrun(worker("hf_sharded_load"), str(released / "ckpt"), str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert len(reports) == 2
+    for report in reports:
+        assert report["params"] and all(p["dtensor"] and p["equal"] for p in report["params"].values())
+        sharded = [p for p in report["params"].values() if p["whole"][0] > 1]
+        assert all(p["local"][0] < p["whole"][0] for p in sharded)
+        assert report["read"] < 0.6 * report["total"]  # about half each, never a whole copy
+    assert sum(r["read"] for r in reports) == sum(
+        torch.Size(p["whole"]).numel() for p in reports[0]["params"].values())
+
+
+def test_bad_checkpoints_are_config_faults_with_the_fix(released, tmp_path, capsys):
+    def fails(folder) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(recipe, ["continue_hf", "--from-hf", str(folder), "--print"])
+        error = " ".join(capsys.readouterr().err.split())
+        assert exit_.value.code == 2 and "--from-hf" in error and "Traceback" not in error
+        return error
+
+    assert "no config.json" in fails(tmp_path)
+    (tmp_path / "config.json").write_text((released / "ckpt" / "config.json").read_text())
+    assert "no *.safetensors weights" in fails(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes((released / "ckpt" / "model.safetensors").read_bytes())
+    assert "no tokenizer.json" in fails(tmp_path)
+    spec = json.loads((released / "ckpt" / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "NFC"}}))
+    assert "NFC normalizer" in fails(tmp_path)
