@@ -128,7 +128,8 @@ def position_kind(value: Any) -> str | None:
 
 
 class Attention(nn.Module, abc.ABC):
-    """Causal self-attention over a full sequence (no KV cache).
+    """Causal self-attention over a full sequence (decoding over a cache is the separate
+    `CachedAttention` capability).
 
     forward(x: [B, T, D], *, doc_ids: [B, T] int | None = None) -> [B, T, D].
     With `doc_ids`, a token attends only to earlier tokens of the same document, which is

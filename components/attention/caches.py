@@ -98,8 +98,9 @@ class RingKVCache(AttentionCache):
 
 class LatentCache(AttentionCache):
     """MLA's cache (DeepSeek-V2 §2.1.2): per token only the normalised kv latent c_KV
-    [B, S, kv_lora_rank] and the rotated shared rope key [B, S, qk_rope_head_dim], so
-    kv_lora_rank + qk_rope_head_dim elements per token and layer.
+    (kv_lora_rank wide) and the rotated shared rope key (qk_rope_head_dim), side by side in one
+    buffer `entries` [B, S, kv_lora_rank + qk_rope_head_dim]: that is the single shared key of
+    the absorbed form, read in place; its first kv_lora_rank channels are the value.
 
     absorb: attend in the latent space with the key/value up-projections folded into the query
     and output (True), or decompress the latents into per-head keys and values every step.
@@ -107,31 +108,31 @@ class LatentCache(AttentionCache):
 
     def __init__(self, *, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  device: torch.device | str, dtype: torch.dtype, absorb: bool = True):
-        self.latents = torch.zeros(batch, max_len, kv_lora_rank, device=device, dtype=dtype)
-        self.rope_keys = torch.zeros(batch, max_len, rope_dim, device=device, dtype=dtype)
+        self.rank = kv_lora_rank
+        self.entries = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, device=device, dtype=dtype)
         self.positions = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
         self.absorb = absorb
         self.length = 0
 
     def append(self, latents: torch.Tensor, rope_keys: torch.Tensor,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents [B, T, r], rope_keys [B, T, d_rope], positions [B, T] -> everything written
-        so far: [B, L, r], [B, L, d_rope], [B, L]."""
+        so far: entries [B, L, r + d_rope] (latent first) and positions [B, L]."""
         t = latents.shape[1]
-        _check_room(self, t, self.latents.shape[1])
+        _check_room(self, t, self.entries.shape[1])
         end = self.length + t
-        self.latents[:, self.length:end] = latents
-        self.rope_keys[:, self.length:end] = rope_keys
+        self.entries[:, self.length:end, : self.rank] = latents
+        self.entries[:, self.length:end, self.rank:] = rope_keys
         self.positions[:, self.length:end] = positions
         self.length = end
-        return self.latents[:, :end], self.rope_keys[:, :end], self.positions[:, :end]
+        return self.entries[:, :end], self.positions[:, :end]
 
     def truncate(self, length: int) -> None:
         self.positions[:, length:self.length] = -1
         self.length = min(self.length, length)
 
     def nbytes(self) -> int:
-        return self.latents.nbytes + self.rope_keys.nbytes
+        return self.entries.nbytes
 
 
 class LinearState(AttentionCache):

@@ -143,10 +143,10 @@ class MultiHeadLatentAttention(Attention, TensorParallel, CachedAttention):
         q_rope = self.position(q_rope, positions)
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, rope], dim=-1)
         k_rope = self.position(k_rope.view(b, 1, t, rope), positions).view(b, t, rope)
-        latents, rope_keys, key_positions = cache.append(self.kv_norm(c_kv), k_rope, positions)
+        entries, key_positions = cache.append(self.kv_norm(c_kv), k_rope, positions)     # [B, S, r + rope]
         mask = position_mask(positions, key_positions, lambda q_pos, k_pos: k_pos <= q_pos)
         attend = self._attend_absorbed if cache.absorb else self._attend_decompressed
-        out = attend(q_nope, q_rope, latents, rope_keys[:, None], mask)                 # [B, H, T, Dv]
+        out = attend(q_nope, q_rope, entries, mask)                                       # [B, H, T, Dv]
         return self.wo(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,27 +154,31 @@ class MultiHeadLatentAttention(Attention, TensorParallel, CachedAttention):
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
-    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
-                         rope_keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, entries: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
         """q_nope^T W_uk^T c = (W_uk q_nope)^T c: the query moves into the latent space, scores
-        are read against the cached latents [B, S, r] directly, and W_uv maps the attended
-        latent back to each head's value width. That is multi-query attention with one shared
-        key [c; k_rope] and value c, so it runs on SDPA with a single kv head. Returns [B, H, T, Dv]."""
+        are read against the cached latents directly, and W_uv maps the attended latent back to
+        each head's value width. That is multi-query attention with one shared key
+        [c; k_rope] (the cache entries as stored) and value c; the heads are folded into the
+        query length so SDPA reads the cache once instead of once per head. Returns [B, H, T, Dv]."""
+        b, h, t, _ = q_nope.shape
         w_uk, w_uv = self._up_projections()
-        q = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope), dim=-1)     # [B, H, T, r + rope]
-        k = torch.cat((latents[:, None], rope_keys), dim=-1)                              # [B, 1, S, r + rope]
-        context = F.scaled_dot_product_attention(q, k, latents[:, None], attn_mask=mask, scale=self.softmax_scale,
-                                                 enable_gqa=True)                         # [B, H, T, r]
-        return torch.einsum("bhtr,hvr->bhtv", context, w_uv)
+        q = torch.cat((q_nope @ w_uk, q_rope), dim=-1).view(b, 1, h * t, -1)             # [B, 1, H*T, r + rope]
+        keys = entries[:, None]                                                           # [B, 1, S, r + rope]
+        mask = mask[:, :, None].expand(b, 1, h, t, mask.shape[-1]).reshape(b, 1, h * t, -1)
+        context = F.scaled_dot_product_attention(q, keys, keys[..., : self.kv_lora_rank], attn_mask=mask,
+                                                 scale=self.softmax_scale)               # [B, 1, H*T, r]
+        return context.view(b, h, t, -1) @ w_uv.transpose(-1, -2)
 
-    def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
-                             rope_keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, entries: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
         """The training form over the cache: W_ukv expands every cached latent into per-head
         keys and values [B, H, S, d] each step. Returns [B, H, T, Dv]."""
-        b, s, _ = latents.shape
+        b, s, _ = entries.shape
+        latents, rope_keys = entries.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.wkv_b(latents).view(b, s, self.n_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat((k_nope, rope_keys.expand(b, self.n_heads, s, -1)), dim=-1)
+        k = torch.cat((k_nope, rope_keys[:, None].expand(b, self.n_heads, s, -1)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
 

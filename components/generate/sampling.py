@@ -39,7 +39,7 @@ def choose_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
     scaled = logits.float() / temperature
     if top_k is not None:
         scaled = keep_top_k(scaled, top_k)
-    if top_p is not None:
+    if top_p is not None and top_p < 1:  # p = 1 keeps everything (cumsum rounding could drop a tail)
         scaled = keep_nucleus(scaled, top_p)
     probs = scaled.softmax(-1)
     if generator is not None and generator.device != probs.device:  # e.g. a CPU generator for a GPU model
