@@ -94,7 +94,8 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
         vocab_size: ids of the trained byte-level BPE (256 bytes + merges + 4 special tokens).
         encoding_name: use this standard tiktoken encoding (e.g. "cl100k_base") instead of
             training one; it must be available locally (tiktoken downloads on first use), and
-            vocab_size must cover it.
+            vocab_size must cover it. "hf:PATH": a checkpoint's own tokenizer.json (or its
+            folder), converted exactly or refused (see `hf_tokenizer`).
         tokenizer_sample_bytes: at most this much training-split text trains the BPE.
         mixture_temperature, mixture_weights: domain sampling (see `mixture_weights`).
         val_fraction: documents held out for validation (chosen by content hash).
