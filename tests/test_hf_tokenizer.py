@@ -42,13 +42,13 @@ CORPUS = [
 ]
 
 
-def train_tokenizer(folder, *, llama3: bool):
+def train_tokenizer(folder, *, llama3: bool, split: str = LLAMA3_SPLIT):
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE(ignore_merges=llama3))
     if llama3:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -136,3 +136,20 @@ def test_cache_identity_follows_the_tokenizer_content(tmp_path):
     (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|pad|>"}))
     assert encoding_identity(f"hf:{tmp_path / 'a'}") != first
     assert encoding_identity("cl100k_base") == "cl100k_base" and encoding_identity(None) is None
+
+
+@pytest.mark.parametrize("llama3", [False, True], ids=["gpt2_style", "llama3_style"])
+def test_token_identical_on_a_whole_source_file(tmp_path, llama3):
+    import argparse
+
+    reference = train_tokenizer(tmp_path, llama3=llama3)
+    text = open(argparse.__file__, encoding="utf-8").read()  # ~100 KB of code, prose and whitespace runs
+    assert hf_encoding(tmp_path).encode_ordinary(text) == reference.encode(text, add_special_tokens=False).ids
+
+
+def test_text_between_a_split_regex_matches_is_kept_as_pieces(tmp_path):
+    # letters only: spaces, digits and punctuation fall between matches, and tokenizers keeps each gap
+    reference = train_tokenizer(tmp_path, llama3=True, split=r"\p{L}+")
+    ours = hf_encoding(tmp_path)
+    for text in CORPUS[:-2] + TRAIN[:6]:
+        assert ours.encode_ordinary(text) == reference.encode(text, add_special_tokens=False).ids, text
