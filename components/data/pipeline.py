@@ -270,13 +270,17 @@ class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesP
         return self._loaders[key].next_batch(batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """Positions of every loader created so far (save with a checkpoint)."""
-        return {key: loader.state_dict() for key, loader in self._loaders.items()}
+        """Positions of every training loader created so far (save with a checkpoint). The
+        validation stream is left out: a run reads its validation sample once from the
+        stream's start, so a resumed run must start it afresh to read the same sample."""
+        return {key: loader.state_dict() for key, loader in self._loaders.items() if not key.startswith("val:")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, loader_state in state.items():
             parts = key.split(":")  # split:seq_len:seed (older checkpoints: split:batch:seq_len:seed)
             split, seq_len, seed = parts[0], parts[-2], parts[-1]
+            if split == "val":  # older checkpoints saved it; see state_dict
+                continue
             key = f"{split}:{seq_len}:{seed}"
             if key not in self._loaders:
                 self._loaders[key] = self.loader(split, batch_size=1, seq_len=int(seq_len), seed=int(seed))

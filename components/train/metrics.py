@@ -26,6 +26,10 @@ class Metrics:
         tensorboard: also write TensorBoard scalars. wandb_project: also log to W&B when the
             `wandb` package is installed (ignored with a note otherwise).
         eval_every: validation loss and bits-per-byte every this many steps (0: at the end only).
+        downstream: multiple-choice tasks whose accuracy (`<task>_acc`) is logged with every
+            validation: `heldout_cloze` (built from the run's held-out documents), a .jsonl
+            task file, or `lm_eval:NAME` (see `tessera.components.evaluate.downstream`); one
+            name or a comma-separated string is accepted too. None: none.
         peak_flops: the FLOP/s MFU is relative to; None takes this machine's matmul peak in
             the run's compute dtype from a time-boxed probe, cached per machine.
         device_watts: power drawn while training (CPU package or accelerator board), for the
@@ -34,12 +38,13 @@ class Metrics:
     """
 
     def __init__(self, *, folder: str = "runs/latest", tensorboard: bool = True, wandb_project: str | None = None,
-                 eval_every: int = 0, peak_flops: float | None = None, device_watts: float = 65.0,
-                 price_per_kwh: float | None = None, plots: bool = True):
+                 eval_every: int = 0, downstream: str | list[str] | None = None, peak_flops: float | None = None,
+                 device_watts: float = 65.0, price_per_kwh: float | None = None, plots: bool = True):
         self.folder = Path(folder)
         self.tensorboard = tensorboard
         self.wandb_project = wandb_project
         self.eval_every = eval_every
+        self.downstream = task_names(downstream)
         self.peak_flops = peak_flops
         self.device_watts = device_watts
         self.price_per_kwh = price_per_kwh
@@ -145,6 +150,14 @@ class Metrics:
             fig = expert_load_figure(loads, labels)
             fig.savefig(self.folder / "expert_load.png", dpi=100, bbox_inches="tight")
             plt.close(fig)
+
+
+def task_names(downstream: str | list[str] | None) -> tuple[str, ...]:
+    """`Metrics.downstream` as a tuple of task names ("a,b" and ["a", "b"] alike)."""
+    if downstream is None:
+        return ()
+    names = downstream.split(",") if isinstance(downstream, str) else list(downstream)
+    return tuple(name.strip() for name in names if name.strip())
 
 
 def layer_order(name: str) -> tuple[tuple[int, int, str], ...]:

@@ -1,6 +1,11 @@
 """Validation: the loss on a fixed sample of held-out batches, during the run (every
 `Metrics.eval_every` steps) and at its end.
 
+The sample is read once, at the first validation, as the first `batches` batches of the
+validation stream the seed fixes, and kept: every validation of a run (and of a resumed
+run, whose data does not save the validation stream's position) scores the same tokens,
+whatever `eval_every` is, so validation losses at one step agree between runs.
+
 A recipe sets the sample's size as `validation=fdl.Config(Validation, batches=8)`; on the
 command line `validation.batches=2` (0: no validation batches, the loss reads 0).
 """
@@ -12,6 +17,7 @@ import math
 
 import torch
 
+from tessera.components.evaluate.downstream import DownstreamEvaluator
 from tessera.components.interfaces import BytesPerToken, ParallelPlan, PrecisionPolicy, TrainingData
 from tessera.components.model.decoder import DecoderLM, cross_entropy
 from tessera.registry.invariants import invariant
@@ -40,12 +46,24 @@ class Validator:
     seq_len: int
     seed: int
     device: str
+    downstream: tuple[str, ...] = ()
+    """Multiple-choice tasks scored with every validation (see `evaluate.downstream`)."""
+    _sample: list[dict[str, torch.Tensor]] | None = dataclasses.field(default=None, init=False, repr=False)
+    _downstream: DownstreamEvaluator | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def sample(self) -> list[dict[str, torch.Tensor]]:
+        """The fixed sample: `batches` batches of {"tokens", "targets", "doc_ids"} [batch_size,
+        seq_len], read at the first access and the same object on every later one."""
+        if self._sample is None:
+            self._sample = validation_sample(self.data, batches=self.batches, batch_size=self.batch_size,
+                                             seq_len=self.seq_len, seed=self.seed)
+        return self._sample
 
     def __call__(self) -> dict[str, float]:
         """Validation loss (nats/token, averaged over the data-parallel processes) and bits per
-        byte (when the data knows its bytes per token)."""
-        sample = validation_sample(self.data, batches=self.batches, batch_size=self.batch_size,
-                                   seq_len=self.seq_len, seed=self.seed)
+        byte (when the data knows its bytes per token), on `sample`."""
+        sample = self.sample
         self.model.eval()
         loss = self.parallel.validation_loss(self.model, sample)
         self.model.train()
@@ -54,7 +72,16 @@ class Validator:
         out = self.parallel.mean_over_data_parallel({"val_loss": loss}, self.device)
         if isinstance(self.data, BytesPerToken):
             out["val_bpb"] = out["val_loss"] / math.log(2) / self.data.bytes_per_token("val")
+        if self.downstream:
+            out.update(self._downstream_evaluator()())
         return out
+
+    def _downstream_evaluator(self) -> DownstreamEvaluator:
+        if self._downstream is None:
+            self._downstream = DownstreamEvaluator(model=self.model, data=self.data, tasks=tuple(self.downstream),
+                                                   precision=self.precision, batch_size=self.batch_size,
+                                                   max_length=self.seq_len, device=self.device, seed=self.seed)
+        return self._downstream
 
 
 @torch.no_grad()
@@ -67,7 +94,8 @@ def evaluate(model: DecoderLM, data: TrainingData, *, batches: int, batch_size: 
 
 def validation_sample(data: TrainingData, *, batches: int, batch_size: int, seq_len: int,
                       seed: int) -> list[dict[str, torch.Tensor]]:
-    """The validation batches a seed fixes: the same sample for `evaluate` and the run's report."""
+    """The next `batches` validation batches of the stream `seed` fixes: its first ones when
+    nothing has read it before, as when a `Validator` reads (and keeps) its sample."""
     generator = torch.Generator().manual_seed(seed + 1)
     return [data.batch("val", batch_size=batch_size, seq_len=seq_len, generator=generator) for _ in range(batches)]
 
