@@ -75,6 +75,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                    batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, step=step, compute=compute,
                    announce=progress is not None, init=init)
     eval_every = metrics.eval_every if metrics is not None else 0  # every rank validates (collectives)
+    downstream = metrics.downstream if metrics is not None else ()  # likewise every rank scores the tasks
     if not run.parallel.is_main_process:  # one process reports and writes files
         metrics, progress = None, None
     runner = StepRunner(model=run.model, optimizer=run.optimizer, raw_optimizer=run.raw_optimizer,
@@ -92,7 +93,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     start_step = state.step
     validator = Validator(model=run.model, data=data, parallel=run.parallel, precision=run.precision,
                           batches=validation.batches, batch_size=run.micro_batch_size, seq_len=seq_len, seed=seed,
-                          device=device)
+                          device=device, downstream=downstream)
     end = TrainingLoop(runner=runner, state=state, steps=steps, seq_len=seq_len, validator=validator,
                        eval_every=eval_every, checkpoint=checkpoint, guard=guard, metrics=metrics, progress=progress,
                        flops_per_token=run.flops_per_token / run.processes).run()
