@@ -4,7 +4,8 @@ Applied to the preset's config before the command line's overrides, it sets thre
 together and leaves the rest of the recipe (optimizer, schedule, parallel plan, precision,
 data sources) as it is:
 
-- `model`: the checkpoint's architecture, from its config.json (Llama and GPT-2 layouts);
+- `model`: the checkpoint's architecture, from its config.json (Llama, GPT-2, DeepSeek-V2/V3
+  layouts; a DeepSeek model without its MTP modules);
 - `init.from_hf`: its weights, read shard by shard once the parallel plan laid the model out;
 - `data.encoding_name="hf:PATH"` and `data.vocab_size`: its own tokenizer.json (converted
   exactly to tiktoken, or refused with what it has that cannot be).
@@ -33,11 +34,10 @@ def apply_from_hf(config: Any, path: str) -> list[str]:
     try:
         hf = hf_checkpoint.read_config(folder)
         model = hf_checkpoint.config_from_hf(hf)
-        hf_checkpoint.sources(hf)  # a layout loaded whole only is refused before anything runs
         weight_files(folder)
     except (FileNotFoundError, ValueError) as error:
-        raise ConfigError([Fault("--from-hf", str(error), "give the folder of a LlamaForCausalLM or "
-                                 "GPT2LMHeadModel checkpoint written by save_pretrained (safetensors)")]) from None
+        raise ConfigError([Fault("--from-hf", str(error), "give the folder of a LlamaForCausalLM, "
+                                 "GPT2LMHeadModel or DeepseekV2/V3ForCausalLM checkpoint")]) from None
     config.model = model
     config.init = fdl.Config(InitOptions, from_hf=folder)
     notes = [f"model: {(hf.get('architectures') or [hf['model_type']])[0]} from {folder} "

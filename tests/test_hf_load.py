@@ -1,6 +1,6 @@
 """Checkpoints written by transformers' `save_pretrained` load into tessera models (built from
-their config.json by the dispatcher) with transformers' logits, for the Llama and GPT-2
-layouts; mismatched or unknown checkpoints are refused with names."""
+their config.json by the dispatcher) with transformers' logits, for the Llama, GPT-2 and
+DeepSeek-V2/V3 layouts; mismatched or unknown checkpoints are refused with names."""
 
 from __future__ import annotations
 
@@ -48,6 +48,31 @@ def test_gpt2_checkpoint_loads_with_transformers_logits(tmp_path):
                                   eos_token_id=0)
     theirs = saved(transformers.GPT2LMHeadModel(cfg), tmp_path)
     assert family(read_config(tmp_path)) == "gpt2"
+    same_logits(tmp_path, theirs, 97)
+
+
+DEEPSEEK = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=12,
+                qk_nope_head_dim=12, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
+                n_routed_experts=8, rms_norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_checkpoint_loads_with_transformers_logits(tmp_path, version):
+    torch.manual_seed(0)
+    if version == "v3":
+        cfg = transformers.DeepseekV3Config(**DEEPSEEK, n_shared_experts=1, q_lora_rank=24, n_group=1, topk_group=1,
+                                            norm_topk_prob=True, rope_interleave=True, routed_scaling_factor=2.5)
+        theirs = transformers.DeepseekV3ForCausalLM(cfg)
+        with torch.no_grad():  # a correction bias away from 0, so that a bias not loaded shows
+            for layer in theirs.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8))
+    else:
+        cfg = transformers.DeepseekV2Config(**DEEPSEEK, n_shared_experts=2, q_lora_rank=None, n_group=1, topk_group=1,
+                                            norm_topk_prob=False, topk_method="greedy", routed_scaling_factor=16.0)
+        theirs = transformers.DeepseekV2ForCausalLM(cfg)
+    saved(theirs, tmp_path)
+    assert family(read_config(tmp_path)) == "deepseek"
     same_logits(tmp_path, theirs, 97)
 
 

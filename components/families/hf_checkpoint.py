@@ -3,10 +3,10 @@
 
     hf = read_config("ckpt/")                       # config.json as a dict
     model_config = config_from_hf(hf)               # fdl.Config[DecoderLM], nothing built
-    load_hf_weights(model, "ckpt/", sources(hf))    # `families.hf_weights`: each rank its shard
+    load_into(model, "ckpt/")                       # `families.hf_weights`: each rank its shard
 
-Layouts: LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2), DeepseekV2/V3ForCausalLM (model
-config only here; `families.deepseek.hf.load_pretrained` loads a whole copy).
+Layouts: LlamaForCausalLM (llama), GPT2LMHeadModel (gpt2), DeepseekV2/V3ForCausalLM
+(deepseek; built without MTP modules, whose checkpoint layers are left unread).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import fiddle as fdl
+import torch
 
 from tessera.components.families.deepseek import hf as deepseek_hf
 from tessera.components.families.gpt2 import hf as gpt2_hf
@@ -57,18 +58,22 @@ def config_from_hf(hf: dict[str, Any]) -> fdl.Config[DecoderLM]:
 
 
 def sources(hf: dict[str, Any]) -> dict[str, Source]:
-    """{our parameter name: its checkpoint tensor}; ValueError for a layout read whole only."""
-    name = family(hf)
-    if name == "deepseek":
-        raise ValueError("DeepSeek-V2/V3 checkpoints are not yet loaded shard by shard; load them whole with "
-                         "tessera.components.families.deepseek.hf.load_pretrained")
-    return (llama_hf if name == "llama" else gpt2_hf).sources(hf)
+    """{our parameter (or buffer) name: its checkpoint tensor}, for `hf_weights.load_hf_weights`."""
+    return {"llama": llama_hf, "gpt2": gpt2_hf, "deepseek": deepseek_hf}[family(hf)].sources(hf)
+
+
+def load_into(model: torch.nn.Module, folder: str | Path) -> int:
+    """Load the checkpoint in `folder` into `model` (built from its config.json, possibly laid
+    out by a parallel plan: each process reads its own shard); returns the values read here.
+    A DeepSeek checkpoint's MTP layers are left unread (the model is built without them)."""
+    hf = read_config(folder)
+    ignored = deepseek_hf.mtp_prefixes(hf) if family(hf) == "deepseek" else ()
+    return load_hf_weights(model, folder, sources(hf), ignored=ignored)
 
 
 def load_pretrained(folder: str | Path) -> DecoderLM:
     """The checkpoint in `folder` as a tessera model in one process, in fp32 (the stored
     weights are cast)."""
-    hf = read_config(folder)
-    model = fdl.build(config_from_hf(hf))
-    load_hf_weights(model, folder, sources(hf))
+    model = fdl.build(config_from_hf(read_config(folder)))
+    load_into(model, folder)
     return model

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,21 +31,30 @@ DROPPED_PREFIXES = ("transformer.",)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Source:
-    """Where one of our parameters is in a checkpoint.
+    """Where one of our tensors is in a checkpoint.
 
     `name`: the checkpoint tensor. `offset`: our row r is its row offset + r (one of `parts`
-    blocks of a fused tensor, e.g. GPT-2's query/key/value). `transposed`: the checkpoint stores the
-    matrix as [in, out] (GPT-2's Conv1D), ours is [out, in]; rows then count its columns."""
+    blocks of a fused tensor, e.g. GPT-2's query/key/value). `transposed`: the checkpoint stores
+    the matrix as [in, out] (GPT-2's Conv1D), ours is [out, in]; rows then count its columns.
+    `stacked`: instead of `name`, our dim 0 indexes these tensors (DeepSeek's per-expert weights
+    in our [experts, ...] bank)."""
 
-    name: str
+    name: str = ""
     offset: int = 0
     transposed: bool = False
     parts: int = 1
-    """Equal blocks of rows the checkpoint tensor fuses (ours is one of them: 3 for GPT-2's c_attn)."""
+    stacked: tuple[str, ...] = ()
 
-    def read(self, tensor_slice: Any, region: tuple[slice, ...]) -> torch.Tensor:
-        """Our tensor's `region` (one slice per dimension, in our layout) out of the checkpoint
-        tensor's lazy `tensor_slice`."""
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.stacked or (self.name,)
+
+    def read(self, lazy: Callable[[str], Any], region: tuple[slice, ...]) -> torch.Tensor:
+        """Our tensor's `region` (one slice per dimension, in our layout); `lazy(name)` is the
+        checkpoint tensor's lazy slice, which reads only what is indexed."""
+        if self.stacked:
+            return torch.stack([lazy(name)[region[1:]] for name in self.stacked[region[0]]])
+        tensor_slice = lazy(self.name)
         rows = slice(self.offset + region[0].start, self.offset + region[0].stop)
         if len(region) == 1:
             return tensor_slice[rows]
@@ -53,10 +62,14 @@ class Source:
             return tensor_slice[region[1], rows].T
         return tensor_slice[(rows, *region[1:])]
 
-    def whole_shape(self, stored: list[int], ours: torch.Size) -> bool:
-        """Whether a stored tensor of shape `stored` holds our whole tensor of shape `ours`."""
-        shape = stored[::-1] if self.transposed and len(stored) == 2 else stored
-        return [shape[0], *shape[1:]] == [self.parts * ours[0], *ours[1:]]
+    def stored_shape(self, lazy: Callable[[str], Any]) -> list[int]:
+        """The shape of the whole tensor the checkpoint holds for us, in our layout."""
+        shape = list(lazy(self.names[0]).get_shape())
+        if self.stacked:
+            return [len(self.stacked), *shape]
+        if self.transposed and len(shape) == 2:
+            shape = shape[::-1]
+        return [shape[0] // self.parts, *shape[1:]] if shape[0] % self.parts == 0 else shape
 
 
 def weight_files(folder: str | Path) -> dict[str, Path]:
@@ -88,25 +101,32 @@ def local_region(param: torch.Tensor) -> tuple[tuple[slice, ...], torch.Tensor]:
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, folder: str | Path, sources: Mapping[str, Source]) -> int:
-    """Copy every parameter of `model` this process holds from the checkpoint in `folder`
-    (`sources`: the family's map); returns the number of elements read. KeyError when a
-    parameter has no checkpoint tensor or the checkpoint has tensors the model has no place for;
-    ValueError for a shape that differs (each listing the names)."""
+def load_hf_weights(model: torch.nn.Module, folder: str | Path, sources: Mapping[str, Source], *,
+                    ignored: tuple[str, ...] = ()) -> int:
+    """Copy every parameter of `model` this process holds, and every buffer `sources` names,
+    from the checkpoint in `folder` (`sources`: the family's map; `ignored`: name prefixes of
+    checkpoint tensors no model tensor needs); returns the number of values read. KeyError
+    when a parameter has no checkpoint tensor or the checkpoint has tensors the model has no
+    place for; ValueError for a shape that differs (each listing the names)."""
     files = weight_files(folder)
-    _check_names(model, files, sources)
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in sources)]
+    _check_names([name for name, _ in tensors], files, sources, ignored)
     read = 0
     with ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in set(files.values())}
-        for name, param in model.named_parameters():
+
+        def lazy(name: str) -> Any:
+            return _lazy(handles[files[name]], name)
+
+        for name, tensor in tensors:
             source = sources[name]
-            tensor_slice = _lazy(handles[files[source.name]], source.name)
-            if not source.whole_shape(tensor_slice.get_shape(), param.shape):
-                raise ValueError(f"checkpoint tensor {source.name} of shape {tensor_slice.get_shape()} cannot "
-                                 f"hold our {name} of shape {list(param.shape)}: config.json and the weights differ")
-            region, local = local_region(param)
+            if source.stored_shape(lazy) != list(tensor.shape):
+                raise ValueError(f"checkpoint tensor {source.names[0]} of shape {lazy(source.names[0]).get_shape()} "
+                                 f"cannot hold our {name} of shape {list(tensor.shape)}: config.json and the "
+                                 f"weights differ")
+            region, local = local_region(tensor)
             if local.numel():
-                local.copy_(source.read(tensor_slice, region).to(local.dtype))
+                local.copy_(source.read(lazy, region).to(local.dtype))
                 read += local.numel()
     return read
 
@@ -118,13 +138,14 @@ def _lazy(handle: Any, name: str) -> Any:
     return handle.get_slice(next(name.removeprefix(p) for p in DROPPED_PREFIXES if name.startswith(p)))
 
 
-def _check_names(model: torch.nn.Module, files: Mapping[str, Path], sources: Mapping[str, Source]) -> None:
-    ours = [name for name, _ in model.named_parameters()]
+def _check_names(ours: list[str], files: Mapping[str, Path], sources: Mapping[str, Source],
+                 ignored: tuple[str, ...]) -> None:
     unmapped = [name for name in ours if name not in sources]
-    missing = sorted({sources[n].name for n in ours if n in sources and sources[n].name not in files})
-    used = {source.name for source in sources.values()}
+    missing = sorted({n for name in ours if name in sources for n in sources[name].names if n not in files})
+    used = {n for source in sources.values() for n in source.names}
     aliases = {name for n in used for p in DROPPED_PREFIXES for name in (p + n, n.removeprefix(p))}
-    unexpected = sorted(n for n in files if n not in used | aliases and not n.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in files if n not in used | aliases and not n.endswith(IGNORED_SUFFIXES)
+                        and not n.startswith(ignored))
     if unmapped or missing or unexpected:
         raise KeyError(f"the checkpoint does not match the model: parameters with no checkpoint tensor "
                        f"{unmapped[:6]}, tensors missing from the checkpoint {missing[:6]}, checkpoint tensors "

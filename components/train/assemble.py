@@ -108,11 +108,10 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
 
 def _load_from_hf(model: torch.nn.Module, folder: str, *, announce: bool) -> None:
     """Each process reads its own shard of every weight from the checkpoint in `folder`."""
-    from tessera.components.families.hf_checkpoint import read_config, sources
-    from tessera.components.families.hf_weights import load_hf_weights
+    from tessera.components.families.hf_checkpoint import load_into, read_config
 
     hf = read_config(folder)
-    read = load_hf_weights(model, folder, sources(hf))
+    read = load_into(model, folder)
     if announce:
         Console().print(f"init: weights from {folder} ({', '.join(hf.get('architectures') or [hf['model_type']])}; "
                         f"{read:,} values read by this process)", highlight=False, soft_wrap=True)

@@ -12,6 +12,7 @@ with half-split RoPE gets the rope rows of its query and shared-key projections 
     save_pretrained(model, "out/", hf_config=config_dict)     # loads back in transformers
     save_pretrained(model, "out/", max_position_embeddings=4096)  # config.json derived from the model
     unsupported(model)                                        # [] when the layout can express it
+    sources(hf)    # {our tensor: its checkpoint tensor}, for `families.hf_weights` (each rank its shard)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from tessera.components.attention.mla import MultiHeadLatentAttention
 from tessera.components.families.deepseek.builder import MLASpec, MoESpec, deepseek
+from tessera.components.families.hf_weights import Source
 from tessera.components.model.decoder import DecoderLM
 from tessera.components.moe.moe import MoE
 from tessera.components.position.yarn import YaRN
@@ -310,3 +312,55 @@ def save_pretrained(model: DecoderLM, path: str | Path, *, hf_config: Mapping[st
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
+
+
+def sources(hf: Mapping[str, Any]) -> dict[str, Source]:
+    """{our parameter or buffer name: its checkpoint tensor} for the model
+    `config_from_hf(hf, include_mtp=False)` builds: RoPE stays interleaved there, so every
+    tensor copies as stored, and each expert bank reads its experts' tensors (`Source.stacked`)."""
+    names: dict[str, Source] = {ours: Source(name=theirs) for ours, theirs in (
+        ("embedding.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
+        ("head.weight", "lm_head.weight"))}
+    v3 = hf.get("model_type") == "deepseek_v3"
+    aux_free = hf.get("topk_method", "noaux_tc" if v3 else "greedy") == "noaux_tc"
+    for i in range(hf["num_hidden_layers"]):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        pairs = [("attention_norm.weight", "input_layernorm.weight"),
+                 ("ffn_norm.weight", "post_attention_layernorm.weight")]
+        pairs += _attention_pairs(hf)
+        if i < hf.get("first_k_dense_replace", 0):
+            pairs += _swiglu_pairs("feed_forward.", "mlp.")
+        else:
+            pairs.append(("feed_forward.router.weight", "mlp.gate.weight"))
+            if aux_free:
+                pairs.append(("feed_forward.router.expert_bias", "mlp.gate.e_score_correction_bias"))
+            if hf.get("n_shared_experts"):
+                pairs += _swiglu_pairs("feed_forward.shared_experts.", "mlp.shared_experts.")
+            for mine, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+                names[f"{ours}feed_forward.experts.{mine}"] = Source(stacked=tuple(
+                    f"{theirs}mlp.experts.{e}.{proj}.weight" for e in range(hf["n_routed_experts"])))
+        names.update({ours + mine: Source(name=theirs + stored) for mine, stored in pairs})
+    return names
+
+
+def mtp_prefixes(hf: Mapping[str, Any]) -> tuple[str, ...]:
+    """Checkpoint name prefixes of the MTP modules (layers after the main stack), which a model
+    built without them does not read."""
+    n = hf["num_hidden_layers"]
+    return tuple(f"model.layers.{n + k}." for k in range(hf.get("num_nextn_predict_layers", 0) or 0))
+
+
+def _attention_pairs(hf: Mapping[str, Any]) -> list[tuple[str, str]]:
+    query = ([("attention.wq.weight", "self_attn.q_proj.weight")] if hf.get("q_lora_rank") is None else
+             [("attention.wq_a.weight", "self_attn.q_a_proj.weight"),
+              ("attention.q_norm.weight", "self_attn.q_a_layernorm.weight"),
+              ("attention.wq_b.weight", "self_attn.q_b_proj.weight")])
+    return query + [("attention.wkv_a.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+                    ("attention.kv_norm.weight", "self_attn.kv_a_layernorm.weight"),
+                    ("attention.wkv_b.weight", "self_attn.kv_b_proj.weight"),
+                    ("attention.wo.weight", "self_attn.o_proj.weight")]
+
+
+def _swiglu_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
+    return [(f"{ours}{mine}.weight", f"{theirs}{proj}.weight")
+            for mine, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))]
