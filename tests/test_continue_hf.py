@@ -123,19 +123,34 @@ def test_continued_run_starts_at_transformers_loss_and_exports(released):
     assert tokenizer.encode(text, add_special_tokens=False) == hf_encoding(ckpt).encode_ordinary(text)
 
 
+def deepseek_checkpoint(folder) -> None:
+    """A tiny DeepSeek-V3 (MLA, 8 routed experts + 1 shared, aux-free bias) written by transformers."""
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=12,
+        qk_nope_head_dim=12, num_experts_per_tok=2, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+        q_lora_rank=24, n_group=1, topk_group=1, rope_interleave=True)
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(folder)
+
+
 @pytest.mark.slow
 def test_loading_under_fsdp_reads_each_rank_its_shard(released, tmp_path):
-    result = torchrun(worker("hf_sharded_load"), str(released / "ckpt"), str(tmp_path), timeout=300)
+    folders = [released / "ckpt", tmp_path / "deepseek"]
+    deepseek_checkpoint(folders[1])
+    result = torchrun(worker("hf_sharded_load"), str(tmp_path), *map(str, folders), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    assert len(reports) == 2
-    for report in reports:
-        assert report["params"] and all(p["dtensor"] and p["equal"] for p in report["params"].values())
-        sharded = [p for p in report["params"].values() if p["whole"][0] > 1]
-        assert all(p["local"][0] < p["whole"][0] for p in sharded)
-        assert report["read"] < 0.6 * report["total"]  # about half each, never a whole copy
-    assert sum(r["read"] for r in reports) == sum(
-        torch.Size(p["whole"]).numel() for p in reports[0]["params"].values())
+    by_rank = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    for folder in map(str, folders):
+        reports = [ranks[folder] for ranks in by_rank]
+        for report in reports:
+            assert report["params"] and all(p["dtensor"] and p["equal"] for p in report["params"].values())
+            sharded = [p for p in report["params"].values() if p["whole"][0] > 1]
+            assert all(p["local"][0] < p["whole"][0] for p in sharded)
+            assert report["read"] < 0.6 * report["total"]  # about half each, never a whole copy
+        assert "layers.1.feed_forward.experts.w_gate" in reports[0]["params"] or "ckpt" in folder
+    llama = [ranks[str(folders[0])] for ranks in by_rank]
+    assert sum(r["read"] for r in llama) == llama[0]["total"]
 
 
 def test_bad_checkpoints_are_config_faults_with_the_fix(released, tmp_path, capsys):
