@@ -45,7 +45,12 @@ def evaluate_checkpoint(model: torch.nn.Module, encoding: Any, *, tasks: list[st
 
     lm = TesseraLM(model, encoding, batch_size=batch_size, max_length=max_length, device=device, precision=precision)
     specs: list[Any] = [jsonl_task_config(t) if t.endswith(".jsonl") else t for t in tasks]
-    results = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=0)
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval's own task index takes seconds to build; local files alone do not need it
+    manager = TaskManager(include_defaults=not all(isinstance(s, dict) for s in specs))
+    results = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=0,
+                                      task_manager=manager)
     if results is None:  # lm-eval returns None on processes other than the first
         return {}
     return results
