@@ -120,9 +120,29 @@ def _run_encoding(config: Any, path: Path) -> tiktoken.Encoding:
 
 
 def _open_transformers(path: Path) -> Trained:
-    from tessera.components.families.hf_checkpoint import load_hf_model, load_hf_tokenizer
+    from tessera.components.data.hf_tokenizer import hf_encoding, tokenizer_file
+    from tessera.components.families.hf_checkpoint import load_pretrained, read_config
 
-    model, seq_len = load_hf_model(path)
-    encoding, prefix, eos_id = load_hf_tokenizer(path)
-    return Trained(model=model.eval(), encoding=encoding, prefix=prefix, eos_id=eos_id, seq_len=seq_len,
-                   source=str(path))
+    hf = read_config(path)
+    encoding = hf_encoding(path)
+    seq_len = int(hf.get("max_position_embeddings") or hf.get("n_positions") or 2048)
+    return Trained(model=load_pretrained(path).eval(), encoding=encoding, prefix=_document_start(tokenizer_file(path),
+                   encoding), eos_id=encoding.eot_token, seq_len=seq_len, source=str(path))
+
+
+def _document_start(file: Path, encoding: tiktoken.Encoding) -> list[int]:
+    """The ids transformers' tokenizer puts before a text (the special tokens that open its
+    post-processor's single-sequence template: Llama 3's <|begin_of_text|>); none there, the
+    end-of-document token, which is what precedes a document in packed pretraining (GPT-2)."""
+    spec = json.loads(file.read_text(encoding="utf-8")).get("post_processor") or {}
+    steps = spec.get("processors", []) if spec.get("type") == "Sequence" else [spec]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            opening = []
+            for piece in step.get("single", []):
+                if "SpecialToken" not in piece:
+                    break
+                opening.append(encoding.encode_single_token(piece["SpecialToken"]["id"]))
+            if opening:
+                return opening
+    return [encoding.eot_token]
