@@ -153,3 +153,21 @@ def test_text_between_a_split_regex_matches_is_kept_as_pieces(tmp_path):
     ours = hf_encoding(tmp_path)
     for text in CORPUS[:-2] + TRAIN[:6]:
         assert ours.encode_ordinary(text) == reference.encode(text, add_special_tokens=False).ids, text
+
+
+def test_prepared_data_fingerprint_changes_with_the_tokenizer(tmp_path):
+    from tessera.components.data.pipeline import TextPipeline
+
+    train_tokenizer(tmp_path / "tok", llama3=False)
+    (tmp_path / "corpus.txt").write_text("some text\n")
+
+    def fingerprint() -> str:
+        return TextPipeline(path=str(tmp_path / "corpus.txt"), encoding_name=f"hf:{tmp_path / 'tok'}",
+                            vocab_size=600, progress=False).fingerprint()
+
+    first = fingerprint()
+    assert fingerprint() == first
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    spec["model"]["ignore_merges"] = not spec["model"].get("ignore_merges", False)
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    assert fingerprint() != first
