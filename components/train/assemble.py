@@ -3,7 +3,8 @@
 In order (the order fixes the random draws, so one seed gives one run): torch threads, the
 seed, the precision policy (`auto` resolved for this machine), the parallel plan's layout of
 the model (still on the meta device), the data's share of every batch, the weights
-materialised and initialised as one process would, the precision policy's conversion, the
+materialised and initialised as one process would (then, with `init.from_hf`, replaced by a
+transformers checkpoint's, each process reading its shard), the precision policy's conversion, the
 compute switches (activation checkpointing, compilation), and the optimizer over the
 model's parameter groups, wrapped by the plan and the precision policy.
 """
