@@ -179,10 +179,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/decode.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    began = time.time()
+    began, load_before = time.time(), os.getloadavg()[0]
     decode = decode_rows(args)
     speculative = speculative_rows(args)
-    lines = ["# Decoding: caches and speculative decoding", "", machine() + ".", "",
+    load = (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+            f"(other work shares this machine)")
+    lines = ["# Decoding: caches and speculative decoding", "", machine() + "; " + load + ".", "",
              f"`python benchmarks/decode.py --prompt {args.prompt} --new {args.new} --repeats {args.repeats} "
              f"--train-steps {args.train_steps}` ({time.time() - began:.0f} s)", "",
              f"Models: {LAYERS} layers of width {DIM}, {HEADS} heads, SwiGLU, vocabulary {VOCAB}, fp32. Decode "
