@@ -134,23 +134,59 @@ def deepseek_checkpoint(folder) -> None:
     transformers.DeepseekV3ForCausalLM(config).save_pretrained(folder)
 
 
+def gpt2_checkpoint(folder) -> None:
+    """A tiny GPT-2 (fused, transposed Conv1D projections) written by transformers."""
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                                         bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+
+
+def tp_llama_checkpoint(folder) -> None:
+    """A tiny Llama with biases and an even vocabulary (tensor parallelism splits it)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def sharded_reports(plan: str, folders: list, out) -> dict[str, list[dict]]:
+    """{folder: [rank 0's report, rank 1's]} of the worker loading each folder under `plan`."""
+    result = torchrun(worker("hf_sharded_load"), plan, str(out), *map(str, folders), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_rank = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    return {str(folder): [ranks[str(folder)] for ranks in by_rank] for folder in folders}
+
+
+def check_sharded(reports: list[dict]) -> None:
+    """Every parameter a DTensor holding exactly its shard; each rank read about half."""
+    for report in reports:
+        assert report["params"] and all(p["dtensor"] and p["equal"] for p in report["params"].values())
+        assert report["read"] < 0.6 * report["total"]  # never a whole copy
+
+
 @pytest.mark.slow
 def test_loading_under_fsdp_reads_each_rank_its_shard(released, tmp_path):
-    folders = [released / "ckpt", tmp_path / "deepseek"]
+    folders = [released / "ckpt", tmp_path / "deepseek", tmp_path / "gpt2"]
     deepseek_checkpoint(folders[1])
-    result = torchrun(worker("hf_sharded_load"), str(tmp_path), *map(str, folders), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    by_rank = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    for folder in map(str, folders):
-        reports = [ranks[folder] for ranks in by_rank]
-        for report in reports:
-            assert report["params"] and all(p["dtensor"] and p["equal"] for p in report["params"].values())
-            sharded = [p for p in report["params"].values() if p["whole"][0] > 1]
-            assert all(p["local"][0] < p["whole"][0] for p in sharded)
-            assert report["read"] < 0.6 * report["total"]  # about half each, never a whole copy
-        assert "layers.1.feed_forward.experts.w_gate" in reports[0]["params"] or "ckpt" in folder
-    llama = [ranks[str(folders[0])] for ranks in by_rank]
+    gpt2_checkpoint(folders[2])
+    by_folder = sharded_reports("fsdp", folders, tmp_path)
+    for reports in by_folder.values():
+        check_sharded(reports)
+        sharded = [p for p in reports[0]["params"].values() if p["whole"][0] > 1]
+        assert all(p["local"][0] < p["whole"][0] for p in sharded)
+    assert by_folder[str(folders[1])][0]["params"]["layers.1.feed_forward.experts.w_gate"]["local"][0] == 4  # of 8
+    llama = by_folder[str(folders[0])]
     assert sum(r["read"] for r in llama) == llama[0]["total"]
+
+
+@pytest.mark.slow
+def test_loading_under_tensor_parallel_reads_each_rank_its_shard(tmp_path):
+    tp_llama_checkpoint(tmp_path / "llama")
+    reports = sharded_reports("tp", [tmp_path / "llama"], tmp_path)[str(tmp_path / "llama")]
+    check_sharded(reports)
+    placements = {n: p["placements"] for n, p in reports[0]["params"].items()}
+    assert placements["layers.0.attention.wo.weight"] == ["S(1)"]  # row-parallel: columns read
+    assert placements["layers.0.attention.wq.bias"] == ["S(0)"]
 
 
 def test_bad_checkpoints_are_config_faults_with_the_fix(released, tmp_path, capsys):

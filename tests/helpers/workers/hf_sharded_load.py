@@ -1,10 +1,11 @@
 """Run under torchrun by tests/test_continue_hf.py: each transformers checkpoint FOLDER loaded
-into the model laid out by `parallel=@fsdp`; rank r writes OUT/rank-r.json with, per folder and
-parameter, whether it is a DTensor, its local and whole shapes, the values this rank read, and
-whether the local piece equals the rank's chunk of the whole tensor loaded in one process
-(`load_pretrained`, which tests/test_hf_load.py checks against transformers' logits).
+into the model laid out by PLAN (`fsdp`, or `tp`: tensor parallel over all processes); rank r
+writes OUT/rank-r.json with, per folder and parameter, whether it is a DTensor, its local and
+whole shapes, the values this rank read, and whether the local piece equals what torch's own
+`distribute_tensor` gives this rank of the whole tensor loaded in one process (`load_pretrained`,
+which tests/test_hf_load.py checks against transformers' logits).
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/hf_sharded_load.py OUT FOLDER...
+    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/hf_sharded_load.py PLAN OUT FOLDER...
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tessera.components.families.hf_checkpoint import config_from_hf, load_into, load_pretrained, read_config
 from tessera.components.parallel.fsdp import FullyShardedDataParallel
+from tessera.components.parallel.mesh import Mesh
 from tessera.components.train.launch import build_model_on_meta
 
 
-def report(folder: str, rank: int, world: int) -> dict:
-    plan = FullyShardedDataParallel()
+def report(plan_name: str, folder: str, world: int) -> dict:
+    plan = FullyShardedDataParallel() if plan_name == "fsdp" else Mesh(tp=world)
     model = plan.apply(build_model_on_meta(config_from_hf(read_config(folder))), device="cpu")
     plan.materialize(model, "cpu")
     read = load_into(model, folder)
@@ -31,16 +33,19 @@ def report(folder: str, rank: int, world: int) -> dict:
     out = {"read": read, "total": sum(t.numel() for t in whole.values()), "params": {}}
     for name, param in model.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
-        chunk = torch.chunk(whole[name].detach(), world, dim=0)[rank]  # FSDP2's dim-0 shard of this rank
+        expected = whole[name].detach()
+        if isinstance(param, DTensor):
+            expected = distribute_tensor(expected, param.device_mesh, param.placements).to_local()
         out["params"][name] = {"dtensor": isinstance(param, DTensor), "local": list(local.shape),
-                               "whole": list(param.shape), "equal": bool(torch.equal(local.detach(), chunk))}
+                               "whole": list(param.shape), "equal": bool(torch.equal(local.detach(), expected)),
+                               "placements": [str(p) for p in param.placements] if isinstance(param, DTensor) else []}
     return out
 
 
 def main() -> None:
-    out, folders = sys.argv[1], sys.argv[2:]
+    plan, out, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    reports = {folder: report(folder, rank, world) for folder in folders}
+    reports = {folder: report(plan, folder, world) for folder in folders}
     # a file per rank: two ranks' long lines on one pipe can interleave
     Path(out, f"rank-{rank}.json").write_text(json.dumps(reports))
 
