@@ -2,7 +2,7 @@
 tiny Llama written by transformers, with a tokenizer.json trained here, continues training on
 a small corpus; its first step's loss is transformers' loss on the run's first batch, the
 exported folder loads in transformers with the trained model's logits and its tokenizer, and
-under FSDP every process reads only its shard."""
+under FSDP, tensor and pipeline parallelism every process reads only its shard (2 processes, gloo)."""
 
 from __future__ import annotations
 
@@ -187,6 +187,18 @@ def test_loading_under_tensor_parallel_reads_each_rank_its_shard(tmp_path):
     placements = {n: p["placements"] for n, p in reports[0]["params"].items()}
     assert placements["layers.0.attention.wo.weight"] == ["S(1)"]  # row-parallel: columns read
     assert placements["layers.0.attention.wq.bias"] == ["S(0)"]
+
+
+@pytest.mark.slow
+def test_loading_under_pipeline_parallel_reads_each_stage_its_layers(tmp_path):
+    tp_llama_checkpoint(tmp_path / "llama")
+    first, last = sharded_reports("pp", [tmp_path / "llama"], tmp_path)[str(tmp_path / "llama")]
+    for report in (first, last):
+        assert all(p["equal"] for p in report["params"].values()) and report["read"] < 0.6 * report["total"]
+    assert "embedding.weight" in first["params"] and "layers.0.attention.wq.weight" in first["params"]
+    assert "head.weight" in last["params"] and "layers.1.attention.wq.weight" in last["params"]
+    assert not set(first["params"]) & set(last["params"])
+    assert first["read"] + last["read"] == first["total"]
 
 
 def test_bad_checkpoints_are_config_faults_with_the_fix(released, tmp_path, capsys):

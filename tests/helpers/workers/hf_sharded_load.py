@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_continue_hf.py: each transformers checkpoint FOLDER loaded
-into the model laid out by PLAN (`fsdp`, or `tp`: tensor parallel over all processes); rank r
+into the model laid out by PLAN (`fsdp`; `tp` or `pp`: tensor or pipeline parallel over all processes); rank r
 writes OUT/rank-r.json with, per folder and parameter, whether it is a DTensor, its local and
 whole shapes, the values this rank read, and whether the local piece equals what torch's own
 `distribute_tensor` gives this rank of the whole tensor loaded in one process (`load_pretrained`,
@@ -25,7 +25,7 @@ from tessera.components.train.launch import build_model_on_meta
 
 
 def report(plan_name: str, folder: str, world: int) -> dict:
-    plan = FullyShardedDataParallel() if plan_name == "fsdp" else Mesh(tp=world)
+    plan = FullyShardedDataParallel() if plan_name == "fsdp" else Mesh(**{plan_name: world})
     model = plan.apply(build_model_on_meta(config_from_hf(read_config(folder))), device="cpu")
     plan.materialize(model, "cpu")
     read = load_into(model, folder)
