@@ -153,3 +153,16 @@ def test_generate_restores_training_mode_and_adds_no_gradients():
     model = tiny_model("gqa", "rope").train()
     generate(model, PROMPTS, max_new_tokens=2)
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("attention", ATTENTION.names())
+def test_cached_decoding_under_bf16_autocast_follows_the_full_forward(attention):
+    """Callers may decode under autocast (the evaluation harness does): caches stay in the
+    model's dtype and the cached logits follow the autocast full forward to bf16 precision."""
+    model = tiny_model(attention, "nope" if attention == "linear" else "rope")
+    tokens = PROMPTS[2] + PROMPTS[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(torch.tensor([tokens]))[0].float()
+        got = cached_logits(model, tokens, prefill=5).float()
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()

@@ -71,6 +71,7 @@ class RingKVCache(AttentionCache):
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v [B, Hkv, T, Dh], positions [B, T] -> keys, values [B, Hkv, window + T, Dh] and
         positions [B, window + T] to attend over (old ring first, empty slots at position -1)."""
+        k, v = k.to(self.keys.dtype), v.to(self.values.dtype)  # under autocast they arrive in the compute dtype
         keys = torch.cat((self.keys, k), dim=2)
         values = torch.cat((self.values, v), dim=2)
         key_positions = torch.cat((self.positions, positions), dim=1)
