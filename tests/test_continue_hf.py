@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import fiddle as fdl
 import pytest
@@ -149,12 +150,21 @@ def tp_llama_checkpoint(folder) -> None:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def sharded_reports(plan: str, folders: list, out) -> dict[str, list[dict]]:
-    """{folder: [rank 0's report, rank 1's]} of the worker loading each folder under `plan`."""
-    result = torchrun(worker("hf_sharded_load"), plan, str(out), *map(str, folders), timeout=300)
+@pytest.fixture(scope="module")
+def sharded(released, tmp_path_factory) -> dict[str, list[dict]]:
+    """{"plan=folder": [rank 0's report, rank 1's]} of one 2-process run of the worker loading the
+    released Llama, a DeepSeek-V3 and a GPT-2 under FSDP, and a biased Llama under TP and PP."""
+    out = tmp_path_factory.mktemp("sharded")
+    deepseek_checkpoint(out / "deepseek")
+    gpt2_checkpoint(out / "gpt2")
+    tp_llama_checkpoint(out / "llama")
+    jobs = [f"fsdp={released / 'ckpt'}", f"fsdp={out / 'deepseek'}", f"fsdp={out / 'gpt2'}", f"tp={out / 'llama'}",
+            f"pp={out / 'llama'}"]
+    result = torchrun(worker("hf_sharded_load"), str(out), *jobs, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     by_rank = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    return {str(folder): [ranks[str(folder)] for ranks in by_rank] for folder in folders}
+    return {job.split("=")[0] + ":" + Path(job.split("=", 1)[1]).name: [ranks[job] for ranks in by_rank]
+            for job in jobs}
 
 
 def check_sharded(reports: list[dict]) -> None:
@@ -165,24 +175,21 @@ def check_sharded(reports: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_loading_under_fsdp_reads_each_rank_its_shard(released, tmp_path):
-    folders = [released / "ckpt", tmp_path / "deepseek", tmp_path / "gpt2"]
-    deepseek_checkpoint(folders[1])
-    gpt2_checkpoint(folders[2])
-    by_folder = sharded_reports("fsdp", folders, tmp_path)
-    for reports in by_folder.values():
-        check_sharded(reports)
-        sharded = [p for p in reports[0]["params"].values() if p["whole"][0] > 1]
-        assert all(p["local"][0] < p["whole"][0] for p in sharded)
-    assert by_folder[str(folders[1])][0]["params"]["layers.1.feed_forward.experts.w_gate"]["local"][0] == 4  # of 8
-    llama = by_folder[str(folders[0])]
-    assert sum(r["read"] for r in llama) == llama[0]["total"]
+@pytest.mark.parametrize("job", ["fsdp:ckpt", "fsdp:deepseek", "fsdp:gpt2"])
+def test_loading_under_fsdp_reads_each_rank_its_shard(sharded, job):
+    reports = sharded[job]
+    check_sharded(reports)
+    sharded_params = [p for p in reports[0]["params"].values() if p["whole"][0] > 1]
+    assert all(p["local"][0] < p["whole"][0] for p in sharded_params)
+    if job == "fsdp:deepseek":
+        assert reports[0]["params"]["layers.1.feed_forward.experts.w_gate"]["local"][0] == 4  # of 8 experts
+    if job == "fsdp:ckpt":
+        assert sum(r["read"] for r in reports) == reports[0]["total"]
 
 
 @pytest.mark.slow
-def test_loading_under_tensor_parallel_reads_each_rank_its_shard(tmp_path):
-    tp_llama_checkpoint(tmp_path / "llama")
-    reports = sharded_reports("tp", [tmp_path / "llama"], tmp_path)[str(tmp_path / "llama")]
+def test_loading_under_tensor_parallel_reads_each_rank_its_shard(sharded):
+    reports = sharded["tp:llama"]
     check_sharded(reports)
     placements = {n: p["placements"] for n, p in reports[0]["params"].items()}
     assert placements["layers.0.attention.wo.weight"] == ["S(1)"]  # row-parallel: columns read
@@ -190,9 +197,8 @@ def test_loading_under_tensor_parallel_reads_each_rank_its_shard(tmp_path):
 
 
 @pytest.mark.slow
-def test_loading_under_pipeline_parallel_reads_each_stage_its_layers(tmp_path):
-    tp_llama_checkpoint(tmp_path / "llama")
-    first, last = sharded_reports("pp", [tmp_path / "llama"], tmp_path)[str(tmp_path / "llama")]
+def test_loading_under_pipeline_parallel_reads_each_stage_its_layers(sharded):
+    first, last = sharded["pp:llama"]
     for report in (first, last):
         assert all(p["equal"] for p in report["params"].values()) and report["read"] < 0.6 * report["total"]
     assert "embedding.weight" in first["params"] and "layers.0.attention.wq.weight" in first["params"]

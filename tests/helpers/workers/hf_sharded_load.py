@@ -1,11 +1,12 @@
-"""Run under torchrun by tests/test_continue_hf.py: each transformers checkpoint FOLDER loaded
-into the model laid out by PLAN (`fsdp`; `tp` or `pp`: tensor or pipeline parallel over all processes); rank r
-writes OUT/rank-r.json with, per folder and parameter, whether it is a DTensor, its local and
-whole shapes, the values this rank read, and whether the local piece equals what torch's own
-`distribute_tensor` gives this rank of the whole tensor loaded in one process (`load_pretrained`,
-which tests/test_hf_load.py checks against transformers' logits).
+"""Run under torchrun by tests/test_continue_hf.py: for each PLAN=FOLDER, the transformers
+checkpoint FOLDER loaded into the model laid out by PLAN (`fsdp`; `tp` or `pp`: tensor or
+pipeline parallel over all processes); rank r writes OUT/rank-r.json with, per PLAN=FOLDER and
+parameter, whether it is a DTensor, its local and whole shapes, the values this rank read, and
+whether the local piece equals what torch's own `distribute_tensor` gives this rank of the
+whole tensor loaded in one process (`load_pretrained`, which tests/test_hf_load.py checks
+against transformers' logits).
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/hf_sharded_load.py PLAN OUT FOLDER...
+    python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/hf_sharded_load.py OUT PLAN=FOLDER...
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def report(plan_name: str, folder: str, world: int) -> dict:
 
 
 def main() -> None:
-    plan, out, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    reports = {folder: report(plan, folder, world) for folder in folders}
+    out, jobs = sys.argv[1], sys.argv[2:]
+    world = int(os.environ["WORLD_SIZE"])
+    reports = {job: report(*job.split("=", 1), world) for job in jobs}  # one process group, a mesh per plan
+    rank = int(os.environ["RANK"])
     # a file per rank: two ranks' long lines on one pipe can interleave
     Path(out, f"rank-{rank}.json").write_text(json.dumps(reports))
 
