@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "tessera.components.parallel.loss_parallel", "tessera.components.parallel.process_group")),
     ("blocks", tuple(f"tessera.components.{p}" for p in (
         "attention", "position", "norm", "mlp", "moe", "model", "optim", "schedule", "precision", "data"))),
-    ("families, parallel plans, the trainer", tuple(f"tessera.components.{p}" for p in (
-        "families", "parallel", "train", "ablation", "builtin"))),
+    ("families, parallel plans, the trainer, sampling and evaluation", tuple(f"tessera.components.{p}" for p in (
+        "families", "parallel", "train", "generate", "evaluate", "ablation", "builtin"))),
     ("top: the command line and the recipes", ("tessera.cli", "tessera.recipes")),
 ]
 
