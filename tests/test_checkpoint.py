@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tessera.cli import resolve
-from tessera.components.train.checkpoint import Checkpointer, ResumeError
+from tessera.components.train.checkpoint import Checkpointer, ResumeError, load_model
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 
@@ -167,3 +167,16 @@ def test_fresh_run_sets_the_earlier_runs_checkpoints_aside(tmp_path):
     (previous,) = folder.glob("previous-*")
     assert sorted(p.name for p in previous.iterdir()) == ["step-00000001", "step-00000002", "step-00000003"]
     assert Checkpointer(folder=str(folder)).latest().name == "step-00000002" and len(result.losses) == 2
+
+
+def test_a_tied_head_saves_once_and_resumes_tied_and_exactly(tmp_path):
+    """safetensors refuses two names for one storage: the head is written as the embedding's
+    alias, and after loading it is the embedding's very tensor again."""
+    whole = small_run(tmp_path / "whole", "steps=4", "model.tie_embeddings=True")
+    small_run(tmp_path / "split", "steps=2", "model.tie_embeddings=True")
+    resumed = small_run(tmp_path / "split", "steps=4", "model.tie_embeddings=True", resume=True)
+    assert resumed.losses[-2:] == whole.losses[-2:]
+    assert resumed.model.head.weight is resumed.model.embedding.weight
+    loaded = load_model(tmp_path / "split" / "ck" / "step-00000004")
+    assert loaded.head.weight is loaded.embedding.weight
+    assert torch.equal(loaded.embedding.weight, whole.model.embedding.weight.detach())

@@ -80,6 +80,26 @@ def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 @invariant("every >= 1 and keep >= 1", lambda every, keep: every >= 1 and keep >= 1,
            fix="checkpoint at least every step and keep at least one")
+def without_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`tensors` with each one that is another's very storage (a tied head: the embedding's
+    weight under two names) left out, and {left-out name: the name kept}. safetensors refuses
+    shared storage, and the tie is restored on loading by reading the kept one for both."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride()) \
+            if local.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        kept[name] = tensor
+    return kept, aliases
+
+
 class Checkpointer:
     """Saves every `every` steps (and at the end) into `folder`, keeping the newest `keep`.
 
@@ -113,6 +133,7 @@ class Checkpointer:
         tensors = {**{f"model.{k}": v for k, v in model_sd.items()},
                    **{f"optim.{k}": v for k, v in optim_tensors.items()},
                    **{f"extra.{k}": v for k, v in extra_tensors.items()}}
+        tensors, aliases = without_aliases(tensors)
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".step-{step:08d}.tmp"
         self.wait()
@@ -123,7 +144,8 @@ class Checkpointer:
         # Under pipeline parallelism each rank holds only its stages' tensors: the checkpoint
         # lists every rank's (DCP writes them all), so that any layout can find them by name.
         names, optim_rest = _over_ranks(sorted(tensors), optim_rest)
-        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": names})
+        state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": names,
+                                 "aliases": aliases})
 
         def finish() -> None:
             if _is_main():
@@ -293,7 +315,8 @@ class Checkpointer:
         try:
             state = json.loads((path / "state.json").read_text())
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-            saved = {name[len("model."):] for name in state["tensors"] if name.startswith("model.")}
+            aliases = state.get("aliases", {})
+            saved = {name[len("model."):] for name in [*state["tensors"], *aliases] if name.startswith("model.")}
             elsewhere, absent = _held_elsewhere(saved, set(model_sd))
             if absent:
                 raise KeyError(absent[0])
@@ -317,6 +340,8 @@ class Checkpointer:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
             _weights_from_masters(target, shapes)
+            for alias, source in aliases.items():
+                target[alias] = target[source]
         except KeyError as err:
             raise CheckpointLoadError(f"checkpoint {path} does not match this model/optimizer (no entry {err}); "
                                       f"resume it with the configuration that wrote it: --load "
@@ -347,10 +372,12 @@ def load_model(path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"checkpoint {path} has no config.json (it is written by runs started from a recipe); "
                                 f"build the model yourself and use Checkpointer.load")
     model = fdl.build(serialize.load(str(path / "config.json")).model)
-    target = {f"model.{k}": v for k, v in model.state_dict().items()}
+    aliases = json.loads((path / "state.json").read_text()).get("aliases", {})
+    target = {f"model.{k}": v for k, v in model.state_dict().items() if f"model.{k}" not in aliases}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(path=str(path)))
+    target.update({alias: target[source] for alias, source in aliases.items() if alias.startswith("model.")})
     model.load_state_dict({k[len("model."):]: v for k, v in target.items()})
     return model
 
