@@ -156,7 +156,7 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         return use_cli(recipe, argv)
-    ns = _parser(recipe).parse_args(argv)
+    ns = _parser(recipe).parse_intermixed_args(argv)  # overrides may follow flags
     if isinstance(ns.resume, str) and "=" in ns.resume and not Path(ns.resume).exists():
         ns.args.append(ns.resume)  # `--resume steps=400`: an override, not a checkpoint path
         ns.resume = True

@@ -66,3 +66,13 @@ def test_export_hf_with_an_action_that_trains_nothing_is_a_config_error(tmp_path
     assert result.returncode == 2
     assert "--export-hf" in result.stderr and "drop --print/--dump/--dry-run" in " ".join(result.stderr.split())
     assert not (tmp_path / "hf").exists()
+
+
+def test_overrides_may_follow_flags(tmp_path):
+    recipe.main(["--dump", str(tmp_path / "a.json"), "steps=7", "model.layers[*].attention.n_kv_heads=1"])
+    recipe.main(["steps=7", "model.layers[*].attention.n_kv_heads=1", "--dump", str(tmp_path / "b.json")])
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    from tessera.registry import serialize
+
+    loaded = serialize.load(str(tmp_path / "a.json"))
+    assert loaded.steps == 7 and loaded.model.layers[0].attention.n_kv_heads == 1
