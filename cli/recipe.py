@@ -28,14 +28,20 @@ class Recipe:
     doc: str | None = None
     presets: dict[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
     default: str | None = None
+    continues_a_checkpoint: set[str] = dataclasses.field(default_factory=set)
+    """Presets that only make sense with `--from-hf` (refused without it)."""
 
-    def preset(self, fn: Callable[[], Any] | None = None, *, default: bool = False) -> Any:
-        """Decorator registering a zero-argument preset function under its own name."""
+    def preset(self, fn: Callable[[], Any] | None = None, *, default: bool = False,
+               needs_from_hf: bool = False) -> Any:
+        """Decorator registering a zero-argument preset function under its own name;
+        `needs_from_hf`: the command line refuses it without `--from-hf CHECKPOINT`."""
 
         def decorate(f: Callable[[], Any]) -> Callable[[], Any]:
             self.presets[f.__name__] = f
             if default:
                 self.default = f.__name__
+            if needs_from_hf:
+                self.continues_a_checkpoint.add(f.__name__)
             return f
 
         return decorate(fn) if fn is not None else decorate

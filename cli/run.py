@@ -105,6 +105,10 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
         from tessera.cli.from_hf import apply_from_hf
 
         notes += apply_from_hf(config, from_hf)
+    elif preset in recipe.continues_a_checkpoint:
+        raise ConfigError([Fault(preset, "this preset continues a released checkpoint, and none was given",
+                                 f"add --from-hf CHECKPOINT_FOLDER (python recipes/{recipe.name}.py {preset} "
+                                 f"--from-hf path/to/model)")])
     moved = moved_override_faults(config, overrides)
     if moved:
         raise ConfigError(moved)

@@ -82,7 +82,7 @@ def hybrid_debug() -> fdl.Partial:
     return config
 
 
-@recipe.preset
+@recipe.preset(needs_from_hf=True)
 def continue_hf() -> fdl.Partial:
     """Continued pretraining of a transformers checkpoint: run with --from-hf CHECKPOINT.
 
@@ -90,8 +90,8 @@ def continue_hf() -> fdl.Partial:
     checkpoint's weights and the data's tokenizer by its tokenizer.json; this preset gives the
     rest: the learning rate re-warmed from 0 to a new peak over the first 10% of the run, then
     cosine to 10% of it (Ibrahim et al. 2024, arXiv:2403.08763 §5: re-warm and re-decay), on
-    the debug run's corpus and batch (point data.path at the new corpus). Without --from-hf it
-    trains the debug model from scratch."""
+    the debug run's corpus and batch (point data.path at the new corpus). Without --from-hf the
+    command line refuses it."""
     steps = 200  # chosen: a short adaptation run on the debug corpus
     config = debug()
     for key, value in run_outputs("runs/llama_pretrain/continue_hf", every=100).items():

@@ -76,3 +76,10 @@ def test_overrides_may_follow_flags(tmp_path):
 
     loaded = serialize.load(str(tmp_path / "a.json"))
     assert loaded.steps == 7 and loaded.model.layers[0].attention.n_kv_heads == 1
+
+
+def test_a_preset_that_continues_a_checkpoint_is_refused_without_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["continue_hf", "--dry-run"])
+    assert stop.value.code == 2
+    assert "--from-hf CHECKPOINT_FOLDER" in capsys.readouterr().err
