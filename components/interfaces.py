@@ -628,6 +628,15 @@ class BytesPerToken(abc.ABC):
     def bytes_per_token(self, split: str) -> float: ...
 
 
+class HasTokenizer(abc.ABC):
+    """Training data that tokenizes text itself: its tokenizer travels with the run's
+    checkpoints and exports, so a trained model can read text without the corpus."""
+
+    @abc.abstractmethod
+    def encoding(self) -> Any:
+        """The `tiktoken.Encoding` the data's tokens come from (available once prepared)."""
+
+
 class DataSource(abc.ABC):
     """A stream of raw documents of one domain (code, prose, docs, web, ...).
 

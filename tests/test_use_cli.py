@@ -36,7 +36,7 @@ def run_checkpoint(tmp_path_factory):
     config, _ = resolve(deepseek_recipe, ["steps=2", "batch_size=2", "seq_len=32", "precision=@fp32", "progress=None",
                                           "compute.threads=1"])
     config.checkpoint = fdl.Config(Checkpointer, folder=str(folder), every=2, keep=1)
-    launch(config)
+    launch(config, export_hf=str(folder.parent / "hf"))
     return folder
 
 
@@ -68,6 +68,30 @@ def test_perplexity_of_a_file_is_the_models_loss_on_it(run_checkpoint, tmp_path,
         loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:]).item()
     assert f"loss {loss:.4f} nats/token" in printed
     assert f"{ids.shape[1] - 1:,} tokens, {len(text.encode()):,} bytes" in printed
+
+
+def test_a_checkpoint_and_an_export_carry_the_runs_tokenizer(run_checkpoint, capsys):
+    """Sampling needs no corpus: the checkpoint holds the tokenizer (listed in its manifest), and
+    the transformers export holds it as tokenizer.json, read alike by transformers and by us."""
+    import json
+
+    from tessera.components.data.tokenizer import load_encoding
+
+    step = run_checkpoint / "step-00000002"
+    files = json.loads((step / "MANIFEST.json").read_text())["files"]
+    assert {"tokenizer/tokenizer.tiktoken", "tokenizer/tokenizer.json"} <= set(files)
+    data = fdl.build(resolve(deepseek_recipe, [])[0].data)
+    ours = load_encoding(step / "tokenizer")
+    assert ours._mergeable_ranks == data.encoding()._mergeable_ranks and ours.eot_token == data.encoding().eot_token
+    exported = run_checkpoint.parent / "hf"
+    text = "def walk(path):\n    return os.listdir(path)  # café"
+    auto = transformers.AutoTokenizer.from_pretrained(exported)
+    assert auto(text, add_special_tokens=False)["input_ids"] == ours.encode_ordinary(text)
+    args = ["--prompt", "import os", "--max-new-tokens", "8"]
+    deepseek_recipe.main(["sample", "--checkpoint", str(step), *args])
+    from_checkpoint = capsys.readouterr().out
+    deepseek_recipe.main(["sample", "--checkpoint", str(exported), *args])
+    assert capsys.readouterr().out == from_checkpoint
 
 
 def test_a_missing_checkpoint_is_one_message(tmp_path, capsys):

@@ -54,15 +54,31 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, folder: str | Path, name
         raise ValueError(f"the corpus supports only {len(ranks)} distinct tokens, fewer than the "
                          f"{n_merged} asked for (vocab_size {vocab_size}); use a smaller vocab_size "
                          f"(data.vocab_size=N on the command line; the model may keep a larger one) or more text")
+    specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
+    write_encoding(folder, name=name, pattern=trainer.get_pattern(), ranks=ranks, special_tokens=specials)
+    return load_encoding(folder)
+
+
+def write_encoding(folder: str | Path, *, name: str, pattern: str, ranks: dict[bytes, int],
+                   special_tokens: dict[str, int], eos: str = EOS) -> None:
+    """Store a byte-level BPE in `folder` as `load_encoding` reads it (`eos`: the special token
+    that ends a document)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in by_rank]
     (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
-    specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
-    (folder / "tokenizer.json").write_text(json.dumps({"name": name, "pattern": trainer.get_pattern(),
-                                                       "special_tokens": specials}, indent=2))
-    return load_encoding(folder)
+    (folder / "tokenizer.json").write_text(json.dumps({"name": name, "pattern": pattern,
+                                                       "special_tokens": special_tokens, "eos": eos}, indent=2))
+
+
+def save_encoding(encoding: tiktoken.Encoding, folder: str | Path) -> None:
+    """Store any tiktoken encoding (trained here, named, or a converted tokenizer.json) in
+    `folder` as `load_encoding` reads it, its end-of-document token included."""
+    specials = dict(encoding._special_tokens)  # tiktoken keeps no public accessor for these
+    eos = next((text for text, token_id in specials.items() if token_id == encoding.eot_token), EOS)
+    write_encoding(folder, name=encoding.name, pattern=encoding._pat_str, ranks=encoding._mergeable_ranks,
+                   special_tokens=specials, eos=eos)
 
 
 def load_encoding(folder: str | Path) -> tiktoken.Encoding:
@@ -74,6 +90,9 @@ def load_encoding(folder: str | Path) -> tiktoken.Encoding:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     meta = json.loads((folder / "tokenizer.json").read_text())
+    if meta.get("eos", EOS) != EOS:  # a released checkpoint's tokenizer, saved with a run's checkpoint
+        return hf_tokenizer.HFEncoding(name=meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
+                                       special_tokens=meta["special_tokens"], eos=meta["eos"])
     return tiktoken.Encoding(name=meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
                              special_tokens=meta["special_tokens"])
 

@@ -145,8 +145,13 @@ def _check_names(ours: list[str], files: Mapping[str, Path], sources: Mapping[st
     used = {n for source in sources.values() for n in source.names}
     aliases = {name for n in used for p in DROPPED_PREFIXES for name in (p + n, n.removeprefix(p))}
     unexpected = sorted(n for n in files if n not in used | aliases and not n.endswith(IGNORED_SUFFIXES)
-                        and not n.startswith(ignored))
+                        and not _bare(n).startswith(ignored))
     if unmapped or missing or unexpected:
         raise KeyError(f"the checkpoint does not match the model: parameters with no checkpoint tensor "
                        f"{unmapped[:6]}, tensors missing from the checkpoint {missing[:6]}, checkpoint tensors "
                        f"the model has no place for {unexpected[:6]} (is the model built from this config.json?)")
+
+
+def _bare(name: str) -> str:
+    """`name` without a prefix older releases' files carry (`weight_files` lists both spellings)."""
+    return next((name.removeprefix(p) for p in DROPPED_PREFIXES if name.startswith(p)), name)

@@ -39,6 +39,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from tessera.components.data.tokenizer import save_encoding
+from tessera.components.interfaces import HasTokenizer
 from tessera.components.parallel.process_group import world
 from tessera.components.train import manifest, resume_config
 from tessera.components.train.resume_config import CheckpointLoadError, ResumeError, ResumeMismatch
@@ -123,6 +125,9 @@ class Checkpointer:
         checkpoint: `--load CHECKPOINT/config.json` rebuilds the run that wrote it."""
         self.last: Path | None = None
         """The checkpoint this run last wrote or loaded: the only one a rollback may return to."""
+        self.tokenizer: HasTokenizer | None = None
+        """The run's data (set by `launch`): its tokenizer is saved in each checkpoint as
+        `tokenizer/`, so `sample` and `perplexity` read text without the corpus."""
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
@@ -146,12 +151,15 @@ class Checkpointer:
         names, optim_rest = _over_ranks(sorted(tensors), optim_rest)
         state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": names,
                                  "aliases": aliases})
+        encoding = self.tokenizer.encoding() if self.tokenizer is not None and _is_main() else None
 
         def finish() -> None:
             if _is_main():
                 _write_synced(tmp / "state.json", state_json)
                 if self.run_config is not None:
                     _write_synced(tmp / "config.json", self.run_config)
+                if encoding is not None:
+                    save_encoding(encoding, tmp / "tokenizer")
                 manifest.write(tmp)  # sizes and checksums of every rank's files, then COMPLETE
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all

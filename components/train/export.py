@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import fiddle as fdl
+import tiktoken
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from tessera.components.attention.mla import MultiHeadLatentAttention
+from tessera.components.data.tokenizer_export import write_hf_tokenizer
 from tessera.components.families.deepseek import hf as deepseek_hf
 from tessera.components.families.hf_checkpoint import read_config
 from tessera.components.families.llama import hf as llama_hf
@@ -75,13 +77,15 @@ def _copy_tokenizer(source: Path, folder: Path) -> None:
 
 
 def export_hf(model: DecoderLM | PipelinedModel, folder: str | Path, *, model_config: fdl.Buildable | None = None,
-              max_position_embeddings: int = 4096, source: str | Path | None = None) -> str | None:
+              max_position_embeddings: int = 4096, source: str | Path | None = None,
+              encoding: tiktoken.Encoding | None = None) -> str | None:
     """Write `model` into `folder` as a transformers checkpoint; returns the architecture
     written (None on processes other than the first, which write nothing).
 
     `source`: the transformers checkpoint the run continued (`--from-hf`): its
     max_position_embeddings is kept and its tokenizer files are copied alongside, so the folder
-    loads with `AutoTokenizer` too.
+    loads with `AutoTokenizer` too. `encoding`: otherwise, the tokenizer the run trained with,
+    written as tokenizer.json (`tokenizer_export`) for the same purpose.
 
     A sharded model (DTensor parameters) or a pipelined one (each process holds its stages:
     a `PipelinedModel`) is gathered whole onto the CPU of the first process and loaded into
@@ -106,5 +110,7 @@ def export_hf(model: DecoderLM | PipelinedModel, folder: str | Path, *, model_co
         family.save_pretrained(model, folder, max_position_embeddings=max_position_embeddings)
     if source is not None:
         _copy_tokenizer(Path(source), Path(folder))
+    elif encoding is not None:
+        write_hf_tokenizer(encoding, folder)
     return (deepseek_hf.hf_config_of if family is deepseek_hf else llama_hf.hf_config_of)(
         model, max_position_embeddings=max_position_embeddings)["architectures"][0]

@@ -9,6 +9,7 @@ from typing import Any
 import fiddle as fdl
 import torch
 
+from tessera.components.interfaces import HasTokenizer
 from tessera.components.parallel.process_group import leave_process_group
 from tessera.registry import serialize
 
@@ -38,16 +39,19 @@ def launch(config: fdl.Partial, *, export_hf: str | None = None) -> Any:
         run.model = build_model_on_meta(config.model)
     job = fdl.build(run)
     checkpoint = job.keywords.get("checkpoint") if isinstance(job, functools.partial) else None
-    if checkpoint is not None:  # every checkpoint carries the config that produced it
+    data = job.keywords.get("data") if isinstance(job, functools.partial) else None
+    if checkpoint is not None:  # every checkpoint carries the config that produced it, and its tokenizer
         checkpoint.run_config = serialize.dumps(config)
+        checkpoint.tokenizer = data if isinstance(data, HasTokenizer) else None
     result = job()
     if export_hf is not None:
         from tessera.components.train.export import export_hf as export
 
         source = _from_hf(config)
         seq_len = config.__arguments__.get("seq_len", 4096)
+        encoding = data.encoding() if isinstance(data, HasTokenizer) and source is None else None
         architecture = export(result.model, export_hf, model_config=config.model, max_position_embeddings=seq_len,
-                              source=source)
+                              source=source, encoding=encoding)
         if architecture is not None:
             print(f"exported the model as {architecture} to {export_hf}", flush=True)
     leave_process_group()  # a data-parallel run's processes leave together (no-op in one process)

@@ -43,8 +43,10 @@ def write(folder: Path) -> None:
     manifest, then write `COMPLETE`. Call once, on one process, after every rank's files are
     written and before the folder is renamed into place."""
     files = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, COMPLETE)):
-        files[path.name] = {"bytes": path.stat().st_size, "crc32": f"{crc32(path):08x}"}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # subfolders too (the tokenizer's)
+        name = path.relative_to(folder).as_posix()
+        if name not in (MANIFEST, COMPLETE):
+            files[name] = {"bytes": path.stat().st_size, "crc32": f"{crc32(path):08x}"}
     _write_synced(folder / MANIFEST, json.dumps({"format": 1, "checksum": "crc32", "files": files}, indent=1))
     _write_synced(folder / COMPLETE, _COMPLETE_TEXT)
 
