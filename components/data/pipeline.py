@@ -43,6 +43,7 @@ from tessera.components.interfaces import (
     DataShare,
     DataSource,
     DocumentFilter,
+    HasTokenizer,
     PreparedData,
     ShardedData,
     StatefulData,
@@ -73,7 +74,7 @@ class StageRow:
 
 @invariant("0 < val_fraction < 1", lambda val_fraction: 0 < val_fraction < 1, fix="hold out e.g. 0.02 of the documents")
 @invariant("mixture_temperature > 0", lambda mixture_temperature: mixture_temperature > 0, fix="use a temperature > 0")
-class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesPerToken):
+class TextPipeline(TrainingData, StatefulData, ShardedData, PreparedData, BytesPerToken, HasTokenizer):
     """Multi-domain text -> packed token sequences, prepared once and cached.
 
     Args:
