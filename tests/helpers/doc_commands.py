@@ -123,6 +123,12 @@ def _check_recipe(script: str, args: list[str], *, world_size: int | None) -> No
     if recipe is None:  # a recipe file with a command line of its own (ablation.py)
         assert world_size is None, f"{script} is not a Recipe: torchrun cannot be checked for it"
         return _check_script(script, args)
+    from tessera.cli.use import COMMANDS, _parser
+
+    if args and args[0] in COMMANDS:  # sample / perplexity / evaluate: the arguments parse
+        assert world_size is None, f"{args[0]} runs in one process"
+        _parser(recipe).parse_args(args)
+        return
     positional, flags = [], set()
     args = list(args)
     while args:
