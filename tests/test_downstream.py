@@ -79,3 +79,12 @@ def test_an_unknown_task_is_a_clear_error(tmp_path):
         load_task("nope", fdl.build(config.data))
     with pytest.raises(ValueError, match="does not exist"):
         load_task(str(tmp_path / "missing.jsonl"), fdl.build(config.data))
+
+
+def test_a_misspelt_task_fails_when_the_config_is_made_not_at_the_first_validation(tmp_path):
+    with pytest.raises(ValueError, match="downstream names known tasks.*heldout_cloze"):
+        Metrics(folder=str(tmp_path), downstream="heldout_cloz")
+    with pytest.raises(ValueError, match="downstream names known tasks"):
+        Metrics(folder=str(tmp_path), downstream=["heldout_cloze", str(tmp_path / "missing.jsonl")])
+    assert Metrics(folder=str(tmp_path), downstream="heldout_cloze, lm_eval:arc_easy").downstream == \
+        ("heldout_cloze", "lm_eval:arc_easy")

@@ -11,10 +11,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tessera.components.evaluate import cloze
+from tessera.components.evaluate.downstream import LM_EVAL_PREFIX
 from tessera.components.precision.probe import matmul_flops
 from tessera.registry.invariants import invariant
 
 
+@invariant("downstream names known tasks", lambda downstream: all(map(known_task, task_names(downstream))),
+           fix="name heldout_cloze, an existing .jsonl task file, or lm_eval:<task> "
+               "(e.g. metrics.downstream=heldout_cloze)")
 @invariant("eval_every >= 0 and device_watts > 0",
            lambda eval_every, device_watts: eval_every >= 0 and device_watts > 0,
            fix="use eval_every >= 0 (0: only at the end) and a positive device power")
@@ -158,6 +163,12 @@ def task_names(downstream: str | list[str] | None) -> tuple[str, ...]:
         return ()
     names = downstream.split(",") if isinstance(downstream, str) else list(downstream)
     return tuple(name.strip() for name in names if name.strip())
+
+
+def known_task(name: str) -> bool:
+    """Whether `name` can be a downstream task: the built-in one, lm-eval's (checked when it
+    loads), or a task file that exists."""
+    return name == cloze.NAME or name.startswith(LM_EVAL_PREFIX) or (name.endswith(".jsonl") and Path(name).is_file())
 
 
 def layer_order(name: str) -> tuple[tuple[int, int, str], ...]:
