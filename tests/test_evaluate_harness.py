@@ -126,7 +126,10 @@ def test_generate_until_stops_at_the_first_stop_string():
 
 
 def test_simple_evaluate_scores_a_local_task_with_the_known_accuracy(tmp_path, monkeypatch):
+    import datasets
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # not the user's cache
     # Successor picks the choice starting with the byte after the context's last one; labels
     # point at it in 3 of 4 questions, so its accuracy must be exactly 0.75.
     rows = [{"context": "ab", "choices": ["c", "x"], "label": 0}, {"context": "kl", "choices": ["q", "m"], "label": 1},
