@@ -62,7 +62,8 @@ class Validator:
 
     def __call__(self) -> dict[str, float]:
         """Validation loss (nats/token, averaged over the data-parallel processes) and bits per
-        byte (when the data knows its bytes per token), on `sample`."""
+        byte (when the data knows its bytes per token), on `sample`; and `<task>_acc` for each
+        `downstream` task."""
         sample = self.sample
         self.model.eval()
         loss = self.parallel.validation_loss(self.model, sample)
