@@ -22,7 +22,7 @@ import torch
 
 from tessera.components.evaluate import cloze
 from tessera.components.evaluate.tasks import Example, accuracy, encode_pair, read_jsonl_task, tokenize_rows
-from tessera.components.interfaces import PrecisionPolicy, TrainingData
+from tessera.components.interfaces import HasTokenizer, PrecisionPolicy, TrainingData
 
 LM_EVAL_PREFIX = "lm_eval:"
 
@@ -37,17 +37,20 @@ def task_key(name: str) -> str:
 
 
 def load_task(name: str, data: TrainingData, *, seed: int = 0) -> list[Example]:
-    """The tokenized questions of task `name` (see the module doc) for a run on `data`,
-    which must be a `TextPipeline` (its held-out split and its tokenizer). Raises ValueError
-    naming the task and what to fix."""
-    from tessera.components.data.pipeline import TextPipeline  # the data layer; imported late to stay light
-
-    if not isinstance(data, TextPipeline):
-        raise ValueError(f"downstream task {name!r} needs text data with a tokenizer (a TextPipeline), got "
-                         f"{type(data).__name__}; set metrics.downstream=[] for this data")
+    """The tokenized questions of task `name` (see the module doc) for a run on `data`: text
+    tasks need its tokenizer (`HasTokenizer`), `heldout_cloze` its held-out token store (a
+    `TextPipeline`). Raises ValueError naming the task and what to fix."""
     if name == cloze.NAME:
+        from tessera.components.data.pipeline import TextPipeline  # the only data with a held-out token store
+
+        if not isinstance(data, TextPipeline):
+            raise ValueError(f"downstream task {name!r} is made from a TextPipeline's held-out documents; this run's "
+                             f"data is {type(data).__name__}: use a .jsonl task instead")
         store = data.store
         return cloze.heldout_cloze([store.tokens(d, "val") for d in store.domains("val")], eos=store.eos, seed=seed)
+    if not isinstance(data, HasTokenizer):
+        raise ValueError(f"downstream task {name!r} is text, and this run's data ({type(data).__name__}) has no "
+                         f"tokenizer to read it with; set metrics.downstream=None for this data")
     if name.startswith(LM_EVAL_PREFIX):
         return lm_eval_examples(name.removeprefix(LM_EVAL_PREFIX), data.encoding())
     if name.endswith(".jsonl") or Path(name).exists():
