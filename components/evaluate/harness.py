@@ -134,3 +134,9 @@ class _StopAt:
         self.tokens.append(token)
         text = self.encoding.decode(self.tokens)
         return any(stop in text for stop in self.until)
+
+
+# The command line's entry points live in `checkpoint`; imported here too, where `cli/use.py` looks.
+from tessera.components.evaluate.checkpoint import evaluate_checkpoint, format_table  # noqa: E402
+
+__all__ = ["TesseraLM", "evaluate_checkpoint", "format_table", "precision_policy"]
