@@ -16,8 +16,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from tessera.components.attention.gqa import GroupedQueryAttention  # noqa: E402
-from tessera.components.evaluate.checkpoint import evaluate_checkpoint, format_table  # noqa: E402
-from tessera.components.evaluate.harness import TesseraLM  # noqa: E402
+from tessera.components.evaluate.harness import TesseraLM, evaluate_checkpoint, format_table  # noqa: E402
 from tessera.components.mlp.gated import SwiGLU  # noqa: E402
 from tessera.components.model.block import TransformerBlock  # noqa: E402
 from tessera.components.model.decoder import DecoderLM  # noqa: E402

@@ -1,4 +1,5 @@
-"""A tessera model as an lm-evaluation-harness `LM`, so `lm_eval.simple_evaluate` can judge it.
+"""A tessera model as an lm-evaluation-harness `LM`, so `lm_eval.simple_evaluate` can judge it,
+and `evaluate_checkpoint` / `format_table`, what the command line's `evaluate` calls.
 
     lm = TesseraLM(model, encoding, batch_size=16, max_length=1024, device="cpu", precision="fp32")
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
@@ -13,8 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lm_eval.api.model import LM
 
+try:
+    import lm_eval
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+except ImportError as err:  # the eval extra is optional; say how to get it
+    raise ImportError("tessera's lm-evaluation-harness adapter needs lm-eval: pip install 'tessera[eval]'") from err
+
+from tessera.components.evaluate.lm_eval_tasks import jsonl_task_config
 from tessera.components.evaluate.scoring import rolling_requests, score_requests
 from tessera.components.evaluate.tasks import encode_pair
 from tessera.components.interfaces import PrecisionPolicy
@@ -136,7 +145,26 @@ class _StopAt:
         return any(stop in text for stop in self.until)
 
 
-# The command line's entry points live in `checkpoint`; imported here too, where `cli/use.py` looks.
-from tessera.components.evaluate.checkpoint import evaluate_checkpoint, format_table  # noqa: E402
+def evaluate_checkpoint(model: torch.nn.Module, encoding: Any, *, tasks: list[str], limit: int | None,
+                        batch_size: int, device: str, max_length: int = 1024,
+                        precision: str = "fp32") -> dict[str, Any]:
+    """Runs `lm_eval.simple_evaluate` on `model` (with `encoding`'s tokenizer) over `tasks`,
+    at most `limit` examples each (None: all), and returns its results dict ("results" holds
+    each task's metrics). A task ending in .jsonl is a local file (see `jsonl_task_config`).
+    Raises ValueError when `tasks` is empty."""
+    if not tasks:
+        raise ValueError("evaluate_checkpoint needs at least one task (an lm-eval task name or a .jsonl file)")
+    lm = TesseraLM(model, encoding, batch_size=batch_size, max_length=max_length, device=device, precision=precision)
+    specs: list[Any] = [jsonl_task_config(t) if t.endswith(".jsonl") else t for t in tasks]
+    # lm-eval's own task index takes seconds to build; local files alone do not need it
+    manager = TaskManager(include_defaults=not all(isinstance(s, dict) for s in specs))
+    results = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=0,
+                                      task_manager=manager)
+    if results is None:  # lm-eval returns None on processes other than the first
+        return {}
+    return results
 
-__all__ = ["TesseraLM", "evaluate_checkpoint", "format_table", "precision_policy"]
+
+def format_table(results: dict[str, Any]) -> str:
+    """`results` (from `evaluate_checkpoint`) as lm-eval's markdown table of task, metric, value."""
+    return make_table(results)
