@@ -76,7 +76,7 @@ def use_cli(recipe: Recipe, argv: list[str]) -> None:
             _perplexity(trained, ns)
         else:
             _evaluate(trained, ns)
-    except (ConfigError, FileNotFoundError, UnicodeDecodeError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, UnicodeDecodeError, ValueError, ImportError) as error:
         err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
@@ -124,5 +124,5 @@ def _evaluate(trained: Trained, ns: argparse.Namespace) -> None:
 
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
     results = evaluate_checkpoint(trained.model, trained.encoding, tasks=tasks, limit=ns.limit,
-                                  batch_size=ns.batch_size, device="cpu")
+                                  batch_size=ns.batch_size, device="cpu", max_length=trained.seq_len)
     print(format_table(results))

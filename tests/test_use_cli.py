@@ -94,6 +94,27 @@ def test_a_checkpoint_and_an_export_carry_the_runs_tokenizer(run_checkpoint, cap
     assert capsys.readouterr().out == from_checkpoint
 
 
+def test_evaluate_prints_the_harness_table_for_a_local_task(run_checkpoint, tmp_path, capsys):
+    import json
+
+    pytest.importorskip("lm_eval")
+    from tessera.cli.trained import open_trained
+    from tessera.components.evaluate.harness import evaluate_checkpoint
+
+    rows = [{"context": "def main(", "choices": ["):", "zzzz"], "label": 0},
+            {"context": "import", "choices": [" os", " 0.5!"], "label": 0},
+            {"context": "return", "choices": [" x", " )))"], "label": 1}]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    deepseek_recipe.main(["evaluate", "--checkpoint", str(run_checkpoint), "--tasks", str(task)])
+    printed = capsys.readouterr().out
+    trained = open_trained(deepseek_recipe, str(run_checkpoint))
+    direct = evaluate_checkpoint(trained.model, trained.encoding, tasks=[str(task)], limit=None, batch_size=8,
+                                 device="cpu", max_length=trained.seq_len)["results"]
+    (metrics,) = direct.values()
+    assert "toy" in printed and f"{metrics['acc,none']:.4f}" in printed
+
+
 def test_a_missing_checkpoint_is_one_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         deepseek_recipe.main(["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
