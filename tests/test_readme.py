@@ -35,7 +35,7 @@ FENCE = re.compile(r"^```(?P<lang>[\w+-]*)[^\n]*\n(?P<code>.*?)^```[ \t]*$", re.
 DIRECTIVE = re.compile(r"<!--\s*doctest:\s*(?P<mode>\w+)\b.*?-->\s*$")
 QUICK_START = [
     "pip install torch==2.13.0 && pip install -e . && python recipes/deepseek_pretrain.py",
-    'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q',
+    'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q -n 2 --dist loadfile',
 ]
 
 
@@ -117,7 +117,7 @@ def test_readme_is_short_and_its_quick_start_is_the_two_commands_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     pins = set(re.findall(r"torch==([\w.+]+)", ci))
     assert pins == {"2.13.0"}, f".ci/run installs torch {pins}, the quick start pins 2.13.0"
-    assert "python -m pytest -q" in ci and "mkdocs build --strict" in ci
+    assert "python -m pytest -q -n 2 --dist loadfile" in ci and "mkdocs build --strict" in ci
 
 
 def test_readme_links_resolve():
