@@ -50,6 +50,7 @@ class Validator:
     """Multiple-choice tasks scored with every validation (see `evaluate.downstream`)."""
     _sample: list[dict[str, torch.Tensor]] | None = dataclasses.field(default=None, init=False, repr=False)
     _downstream: DownstreamEvaluator | None = dataclasses.field(default=None, init=False, repr=False)
+    _said_skipped: bool = dataclasses.field(default=False, init=False, repr=False)
 
     @property
     def sample(self) -> list[dict[str, torch.Tensor]]:
@@ -68,13 +69,18 @@ class Validator:
         self.model.eval()
         loss = self.parallel.validation_loss(self.model, sample)
         self.model.train()
+        whole_model = loss is None  # else the plan ran the forward itself: stages of a pipeline
         if loss is None:
             loss = mean_loss(self.model, sample, precision=self.precision, device=self.device)
         out = self.parallel.mean_over_data_parallel({"val_loss": loss}, self.device)
         if isinstance(self.data, BytesPerToken):
             out["val_bpb"] = out["val_loss"] / math.log(2) / self.data.bytes_per_token("val")
-        if self.downstream:
+        if self.downstream and whole_model:
             out.update(self._downstream_evaluator()())
+        elif self.downstream and not self._said_skipped and self.parallel.is_main_process:
+            self._said_skipped = True  # scoring choices needs the whole model's logits on one process
+            print(f"note: downstream tasks ({', '.join(self.downstream)}) are not scored under pipeline "
+                  f"parallelism; score the checkpoint with `evaluate` instead", flush=True)
         return out
 
     def _downstream_evaluator(self) -> DownstreamEvaluator:
