@@ -220,6 +220,7 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     from tessera.components.data.sources.rows import MalformedRowError
     from tessera.components.parallel.mesh import MeshError
     from tessera.components.parallel.tensor_parallel import TensorParallelError
+    from tessera.components.train.checkpoint_faults import CheckpointSaveError
     from tessera.components.train.guard import TrainingDiverged
     from tessera.components.train.launch import launch
     from tessera.components.train.preemption import RunInterrupted
@@ -238,3 +239,5 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
         _fail(err, stopped, status=128 + stopped.signum, label="[bold yellow]stopped:[/bold yellow]")
     except (MalformedRowError, FileNotFoundError, PreparationQueued) as error:  # the corpus: say what, no traceback
         _fail(err, error, status=4, label="[bold red]data error:[/bold red]")
+    except CheckpointSaveError as error:  # a full disk or an unwritable folder, with on_save_error=stop
+        _fail(err, error, status=5, label="[bold red]checkpoint error:[/bold red]")

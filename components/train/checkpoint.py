@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -42,11 +43,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tessera.components.data.tokenizer import save_encoding
 from tessera.components.interfaces import HasTokenizer
 from tessera.components.parallel.process_group import world
-from tessera.components.train import manifest, resume_config
+from tessera.components.train import checkpoint_faults, manifest, resume_config
+from tessera.components.train.checkpoint_faults import CheckpointSaveError, SaveErrorPolicy
 from tessera.components.train.resume_config import CheckpointLoadError, ResumeError, ResumeMismatch
 from tessera.registry.invariants import invariant
 
-__all__ = ["Checkpointer", "CheckpointLoadError", "ResumeError", "ResumeMismatch", "load_model"]
+__all__ = ["Checkpointer", "CheckpointLoadError", "CheckpointSaveError", "ResumeError", "ResumeMismatch", "load_model"]
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -109,10 +111,19 @@ class Checkpointer:
     `folder` (if any); a path resumes from that checkpoint. `async_save`: write in a
     background thread from a snapshot, so training continues meanwhile (the snapshot costs
     one copy of the saved tensors in memory); `wait()` blocks until done.
+
+    `on_save_error`: when a checkpoint cannot be written (a full disk, a folder this process
+    may not write), "continue" prints what happened and tries again at the next interval;
+    "stop" raises `CheckpointSaveError` with the same message. Either way the previous
+    checkpoint is untouched. Before each save, a warning is printed when the folder's free
+    space is below the checkpoint's expected size.
     """
 
     def __init__(self, *, folder: str, every: int = 100, keep: int = 3, resume: bool | str = False,
-                 async_save: bool = False):
+                 async_save: bool = False, on_save_error: SaveErrorPolicy = "continue"):
+        if on_save_error not in ("continue", "stop"):
+            raise ValueError(f"checkpoint.on_save_error must be 'continue' or 'stop', got {on_save_error!r}")
+        self.on_save_error = on_save_error
         self.folder = Path(folder)
         self.every = every
         self.keep = keep
@@ -130,8 +141,11 @@ class Checkpointer:
         `tokenizer/`, so `sample` and `perplexity` read text without the corpus."""
 
     # -- saving ----------------------------------------------------------------------------------
-    def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
-        """Write checkpoint `step` atomically; `extra` is any tree of tensors and JSON values."""
+    def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             extra: dict[str, Any]) -> Path | None:
+        """Write checkpoint `step` atomically; `extra` is any tree of tensors and JSON values.
+        Returns its folder, or None when it could not be written and `on_save_error` is
+        "continue" (the reason was printed); raises `CheckpointSaveError` under "stop"."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
         optim_tensors, optim_rest = split_tensors(optim_sd)
         extra_tensors, extra_rest = split_tensors(extra)
@@ -142,10 +156,11 @@ class Checkpointer:
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".step-{step:08d}.tmp"
         self.wait()
-        if _is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
+        needed = checkpoint_faults.needed_bytes(tensors)
+        warning = checkpoint_faults.space_warning(self.folder, needed, self.last) if _is_main() else None
+        if warning:
+            _say(warning)
+        failure = _agree(self._attempt(lambda: _fresh_folder(tmp), step, needed) if _is_main() else None)
         # Under pipeline parallelism each rank holds only its stages' tensors: the checkpoint
         # lists every rank's (DCP writes them all), so that any layout can find them by name.
         names, optim_rest = _over_ranks(sorted(tensors), optim_rest)
@@ -165,31 +180,64 @@ class Checkpointer:
                 os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
                 self._prune()
 
-        with warnings.catch_warnings():  # a single process is the intended use here, not a mistake
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            writer = dcp.HuggingFaceStorageWriter(path=str(tmp), save_distributed=_distributed())
-            if self.async_save:
-                snapshot = {k: v.detach().clone() for k, v in tensors.items()}  # training may change them next
-                # Its collectives run in a background thread: on a group of their own, so they never
-                # interleave with the training step's on the default group.
-                self._pending = (dcp.async_save(snapshot, storage_writer=writer, process_group=self._save_group()),
-                                 finish)
-            else:
-                dcp.save({k: v.detach().contiguous() for k, v in tensors.items()}, storage_writer=writer)
-                _barrier()  # every rank's shard is on disk before rank 0 lists them in the manifest
-                finish()
+        if failure is None:
+            with warnings.catch_warnings():  # a single process is the intended use here, not a mistake
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                writer = dcp.HuggingFaceStorageWriter(path=str(tmp), save_distributed=_distributed())
+                if self.async_save:
+                    snapshot = {k: v.detach().clone() for k, v in tensors.items()}  # training may change them next
+                    # Its collectives run in a background thread: on a group of their own, so they never
+                    # interleave with the training step's on the default group.
+                    self._pending = (dcp.async_save(snapshot, storage_writer=writer,
+                                                    process_group=self._save_group()), finish, step, needed, tmp)
+                else:
+                    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+                    failure = _agree(self._attempt(lambda: dcp.save(contiguous, storage_writer=writer), step, needed))
+                    if failure is None:
+                        _barrier()  # every rank's shard is on disk before rank 0 lists them in the manifest
+                        failure = _agree(self._attempt(finish, step, needed))
+        if failure is not None:
+            return self._failed(failure, tmp)
         _barrier()
         self.last = final
         return final
 
     def wait(self) -> None:
-        """Block until a background save has been written and renamed into place."""
+        """Block until a background save has been written and renamed into place (a failed
+        one is handled as in `save`, except that nothing is returned)."""
         if self._pending is not None:
-            future, finish = self._pending
+            future, finish, step, needed, tmp = self._pending
             self._pending = None
-            future.result()
-            _barrier()  # every rank's shard is written before the folder is renamed into place
-            finish()
+            failure = _agree(self._attempt(future.result, step, needed))
+            if failure is None:
+                _barrier()  # every rank's shard is written before the folder is renamed into place
+                failure = _agree(self._attempt(finish, step, needed))
+            if failure is not None:
+                self._failed(failure, tmp)
+
+    def _attempt(self, action: Any, step: int, needed: int) -> str | None:
+        """Run `action()`; None if it succeeded, else the message for the person running
+        this when it failed writing files (any other failure propagates)."""
+        try:
+            action()
+        except (OSError, CheckpointException) as err:
+            if not isinstance(checkpoint_faults.cause_of(err), OSError):
+                raise
+            return checkpoint_faults.describe(err, folder=self.folder, step=step, needed=needed, intact=self.last,
+                                              policy=self.on_save_error, every=self.every)
+        return None
+
+    def _failed(self, message: str, tmp: Path) -> None:
+        """After a save failed on some rank (`message`, the same on every rank): drop its
+        partial folder, then say so and go on, or stop (`on_save_error`)."""
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        if self.on_save_error == "stop":
+            raise CheckpointSaveError(message)
+        if _is_main():
+            _say(message)
+        return None
 
     def _save_group(self) -> Any:
         """A process group for background saves (None in a single process)."""
@@ -502,6 +550,21 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _agree(message: str | None) -> str | None:
+    """The first rank's failure message (None if no rank failed), the same on every rank, so
+    that all of them go on, or stop, together. A collective in a multi-process run."""
+    if not _distributed():
+        return message
+    every: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(every, message)
+    return next((m for m in every if m is not None), None)
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 def _write_synced(path: Path, text: str) -> None:
