@@ -8,10 +8,13 @@ checkpoint when one is due (or when a signal asks the run to stop, which then en
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from tessera.components.train.checkpoint import Checkpointer
@@ -24,7 +27,9 @@ from tessera.components.train.recovery import after_rejected_step
 from tessera.components.train.report import StepReporter
 from tessera.components.train.run_state import RunState, snapshot
 from tessera.components.train.step import StepOutcome, StepRunner
+from tessera.components.train.stragglers import StragglerTracker
 from tessera.components.train.validation import Validator
+from tessera.components.train.watchdog import StepWatch, Watchdog
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -55,6 +60,8 @@ class TrainingLoop:
     progress: Progress | None
     flops_per_token: float
     """Training FLOPs per token on each process (MFU)."""
+    watchdog: Watchdog | None = None
+    """Hung steps and stragglers (None or disabled: neither watched nor named)."""
 
     def run(self) -> LoopEnd:
         """Train until `steps` (an out-of-memory error is re-raised with advice; a signal ends
@@ -63,23 +70,54 @@ class TrainingLoop:
         runner = self.runner
         with explain_out_of_memory(), StopRequest() as stop, \
                 TrainProgress(total_steps=self.steps, log_every=self.progress.log_every if self.progress else 0,
-                              enabled=self.progress is not None) as bar:
+                              enabled=self.progress is not None) as bar, self._watch() as watch:
             reporter = StepReporter(bar=bar, metrics=self.metrics, model=runner.model, seq_len=self.seq_len,
                                     flops_per_token=self.flops_per_token,
                                     layer_group=runner.parallel.gradient_norm_group())  # pipeline: every layer's load
+            stragglers = StragglerTracker(margin=watch.options.straggler_margin,
+                                          steps=watch.options.straggler_steps) if watch is not None else None
             while self.state.step < self.steps:
                 step_start = time.perf_counter()
+                if watch is not None:
+                    watch.begin(self.state.step)
                 outcome = runner.run(self.state)
                 self._book(outcome, bar)
+                rank_times = self._rank_times(watch, stragglers, bar)
                 validation = self.validator() if self.eval_every and (self.state.step + 1) % self.eval_every == 0 \
                     else None
                 reporter.report(step=self.state.step, outcome=outcome, loss=self.state.losses[-1],
                                 lr=runner.optimizer.param_groups[0]["lr"], tokens=self.state.tokens,
-                                seconds=time.perf_counter() - step_start, validation=validation)
+                                seconds=time.perf_counter() - step_start, validation=validation,
+                                rank_times=rank_times)
                 self.state.step += 1
                 self._save_or_stop(outcome, stop.agreed(runner.device))
             return LoopEnd(validation=validation, tokens_per_second=bar.tokens_per_second,
                            console=bar.console if self.progress is not None else None)
+
+    def _watch(self) -> contextlib.AbstractContextManager[StepWatch | None]:
+        """The running watchdog, or nothing when it is off."""
+        if self.watchdog is None or not self.watchdog.enabled:
+            return contextlib.nullcontext()
+        return StepWatch(options=self.watchdog)
+
+    def _rank_times(self, watch: StepWatch | None, stragglers: StragglerTracker | None,
+                    bar: TrainProgress) -> dict[str, list[float]] | None:
+        """End the watched step; with several processes, gather every rank's step time and
+        time blocked in collectives (one all-gather), print any straggler (main process) and
+        return the lists for the metrics row. None: not watched, or one process."""
+        if watch is None:
+            return None
+        seconds, blocked = watch.end()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        mine = torch.tensor([seconds, blocked], dtype=torch.float64, device=self.runner.device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        times = [t.tolist() for t in every]
+        if stragglers is not None and self.progress is not None:
+            for note in stragglers.observe([max(wall - wait, 0.0) for wall, wait in times]):
+                bar.console.print(note, highlight=False, soft_wrap=True)
+        return {"step_time_ranks": [wall for wall, _ in times], "wait_time_ranks": [wait for _, wait in times]}
 
     def _book(self, outcome: StepOutcome, bar: TrainProgress) -> None:
         """Hand a rejected step to recovery (which may roll back, or stop the run), then count

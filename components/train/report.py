@@ -71,8 +71,9 @@ class StepReporter:
     loads are gathered before logging; None: this process holds every layer."""
 
     def report(self, *, step: int, outcome: StepOutcome, loss: float, lr: float, tokens: int, seconds: float,
-               validation: dict[str, float] | None) -> None:
-        """Step `step` (0-based) took `seconds` and brought the run to `tokens` tokens."""
+               validation: dict[str, float] | None, rank_times: dict[str, list[float]] | None = None) -> None:
+        """Step `step` (0-based) took `seconds` and brought the run to `tokens` tokens.
+        `rank_times`: per-rank lists logged as they are (`step_time_ranks`, `wait_time_ranks`)."""
         step_tokens = outcome.sequences * self.seq_len
         step_tps = step_tokens / seconds
         load = expert_load(self.model, layer_group=self.layer_group)  # every process: a collective under pp
@@ -88,5 +89,6 @@ class StepReporter:
                "skipped": int(not outcome.update), **load}
         if "expert_load" in row:  # per-layer loads as lists only when they are logged
             row["expert_load"] = [layer.tolist() for layer in row["expert_load"]]
+        row.update(rank_times or {})
         row.update(validation or {})
         self.metrics.log(step + 1, row)

@@ -27,6 +27,7 @@ from tessera.components.interfaces import (
     TrainingData,
 )
 from tessera.components.model.decoder import DecoderLM, cross_entropy
+from tessera.components.train.collective_record import note_collectives
 from tessera.components.train.divergence import clip_gradients
 from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.run_state import RunState
@@ -117,6 +118,8 @@ class StepRunner:
         def backward(loss: torch.Tensor) -> None:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward(create_graph=second_order)
 
+        # the plan's gradient collectives may run in C++ (DDP), out of the watchdog's record
+        note_collectives("forward_backward")
         terms = self.parallel.forward_backward(self.model, micro_batches(), n_micro=n_micro, losses=losses,
                                                backward=backward)
         # report (and let the guard judge) the loss of the whole batch, on every process

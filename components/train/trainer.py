@@ -8,7 +8,7 @@ loop (`loop`: each step by `step.StepRunner`, rejected steps by `recovery`, repo
 
 The signature holds the run's identity; everything else sits in the option group of the part
 that reads it (`step=`, `compute=`, `validation=`, `progress=`, `checkpoint=`, `guard=`,
-`metrics=`), so a new feature adds a field to its group rather than an argument here.
+`metrics=`, `watchdog=`), so a new feature adds a field to its group rather than an argument here.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tessera.components.train.run_state import RunState, restore_or_start_fresh
 from tessera.components.train.step import StepRunner
 from tessera.components.train.step_options import StepOptions
 from tessera.components.train.validation import Validation, Validator
+from tessera.components.train.watchdog import Watchdog
 from tessera.registry.invariants import invariant
 
 __all__ = ["TrainResult", "train"]
@@ -40,6 +41,7 @@ __all__ = ["TrainResult", "train"]
 # The groups' defaults: frozen, so one instance serves every call.
 _STEP, _COMPUTE, _VALIDATION, _PROGRESS = StepOptions(), Compute(), Validation(), Progress()
 _INIT = InitOptions()
+_WATCHDOG = Watchdog()
 
 
 @invariant("steps > 0 and batch_size > 0 and seq_len > 0",
@@ -57,7 +59,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
           steps: int, batch_size: int, seq_len: int, seed: int = 0, device: str = "cpu",
           checkpoint: Checkpointer | None = None, guard: StabilityGuard | None = None, metrics: Metrics | None = None,
           step: StepOptions = _STEP, compute: Compute = _COMPUTE, validation: Validation = _VALIDATION,
-          progress: Progress | None = _PROGRESS, init: InitOptions = _INIT) -> TrainResult:
+          progress: Progress | None = _PROGRESS, init: InitOptions = _INIT,
+          watchdog: Watchdog = _WATCHDOG) -> TrainResult:
     """Train `model` for `steps` optimizer steps of next-token prediction on `batch_size`
     sequences (over all processes) of `seq_len` tokens; the same `seed` gives the same run.
 
@@ -69,7 +72,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     `metrics`: logs, MFU, periodic validation, summary, plots (each None: off; a final
     validation loss that is not finite raises `TrainingDiverged` all the same). `step`,
     `compute`, `validation`, `progress` (None: silent), `init` (initial weights from a
-    transformers checkpoint): see their classes.
+    transformers checkpoint), `watchdog` (hung steps and stragglers named): see their classes.
     """
     run = assemble(model=model, data=data, optimizer=optimizer, parallel=parallel, precision=precision,
                    batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, step=step, compute=compute,
@@ -96,6 +99,6 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                           device=device, downstream=downstream)
     end = TrainingLoop(runner=runner, state=state, steps=steps, seq_len=seq_len, validator=validator,
                        eval_every=eval_every, checkpoint=checkpoint, guard=guard, metrics=metrics, progress=progress,
-                       flops_per_token=run.flops_per_token / run.processes).run()
+                       flops_per_token=run.flops_per_token / run.processes, watchdog=watchdog).run()
     return finish(end=end, runner=runner, state=state, steps=steps, start_step=start_step, validator=validator,
                   checkpoint=checkpoint, metrics=metrics, precision_note=run.precision_note, started=started)
