@@ -4,6 +4,8 @@ a fault injected into one rank's training steps by environment variables.
     TESSERA_TEST_HANG_RANK=1 TESSERA_TEST_HANG_AT_STEP=2   rank 1 never finishes step 2
     TESSERA_TEST_SLOW_RANK=1 TESSERA_TEST_SLOW_S=0.3       rank 1 takes 0.3 s longer every step
 
+(both at once: slow steps, then the hang).
+
     torchrun ... tests/helpers/workers/watchdog_faults.py debug steps=8 ...
 """
 
@@ -19,20 +21,10 @@ from tessera.recipes.llama_pretrain import recipe
 
 def inject() -> None:
     """Wrap `StepRunner.run` on the rank the environment names (nothing when it names none)."""
-    rank = int(os.environ.get("RANK", "0"))
-    original = StepRunner.run
-    if os.environ.get("TESSERA_TEST_HANG_RANK") == str(rank):
-        hang_at = int(os.environ["TESSERA_TEST_HANG_AT_STEP"])
-
-        @functools.wraps(original)
-        def hung(self, state):  # the hang comes before the step's first collective
-            if state.step == hang_at:
-                time.sleep(3600)
-            return original(self, state)
-
-        StepRunner.run = hung
-    elif os.environ.get("TESSERA_TEST_SLOW_RANK") == str(rank):
+    rank = str(os.environ.get("RANK", "0"))
+    if os.environ.get("TESSERA_TEST_SLOW_RANK") == rank:
         extra = float(os.environ["TESSERA_TEST_SLOW_S"])
+        original = StepRunner.run
 
         @functools.wraps(original)
         def slow(self, state):  # after the step's collectives: this rank's own time grows
@@ -41,6 +33,17 @@ def inject() -> None:
             return outcome
 
         StepRunner.run = slow
+    if os.environ.get("TESSERA_TEST_HANG_RANK") == rank:
+        hang_at = int(os.environ["TESSERA_TEST_HANG_AT_STEP"])
+        before = StepRunner.run
+
+        @functools.wraps(before)
+        def hung(self, state):  # the hang comes before the step's first collective
+            if state.step == hang_at:
+                time.sleep(3600)
+            return before(self, state)
+
+        StepRunner.run = hung
 
 
 if __name__ == "__main__":
