@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from rich.console import Console
 from rich.markup import escape
 
+from tessera.cli.slurm import add_arguments as add_slurm_arguments
 from tessera.registry import serialize
 from tessera.registry.errors import ConfigError, Fault, RegistryError
 from tessera.registry.overrides import apply_overrides
@@ -73,6 +74,7 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
                         help="continue pretraining a transformers checkpoint folder: its config.json replaces the "
                              "preset's model, its weights the initialisation, its tokenizer.json the data's tokenizer "
                              "(applied before the overrides; see docs/guides/continued-pretraining.md)")
+    add_slurm_arguments(parser)
     return parser
 
 
@@ -176,8 +178,24 @@ def run_cli(recipe: Recipe, argv: list[str] | None = None) -> None:
         out.print(f"wrote {ns.dump}", markup=False)
     elif ns.dry_run:
         _dry_run(config, err=err, out=out)
+    elif ns.slurm is not None:
+        _submit_slurm(recipe, config, ns, err=err, out=out)
     else:
         _train(config, export_hf=ns.export_hf, err=err)
+
+
+
+def _submit_slurm(recipe: Recipe, config: Any, ns: argparse.Namespace, *, err: Console, out: Console) -> None:
+    """--slurm: write the job's sbatch script and submit it (see `tessera.cli.slurm`)."""
+    from tessera.cli.slurm import submit
+
+    script = sys.argv[0] if Path(sys.argv[0]).stem == recipe.name else f"recipes/{recipe.name}.py"
+    try:
+        out.print(submit(config=config, spec=ns.slurm, script_only=ns.slurm_script_only, name=recipe.name,
+                         script=script, args=ns.args, load=ns.load, from_hf=ns.from_hf, export_hf=ns.export_hf),
+                  markup=False, highlight=False, soft_wrap=True)
+    except ConfigError as error:
+        _fail(err, error, status=2)
 
 
 def _fail(err: Console, error: BaseException, *, status: int, label: str = "[bold red]error:[/bold red]") -> NoReturn:
@@ -219,6 +237,7 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     from tessera.components.data.preparation import PreparationQueued
     from tessera.components.data.sources.rows import MalformedRowError
     from tessera.components.parallel.mesh import MeshError
+    from tessera.components.parallel.slurm_env import SlurmEnvError, adopt_slurm_rendezvous
     from tessera.components.parallel.tensor_parallel import TensorParallelError
     from tessera.components.train.checkpoint_faults import CheckpointSaveError
     from tessera.components.train.guard import TrainingDiverged
@@ -227,13 +246,14 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     from tessera.components.train.resume_config import ResumeError
 
     try:
+        adopt_slurm_rendezvous()  # srun with no torchrun: RANK, WORLD_SIZE... from SLURM_*
         launch(config, export_hf=export_hf)
     except TrainingDiverged as error:
         _fail(err, error, status=3)
-    except (ResumeError, MeshError, TensorParallelError) as error:  # a checkpoint that cannot be resumed, a
-        # plan the model or the launch cannot take (a plugin block whose own tensor-parallel plan leaves a weight
-        # unsplit): the config paths and the fix. Every process prints: torchrun stops the others
-        # as soon as one exits, so a message left to rank 0 alone could be lost.
+    except (ResumeError, MeshError, TensorParallelError, SlurmEnvError) as error:  # a checkpoint that cannot be
+        # resumed, SLURM variables naming no rendezvous, a plan the model or the launch cannot take (a plugin block
+        # whose own tensor-parallel plan leaves a weight unsplit): the config paths and the fix. Every process
+        # prints: torchrun stops the others as soon as one exits, so a message left to rank 0 alone could be lost.
         _fail(err, error, status=2)
     except RunInterrupted as stopped:  # SIGTERM / Ctrl-C: the step finished and was saved
         _fail(err, stopped, status=128 + stopped.signum, label="[bold yellow]stopped:[/bold yellow]")

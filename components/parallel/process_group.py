@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from tessera.components.parallel.slurm_env import torch_env_from_slurm
+
 
 def ensure_process_group(device: str = "cpu") -> None:
     """Initialise the default process group once, for the device the run trains on: gloo for
@@ -20,10 +22,12 @@ def ensure_process_group(device: str = "cpu") -> None:
     GPUs are never used unless `device` asks for them.
 
     Under `torchrun --nproc-per-node N` the rank and rendezvous come from its environment
-    variables; a plain `python` process (tests, debugging) becomes a group of one.
+    variables (under `srun` alone, from SLURM's: see `slurm_env`); a plain `python` process
+    (tests, debugging) becomes a group of one.
     """
     if dist.is_initialized():
         return
+    os.environ.update(torch_env_from_slurm(os.environ))  # srun with no torchrun: ranks from SLURM_* ({} else)
     if "RANK" not in os.environ:
         with socket.socket() as s:  # a free port for a group of one
             s.bind(("127.0.0.1", 0))
