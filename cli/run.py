@@ -1,7 +1,7 @@
 """The command line shared by every recipe:
 
     python recipes/X.py [PRESET] [path=value ...] [--print | --dump FILE | --dry-run] [--load FILE]
-                        [--resume [CHECKPOINT]] [--export-hf DIR] [--from-hf CHECKPOINT]
+                        [--resume [auto | CHECKPOINT]] [--export-hf DIR] [--from-hf CHECKPOINT]
     python recipes/X.py sample | perplexity | evaluate ...     (see `tessera.cli.use`)
 
 Flow: preset (or --load FILE) -> overrides and swaps -> validation -> one action
@@ -64,9 +64,10 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     action.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device; print parameters and FLOPs per token")
     parser.add_argument("--load", metavar="FILE", help="start from a JSON config written by --dump")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="auto|CHECKPOINT",
                         help="resume from the newest complete checkpoint in the run's checkpoint folder, "
-                             "or from the CHECKPOINT folder given")
+                             "or from the CHECKPOINT folder given; `--resume auto` resumes if there is one and "
+                             "else starts fresh (the one command a launcher's restarts can repeat)")
     parser.add_argument("--export-hf", metavar="DIR",
                         help="after training (or resuming a finished run), write the model to DIR as a transformers "
                              "checkpoint: LlamaForCausalLM, or DeepseekV3/V2ForCausalLM for MLA models")
@@ -122,7 +123,8 @@ def resolve(recipe: Recipe, args: list[str], load: str | None = None, *, check: 
 
 def _set_resume(config: Any, resume: bool | str) -> None:
     """Point the run's checkpointer at what --resume asked for; a bare --resume with no
-    checkpoint to resume from is an error, not a silent fresh start."""
+    checkpoint to resume from is an error, not a silent fresh start (`--resume auto` starts
+    fresh then, and says so when the run begins)."""
     checkpoint = config.__arguments__.get("checkpoint") if hasattr(config, "__arguments__") else None
     if checkpoint is None:
         raise ConfigError([Fault("checkpoint", "--resume needs a run that writes checkpoints, and this one has none",
@@ -130,7 +132,8 @@ def _set_resume(config: Any, resume: bool | str) -> None:
     checkpoint.resume = resume
     if resume is True and not _has_checkpoint(Path(checkpoint.folder)):
         raise ConfigError([Fault("--resume", f"there is no complete checkpoint in {checkpoint.folder} to resume from",
-                                 "run without --resume to start fresh, or pass --resume PATH to a checkpoint "
+                                 "run without --resume to start fresh, pass --resume auto to resume when there "
+                                 "is a checkpoint and start fresh when not, or pass --resume PATH to a checkpoint "
                                  "(or checkpoint.folder=... where the run wrote them)")])
 
 
@@ -237,6 +240,7 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     from tessera.components.data.preparation import PreparationQueued
     from tessera.components.data.sources.rows import MalformedRowError
     from tessera.components.parallel.mesh import MeshError
+    from tessera.components.parallel.process_group import RendezvousError
     from tessera.components.parallel.slurm_env import SlurmEnvError, adopt_slurm_rendezvous
     from tessera.components.parallel.tensor_parallel import TensorParallelError
     from tessera.components.train.checkpoint_faults import CheckpointSaveError
@@ -250,6 +254,8 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
         launch(config, export_hf=export_hf)
     except TrainingDiverged as error:
         _fail(err, error, status=3)
+    except RendezvousError as error:  # the process group cannot be reached: where, and what to check
+        _fail(err, error, status=1, label="[bold red]rendezvous error:[/bold red]")
     except (ResumeError, MeshError, TensorParallelError, SlurmEnvError) as error:  # a checkpoint that cannot be
         # resumed, SLURM variables naming no rendezvous, a plan the model or the launch cannot take (a plugin block
         # whose own tensor-parallel plan leaves a weight unsplit): the config paths and the fix. Every process

@@ -2,7 +2,9 @@
 
 Paths are dotted attribute names with `[i]` list indices; `[*]` broadcasts over every
 element. Values are Python literals (`3`, `1e-3`, `(0.9, 0.95)`, `None`, `'text'`),
-torch dtype names (`torch.bfloat16`), or else taken as a plain string. A swap replaces a
+torch dtype names (`torch.bfloat16`), or else taken as a plain string; a field whose annotation
+admits `bool` also takes `true` / `false` in any case (so `checkpoint.resume=true`, a `bool | str`
+field, is the flag, not a path named "true": write `./true` for that). A swap replaces a
 sub-config by another registry entry: the registry is the one of the field's annotated
 interface (or, for fields annotated loosely, of the current entry). Only arguments that mean
 the same thing in both entries carry over (the kind's shared arguments, `tessera.registry.kinds`, and
@@ -248,6 +250,7 @@ def _assign(root: Any, path: tuple[Any, ...], value: Any) -> _Swapped:
         result = _swap(old, parent, element, value, path)
         value = result.new
     elif isinstance(parent, fdl.Buildable) and isinstance(element, daglish.Attr):
+        value = _bool_keyword(parent, element.name, value)
         tags = settings_of(parent, element.name)
         if tags:  # one setting written in many places: set every place
             for tag in tags:
@@ -262,6 +265,18 @@ def _assign(root: Any, path: tuple[Any, ...], value: Any) -> _Swapped:
     else:
         parent[element.key] = value
     return result
+
+
+def _bool_keyword(parent: fdl.Buildable, name: str, value: Any) -> Any:
+    """`value`, or the bool it spells (`true` / `false`, any case) when field `name` of `parent`
+    admits a bool. Only there: elsewhere "true" stays a string, and a `bool | str` field (a flag
+    or a path) would otherwise take the word as a path."""
+    if not isinstance(value, str) or value.lower() not in ("true", "false"):
+        return value
+    annotation = annotations_of(fdl.get_callable(parent)).get(name)
+    admitted = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return value.lower() == "true" if bool in admitted else value
 
 
 def _set_tagged(root: Any, tag: type, value: Any) -> int:

@@ -6,6 +6,7 @@ import atexit
 import os
 import socket
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,10 +36,76 @@ def ensure_process_group(device: str = "cpu") -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" now means this rank's GPU
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        _join("cpu:gloo,cuda:nccl")
     else:
-        dist.init_process_group("gloo")
+        _join("gloo")
     atexit.register(_destroy)  # an undestroyed gloo group can abort the interpreter at exit
+
+
+RENDEZVOUS_TIMEOUT = "TESSERA_RENDEZVOUS_TIMEOUT"
+"""Environment variable: seconds a process waits to reach the rendezvous (MASTER_ADDR:MASTER_PORT)
+and its peers before it gives up with a `RendezvousError` (default 300; torch's own default is
+the 30-minute collective timeout, which looked like a hang)."""
+
+
+class RendezvousError(RuntimeError):
+    """This process could not join the run's process group; the message names the address, the
+    rank and what to check."""
+
+
+def _join(backend: str) -> None:
+    """`init_process_group(backend)` over a store this function makes, so that the wait for the
+    rendezvous has its own limit and a restarted attempt never reads the last attempt's keys;
+    any failure to connect is a `RendezvousError`."""
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    timeout = rendezvous_timeout()
+    try:
+        store = _store(rank=rank, size=size, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size)
+    except (KeyError, ValueError, RuntimeError) as err:  # DistNetworkError / DistStoreError are RuntimeErrors
+        raise RendezvousError(_unreachable(address, rank=rank, size=size, timeout=timeout, error=err)) from None
+
+
+def rendezvous_timeout() -> timedelta:
+    """The rendezvous limit from TESSERA_RENDEZVOUS_TIMEOUT (seconds), 300 s when unset."""
+    text = os.environ.get(RENDEZVOUS_TIMEOUT, "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RendezvousError(f"{RENDEZVOUS_TIMEOUT}={text!r} is not a positive number of seconds; "
+                              f"set e.g. {RENDEZVOUS_TIMEOUT}=300")
+    return timedelta(seconds=seconds)
+
+
+def _store(*, rank: int, size: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT: a client of torchrun's own store when it
+    shares it with its workers, else hosted by rank 0 (plain env:// or srun). torchrun keeps that
+    shared store across restarts, so the keys of the attempt that died (rank 0's old gloo address)
+    would be read by the new one's faster ranks, which then fail to connect: on one node each
+    attempt gets its own key prefix. (Across nodes the restart count can differ per node, so
+    there the launcher must give each round a fresh store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.)"""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(host, port, world_size=size, is_master=rank == 0 and not shared, timeout=timeout,
+                          multi_tenant=not shared)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if shared and attempt is not None and os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+        return dist.PrefixStore(f"tessera/attempt-{attempt}", store)
+    return store
+
+
+def _unreachable(address: str, *, rank: int, size: int, timeout: timedelta, error: BaseException) -> str:
+    """The one message for a rank that cannot join: where it looked, what it waited for, what to check."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"rank {rank} of {size} could not join the process group at {address} within "
+            f"{timeout.total_seconds():g} s ({type(error).__name__}: {first}). Check that rank 0 (the first node) "
+            f"is running and reachable at MASTER_ADDR:MASTER_PORT from this host (the address, the port, a firewall), "
+            f"that every node was started with the same address, port and world size, and, on hosts with several "
+            f"network interfaces, GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME; wait longer with "
+            f"{RENDEZVOUS_TIMEOUT}=SECONDS")
 
 
 def leave_process_group() -> None:

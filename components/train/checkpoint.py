@@ -52,6 +52,10 @@ __all__ = ["Checkpointer", "CheckpointLoadError", "CheckpointSaveError", "Resume
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
+AUTO = "auto"
+"""`Checkpointer.resume` for a run restarted unattended: the newest intact checkpoint if any,
+else a fresh start (the same choice as True), saying which."""
+
 
 def split_tensors(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
     """Pull every tensor out of a nested dict/list tree: ({dotted path: tensor}, tree with
@@ -107,8 +111,10 @@ def without_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 class Checkpointer:
     """Saves every `every` steps (and at the end) into `folder`, keeping the newest `keep`.
 
-    `resume`: False starts fresh; True resumes from the newest complete checkpoint in
-    `folder` (if any); a path resumes from that checkpoint. `async_save`: write in a
+    `resume`: False starts fresh; True or "auto" resumes from the newest complete checkpoint in
+    `folder` if there is one, else starts fresh ("auto" says which, for the logs of a run that
+    a launcher restarts unattended: `--resume auto`); any other string is the path of the
+    checkpoint to resume from. `async_save`: write in a
     background thread from a snapshot, so training continues meanwhile (the snapshot costs
     one copy of the saved tensors in memory); `wait()` blocks until done.
 
@@ -278,7 +284,7 @@ class Checkpointer:
     def resume_path(self) -> Path | None:
         """The checkpoint this run should resume from, per `resume` (None: start fresh).
 
-        `resume=True`: the newest checkpoint in `folder` whose files match its manifest; each
+        `resume=True` (or "auto"): the newest checkpoint in `folder` whose files match its manifest; each
         damaged one skipped is named on stderr with the file and the damage. A path: that
         checkpoint, which must be complete and intact (`ResumeError` otherwise: a checkpoint
         asked for by name is never silently replaced by another). Then, before any tensor is
@@ -309,7 +315,7 @@ class Checkpointer:
 
     def _decide(self) -> str | None:
         """`resume_path`'s choice on one process (printing its warnings and notes)."""
-        if self.resume is True:
+        if self.resume is True or self.resume == AUTO:
             path = self.latest()
             if path is None:
                 return None

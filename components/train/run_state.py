@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from tessera.components.interfaces import StatefulData, TrainingData
-from tessera.components.train.checkpoint import Checkpointer
+from tessera.components.train.checkpoint import AUTO, Checkpointer
 from tessera.components.train.guard import StabilityGuard
 
 
@@ -71,21 +71,28 @@ def restore(checkpoint: Checkpointer, path: Path, *, model: torch.nn.Module, opt
 def restore_or_start_fresh(checkpoint: Checkpointer | None, state: RunState, *, model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer, scaler: Any, guard: StabilityGuard | None,
                            data: TrainingData, say: bool) -> bool:
-    """Resume from the checkpoint `checkpoint.resume` asks for (True), or start fresh, moving
-    an earlier run's checkpoints aside rather than mixing them with this run's (False).
-    `say`: print what was done (the main process of a run that shows progress)."""
+    """Resume from the checkpoint `checkpoint.resume` asks for (True, "auto" or a path), or start
+    fresh, moving an earlier run's checkpoints (or, when nothing intact was found to resume,
+    its damaged and unfinished ones) aside rather than mixing them with this run's.
+    `say`: print what was done (the main process of a run that shows progress); under
+    `resume="auto"` the line starts "resume auto:", so a restarted job's log says which."""
     if checkpoint is None:
         return False
+    auto = "resume auto: " if checkpoint.resume == AUTO else ""
     resume_from = checkpoint.resume_path()
     if resume_from is None:
         moved = checkpoint.set_aside_previous()
+        if say and auto:
+            _say(f"{auto}no checkpoint in {checkpoint.folder} yet, starting fresh")
         if moved is not None and say:
-            Console().print(f"note: a fresh run: the earlier run's checkpoints are now in {moved}", highlight=False,
-                            soft_wrap=True)
+            _say(f"note: a fresh run: the earlier run's checkpoints are now in {moved}")
         return False
     restore(checkpoint, resume_from, model=model, optimizer=optimizer, state=state, scaler=scaler, guard=guard,
             data=data)
     if say:
-        Console().print(f"resuming from {resume_from} (step {state.step}, {state.tokens:,} tokens)", highlight=False,
-                        soft_wrap=True)
+        _say(f"{auto}resuming from {resume_from} (step {state.step}, {state.tokens:,} tokens)")
     return True
+
+
+def _say(line: str) -> None:
+    Console().print(line, highlight=False, soft_wrap=True)
