@@ -25,7 +25,7 @@ from helpers.launch import ROOT, environment, worker
 
 def test_limit_is_the_explicit_one_or_factor_times_median_with_a_floor():
     assert Watchdog(limit_s=7.0).limit([100.0]) == 7.0
-    assert Watchdog(floor_s=60.0).limit([]) == 60.0  # no median yet: the floor
+    assert Watchdog(floor_s=60.0, first_step_s=600.0).limit([]) == 600.0  # no median yet
     assert Watchdog(floor_s=60.0, factor=10.0).limit([1.0, 2.0, 300.0]) == 60.0  # 10 x 2 s under the floor
     assert Watchdog(floor_s=60.0, factor=10.0).limit([9.0, 12.0, 10.0, 500.0]) == 110.0  # median 11 s
 

@@ -45,9 +45,10 @@ _KEY = "tessera/watchdog/"
 
 @invariant("limit_s is None or limit_s > 0", lambda limit_s: limit_s is None or limit_s > 0,
            fix="set watchdog.limit_s to a positive number of seconds, or None to derive it from the median step")
-@invariant("floor_s > 0 and factor > 1 and grace_s >= 0",
-           lambda floor_s, factor, grace_s: floor_s > 0 and factor > 1 and grace_s >= 0,
-           fix="use watchdog.floor_s > 0, watchdog.factor > 1 and watchdog.grace_s >= 0")
+@invariant("floor_s > 0 and first_step_s > 0 and factor > 1 and grace_s >= 0",
+           lambda floor_s, first_step_s, factor, grace_s: min(floor_s, first_step_s) > 0 and factor > 1
+           and grace_s >= 0,
+           fix="use watchdog.floor_s > 0, watchdog.first_step_s > 0, watchdog.factor > 1 and watchdog.grace_s >= 0")
 @invariant("straggler_margin > 1 and straggler_steps >= 1",
            lambda straggler_margin, straggler_steps: straggler_margin > 1 and straggler_steps >= 1,
            fix="use watchdog.straggler_margin > 1 (e.g. 1.5) and watchdog.straggler_steps >= 1 (e.g. 5)")
@@ -58,7 +59,9 @@ class Watchdog:
     Args:
         enabled: run the watchdog (and the per-rank step times and straggler notes).
         limit_s: seconds a step may take; None: max(factor x median step so far, floor_s).
-        floor_s: the shortest derived limit (the first step, with no median yet, gets it).
+        floor_s: the shortest derived limit.
+        first_step_s: the derived limit of the first step, which has no median yet and may
+            compile and warm up for minutes.
         factor: the derived limit in median steps.
         grace_s: how long a rank whose watchdog fired waits for the other ranks' reports.
         straggler_margin: a rank whose own work exceeds the median rank's by this factor...
@@ -68,6 +71,7 @@ class Watchdog:
     enabled: bool = True
     limit_s: float | None = None
     floor_s: float = 60.0
+    first_step_s: float = 600.0
     factor: float = 10.0
     grace_s: float = 5.0
     straggler_margin: float = 1.5
@@ -77,7 +81,9 @@ class Watchdog:
         """The limit for the next step, given the durations (seconds) of the steps so far."""
         if self.limit_s is not None:
             return self.limit_s
-        return max(self.factor * statistics.median(durations), self.floor_s) if durations else self.floor_s
+        if not durations:
+            return max(self.first_step_s, self.floor_s)
+        return max(self.factor * statistics.median(durations), self.floor_s)
 
 
 class StepWatch:
@@ -98,13 +104,18 @@ class StepWatch:
         self._thread: threading.Thread | None = None
         self._store: Any = None
         self._rank, self._world = 0, 1
+        self._own_record = True
 
     def __enter__(self) -> StepWatch:
         if dist.is_available() and dist.is_initialized():
             self._rank, self._world = dist.get_rank(), dist.get_world_size()
             with contextlib.suppress(Exception):  # no store: each rank reports only itself
                 self._store = dist.distributed_c10d._get_default_store()
-        self.record.__enter__()
+        try:
+            self.record.__enter__()
+        except RuntimeError:  # another run's record is active in this process (a run inside a run): share it
+            self.record = CollectiveRecord._active or self.record
+            self._own_record = False
         self._thread = threading.Thread(target=self._watch, name="tessera-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -113,7 +124,8 @@ class StepWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()  # never leave a joinable thread behind at teardown
-        self.record.__exit__()
+        if self._own_record:
+            self.record.__exit__()
 
     def begin(self, step: int) -> None:
         """Step `step` starts now."""
