@@ -467,6 +467,16 @@ class ParallelPlan(abc.ABC):
         (e.g. local SGD / DiLoCo averaging the weights every H steps)."""
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The plan's own state for the checkpoint's `extra` tree (a compression hook's error
+        feedback, DiLoCo's outer optimizer): tensors and JSON values. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, once the plan is ready and before the first
+        step. Default: nothing."""
+        return None
+
     @property
     def is_main_process(self) -> bool:
         """True on the process that logs and writes files."""
@@ -540,6 +550,16 @@ class CommHook(abc.ABC):
     @abc.abstractmethod
     def register(self, ddp: nn.Module, process_group: Any) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold for an exact resume (a tree of tensors and JSON
+        values; tensors are this process's own). Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, after `register`/`begin` and before the
+        first step. Default: nothing."""
+        return None
+
 
 class PeriodicSync(abc.ABC):
     """Data parallelism without per-step gradient averaging (local SGD, DiLoCo): every
@@ -556,6 +576,16 @@ class PeriodicSync(abc.ABC):
 
     @abc.abstractmethod
     def after_step(self, model: nn.Module, step: int, process_group: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold for an exact resume (a tree of tensors and JSON
+        values; tensors are this process's own). Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, after `register`/`begin` and before the
+        first step. Default: nothing."""
+        return None
 
 
 class Schedule(abc.ABC):

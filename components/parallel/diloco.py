@@ -29,8 +29,8 @@ class DiLoCo(PeriodicSync):
 
     Every replica must start from the same weights (`begin` is called before the first step).
     Buffers are not synchronised (the models here have only fixed ones, e.g. rotary tables).
-    The outer state (`theta_old`, momentum) lives in memory only: a resumed run restarts
-    it from the resumed weights, so checkpoint on sync steps (multiples of `inner_steps`).
+    The outer state (`theta_old`, momentum) is saved with the checkpoint (`state_dict`), so a
+    resumed run continues exactly, whichever step it was saved at.
 
     Args:
         inner_steps: H, optimizer steps between synchronisations.
@@ -69,6 +69,31 @@ class DiLoCo(PeriodicSync):
         self.outer_optimizer = torch.optim.SGD(self.outer_params, lr=self.outer_lr,
                                                momentum=self.outer_momentum, nesterov=self.nesterov)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: the anchor `theta_old` (one tensor per trained
+        parameter), the outer momentum buffers (once the first outer step made them), the
+        sync and byte counters."""
+        state: dict[str, Any] = {"syncs": self.syncs, "bytes_sent": self.bytes_sent}
+        if self.outer_params is not None and self.outer_optimizer is not None:
+            state["anchor"] = list(self.outer_params)
+            momentum = [self.outer_optimizer.state.get(p, {}).get("momentum_buffer") for p in self.outer_params]
+            if all(m is not None for m in momentum):
+                state["momentum"] = momentum
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, after `begin` (which made the outer optimizer)."""
+        if not state:
+            return
+        self.syncs, self.bytes_sent = state["syncs"], state["bytes_sent"]
+        if "anchor" not in state or self.outer_params is None or self.outer_optimizer is None:
+            return
+        with torch.no_grad():
+            for old, saved in zip(self.outer_params, state["anchor"], strict=True):
+                old.copy_(saved)
+        for old, saved in zip(self.outer_params, state["momentum"] if "momentum" in state else [], strict=False):
+            self.outer_optimizer.state[old]["momentum_buffer"] = saved.clone()
+
     def after_step(self, model: nn.Module, step: int, process_group: Any) -> None:
         if step % self.inner_steps != 0:
             return
@@ -98,6 +123,27 @@ def local_sgd(*, inner_steps: int = 50) -> DiLoCo:
     """Local SGD: every replica steps alone for `inner_steps` steps, then all replicas continue
     from the average of their weights (DiLoCo with outer SGD lr 1 and no momentum)."""
     return DiLoCo(inner_steps=inner_steps, outer_lr=1.0, outer_momentum=0.0, nesterov=False)
+
+
+def replica_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """One replica's own weights and inner optimizer state, which differ between replicas
+    (the weights between syncs; the inner optimizer's moments always, since each replica
+    steps on its own gradients): a checkpoint's model and optimizer entries hold one
+    replica's only. Optimizer state is keyed by the parameter's position in its groups."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {"weights": [p.detach() for p in _trained(model)],
+            "optimizer": {str(i): dict(optimizer.state[p]) for i, p in enumerate(params) if p in optimizer.state}}
+
+
+def load_replica_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore what `replica_state` returned, after the checkpoint's model and optimizer."""
+    with torch.no_grad():
+        for param, saved in zip(_trained(model), state["weights"], strict=True):
+            param.copy_(saved)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in state["optimizer"].items():
+        optimizer.state[params[int(index)]] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                               for k, v in entries.items()}
 
 
 def _trained(model: nn.Module) -> list[nn.Parameter]:

@@ -39,7 +39,7 @@ from torch import nn
 from tessera.components.interfaces import CommHook, DataShare, ParallelPlan, PeriodicSync, PrecisionPolicy
 from tessera.components.moe import expert_parallel
 from tessera.components.moe.router import set_load_group
-from tessera.components.parallel import ddp, pipeline, sharding, tensor_parallel, zero
+from tessera.components.parallel import ddp, diloco, pipeline, rank_state, sharding, tensor_parallel, zero
 from tessera.components.parallel.layout import Layout, expert_parallel_fault
 from tessera.components.parallel.pipeline_schedule import PipelineRunner
 from tessera.components.parallel.process_group import ensure_process_group, world
@@ -148,6 +148,7 @@ class Mesh(ParallelPlan):
         self.dims: Any = None  # torchtitan's ParallelDims, once `apply` built the mesh
         self.group: Any = None  # the data-parallel process group
         self._share: DataShare | None = None  # this process's share of each batch, once `apply` built the mesh
+        self._replica: tuple[nn.Module, torch.optim.Optimizer | None] | None = None  # under a periodic sync
         self._ddp: nn.Module | None = None
         self._sharded = False
         self._experts: set[nn.Parameter] = set()  # expert-parallel weights: DDP, FSDP and ZeRO-1 leave them alone
@@ -286,8 +287,10 @@ class Mesh(ParallelPlan):
             self._ddp = ddp.wrap(model, self.group, self.comm_hook, ignore=self._experts)
         if self.periodic_sync is not None:  # e.g. DiLoCo keeps the starting weights
             self.periodic_sync.begin(model, self.group)
+            self._replica = (model, None)  # each replica's own weights and optimizer go in the checkpoint
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self._replica = (self._replica[0], optimizer) if self._replica is not None else None
         if not self.zero1 or dist.get_world_size(self.group) == 1:  # ZeRO-1 over one process: the optimizer
             return optimizer
         return zero.shard_optimizer_state(optimizer, self.group, local=self._experts)
@@ -321,6 +324,25 @@ class Mesh(ParallelPlan):
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         if self.periodic_sync is not None:
             self.periodic_sync.after_step(model, step, self.group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The communication hook's and the periodic sync's state, each process's tensors
+        as its row of a group-wide tensor (`tessera.components.parallel.rank_state`)."""
+        parts = {"comm_hook": self.comm_hook, "periodic_sync": self.periodic_sync}
+        state = {name: rank_state.stack_over_ranks(part.state_dict(), self.group)
+                 for name, part in parts.items() if part is not None}
+        if self._replica is not None and self._replica[1] is not None:
+            state["replica"] = rank_state.stack_over_ranks(diloco.replica_state(*self._replica), self.group)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        parts = {"comm_hook": self.comm_hook, "periodic_sync": self.periodic_sync}
+        for name, part in parts.items():
+            if part is not None and state.get(name):
+                part.load_state_dict(rank_state.own_rows(state[name], self.group, what=f"parallel.{name} state"))
+        if self._replica is not None and self._replica[1] is not None and state.get("replica"):
+            diloco.load_replica_state(*self._replica, rank_state.own_rows(state["replica"], self.group,
+                                                                          what="replicas' own weights"))
 
     @property
     def is_main_process(self) -> bool:

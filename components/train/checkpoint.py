@@ -506,13 +506,19 @@ def _weights_from_masters(target: dict[str, torch.Tensor], shapes: dict[str, dic
 
 def _stored_shapes(path: Path) -> dict[str, dict[str, Any]]:
     """Shape and dtype of every stored tensor, read from the safetensors headers alone (no
-    tensor data is loaded)."""
-    shapes = {}
+    tensor data is loaded). A tensor stored in shards (each rank's rows of per-process state)
+    has the shape that covers them all: each shard's offset (DCP's sharding metadata) plus its shape."""
+    shapes: dict[str, dict[str, Any]] = {}
     for file in path.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
+            offsets = json.loads((f.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
             for name in f.keys():
                 meta = f.get_slice(name)
-                shapes[name] = {"shape": meta.get_shape(), "dtype": _DTYPES[meta.get_dtype()]}
+                start = offsets.get(name, {}).get("saved_offsets") or [0] * len(meta.get_shape())
+                end = [o + n for o, n in zip(start, meta.get_shape(), strict=True)]
+                known = shapes.get(name, {}).get("shape", end)
+                shapes[name] = {"shape": [max(a, b) for a, b in zip(known, end, strict=True)],
+                                "dtype": _DTYPES[meta.get_dtype()]}
     return shapes
 
 

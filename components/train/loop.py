@@ -145,7 +145,7 @@ class TrainingLoop:
                                                               or state.step == self.steps)):
             saved = checkpoint.save(state.step, model=self.runner.model, optimizer=self.runner.optimizer,
                                     extra=snapshot(state, scaler=self.runner.scaler, guard=self.guard,
-                                                   data=self.runner.data))
+                                                   data=self.runner.data, parallel=self.runner.parallel))
         if signum:
             if checkpoint is not None:
                 checkpoint.wait()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tessera.components.interfaces import StatefulData, TrainingData
+from tessera.components.interfaces import ParallelPlan, StatefulData, TrainingData
 from tessera.components.train.checkpoint import AUTO, Checkpointer
 from tessera.components.train.guard import StabilityGuard
 
@@ -41,18 +41,22 @@ class RunState:
         self.history.setdefault(name, []).append(value)
 
 
-def snapshot(state: RunState, *, scaler: Any, guard: StabilityGuard | None, data: TrainingData) -> dict[str, Any]:
-    """The checkpoint's `extra` tree: everything besides weights and optimizer state."""
+def snapshot(state: RunState, *, scaler: Any, guard: StabilityGuard | None, data: TrainingData,
+             parallel: ParallelPlan | None = None) -> dict[str, Any]:
+    """The checkpoint's `extra` tree: everything besides weights and optimizer state (the
+    parallel plan's own state too: compression hooks' error feedback, DiLoCo's outer step)."""
     return {"tokens": state.tokens, "history": state.history, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data_generator": state.generator.get_state(), "scaler": scaler.state_dict() if scaler else {},
             "guard": guard.state_dict() if guard is not None else {},
-            "data": data.state_dict() if isinstance(data, StatefulData) else {}}
+            "data": data.state_dict() if isinstance(data, StatefulData) else {},
+            "parallel": parallel.state_dict() if parallel is not None else {}}
 
 
 def restore(checkpoint: Checkpointer, path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            state: RunState, scaler: Any, guard: StabilityGuard | None, data: TrainingData) -> None:
-    """Load checkpoint `path` into the model, optimizer and `state` (and the global RNG)."""
+            state: RunState, scaler: Any, guard: StabilityGuard | None, data: TrainingData,
+            parallel: ParallelPlan | None = None) -> None:
+    """Load checkpoint `path` into the model, optimizer, `state`, the global RNG and `parallel`."""
     restored = checkpoint.load(path, model=model, optimizer=optimizer)
     extra = restored["extra"]
     state.step, state.tokens, state.history = restored["step"], extra["tokens"], extra["history"]
@@ -66,11 +70,13 @@ def restore(checkpoint: Checkpointer, path: Path, *, model: torch.nn.Module, opt
         guard.load_state_dict(extra["guard"])
     if isinstance(data, StatefulData):
         data.load_state_dict(extra["data"])
+    if parallel is not None and extra.get("parallel"):
+        parallel.load_state_dict(extra["parallel"])
 
 
 def restore_or_start_fresh(checkpoint: Checkpointer | None, state: RunState, *, model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer, scaler: Any, guard: StabilityGuard | None,
-                           data: TrainingData, say: bool) -> bool:
+                           data: TrainingData, say: bool, parallel: ParallelPlan | None = None) -> bool:
     """Resume from the checkpoint `checkpoint.resume` asks for (True, "auto" or a path), or start
     fresh, moving an earlier run's checkpoints (or, when nothing intact was found to resume,
     its damaged and unfinished ones) aside rather than mixing them with this run's.
@@ -88,7 +94,7 @@ def restore_or_start_fresh(checkpoint: Checkpointer | None, state: RunState, *, 
             _say(f"note: a fresh run: the earlier run's checkpoints are now in {moved}")
         return False
     restore(checkpoint, resume_from, model=model, optimizer=optimizer, state=state, scaler=scaler, guard=guard,
-            data=data)
+            data=data, parallel=parallel)
     if say:
         _say(f"{auto}resuming from {resume_from} (step {state.step}, {state.tokens:,} tokens)")
     return True

@@ -89,7 +89,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     started = time.perf_counter()
     run.model.train()
     resumed = restore_or_start_fresh(checkpoint, state, model=run.model, optimizer=run.optimizer,
-                                     scaler=runner.scaler, guard=guard, data=data, say=progress is not None)
+                                     scaler=runner.scaler, guard=guard, data=data, say=progress is not None,
+                                     parallel=run.parallel)
     if metrics is not None:
         metrics.start(dtype=run.precision.compute_dtype, device=device, resume=resumed, devices=run.processes,
                       moe_layers=run.moe_layers)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from tessera.components.interfaces import CommHook
+from tessera.components.parallel.hooks.bucket_state import BucketState
 from tessera.registry.kinds import COMM_HOOK
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -73,12 +74,26 @@ class OneBitCompression(CommHook):
         self.warmup_steps = warmup_steps
         self.bytes_sent = 0
         self.steps = 0  # DDP iterations whose gradients were communicated
-        self.errors: dict[int, torch.Tensor] = {}  # bucket index -> carried error (fp32)
+        self.buckets = BucketState({"error": lambda names: [(n, self.buckets.shapes[n].numel()) for n in names]})
+        self.errors: dict[int, torch.Tensor] = self.buckets.tables["error"]  # bucket index -> carried error (fp32)
         self.process_group: Any = None
 
     def register(self, ddp: nn.Module, process_group: Any) -> None:
         self.process_group = process_group
+        self.buckets.bind(ddp)
         ddp.register_comm_hook(self, _one_bit_hook)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: steps communicated, bytes sent, and the carried error
+        (this process's own) cut per parameter name (`BucketState`)."""
+        return {"steps": self.steps, "bytes_sent": self.bytes_sent, "pieces": self.buckets.pieces()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (after `register`, before the first step)."""
+        if not state:
+            return
+        self.steps, self.bytes_sent = state["steps"], state["bytes_sent"]
+        self.buckets.load(state["pieces"])
 
     def _count_step(self, bucket: dist.GradBucket) -> None:
         if bucket.is_last():  # DDP communicates bucket 0 last in every iteration
@@ -87,6 +102,7 @@ class OneBitCompression(CommHook):
 
 def _one_bit_hook(state: OneBitCompression, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
+    state.buckets.align(bucket)
     if state.steps < state.warmup_steps:
         state.bytes_sent += buffer.numel() * buffer.element_size()
         state._count_step(bucket)

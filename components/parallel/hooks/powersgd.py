@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
 from tessera.components.interfaces import CommHook
+from tessera.components.parallel.hooks.bucket_state import BucketState
 from tessera.registry.kinds import COMM_HOOK
 
 
@@ -54,19 +55,70 @@ class PowerSGD(CommHook):
         self.seed = seed
         self.bytes_sent = 0
         self.state: torch_powersgd.PowerSGDState | None = None
+        self.buckets = BucketState({"error": self._elements, "p": lambda names: self._factors(names, 0),
+                                    "q": lambda names: self._factors(names, 1)})
 
     def register(self, ddp: nn.Module, process_group: Any) -> None:
         self.state = torch_powersgd.PowerSGDState(
             process_group=process_group, matrix_approximation_rank=self.rank,
             start_powerSGD_iter=self.start_iter, min_compression_rate=self.min_compression_rate,
             use_error_feedback=self.error_feedback, warm_start=self.warm_start, random_seed=self.seed)
+        self.buckets.bind(ddp)
+        # torch's hook reads and writes these dicts; `buckets` keeps them matched to the buckets
+        self.state.error_dict = self.buckets.tables["error"]
+        self.state.p_memory_dict = self.buckets.tables["p"]
+        self.state.q_memory_dict = self.buckets.tables["q"]
         ddp.register_comm_hook(self, _powersgd_hook)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: the step count, the error feedback and the last P and
+        Q factors (warm start) cut per parameter name (`BucketState`), the generator of the
+        random initial Q, and the byte counters. Tensors are this process's own."""
+        if self.state is None:
+            return {}
+        kind, keys, position, has_gauss, gauss = self.state.rng.get_state()
+        return {"iter": self.state.iter, "bytes_sent": self.bytes_sent,
+                "numel_before": self.state.total_numel_before_compression,
+                "numel_after": self.state.total_numel_after_compression,
+                "rng": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
+                        "has_gauss": int(has_gauss), "gauss": float(gauss)},
+                "pieces": self.buckets.pieces()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (after `register`, before the first step)."""
+        if not state or self.state is None:
+            return
+        self.state.iter, self.bytes_sent = state["iter"], state["bytes_sent"]
+        self.state.total_numel_before_compression = state["numel_before"]
+        self.state.total_numel_after_compression = state["numel_after"]
+        rng = state["rng"]
+        self.state.rng.set_state((rng["kind"], rng["keys"].numpy().astype("uint32"), rng["position"],
+                                  rng["has_gauss"], rng["gauss"]))
+        self.buckets.load(state["pieces"])
+
+    def _elements(self, names: list[str]) -> list[tuple[str, int]]:
+        return [(name, self.buckets.shapes[name].numel()) for name in names]
+
+    def _factors(self, names: list[str], side: int) -> list[tuple[str, int]]:
+        """(name, elements of its P (side 0) or Q (side 1) factor) for the bucket's matrices
+        torch's hook compresses, in the order it lays them out: grouped by shape, shapes in
+        order of first appearance."""
+        by_shape: dict[tuple[int, int], list[tuple[str, int]]] = {}
+        for name in names:
+            shape = self.buckets.shapes[name]
+            n = shape[0] if len(shape) else 1
+            m = shape.numel() // n
+            rank = min(n, m, self.rank)
+            if torch_powersgd._should_compress(n, m, rank, self.min_compression_rate)[0]:
+                by_shape.setdefault((n, m), []).append((name, (n, m)[side] * rank))
+        return [piece for pieces in by_shape.values() for piece in pieces]
 
 
 def _powersgd_hook(hook: PowerSGD, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     state = hook.state
     assert state is not None
     buffer = bucket.buffer()
+    hook.buckets.align(bucket)
     if state.iter < state.start_powerSGD_iter:  # torch's hook all-reduces the whole bucket
         hook.bytes_sent += buffer.numel() * buffer.element_size()
         return torch_powersgd.powerSGD_hook(state, bucket)
