@@ -8,6 +8,8 @@ started as a user starts it on two hosts:
   SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID) and no torchrun, which must derive the
   rendezvous themselves (`tessera.components.parallel.slurm_env`).
 Each must log the same loss at every step, to the last bit, and print the same done line.
+Nodes need not share a file system: each node prepares its own copy of the data (checked below
+with a stand-in corpus, as a real preparation twice over would be slow).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tessera.components.parallel.slurm_env import PORT_BASE, PORT_SPAN
+from tessera.components.train.assemble import _prepare_once
 
 from helpers.launch import ROOT, environment, recipe_script, torchrun
 
@@ -110,3 +113,43 @@ def test_srun_tasks_without_torchrun_equal_one_node(one_node: tuple[list[tuple[i
     reference, reference_done = one_node
     assert losses(tmp_path) == reference
     assert done_line(printed) == reference_done
+
+
+class NodeLocalData:
+    """Stands in for a corpus prepared into a folder only this node sees: counts preparations,
+    and fails (instead of hanging) when polled for a copy nobody here is preparing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.preparations, self.polls = folder, 0, 0
+
+    def prepared(self) -> bool:
+        self.polls += 1
+        if self.polls > 3:
+            raise TimeoutError(f"waited for {self.folder}, which no process of this node prepares")
+        return (self.folder / "report.json").exists()
+
+    def prepare(self) -> None:
+        self.preparations += 1
+        self.folder.mkdir(exist_ok=True)
+        (self.folder / "report.json").write_text("{}")
+
+
+def test_each_node_prepares_its_own_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first process of the second node (RANK 1, LOCAL_RANK 0) cannot wait for rank 0's copy,
+    which lies on another host: it prepares its own."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    second_node = NodeLocalData(tmp_path / "node1")
+    _prepare_once(second_node, rank=1)
+    assert second_node.preparations == 1 and (tmp_path / "node1" / "report.json").exists()
+
+
+def test_other_processes_of_a_node_load_its_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    data = NodeLocalData(tmp_path / "node0")
+    with pytest.raises(TimeoutError):  # nothing prepared on this node yet: it waits, never prepares itself
+        _prepare_once(data, rank=3)
+    assert data.preparations == 0
+    NodeLocalData(tmp_path / "node0").prepare()  # the node's first process finished
+    data.polls = 0
+    _prepare_once(data, rank=3)
+    assert data.preparations == 1  # prepare() on a prepared folder: loads it

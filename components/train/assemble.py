@@ -12,6 +12,7 @@ model's parameter groups, wrapped by the plan and the precision policy.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -141,10 +142,12 @@ def _refuse_second_order(raw: torch.optim.Optimizer, wrapped: torch.optim.Optimi
 
 
 def _prepare_once(data: PreparedData, rank: int) -> None:
-    """Prepare (clean, dedup, tokenize) the data on rank 0 only; the other ranks wait for its
+    """Prepare (clean, dedup, tokenize) the data once per node, on its first process (LOCAL_RANK
+    0): nodes need not share the data folder, and where they do, the preparation lock makes a
+    later node wait for the first and load its copy. The node's other processes wait for its
     cache instead of racing to write the same folder. They poll rather than wait in a
-    collective, whose timeout a large corpus would outlast (if rank 0 fails, torchrun stops them)."""
-    if rank == 0:
+    collective, whose timeout a large corpus would outlast (if the preparer fails, torchrun stops them)."""
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:  # not rank 0 alone: another node's data folder may be its own
         data.prepare()
         return
     while not data.prepared():
