@@ -42,7 +42,8 @@ def test_pipelined_expert_load_covers_every_moe_layer_as_one_process(tmp_path):
 
     overrides = [f"metrics.{k}={v}" for k, v in METRICS.items()]
     result = torchrun(recipe_script("deepseek_pretrain"), *ARGS, "parallel=@mesh(pp=2)",
-                      f"metrics.folder={tmp_path / 'pp'}", *overrides, timeout=300)
+                      f"metrics.folder={tmp_path / 'pp'}", *overrides, timeout=300,
+                      env={"PYTHONFAULTHANDLER": "1"})  # a native abort prints every thread's Python stack
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     pp, pp_summary = logged(tmp_path / "pp")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import socket
 from collections.abc import Iterable
@@ -109,17 +110,39 @@ def _unreachable(address: str, *, rank: int, size: int, timeout: timedelta, erro
 
 
 def leave_process_group() -> None:
-    """End of a successful run: wait for every rank, then tear the group down while the
-    interpreter is still whole (a rank tearing gloo down alone, or during interpreter
-    shutdown, can abort with "terminate called without an active exception")."""
+    """End of a successful run: wait for every rank, then tear every group down while the
+    interpreter is still whole (see `_free_dropped_groups`; a rank tearing gloo down alone,
+    or during interpreter shutdown, can abort with "terminate called without an active
+    exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _free_dropped_groups()
 
 
 def _destroy() -> None:
+    """At interpreter exit (atexit runs while the interpreter is still whole): the groups a run
+    left behind are destroyed now, not during finalization."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    _free_dropped_groups()
+
+
+def _free_dropped_groups() -> None:
+    """Destroy now the process groups nothing reachable holds any more.
+
+    `destroy_process_group` only forgets the groups; a group object lives on while anything
+    holds it, and a run's device mesh and pipeline stages hold theirs in reference cycles, which
+    only the cycle collector frees, at the latest during interpreter finalization. A gloo
+    group's destructor finishes its queued work and joins its worker threads; a worker that
+    then drops the last reference to a tensor Python had let go must take the GIL, and once
+    finalization has begun, taking it ends the thread (pthread_exit), whose unwinding through a
+    noexcept destructor aborts the process: "terminate called without an active exception"
+    (SIGABRT, no Python trace; tests/test_pipeline_teardown.py). Collected here, the
+    destructors run while the interpreter is whole (torch releases the GIL in them), so every
+    worker finishes first. A group still reachable at exit (a module-level global) is not
+    freed here: drop it before the interpreter exits."""
+    gc.collect()
 
 
 def world() -> tuple[int, int]:
