@@ -22,6 +22,7 @@ from tessera.components.train.guard import StabilityGuard
 from tessera.components.train.metrics import Metrics
 from tessera.components.train.out_of_memory import explain_out_of_memory
 from tessera.components.train.preemption import RunInterrupted, StopRequest, interrupted_message
+from tessera.components.train.profiling import step_profiler
 from tessera.components.train.progress import Progress, TrainProgress
 from tessera.components.train.recovery import after_rejected_step
 from tessera.components.train.report import StepReporter
@@ -76,11 +77,15 @@ class TrainingLoop:
                                     layer_group=runner.parallel.gradient_norm_group())  # pipeline: every layer's load
             stragglers = StragglerTracker(margin=watch.options.straggler_margin,
                                           steps=watch.options.straggler_steps) if watch is not None else None
+            profiler = step_profiler(self.metrics.profile, folder=self.metrics.folder, device=runner.device) \
+                if self.metrics is not None else None
             while self.state.step < self.steps:
                 step_start = time.perf_counter()
                 if watch is not None:
                     watch.begin(self.state.step)
-                outcome = runner.run(self.state)
+                with profiler.step(self.state.step + 1, final=self.state.step + 1 == self.steps) \
+                        if profiler is not None else contextlib.nullcontext():
+                    outcome = runner.run(self.state)
                 self._book(outcome, bar)
                 rank_times = self._rank_times(watch, stragglers, bar)
                 validation = self.validator() if self.eval_every and (self.state.step + 1) % self.eval_every == 0 \

@@ -14,12 +14,15 @@ from rich.table import Table
 from tessera.components.evaluate import cloze
 from tessera.components.evaluate.downstream import LM_EVAL_PREFIX
 from tessera.components.precision.probe import matmul_flops
+from tessera.components.train.profiling import valid_steps
 from tessera.registry.invariants import invariant
 
 
 @invariant("downstream names known tasks", lambda downstream: all(map(known_task, task_names(downstream))),
            fix="name heldout_cloze, an existing .jsonl task file, or lm_eval:<task> "
                "(e.g. metrics.downstream=heldout_cloze)")
+@invariant("profile is START:STOP (1 <= START <= STOP)", lambda profile: valid_steps(profile),
+           fix="write metrics.profile=3:5 to profile steps 3 to 5 (counted from 1), or leave it unset")
 @invariant("eval_every >= 0 and device_watts > 0",
            lambda eval_every, device_watts: eval_every >= 0 and device_watts > 0,
            fix="use eval_every >= 0 (0: only at the end) and a positive device power")
@@ -40,11 +43,15 @@ class Metrics:
         device_watts: power drawn while training (CPU package or accelerator board), for the
             energy estimate; price_per_kwh adds a cost line when given.
         plots: write `loss.png`, `lr.png` and, for MoE models, `expert_load.png`.
+        profile: "START:STOP" profiles those steps (from 1, both included) into a Chrome /
+            Perfetto trace in `folder`, and on CUDA a memory snapshot
+            (`tessera.components.train.profiling`); None: off.
     """
 
     def __init__(self, *, folder: str = "runs/latest", tensorboard: bool = True, wandb_project: str | None = None,
                  eval_every: int = 0, downstream: str | list[str] | None = None, peak_flops: float | None = None,
-                 device_watts: float = 65.0, price_per_kwh: float | None = None, plots: bool = True):
+                 device_watts: float = 65.0, price_per_kwh: float | None = None, plots: bool = True,
+                 profile: str | None = None):
         self.folder = Path(folder)
         self.tensorboard = tensorboard
         self.wandb_project = wandb_project
@@ -54,6 +61,7 @@ class Metrics:
         self.device_watts = device_watts
         self.price_per_kwh = price_per_kwh
         self.plots = plots
+        self.profile = profile
         self.rows: list[dict[str, Any]] = []
         self.devices = 1
         self.moe_layers: list[int] = []
