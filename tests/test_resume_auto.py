@@ -9,10 +9,12 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fiddle as fdl
 import pytest
+import torch.distributed as dist
 
 from tessera.components.parallel.process_group import RendezvousError, rendezvous_timeout
 from tessera.components.train.checkpoint import Checkpointer
@@ -72,6 +74,34 @@ def test_a_rank_that_cannot_reach_the_rendezvous_says_where_and_what_to_check():
     assert f"rendezvous error: rank 1 of 2 could not join the process group at 127.0.0.1:{port} within 2 s" in message
     assert "MASTER_ADDR:MASTER_PORT" in message and "TESSERA_RENDEZVOUS_TIMEOUT" in message
     assert "Traceback" not in result.stderr and not own_traceback_frames(result.stderr)
+
+
+def _attempt(restart: int, *, port: int, nodes: int, rank_zero_delay: float) -> list[subprocess.Popen[str]]:
+    """Both ranks of launcher attempt `restart` against torchrun's shared store at `port`; rank 1
+    starts first, as a restarted rank that loads faster than rank 0 does."""
+    def rank(r: int) -> subprocess.Popen[str]:
+        env = {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": str(nodes),
+               "TORCHELASTIC_RESTART_COUNT": str(restart), "TESSERA_RENDEZVOUS_TIMEOUT": "60",
+               "DIE": "1" if restart == 0 else "0"}  # the first attempt dies, leaving its keys
+        return subprocess.Popen([sys.executable, str(worker("join_attempt"))], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment(env))
+
+    first = rank(1)
+    time.sleep(rank_zero_delay)
+    return [rank(0), first]
+
+
+@pytest.mark.slow
+def test_a_restarted_attempt_does_not_read_the_dead_attempts_addresses():
+    # torchrun hosts one store for its workers and keeps it across restarts (as here: this process
+    # holds it); attempt 0's keys are still in it when attempt 1's rank 1 looks for rank 0
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
+    for restart, delay in ((0, 0.0), (1, 4.0)):
+        ranks = _attempt(restart, port=store.port, nodes=1, rank_zero_delay=delay)
+        outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
+        for proc, output in zip(ranks, outputs, strict=True):
+            assert proc.returncode == 0 and "joined: sum 2" in output, f"attempt {restart}: {output[-2000:]}"
 
 
 def _torchrun(folder: Path, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
