@@ -129,7 +129,7 @@ def sbatch_script(*, job: SlurmJob, name: str, folder: Path, workdir: Path, pyth
     optional = {"partition": job.partition, "time": job.time, "account": job.account, "qos": job.qos,
                 "cpus-per-task": job.cpus_per_node}
     directives += [f"--{key}={value}" for key, value in optional.items() if value is not None]
-    torchrun = [python, "-m", "torch.distributed.run", "--nnodes", "$SLURM_NNODES",
+    torchrun = [shlex.quote(python), "-m", "torch.distributed.run", "--nnodes", "$SLURM_NNODES",
                 "--nproc-per-node", str(job.gpus_per_node), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"$head:{job.port}", "--rdzv-id", "$SLURM_JOB_ID",
                 "--max-restarts", str(job.max_restarts)]
@@ -139,6 +139,9 @@ def sbatch_script(*, job: SlurmJob, name: str, folder: Path, workdir: Path, pyth
         "#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "",
         "# Written by the recipe's --slurm; the same command starts the run and, after a requeue, resumes it.",
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "# Each restart round's workers meet at a store of their own: nodes may count restarts differently,",
+        "# and a store shared across rounds would hand a new round the keys of the one that failed.",
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
         "requeue_before_time_limit() {",
         '  echo "tessera: time limit near; each rank saves a checkpoint, then the job is requeued"',
         '  kill -TERM "$step" 2>/dev/null  # srun passes SIGTERM to torchrun, torchrun to the ranks',

@@ -66,6 +66,7 @@ FAKES = {
     # srun: record the command line (after the script's shell expanded it); wait for SIGTERM like a
     # training step when asked to, and say it saved
     "srun": 'printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\n'
+            'echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" > "$FAKE_LOG/srun.env"\n'
             'if [ -n "$FAKE_SRUN_WAIT" ]; then trap \'echo saved > "$FAKE_LOG/srun.term"; exit 143\' TERM\n'
             '  touch "$FAKE_LOG/srun.started"; while true; do sleep 0.1; done; fi\n',
     "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then printf "nodeA\\nnodeB\\n"; '
@@ -147,6 +148,7 @@ def test_script_runs_torchrun_on_every_node_with_resume_auto(tmp_path: Path,
     recipe_args = torchrun[torchrun.index("recipes/llama_pretrain.py") + 1:]
     assert recipe_args[:len(RUN)] == RUN and recipe_args[-2:] == ["--resume", "auto"]
     assert not any(a.startswith("--slurm") for a in recipe_args)
+    assert (tmp_path / "log" / "srun.env").read_text().strip() == "1"  # a fresh store for each restart round
 
 
 def test_time_limit_signal_saves_then_requeues(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
