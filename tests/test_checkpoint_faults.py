@@ -76,6 +76,20 @@ def test_full_disk_with_stop_raises_one_message(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_full_disk_during_a_background_save_is_reported_when_it_is_waited_for(tmp_path, monkeypatch, capsys):
+    model, optimizer = tiny()
+    checkpoint = Checkpointer(folder=str(tmp_path), async_save=True)
+    first = checkpoint.save(1, model=model, optimizer=optimizer, extra={})
+    checkpoint.wait()
+    capsys.readouterr()
+    full_disk(monkeypatch)
+    checkpoint.save(2, model=model, optimizer=optimizer, extra={})
+    checkpoint.wait()
+    message = capsys.readouterr().err
+    assert "step-00000002 was not written" in message and f"previous checkpoint {first} is intact" in message
+    assert checkpoint.last == first and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+
 def test_unwritable_folder_says_how_to_fix(tmp_path, monkeypatch, capsys):
     model, optimizer = tiny()
     real_mkdir = type(tmp_path).mkdir

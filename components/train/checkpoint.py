@@ -195,7 +195,8 @@ class Checkpointer:
                     # Its collectives run in a background thread: on a group of their own, so they never
                     # interleave with the training step's on the default group.
                     self._pending = (dcp.async_save(snapshot, storage_writer=writer,
-                                                    process_group=self._save_group()), finish, step, needed, tmp)
+                                                    process_group=self._save_group()), finish, step, needed, tmp,
+                                     self.last)
                 else:
                     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
                     failure = _agree(self._attempt(lambda: dcp.save(contiguous, storage_writer=writer), step, needed))
@@ -212,14 +213,17 @@ class Checkpointer:
         """Block until a background save has been written and renamed into place (a failed
         one is handled as in `save`, except that nothing is returned)."""
         if self._pending is not None:
-            future, finish, step, needed, tmp = self._pending
+            future, finish, step, needed, tmp, previous = self._pending
             self._pending = None
+            self.last = previous  # until this one is in place, the one before is the newest intact
             failure = _agree(self._attempt(future.result, step, needed))
             if failure is None:
                 _barrier()  # every rank's shard is written before the folder is renamed into place
                 failure = _agree(self._attempt(finish, step, needed))
             if failure is not None:
                 self._failed(failure, tmp)
+                return
+            self.last = self.folder / f"step-{step:08d}"
 
     def _attempt(self, action: Any, step: int, needed: int) -> str | None:
         """Run `action()`; None if it succeeded, else the message for the person running
