@@ -1,7 +1,8 @@
 """A checkpoint that cannot be written is one message, not a traceback: a full disk (ENOSPC
 raised by the storage writer), a folder this process may not write (PermissionError: we run
 as root, where chmod cannot refuse, so the refusal is injected), a folder that is a file
-(a real OS error, end to end through the recipe), and the free-space warning before a save."""
+(a real OS error, end to end through the recipe), and the free-space warning before a save.
+Also a corpus folder one rank cannot see (data.path on rank 0's disk only)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from tessera.components.data.sources.files import LocalFiles
 from tessera.components.train import checkpoint_faults
 from tessera.components.train.checkpoint import Checkpointer, CheckpointSaveError
 
@@ -122,3 +124,17 @@ def test_recipe_stops_with_a_message_when_the_folder_cannot_be_made(tmp_path):
     assert done.returncode == 5, done.stderr
     assert "checkpoint error:" in done.stderr and f"{tmp_path}/a_file/ck" in done.stderr
     assert "the run stops here" in done.stderr and own_traceback_frames(done.stderr) == []
+
+
+def test_corpus_missing_on_one_rank_names_the_rank_and_the_fix(tmp_path, monkeypatch):
+    """What rank 1 of 2 sees when data.path exists only on rank 0's node (simulated: the
+    environment torchrun gives rank 1, and a path that does not exist here)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    source = LocalFiles(path=str(tmp_path / "corpus"), domain="web")
+    with pytest.raises(FileNotFoundError, match=r"does not exist .* on rank 1 of 2 .*must exist on every node"):
+        source.files()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(FileNotFoundError) as single:
+        source.files()
+    assert "rank" not in str(single.value)

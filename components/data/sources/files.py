@@ -20,6 +20,17 @@ from tessera.registry.kinds import DATA_SOURCE
 _KINDS = " / ".join(s[1:] for s in SUFFIXES)
 
 
+def _on_this_process() -> str:
+    """Under torchrun (WORLD_SIZE > 1): which process and host could not see a path, and that
+    every process reads it (so it must exist on every node); "" in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return ""
+    return (f" on rank {os.environ.get('RANK', '?')} of {world} (host {socket.gethostname()}): every process reads "
+            f"the corpus, so the path must exist on every node: put it on a file system all nodes share, or copy "
+            f"it to the same path on each")
+
+
 @DATA_SOURCE.register("local_files")
 @dataclasses.dataclass(kw_only=True)
 class LocalFiles(RowSource):
@@ -53,9 +64,9 @@ class LocalFiles(RowSource):
         DatasetDict folder lacks the split `split`)."""
         root = Path(self.path).expanduser()
         if not root.exists():
-            raise FileNotFoundError(f"local_files source {self.domain!r}: {root} does not exist (path={self.path!r}); "
-                                    f"give a {_KINDS} file (optionally .gz or .zst), a folder of them, or a "
-                                    f"folder written by datasets' save_to_disk")
+            raise FileNotFoundError(f"local_files source {self.domain!r}: {root} does not exist (path={self.path!r})"
+                                    f"{_on_this_process()}; give a {_KINDS} file (optionally .gz or .zst), a folder "
+                                    f"of them, or a folder written by datasets' save_to_disk")
         if root.is_file():
             if file_format(root) is None:
                 raise FileNotFoundError(f"local_files source {self.domain!r}: {root} is not a "
