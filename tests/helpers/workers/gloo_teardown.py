@@ -30,7 +30,7 @@ def queue_and_drop(n: int) -> dict[str, object]:
     but one cycle's (a dict that holds itself), which is returned."""
     group = dist.new_group(list(range(dist.get_world_size())))
     for _ in range(n):
-        dist.all_reduce(torch.ones(1 << 14), group=group, async_op=True)  # handle and tensor dropped
+        dist.all_reduce(torch.ones(1 << 16), group=group, async_op=True)  # handle and tensor dropped
     cycle: dict[str, object] = {"group": group}
     cycle["self"] = cycle
     return cycle
