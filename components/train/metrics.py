@@ -51,7 +51,7 @@ class Metrics:
     def __init__(self, *, folder: str = "runs/latest", tensorboard: bool = True, wandb_project: str | None = None,
                  eval_every: int = 0, downstream: str | list[str] | None = None, peak_flops: float | None = None,
                  device_watts: float = 65.0, price_per_kwh: float | None = None, plots: bool = True,
-                 profile: str | None = None):
+                 profile: str | int | None = None):
         self.folder = Path(folder)
         self.tensorboard = tensorboard
         self.wandb_project = wandb_project

@@ -21,7 +21,7 @@ __all__ = ["StepProfiler", "parse_steps", "step_profiler", "valid_steps"]
 _MEMORY_EVENTS = 100_000  # allocation events the CUDA memory history keeps (oldest dropped first)
 
 
-def parse_steps(spec: str | None) -> tuple[int, int] | None:
+def parse_steps(spec: str | int | None) -> tuple[int, int] | None:
     """`"START:STOP"` (or one step `"N"`) -> (START, STOP), 1-based and inclusive; None -> None.
     ValueError, with the form expected, for anything else."""
     if spec is None or spec == "":
@@ -38,7 +38,7 @@ def parse_steps(spec: str | None) -> tuple[int, int] | None:
     return first, last
 
 
-def valid_steps(spec: str | None) -> bool:
+def valid_steps(spec: str | int | None) -> bool:
     """Whether `parse_steps` accepts `spec` (for the config's validation pass)."""
     try:
         parse_steps(spec)
@@ -96,7 +96,7 @@ class StepProfiler:
         Console(stderr=True).print(f"profile: wrote {' and '.join(written)}", highlight=False, soft_wrap=True)
 
 
-def step_profiler(spec: str | None, *, folder: Path, device: str) -> StepProfiler | None:
+def step_profiler(spec: str | int | None, *, folder: Path, device: str) -> StepProfiler | None:
     """The profiler `metrics.profile` asks for (None: profiling is off)."""
     steps = parse_steps(spec)
     return None if steps is None else StepProfiler(first=steps[0], last=steps[1], folder=folder, device=device)
