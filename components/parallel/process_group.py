@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed import distributed_c10d
 
 from tessera.components.parallel.slurm_env import torch_env_from_slurm
 
@@ -63,9 +64,12 @@ def _join(backend: str) -> None:
     timeout = rendezvous_timeout()
     try:
         store = _store(rank=rank, size=size, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size)
+        # the group's timeout bounds the peers' connection too, so joining uses the rendezvous limit ...
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     except (KeyError, ValueError, RuntimeError) as err:  # DistNetworkError / DistStoreError are RuntimeErrors
         raise RendezvousError(_unreachable(address, rank=rank, size=size, timeout=timeout, error=err)) from None
+    # ... and the collectives after it torch's usual limit (a long checkpoint write keeps others waiting)
+    distributed_c10d._set_pg_timeout(distributed_c10d.default_pg_timeout)
 
 
 def rendezvous_timeout() -> timedelta:
