@@ -241,6 +241,7 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
     from tessera.components.data.sources.rows import MalformedRowError
     from tessera.components.parallel.mesh import MeshError
     from tessera.components.parallel.process_group import RendezvousError
+    from tessera.components.parallel.rank_state import RankStateError
     from tessera.components.parallel.slurm_env import SlurmEnvError, adopt_slurm_rendezvous
     from tessera.components.parallel.tensor_parallel import TensorParallelError
     from tessera.components.train.checkpoint_faults import CheckpointSaveError
@@ -256,8 +257,9 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
         _fail(err, error, status=3)
     except RendezvousError as error:  # the process group cannot be reached: where, and what to check
         _fail(err, error, status=1, label="[bold red]rendezvous error:[/bold red]")
-    except (ResumeError, MeshError, TensorParallelError, SlurmEnvError) as error:  # a checkpoint that cannot be
-        # resumed, SLURM variables naming no rendezvous, a plan the model or the launch cannot take (a plugin block
+    except (ResumeError, RankStateError, MeshError, TensorParallelError, SlurmEnvError) as error:  # a checkpoint
+        # that cannot be resumed (by this many processes, for per-process hook state),
+        # SLURM variables naming no rendezvous, a plan the model or the launch cannot take (a plugin block
         # whose own tensor-parallel plan leaves a weight unsplit): the config paths and the fix. Every process
         # prints: torchrun stops the others as soon as one exits, so a message left to rank 0 alone could be lost.
         _fail(err, error, status=2)

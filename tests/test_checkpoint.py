@@ -180,3 +180,10 @@ def test_a_tied_head_saves_once_and_resumes_tied_and_exactly(tmp_path):
     loaded = load_model(tmp_path / "split" / "ck" / "step-00000004")
     assert loaded.head.weight is loaded.embedding.weight
     assert torch.equal(loaded.embedding.weight, whole.model.embedding.weight.detach())
+
+
+def test_keep_zero_is_a_config_fault_naming_the_path():
+    from tessera.registry.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep"):
+        resolve(recipe, ["debug", "checkpoint.keep=0"])

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -86,8 +86,6 @@ def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-@invariant("every >= 1 and keep >= 1", lambda every, keep: every >= 1 and keep >= 1,
-           fix="checkpoint at least every step and keep at least one")
 def without_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """`tensors` with each one that is another's very storage (a tied head: the embedding's
     weight under two names) left out, and {left-out name: the name kept}. safetensors refuses
@@ -108,6 +106,8 @@ def without_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return kept, aliases
 
 
+@invariant("every >= 1 and keep >= 1", lambda every, keep: every >= 1 and keep >= 1,
+           fix="checkpoint at least every step and keep at least one")
 class Checkpointer:
     """Saves every `every` steps (and at the end) into `folder`, keeping the newest `keep`.
 
