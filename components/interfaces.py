@@ -538,7 +538,20 @@ class ParallelPlan(abc.ABC):
         return {n: v / size for n, v in zip(names, total.tolist(), strict=True)}
 
 
-class CommHook(abc.ABC):
+class ResumableState:
+    """A part whose state an exact resume needs beyond weights and optimizer (a compression
+    hook's error feedback, DiLoCo's outer optimizer): the checkpoint saves `state_dict()` and
+    the resumed run hands it back to `load_state_dict` (after `register`/`begin`, before the
+    first step). Tensors are this process's own. Default: nothing to carry."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class CommHook(ResumableState, abc.ABC):
     """How a data-parallel (DDP) run communicates gradients: `register(ddp, process_group)`
     installs a hook with torch's `DistributedDataParallel.register_comm_hook` contract (fp16
     compression, PowerSGD, 1-bit with error feedback, ...). `bytes_sent` counts the payload
@@ -550,18 +563,8 @@ class CommHook(abc.ABC):
     @abc.abstractmethod
     def register(self, ddp: nn.Module, process_group: Any) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must hold for an exact resume (a tree of tensors and JSON
-        values; tensors are this process's own). Default: nothing."""
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned, after `register`/`begin` and before the
-        first step. Default: nothing."""
-        return None
-
-
-class PeriodicSync(abc.ABC):
+class PeriodicSync(ResumableState, abc.ABC):
     """Data parallelism without per-step gradient averaging (local SGD, DiLoCo): every
     replica steps its own optimizer on its own data, and `after_step(model, step,
     process_group)` (after every optimizer step, `step` counting from 1) synchronises the
@@ -576,16 +579,6 @@ class PeriodicSync(abc.ABC):
 
     @abc.abstractmethod
     def after_step(self, model: nn.Module, step: int, process_group: Any) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must hold for an exact resume (a tree of tensors and JSON
-        values; tensors are this process's own). Default: nothing."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned, after `register`/`begin` and before the
-        first step. Default: nothing."""
-        return None
 
 
 class Schedule(abc.ABC):

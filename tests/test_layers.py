@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # What blocks use to describe themselves: weight init helpers, the tensor-parallel layout
     # vocabulary a block's `tensor_parallel_plan` is written in, process-group helpers.
     ("primitives", ("tessera.components.model.init", "tessera.components.parallel.tp_styles",
-                    "tessera.components.parallel.loss_parallel", "tessera.components.parallel.process_group")),
+                    "tessera.components.parallel.loss_parallel", "tessera.components.parallel.process_group",
+                    "tessera.components.parallel.slurm_env")),
     ("blocks", tuple(f"tessera.components.{p}" for p in (
         "attention", "position", "norm", "mlp", "moe", "model", "optim", "schedule", "precision", "data"))),
     ("families, parallel plans, the trainer, sampling and evaluation", tuple(f"tessera.components.{p}" for p in (

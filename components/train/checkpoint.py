@@ -86,6 +86,20 @@ def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def _checkpoint_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str], Any, Any]:
+    """The tensors a checkpoint writes ("model.", "optim.", "extra." names, tied ones once),
+    their aliases, and the optimizer's and `extra`'s non-tensor rest (for state.json)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    optim_tensors, optim_rest = split_tensors(optim_sd)
+    extra_tensors, extra_rest = split_tensors(extra)
+    tensors = {**{f"model.{k}": v for k, v in model_sd.items()},
+               **{f"optim.{k}": v for k, v in optim_tensors.items()},
+               **{f"extra.{k}": v for k, v in extra_tensors.items()}}
+    tensors, aliases = without_aliases(tensors)
+    return tensors, aliases, optim_rest, extra_rest
+
+
 def without_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """`tensors` with each one that is another's very storage (a tied head: the embedding's
     weight under two names) left out, and {left-out name: the name kept}. safetensors refuses
@@ -152,13 +166,7 @@ class Checkpointer:
         """Write checkpoint `step` atomically; `extra` is any tree of tensors and JSON values.
         Returns its folder, or None when it could not be written and `on_save_error` is
         "continue" (the reason was printed); raises `CheckpointSaveError` under "stop"."""
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-        optim_tensors, optim_rest = split_tensors(optim_sd)
-        extra_tensors, extra_rest = split_tensors(extra)
-        tensors = {**{f"model.{k}": v for k, v in model_sd.items()},
-                   **{f"optim.{k}": v for k, v in optim_tensors.items()},
-                   **{f"extra.{k}": v for k, v in extra_tensors.items()}}
-        tensors, aliases = without_aliases(tensors)
+        tensors, aliases, optim_rest, extra_rest = _checkpoint_tensors(model, optimizer, extra)
         final = self.folder / f"step-{step:08d}"
         tmp = self.folder / f".step-{step:08d}.tmp"
         self.wait()
