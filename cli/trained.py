@@ -87,9 +87,10 @@ def _is_transformers_folder(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "architectures" in json.loads(config.read_text()) or "model_type" in json.loads(config.read_text())
-    except (json.JSONDecodeError, TypeError):
+        fields = json.loads(config.read_text())
+    except json.JSONDecodeError:
         return False
+    return isinstance(fields, dict) and ("architectures" in fields or "model_type" in fields)
 
 
 def _open_run_checkpoint(path: Path) -> Trained:
