@@ -159,6 +159,7 @@ class Checkpointer:
         self.tokenizer: HasTokenizer | None = None
         """The run's data (set by `launch`): its tokenizer is saved in each checkpoint as
         `tokenizer/`, so `sample` and `perplexity` read text without the corpus."""
+        self._encoding: Any = None
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -180,7 +181,7 @@ class Checkpointer:
         names, optim_rest = _over_ranks(sorted(tensors), optim_rest)
         state_json = json.dumps({"step": step, "optimizer": optim_rest, "extra": extra_rest, "tensors": names,
                                  "aliases": aliases})
-        encoding = self.tokenizer.encoding() if self.tokenizer is not None and _is_main() else None
+        encoding = self._run_encoding() if _is_main() else None
 
         def finish() -> None:
             if _is_main():
@@ -216,6 +217,12 @@ class Checkpointer:
         _barrier()
         self.last = final
         return final
+
+    def _run_encoding(self) -> Any:
+        """The run's tokenizer, read from its data once (a large vocabulary takes a while to parse)."""
+        if self._encoding is None and self.tokenizer is not None:
+            self._encoding = self.tokenizer.encoding()
+        return self._encoding
 
     def wait(self) -> None:
         """Block until a background save has been written and renamed into place (a failed
