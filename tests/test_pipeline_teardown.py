@@ -10,14 +10,17 @@ std::terminate. A run's groups hang in reference cycles (device mesh, pipeline s
 without help they are destroyed by the collector inside finalization. The worker below forces
 that state (queued all-reduces whose handles and tensors are dropped, the group in a cycle):
 before the fix every run of it aborted (4 of 4 here); `leave_process_group` and the exit hook
-now free the groups while the interpreter is whole.
+now free the groups while the interpreter is whole. The second test repeats the real
+pipelined run (2 times in the suite; set TESSERA_STRESS_REPEATS for a stress run).
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from helpers.launch import torchrun, worker
+from helpers.launch import recipe_script, torchrun, worker
 
 
 @pytest.mark.slow
@@ -28,3 +31,24 @@ def test_leaving_with_gloo_work_in_flight_does_not_abort(garbage):
     assert "terminate called" not in output, output[-4000:]
     assert result.returncode == 0, output[-4000:]
     assert output.count(" left") == 2, output[-4000:]  # both ranks reached the end of the program
+
+
+REPEATS = int(os.environ.get("TESSERA_STRESS_REPEATS", "2"))
+"""How many times the real pipelined run is repeated: 2 in the suite (both must end cleanly);
+`TESSERA_STRESS_REPEATS=40 pytest tests/test_pipeline_teardown.py -k repeated` for the stress run."""
+
+
+@pytest.mark.slow
+def test_the_pipelined_flagship_run_repeated_ends_cleanly_every_time(tmp_path):
+    # the run that aborted once in two suite runs: the flagship on two pipeline stages, with
+    # validation and metrics (their own collectives), every repeat a fresh pair of processes
+    args = ["debug", "steps=2", "batch_size=8", "step.micro_batch_size=2", "seq_len=32", "precision=@fp32",
+            "compute.threads=1", "progress=None", "validation.batches=1", "checkpoint=None", "parallel=@mesh(pp=2)",
+            "metrics.tensorboard=False", "metrics.plots=False", "metrics.eval_every=0"]
+    for repeat in range(REPEATS):
+        result = torchrun(recipe_script("deepseek_pretrain"), *args, f"metrics.folder={tmp_path / str(repeat)}",
+                          timeout=300, env={"PYTHONFAULTHANDLER": "1"})
+        output = result.stdout + result.stderr
+        assert "terminate called" not in output, f"repeat {repeat}: {output[-4000:]}"
+        assert result.returncode == 0, f"repeat {repeat}: {output[-4000:]}"
+        assert (tmp_path / str(repeat) / "summary.json").is_file(), f"repeat {repeat} did not finish"
