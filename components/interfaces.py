@@ -477,6 +477,16 @@ class ParallelPlan(abc.ABC):
         step. Default: nothing."""
         return None
 
+    def share_run_state(self, state_dict: Callable[[], dict[str, Any]],
+                        load_state_dict: Callable[[dict[str, Any]], None]) -> None:
+        """Called once before the first step (after any checkpoint resume) with two callbacks
+        over the run's own progress: `state_dict()` returns the step, token count, loss
+        history, RNG and data position; `load_state_dict(state)` puts such a state in place
+        (between steps, or at the start of a step before its first batch is drawn). A plan that
+        restores a replica from a live peer rather than a checkpoint (torchft) sends and loads
+        them with the weights. Default: nothing."""
+        return None
+
     @property
     def is_main_process(self) -> bool:
         """True on the process that logs and writes files."""

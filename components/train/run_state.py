@@ -9,6 +9,7 @@ guard's window and the data loader's position. `snapshot` gathers them into the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,28 @@ def restore(checkpoint: Checkpointer, path: Path, *, model: torch.nn.Module, opt
             parallel: ParallelPlan | None = None) -> None:
     """Load checkpoint `path` into the model, optimizer, `state`, the global RNG and `parallel`."""
     restored = checkpoint.load(path, model=model, optimizer=optimizer)
-    extra = restored["extra"]
-    state.step, state.tokens, state.history = restored["step"], extra["tokens"], extra["history"]
+    state.step = restored["step"]
+    _load_extra(restored["extra"], state=state, scaler=scaler, guard=guard, data=data, parallel=parallel)
+
+
+def live_state(state: RunState, *, scaler: Any, guard: StabilityGuard | None,
+               data: TrainingData) -> tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]:
+    """`(state_dict, load_state_dict)` over the run's progress as it is now: the checkpoint's
+    `extra` tree (without the plan's state) plus the step, for `ParallelPlan.share_run_state`."""
+    def state_dict() -> dict[str, Any]:
+        return {"step": state.step, **snapshot(state, scaler=scaler, guard=guard, data=data)}
+
+    def load_state_dict(received: dict[str, Any]) -> None:
+        state.step = received["step"]
+        _load_extra(received, state=state, scaler=scaler, guard=guard, data=data, parallel=None)
+
+    return state_dict, load_state_dict
+
+
+def _load_extra(extra: dict[str, Any], *, state: RunState, scaler: Any, guard: StabilityGuard | None,
+                data: TrainingData, parallel: ParallelPlan | None) -> None:
+    """Put `snapshot`'s tree back: counters, history, RNGs, scaler, guard, data position, plan."""
+    state.tokens, state.history = extra["tokens"], extra["history"]
     torch.set_rng_state(extra["rng"])
     if extra.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(extra["cuda_rng"]))

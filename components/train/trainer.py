@@ -29,7 +29,7 @@ from tessera.components.train.init_options import InitOptions
 from tessera.components.train.loop import TrainingLoop
 from tessera.components.train.metrics import Metrics
 from tessera.components.train.progress import Progress
-from tessera.components.train.run_state import RunState, restore_or_start_fresh
+from tessera.components.train.run_state import RunState, live_state, restore_or_start_fresh
 from tessera.components.train.step import StepRunner
 from tessera.components.train.step_options import StepOptions
 from tessera.components.train.validation import Validation, Validator
@@ -91,6 +91,8 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     resumed = restore_or_start_fresh(checkpoint, state, model=run.model, optimizer=run.optimizer,
                                      scaler=runner.scaler, guard=guard, data=data, say=progress is not None,
                                      parallel=run.parallel)
+    # a plan that restores a replica from a live peer (torchft) carries the run's progress too
+    run.parallel.share_run_state(*live_state(state, scaler=runner.scaler, guard=guard, data=data))
     if metrics is not None:
         metrics.start(dtype=run.precision.compute_dtype, device=device, resume=resumed, devices=run.processes,
                       moe_layers=run.moe_layers)
