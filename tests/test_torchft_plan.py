@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tessera.cli import resolve
+from tessera.components.parallel import fault_tolerant
 from tessera.components.parallel.fault_tolerant import FaultTolerant
 from tessera.components.parallel.mesh import MeshError
 from tessera.components.train.launch import build_model_on_meta, launch
@@ -75,14 +76,16 @@ def lighthouse(min_replicas: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the lighthouse did not start")
 
 
-def group(tmp: Path, name: str, replica: int, address: str, plan: str, *, steps: int = STEPS,
+def group(tmp: Path, name: str, replica: int, address: str, plan: str, *, processes: int = 1, steps: int = STEPS,
           alone_delay: float = 0.0, die_at: int | None = None) -> subprocess.Popen:
-    """Replica group `replica` as its own process (tests/helpers/workers/torchft_group.py), its log in tmp/name.log."""
+    """Replica group `replica` as its own job of `processes` (tests/helpers/workers/torchft_group.py; several:
+    under torchrun), its log in tmp/name.log."""
     job = {"args": args(f"parallel={plan}", steps=steps),
            "weights": str(tmp / name), "alone_delay": alone_delay, "die_at": die_at}
     (tmp / f"{name}.json").write_text(json.dumps(job))
     log = open(tmp / f"{name}.log", "w")
-    return start(worker("torchft_group"), str(tmp / f"{name}.json"), stdout=log, stderr=subprocess.STDOUT,
+    return start(worker("torchft_group"), str(tmp / f"{name}.json"), processes=processes, stdout=log,
+                 stderr=subprocess.STDOUT,
                  env={"TORCHFT_LIGHTHOUSE": address, "REPLICA_GROUP_ID": str(replica)})
 
 
@@ -116,8 +119,9 @@ def test_missing_options_are_one_message(monkeypatch, meta_model, env, options, 
     if expected is None:
         assert (plan._replica_index(), plan._lighthouse_address()) == (3, "http://localhost:1")
         return
+    monkeypatch.setattr(fault_tolerant, "_import_torchft", lambda: None)  # the options are checked first either way
     with pytest.raises(MeshError, match=re.escape(expected)) as raised:
-        plan.apply(meta_model) if importlib.util.find_spec("torchft") else plan._replica_index()
+        plan.apply(meta_model)
     assert "\n" not in str(raised.value)
 
 
@@ -133,8 +137,8 @@ def test_without_torchft_the_plan_says_how_to_install_it(monkeypatch, meta_model
 def test_two_groups_step_as_one_process_with_the_whole_batch(tmp_path):
     server, address = lighthouse(min_replicas=2)  # every step waits for both groups
     try:
-        plan = "@torchft(dp_shard=1,replica_groups=2,min_replicas=2)"
-        groups = [group(tmp_path, f"g{r}", r, address, plan) for r in range(2)]
+        plan = "@torchft(dp_shard=2,replica_groups=2,min_replicas=2)"  # HSDP: 2 groups x 2 shards
+        groups = [group(tmp_path, f"g{r}", r, address, plan, processes=2) for r in range(2)]
         losses, weights = straight_run()  # while the groups start
         results = [finished(tmp_path, f"g{r}", p) for r, p in enumerate(groups)]
     finally:
@@ -152,10 +156,10 @@ def test_two_groups_step_as_one_process_with_the_whole_batch(tmp_path):
 @needs_torchft
 def test_a_killed_group_rejoins_with_the_live_state(tmp_path):
     server, address = lighthouse(min_replicas=1)
-    steps, plan = 30, "@torchft(dp_shard=1,replica_groups=2,min_replicas=1,timeout=10)"
+    steps, plan = 24, "@torchft(dp_shard=1,replica_groups=2,min_replicas=1,timeout=10)"
     try:
         # a group alone sleeps after each step, so the survivor is still training when the restarted group is up
-        survivor = group(tmp_path, "survivor", 0, address, plan, steps=steps, alone_delay=0.5)
+        survivor = group(tmp_path, "survivor", 0, address, plan, steps=steps, alone_delay=1.0)
         doomed = group(tmp_path, "doomed", 1, address, plan, steps=steps, die_at=3)
         assert doomed.wait(120) == -signal.SIGKILL, (tmp_path / "doomed.log").read_text()[-4000:]
         assert survivor.poll() is None, "the survivor ended with the killed group"

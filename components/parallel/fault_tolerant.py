@@ -13,9 +13,8 @@ only when the quorum commits. A group that dies is dropped from the next quorum;
 (re)joins receives the live state from a healthy group before its first step: the model's and
 optimizer's shards (each group rank from the same rank of the source group) and the run's own
 progress (step, tokens, loss history, RNG, data position), handed over by the trainer through
-`ParallelPlan.share_run_state`. A plain sequence of steps is `@mesh(dp_replicate=R, dp_shard=S)`
-(HSDP) up to summation order; the design is torchft's (arXiv:2004.13336 describes the same
-quorum-then-commit idea for elastic training).
+`ParallelPlan.share_run_state`. Without faults the steps are `@mesh(dp_replicate=R, dp_shard=S)`'s
+(HSDP), up to summation order.
 """
 
 from __future__ import annotations
