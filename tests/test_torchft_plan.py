@@ -172,6 +172,10 @@ def test_a_killed_group_rejoins_with_the_live_state(tmp_path):
     assert sizes[-3:] == [2, 1, 2], alone[-3000:]  # both, the survivor alone, both again
     assert re.search(r"torchft: joined at step (\d+) with the live state of a healthy replica group", joined), \
         joined[-3000:]
+    # after the join the rejoined group reads on where the survivor's run does (sampling position, tokens)
+    position = re.compile(r"ran step (\d+) data (\w+) tokens (\d+)")
+    read = set(position.findall(joined))
+    assert read and read <= set(position.findall(alone)), joined[-3000:]
     assert kept["step"] == rejoined["step"] == steps
     assert kept["losses"] == rejoined["losses"] and len(kept["losses"]) == steps
     for name, value in kept["weights"].items():

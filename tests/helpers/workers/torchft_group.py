@@ -13,6 +13,7 @@ its group's whole tensors to `<weights>.<rank>`; rank 0 writes `<weights>.result
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -39,7 +40,14 @@ def pace(alone_delay: float, die_at: int | None) -> None:
 
     def paced(self, state):
         outcome = run(self, state)
-        print(f"ran step {state.step} at {time.time():.1f}", flush=True)
+        # where the data stream stands after the step (the same on every share): a group that
+        # rejoined must read on from where the others do
+        digest = hashlib.sha1()
+        for key, loader in sorted(self.data.state_dict().items()):
+            digest.update(repr((key, loader["cursors"], loader["epochs"], loader["sequences"])).encode())
+            digest.update(loader["rng"].numpy().tobytes())
+        position = digest.hexdigest()[:12]
+        print(f"ran step {state.step} data {position} tokens {state.tokens} at {time.time():.1f}", flush=True)
         if die_at is not None and state.step >= die_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.parallel.manager.num_participants() < self.parallel.replica_groups:
