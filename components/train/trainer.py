@@ -20,7 +20,7 @@ import torch
 from tessera.components.attention import rules
 from tessera.components.interfaces import OptimizerFactory, ParallelPlan, PrecisionPolicy, Schedule, TrainingData
 from tessera.components.model.decoder import DecoderLM
-from tessera.components.train.assemble import assemble
+from tessera.components.train.assemble import Assembled, assemble
 from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.compute import Compute
 from tessera.components.train.finish import TrainResult, finish
@@ -88,11 +88,7 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
     state = RunState(generator=torch.Generator().manual_seed(seed))
     started = time.perf_counter()
     run.model.train()
-    resumed = restore_or_start_fresh(checkpoint, state, model=run.model, optimizer=run.optimizer,
-                                     scaler=runner.scaler, guard=guard, data=data, say=progress is not None,
-                                     parallel=run.parallel)
-    # a plan that restores a replica from a live peer (torchft) carries the run's progress too
-    run.parallel.share_run_state(*live_state(state, scaler=runner.scaler, guard=guard, data=data))
+    resumed = _restore(run, runner, checkpoint, state, guard=guard, data=data, say=progress is not None)
     if metrics is not None:
         metrics.start(dtype=run.precision.compute_dtype, device=device, resume=resumed, devices=run.processes,
                       moe_layers=run.moe_layers)
@@ -105,3 +101,13 @@ def train(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactory, 
                        flops_per_token=run.flops_per_token / run.processes, watchdog=watchdog).run()
     return finish(end=end, runner=runner, state=state, steps=steps, start_step=start_step, validator=validator,
                   checkpoint=checkpoint, metrics=metrics, precision_note=run.precision_note, started=started)
+
+
+def _restore(run: Assembled, runner: StepRunner, checkpoint: Checkpointer | None, state: RunState, *,
+             guard: StabilityGuard | None, data: TrainingData, say: bool) -> bool:
+    """Resume from a checkpoint or start fresh (True: resumed), then hand the plan the run's
+    progress: a plan that restores a replica from a live peer (torchft) carries it too."""
+    resumed = restore_or_start_fresh(checkpoint, state, model=run.model, optimizer=run.optimizer,
+                                     scaler=runner.scaler, guard=guard, data=data, say=say, parallel=run.parallel)
+    run.parallel.share_run_state(*live_state(state, scaler=runner.scaler, guard=guard, data=data))
+    return resumed
