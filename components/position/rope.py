@@ -28,8 +28,12 @@ class RoPE(RotaryEncoding):
         """[Dh/2] fp32 angular frequencies theta^(-2i/Dh)."""
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
-        exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-        return self.theta ** -exponents
+        # Computed in Python, so that under torch.compile the frequencies are a constant of the
+        # graph: traced as tensor ops, inductor fused the pow into the per-element rotation and
+        # recomputed it for every element of q and k (measured: 2.6 ms against 0.5 ms for a
+        # [16, 4, 128, 16] bf16 forward+backward on one CPU thread).
+        return torch.tensor([self.theta ** (-i / head_dim) for i in range(0, head_dim, 2)], dtype=torch.float32,
+                            device=device)
 
     def amplitude(self) -> float:
         """Multiplier on cos/sin (1 for plain RoPE; context-extension schemes may change it)."""
