@@ -6,7 +6,9 @@ the model (still on the meta device), the data's share of every batch, the weigh
 materialised and initialised as one process would (then, with `init.from_hf`, replaced by a
 transformers checkpoint's, each process reading its shard), the precision policy's conversion, the
 compute switches (activation checkpointing, compilation), and the optimizer over the
-model's parameter groups, wrapped by the plan and the precision policy.
+model's parameter groups, wrapped by the plan and the precision policy. With
+`step.micro_batch_size="auto"` the planner sizes the candidates before the plan lays the model
+out, and trial steps confirm one once the optimizer is built (`auto_micro_batch`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tessera.components.parallel.process_group import world
 from tessera.components.parallel.single import SingleProcess
 from tessera.components.precision import auto
 from tessera.components.precision.master_weights import MasterWeights
+from tessera.components.train import auto_micro_batch
 from tessera.components.train.compute import Compute
 from tessera.components.train.init_options import InitOptions
 from tessera.components.train.metrics import moe_layer_indices
@@ -81,12 +84,16 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
     # Counted on the whole model, before a plan splits it into stages or shards.
     flops_per_token = training_flops_per_token(model, seq_len)
     moe_layers = moe_layer_indices(model, ReportsExpertLoad)
+    sized = step.micro_batch_size == "auto"
+    planned = auto_micro_batch.plan(model, parallel=parallel, precision=precision, batch_size=batch_size,
+                                    seq_len=seq_len, device=device, checkpointing=compute.activation_checkpointing,
+                                    memory_limit=step.memory_limit) if sized else None
     model = parallel.apply(model, precision=precision, device=device)
     rank, processes = world()
     share = parallel.data_parallel  # processes reading different data (tp / pp groups share theirs)
     if announce and parallel.is_main_process:
         Console().print(f"precision: {precision_note}", highlight=False, soft_wrap=True)
-    micro_batch_size = _micro_batch_size(step.micro_batch_size, batch_size, share.size)
+    micro_batch_size = _micro_batch_size(None if sized else step.micro_batch_size, batch_size, share.size)
     if isinstance(data, ShardedData):
         data.read_share(share)
     if processes > 1 and isinstance(data, PreparedData):
@@ -102,6 +109,12 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
                                            decay_vectors=step.decay_norms_and_biases))
     wrapped = precision.wrap_optimizer(parallel.wrap_optimizer(raw_optimizer))
     _refuse_second_order(raw_optimizer, wrapped, processes)
+    if planned is not None:  # weights, optimizer and data ready: the trial steps run as the run's steps will
+        choice = auto_micro_batch.choose(planned, model, parallel=parallel, precision=precision, data=data,
+                                         share=micro_batch_size, seq_len=seq_len, device=device)
+        micro_batch_size = choice.size
+        if announce and parallel.is_main_process:
+            Console().print(choice.note, highlight=False, soft_wrap=True)
     return Assembled(model=model, parallel=parallel, precision=precision, precision_note=precision_note,
                      optimizer=wrapped, raw_optimizer=raw_optimizer, data_parallel=share,
                      micro_batch_size=micro_batch_size, flops_per_token=flops_per_token, moe_layers=moe_layers,
@@ -120,8 +133,9 @@ def _load_from_hf(model: torch.nn.Module, folder: str, *, announce: bool) -> Non
 
 
 def _micro_batch_size(asked: int | None, batch_size: int, data_parallel_size: int) -> int:
-    """Sequences per forward on each process: `asked`, or each process's whole share; a
-    ValueError when `batch_size` is not a whole number of micro-batches on every process."""
+    """Sequences per forward on each process: `asked`, or each process's whole share (which
+    `auto` then divides); a ValueError when `batch_size` is not a whole number of
+    micro-batches on every process."""
     micro_batch_size = asked or max(1, batch_size // data_parallel_size)
     if batch_size % (micro_batch_size * data_parallel_size):
         raise ValueError(f"batch_size={batch_size} is not a whole number of micro-batches of {micro_batch_size} "

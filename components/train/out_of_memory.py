@@ -1,4 +1,5 @@
-"""An allocator failure during training, turned into advice naming the switches that reduce memory."""
+"""An allocator failure during training: how one looks (`is_out_of_memory`), and the advice
+naming the switches that reduce memory (`explain_out_of_memory`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from collections.abc import Iterator
 import torch
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocator failure: torch's `OutOfMemoryError` (CUDA), Python's
+    `MemoryError`, or a RuntimeError whose text says the CPU allocator could not allocate."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 @contextlib.contextmanager
 def explain_out_of_memory() -> Iterator[None]:
     """Re-raise an out-of-memory error (torch's, the CPU allocator's) as a `MemoryError` that
@@ -15,12 +25,10 @@ def explain_out_of_memory() -> Iterator[None]:
     try:
         yield
     except (RuntimeError, MemoryError) as err:
-        text = str(err)
-        if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-                or "can't allocate memory" in text):
+        if not is_out_of_memory(err):
             raise
         raise MemoryError(
-            f"the run ran out of memory ({text.splitlines()[0][:200]}). Switches that reduce it: "
+            f"the run ran out of memory ({str(err).splitlines()[0][:200]}). Switches that reduce it: "
             f"model.layers[*].checkpoint_activations=True (recompute activations in the backward); "
-            f"step.micro_batch_size=<smaller> (the step keeps batch_size through gradient accumulation); a smaller "
-            f"seq_len; precision=@bf16; a sharding parallel plan across more processes") from err
+            f"step.micro_batch_size=<smaller> or auto (the step keeps batch_size through gradient accumulation); "
+            f"a smaller seq_len; precision=@bf16; a sharding parallel plan across more processes") from err
