@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--dim 512] [--layers 4] [--batch 4] [--seq 512] [--steps 5]
     python benchmarks/train_throughput.py dense [--no-compile]   # the dense d=512 table (llama_throughput.py)
+    python benchmarks/train_throughput.py moe [--dim 256 --experts 16 --top-k 4 ...]  # the MoE layer table only
 
 Both models are built from one HF DeepseekV3 config and hold the same weights (ours loaded
 through `tessera.components.families.deepseek.hf`), so they compute the same function; each runs full
@@ -10,8 +11,9 @@ this one process, one thread, eager and compiled (ours: per-block torch.compile,
 trainer's `compute.compile=True`; theirs: torch.compile of the whole model), timed interleaved
 (one step of each in turn) and reported as medians. MFU divides achieved FLOP/s (FLOPs per token from
 `tessera.components.model.stats`, attention included, MTP off since transformers has none) by the
-machine's matmul peak measured here for that dtype. A second table compares one MoE layer
-with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expert width).
+machine's matmul peak measured here for that dtype. A last table compares one MoE layer
+with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expert width), and
+the same two as bare GEMMs (`gemm_floor`: what the MoE's expert shapes cost before any routing).
 Rows in a precision this machine runs slowly (bf16 without AMX / AVX512-BF16) are skipped
 with the reason printed. torchtitan's DeepSeek-V3 is not in the table: its models import
 triton, absent on CPU.
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -40,6 +45,7 @@ from benchmarks.timing import (  # noqa: E402
 from tessera.components.families.deepseek.hf import load_pretrained  # noqa: E402
 from tessera.components.mlp.gated import SwiGLU  # noqa: E402
 from tessera.components.model import stats  # noqa: E402
+from tessera.components.moe.experts import ROW_MULTIPLE  # noqa: E402
 from tessera.components.precision.probe import matmul_flops  # noqa: E402
 
 
@@ -74,11 +80,7 @@ def gemm_seconds(step) -> float:
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_KERNELS) / 1e6
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["dense"]:  # the dense model's table lives in its own file
-        from benchmarks.llama_throughput import main as dense
-
-        return dense(sys.argv[2:])
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Defaults: the deepseek_pretrain `debug` preset (dim 128, 4 layers, 4 MLA heads, 8 experts top-2
     # + 1 shared, byte vocabulary, 16 x 128 tokens per step).
@@ -93,7 +95,18 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--topk-groups", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8, help="interleaved timed steps per model")
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=5, help="MoE table: rounds of interleaved steps (median taken)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["dense"]:  # the dense model's table lives in its own file
+        from benchmarks.llama_throughput import main as dense
+
+        return dense(sys.argv[2:])
+    if sys.argv[1:2] == ["moe"]:
+        return moe_main()
+    args = parse_args(sys.argv[1:])
     torch.set_num_threads(1)
     import transformers
     from rich.console import Console
@@ -143,13 +156,59 @@ def main() -> None:
         floor_table.add_row(name, f"{gemm * 1e3:.0f}", f"{at_peak * 1e3:.0f}", f"{target * 1e3:.0f}")
     console.print(floor_table)
 
-    # One MoE layer against a dense SwiGLU with the same activated FLOPs.
-    moe = models["tessera"].layers[1].feed_forward
+    moe_table(models["tessera"].layers[1].feed_forward, args, precisions, console)
+
+
+def swiglu_gemms(groups: list[tuple[int, int]], dim: int, dtype: torch.dtype):
+    """A closure running the nine GEMMs of a SwiGLU's forward and backward (as autograd lays
+    them out for nn.Linear) for each (rows, hidden) group, on random operands: the GEMM floor
+    of a dense layer (one group) or of routed experts (one group per expert, plus the shared)."""
+    def operands(m: int, h: int) -> list[torch.Tensor]:
+        return [torch.randn(*shape, dtype=dtype) for shape in
+                ((m, dim), (h, dim), (h, dim), (dim, h), (m, h), (m, dim), (m, h), (m, h))]
+
+    groups_ops = [operands(m, h) for m, h in groups if m]
+
+    def run() -> None:
+        for x, wg, wu, wd, a, grad_y, grad_g, grad_u in groups_ops:
+            x @ wg.t(), x @ wu.t(), a @ wd.t()  # forward
+            grad_y @ wd, grad_y.t() @ a  # down projection: input and weight gradients
+            grad_g @ wg, grad_g.t() @ x, grad_u @ wu, grad_u.t() @ x  # gate and up projections
+    return run
+
+
+def thread_time_medians(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """`interleaved_medians` on this thread's CPU time: other processes on a shared machine
+    deschedule us at random, which wall time counts and thread time does not."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.thread_time()
+            step()
+            times[name].append(time.thread_time() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
+    """One MoE layer (forward+backward) against a dense SwiGLU with the same activated FLOPs,
+    and the same comparison for their bare GEMMs (the routed experts' rows per expert as the
+    layer pads them), each a median over `args.rounds` rounds of interleaved medians."""
+    from rich.table import Table
+
     width = (moe.router.top_k + 1) * moe.experts.hidden_dim
     dense = SwiGLU(dim=args.dim, hidden_dim=width)
     x = torch.randn(args.batch, args.seq, args.dim)
-    layer_table = Table(title="MoE layer vs dense SwiGLU of equal activated FLOPs (forward+backward, medians)")
-    for col in ("precision", "MoE ms", "dense ms", "MoE / dense"):
+    with torch.no_grad():
+        counts = torch.bincount(moe.router(x.view(-1, args.dim)).indices.flatten(), minlength=moe.n_experts)
+    padded = ((counts + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE).tolist()
+    n_tokens, hidden = args.batch * args.seq, moe.experts.hidden_dim
+    layer_table = Table(title=f"MoE layer vs dense SwiGLU of equal activated FLOPs (dim {args.dim}, {moe.n_experts} "
+                              f"experts top-{moe.top_k} + 1 shared of width {hidden}; forward+backward, 1 thread, "
+                              f"thread-time medians of {args.steps} interleaved steps, median of {args.rounds} rounds)")
+    for col in ("precision", "MoE ms", "dense ms", "MoE / dense", "GEMMs alone: MoE / dense"):
         layer_table.add_column(col, justify="right")
     for name, dtype in precisions:
         ctx = (lambda dtype=dtype: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
@@ -161,10 +220,34 @@ def main() -> None:
                 out.float().square().mean().backward()
             return step
 
-        times = interleaved_medians({"moe": layer_step(moe), "dense": layer_step(dense)}, repeats=args.steps)
-        layer_table.add_row(name, f"{times['moe'] * 1e3:.1f}", f"{times['dense'] * 1e3:.1f}",
-                            f"{times['moe'] / times['dense']:.2f}")
+        gemm_dtype = dtype or torch.float32
+        steps = {"moe": layer_step(moe), "dense": layer_step(dense),
+                 "moe gemms": swiglu_gemms([(m, hidden) for m in padded] + [(n_tokens, hidden)], args.dim, gemm_dtype),
+                 "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype)}
+        rounds = [thread_time_medians(steps, repeats=args.steps) for _ in range(args.rounds)]
+        ratio = statistics.median(r["moe"] / r["dense"] for r in rounds)
+        floor = statistics.median(r["moe gemms"] / r["dense gemms"] for r in rounds)
+        moe_ms, dense_ms = (statistics.median(r[key] for r in rounds) * 1e3 for key in ("moe", "dense"))
+        layer_table.add_row(name, f"{moe_ms:.1f}", f"{dense_ms:.1f}", f"{ratio:.2f}", f"{floor:.2f}")
     console.print(layer_table)
+
+
+def moe_main() -> None:
+    """`train_throughput.py moe [flags]`: the MoE layer table alone, on the same model's layer 1."""
+    args = parse_args(sys.argv[2:])
+    torch.set_num_threads(1)
+    import transformers
+    from rich.console import Console
+
+    console = Console(width=160)
+    precisions, skipped = fast_precisions()
+    for reason in skipped:
+        console.print(reason, highlight=False)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        transformers.DeepseekV3ForCausalLM(hf_config(args)).save_pretrained(tmp)
+        model = load_pretrained(tmp).train()
+    moe_table(model.layers[1].feed_forward, args, precisions, console)
 
 
 if __name__ == "__main__":

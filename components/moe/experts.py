@@ -11,6 +11,7 @@ from torch import nn
 from tessera.components.interfaces import ExpertBank
 from tessera.components.model.init import normal_
 from tessera.components.moe.grouped_mm import grouped_mm
+from tessera.components.moe.routed_swiglu import routed_swiglu
 
 
 def expert_counts(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -93,17 +94,16 @@ class GroupedExperts(nn.Module, ExpertBank):
         if keep is not None:  # dropped assignments weigh 0 (shapes stay static for torch.compile)
             flat_weight = flat_weight * keep.flatten()
         order = torch.argsort(flat_expert, stable=True)
-        token, gate = order // k, flat_weight[order]
         rows, slot, total = padded_layout(flat_expert[order], self.n_experts,
                                           multiple=ROW_MULTIPLE if x.device.type == "cpu" else 1)
-        row_token = torch.zeros(total, dtype=torch.int64, device=x.device).index_copy_(0, slot, token)
+        # padding rows take token 0 with weight 0: computed, never counted
+        row_token = torch.zeros(total, dtype=torch.int64, device=x.device).index_copy_(0, slot, order // k)
+        row_weight = flat_weight.new_zeros(total).index_copy(0, slot, flat_weight[order])
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
-            xs = x.index_select(0, row_token).to(dtype)  # padding rows repeat token 0; outputs never read
-            out = self.grouped_forward(xs, rows, self.w_gate.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype))
-            out = out.index_select(0, slot) * gate[:, None].to(dtype)
-            return torch.zeros(n, self.dim, dtype=dtype, device=x.device).index_add_(0, token, out)
+            return routed_swiglu(x.to(dtype), row_token, row_weight.to(dtype), self.w_gate.to(dtype),
+                                 self.w_up.to(dtype), self.w_down.to(dtype), rows)
 
     def grouped_forward(self, xs: torch.Tensor, rows: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its rows: xs [R, D] sorted by expert, `rows` int64 [E'] per

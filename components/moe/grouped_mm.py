@@ -74,3 +74,15 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1])
     return _grouped_mm_op(x, weight, counts.cumsum(0).to(torch.int32))
+
+
+def grouped_mm_at(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` given the experts' end rows: `offsets` int32 [E], the cumulative counts
+    (computed once by a caller running several GEMMs over one layout). M must be > 0."""
+    return _grouped_mm_op(x, weight, offsets)
+
+
+def grouped_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grad_out_e^T x_e for each expert e: [M, out] and [M, in] sorted by expert, `offsets` int32
+    [E] end rows -> [E, out, in], the weight gradient of `grouped_mm_at` (an empty expert's is 0)."""
+    return _weight_grad_op(grad_out, x, offsets)

@@ -90,12 +90,13 @@ class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        routing = self.router(flat)
+        routing = self.router(x.reshape(b * t, d))
         keep = None
         if self.training and self.capacity_factor is not None:
             keep = capacity_keep(routing.weights, routing.indices, self.experts.n_experts, self.capacity_factor)
-        out = self.experts(flat, routing.indices, routing.weights, keep).view(b, t, d)
+        if torch.is_autocast_enabled(x.device.type):  # cast once for routed and shared experts, not twice
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        out = self.experts(x.reshape(b * t, d), routing.indices, routing.weights, keep).view(b, t, d)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         self._aux = self._balance(routing, b, t) if self.training else None

@@ -87,11 +87,7 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.expert_bias is None else scores + self.expert_bias
         if self.n_groups > 1:
-            grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
-            group_scores = grouped.amax(-1) if self.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
-            kept = group_scores.topk(self.topk_groups, dim=-1).indices
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(self.n_experts // self.n_groups, dim=1), float("-inf"))
+            choice = self._group_limited(choice)
         indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
         if self.normalize_weights:
@@ -102,6 +98,24 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
             with torch.no_grad():
                 self.step_load += expert_counts(indices.flatten(), self.n_experts).float()
         return Routing(weights=weights * self.scaling_factor, indices=indices, scores=scores)
+
+    def _group_limited(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice [N, E] with the experts outside each token's best `topk_groups` groups at -inf.
+
+        Small-row CPU kernels cost per row, not per element, so this avoids `topk` where a
+        max does (a group's top-2 sum is its max plus the max of the rest; one kept group is
+        an argmax) and masks through a broadcast view instead of an expanded mask."""
+        grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
+        best = grouped.max(-1)
+        group_scores = best.values
+        if self.group_score == "top2_sum":
+            group_scores = group_scores + grouped.scatter(-1, best.indices[..., None], float("-inf")).amax(-1)
+        if self.topk_groups == 1:
+            kept = group_scores.argmax(-1, keepdim=True)
+        else:
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

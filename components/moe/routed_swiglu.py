@@ -1,0 +1,70 @@
+"""Routed SwiGLU experts as one autograd Function: gather, two grouped GEMMs, weighted combine.
+
+Autograd over the plain composition (gather, three grouped GEMMs, SiLU, product, gate
+multiply, index_add_) runs and saves one op at a time: the gate and up projections as two
+GEMMs (and two more GEMMs and an add for their input gradient), the SiLU output and the
+product kept besides their inputs, every expert output gathered twice per assignment for the
+weighted combine. Here, per padded row r of the expert-sorted layout:
+
+    h = xs_r @ [W_gate; W_up]_e^T        one GEMM of width 2F (gate and up fused)
+    a = silu(h_gate) * h_up * w_r        the routing weight folded in before the down GEMM (F < D)
+    out[token_r] += a @ W_down_e^T       one index_add_ over the padded rows
+
+and the backward recomputes silu from h. Saved per row: xs (D), h (2F), a (F), in the compute
+dtype. d w_r = <grad of (a / w_r), silu(h_g) h_u> = <g_r W_down_e, silu(h_g) h_u>, read off
+the down projection's input gradient, which is computed anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessera.components.moe.grouped_mm import grouped_mm_at, grouped_weight_grad
+
+
+class _RoutedSwiGLU(torch.autograd.Function):
+    """See `routed_swiglu`."""
+
+    @staticmethod
+    def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets):
+        xs = x.index_select(0, row_token)
+        gate, up = grouped_mm_at(xs, w_gate, offsets), grouped_mm_at(xs, w_up, offsets)  # [R, F] each
+        silu = F.silu(gate)
+        act = silu * up
+        a = act * row_weight[:, None]
+        out = x.new_zeros(x.shape).index_add_(0, row_token, grouped_mm_at(a, w_down, offsets))
+        ctx.save_for_backward(xs, gate, up, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, gate, up, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets = ctx.saved_tensors
+        grad_rows = grad_out.contiguous().index_select(0, row_token)  # [R, D]
+        grad_w_down = grouped_weight_grad(grad_rows, a, offsets)
+        grad_act = grouped_mm_at(grad_rows, w_down.transpose(-1, -2), offsets)  # [R, F], before the weight
+        grad_weight = (grad_act * act).sum(-1, dtype=torch.float32).to(row_weight.dtype)
+        grad_act.mul_(row_weight[:, None])
+        grad_up = grad_act * silu
+        grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)  # one fused pass
+        grad_w_gate = grouped_weight_grad(grad_gate, xs, offsets)
+        grad_w_up = grouped_weight_grad(grad_up, xs, offsets)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_xs = grouped_mm_at(grad_gate, w_gate.transpose(-1, -2), offsets)
+            grad_xs += grouped_mm_at(grad_up, w_up.transpose(-1, -2), offsets)
+            grad_x = grad_out.new_zeros(grad_out.shape).index_add_(0, row_token, grad_xs)
+        return grad_x, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None
+
+
+def routed_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor, w_gate: torch.Tensor,
+                  w_up: torch.Tensor, w_down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """sum over rows r with row_token[r] = n of row_weight[r] * SwiGLU_{e(r)}(x[n]) -> [N, D].
+
+    x [N, D]; row_token int64 [R] (the token of each expert-sorted row; padding rows carry any
+    token and weight 0); row_weight [R] (the gate of each row); w_gate, w_up [E, F, D];
+    w_down [E, D, F]; rows int64 [E] (rows per expert, summing to R > 0). x, row_weight and
+    the weights share one dtype (fp32 or bf16), the output's too. Differentiable in x,
+    row_weight and the three weights.
+    """
+    return _RoutedSwiGLU.apply(x, row_token, row_weight, w_gate, w_up, w_down, rows.cumsum(0).to(torch.int32))
