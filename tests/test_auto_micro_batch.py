@@ -22,6 +22,7 @@ from tessera.components.train.step_options import StepOptions
 from tessera.recipes.llama_pretrain import recipe
 from tessera.registry import PARALLEL_PLAN, ConfigError
 
+from helpers.launch import torchrun, worker
 from helpers.stdlib_bytes import StdlibBytes
 from helpers.workers.memory_peaks import measure
 
@@ -94,6 +95,17 @@ def test_an_out_of_memory_in_a_trial_backs_off_to_the_next_candidate(monkeypatch
     chosen, note = _note(capsys.readouterr().out)
     assert chosen == 4 and tried[:3] == [8, 4, 4]  # 8's trial fails; 4's runs two micro-batches and fits
     assert "8 predicted" in note and "out of memory in its trial" in note
+
+
+@pytest.mark.slow
+def test_processes_agree_on_the_smallest_choice_of_any():
+    # rank 0 alone would take its whole share of 8 (a budget of 8 GB), rank 1's 85 MB does not fit 4
+    run = torchrun(worker("auto_micro_batch"), "8GB", "85MB", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    chosen = dict(line.split()[1:] for line in run.stdout.splitlines() if line.startswith("CHOSE "))
+    assert set(chosen) == {"0", "1"} and chosen["0"] == chosen["1"] and int(chosen["0"]) < 8, run.stdout
+    note = next(line for line in run.stdout.splitlines() if line.startswith("micro-batch auto:"))
+    assert "too large on another process" in note and "8.0 GB budget" in note
 
 
 def test_a_budget_nothing_fits_names_the_limit_and_what_lowers_the_peak():

@@ -111,20 +111,24 @@ def choose(planned: Planned, model: nn.Module, *, parallel: ParallelPlan, precis
     MemoryError, naming the switches that lower the peak, when not even one sequence fits."""
     sizes = candidates(share)
     fitting = [m for m in sizes if planned.predicted.get(m, 0.0) <= planned.budget]
-    start = _agree_min(fitting[0] if fitting else sizes[-1])
     optimizer = planned.optimizer if planned.optimizer is not None else 2.0 * held_bytes(list(model.parameters()))
     measured: dict[int, float | None] = {}
+    elsewhere: set[int] = set()  # fit here, not on another process
+    start = _agree_min(fitting[0] if fitting else sizes[-1])
     for micro in (m for m in sizes if m <= start):
         peak = trial_peak(model, parallel=parallel, precision=precision, data=data, micro=micro,
                           n_micro=share // micro, seq_len=seq_len, device=device)
         measured[micro] = None if peak is None else peak + optimizer
-        if _agree_all(measured[micro] is not None and measured[micro] <= planned.budget):
-            return Choice(size=micro, note=_note(planned, share, micro, measured))
+        fits_here = measured[micro] is not None and measured[micro] <= planned.budget
+        if _agree_all(fits_here):
+            return Choice(size=micro, note=_note(planned, share, micro, measured, elsewhere))
+        if fits_here:
+            elsewhere.add(micro)
+    tried = _tried(planned, measured, sizes, elsewhere)
     raise MemoryError(f"step.micro_batch_size=auto: not even 1 sequence per micro-batch fits the "
-                      f"{_gb(planned.budget)} budget ({planned.budget_source}; "
-                      f"{_tried(planned, measured, sizes)}). Raise step.memory_limit if it is set, or lower the "
-                      f"peak: compute.activation_checkpointing=full, a smaller seq_len, precision=@bf16, a "
-                      f"sharding parallel plan across more processes")
+                      f"{_gb(planned.budget)} budget ({planned.budget_source}; {tried}). Raise step.memory_limit if "
+                      f"it is set, or lower the peak: compute.activation_checkpointing=full, a smaller seq_len, "
+                      f"precision=@bf16, a sharding parallel plan across more processes")
 
 
 def _agree_min(value: int) -> int:
@@ -141,27 +145,30 @@ def _agree_all(ok: bool) -> bool:
     return bool(_agree_min(int(ok)))
 
 
-def _note(planned: Planned, share: int, micro: int, measured: dict[int, float | None]) -> str:
+def _note(planned: Planned, share: int, micro: int, measured: dict[int, float | None], elsewhere: set[int]) -> str:
     """e.g. `micro-batch auto: 8 of 16 sequences per process, 2 accumulated per step
     (predicted 3.1 GB, measured 3.0 GB of a 4.0 GB budget from step.memory_limit; 16
     predicted 6.2 GB)`."""
     predicted = planned.predicted.get(micro)
     shown = f"predicted {_gb(predicted)}, " if predicted is not None else ""
     larger = [m for m in candidates(share) if m > micro]
-    rest = f"; {_tried(planned, measured, larger)}" if larger else ""
+    rest = f"; {_tried(planned, measured, larger, elsewhere)}" if larger else ""
     why = f"; unplanned: {planned.why_unplanned}" if planned.why_unplanned else ""
     return (f"micro-batch auto: {micro} of {share} sequences per process, {share // micro} accumulated per step "
             f"({shown}measured {_gb(measured[micro])} of a {_gb(planned.budget)} budget from "
             f"{planned.budget_source}{rest}{why})")
 
 
-def _tried(planned: Planned, measured: dict[int, float | None], sizes: list[int]) -> str:
-    """What ruled each of `sizes` out: its prediction, its trial's peak or its out-of-memory."""
+def _tried(planned: Planned, measured: dict[int, float | None], sizes: list[int], elsewhere: set[int]) -> str:
+    """What ruled each of `sizes` out: its prediction, its trial's peak or its out-of-memory
+    (here, or on another process when it fit here: `elsewhere`)."""
     parts = []
     for m in sizes:
         said = [f"predicted {_gb(planned.predicted[m])}"] if m in planned.predicted else []
         if m in measured:
             said.append("out of memory in its trial" if measured[m] is None else f"measured {_gb(measured[m])}")
+        if m in elsewhere:
+            said.append("too large on another process")
         parts.append(f"{m} {', '.join(said) or 'not tried'}")
     return "; ".join(parts)
 
