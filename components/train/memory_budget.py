@@ -7,6 +7,7 @@ of 1000, binary `KiB`/`MiB`/`GiB`/`TiB` powers of 1024), or as a whole number of
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -50,13 +51,16 @@ def device_budget(device: str, *, held: int) -> tuple[int, str]:
 
     CUDA: `CUDA_MARGIN` of the device's free memory plus what torch's allocator has reserved
     already. CPU: what the kernel could still give this process (the smaller of the cgroup's
-    headroom and /proc/meminfo's MemAvailable) plus `held`."""
+    headroom and /proc/meminfo's MemAvailable), split evenly between the host's processes
+    (LOCAL_WORLD_SIZE), plus `held`."""
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         own = torch.cuda.memory_reserved(torch.device(device))
         return int(CUDA_MARGIN * (free + own)), f"{CUDA_MARGIN:.0%} of the GPU's free memory"
     available, source = _cpu_available()
-    return available + held, source
+    # the processes torchrun starts on this host share its memory
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return available // local + held, source if local == 1 else f"{source} / {local} processes on this host"
 
 
 def _cpu_available() -> tuple[int, str]:

@@ -54,7 +54,7 @@ def trial_peak(model: nn.Module, *, parallel: ParallelPlan, precision: Precision
 def _forward_backward(model: nn.Module, parallel: ParallelPlan, precision: PrecisionPolicy, data: TrainingData,
                       micro: int, n_micro: int, seq_len: int, device: str) -> None:
     """The step's passes as `StepRunner` runs them (the plan's accumulation, the policy's
-    autocast), on batches of the trial's own."""
+    autocast), on batches of the trial's own, with compiled blocks run eagerly."""
     generator = torch.Generator().manual_seed(TRIAL_SEED)
     autocast = precision.autocast(torch.device(device).type)
 
@@ -67,7 +67,11 @@ def _forward_backward(model: nn.Module, parallel: ParallelPlan, precision: Preci
         with autocast:
             return model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
 
-    parallel.forward_backward(model, batches(), n_micro=n_micro, losses=losses, backward=lambda loss: loss.backward())
+    # eager even for compiled blocks: a trial shape must not leave a compiled graph behind (the
+    # run compiles its own shape once); eager saves at least what inductor's graphs save
+    with torch.compiler.set_stance("force_eager"):
+        parallel.forward_backward(model, batches(), n_micro=n_micro, losses=losses,
+                                  backward=lambda loss: loss.backward())
 
 
 @contextlib.contextmanager
