@@ -68,7 +68,7 @@ def _forward_backward(model: nn.Module, parallel: ParallelPlan, precision: Preci
             return model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
 
     # eager even for compiled blocks: a trial shape must not leave a compiled graph behind (the
-    # run compiles its own shape once); eager saves at least what inductor's graphs save
+    # run compiles its own shape once); eager usually saves at least what inductor's graphs save
     with torch.compiler.set_stance("force_eager"):
         parallel.forward_backward(model, batches(), n_micro=n_micro, losses=losses,
                                   backward=lambda loss: loss.backward())
