@@ -108,6 +108,33 @@ def test_muon_on_matrices_adamw_elsewhere_match_torch():
                                combined.state[model[1].weight]["momentum_buffer"])
 
 
+def test_muon_on_expert_stacks_matches_torch_muon_per_expert_matrix():
+    """expert_stacks="muon": each [rows, cols] slice of a 3-D stack takes exactly the update
+    torch.optim.Muon gives that matrix alone (momentum, Newton-Schulz, decay, lr adjustment)."""
+    torch.manual_seed(0)
+    stack = torch.nn.Parameter(torch.randn(3, 6, 4))
+    groups = [{"params": [stack], "kind": "matrix"}]
+    combined = MuonWithAdamW(groups, lr=0.02, adamw_lr=1e-3, weight_decay=0.1, ns_dtype="fp32",
+                             expert_stacks="muon")
+    assert combined._stacked is not None and combined._adamw is None
+    refs = [torch.optim.Muon([stack[e].detach().clone().requires_grad_()], lr=0.02, weight_decay=0.1,
+                             adjust_lr_fn="match_rms_adamw") for e in range(3)]
+    for _ in range(3):
+        grad = torch.randn_like(stack)
+        stack.grad = grad.clone()
+        combined.step()
+        for e, ref in enumerate(refs):
+            ref.param_groups[0]["params"][0].grad = grad[e].clone()
+            with MuonWithAdamW._orthogonalise_in(True):  # the same fp32 iteration as `combined`
+                ref.step()
+    for e, ref in enumerate(refs):
+        torch.testing.assert_close(stack[e], ref.param_groups[0]["params"][0])
+    # default: the stack stays on AdamW; a wrong choice is refused by name
+    assert MuonWithAdamW([{"params": [stack], "kind": "matrix"}], lr=0.02)._stacked is None
+    with pytest.raises(ValueError, match="expert_stacks"):
+        MuonWithAdamW(groups, lr=0.02, expert_stacks="sgd")
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("adamw", dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)),
     ("lamb", dict(lr=1e-2, weight_decay=0.01)),

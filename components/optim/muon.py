@@ -10,16 +10,19 @@ import torch
 import torch.optim._muon as torch_muon
 
 from tessera.components.interfaces import ParamGroups
+from tessera.components.optim.muon_experts import StackedMuon
 from tessera.registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("muon")
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon (orthogonalised momentum, torch.optim.Muon) on 2-D weight matrices of the hidden
-    layers; AdamW on embeddings, the output head, norms, biases and 3-D expert stacks, as Muon
-    is meant to be used. Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
+    layers; AdamW on embeddings, the output head, norms, biases and (by default) 3-D expert
+    stacks, as Muon is meant to be used. `expert_stacks="muon"` gives each expert's matrix of a
+    3-D stack [n_experts, rows, cols] its own Muon update instead (`StackedMuon`; Moonlight,
+    arXiv:2502.16982, trains MoE experts with Muon). Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
     tensors go to Muon, the rest to AdamW; both share this optimizer's `param_groups` and
-    `state`, so schedules, checkpoints and `state_dict()` see one optimizer. With the default
+    `state` (and `StackedMuon`'s), so schedules, checkpoints and `state_dict()` see one optimizer. With the default
     `adjust_lr_fn="match_rms_adamw"` Muon's `lr` is on AdamW's scale (torch rescales it per
     matrix); with `adjust_lr_fn=None` use Muon's original scale (about 0.02).
 
@@ -31,37 +34,38 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, params: ParamGroups, *, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1,
                  adjust_lr_fn: str | None = "match_rms_adamw", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 ns_dtype: Literal["auto", "bf16", "fp32"] = "auto"):
+                 ns_dtype: Literal["auto", "bf16", "fp32"] = "auto",
+                 expert_stacks: Literal["adamw", "muon"] = "adamw"):
+        if expert_stacks not in ("adamw", "muon"):
+            raise ValueError(f"optimizer.expert_stacks={expert_stacks!r}: use 'adamw' or 'muon'")
         self.ns_dtype = ns_dtype
         self._auto_fp32: bool | None = None  # resolved on the first step, from the parameters' device
-        muon_groups: list[dict[str, Any]] = []
-        adamw_groups: list[dict[str, Any]] = []
+        split: dict[str, list[dict[str, Any]]] = {"muon": [], "stacked": [], "adamw": []}
         for group in params if not isinstance(params, torch.Tensor) else [params]:
             group = dict(group) if isinstance(group, dict) else {"params": [group]}
-            tensors = list(group.pop("params"))
-            matrix = [p for p in tensors if p.ndim == 2 and group.get("kind", "matrix") == "matrix"]
-            rest = [p for p in tensors if not any(p is m for m in matrix)]
-            if matrix:
-                muon_groups.append({**group, "params": matrix})
-            if rest:
-                adamw_groups.append({**group, "params": rest, "lr": adamw_lr})
-        self._muon = torch.optim.Muon(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      adjust_lr_fn=adjust_lr_fn) if muon_groups else None
-        self._adamw = torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
-                                        weight_decay=weight_decay) if adamw_groups else None
-        super().__init__([p for g in muon_groups + adamw_groups for p in g["params"]], {})
-        self.param_groups = (self._muon.param_groups if self._muon else []) + \
-            (self._adamw.param_groups if self._adamw else [])
-        self._n_muon = len(muon_groups)
+            for route, tensors in _route(list(group.pop("params")), group.get("kind", "matrix"),
+                                         expert_stacks).items():
+                if tensors:
+                    split[route].append({**group, "params": tensors, **({"lr": adamw_lr} if route == "adamw" else {})})
+        muon_options = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "adjust_lr_fn": adjust_lr_fn}
+        self._muon = torch.optim.Muon(split["muon"], **muon_options) if split["muon"] else None
+        self._stacked = StackedMuon(split["stacked"], **muon_options) if split["stacked"] else None
+        self._adamw = torch.optim.AdamW(split["adamw"], lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
+                                        weight_decay=weight_decay) if split["adamw"] else None
+        # each sub-optimizer present and its number of groups, in the order of `param_groups`
+        self._subs = [(sub, len(groups)) for sub, groups in zip((self._muon, self._stacked, self._adamw),
+                                                                split.values()) if sub is not None]
+        super().__init__([p for groups in split.values() for g in groups for p in g["params"]], {})
+        self.param_groups = [g for sub, _ in self._subs for g in sub.param_groups]
         self._share()
 
     def _share(self) -> None:
-        """Point both sub-optimizers at this optimizer's state and at their slices of its groups."""
-        for sub, groups in ((self._muon, self.param_groups[: self._n_muon]),
-                            (self._adamw, self.param_groups[self._n_muon:])):
-            if sub is not None:
-                sub.state = self.state
-                sub.param_groups = groups
+        """Point every sub-optimizer at this optimizer's state and at its slice of its groups."""
+        start = 0
+        for sub, count in self._subs:
+            sub.state = self.state
+            sub.param_groups = self.param_groups[start:start + count]
+            start += count
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
@@ -70,9 +74,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._orthogonalise_in(self._ns_fp32()):
-            for sub in (self._muon, self._adamw):
-                if sub is not None:
-                    sub.step()
+            for sub, _ in self._subs:
+                sub.step()
         return loss
 
     def _ns_fp32(self) -> bool:
@@ -102,6 +105,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # replaces self.state and the group dicts
         self._share()
+
+
+def _route(tensors: list[torch.Tensor], kind: str, expert_stacks: str) -> dict[str, list[torch.Tensor]]:
+    """Which sub-optimizer takes each tensor of a group of `kind`: 2-D hidden matrices Muon,
+    3-D expert stacks StackedMuon when `expert_stacks` is "muon", everything else AdamW."""
+    hidden = kind == "matrix"
+    muon = [p for p in tensors if hidden and p.ndim == 2]
+    stacked = [p for p in tensors if hidden and p.ndim == 3 and expert_stacks == "muon"]
+    chosen = {id(p) for p in muon + stacked}
+    return {"muon": muon, "stacked": stacked, "adamw": [p for p in tensors if id(p) not in chosen]}
 
 
 def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
