@@ -5,6 +5,7 @@ an out-of-memory injected into one trial step."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import fiddle as fdl
@@ -15,7 +16,7 @@ from tessera.cli import resolve
 from tessera.components.model.decoder import DecoderLM
 from tessera.components.parallel.mesh import MeshError
 from tessera.components.precision.policies import FP32
-from tessera.components.train import auto_micro_batch
+from tessera.components.train import auto_micro_batch, memory_model
 from tessera.components.train.launch import build_model_on_meta, launch
 from tessera.components.train.memory_budget import parse_size
 from tessera.components.train.step_options import StepOptions
@@ -77,6 +78,20 @@ def test_the_auto_run_is_the_run_of_its_micro_batch_set_by_hand(peaks, capsys):
     assert auto.losses == by_hand.losses  # bitwise: the trial steps left weights, RNG and data untouched
     hand = dict(by_hand.model.named_parameters())
     assert all(torch.equal(p, hand[name]) for name, p in auto.model.named_parameters())
+
+
+def test_a_plan_that_undercounts_is_caught_by_the_trials(peaks, monkeypatch, capsys):
+    planned_peak = memory_model.peak_memory
+
+    def without_activations(*args, **kwargs):  # a planner blind to activations: every candidate "fits"
+        return dataclasses.replace(planned_peak(*args, **kwargs), activations=0.0)
+
+    monkeypatch.setattr(memory_model, "peak_memory", without_activations)
+    limit = (peaks[2] + peaks[4]) // 2
+    launch(_config("step.micro_batch_size=auto", f"step.memory_limit={limit}", "steps=1"))
+    chosen, note = _note(capsys.readouterr().out)
+    assert chosen == 2, note  # 8's and 4's trials measured more than the budget
+    assert re.search(r"; 8 predicted [\d.]+ MB, measured [\d.]+ MB; 4 predicted [\d.]+ MB, measured", note), note
 
 
 def test_an_out_of_memory_in_a_trial_backs_off_to_the_next_candidate(monkeypatch, capsys):
