@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.components.mlp.gated import SwiGLU
+from tessera.components.moe import experts as experts_module
 from tessera.components.moe.experts import GroupedExperts
 from tessera.components.moe.moe import MoE
 from tessera.components.moe.router import Router
@@ -89,9 +90,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["grouped", "uniform"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_moe_and_its_gradients_equal_a_per_token_loop(case, dtype):
+def test_moe_and_its_gradients_equal_a_per_token_loop(case, dtype, layout, monkeypatch):
+    # grouped: one GEMM per expert over its rows; uniform: every expert padded to the busiest, one bmm
+    monkeypatch.setattr(experts_module, "UNIFORM_WASTE", -1.0 if layout == "grouped" else 100.0)
+    monkeypatch.setattr(experts_module, "UNIFORM_DTYPES", (torch.float32, torch.bfloat16))
     moe = build(**CASES[case])
     x = torch.randn(3, 16, moe.dim)
     upstream = torch.randn(3, 16, moe.dim)

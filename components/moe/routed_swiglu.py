@@ -23,48 +23,69 @@ import torch.nn.functional as F
 from tessera.components.moe.grouped_mm import grouped_mm_at, grouped_weight_grad
 
 
+def _mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, capacity: int) -> torch.Tensor:
+    """x [R, in] sorted by expert times each expert's weight [E, out, in]^T -> [R, out]: one
+    batched GEMM where every expert has `capacity` rows (capacity > 0), else a grouped one."""
+    if capacity:
+        return torch.bmm(x.view(weight.shape[0], capacity, -1), weight.transpose(1, 2)).view(x.shape[0], -1)
+    return grouped_mm_at(x, weight, offsets)
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | None, capacity: int) -> torch.Tensor:
+    """grad_e^T x_e per expert: [R, out], [R, in] -> [E, out, in] (the gradient of `_mm`'s weight)."""
+    if capacity:
+        n = grad.shape[0] // capacity
+        return torch.bmm(grad.view(n, capacity, -1).transpose(1, 2), x.view(n, capacity, -1))
+    return grouped_weight_grad(grad, x, offsets)
+
+
 class _RoutedSwiGLU(torch.autograd.Function):
     """See `routed_swiglu`."""
 
     @staticmethod
-    def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets):
+    def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity):
         xs = x.index_select(0, row_token)
-        gate, up = grouped_mm_at(xs, w_gate, offsets), grouped_mm_at(xs, w_up, offsets)  # [R, F] each
+        gate, up = _mm(xs, w_gate, offsets, capacity), _mm(xs, w_up, offsets, capacity)  # [R, F] each
         silu = F.silu(gate)
         act = silu * up
         a = act * row_weight[:, None]
-        out = x.new_zeros(x.shape).index_add_(0, row_token, grouped_mm_at(a, w_down, offsets))
+        out = x.new_zeros(x.shape).index_add_(0, row_token, _mm(a, w_down, offsets, capacity))
         ctx.save_for_backward(xs, gate, up, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets)
+        ctx.capacity = capacity
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         xs, gate, up, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets = ctx.saved_tensors
+        c = ctx.capacity
         grad_rows = grad_out.contiguous().index_select(0, row_token)  # [R, D]
-        grad_w_down = grouped_weight_grad(grad_rows, a, offsets)
-        grad_act = grouped_mm_at(grad_rows, w_down.transpose(-1, -2), offsets)  # [R, F], before the weight
+        grad_w_down = _weight_grad(grad_rows, a, offsets, c)
+        grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, c)  # [R, F], before the weight
         grad_weight = (grad_act * act).sum(-1, dtype=torch.float32).to(row_weight.dtype)
         grad_act.mul_(row_weight[:, None])
         grad_up = grad_act * silu
         grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)  # one fused pass
-        grad_w_gate = grouped_weight_grad(grad_gate, xs, offsets)
-        grad_w_up = grouped_weight_grad(grad_up, xs, offsets)
+        grad_w_gate = _weight_grad(grad_gate, xs, offsets, c)
+        grad_w_up = _weight_grad(grad_up, xs, offsets, c)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_xs = grouped_mm_at(grad_gate, w_gate.transpose(-1, -2), offsets)
-            grad_xs += grouped_mm_at(grad_up, w_up.transpose(-1, -2), offsets)
+            grad_xs = _mm(grad_gate, w_gate.transpose(-1, -2), offsets, c)
+            grad_xs += _mm(grad_up, w_up.transpose(-1, -2), offsets, c)
             grad_x = grad_out.new_zeros(grad_out.shape).index_add_(0, row_token, grad_xs)
-        return grad_x, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None
+        return grad_x, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None
 
 
 def routed_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor, w_gate: torch.Tensor,
-                  w_up: torch.Tensor, w_down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                  w_up: torch.Tensor, w_down: torch.Tensor, rows: torch.Tensor | None, *,
+                  capacity: int = 0) -> torch.Tensor:
     """sum over rows r with row_token[r] = n of row_weight[r] * SwiGLU_{e(r)}(x[n]) -> [N, D].
 
     x [N, D]; row_token int64 [R] (the token of each expert-sorted row; padding rows carry any
     token and weight 0); row_weight [R] (the gate of each row); w_gate, w_up [E, F, D];
-    w_down [E, D, F]; rows int64 [E] (rows per expert, summing to R > 0). x, row_weight and
+    w_down [E, D, F]; rows int64 [E] (rows per expert, summing to R > 0), or `capacity` > 0
+    rows for every expert (R = E * capacity: one batched GEMM per product). x, row_weight and
     the weights share one dtype (fp32 or bf16), the output's too. Differentiable in x,
     row_weight and the three weights.
     """
-    return _RoutedSwiGLU.apply(x, row_token, row_weight, w_gate, w_up, w_down, rows.cumsum(0).to(torch.int32))
+    offsets = None if capacity else rows.cumsum(0).to(torch.int32)
+    return _RoutedSwiGLU.apply(x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity)
