@@ -177,6 +177,23 @@ def swiglu_gemms(groups: list[tuple[int, int]], dim: int, dtype: torch.dtype):
     return run
 
 
+def batched_swiglu_gemms(n_experts: int, capacity: int, hidden: int, dim: int, dtype: torch.dtype):
+    """The same nine GEMMs as `swiglu_gemms` for `n_experts` experts of `capacity` rows each,
+    one `bmm` per product (what the MoE runs on CPU in bf16 when its experts are near balance)."""
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(n_experts, *shape, dtype=dtype)
+
+    x, wg, wu, wd = rand(capacity, dim), rand(hidden, dim), rand(hidden, dim), rand(dim, hidden)
+    a, grad_y = rand(capacity, hidden), rand(capacity, dim)
+    grad_g, grad_u = rand(capacity, hidden), rand(capacity, hidden)
+
+    def run() -> None:
+        torch.bmm(x, wg.mT), torch.bmm(x, wu.mT), torch.bmm(a, wd.mT)
+        torch.bmm(grad_y, wd), torch.bmm(grad_y.mT, a)
+        torch.bmm(grad_g, wg), torch.bmm(grad_g.mT, x), torch.bmm(grad_u, wu), torch.bmm(grad_u.mT, x)
+    return run
+
+
 def thread_time_medians(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 2) -> dict[str, float]:
     """`interleaved_medians` on this thread's CPU time: other processes on a shared machine
     deschedule us at random, which wall time counts and thread time does not."""
@@ -194,8 +211,10 @@ def thread_time_medians(steps: dict[str, Callable[[], None]], *, repeats: int, w
 
 def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     """One MoE layer (forward+backward) against a dense SwiGLU with the same activated FLOPs,
-    and the same comparison for their bare GEMMs (the routed experts' rows per expert as the
-    layer pads them), each a median over `args.rounds` rounds of interleaved medians."""
+    and the same comparison for their bare GEMMs: the routed experts' rows per expert as the
+    grouped layout pads them (one GEMM per expert), and as the uniform layout does (every
+    expert at the busiest one's rows, one bmm per product), each plus the shared expert's.
+    Each number is a median over `args.rounds` rounds of interleaved medians."""
     from rich.table import Table
 
     width = (moe.router.top_k + 1) * moe.experts.hidden_dim
@@ -208,7 +227,8 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     layer_table = Table(title=f"MoE layer vs dense SwiGLU of equal activated FLOPs (dim {args.dim}, {moe.n_experts} "
                               f"experts top-{moe.top_k} + 1 shared of width {hidden}; forward+backward, 1 thread, "
                               f"thread-time medians of {args.steps} interleaved steps, median of {args.rounds} rounds)")
-    for col in ("precision", "MoE ms", "dense ms", "MoE / dense", "GEMMs alone: MoE / dense"):
+    for col in ("precision", "MoE ms", "dense ms", "MoE / dense", "GEMMs alone: MoE / dense",
+                "as bmm: MoE / dense"):
         layer_table.add_column(col, justify="right")
     for name, dtype in precisions:
         ctx = (lambda dtype=dtype: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
@@ -223,12 +243,16 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
         gemm_dtype = dtype or torch.float32
         steps = {"moe": layer_step(moe), "dense": layer_step(dense),
                  "moe gemms": swiglu_gemms([(m, hidden) for m in padded] + [(n_tokens, hidden)], args.dim, gemm_dtype),
-                 "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype)}
+                 "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype),
+                 "moe bmm": batched_swiglu_gemms(moe.n_experts, max(padded), hidden, args.dim, gemm_dtype),
+                 "shared gemms": swiglu_gemms([(n_tokens, hidden)], args.dim, gemm_dtype)}
         rounds = [thread_time_medians(steps, repeats=args.steps) for _ in range(args.rounds)]
         ratio = statistics.median(r["moe"] / r["dense"] for r in rounds)
         floor = statistics.median(r["moe gemms"] / r["dense gemms"] for r in rounds)
+        floor_bmm = statistics.median((r["moe bmm"] + r["shared gemms"]) / r["dense gemms"] for r in rounds)
         moe_ms, dense_ms = (statistics.median(r[key] for r in rounds) * 1e3 for key in ("moe", "dense"))
-        layer_table.add_row(name, f"{moe_ms:.1f}", f"{dense_ms:.1f}", f"{ratio:.2f}", f"{floor:.2f}")
+        layer_table.add_row(name, f"{moe_ms:.1f}", f"{dense_ms:.1f}", f"{ratio:.2f}", f"{floor:.2f}",
+                            f"{floor_bmm:.2f}")
     console.print(layer_table)
 
 

@@ -142,9 +142,13 @@ class GroupedExperts(nn.Module, ExpertBank):
             rows, slot, total = None, uniform_layout(sorted_expert, self.n_experts, capacity), self.n_experts * capacity
         else:
             rows, slot, total = padded_layout(sorted_expert, self.n_experts, multiple=multiple)
-        # padding rows take token 0 with weight 0: computed, never counted
-        row_token = torch.zeros(total, dtype=torch.int64, device=x.device).index_copy_(0, slot, order // k)
-        row_weight = flat_weight.new_zeros(total).index_copy(0, slot, flat_weight[order])
+        # The assignment of each row; padding rows take an extra one of weight 0 (the last
+        # token's, computed and never counted). The weights reach the rows by one index_select,
+        # whose backward is a cheap index_add (an index_copy's backward ran a slow index_put).
+        m = n * k
+        row_assign = torch.full((total,), m, dtype=torch.int64, device=x.device).index_copy_(0, slot, order)
+        row_token = (row_assign // k).clamp_(max=n - 1)
+        row_weight = torch.cat([flat_weight, flat_weight.new_zeros(1)]).index_select(0, row_assign)
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             return routed_swiglu(x.to(dtype), row_token, row_weight.to(dtype), self.w_gate.to(dtype),
                                  self.w_up.to(dtype), self.w_down.to(dtype), rows, capacity=capacity)
