@@ -131,11 +131,16 @@ def test_a_budget_nothing_fits_names_the_limit_and_what_lowers_the_peak():
 @pytest.mark.parametrize("bad", ["4 gigs", "0", "-1GB", "12XB", "auto"])
 def test_a_bad_memory_limit_is_one_fault_naming_the_option_and_the_fix(bad):
     with pytest.raises(ConfigError) as caught:
-        resolve(recipe, ["debug", f"step.memory_limit={bad}"])
+        resolve(recipe, ["debug", "step.micro_batch_size=auto", f"step.memory_limit={bad}"])
     faults = [line for line in str(caught.value).splitlines() if line.lstrip().startswith("- ")]
     assert len(faults) == 1 and "memory_limit" in faults[0] and "e.g. 4GB" in faults[0]
     with pytest.raises(ValueError, match=r"memory_limit.*4GB"):  # built without fiddle: the same rule
         StepOptions(micro_batch_size="auto", memory_limit=bad)
+
+
+def test_a_memory_limit_without_auto_is_a_fault_not_ignored():
+    with pytest.raises(ConfigError, match=r"memory_limit.*Fix: set step\.micro_batch_size=auto"):
+        resolve(recipe, ["debug", "step.micro_batch_size=2", "step.memory_limit=4GB"])
 
 
 def test_sizes_are_read_in_decimal_and_binary_units():

@@ -27,6 +27,9 @@ from tessera.registry.invariants import invariant
 @invariant("memory_limit is None or a size such as 4GB",
            lambda memory_limit: memory_limit is None or is_size(memory_limit),
            fix="write step.memory_limit as a positive number with a unit, e.g. 4GB or 512MiB")
+@invariant("memory_limit is set only with micro_batch_size='auto'",
+           lambda micro_batch_size, memory_limit: memory_limit is None or micro_batch_size == "auto",
+           fix="set step.micro_batch_size=auto to size the micro-batch within step.memory_limit, or drop the limit")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepOptions:
     """How each optimizer step is taken.
