@@ -24,6 +24,7 @@ from torch import nn
 
 from tessera.components.interfaces import DryRunError, ParallelPlan, PrecisionPolicy, TrainingData
 from tessera.components.moe.experts import ROW_MULTIPLE
+from tessera.components.parallel.layout import Layout
 from tessera.components.parallel.mesh import MeshError
 from tessera.components.train import activation_memory, memory_model
 from tessera.components.train.live_bytes import held_bytes
@@ -54,38 +55,41 @@ class Choice:
 
 def plan(model: nn.Module, *, parallel: ParallelPlan, precision: PrecisionPolicy, batch_size: int, seq_len: int,
          device: str, checkpointing: str, memory_limit: str | int | None) -> Planned:
-    """The budget and each candidate's predicted peak, for `model` still unapplied (on the
-    meta device for a prediction). A MeshError (the command line's one-line fault) refuses
-    pipeline parallelism."""
+    """The budget and the candidates' predicted peaks, from the largest down to the first
+    that fits, for `model` still unapplied (on the meta device for a prediction). A MeshError
+    (the command line's one-line fault) refuses pipeline parallelism."""
     held = held_bytes([*model.parameters(), *model.buffers()])
     if memory_limit is not None:
         budget, source = parse_size(memory_limit), "step.memory_limit"
     else:
         budget, source = device_budget(device, held=held)
+
+    def unplanned(why: str) -> Planned:
+        return Planned(budget=budget, budget_source=source, predicted={}, optimizer=None, why_unplanned=why)
+
     try:
         layout = parallel.layout(model, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (DryRunError, ValueError) as err:
-        return Planned(budget=budget, budget_source=source, predicted={}, optimizer=None,
-                       why_unplanned=f"the planner cannot lay this plan out: {err}")
+        return unplanned(f"the planner cannot lay this plan out: {err}")
     if layout.pp > 1:
         raise MeshError(f"step.micro_batch_size=auto cannot size a pipeline (pp={layout.pp}): its schedule re-splits "
                         f"each step into its own micro-batches; set step.micro_batch_size (and parallel.n_microbatches)"
                         f" by hand, using --dry-run's memory plan to choose")
     if any(not p.is_meta for p in model.parameters()):
-        return Planned(budget=budget, budget_source=source, predicted={}, optimizer=None,
-                       why_unplanned="the model arrived with its weights, and the planner measures on the meta device")
+        return unplanned("the model arrived with its weights, and the planner measures on the meta device")
     try:
-        predicted, optimizer = _predict(model, layout, precision, batch_size // layout.dp, seq_len=seq_len,
-                                        device=device, checkpointing=checkpointing)
+        predicted, optimizer = _predict(model, layout, precision, batch_size // layout.dp, budget=budget,
+                                        seq_len=seq_len, device=device, checkpointing=checkpointing)
     except DryRunError as err:
-        return Planned(budget=budget, budget_source=source, predicted={}, optimizer=None,
-                       why_unplanned=f"the planner cannot size this model: {err}")
+        return unplanned(f"the planner cannot size this model: {err}")
     return Planned(budget=budget, budget_source=source, predicted=predicted, optimizer=optimizer)
 
 
-def _predict(model: nn.Module, layout, precision: PrecisionPolicy, share: int, *, seq_len: int, device: str,
-             checkpointing: str) -> tuple[dict[int, float], float]:
-    """Planned peak of every candidate (as `--dry-run` plans one), and the optimizer state's bytes."""
+def _predict(model: nn.Module, layout: Layout, precision: PrecisionPolicy, share: int, *, budget: int, seq_len: int,
+             device: str, checkpointing: str) -> tuple[dict[int, float], float]:
+    """Planned peaks (as `--dry-run` plans one) from the largest candidate down to the first
+    within `budget` (each is a meta pass: smaller ones are planned only if needed), and the
+    optimizer state's bytes."""
     fused = torch.device(device).type != "cpu"  # GPU attention is fused; CPU experts pad rows
     element = precision.element_bytes(torch.device(device).type)
     predicted, optimizer = {}, 0.0
@@ -96,6 +100,8 @@ def _predict(model: nn.Module, layout, precision: PrecisionPolicy, share: int, *
                                       fused_attention=fused, vocab_size=getattr(model, "vocab_size", None))
         peak = memory_model.peak_memory(model, layout, element, acts, step=step)
         predicted[micro], optimizer = peak.total, peak.optimizer
+        if peak.total <= budget:
+            break
     return predicted, optimizer
 
 
@@ -111,6 +117,7 @@ def choose(planned: Planned, model: nn.Module, *, parallel: ParallelPlan, precis
     MemoryError, naming the switches that lower the peak, when not even one sequence fits."""
     sizes = candidates(share)
     fitting = [m for m in sizes if planned.predicted.get(m, 0.0) <= planned.budget]
+    # unplanned: assume AdamW, two states the size of the weights
     optimizer = planned.optimizer if planned.optimizer is not None else 2.0 * held_bytes(list(model.parameters()))
     measured: dict[int, float | None] = {}
     elsewhere: set[int] = set()  # fit here, not on another process
