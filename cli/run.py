@@ -269,3 +269,6 @@ def _train(config: Any, *, export_hf: str | None, err: Console) -> None:
         _fail(err, error, status=4, label="[bold red]data error:[/bold red]")
     except CheckpointSaveError as error:  # a full disk or an unwritable folder, with on_save_error=stop
         _fail(err, error, status=5, label="[bold red]checkpoint error:[/bold red]")
+    except MemoryError as error:  # out of memory, re-raised with what to change (out_of_memory.py), or
+        # step.micro_batch_size=auto finding not even one sequence within the budget
+        _fail(err, error, status=6, label="[bold red]out of memory:[/bold red]")

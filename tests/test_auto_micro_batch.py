@@ -6,24 +6,27 @@ an out-of-memory injected into one trial step."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 
 import fiddle as fdl
 import pytest
 import torch
+from rich.console import Console
 
 from tessera.cli import resolve
 from tessera.components.model.decoder import DecoderLM
 from tessera.components.parallel.mesh import MeshError
 from tessera.components.precision.policies import FP32
 from tessera.components.train import auto_micro_batch, memory_model
+from tessera.components.train.dry_run import dry_run
 from tessera.components.train.launch import build_model_on_meta, launch
 from tessera.components.train.memory_budget import parse_size
 from tessera.components.train.step_options import StepOptions
 from tessera.recipes.llama_pretrain import recipe
 from tessera.registry import PARALLEL_PLAN, ConfigError
 
-from helpers.launch import torchrun, worker
+from helpers.launch import run_recipe, torchrun, worker
 from helpers.stdlib_bytes import StdlibBytes
 from helpers.workers.memory_peaks import measure
 
@@ -127,6 +130,23 @@ def test_processes_agree_on_the_smallest_choice_of_any(tmp_path):
 def test_a_budget_nothing_fits_names_the_limit_and_what_lowers_the_peak():
     with pytest.raises(MemoryError, match=r"not even 1 sequence.*step\.memory_limit.*activation_checkpointing"):
         launch(_config("step.micro_batch_size=auto", "step.memory_limit=1MB", "steps=1"))
+
+
+@pytest.mark.slow
+def test_from_the_command_line_nothing_fitting_is_one_message_and_exit_6():
+    result = run_recipe("debug", "steps=1", "batch_size=4", "seq_len=32", "step.micro_batch_size=auto",
+                        "step.memory_limit=1MB", "metrics=None", "checkpoint=None", "compute.threads=1")
+    assert result.returncode == 6, result.stdout[-2000:] + result.stderr[-2000:]
+    message = " ".join(result.stderr.split())
+    assert "out of memory: step.micro_batch_size=auto: not even 1 sequence" in message, message[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_dry_run_plans_auto_as_the_whole_share():
+    config, _ = resolve(recipe, ["debug", "batch_size=8", "seq_len=64", "step.micro_batch_size=auto"])
+    by_hand, _ = resolve(recipe, ["debug", "batch_size=8", "seq_len=64", "step.micro_batch_size=8"])
+    quiet = Console(file=io.StringIO())
+    assert dry_run(config, console=quiet)["per_rank"] == dry_run(by_hand, console=quiet)["per_rank"]
 
 
 @pytest.mark.parametrize("bad", ["4 gigs", "0", "-1GB", "12XB", "auto"])

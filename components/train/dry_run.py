@@ -139,12 +139,14 @@ def per_rank_report(config: fdl.Buildable, model: nn.Module, *, console: Console
 
 def _micro_batches(config: fdl.Buildable, layout: Layout) -> tuple[int, int]:
     """(sequences per micro-batch, micro-batches per step) on each data-parallel rank: the
-    step options' micro-batch size (default: the rank's whole share), or the pipeline
+    step options' micro-batch size (default, and for "auto": the rank's whole share), or the pipeline
     schedule's own count, which re-splits a step's rows (`n_microbatches`)."""
     args = config.__arguments__
     batch = args.get("batch_size", 1)
     # the option groups: configs (or built options) when set, their defaults when absent
-    micro = getattr(args.get("step"), "micro_batch_size", None) or max(1, batch // layout.dp)
+    micro = getattr(args.get("step"), "micro_batch_size", None)
+    if not isinstance(micro, int):  # None, or "auto" (chosen at run time against the device's memory): the
+        micro = max(1, batch // layout.dp)  # whole share, the largest candidate auto would try
     n_micro = max(1, batch // (micro * layout.dp))
     if layout.pp > 1 and layout.n_microbatches:
         return max(1, batch // layout.dp // layout.n_microbatches), layout.n_microbatches
