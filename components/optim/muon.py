@@ -20,7 +20,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     layers; AdamW on embeddings, the output head, norms, biases and (by default) 3-D expert
     stacks, as Muon is meant to be used. `expert_stacks="muon"` gives each expert's matrix of a
     3-D stack [n_experts, rows, cols] its own Muon update instead (`StackedMuon`; Moonlight,
-    arXiv:2502.16982, trains MoE experts with Muon). Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
+    arXiv:2502.16982, trains MoE experts with Muon). `batched=True` sends the 2-D matrices through
+    `StackedMuon` too: the same update, with one Newton-Schulz iteration per matrix shape rather
+    than per matrix (much faster where small matrices' per-call cost dominates, as on CPUs). Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
     tensors go to Muon, the rest to AdamW; both share this optimizer's `param_groups` and
     `state` (and `StackedMuon`'s), so schedules, checkpoints and `state_dict()` see one optimizer. With the default
     `adjust_lr_fn="match_rms_adamw"` Muon's `lr` is on AdamW's scale (torch rescales it per
@@ -35,7 +37,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                  adjust_lr_fn: str | None = "match_rms_adamw", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  ns_dtype: Literal["auto", "bf16", "fp32"] = "auto",
-                 expert_stacks: Literal["adamw", "muon"] = "adamw"):
+                 expert_stacks: Literal["adamw", "muon"] = "adamw", batched: bool = False):
         if expert_stacks not in ("adamw", "muon"):
             raise ValueError(f"optimizer.expert_stacks={expert_stacks!r}: use 'adamw' or 'muon'")
         self.ns_dtype = ns_dtype
@@ -44,7 +46,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for group in params if not isinstance(params, torch.Tensor) else [params]:
             group = dict(group) if isinstance(group, dict) else {"params": [group]}
             for route, tensors in _route(list(group.pop("params")), group.get("kind", "matrix"),
-                                         expert_stacks).items():
+                                         expert_stacks, batched).items():
                 if tensors:
                     split[route].append({**group, "params": tensors, **({"lr": adamw_lr} if route == "adamw" else {})})
         muon_options = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "adjust_lr_fn": adjust_lr_fn}
@@ -73,7 +75,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with self._orthogonalise_in(self._ns_fp32()):
+        fp32 = self._ns_fp32()
+        if self._stacked is not None:
+            self._stacked.fp32 = fp32
+        with self._orthogonalise_in(fp32):
             for sub, _ in self._subs:
                 sub.step()
         return loss
@@ -107,12 +112,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._share()
 
 
-def _route(tensors: list[torch.Tensor], kind: str, expert_stacks: str) -> dict[str, list[torch.Tensor]]:
-    """Which sub-optimizer takes each tensor of a group of `kind`: 2-D hidden matrices Muon,
-    3-D expert stacks StackedMuon when `expert_stacks` is "muon", everything else AdamW."""
+def _route(tensors: list[torch.Tensor], kind: str, expert_stacks: str,
+           batched: bool) -> dict[str, list[torch.Tensor]]:
+    """Which sub-optimizer takes each tensor of a group of `kind`: 2-D hidden matrices Muon
+    (StackedMuon when `batched`), 3-D expert stacks StackedMuon when `expert_stacks` is "muon",
+    everything else AdamW."""
     hidden = kind == "matrix"
-    muon = [p for p in tensors if hidden and p.ndim == 2]
-    stacked = [p for p in tensors if hidden and p.ndim == 3 and expert_stacks == "muon"]
+    matrices = [p for p in tensors if hidden and p.ndim == 2]
+    muon = [] if batched else matrices
+    stacked = ([] if not batched else matrices) + [
+        p for p in tensors if hidden and p.ndim == 3 and expert_stacks == "muon"]
     chosen = {id(p) for p in muon + stacked}
     return {"muon": muon, "stacked": stacked, "adamw": [p for p in tensors if id(p) not in chosen]}
 
