@@ -22,9 +22,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     3-D stack [n_experts, rows, cols] its own Muon update instead (`StackedMuon`; Moonlight,
     arXiv:2502.16982, trains MoE experts with Muon). `batched=True` sends the 2-D matrices through
     `StackedMuon` too: the same update, with one Newton-Schulz iteration per matrix shape rather
-    than per matrix (much faster where small matrices' per-call cost dominates, as on CPUs). Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D
-    tensors go to Muon, the rest to AdamW; both share this optimizer's `param_groups` and
-    `state` (and `StackedMuon`'s), so schedules, checkpoints and `state_dict()` see one optimizer. With the default
+    than per matrix (much faster where small matrices' per-call cost dominates, as on CPUs).
+    Parameter groups tagged kind="matrix" (see `decay_groups`) with 2-D tensors go to Muon, the
+    rest to AdamW; both share this optimizer's `param_groups` and `state` (and `StackedMuon`'s),
+    so schedules, checkpoints and `state_dict()` see one optimizer. With the default
     `adjust_lr_fn="match_rms_adamw"` Muon's `lr` is on AdamW's scale (torch rescales it per
     matrix); with `adjust_lr_fn=None` use Muon's original scale (about 0.02).
 
