@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -131,6 +132,12 @@ def crossing(curve: Curve, target: float) -> tuple[int, float] | None:
     return next(((step, seconds) for step, seconds, loss in curve.points if loss <= target), None)
 
 
+def seconds_per_step(curve: Curve) -> float:
+    """Training seconds per step over the whole run (validation excluded)."""
+    step, seconds, _ = curve.points[-1]
+    return seconds / step
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -140,7 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--improved", default="debug_muon")
     parser.add_argument("--only", default=None, help="run this one preset (a curve, no ratio)")
     parser.add_argument("--json", default=None, help="write the raw curves here")
+    parser.add_argument("--report", default=None, help="only rewrite the table from a results .json of an earlier run")
     args = parser.parse_args(argv)
+    if args.report:
+        raw = json.loads(Path(args.report).read_text())["runs"]
+        args.seeds = [run["seed"] for run in raw[args.baseline]]
+        curves = {name: [Curve(points=[tuple(p) for p in run["points"]], excluded=run["excluded"]) for run in runs]
+                  for name, runs in raw.items()}
+        report(args, curves, raw)
+        return
     recipe = load_recipe()
     names = [args.only] if args.only else [args.baseline, args.improved]
     configs = {name: recipe.config(name) for name in names}
@@ -176,6 +191,13 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
                     f"{' / '.join(str(h[0]) if h else 'never' for h in hits)} | "
                     f"{statistics.median(finals):.4f} | {statistics.median(total):.1f} |")
     ratio = medians[new] / medians[base]
+    # Load-robust estimate: steps to the target (deterministic) times the per-step time ratio of
+    # the two runs of one seed, which ran next to each other under similar load.
+    per_step = statistics.median(seconds_per_step(c_new) / seconds_per_step(c_base)
+                                 for c_base, c_new in zip(curves[base], curves[new]))
+    steps = {name: statistics.median(h[0] if h else math.inf for h in (crossing(c, target) for c in curves[name]))
+             for name in (base, new)}
+    estimate = steps[new] / steps[base] * per_step
     import torch
 
     from tessera.components.precision.auto import choose
@@ -190,16 +212,21 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"**Ratio {new} / {base}: {ratio:.2f}** (median time to target). "
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads.",
+        f"Ratio {new} / {base} of the median times to target: {ratio:.2f}. Load-robust estimate: median "
+        f"steps to target {steps[new]:.0f} / {steps[base]:.0f}, times the median per-step time ratio of the two "
+        f"runs of one seed ({per_step:.2f}): **{estimate:.2f}**.",
+        "",
+        f"Measured"
+        f" {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s) per run.",
     ]
     text = "\n".join(lines)
     print(text)
     suffix = "" if args.precision is None else f"_{args.precision}"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{RESULTS}{suffix}.md").write_text(text + "\n")
-    Path(f"{RESULTS}{suffix}.json").write_text(json.dumps({"target": target, "ratio": ratio, "runs": raw}))
+    Path(f"{RESULTS}{suffix}.json").write_text(json.dumps({"target": target, "ratio": ratio, "estimate": estimate,
+                                                           "runs": raw}))
 
 
 if __name__ == "__main__":
