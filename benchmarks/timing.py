@@ -39,18 +39,21 @@ def training_step(model, loss_fn, tokens: torch.Tensor, dtype: torch.dtype | Non
     return step
 
 
-def interleaved_medians(steps: dict[str, Step], *, repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(steps: dict[str, Step], *, repeats: int, warmup: int = 2,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each of `steps`, timed round-robin `repeats` times after
-    `warmup` untimed rounds (compilation happens there)."""
+    `warmup` untimed rounds (compilation happens there). `clock`: wall time by default;
+    `time.thread_time` on a shared machine, where other processes deschedule us at random
+    (wall time counts that, this thread's CPU time does not)."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

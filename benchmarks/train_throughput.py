@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -194,21 +193,6 @@ def batched_swiglu_gemms(n_experts: int, capacity: int, hidden: int, dim: int, d
     return run
 
 
-def thread_time_medians(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """`interleaved_medians` on this thread's CPU time: other processes on a shared machine
-    deschedule us at random, which wall time counts and thread time does not."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.thread_time()
-            step()
-            times[name].append(time.thread_time() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     """One MoE layer (forward+backward) against a dense SwiGLU with the same activated FLOPs,
     and the same comparison for their bare GEMMs: the routed experts' rows per expert as the
@@ -246,7 +230,7 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
                  "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype),
                  "moe bmm": batched_swiglu_gemms(moe.n_experts, max(padded), hidden, args.dim, gemm_dtype),
                  "shared gemms": swiglu_gemms([(n_tokens, hidden)], args.dim, gemm_dtype)}
-        rounds = [thread_time_medians(steps, repeats=args.steps) for _ in range(args.rounds)]
+        rounds = [interleaved_medians(steps, repeats=args.steps, clock=time.thread_time) for _ in range(args.rounds)]
         ratio = statistics.median(r["moe"] / r["dense"] for r in rounds)
         floor = statistics.median(r["moe gemms"] / r["dense gemms"] for r in rounds)
         floor_bmm = statistics.median((r["moe bmm"] + r["shared gemms"]) / r["dense gemms"] for r in rounds)
