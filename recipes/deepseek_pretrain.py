@@ -83,7 +83,7 @@ def debug_muon() -> fdl.Partial:
     A DeepSeek-V3-shaped model (arXiv:2412.19437 §2) scaled down to 4 layers of width 128,
     trained for 170 steps on the default offline corpus (Python standard library code,
     docstrings and pydoc topics) with a 2048-token BPE. It reaches the loss `debug_baseline`
-    ends at after 150-160 steps, in an estimated 55-57% of the baseline's wall time
+    ends at after 150-160 steps, in 58% of the baseline's wall time
     (docs/performance/time-to-quality.md, with the ablation of each choice below). Not yet
     the default: the multi-process tests run `debug` with AdamW's options (`optimizer.eps`)
     and compare sharded runs with one process exactly, which Muon under FSDP / tensor
