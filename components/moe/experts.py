@@ -72,20 +72,20 @@ def _uniform_allowed(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and dtype in UNIFORM_DTYPES and not torch.compiler.is_compiling()
 
 
-def uniform_capacity(sorted_expert: torch.Tensor, n_experts: int, *, multiple: int) -> int:
-    """Rows per expert for one batched GEMM: the busiest expert's count rounded up to
-    `multiple`, or 0 where that pads more than `UNIFORM_WASTE` beyond the grouped layout."""
-    counts = expert_counts(sorted_expert, n_experts)
-    capacity = int(counts.max()) if sorted_expert.numel() else 0
+def uniform_capacity(counts: torch.Tensor, *, multiple: int) -> int:
+    """Rows per expert for one batched GEMM, given `counts` int64 [E] (assignments per expert):
+    the busiest expert's count rounded up to `multiple`, or 0 where that pads more than
+    `UNIFORM_WASTE` beyond the grouped layout."""
+    n_experts = counts.numel()
+    capacity = int(counts.max())
     capacity = -(-capacity // multiple) * multiple
     grouped = int(((counts + multiple - 1) // multiple).sum()) * multiple
     return capacity if 0 < capacity * n_experts <= (1 + UNIFORM_WASTE) * grouped else 0
 
 
-def uniform_layout(sorted_expert: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+def uniform_layout(sorted_expert: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
     """int64 [M]: the row of each expert-sorted assignment when expert e owns rows
-    [e * capacity, (e + 1) * capacity)."""
-    counts = expert_counts(sorted_expert, n_experts)
+    [e * capacity, (e + 1) * capacity); `counts` int64 [E], assignments per expert."""
     start = counts.cumsum(0) - counts
     rank = torch.arange(sorted_expert.numel(), device=sorted_expert.device) - start[sorted_expert]
     return sorted_expert * capacity + rank
@@ -135,11 +135,12 @@ class GroupedExperts(nn.Module, ExpertBank):
         order = torch.argsort(flat_expert, stable=True)
         sorted_expert = flat_expert[order]
         multiple = ROW_MULTIPLE if device == "cpu" else 1
-        capacity = 0
-        if _uniform_allowed(x, dtype):
-            capacity = uniform_capacity(sorted_expert, self.n_experts, multiple=multiple)
+        capacity, counts = 0, None
+        if _uniform_allowed(x, dtype):  # counted once here for both the capacity and the layout
+            counts = expert_counts(sorted_expert, self.n_experts)
+            capacity = uniform_capacity(counts, multiple=multiple)
         if capacity:
-            rows, slot, total = None, uniform_layout(sorted_expert, self.n_experts, capacity), self.n_experts * capacity
+            rows, slot, total = None, uniform_layout(sorted_expert, counts, capacity), self.n_experts * capacity
         else:
             rows, slot, total = padded_layout(sorted_expert, self.n_experts, multiple=multiple)
         # The assignment of each row; padding rows take an extra one of weight 0 (the last
