@@ -108,13 +108,9 @@ def main() -> None:
     args = parse_args(sys.argv[1:])
     torch.set_num_threads(1)
     import transformers
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
-    precisions, skipped = fast_precisions()
-    for reason in skipped:
-        console.print(reason, highlight=False)
+    console, precisions = _console_and_precisions()
     config = hf_config(args)
     torch.manual_seed(0)
     theirs = transformers.DeepseekV3ForCausalLM(config)
@@ -240,17 +236,24 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     console.print(layer_table)
 
 
-def moe_main() -> None:
-    """`train_throughput.py moe [flags]`: the MoE layer table alone, on the same model's layer 1."""
-    args = parse_args(sys.argv[2:])
-    torch.set_num_threads(1)
-    import transformers
+def _console_and_precisions():
+    """A wide rich console, and the precisions this machine runs fast (the skipped ones said on it)."""
     from rich.console import Console
 
     console = Console(width=160)
     precisions, skipped = fast_precisions()
     for reason in skipped:
         console.print(reason, highlight=False)
+    return console, precisions
+
+
+def moe_main() -> None:
+    """`train_throughput.py moe [flags]`: the MoE layer table alone, on the same model's layer 1."""
+    args = parse_args(sys.argv[2:])
+    torch.set_num_threads(1)
+    import transformers
+
+    console, precisions = _console_and_precisions()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         transformers.DeepseekV3ForCausalLM(hf_config(args)).save_pretrained(tmp)
