@@ -50,7 +50,8 @@ def padded_layout(sorted_expert: torch.Tensor, n_experts: int, *,
     total = -(-m // multiple) * multiple + n_experts * multiple
     rows = torch.cat([rows[:-1], rows[-1:] + (total - rows.sum())])
     start, padded_start = counts.cumsum(0) - counts, rows.cumsum(0) - rows
-    slot = padded_start[sorted_expert] + torch.arange(m, device=sorted_expert.device) - start[sorted_expert]
+    # index_select, not advanced indexing: the latter's general kernel costs ~0.8 ms at 4096 rows
+    slot = (padded_start - start).index_select(0, sorted_expert) + torch.arange(m, device=sorted_expert.device)
     return rows, slot, total
 
 
@@ -87,8 +88,8 @@ def uniform_layout(sorted_expert: torch.Tensor, counts: torch.Tensor, capacity: 
     """int64 [M]: the row of each expert-sorted assignment when expert e owns rows
     [e * capacity, (e + 1) * capacity); `counts` int64 [E], assignments per expert."""
     start = counts.cumsum(0) - counts
-    rank = torch.arange(sorted_expert.numel(), device=sorted_expert.device) - start[sorted_expert]
-    return sorted_expert * capacity + rank
+    first_row = counts.new_tensor(range(0, counts.numel() * capacity, capacity)) - start
+    return first_row.index_select(0, sorted_expert) + torch.arange(sorted_expert.numel(), device=sorted_expert.device)
 
 
 class GroupedExperts(nn.Module, ExpertBank):
@@ -132,8 +133,7 @@ class GroupedExperts(nn.Module, ExpertBank):
             flat_weight = flat_weight * keep.flatten()
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        order = torch.argsort(flat_expert, stable=True)
-        sorted_expert = flat_expert[order]
+        sorted_expert, order = torch.sort(flat_expert, stable=True)
         multiple = ROW_MULTIPLE if device == "cpu" else 1
         capacity, counts = 0, None
         if _uniform_allowed(x, dtype):  # counted once here for both the capacity and the layout

@@ -61,7 +61,8 @@ class _RoutedSwiGLU(torch.autograd.Function):
         grad_rows = grad_out.contiguous().index_select(0, row_token)  # [R, D]
         grad_w_down = _weight_grad(grad_rows, a, offsets, c)
         grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, c)  # [R, F], before the weight
-        grad_weight = (grad_act * act).sum(-1, dtype=torch.float32).to(row_weight.dtype)
+        # a bf16 sum accumulates in fp32 on its own; asking for an fp32 result copied [R, F] first
+        grad_weight = (grad_act * act).sum(-1).to(row_weight.dtype)
         grad_act.mul_(row_weight[:, None])
         grad_up = grad_act * silu
         grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)  # one fused pass
