@@ -51,6 +51,7 @@ from tessera.components.train.launch import build_model_on_meta  # noqa: E402
 from tessera.components.train.metrics import Metrics  # noqa: E402
 from tessera.components.train.validation import Validator  # noqa: E402
 from tessera.registry import PRECISION  # noqa: E402
+from tessera.registry.overrides import apply_overrides  # noqa: E402
 
 # The fixed validation set: the baseline's own geometry (its micro-batch 16, seq_len 128, the
 # default 8 batches) and sample seed 0, for every run of either preset.
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", default="debug_baseline")
     parser.add_argument("--improved", default="debug_muon")
     parser.add_argument("--only", default=None, help="run this one preset (a curve, no ratio)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE",
+                        help="overrides for the improved (or --only) preset, as on the recipe's command line")
     parser.add_argument("--json", default=None, help="write the raw curves here")
     parser.add_argument("--report", default=None, help="only rewrite the table from a results .json of an earlier run")
     args = parser.parse_args(argv)
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe()
     names = [args.only] if args.only else [args.baseline, args.improved]
     configs = {name: recipe.config(name) for name in names}
+    if args.set:
+        apply_overrides(configs[names[-1]], args.set)
     curves: dict[str, list[Curve]] = {name: [] for name in names}
     for seed in args.seeds:
         for name in names:

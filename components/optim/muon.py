@@ -32,13 +32,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
     `ns_dtype`: the dtype of the Newton-Schulz orthogonalisation. torch runs it in bf16, which
     CPUs without native bf16 (AVX2-only x86) run ~40x slower than fp32; "auto" keeps bf16
     where precision `auto` would pick it and computes in fp32 elsewhere (same iteration).
+    `ns_steps`: Newton-Schulz iterations per update (torch's default 5); each costs three
+    matrix products per matrix, which on small models is a large share of the step.
     """
 
     def __init__(self, params: ParamGroups, *, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1,
                  adjust_lr_fn: str | None = "match_rms_adamw", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  ns_dtype: Literal["auto", "bf16", "fp32"] = "auto",
-                 expert_stacks: Literal["adamw", "muon"] = "adamw", batched: bool = False):
+                 expert_stacks: Literal["adamw", "muon"] = "adamw", batched: bool = False,
+                 ns_steps: int = torch_muon.DEFAULT_NS_STEPS):
         if expert_stacks not in ("adamw", "muon"):
             raise ValueError(f"optimizer.expert_stacks={expert_stacks!r}: use 'adamw' or 'muon'")
         self.ns_dtype = ns_dtype
@@ -50,7 +53,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
                                          expert_stacks, batched).items():
                 if tensors:
                     split[route].append({**group, "params": tensors, **({"lr": adamw_lr} if route == "adamw" else {})})
-        muon_options = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "adjust_lr_fn": adjust_lr_fn}
+        if ns_steps < 1:
+            raise ValueError(f"optimizer.ns_steps={ns_steps}: Newton-Schulz needs at least 1 iteration (torch uses 5)")
+        muon_options = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "adjust_lr_fn": adjust_lr_fn,
+                        "ns_steps": ns_steps}
         self._muon = torch.optim.Muon(split["muon"], **muon_options) if split["muon"] else None
         self._stacked = StackedMuon(split["stacked"], **muon_options) if split["stacked"] else None
         self._adamw = torch.optim.AdamW(split["adamw"], lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,

@@ -42,23 +42,29 @@ class StackedMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = self._momentum(params, group)
             by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, self._momentum(p, group)))
+            for p, update in zip(params, updates):
+                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, update if update.ndim == 3 else update[None]))
             for shape, pairs in by_shape.items():
                 self._apply(shape, pairs, group)
         return loss
 
-    def _momentum(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Advance `p`'s momentum buffer; the (Nesterov) update to orthogonalise, [n, rows, cols]."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf, momentum = state["momentum_buffer"], group["momentum"]
-        buf.lerp_(p.grad, 1 - momentum)
-        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-        return update if update.ndim == 3 else update.unsqueeze(0)
+    def _momentum(self, params: list[torch.Tensor], group: dict[str, Any]) -> list[torch.Tensor]:
+        """Advance the parameters' momentum buffers; the (Nesterov) updates to orthogonalise.
+        One foreach call per operation for the whole group (the debug model has ~150 matrices;
+        a call per matrix cost more than the arithmetic)."""
+        grads = [p.grad for p in params]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        momentum = group["momentum"]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        return torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
 
     def _apply(self, shape: tuple[int, int], pairs: list[tuple[torch.Tensor, torch.Tensor]],
                group: dict[str, Any]) -> None:
@@ -68,9 +74,11 @@ class StackedMuon(torch.optim.Optimizer):
                                            dtype=torch.float32 if self.fp32 else torch.bfloat16)
         lr = float(group["lr"])
         adjusted = torch_muon._adjust_lr(lr, group["adjust_lr_fn"], torch.Size(shape))
-        for (p, _), part in zip(pairs, orthogonal.split([u.size(0) for _, u in pairs])):
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(part.view_as(p).to(p.dtype), alpha=-adjusted)
+        params = [p for p, _ in pairs]
+        parts = [part.view_as(p).to(p.dtype) for p, part in
+                 zip(params, orthogonal.split([u.size(0) for _, u in pairs]))]
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, parts, alpha=-adjusted)
 
 
 def newton_schulz_batched(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
