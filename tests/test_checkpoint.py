@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -67,8 +68,21 @@ def small_run(tmp_path, *extra: str, **checkpoint):
     return launch(config)
 
 
-def test_keep_last_k_and_crash_during_write_leaves_previous(tmp_path, monkeypatch):
-    small_run(tmp_path)
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """`small_run`'s plain 3-step run (keep 2), made once: (its folder, its result). Tests that
+    change its checkpoints work on a copy (`copy_of`)."""
+    folder = tmp_path_factory.mktemp("three_steps")
+    return folder, small_run(folder)
+
+
+def copy_of(three_steps, tmp_path):
+    """A copy of the 3-step run's checkpoint folder in `tmp_path` (as `small_run(tmp_path)` leaves it)."""
+    shutil.copytree(three_steps[0] / "ck", tmp_path / "ck")
+
+
+def test_keep_last_k_and_crash_during_write_leaves_previous(three_steps, tmp_path, monkeypatch):
+    copy_of(three_steps, tmp_path)
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert names == ["step-00000002", "step-00000003"]
     import tessera.components.train.checkpoint as ck
@@ -85,8 +99,8 @@ def test_keep_last_k_and_crash_during_write_leaves_previous(tmp_path, monkeypatc
     assert len(result.losses) == 4
 
 
-def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(tmp_path, capsys):
-    small_run(tmp_path)
+def test_truncated_checkpoint_is_a_clear_error_and_resume_falls_back(three_steps, tmp_path, capsys):
+    copy_of(three_steps, tmp_path)
     newest = tmp_path / "ck" / "step-00000003"
     (newest / "state.json").write_text('{"step": 3, "optim')  # truncated JSON
     checkpointer = Checkpointer(folder=str(tmp_path / "ck"), resume=True)
@@ -120,8 +134,9 @@ def test_gradient_accumulation_equals_one_large_batch():
     assert results[0].losses == pytest.approx(results[1].losses, rel=1e-5)
 
 
-def test_async_save_writes_the_same_checkpoint_and_resumes(tmp_path):
-    sync = small_run(tmp_path / "sync")
+def test_async_save_writes_the_same_checkpoint_and_resumes(three_steps, tmp_path):
+    copy_of(three_steps, tmp_path / "sync")
+    sync = three_steps[1]
     asynchronous = small_run(tmp_path / "async", async_save=True)
     a = {}
     b = {}
