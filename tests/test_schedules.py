@@ -80,3 +80,13 @@ def test_wsd_matches_the_minicpm_formula_at_every_step(shape):
     wsd = WarmupStableDecay(warmup_steps=warmup, total_steps=total, decay_fraction=fraction, min_ratio=floor,
                             shape=shape)
     assert [wsd(s) for s in range(total + 10)] == pytest.approx([naive(s) for s in range(total + 10)])
+
+
+def test_wsd_sqrt_cooldown_follows_one_minus_sqrt_of_progress():
+    """arXiv:2405.18392 §3's cooldown: after the stable phase, min + (1 - min)(1 - sqrt(p))."""
+    wsd = WarmupStableDecay(warmup_steps=0, total_steps=100, decay_fraction=0.5, min_ratio=0.1, shape="sqrt")
+    assert wsd(50) == 1.0
+    for step in (50, 60, 75, 99, 100):
+        progress = (step - 50) / 50
+        assert wsd(step) == pytest.approx(0.1 + 0.9 * (1 - progress ** 0.5))
+    assert wsd(75) < WarmupStableDecay(warmup_steps=0, total_steps=100, decay_fraction=0.5, min_ratio=0.1)(75)

@@ -48,10 +48,12 @@ class LinearDecay(Schedule):
            fix="decay over a fraction of the run in (0, 1], e.g. 0.1")
 class WarmupStableDecay(Schedule):
     """Warmup-stable-decay (MiniCPM, arXiv:2404.06395 §4): linear warmup, constant 1 until the
-    last `decay_fraction` of `total_steps`, then a linear or cosine ("shape") decay to `min_ratio`."""
+    last `decay_fraction` of `total_steps`, then a decay to `min_ratio` of `shape`: "linear",
+    "cosine", or "sqrt" (1 - sqrt(progress); Hägele et al., arXiv:2405.18392 §3, find this
+    cooldown ends lower than a linear one)."""
 
     def __init__(self, *, warmup_steps: int, total_steps: int, decay_fraction: float = 0.1, min_ratio: float = 0.0,
-                 shape: Literal["linear", "cosine"] = "linear"):
+                 shape: Literal["linear", "cosine", "sqrt"] = "linear"):
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.decay_fraction, self.min_ratio, self.shape = decay_fraction, min_ratio, shape
 
@@ -64,6 +66,8 @@ class WarmupStableDecay(Schedule):
         progress = min(1.0, (step - decay_start) / (self.total_steps - decay_start))
         if self.shape == "cosine":
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.shape == "sqrt":
+            return self.min_ratio + (1 - self.min_ratio) * (1 - math.sqrt(progress))
         return 1.0 - (1.0 - self.min_ratio) * progress
 
 
