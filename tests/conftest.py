@@ -20,14 +20,15 @@ tessera.registry.serialize.PROJECT_PACKAGES = tessera.registry.serialize.PROJECT
 
 
 # The files that take longest (most of them start several processes), in falling order of
-# their time in a full run (2026-12-06). Under `-n 2 --dist loadfile` each file runs whole on
-# one worker and the suite ends with its last file, so these start first: a long file left to
-# the end would run alone while the other core idles.
-LONGEST_FILES = ("test_catalogue_walk.py", "test_mesh.py", "test_checkpoint_integrity.py", "test_checkpoint.py",
-                 "test_planner.py", "test_hook_resume.py", "test_preemption.py", "test_fsdp.py",
-                 "test_resharding.py", "test_resume_auto.py", "test_torchft_plan.py", "test_train.py",
-                 "test_cli.py", "test_data.py", "test_corpus_formats.py", "test_multinode.py", "test_optimizers.py",
-                 "test_tensor_parallel.py", "test_readme.py", "test_bad_plans.py", "test_comm_hooks.py")
+# their summed test time in a full fresh-clone run (2026-12-06, `-n 2`). Under `-n 2 --dist
+# loadfile` each file runs whole on one worker and the suite ends with its last file, so these
+# start first: a long file left to the end would run alone while the other core idles.
+LONGEST_FILES = ("test_catalogue_walk.py", "test_train.py", "test_mesh.py", "test_planner.py", "test_checkpoint.py",
+                 "test_checkpoint_integrity.py", "test_cli.py", "test_preemption.py", "test_auto_micro_batch.py",
+                 "test_hook_resume.py", "test_resharding.py", "test_fsdp.py", "test_resume_auto.py",
+                 "test_data_on_ray.py", "test_data.py", "test_tensor_parallel.py", "test_multinode.py",
+                 "test_torchft_plan.py", "test_corpus_formats.py", "test_export_hf.py", "test_comm_hooks.py",
+                 "test_readme.py", "test_bad_plans.py", "test_own_corpus.py", "test_optimizers.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
