@@ -13,8 +13,15 @@ import pkgutil
 
 import tessera.components
 
+ADAPTERS = frozenset({"tessera.components.evaluate.harness"})
+"""Modules that register nothing and adapt an optional library (lm-evaluation-harness, the
+`eval` extra): imported where they are used, never here, so that a plain `pip install` runs
+every recipe, and so that each process does not pay their imports (~1.7 s on 2 CPU cores)."""
+
 
 def register() -> None:
-    """Import every module of the `tessera.components` package (each registers its components)."""
+    """Import every module of the `tessera.components` package (each registers its components),
+    except the optional-library `ADAPTERS`."""
     for module in pkgutil.walk_packages(tessera.components.__path__, prefix="tessera.components."):
-        importlib.import_module(module.name)
+        if module.name not in ADAPTERS:
+            importlib.import_module(module.name)

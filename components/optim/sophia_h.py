@@ -1,9 +1,12 @@
-"""Sophia-H (Liu et al., 2023): Sophia with the Hutchinson estimate of the Hessian diagonal,
-pytorch_optimizer's implementation."""
+"""Sophia-H (Liu et al., 2023, arXiv:2305.14342): Sophia with the Hutchinson estimate of the
+Hessian diagonal, pytorch_optimizer's implementation, imported on first use."""
 
 from __future__ import annotations
 
-import pytorch_optimizer
+import functools
+import inspect
+from typing import Any, Literal
+
 import torch
 
 from tessera.components.interfaces import SecondOrderOptimizer
@@ -11,13 +14,39 @@ from tessera.registry.kinds import OPTIMIZER
 
 
 @OPTIMIZER.register("sophia_h")
-class SophiaH(pytorch_optimizer.SophiaH, SecondOrderOptimizer):
+class SophiaH(torch.optim.Optimizer, SecondOrderOptimizer):
     """pytorch_optimizer's SophiaH. Every `update_period` steps its step() estimates diag(H)
     as z * (H z) (z Gaussian or Rademacher), differentiating the gradients once more; for that
     the trainer runs the backward of those steps with `create_graph=True` (and attention on
-    SDPA's math kernel, whose backward is itself differentiable), as `wants_second_order()`
-    asks. Registered as-is: lr, betas, weight_decay, p (the update clip), update_period,
-    num_samples, hessian_distribution."""
+    SDPA's math kernel), as `wants_second_order()` asks. Options as pytorch_optimizer names
+    them: lr, betas, weight_decay (decoupled unless `weight_decouple=False`), p (the update
+    clip), update_period, num_samples, hessian_distribution, eps.
+
+    Constructing one returns pytorch_optimizer's class with this project's two methods
+    (`_implementation`): pytorch_optimizer imports transformers, ~1 s that every process
+    would pay at start-up if it were imported with the registry."""
+
+    def __new__(cls, params: Any, **options: Any) -> torch.optim.Optimizer:
+        return _implementation()(params, **options)
+
+    def __init__(self, params: Any, *, lr: float = 0.06, betas: tuple[float, float] = (0.96, 0.99),
+                 weight_decay: float = 0.0, weight_decouple: bool = True, p: float = 0.01, update_period: int = 10,
+                 num_samples: int = 1, hessian_distribution: Literal["gaussian", "rademacher"] = "gaussian",
+                 eps: float = 1e-12) -> None:  # the registry's signature; `__new__` builds the real one
+        raise AssertionError("unreachable: SophiaH() returns the implementation's instance")
+
+
+# What configs, validation and the catalogue read (inspect would otherwise show `__new__`'s **options)
+SophiaH.__signature__ = inspect.signature(SophiaH.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(SophiaH.__init__).parameters.values())[1:])
+
+
+class _SecondOrderSteps(SecondOrderOptimizer):
+    """What Sophia-H adds to pytorch_optimizer's class: when to differentiate twice, and a
+    state-initialising step without a graph."""
+
+    update_period: int
+    param_groups: list[dict[str, Any]]
 
     def wants_second_order(self) -> bool:
         """Whether the coming step() estimates the Hessian (its gradients must carry a graph)."""
@@ -35,3 +64,11 @@ class SophiaH(pytorch_optimizer.SophiaH, SecondOrderOptimizer):
             # loading takes one); their Hessian-vector products are zero.
             hessian = [torch.zeros_like(p) for g in self.param_groups for p in g["params"]]
         return super().step(closure, hessian)
+
+
+@functools.cache
+def _implementation() -> type[torch.optim.Optimizer]:
+    """pytorch_optimizer's SophiaH with `_SecondOrderSteps` in front (built once)."""
+    import pytorch_optimizer
+
+    return type("SophiaH", (_SecondOrderSteps, pytorch_optimizer.SophiaH), {"__module__": __name__})
