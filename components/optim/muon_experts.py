@@ -46,11 +46,14 @@ class StackedMuon(torch.optim.Optimizer):
             if not params:
                 continue
             updates = self._momentum(params, group)
-            by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            # one batch per matrix shape and device mesh: DTensors on different meshes (expert
+            # stacks sharded over ep, the other matrices over dp) cannot be concatenated
+            batches: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p, update in zip(params, updates):
-                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, update if update.ndim == 3 else update[None]))
-            for shape, pairs in by_shape.items():
-                self._apply(shape, pairs, group)
+                key = (*p.shape[-2:], id(getattr(p, "device_mesh", None)))
+                batches.setdefault(key, []).append((p, update if update.ndim == 3 else update[None]))
+            for key, pairs in batches.items():
+                self._apply(key[:2], pairs, group)
         return loss
 
     def _momentum(self, params: list[torch.Tensor], group: dict[str, Any]) -> list[torch.Tensor]:
