@@ -61,21 +61,27 @@ class ActivationBytes:
 def _routed_expert_bytes(moe: MoE, tokens: int, element: int, *, row_multiple: int = 1, ep: int = 1) -> float:
     """What routing `tokens` tokens top_k each through `moe` saves, for a balanced routing.
 
-    Experts (`GroupedExperts.forward`, or `expert_parallel.local_experts` + `combine` under
-    ep): each expert's rows are padded to a multiple of `row_multiple` (16 on CPU, 1 on GPUs),
-    so the grouped GEMMs run on M / multiple * multiple + (n_experts / ep) * multiple rows for
-    M = tokens * top_k assignments (balanced: a process receives as many rows as it sends);
-    per row they save the gathered input (dim) and the gate, up, SiLU and product outputs
-    (4 x hidden). Per assignment the weighted combine saves the expert output twice (the
-    gate multiply's input, index_add_'s source: 2 x dim) and int64 row/token indices and an
-    fp32 gate. Router, fp32: per token about four [n_experts] score tensors (scores, biased
-    and group-masked choices, the balance loss's copy), top-k indices and normalised weights.
+    Rows: each expert's rows are padded to a multiple of `row_multiple` (16 on CPU, 1 on
+    GPUs), so the GEMMs run on M / multiple * multiple + (n_experts / ep) * multiple rows for
+    M = tokens * top_k assignments (balanced: a process receives as many rows as it sends).
+    Without ep (`routed_swiglu`, one autograd Function) each row saves its gathered input
+    (dim), the gate, up, SiLU, product and weighted product (5 x hidden), its int64 token and
+    its gate. Under ep (`expert_parallel.local_experts` + `combine`, plain autograd) each row
+    saves the input and the gate, up, SiLU and product outputs (4 x hidden), and per
+    assignment the weighted combine saves the expert output twice (the gate multiply's input,
+    index_add_'s source: 2 x dim) and int64 row/token indices and an fp32 gate. Router, fp32:
+    per token about four [n_experts] score tensors (scores, biased and group-masked choices,
+    the balance loss's copy), top-k indices and normalised weights.
     """
     k, dim, hidden, n_experts = moe.router.top_k, moe.experts.dim, moe.experts.hidden_dim, moe.experts.n_experts
     assignments = tokens * k
     rows = -(-assignments // row_multiple) * row_multiple + n_experts // ep * row_multiple
-    experts = rows * (dim + 4 * hidden) * element
-    combine = assignments * (2 * dim * element + 8 + 8 + 4)
+    if ep == 1:
+        experts = rows * ((dim + 5 * hidden) * element + 8 + element)
+        combine = 0
+    else:
+        experts = rows * (dim + 4 * hidden) * element
+        combine = assignments * (2 * dim * element + 8 + 8 + 4)
     router = tokens * (4 * n_experts * 4 + k * (8 + 4))
     return experts + combine + router
 
