@@ -93,10 +93,12 @@ class ClockedValidator(Validator):
         return out
 
 
-def run(config: fdl.Partial, *, seed: int, every: int, precision: str | None) -> Curve:
-    """Train `config` with seed `seed`, validating every `every` steps on the fixed set; its curve."""
+def run(config: fdl.Partial, *, seed: int, every: int, precision: str | None, threads: int = 1) -> Curve:
+    """Train `config` with seed `seed` on `threads` torch threads, validating every `every` steps
+    on the fixed set; its curve."""
     config = copy.deepcopy(config)
     config.seed = seed
+    config.compute.threads = threads  # the presets leave torch's default, which differs by machine
     if precision is not None:
         config.precision = PRECISION.config(precision)
     steps = config.steps
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--every", type=int, default=10, help="validate every this many steps")
     parser.add_argument("--precision", default=None, help="override both presets' precision (e.g. fp32)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: side by side, reproducible)")
     parser.add_argument("--baseline", default="debug_baseline")
     parser.add_argument("--improved", default="debug_muon")
     parser.add_argument("--only", default=None, help="run this one preset (a curve, no ratio)")
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     curves: dict[str, list[Curve]] = {name: [] for name in names}
     for seed in args.seeds:
         for name in names:
-            curve = run(configs[name], seed=seed, every=args.every, precision=args.precision)
+            curve = run(configs[name], seed=seed, every=args.every, precision=args.precision, threads=args.threads)
             curves[name].append(curve)
             last = curve.points[-1]
             print(f"{name} seed {seed}: final val {last[2]:.4f} at step {last[0]}, {last[1]:.1f} s training "
@@ -223,7 +226,7 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
         "",
         f"Measured"
         f" {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s) per run.",
+        f"{args.threads} thread(s) per run.",
     ]
     text = "\n".join(lines)
     print(text)
