@@ -61,3 +61,16 @@ def test_muon_trains_the_flagship_under_each_layout_as_one_process(runs, layout)
     assert set(weights) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6, msg=f"{layout}: {name}")
+
+
+def test_zero1_refuses_muon_with_a_message_naming_the_fix():
+    """ZeRO-1 rebuilds the optimizer per partition from its class and `defaults`; MuonWithAdamW
+    keeps its settings in its sub-optimizers (rebuilt, it lost them and torch asserted on the
+    group count): refused, naming FSDP as the layout that shards Muon's state."""
+    from tessera.components.optim.muon import MuonWithAdamW
+    from tessera.components.parallel.zero import shard_optimizer_state
+
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    muon = MuonWithAdamW([{"params": [weight], "kind": "matrix"}], lr=1e-3)
+    with pytest.raises(ValueError, match=r"zero1: the optimizer MuonWithAdamW .* use dp_shard"):
+        shard_optimizer_state(muon, process_group=None)

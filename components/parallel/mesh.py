@@ -293,7 +293,10 @@ class Mesh(ParallelPlan):
         self._replica = (self._replica[0], optimizer) if self._replica is not None else None
         if not self.zero1 or dist.get_world_size(self.group) == 1:  # ZeRO-1 over one process: the optimizer
             return optimizer
-        return zero.shard_optimizer_state(optimizer, self.group, local=self._experts)
+        try:
+            return zero.shard_optimizer_state(optimizer, self.group, local=self._experts)
+        except ValueError as err:  # an optimizer ZeRO-1 cannot rebuild: a message from every rank, no traceback
+            raise MeshError(str(err)) from err
 
     def forward_backward(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *,
                          n_micro: int, losses: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],

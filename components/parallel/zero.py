@@ -82,6 +82,11 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, process_group: Any, 
     rest (`tessera.components.parallel.split_optimizer`)."""
     if optimizer.state:
         raise ValueError("ZeRO-1 shards a fresh optimizer; this one already holds state")
+    if not optimizer.defaults:  # e.g. MuonWithAdamW: its settings live in the optimizers it combines
+        raise ValueError(f"parallel.zero1: the optimizer {type(optimizer).__name__} keeps its settings in the "
+                         f"optimizers it combines, so it cannot be rebuilt for each process's partition; use "
+                         f"dp_shard (FSDP also shards the optimizer state) instead of zero1, or a single "
+                         f"optimizer such as @adamw")
     # the hyperparameters the class's constructor takes (some keep derived ones in `defaults`)
     accepted = inspect.signature(type(optimizer)).parameters
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}
