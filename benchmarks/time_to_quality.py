@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tessera.components.train.trainer as trainer_module  # noqa: E402
+from tessera.components.train.compute import Compute  # noqa: E402
 from tessera.components.train.launch import build_model_on_meta  # noqa: E402
 from tessera.components.train.metrics import Metrics  # noqa: E402
 from tessera.components.train.validation import Validator  # noqa: E402
@@ -98,7 +99,12 @@ def run(config: fdl.Partial, *, seed: int, every: int, precision: str | None, th
     on the fixed set; its curve."""
     config = copy.deepcopy(config)
     config.seed = seed
-    config.compute.threads = threads  # the presets leave torch's default, which differs by machine
+    # the presets leave torch's default thread count, which differs by machine and launching shell
+    compute = config.compute  # a Config where the preset sets it, else train's default Compute()
+    if isinstance(compute, fdl.Buildable):
+        compute.threads = threads
+    else:
+        config.compute = fdl.Config(Compute, **{**dataclasses.asdict(compute), "threads": threads})
     if precision is not None:
         config.precision = PRECISION.config(precision)
     steps = config.steps
