@@ -10,6 +10,7 @@ import torch
 import torch.optim._muon as torch_muon
 
 from tessera.components.interfaces import ParamGroups
+from tessera.components.optim.adamw import adamw
 from tessera.components.optim.muon_experts import StackedMuon
 from tessera.registry.kinds import OPTIMIZER
 
@@ -59,8 +60,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
                         "ns_steps": ns_steps}
         self._muon = torch.optim.Muon(split["muon"], **muon_options) if split["muon"] else None
         self._stacked = StackedMuon(split["stacked"], **muon_options) if split["stacked"] else None
-        self._adamw = torch.optim.AdamW(split["adamw"], lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
-                                        weight_decay=weight_decay) if split["adamw"] else None
+        # tessera's adamw: torch's fused kernel where every tensor allows it, as the `adamw` entry
+        self._adamw = adamw(split["adamw"], lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
+                            weight_decay=weight_decay) if split["adamw"] else None
         # each sub-optimizer present and its number of groups, in the order of `param_groups`
         self._subs = [(sub, len(groups)) for sub, groups in zip((self._muon, self._stacked, self._adamw),
                                                                 split.values()) if sub is not None]
