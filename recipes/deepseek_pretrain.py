@@ -72,7 +72,7 @@ def debug() -> fdl.Partial:
     and pydoc topics) with a 2048-token BPE. The sizes and optimisation below are chosen for the
     debug run, not taken from a paper, except where a comment cites one. Precision `auto`
     computes in bf16 where this machine runs it faster than fp32, else in fp32. `debug_muon`
-    reaches this run's final loss in a little over half the time (docs/performance/time-to-quality.md)."""
+    reaches this run's final loss in about half the time (docs/performance/time-to-quality.md)."""
     return _adamw_debug("runs/deepseek_pretrain/debug")
 
 
@@ -83,11 +83,11 @@ def debug_muon() -> fdl.Partial:
     A DeepSeek-V3-shaped model (arXiv:2412.19437 §2) scaled down to 4 layers of width 128,
     trained for 170 steps on the default offline corpus (Python standard library code,
     docstrings and pydoc topics) with a 2048-token BPE. It reaches the loss `debug_baseline`
-    ends at after 150-160 steps, in 58% of the baseline's wall time
+    ends at after 150 steps, in 52% of the baseline's wall time on one CPU thread in bf16
     (docs/performance/time-to-quality.md, with the ablation of each choice below). Not yet
-    the default: the multi-process tests run `debug` with AdamW's options (`optimizer.eps`)
-    and compare sharded runs with one process exactly, which Muon under FSDP / tensor
-    parallelism has not been checked for. The optimisation is
+    the default: tests, examples and guides still run `debug` with AdamW's options (the
+    guide lists them); Muon itself trains under FSDP, tensor and expert parallelism as one
+    process does (tests/test_muon_sharded.py). The optimisation is
     chosen for this run, not taken from a paper, except where a comment cites one."""
     # chosen: the fewest steps (10 apart) whose decayed model reaches debug_baseline's final loss
     # (about 5.0 on the fixed validation set) with the settings below; 130 end at 5.07-5.10
