@@ -172,7 +172,7 @@ def test_the_ten_line_recipe_trains_from_its_command_line(tmp_path):
 
 
 def test_bash_commands_are_accepted():
-    # README's and the docs' commands in one process: a command both give is checked once
+    # README's and the docs' commands in one process: the recipes and their imports load once
     items = [{"where": b.where, "command": c} for b in doc_blocks("bash") for c in commands(b)]
     for part in ("README.md", "docs"):
         assert sum(item["where"].startswith(part) for item in items) > 10, part
