@@ -145,5 +145,5 @@ def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, 
     x = x / x.norm().clamp(min=eps)
     for _ in range(ns_steps):
         gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # fused multiply-adds
     return (x.T if tall else x).to(grad.dtype)

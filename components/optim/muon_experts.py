@@ -97,5 +97,6 @@ def newton_schulz_batched(grad: torch.Tensor, ns_coefficients: tuple[float, floa
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(ns_steps):
         gram = x @ x.mT
-        x = a * x + torch.baddbmm(gram, gram, gram, beta=b, alpha=c) @ x
+        # a X + (b A + c A^2) X as two fused multiply-adds: no separate scale and add passes over X
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
