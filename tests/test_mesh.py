@@ -15,7 +15,6 @@ import fiddle as fdl
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from tessera.cli import resolve
 from tessera.components.interfaces import CommHook, PeriodicSync
@@ -26,6 +25,7 @@ from tessera.recipes import deepseek_pretrain, llama_pretrain
 from tessera.registry.errors import ConfigError
 
 from helpers.launch import torchrun, worker
+from helpers.worker_outputs import merged_weights
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
 STEPS = 4
@@ -64,18 +64,6 @@ def on_processes(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple]:
         results[job["label"]] = (written["losses"], merged_weights(Path(job["weights"]), processes),
                                  written["stats"])
     return results
-
-
-def merged_weights(path, processes: int) -> dict[str, torch.Tensor]:
-    """The whole model's weights from each process's file `path.<rank>`; a tensor that several
-    processes hold (replicas, or a sharded one gathered) must be the same on all of them."""
-    merged: dict[str, torch.Tensor] = {}
-    for rank in range(processes):
-        for name, value in load_file(f"{path}.{rank}").items():
-            if name in merged:
-                torch.testing.assert_close(value, merged[name], rtol=0, atol=0, msg=f"rank {rank} disagrees: {name}")
-            merged[name] = value
-    return merged
 
 
 def without_last_checkpoint(source, target):

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tessera.cli import resolve
 from tessera.components.train.launch import launch
 from tessera.recipes import deepseek_pretrain
 
 from helpers.launch import torchrun, worker
+from helpers.worker_outputs import merged_weights
 
 ARGS = ["debug_muon", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
         "validation.batches=0", "steps=4", "scheduler.total_steps=6", "scheduler.warmup_steps=2",
@@ -46,8 +46,7 @@ def runs(tmp_path_factory):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     for job in jobs:
         losses = json.loads(Path(job["weights"] + ".result.json").read_text())["losses"]
-        weights = {**load_file(job["weights"] + ".1"), **load_file(job["weights"] + ".0")}
-        out[job["label"]] = (losses, weights)
+        out[job["label"]] = (losses, merged_weights(Path(job["weights"]), 2))
     return out
 
 

@@ -88,7 +88,7 @@ def uniform_layout(sorted_expert: torch.Tensor, counts: torch.Tensor, capacity: 
     """int64 [M]: the row of each expert-sorted assignment when expert e owns rows
     [e * capacity, (e + 1) * capacity); `counts` int64 [E], assignments per expert."""
     start = counts.cumsum(0) - counts
-    first_row = counts.new_tensor(range(0, counts.numel() * capacity, capacity)) - start
+    first_row = torch.arange(0, counts.numel() * capacity, capacity, device=counts.device) - start
     return first_row.index_select(0, sorted_expert) + torch.arange(sorted_expert.numel(), device=sorted_expert.device)
 
 

@@ -37,8 +37,8 @@ class SophiaH(torch.optim.Optimizer, SecondOrderOptimizer):
 
 
 # What configs, validation and the catalogue read (inspect would otherwise show `__new__`'s **options)
-SophiaH.__signature__ = inspect.signature(SophiaH.__init__).replace(  # type: ignore[attr-defined]
-    parameters=list(inspect.signature(SophiaH.__init__).parameters.values())[1:])
+_INIT = inspect.signature(SophiaH.__init__)
+SophiaH.__signature__ = _INIT.replace(parameters=list(_INIT.parameters.values())[1:])  # type: ignore[attr-defined]
 
 
 class _SecondOrderSteps(SecondOrderOptimizer):
