@@ -21,6 +21,7 @@ from tessera.components.interfaces import (
 )
 from tessera.components.model.block import TransformerBlock
 from tessera.components.model.mtp import MultiTokenPrediction
+from tessera.components.model.softmax_cross_entropy import softmax_cross_entropy
 from tessera.registry.invariants import invariant
 
 
@@ -252,6 +253,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from tessera.components.parallel.loss_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(logits, targets)
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        # torch's CPU log_softmax backward is slow; under compile the fused kernel is inductor's
+        return softmax_cross_entropy(logits.flatten(0, 1), targets.flatten())
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
