@@ -108,29 +108,31 @@ def test_muon_on_matrices_adamw_elsewhere_match_torch():
                                combined.state[model[1].weight]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_muon_on_expert_stacks_matches_torch_muon_per_expert_matrix(batched):
+@pytest.mark.parametrize("batched,adjust", [(False, "match_rms_adamw"), (True, "match_rms_adamw"), (True, "original")])
+def test_muon_on_expert_stacks_matches_torch_muon_per_expert_matrix(batched, adjust):
     """expert_stacks="muon": each [rows, cols] slice of a 3-D stack takes exactly the update
     torch.optim.Muon gives that matrix alone (momentum, Newton-Schulz, decay, lr adjustment);
-    batched=True batches a 2-D matrix of the same shape with them, to the same result."""
+    batched=True batches a 2-D matrix of the same shape, and one of the transposed shape, with
+    them, to the same result (also where the lr adjustment tells tall from wide: "original")."""
     torch.manual_seed(0)
     stack, matrix = torch.nn.Parameter(torch.randn(3, 6, 4)), torch.nn.Parameter(torch.randn(6, 4))
-    groups = [{"params": [stack, matrix], "kind": "matrix"}]
+    wide = torch.nn.Parameter(torch.randn(4, 6))
+    groups = [{"params": [stack, matrix, wide], "kind": "matrix"}]
     combined = MuonWithAdamW(groups, lr=0.02, adamw_lr=1e-3, weight_decay=0.1, ns_dtype="fp32",
-                             expert_stacks="muon", batched=batched)
+                             expert_stacks="muon", batched=batched, adjust_lr_fn=adjust)
     assert combined._stacked is not None and combined._adamw is None and (combined._muon is None) == batched
-    matrices = [*stack.unbind(0), matrix]
+    matrices = [*stack.unbind(0), matrix, wide]
     refs = [torch.optim.Muon([m.detach().clone().requires_grad_()], lr=0.02, weight_decay=0.1,
-                             adjust_lr_fn="match_rms_adamw") for m in matrices]
+                             adjust_lr_fn=adjust) for m in matrices]
     for _ in range(3):
-        grads = torch.randn(4, 6, 4)
-        stack.grad, matrix.grad = grads[:3].clone(), grads[3].clone()
+        grads = [*torch.randn(4, 6, 4), torch.randn(4, 6)]
+        stack.grad, matrix.grad, wide.grad = torch.stack(grads[:3]), grads[3].clone(), grads[4].clone()
         combined.step()
         for grad, ref in zip(grads, refs):
             ref.param_groups[0]["params"][0].grad = grad.clone()
             with MuonWithAdamW._orthogonalise_in(True):  # the same fp32 iteration as `combined`
                 ref.step()
-    for mine, ref in zip([*stack.unbind(0), matrix], refs):
+    for mine, ref in zip([*stack.unbind(0), matrix, wide], refs):
         torch.testing.assert_close(mine, ref.param_groups[0]["params"][0])
     # default: the stack stays on AdamW; a wrong choice is refused by name
     assert MuonWithAdamW([{"params": [stack], "kind": "matrix"}], lr=0.02)._stacked is None

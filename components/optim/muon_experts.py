@@ -46,14 +46,17 @@ class StackedMuon(torch.optim.Optimizer):
             if not params:
                 continue
             updates = self._momentum(params, group)
-            # one batch per matrix shape and device mesh: DTensors on different meshes (expert
-            # stacks sharded over ep, the other matrices over dp) cannot be concatenated
+            # one batch per matrix shape (a tall matrix as its transpose: the iteration runs on the
+            # wide side anyway) and device mesh: DTensors on different meshes (expert stacks
+            # sharded over ep, the other matrices over dp) cannot be concatenated
             batches: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p, update in zip(params, updates):
-                key = (*p.shape[-2:], id(getattr(p, "device_mesh", None)))
-                batches.setdefault(key, []).append((p, update if update.ndim == 3 else update[None]))
-            for key, pairs in batches.items():
-                self._apply(key[:2], pairs, group)
+                update = update if update.ndim == 3 else update[None]
+                update = update.mT if update.size(1) > update.size(2) else update
+                key = (*update.shape[-2:], id(getattr(p, "device_mesh", None)))
+                batches.setdefault(key, []).append((p, update))
+            for pairs in batches.values():
+                self._apply(pairs, group)
         return loss
 
     def _momentum(self, params: list[torch.Tensor], group: dict[str, Any]) -> list[torch.Tensor]:
@@ -69,19 +72,23 @@ class StackedMuon(torch.optim.Optimizer):
         torch._foreach_lerp_(buffers, grads, 1 - momentum)
         return torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
 
-    def _apply(self, shape: tuple[int, int], pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    def _apply(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
                group: dict[str, Any]) -> None:
-        """Orthogonalise the updates of every parameter of matrix `shape` in one batch; step them."""
+        """Orthogonalise the (wide-side) updates of `pairs`, all of one shape, in one batch; step
+        their parameters."""
         updates = torch.cat([update for _, update in pairs])
         orthogonal = newton_schulz_batched(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                            dtype=torch.float32 if self.fp32 else torch.bfloat16)
         lr = float(group["lr"])
-        adjusted = torch_muon._adjust_lr(lr, group["adjust_lr_fn"], torch.Size(shape))
         params = [p for p, _ in pairs]
-        parts = [part.view_as(p).to(p.dtype) for p, part in
-                 zip(params, orthogonal.split([u.size(0) for _, u in pairs]))]
+        parts = [(part if part.shape[-2:] == p.shape[-2:] else part.mT).reshape(p.shape).to(p.dtype)
+                 for p, part in zip(params, orthogonal.split([u.size(0) for _, u in pairs]))]
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, parts, alpha=-adjusted)
+        # the rate follows each matrix's own orientation ("original" scales tall matrices only)
+        rates = [torch_muon._adjust_lr(lr, group["adjust_lr_fn"], p.shape[-2:]) for p in params]
+        for rate in set(rates):
+            chosen = [i for i, r in enumerate(rates) if r == rate]
+            torch._foreach_add_([params[i] for i in chosen], [parts[i] for i in chosen], alpha=-rate)
 
 
 def newton_schulz_batched(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
