@@ -59,6 +59,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Leave what collection made (~0.5 M objects: torch, the test modules, their parameters)
+    out of every later garbage collection. Each in-process run ends with a full collection
+    (process_group._free_dropped_groups), which otherwise walks all of it: 0.19 s per run
+    measured in a worker, a fifth of a catalogue case. Objects made by the tests themselves,
+    process groups included, are collected as before; what is frozen lives for the session anyway."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture
 def scratch_registry():
     """Yields a factory of throwaway registries, removed from the global list afterwards."""
