@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.components.model.decoder import cross_entropy
-from tessera.components.model.softmax_cross_entropy import softmax_cross_entropy
+from tessera.components.model.softmax_cross_entropy import softmax_cross_entropy, twice_differentiable
 
 
 def _loss_and_grad(fn, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +54,10 @@ def test_a_target_far_in_the_tail_keeps_an_exact_finite_loss():
     torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-5, atol=1e-7)
 
 
-def test_second_derivatives_are_torchs():
+def test_a_second_derivative_is_refused_and_the_twice_differentiable_loss_is_torchs():
     # a Hessian-vector product through the loss, as Sophia-H takes with create_graph=True
     torch.manual_seed(2)
-    logits, targets, v = torch.randn(20, 7), torch.randint(0, 7, (20,)), torch.randn(20, 7)
+    logits, targets, v = torch.randn(4, 20, 7), torch.randint(0, 7, (4, 20)), torch.randn(4, 20, 7)
 
     def hvp(fn):
         x = logits.double().clone().requires_grad_()
@@ -65,7 +65,11 @@ def test_second_derivatives_are_torchs():
         (hv,) = torch.autograd.grad((grad * v.double()).sum(), x)
         return hv
 
-    torch.testing.assert_close(hvp(softmax_cross_entropy), hvp(reference), rtol=1e-6, atol=1e-9)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        hvp(cross_entropy)  # never a silently wrong second derivative
+    with twice_differentiable():
+        mine = hvp(cross_entropy)
+    torch.testing.assert_close(mine, hvp(lambda x, t: F.cross_entropy(x.flatten(0, 1), t.flatten())))
 
 
 def test_the_models_loss_uses_it_on_cpu_and_matches_torch():

@@ -19,9 +19,9 @@ from tessera.components.interfaces import (
     PositionEncoding,
     position_kind,
 )
+from tessera.components.model import softmax_cross_entropy
 from tessera.components.model.block import TransformerBlock
 from tessera.components.model.mtp import MultiTokenPrediction
-from tessera.components.model.softmax_cross_entropy import softmax_cross_entropy
 from tessera.registry.invariants import invariant
 
 
@@ -253,9 +253,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from tessera.components.parallel.loss_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(logits, targets)
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-        # torch's CPU log_softmax backward is slow; under compile the fused kernel is inductor's
-        return softmax_cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if softmax_cross_entropy.wanted(logits):  # torch's CPU log_softmax backward is slow
+        return softmax_cross_entropy.softmax_cross_entropy(logits.flatten(0, 1), targets.flatten())
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

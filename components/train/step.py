@@ -27,6 +27,7 @@ from tessera.components.interfaces import (
     TrainingData,
 )
 from tessera.components.model.decoder import DecoderLM, cross_entropy
+from tessera.components.model.softmax_cross_entropy import twice_differentiable
 from tessera.components.train.collective_record import note_collectives
 from tessera.components.train.divergence import clip_gradients
 from tessera.components.train.guard import StabilityGuard
@@ -112,7 +113,8 @@ class StepRunner:
 
         def losses(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             kernel = sdpa_kernel(SDPBackend.MATH) if second_order else contextlib.nullcontext()
-            with self.autocast, kernel:
+            loss = twice_differentiable() if second_order else contextlib.nullcontext()
+            with self.autocast, kernel, loss:
                 return self.model.losses(batch["tokens"], batch["targets"], doc_ids=batch["doc_ids"])
 
         def backward(loss: torch.Tensor) -> None:
