@@ -22,15 +22,21 @@ tessera.registry.serialize.PROJECT_PACKAGES = tessera.registry.serialize.PROJECT
 
 
 # The files that take longest (most of them start several processes), in falling order of
-# their summed test time in a full fresh-clone run (2026-12-06, `-n 2`). Under `-n 2 --dist
-# loadfile` each file runs whole on one worker and the suite ends with its last file, so these
-# start first: a long file left to the end would run alone while the other core idles.
-LONGEST_FILES = ("test_catalogue_walk.py", "test_train.py", "test_mesh.py", "test_planner.py", "test_checkpoint.py",
-                 "test_checkpoint_integrity.py", "test_cli.py", "test_preemption.py", "test_auto_micro_batch.py",
-                 "test_hook_resume.py", "test_resharding.py", "test_fsdp.py", "test_resume_auto.py",
-                 "test_data_on_ray.py", "test_data.py", "test_tensor_parallel.py", "test_multinode.py",
-                 "test_torchft_plan.py", "test_corpus_formats.py", "test_export_hf.py", "test_comm_hooks.py",
-                 "test_readme.py", "test_bad_plans.py", "test_own_corpus.py", "test_optimizers.py")
+# their summed test time in a full run (2026-12-06, `-n 2`, every file over 8 s). Under `-n 2
+# --dist loadfile` each file runs whole on one worker and the suite ends with its last file, so
+# these start first: a long file left to the end would run alone while the other core idles.
+LONGEST_FILES = ("test_catalogue_walk.py", "test_mesh.py", "test_checkpoint.py", "test_train.py",
+                 "test_checkpoint_integrity.py", "test_planner.py", "test_preemption.py", "test_auto_micro_batch.py",
+                 "test_resharding.py", "test_torchft_plan.py", "test_fsdp.py", "test_data_on_ray.py",
+                 "test_hook_resume.py", "test_cli.py", "test_resume_auto.py", "test_tensor_parallel.py",
+                 "test_multinode.py", "test_comm_hooks.py", "test_own_corpus.py", "test_export_hf.py",
+                 "test_continue_hf.py", "test_corpus_formats.py", "test_data.py", "test_readme.py",
+                 "test_pipeline_teardown.py", "test_muon_sharded.py", "test_optimizers.py", "test_bad_plans.py",
+                 "test_pipeline.py", "test_examples.py", "test_packaging.py", "test_diloco.py", "test_watchdog.py",
+                 "test_stability.py", "test_plugins.py", "test_expert_load_pipeline.py",
+                 "test_sharded_preparation.py", "test_expert_parallel.py", "test_profiling.py",
+                 "test_activation_memory.py", "test_catalogue.py", "test_capabilities.py",
+                 "test_checkpoint_faults.py", "test_metrics.py", "test_ablation.py")
 
 
 # The suite's peak footprint in the temporary folder (checkpoints of the module-scoped runs; each
@@ -57,6 +63,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run LONGEST_FILES first, in that order; every other file keeps its place after them."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> None:
+    """Keep the order above under `--dist loadfile`: xdist (3.x) otherwise hands out files by
+    their number of tests, largest first, which put few-test, long files (test_fsdp,
+    test_hook_resume) at the end of the run. Returns None: xdist's own scheduler does the rest."""
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
