@@ -77,7 +77,11 @@ def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
         got = weights(tmp_path / other, 6)
         assert set(got) == set(expected)
         for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=f"{other}: {name}")
+            # atol 1e-5 (5e-4 of the init std): the odd weight whose gradient sits near Adam's eps
+            # moves by up to ~2e-6 with the summation order (1 of 393,216 in the embedding); a
+            # shard loaded into the wrong place would be off by the weights' own size, ~1e-2
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5,
+                                       msg=lambda detail, other=other, name=name: f"{other}: {name}: {detail}")
 
 
 @pytest.mark.slow
