@@ -83,7 +83,7 @@ def debug_muon() -> fdl.Partial:
     A DeepSeek-V3-shaped model (arXiv:2412.19437 §2) scaled down to 4 layers of width 128,
     trained for 170 steps on the default offline corpus (Python standard library code,
     docstrings and pydoc topics) with a 2048-token BPE. It reaches the loss `debug_baseline`
-    ends at after 150 steps, in 52-53% of the baseline's wall time on one CPU thread in bf16
+    ends at after 140 steps, in 48% of the baseline's wall time on one CPU thread in bf16
     (docs/performance/time-to-quality.md, with the ablation of each choice below). Not yet
     the default: tests, examples and guides still run `debug` with AdamW's options (the
     guide lists them); Muon itself trains under FSDP, tensor and expert parallelism as one
