@@ -34,6 +34,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,6 +134,7 @@ def run(config: fdl.Partial, *, seed: int, every: int, precision: str | None, th
         job()
     finally:
         trainer_module.Validator = original
+        shutil.rmtree(folder, ignore_errors=True)  # the run's metrics files: the curve is all we keep
     return curve
 
 
