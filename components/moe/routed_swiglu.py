@@ -10,9 +10,10 @@ weighted combine. Here, per padded row r of the expert-sorted layout:
     a = silu(h_gate) * h_up * w_r        the routing weight folded in before the down GEMM (F < D)
     out[token_r] += a @ W_down_e^T       one index_add_ over the padded rows
 
-and the backward recomputes silu from h. Saved per row: xs (D), h (2F), a (F), in the compute
-dtype. d w_r = <grad of (a / w_r), silu(h_g) h_u> = <g_r W_down_e, silu(h_g) h_u>, read off
-the down projection's input gradient, which is computed anyway.
+Saved per row, in the compute dtype: xs (D); gate, up, silu, their product and a (5F). The
+backward reuses its dead [R, *] buffers rather than allocating new ones (see `backward`).
+d w_r = <grad of (a / w_r), silu(h_g) h_u> = <g_r W_down_e, silu(h_g) h_u>, read off the
+down projection's input gradient, which is computed anyway.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | No
     return grouped_weight_grad(grad, x, offsets)
 
 
+def _input_grad(grad_gate: torch.Tensor, grad_up: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                offsets: torch.Tensor | None, capacity: int, *, out: torch.Tensor) -> torch.Tensor:
+    """grad_gate W_gate_e + grad_up W_up_e per row ([R, F] each, weights [E, F, D]) -> [R, D],
+    the uniform layout's first product written into `out` [R, D] (a dead buffer). Each product
+    is rounded to the compute dtype before the sum, as in the grouped layout (which the compiled
+    graph runs): a GEMM accumulating into the first (baddbmm_) rounds once and would differ."""
+    if capacity:
+        n = out.shape[0] // capacity
+        grad_xs = torch.bmm(grad_gate.view(n, capacity, -1), w_gate, out=out.view(n, capacity, -1))
+        return grad_xs.add_(torch.bmm(grad_up.view(n, capacity, -1), w_up)).view(out.shape)
+    grad_xs = grouped_mm_at(grad_gate, w_gate.transpose(-1, -2), offsets)
+    return grad_xs.add_(grouped_mm_at(grad_up, w_up.transpose(-1, -2), offsets))
+
+
 class _RoutedSwiGLU(torch.autograd.Function):
     """See `routed_swiglu`."""
 
@@ -58,20 +73,23 @@ class _RoutedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, gate, up, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets = ctx.saved_tensors
         c = ctx.capacity
+        # Fresh [R, *] buffers are what this costs beyond its GEMMs (each a first touch of new
+        # pages on CPU), so dead ones are reused: the product summed for the weight gradient
+        # becomes grad_up, grad_act becomes grad_gate, and (uniform layout) grad_rows grad_xs.
         grad_rows = grad_out.contiguous().index_select(0, row_token)  # [R, D]
         grad_w_down = _weight_grad(grad_rows, a, offsets, c)
         grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, c)  # [R, F], before the weight
+        product = grad_act * act
         # a bf16 sum accumulates in fp32 on its own; asking for an fp32 result copied [R, F] first
-        grad_weight = (grad_act * act).sum(-1).to(row_weight.dtype)
+        grad_weight = product.sum(-1).to(row_weight.dtype)
         grad_act.mul_(row_weight[:, None])
-        grad_up = grad_act * silu
-        grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)  # one fused pass
+        grad_up = torch.mul(grad_act, silu, out=product)
+        grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_act)
         grad_w_gate = _weight_grad(grad_gate, xs, offsets, c)
         grad_w_up = _weight_grad(grad_up, xs, offsets, c)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_xs = _mm(grad_gate, w_gate.transpose(-1, -2), offsets, c)
-            grad_xs += _mm(grad_up, w_up.transpose(-1, -2), offsets, c)
+            grad_xs = _input_grad(grad_gate, grad_up, w_gate, w_up, offsets, c, out=grad_rows)
             grad_x = grad_out.new_zeros(grad_out.shape).index_add_(0, row_token, grad_xs)
         return grad_x, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None
 
