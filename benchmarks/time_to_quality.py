@@ -1,10 +1,10 @@
 """Time to quality of the flagship recipe: wall time from the start of training to the first
-validation at or below a target loss, for the `debug_baseline` preset against the tuned
-`debug_muon` preset of `recipes/deepseek_pretrain.py` (`--improved debug` for the default).
+validation at or below a target loss, for the `debug_baseline` preset (AdamW, as `debug` was
+before this work) against the default preset `debug` (Muon, WSD) of `recipes/deepseek_pretrain.py`.
 
     python benchmarks/time_to_quality.py                       # 3 seeds each, precision as the presets say
     python benchmarks/time_to_quality.py --seeds 0 1 2 3 4 --precision fp32
-    python benchmarks/time_to_quality.py --only debug_muon --seeds 0 --every 10 --json /tmp/curve.json  # one curve
+    python benchmarks/time_to_quality.py --only debug --seeds 0 --every 10 --json /tmp/curve.json  # one curve
 
 What is measured, and how:
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default=None, help="override both presets' precision (e.g. fp32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: side by side, reproducible)")
     parser.add_argument("--baseline", default="debug_baseline")
-    parser.add_argument("--improved", default="debug_muon")
+    parser.add_argument("--improved", default="debug")
     parser.add_argument("--only", default=None, help="run this one preset (a curve, no ratio)")
     parser.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE",
                         help="overrides for the improved (or --only) preset, as on the recipe's command line")

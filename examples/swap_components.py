@@ -2,7 +2,8 @@
 
     python examples/swap_components.py
 
-Starts from the DeepSeek `debug` preset (MLA, DeepSeekMoE, AdamW, warmup-cosine) and makes
+Starts from the DeepSeek `debug` preset (MLA, DeepSeekMoE, Muon with AdamW, shortened here to a
+few warmup-cosine steps) and makes
 five variants, each swapping one component (ALiBi goes on the GQA variant: MLA takes
 rotary encodings only). For each it prints the parameter count and training FLOPs per token from
 the dry run (meta device, no weights) against the base's, then trains it a few steps and
@@ -88,13 +89,14 @@ def moe_to_swiglu(config: fdl.Partial) -> None:
         block.feed_forward = model_width(FEED_FORWARD.config("swiglu", dim=moe.dim, hidden_dim=hidden))
 
 
-def adamw_to_lamb(config: fdl.Partial) -> None:
-    """AdamW -> LAMB (You et al., arXiv:1904.00962): the same Adam moments and decay, each
-    tensor's step rescaled by ||w|| / ||update||."""
-    # LAMB's lr is a step relative to each tensor's norm, so AdamW's tuned lr is only a
-    # starting point (its loss falls slower at this one); tune it before comparing.
-    adamw = config.optimizer
-    config.optimizer = OPTIMIZER.partial("lamb", lr=adamw.lr, betas=adamw.betas, weight_decay=adamw.weight_decay)
+def muon_to_lamb(config: fdl.Partial) -> None:
+    """Muon (with AdamW on embeddings, head and norms) -> LAMB (You et al., arXiv:1904.00962)
+    everywhere: Adam moments and decoupled decay, each tensor's step rescaled by
+    ||w|| / ||update||."""
+    # LAMB's lr is a step relative to each tensor's norm, so Muon's tuned lr is only a
+    # starting point; tune it before comparing.
+    muon = config.optimizer
+    config.optimizer = OPTIMIZER.partial("lamb", lr=muon.lr, betas=muon.adamw_betas, weight_decay=muon.weight_decay)
 
 
 def cosine_to_wsd(config: fdl.Partial) -> None:
@@ -139,7 +141,7 @@ if __name__ == "__main__":
     print("== DeepSeek debug preset: one swap per variant, deltas against the base ==")
     compare(tiny(deepseek_pretrain.recipe.config("debug")), {
         "mla->gqa": mla_to_gqa, "rope->alibi (on mla->gqa)": rope_to_alibi, "moe->swiglu": moe_to_swiglu,
-        "adamw->lamb": adamw_to_lamb, "cosine->wsd": cosine_to_wsd,
+        "muon->lamb": muon_to_lamb, "cosine->wsd": cosine_to_wsd,
     })
 
     def multi_query(config: fdl.Partial) -> None:

@@ -65,30 +65,19 @@ def stability_guard() -> fdl.Config[StabilityGuard]:
 
 @recipe.preset(default=True)
 def debug() -> fdl.Partial:
-    """MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP, precision auto: a minute or two on 2 CPU cores.
-
-    A DeepSeek-V3-shaped model (arXiv:2412.19437 §2) scaled down to 4 layers of width 128,
-    trained for 300 steps on the default offline corpus (Python standard library code, docstrings
-    and pydoc topics) with a 2048-token BPE. The sizes and optimisation below are chosen for the
-    debug run, not taken from a paper, except where a comment cites one. Precision `auto`
-    computes in bf16 where this machine runs it faster than fp32, else in fp32. `debug_muon`
-    reaches this run's final loss in about half the time (docs/performance/time-to-quality.md)."""
-    return _adamw_debug("runs/deepseek_pretrain/debug")
-
-
-@recipe.preset
-def debug_muon() -> fdl.Partial:
-    """`debug` tuned for time to quality: Muon on every matrix (experts included), WSD, 170 steps.
+    """MLA + MoE (8 routed, 1 shared, aux-free bias) + MTP, Muon, precision auto: about a minute on 2 CPU cores.
 
     A DeepSeek-V3-shaped model (arXiv:2412.19437 §2) scaled down to 4 layers of width 128,
     trained for 170 steps on the default offline corpus (Python standard library code,
-    docstrings and pydoc topics) with a 2048-token BPE. It reaches the loss `debug_baseline`
-    ends at after 140 steps, in 48% of the baseline's wall time on one CPU thread in bf16
-    (docs/performance/time-to-quality.md, with the ablation of each choice below). Not yet
-    the default: tests, examples and guides still run `debug` with AdamW's options (the
-    guide lists them); Muon itself trains under FSDP, tensor and expert parallelism as one
-    process does (tests/test_muon_sharded.py). The optimisation is
-    chosen for this run, not taken from a paper, except where a comment cites one."""
+    docstrings and pydoc topics) with a 2048-token BPE, with Muon on every hidden matrix and a
+    warmup-stable-decay schedule. It reaches the loss `debug_baseline` (AdamW, 300 steps) ends
+    at after 140 steps, in under half the baseline's wall time (docs/performance/time-to-quality.md,
+    with the ablation of each choice below). Precision `auto` computes in bf16 where this
+    machine runs it faster than fp32, else in fp32. Muon trains under FSDP, tensor, pipeline
+    and expert parallelism as one process does; ZeRO-1 (`@mesh(..., zero1=True)`) refuses it
+    (it rebuilds the optimizer per partition from one class's settings): start from
+    `debug_baseline` there, or shard with FSDP (`dp_shard`). The optimisation is chosen for
+    this run, not taken from a paper, except where a comment cites one."""
     # chosen: the fewest steps (10 apart) whose decayed model reaches debug_baseline's final loss
     # (about 5.0 on the fixed validation set) with the settings below; 130 end at 5.07-5.10
     steps = 170
@@ -119,7 +108,7 @@ def debug_muon() -> fdl.Partial:
         step=fdl.Config(StepOptions, grad_clip=1.0),  # the papers' clipping (V3 §4.2)
         precision=PRECISION.config("auto"), guard=stability_guard(), seed=0,
         # chosen: validation and the held-out cloze task at the end only (each costs steps' time)
-        **run_outputs("runs/deepseek_pretrain/debug_muon", every=steps, downstream="heldout_cloze"))
+        **run_outputs("runs/deepseek_pretrain/debug", every=steps, downstream="heldout_cloze"))
 
 
 @recipe.preset
@@ -127,11 +116,6 @@ def debug_baseline() -> fdl.Partial:
     """`debug` as it was when the time-to-quality work started (AdamW, 300 steps of 16 x 128
     tokens): the reference `benchmarks/time_to_quality.py` measures against, frozen here so
     that the comparison stays reproducible when `debug` changes."""
-    return _adamw_debug("runs/deepseek_pretrain/debug_baseline")
-
-
-def _adamw_debug(folder: str) -> fdl.Partial:
-    """The AdamW debug run of `debug` and `debug_baseline`, reporting to `folder`."""
     steps = 300  # chosen: enough for the loss to fall well below the unigram entropy in a few minutes
     return fdl.Partial(
         train, model=_debug_model(),
@@ -145,7 +129,7 @@ def _adamw_debug(folder: str) -> fdl.Partial:
         step=fdl.Config(StepOptions, grad_clip=1.0),  # the papers' clipping (V3 §4.2)
         precision=PRECISION.config("auto"), guard=stability_guard(), seed=0,
         # chosen: the built-in held-out cloze task beside the loss (about 1.5% of the run's time)
-        **run_outputs(folder, every=100, downstream="heldout_cloze"))
+        **run_outputs("runs/deepseek_pretrain/debug_baseline", every=100, downstream="heldout_cloze"))
 
 
 def _debug_model() -> fdl.Config:

@@ -42,7 +42,7 @@ def test_swap_components_prints_each_swaps_cost_and_trains_it(tmp_path):
     assert len(sections) == 2, result.stdout
     deepseek, llama = ({m["name"]: m for line in part.splitlines() if (m := VARIANT_LINE.match(line))}
                        for part in sections)
-    assert list(deepseek) == ["base", "mla->gqa", "rope->alibi (on mla->gqa)", "moe->swiglu", "adamw->lamb",
+    assert list(deepseek) == ["base", "mla->gqa", "rope->alibi (on mla->gqa)", "moe->swiglu", "muon->lamb",
                               "cosine->wsd"], result.stdout
     assert list(llama) == ["base", "gqa->mqa"], result.stdout
     example = _load_example("swap_components")
@@ -74,7 +74,7 @@ def test_swap_components_prints_each_swaps_cost_and_trains_it(tmp_path):
     e, k, hid = moes[0].router.n_experts, moes[0].router.top_k, moes[0].experts.hidden_dim
     assert _number(deepseek["moe->swiglu"]["dparams"]) == len(moes) * (3 * dim * hid * (k - e) - e * dim)
     assert abs(_number(deepseek["moe->swiglu"]["dflops"])) <= 0.01 * _number(deepseek["base"]["flops"])
-    for name in ("adamw->lamb", "cosine->wsd"):  # training-only swaps leave the model alone
+    for name in ("muon->lamb", "cosine->wsd"):  # training-only swaps leave the model alone
         assert _number(deepseek[name]["dparams"]) == _number(deepseek[name]["dflops"]) == 0
     # Llama: multi-query keeps 1 of n_kv_heads key/value heads in every layer
     llama_config = llama_pretrain.recipe.config("debug")

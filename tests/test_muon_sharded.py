@@ -21,7 +21,7 @@ from tessera.recipes import deepseek_pretrain
 from helpers.launch import torchrun, worker
 from helpers.worker_outputs import merged_weights
 
-ARGS = ["debug_muon", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
+ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
         "validation.batches=0", "steps=4", "scheduler.total_steps=6", "scheduler.warmup_steps=2",
         "optimizer.ns_dtype=fp32",
         # as tests/test_mesh.py: rows of tokens absent from a batch get ~1e-9 gradients that differ

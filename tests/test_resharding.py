@@ -33,10 +33,12 @@ from helpers.workers import resharding_jobs
 from helpers.workers.resharding_jobs import LENGTH, fixed_tokens
 
 STEPS = 2
-ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
+ARGS = ["batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
         "validation.batches=1",
         f"steps={STEPS}", "scheduler.total_steps=4", "scheduler.warmup_steps=1", "optimizer.eps=1e-5"]
-EXTRA = {"llama": ["model.layers[*].attention.dropout=0.0"], "deepseek": []}
+# DeepSeek from its AdamW preset: these tests check parallel layouts against one process, and
+# ZeRO-1 (in the layouts) takes a single optimizer; Muon's layouts: tests/test_muon_sharded.py
+EXTRA = {"llama": ["debug", "model.layers[*].attention.dropout=0.0"], "deepseek": ["debug_baseline"]}
 PLANS = {"fsdp": "@mesh(dp_shard=2)", "ddp": "@mesh(dp_replicate=2)", "tp": "@mesh(tp=2)",
          "pp": "@mesh(pp=2,n_microbatches=4)", "ep": "@mesh(dp_shard=2,ep=2)", "one": "@single",
          # on 4 processes: FSDP x PP, and DeepSeek-V3's layout in miniature (PP x EP over ZeRO-1 replicas)
@@ -63,7 +65,7 @@ def checkpoint_of(tmp: Path, source: str) -> Path:
 def job(tmp: Path, label: str, recipe: str, plan: str, *, resume: str | None = None,
         export: bool = False) -> dict[str, Any]:
     """One job of resharding_jobs.py: train `recipe` under `plan` (or resume `resume` under it)."""
-    return {"label": label, "recipe": recipe, "args": [*ARGS, *EXTRA[recipe], f"parallel={PLANS[plan]}"],
+    return {"label": label, "recipe": recipe, "args": [*EXTRA[recipe], *ARGS, f"parallel={PLANS[plan]}"],
             "folder": str(tmp / "checkpoints" / label), "resume": resume, "out": str(tmp / "out" / label),
             "export": str(tmp / "hf" / label) if export else None}
 

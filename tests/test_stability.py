@@ -87,6 +87,9 @@ def test_guard_judges_spikes_against_recent_losses_and_round_trips():
     assert guard.check(5.0, 1.0) and guard.check(4.0, 1.0)
     assert not guard.check(9.0, 1.0)           # > 2x the running mean of the last good loss
     assert not guard.check(float("nan"), 1.0) and guard.consecutive_bad == 2
+    # a finite, unremarkable loss whose gradient is exactly zero: the model is dead, not converged
+    assert not guard.check(4.0, 0.0) and "exactly 0" in guard.reason and guard.consecutive_bad == 3
+    assert guard.check(4.0, 1e-12)
     clone = StabilityGuard(window=1, spike_factor=2.0)
     clone.load_state_dict(guard.state_dict())
     assert clone.state_dict() == guard.state_dict()

@@ -22,7 +22,10 @@ class TrainingDiverged(FloatingPointError):
 class StabilityGuard:
     """Judges each step before the optimizer update.
 
-    A step is bad when its loss or gradient norm is not finite, or when its loss exceeds
+    A step is bad when its loss or gradient norm is not finite, when its gradient norm is
+    exactly 0 (the loss no longer depends on any weight: a dead model, which a bounded update
+    such as Muon's reaches at too high a learning rate without the loss ever spiking: the
+    weights grow until an RMSNorm's squares overflow and it outputs zeros), or when its loss exceeds
     `spike_factor` times the mean of the last `window` good losses (judged from the second
     step on: the first step's loss, about ln(vocabulary) at initialisation, is the reference).
     A bad step's update is skipped (gradients dropped). After `max_bad_steps` consecutive bad
@@ -55,6 +58,9 @@ class StabilityGuard:
             self.reason = f"the loss was {loss}"
         elif not math.isfinite(grad_norm):
             self.reason = f"the gradient norm was {grad_norm} (the loss, {loss:.4g}, was finite)"
+        elif grad_norm == 0.0:
+            self.reason = (f"the gradient norm was exactly 0 at a loss of {loss:.4g}: the loss no longer depends "
+                           f"on the weights (activations overflowed or vanished inside the model)")
         elif loss > self.spike_factor * mean:
             self.reason = (f"the loss spiked to {loss:.4g}, above {self.spike_factor:g}x the mean of the last "
                            f"{len(self.recent)} good steps ({mean:.4g})")
