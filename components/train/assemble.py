@@ -77,7 +77,7 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
     Raises ValueError for a batch that does not split into whole micro-batches, or an
     optimizer the layout cannot serve. `init.from_hf`: the checkpoint whose weights replace the
     initialisation, each process reading its own shard."""
-    compute.set_threads()
+    compute.set_up_process()
     torch.manual_seed(seed)
     precision, precision_note = auto.resolve(precision or auto.Auto(), device)
     parallel = parallel if parallel is not None else SingleProcess()
