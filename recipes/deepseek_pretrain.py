@@ -71,13 +71,14 @@ def debug() -> fdl.Partial:
     trained for 170 steps on the default offline corpus (Python standard library code,
     docstrings and pydoc topics) with a 2048-token BPE, with Muon on every hidden matrix and a
     warmup-stable-decay schedule. It reaches the loss `debug_baseline` (AdamW, 300 steps) ends
-    at after 140 steps, in under half the baseline's wall time (docs/performance/time-to-quality.md,
+    at after 140 steps, in about half the baseline's wall time (docs/performance/time-to-quality.md,
     with the ablation of each choice below). Precision `auto` computes in bf16 where this
-    machine runs it faster than fp32, else in fp32. Muon trains under FSDP, tensor, pipeline
-    and expert parallelism as one process does; ZeRO-1 (`@mesh(..., zero1=True)`) refuses it
-    (it rebuilds the optimizer per partition from one class's settings): start from
-    `debug_baseline` there, or shard with FSDP (`dp_shard`). The optimisation is chosen for
-    this run, not taken from a paper, except where a comment cites one."""
+    machine runs it faster than fp32, else in fp32. Muon trains under FSDP, tensor and expert
+    parallelism as one process does (tests/test_muon_sharded.py); ZeRO-1
+    (`@mesh(..., zero1=True)`) refuses it (it rebuilds the optimizer per partition from one
+    class's settings): start from `debug_baseline` there, or shard with FSDP (`dp_shard`).
+    The optimisation is chosen for this run, not taken from a paper, except where a comment
+    cites one."""
     # chosen: the fewest steps (10 apart) whose decayed model reaches debug_baseline's final loss
     # (about 5.0 on the fixed validation set) with the settings below; 130 end at 5.07-5.10
     steps = 170

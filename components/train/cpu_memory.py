@@ -4,8 +4,10 @@ A training step frees most of what it allocated (activations, gradients' tempora
 allocates the same sizes again in the next step. glibc's defaults hand much of it back to the
 kernel in between: blocks of 128 KiB and more (the threshold grows with use up to 32 MiB) are
 mmap'd and unmapped one by one, and a free top of the heap above 128 KiB is trimmed. Each
-page handed back is faulted in and zeroed again on its next use: about a thousand minor page
-faults a step at the debug model's sizes, each costing as much as the work on the page.
+page handed back is faulted in and zeroed again on its next use: the flagship's debug run took
+about 14,000 more minor page faults a step than with the settings below (1.1 million against
+0.25 million for a 60-step run, start-up included); Muon's optimizer step, whose 5 MB batch tensors were mapped fresh every step, went
+from about 48 to 33 ms.
 
 `keep_freed_memory` raises both thresholds: blocks up to 32 MiB (glibc's largest mmap
 threshold on 64-bit) come from the heap, and the heap is not trimmed, so a step reuses the
@@ -44,10 +46,11 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        mallopt, glibc = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError):  # not glibc: its malloc has other knobs, or none
+    except OSError:
         return False
-    del glibc
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl): its malloc has other knobs
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
