@@ -6,8 +6,8 @@ kernel in between: blocks of 128 KiB and more (the threshold grows with use up t
 mmap'd and unmapped one by one, and a free top of the heap above 128 KiB is trimmed. Each
 page handed back is faulted in and zeroed again on its next use: the flagship's debug run took
 about 14,000 more minor page faults a step than with the settings below (1.1 million against
-0.25 million for a 60-step run, start-up included); Muon's optimizer step, whose 5 MB batch tensors were mapped fresh every step, went
-from about 48 to 33 ms.
+0.25 million for a 60-step run, start-up included); Muon's optimizer step, whose 5 MB batch
+tensors were mapped fresh every step, went from about 48 to 33 ms.
 
 `keep_freed_memory` raises both thresholds: blocks up to 32 MiB (glibc's largest mmap
 threshold on 64-bit) come from the heap, and the heap is not trimmed, so a step reuses the
