@@ -41,7 +41,6 @@ from tessera.components.moe import expert_parallel
 from tessera.components.moe.router import set_load_group
 from tessera.components.parallel import ddp, diloco, pipeline, rank_state, sharding, tensor_parallel, zero
 from tessera.components.parallel.layout import Layout, expert_parallel_fault
-from tessera.components.parallel.pipeline_schedule import PipelineRunner
 from tessera.components.parallel.process_group import ensure_process_group, world
 from tessera.registry.invariants import invariant
 from tessera.registry.kinds import PARALLEL_PLAN
@@ -218,6 +217,9 @@ class Mesh(ParallelPlan):
             # the residual stream's dtype: the gathered or cast weights' (bf16_params), else the
             # parameters' own (fp32 masters under autocast keep an fp32 stream)
             stream = precision.param_dtype if precision is not None else None
+            # imported here: torch's pipelining pulls in torch._dynamo, 0.3 s that runs without pp never use
+            from tessera.components.parallel.pipeline_schedule import PipelineRunner
+
             self._pipeline = PipelineRunner(
                 model=model, schedule=self.schedule, group=self.dims.get_mesh("pp").get_group(), device=device,
                 n_microbatches=self.n_microbatches, activation_dtype=stream,
