@@ -46,9 +46,32 @@ NEEDED_FREE_BYTES = 5 * 2**30
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Stop at once, with the fix, when the temporary folder's disk cannot hold the suite's runs."""
+    """Stop at once, with the fix, when the temporary folder's disk cannot hold the suite's runs;
+    then write the package's bytecode (`compile_sources`)."""
     if hasattr(config, "workerinput"):  # an xdist worker: the controller has checked
         return
+    check_free_space(config)
+    compile_sources()
+
+
+def compile_sources() -> None:
+    """Write the bytecode of the package's sources once, before any test starts a process.
+
+    Shells that set PYTHONDONTWRITEBYTECODE (CI images often do) make every Python process
+    compile each module it imports from source and throw the result away; the suite starts
+    ~250 processes, and each spent 0.6-1.0 s more importing the flagship recipe without the
+    cached bytecode than with it (measured on 2-core AMD EPYC Zen 4). compileall writes the
+    files whatever that setting says; it skips sources whose bytecode is up to date."""
+    import compileall
+
+    root = Path(__file__).resolve().parents[1]
+    # the package's folders (setup.py) and the modules the tests' worker scripts import
+    for folder in ("registry", "components", "cli", "recipes", "tests/helpers"):
+        compileall.compile_dir(root / folder, quiet=1)
+
+
+def check_free_space(config: pytest.Config) -> None:
+    """Exit with the fix when the temporary folder's disk cannot hold the suite's runs."""
     folder = Path(config.getoption("basetemp") or tempfile.gettempdir()).resolve()
     while not folder.exists():  # a --basetemp pytest has yet to make: its disk is its parent's
         folder = folder.parent

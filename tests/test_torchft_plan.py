@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,18 +63,26 @@ def free_port() -> int:
 
 
 def lighthouse(min_replicas: int) -> tuple[subprocess.Popen, str]:
-    """A lighthouse on a free port, once it accepts connections: (process, address)."""
-    port = free_port()
-    process = subprocess.Popen([str(LIGHTHOUSE), "--min_replicas", str(min_replicas), "--bind", f"[::]:{port}",
-                                "--join_timeout_ms", "1000", "--heartbeat_timeout_ms", "1000"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://localhost:{port}"
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the lighthouse did not start")
+    """A lighthouse on a free port, once it accepts connections: (process, address). Waits up
+    to 30 s (it took over 5 s to listen once, under a full suite on 2 cores), and starts again
+    on another port if it exits first (the free port was taken between the probe and its bind)."""
+    for _attempt in range(3):
+        port, log = free_port(), tempfile.TemporaryFile()
+        process = subprocess.Popen([str(LIGHTHOUSE), "--min_replicas", str(min_replicas), "--bind", f"[::]:{port}",
+                                    "--join_timeout_ms", "1000", "--heartbeat_timeout_ms", "1000"],
+                                   stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return process, f"http://localhost:{port}"
+            time.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+            raise RuntimeError(f"the lighthouse did not listen on port {port} within 30 s")
+        log.seek(0)
+        exited = log.read()[-2000:].decode(errors="replace")
+    raise RuntimeError(f"the lighthouse exited before listening, three times; last:\n{exited}")
 
 
 def group(tmp: Path, name: str, replica: int, address: str, plan: str, *, processes: int = 1, steps: int = STEPS,
