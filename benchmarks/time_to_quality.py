@@ -223,7 +223,7 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
         f"Target: {target:.4f} nats/token, the median final loss of `{base}` over seeds {args.seeds} on the fixed "
         f"validation set ({VAL_BATCHES} x {VAL_BATCH_SIZE} x {VAL_SEQ_LEN} tokens, sample seed {VAL_SEED}); "
         f"precision {precision}; validation every {args.every} steps, kept out of the clock."
-        + (f" `{new}` with `{' '.join(args.set)}`." if getattr(args, "set", None) else ""),
+        + (f" `{new}` with `{' '.join(args.set)}`." if args.set else ""),
         "",
         "| preset | seconds to target, per seed | median s | step reached | median final loss | median s, whole run |",
         "|---|---|---|---|---|---|",
