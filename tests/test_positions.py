@@ -96,3 +96,29 @@ def test_learned_positions_and_nope():
     with pytest.raises(ValueError, match="max_len=8"):
         table(torch.arange(9), 4)
     assert NoPE().kind == "none" and not list(NoPE().parameters())
+
+
+@pytest.mark.parametrize("rotary", [RoPE(interleaved=True), YaRN(factor=4.0, original_max_len=16)],
+                         ids=["rope-interleaved", "yarn"])
+def test_compiled_rotation_matches_the_reference_and_differentiates(rotary):
+    """Compiled, the angles' cos and sin come from tessera::rope_cos_sin (an op inductor cannot
+    fuse into the rotation): the graph has no break, the rotation equals the complex-number
+    reference (positions [T] and per-row [B, T]), and the gradient reaches x."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 16, requires_grad=True)
+    graphs = []
+
+    def recording(graph, inputs):  # a backend that keeps each captured graph's code and runs it as is
+        graphs.append(graph.code)
+        return graph.forward
+
+    compiled = torch.compile(rotary, backend=recording, fullgraph=True)
+    expected = rope_reference(x.detach(), rotary.inv_freq(16), rotary.interleaved, amplitude=rotary.amplitude())
+    torch.testing.assert_close(compiled(x, torch.arange(9)), expected, rtol=1e-5, atol=1e-5)
+    rows = compiled(x, torch.arange(9).expand(2, 9))
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)
+    rows.square().sum().backward()
+    eager = x.detach().clone().requires_grad_()
+    rotary(eager, torch.arange(9)).square().sum().backward()
+    torch.testing.assert_close(x.grad, eager.grad, rtol=1e-5, atol=1e-5)
+    assert graphs and all("rope_cos_sin" in code and ".cos()" not in code for code in graphs)

@@ -45,7 +45,9 @@ class RoPE(RotaryEncoding):
         if angles.dim() == 3:
             angles = angles[:, None]  # [B, 1, T, Dh/2] broadcasts over heads
         amplitude = self.amplitude()
-        cos, sin = angles.cos() * amplitude, angles.sin() * amplitude
+        # compiled, the angles' cos and sin go through an op inductor cannot fuse (`_cos_sin`)
+        cos, sin = _cos_sin(angles) if torch.compiler.is_compiling() else (angles.cos(), angles.sin())
+        cos, sin = cos * amplitude, sin * amplitude
         xf = x.float()
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
@@ -54,3 +56,23 @@ class RoPE(RotaryEncoding):
             x1, x2 = xf[..., : head_dim // 2], xf[..., head_dim // 2:]
             out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return out.to(x.dtype)
+
+
+@torch.library.custom_op("tessera::rope_cos_sin", mutates_args=())
+def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `angles` [(B, 1,) T, Dh/2] fp32, computed once into tensors of that shape.
+
+    Inductor fused the two into every consumer, the rotation of each element of q and k, and so
+    evaluated them once per element of [B, H, T, Dh] rather than once per position and frequency
+    (and again in the backward). In the DeepSeek debug model's compiled bf16 step (16 x 128
+    tokens, 4 heads, rope width 16, one CPU thread, torch 2.13) the kernels holding the rotation
+    went from 1.1 to 0.73 ms per layer forward and from 0.44 to 0.27 ms backward, and the whole
+    step from 125 to 123 ms (thread-time medians of 15 interleaved steps, three rounds, 1-2.5%).
+    An opaque op is computed where it stands. The angles never need a gradient (positions are
+    integers, the frequencies constants), so no autograd formula is registered."""
+    return angles.cos(), angles.sin()
+
+
+@_cos_sin.register_fake
+def _(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(angles), torch.empty_like(angles)
