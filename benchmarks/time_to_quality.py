@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE",
                         help="overrides for the improved (or --only) preset, as on the recipe's command line")
     parser.add_argument("--json", default=None, help="write the raw curves here")
+    parser.add_argument("--out", default=None,
+                        help="results name under benchmarks/results/ (default: time_to_quality[_PRECISION])")
     parser.add_argument("--report", default=None, help="only rewrite the table from a results .json of an earlier run")
     args = parser.parse_args(argv)
     if args.report:
@@ -190,6 +192,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         return
     report(args, curves, raw)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[str, Any]) -> None:
@@ -235,15 +250,14 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
         "",
         f"Measured"
         f" {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-        f"{args.threads} thread(s) per run.",
+        f"{args.threads} thread(s) per run, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}).",
     ]
     text = "\n".join(lines)
     print(text)
-    suffix = "" if args.precision is None else f"_{args.precision}"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{RESULTS}{suffix}.md").write_text(text + "\n")
-    Path(f"{RESULTS}{suffix}.json").write_text(json.dumps({"target": target, "ratio": ratio, "estimate": estimate,
-                                                           "runs": raw}))
+    out = RESULTS.parent / (args.out or RESULTS.name + ("" if args.precision is None else f"_{args.precision}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text(text + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"target": target, "ratio": ratio, "estimate": estimate, "runs": raw}))
 
 
 if __name__ == "__main__":

@@ -238,3 +238,25 @@ def test_mla_plain_op_attention_matches_sdpa(dtype, documents, t):
             patch.setattr(mla, "_explicit_pays", lambda q, t, explicit=explicit: explicit)
             outputs.append(attention(x, doc_ids=doc_ids))
     torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_compiled_mla_takes_its_causal_bias_as_a_constant():
+    """The explicit-attention path's [T, T] causal bias is marked constant when an MLA is built
+    (not when its module is imported, which every recipe's registry does): the compiled graph
+    holds no op that rebuilds it, and matches eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    mla = build_variants()["mla"]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, 32)
+    compiled = torch.compile(mla, backend=CompileCounterWithBackend(capture), fullgraph=True)
+    torch.testing.assert_close(compiled(x), mla(x))
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    assert graphs and not any("triu" in t or "full" in t for t in targets), sorted(targets)

@@ -117,8 +117,11 @@ def test_continued_run_starts_at_transformers_loss_and_exports(released):
     trained = load_model(released / "ck" / "step-00000003").eval()
     tokens = batch["tokens"]
     with torch.no_grad():
-        torch.testing.assert_close(exported(tokens).logits, trained(tokens), rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(exported(tokens).logits, theirs(tokens).logits)  # it did train
+        # two implementations of one function in fp32: their sums run in different orders, which
+        # also differ between CPUs (1.4e-5 seen on an AVX2-only Zen 3); a wrong weight moves logits by >1e-2
+        exported_logits = exported(tokens).logits
+        torch.testing.assert_close(exported_logits, trained(tokens), rtol=1e-4, atol=5e-5)
+        assert (exported_logits - theirs(tokens).logits).abs().max() > 1e-3  # it did train
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     text = "river stone 1234567 café"
     assert tokenizer.encode(text, add_special_tokens=False) == hf_encoding(ckpt).encode_ordinary(text)

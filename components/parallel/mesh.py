@@ -39,7 +39,7 @@ from torch import nn
 from tessera.components.interfaces import CommHook, DataShare, ParallelPlan, PeriodicSync, PrecisionPolicy
 from tessera.components.moe import expert_parallel
 from tessera.components.moe.router import set_load_group
-from tessera.components.parallel import ddp, diloco, pipeline, rank_state, sharding, tensor_parallel, zero
+from tessera.components.parallel import ddp, diloco, pipeline, rank_state, sharding, tensor_parallel
 from tessera.components.parallel.layout import Layout, expert_parallel_fault
 from tessera.components.parallel.process_group import ensure_process_group, world
 from tessera.registry.invariants import invariant
@@ -296,6 +296,9 @@ class Mesh(ParallelPlan):
         if not self.zero1 or dist.get_world_size(self.group) == 1:  # ZeRO-1 over one process: the optimizer
             return optimizer
         try:
+            # imported here: torch.distributed.optim costs every process 0.3 s that only zero1 uses
+            from tessera.components.parallel import zero
+
             return zero.shard_optimizer_state(optimizer, self.group, local=self._experts)
         except ValueError as err:  # an optimizer ZeRO-1 cannot rebuild: a message from every rank, no traceback
             raise MeshError(str(err)) from err

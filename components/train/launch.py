@@ -10,13 +10,14 @@ import fiddle as fdl
 import torch
 
 from tessera.components.interfaces import HasTokenizer
+from tessera.components.model.meta import on_meta
 from tessera.components.parallel.process_group import leave_process_group
 from tessera.registry import serialize
 
 
 def build_model_on_meta(model_config: fdl.Buildable) -> torch.nn.Module:
     """Build the model config with every parameter on the meta device (no memory, no init)."""
-    with torch.device("meta"):
+    with on_meta():
         return fdl.build(model_config)
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import fiddle as fdl
 import torch
 
+from tessera.components.model.meta import on_meta
+
 
 class ResumeError(ValueError):
     """A checkpoint asked for cannot be resumed from (damaged, missing, or written by another
@@ -181,7 +183,7 @@ def tensor_shape_changes(saved_model: Any, current_model: Any) -> list[str] | No
     """Parameters and buffers whose name or shape differ between two model configs, built on
     the meta device; None when either cannot be built (then any `model.*` difference blocks)."""
     try:
-        with torch.device("meta"):
+        with on_meta():
             shapes = [{k: tuple(v.shape) for k, v in fdl.build(c).state_dict().items()}
                       for c in (saved_model, current_model)]
     except Exception:  # noqa: BLE001 - a model that cannot be built here: judge by its config alone
