@@ -194,19 +194,6 @@ def main(argv: list[str] | None = None) -> None:
     report(args, curves, raw)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), or the platform's processor string."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[str, Any]) -> None:
     """Print and write the table: the target, each preset's median time to it, the ratio."""
     base, new = args.baseline, args.improved
@@ -232,6 +219,7 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
     import torch
 
     from tessera.components.precision.auto import choose
+    from tessera.components.precision.probe import cpu_model
 
     precision = args.precision or f"auto ({choose('cpu')[0].compute_dtype})".replace("torch.", "")
     lines = [
@@ -250,7 +238,7 @@ def report(args: argparse.Namespace, curves: dict[str, list[Curve]], raw: dict[s
         "",
         f"Measured"
         f" {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-        f"{args.threads} thread(s) per run, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}).",
+        f"{args.threads} thread(s) per run, {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}).",
     ]
     text = "\n".join(lines)
     print(text)
