@@ -134,8 +134,8 @@ NEEDS: dict[tuple[str, str], Needs] = {
     ("POSITION", "learned"): Needs("a learned table's length and width have no default",
                                    arguments="max_len={seq_len}, dim={dim}"),
     ("OPTIMIZER", "sophia_h"): Needs(known_failure={DEEPSEEK: (
-        "its Hessian-vector products backpropagate through the backward, and the MoE's grouped matmul "
-        "(components/moe/grouped_mm.py) registers no autograd formula for tessera::grouped_mm_weight_grad")}),
+        "its Hessian-vector products backpropagate through the backward, and the MoE experts' autograd "
+        "Function (components/moe/routed_swiglu.py) is differentiable once")}),
     ("SCHEDULER", "multi_stage"): Needs("its stages have no default", arguments="stages=[(1e6, 'constant', 1.0)]"),
     ("SCHEDULER", "token_steps"): Needs("its values have no default", arguments="values=[1.0, 0.5], boundaries=[1e6]"),
     ("SCHEDULER", "warmup"): Needs("the schedule after the warmup has no default", below=("{place}.then=@constant",)),

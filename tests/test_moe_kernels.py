@@ -131,3 +131,41 @@ def test_load_counts_match_the_per_token_routing():
         for e, _ in pairs:
             expected[e] += 1
     torch.testing.assert_close(moe.router.step_load, expected)
+
+
+def test_shared_experts_with_a_hook_run_as_their_own_module_and_agree():
+    """A plain shared SwiGLU runs on the routed experts' kernels; one a user hooked (as a probe,
+    an adapter, tensor parallelism would) runs as its own module, so the hook fires, with the
+    same output and gradients."""
+    moe = build(**CASES["debug"])
+    x = torch.randn(2, 16, moe.dim)
+    params = list(moe.parameters())
+
+    def run():
+        xs = x.clone().requires_grad_()
+        out = moe(xs)
+        return [out, *torch.autograd.grad(out.square().sum(), [xs, *params])]
+
+    fused = run()
+    seen = []
+    handle = moe.shared_experts.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        hooked = run()
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([2, 16, moe.dim])]
+    for ours, module in zip(fused, hooked):
+        torch.testing.assert_close(ours, module, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_backward_or_second_derivatives_through_the_experts_are_refused_with_a_message():
+    """The experts' backward writes into what it saved (no fresh buffers), so backpropagating
+    twice (retain_graph=True) would be wrong: it says so instead."""
+    moe = build(**CASES["debug"])
+    loss = moe(torch.randn(2, 16, moe.dim)).square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once: backward with retain_graph=True"):
+        loss.backward()
+    loss = moe(torch.randn(2, 16, moe.dim)).square().sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        loss.backward(create_graph=True)  # second derivatives: the same, said before any wrong number
