@@ -2,8 +2,8 @@
 llama and DeepSeek debug models exactly as one process does, checkpoints move between
 layouts, and plans that cannot run fail before training with the constraint they break.
 
-The layouts run in a few groups, each one torchrun launch (1 thread per rank) that runs its
-layouts in sequence (tests/helpers/workers/mesh.py)."""
+The layouts run in two torchrun launches (1 thread per rank), one on 2 processes and one on 4,
+each running its layouts in sequence (tests/helpers/workers/mesh.py)."""
 
 from __future__ import annotations
 
@@ -86,10 +86,12 @@ def results(*groups: dict[str, tuple]) -> dict[str, tuple]:
     return {label: run for group in groups for label, run in group.items()}
 
 
-# The runs are grouped so that no launch takes much over half a minute on 2 cores; each group is a
-# module fixture, set up when the first test that needs it runs. Checkpoints pass between groups:
-# the reference's to ZeRO-1 (1 -> 2) and to ZeRO-1 beside experts (1 -> 4), FSDP's to HSDP,
-# ZeRO-1's to one process (2 -> 1), and ZeRO-1 beside experts' to one process (4 -> 1).
+# The runs are grouped by process count: one torchrun launch of 2 processes and one of 4 (each
+# process of a launch pays the imports once, ~3 s of CPU, however many jobs it then runs); each
+# launch is a module fixture, set up when the first test that needs it runs. Checkpoints pass
+# between launches: the reference's to ZeRO-1 (1 -> 2) and to ZeRO-1 beside experts (1 -> 4),
+# FSDP's to HSDP (2 -> 4), ZeRO-1's to one process (2 -> 1), and ZeRO-1 beside experts' to one
+# process (4 -> 1).
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
@@ -106,10 +108,9 @@ def reference(tmp):
     return out
 
 
-@pytest.fixture(scope="module")
-def data_parallel(tmp, reference):
-    """2 processes: DDP, ZeRO-1 and FSDP of both recipes, a comm hook and a periodic sync, and
-    ZeRO-1 resuming the reference's checkpoint."""
+def data_parallel_jobs(tmp) -> list[dict]:
+    """DDP, ZeRO-1 and FSDP of both recipes, a comm hook and a periodic sync, and ZeRO-1
+    resuming the reference's checkpoint (2 processes)."""
     jobs = []
     for recipe in RECIPES:
         jobs += [job(f"ddp-{recipe}", "@mesh(dp_replicate=2)", "step.micro_batch_size=2"),  # 2 micro-batches: 1 no_sync
@@ -121,41 +122,70 @@ def data_parallel(tmp, reference):
              job("sync-llama", "@mesh(dp_replicate=2)", "parallel.periodic_sync=@test_mean"),
              job("one-then-zero1", "@mesh(dp_replicate=2,zero1=True)", recipe="llama",
                  folder=without_last_checkpoint(tmp / "one-llama", tmp / "one-then-zero1"))]
-    return on_processes(2, tmp / "data_parallel", jobs)
+    return jobs
 
 
-@pytest.fixture(scope="module")
-def model_parallel(tmp):
-    """2 processes: expert (beside FSDP and DDP), tensor and pipeline parallelism."""
-    jobs = [job("ep-deepseek", "@mesh(dp_shard=2,ep=2)"),
+def model_parallel_jobs() -> list[dict]:
+    """Expert (beside FSDP and DDP), tensor and pipeline parallelism (2 processes)."""
+    return [job("ep-deepseek", "@mesh(dp_shard=2,ep=2)"),
             *(job(f"tp-{recipe}", "@mesh(tp=2)") for recipe in RECIPES),
             *(job(f"pp-{recipe}", "@mesh(pp=2,n_microbatches=4)") for recipe in RECIPES),
             job("ep_ddp-deepseek", "@mesh(dp_replicate=2,ep=2)"),  # fused AdamW
             job("pp_noeval-llama", "@mesh(pp=2,n_microbatches=4)", "validation.batches=0")]
-    return on_processes(2, tmp / "model_parallel", jobs)
 
 
-@pytest.fixture(scope="module")
-def sharded_on_four(tmp, data_parallel):
-    """4 processes: HSDP 2x2 (and resuming the FSDP checkpoint), FSDP x PP (in fp32 and bf16)."""
-    jobs = [*(job(f"hsdp-{recipe}", "@mesh(dp_replicate=2,dp_shard=2)") for recipe in RECIPES),
+def sharded_on_four_jobs(tmp) -> list[dict]:
+    """HSDP 2x2 (and resuming the FSDP checkpoint of the 2-process launch), FSDP x PP (in fp32
+    and bf16) (4 processes)."""
+    return [*(job(f"hsdp-{recipe}", "@mesh(dp_replicate=2,dp_shard=2)") for recipe in RECIPES),
             job("fsdp-then-hsdp", "@mesh(dp_replicate=2,dp_shard=2)", recipe="llama",
                 folder=without_last_checkpoint(tmp / "fsdp-llama", tmp / "fsdp-then-hsdp")),
             *(job(f"fsdp_pp-{recipe}", "@mesh(dp_shard=2,pp=2,n_microbatches=2)") for recipe in RECIPES),
             job("fsdp_pp_bf16-llama", "@mesh(dp_shard=2,pp=2,n_microbatches=2)", "precision=@bf16_params")]
-    return on_processes(4, tmp / "sharded_on_four", jobs)
 
 
-@pytest.fixture(scope="module")
-def composed_on_four(tmp, reference):
-    """4 processes: TP x PP, and DeepSeek's compositions with expert parallelism (ZeRO-1 beside
-    experts checkpointing for one process, and resuming the reference's checkpoint)."""
+def composed_on_four_jobs(tmp) -> list[dict]:
+    """TP x PP, and DeepSeek's compositions with expert parallelism (ZeRO-1 beside experts
+    checkpointing for one process, and resuming the reference's checkpoint) (4 processes)."""
     jobs = [*(job(f"tp_pp-{recipe}", "@mesh(tp=2,pp=2,n_microbatches=2)") for recipe in RECIPES),
             *(job(label, plan) for label, plan in COMPOSITIONS.items())]
     jobs[-1]["folder"] = str(tmp / "ep_ddp_zero1")  # ZeRO-1 beside expert parallelism -> one process
     jobs.append(job("one-then-ep_zero1", COMPOSITIONS["ep_ddp_zero1-deepseek"], recipe="deepseek",
                     folder=without_last_checkpoint(tmp / "one-deepseek", tmp / "one-then-ep_zero1")))
-    return on_processes(4, tmp / "composed_on_four", jobs)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def on_two(tmp, reference):
+    """The 2-process launch: the data-parallel layouts, then the model-parallel ones."""
+    return on_processes(2, tmp / "on_two", [*data_parallel_jobs(tmp), *model_parallel_jobs()])
+
+
+@pytest.fixture(scope="module")
+def on_four(tmp, reference, on_two):
+    """The 4-process launch: the sharded layouts, then the compositions."""
+    return on_processes(4, tmp / "on_four", [*sharded_on_four_jobs(tmp), *composed_on_four_jobs(tmp)])
+
+
+# The groups by what they run (each is its launch's results, shared by every group of that launch).
+@pytest.fixture(scope="module")
+def data_parallel(on_two):
+    return on_two
+
+
+@pytest.fixture(scope="module")
+def model_parallel(on_two):
+    return on_two
+
+
+@pytest.fixture(scope="module")
+def sharded_on_four(on_four):
+    return on_four
+
+
+@pytest.fixture(scope="module")
+def composed_on_four(on_four):
+    return on_four
 
 
 @pytest.fixture(scope="module")
