@@ -44,7 +44,7 @@ from benchmarks.timing import (  # noqa: E402
 from tessera.components.families.deepseek.hf import load_pretrained  # noqa: E402
 from tessera.components.mlp.gated import SwiGLU  # noqa: E402
 from tessera.components.model import stats  # noqa: E402
-from tessera.components.moe.experts import ROW_MULTIPLE  # noqa: E402
+from tessera.components.moe.experts import row_multiple  # noqa: E402
 from tessera.components.precision.probe import matmul_flops  # noqa: E402
 
 
@@ -202,7 +202,6 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     x = torch.randn(args.batch, args.seq, args.dim)
     with torch.no_grad():
         counts = torch.bincount(moe.router(x.view(-1, args.dim)).indices.flatten(), minlength=moe.n_experts)
-    padded = ((counts + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE).tolist()
     n_tokens, hidden = args.batch * args.seq, moe.experts.hidden_dim
     layer_table = Table(title=f"MoE layer vs dense SwiGLU of equal activated FLOPs (dim {args.dim}, {moe.n_experts} "
                               f"experts top-{moe.top_k} + 1 shared of width {hidden}; forward+backward, 1 thread, "
@@ -221,6 +220,8 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
             return step
 
         gemm_dtype = dtype or torch.float32
+        multiple = row_multiple("cpu", gemm_dtype)  # as the layer pads each expert's rows
+        padded = ((counts + multiple - 1) // multiple * multiple).tolist()
         steps = {"moe": layer_step(moe), "dense": layer_step(dense),
                  "moe gemms": swiglu_gemms([(m, hidden) for m in padded] + [(n_tokens, hidden)], args.dim, gemm_dtype),
                  "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype),

@@ -154,8 +154,8 @@ def test_shared_experts_with_a_hook_run_as_their_own_module_and_agree():
     finally:
         handle.remove()
     assert seen == [torch.Size([2, 16, moe.dim])]
-    for ours, module in zip(fused, hooked):
-        torch.testing.assert_close(ours, module, rtol=1e-5, atol=1e-6)
+    for ours, module in zip(fused, hooked):  # the same sums in another order: fp32 rounding apart
+        torch.testing.assert_close(ours, module, rtol=1e-4, atol=1e-5)
 
 
 def test_a_second_backward_or_second_derivatives_through_the_experts_are_refused_with_a_message():
@@ -168,4 +168,4 @@ def test_a_second_backward_or_second_derivatives_through_the_experts_are_refused
         loss.backward()
     loss = moe(torch.randn(2, 16, moe.dim)).square().sum()
     with pytest.raises(RuntimeError, match="differentiable once"):
-        loss.backward(create_graph=True)  # second derivatives: the same, said before any wrong number
+        torch.autograd.grad(loss, list(moe.parameters()), create_graph=True)  # second derivatives: the same

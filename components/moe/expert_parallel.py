@@ -41,7 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from tessera.components.interfaces import ExpertBank, RoutedExperts
-from tessera.components.moe.experts import ROW_MULTIPLE, expert_counts, padded_layout, swiglu_experts
+from tessera.components.moe.experts import expert_counts, padded_layout, row_multiple, swiglu_experts
 from tessera.components.moe.router import set_load_group
 from tessera.components.parallel.process_group import average_in_place
 
@@ -92,7 +92,7 @@ def local_experts(rows: torch.Tensor, counts: torch.Tensor, *weights: torch.Tens
         counts.flatten(), output_size=rows.shape[0])
     order = torch.argsort(row_expert, stable=True)  # expert-major, each expert's rows by source
     padded, slot, total = padded_layout(row_expert[order], n_local,
-                                        multiple=ROW_MULTIPLE if rows.device.type == "cpu" else 1)
+                                        multiple=row_multiple(rows.device.type, rows.dtype))
     source_row = torch.zeros(total, dtype=torch.int64, device=rows.device).index_copy_(0, slot, order)
     # padding rows repeat row 0 (their outputs are never read); a process no token was routed to
     # pads from a zero row, and still runs its experts so their gradient is zero, not missing

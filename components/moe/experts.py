@@ -29,10 +29,19 @@ def swiglu_experts(xs: torch.Tensor, rows: torch.Tensor, w_gate: torch.Tensor, w
 
 
 ROW_MULTIPLE = 16
-"""CPU: each expert's rows are padded to a multiple of this. oneDNN builds a kernel for every
-new GEMM shape; with raw counts, which change every step, a bf16 grouped GEMM spent ~3/4 of
-its time building kernels (1.2 ms instead of 0.3 at 4096 x 128 x 96, 8 experts). Rounded
-counts repeat, so the kernels come from its cache; the padding costs <= 16 rows per expert."""
+"""CPU, bf16 and fp16: each expert's rows are padded to a multiple of this. oneDNN builds a
+kernel for every new GEMM shape; with raw counts, which change every step, a bf16 grouped GEMM
+spent ~3/4 of its time building kernels (1.2 ms instead of 0.3 at 4096 x 128 x 96, 8
+experts). Rounded counts repeat, so the kernels come from its cache; the padding costs <= 16
+rows per expert. The most any layout pads (the planners' bound)."""
+
+
+def row_multiple(device_type: str, dtype: torch.dtype) -> int:
+    """What each expert's row count is padded to for GEMMs in `dtype` on `device_type`:
+    `ROW_MULTIPLE` for 16-bit GEMMs on CPU, else 1. fp32 GEMMs on CPU (MKL) build no kernels
+    per shape, so padding only adds rows: the debug MoE layer ran 4% faster unpadded (AVX2
+    Zen 3, fp32, 1.29 against 1.35 of a dense SwiGLU)."""
+    return ROW_MULTIPLE if device_type == "cpu" and dtype.itemsize < 4 else 1
 
 
 def padded_layout(sorted_expert: torch.Tensor, n_experts: int, *,
@@ -101,9 +110,11 @@ class GroupedExperts(nn.Module, ExpertBank):
     Parameters: w_gate, w_up [E, hidden_dim, dim]; w_down [E, dim, hidden_dim] ([out, in] per
     expert, as nn.Linear stores weights).
 
-    forward(x: [N, D], indices: [N, K], weights: [N, K], keep: [N, K] bool | None) -> [N, D]:
-    sum over k of weights[n, k] * expert_{indices[n, k]}(x[n]); assignments with keep=False
-    (dropped by a capacity limit) contribute nothing. Every shape is static, so the whole
+    forward(x: [N, D], indices: [N, K], weights: [N, K], keep: [N, K] bool | None, *, shared)
+    -> [N, D]: sum over k of weights[n, k] * expert_{indices[n, k]}(x[n]); assignments with
+    keep=False (dropped by a capacity limit) contribute nothing. `shared`: a shared SwiGLU's
+    weights (w_gate, w_up [Fs, D], w_down [D, Fs]) whose output is added, computed in the same
+    call (not under expert parallelism), or None. Every shape is static, so the whole
     forward and backward compile into one graph in fp32 and bf16.
 
     `expert_parallel`: None (every expert here), or set by
@@ -123,8 +134,11 @@ class GroupedExperts(nn.Module, ExpertBank):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, *,
+                shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.expert_parallel is not None:
+            if shared is not None:
+                raise ValueError("shared experts run beside expert-parallel routed experts, not inside them")
             return self.expert_parallel(self, x, indices, weights, keep)
         n, k = indices.shape
         flat_expert = indices.flatten()
@@ -134,7 +148,7 @@ class GroupedExperts(nn.Module, ExpertBank):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         sorted_expert, order = torch.sort(flat_expert, stable=True)
-        multiple = ROW_MULTIPLE if device == "cpu" else 1
+        multiple = row_multiple(device, dtype)
         capacity, counts = 0, None
         if _uniform_allowed(x, dtype):  # counted once here for both the capacity and the layout
             counts = expert_counts(sorted_expert, self.n_experts)
@@ -152,7 +166,8 @@ class GroupedExperts(nn.Module, ExpertBank):
         row_weight = torch.cat([flat_weight, flat_weight.new_zeros(1)]).index_select(0, row_assign)
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             return routed_swiglu(x.to(dtype), row_token, row_weight.to(dtype), self.w_gate.to(dtype),
-                                 self.w_up.to(dtype), self.w_down.to(dtype), rows, capacity=capacity)
+                                 self.w_up.to(dtype), self.w_down.to(dtype), rows, capacity=capacity,
+                                 shared=None if shared is None else tuple(w.to(dtype) for w in shared))
 
     def grouped_forward(self, xs: torch.Tensor, rows: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its rows: xs [R, D] sorted by expert, `rows` int64 [E'] per

@@ -12,7 +12,6 @@ from tessera.components.interfaces import AuxiliaryLoss, FeedForward, RoutedExpe
 from tessera.components.mlp.gated import SwiGLU
 from tessera.components.moe.balance import device_balance_loss, expert_balance_loss
 from tessera.components.moe.experts import GroupedExperts
-from tessera.components.moe.routed_swiglu import swiglu_rows
 from tessera.components.moe.router import Router
 from tessera.components.parallel.tp_styles import (
     ParallelStyle,
@@ -111,26 +110,25 @@ class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
             keep = capacity_keep(routing.weights, routing.indices, self.experts.n_experts, self.capacity_factor)
         if torch.is_autocast_enabled(x.device.type):  # cast once for routed and shared experts, not twice
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        out = self.experts(x.reshape(b * t, d), routing.indices, routing.weights, keep).view(b, t, d)
-        if self.shared_experts is not None:
-            out = out + self._shared(x)
+        shared = self._shared_weights()
+        out = self.experts(x.reshape(b * t, d), routing.indices, routing.weights, keep,
+                           **({} if shared is None else {"shared": shared})).view(b, t, d)
+        if self.shared_experts is not None and shared is None:
+            out = out + self.shared_experts(x)
         self._aux = self._balance(routing, b, t) if self.training else None
         return out
 
-    def _shared(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared experts' output for x [B, T, D]: a plain SwiGLU runs on the routed
-        experts' kernels (`swiglu_rows`: one GEMM for gate and up, no fresh buffers in the
-        backward; 1.2 of the debug layer's 7 ms), anything else (a TP-sharded or hooked one, a
-        user's own) as its own module."""
+    def _shared_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared experts' weights where the routed experts' call can compute them too: a
+        plain SwiGLU beside `GroupedExperts` on this process (one Function for both parts:
+        1.2 of the debug layer's 7 ms, fp32); None where the shared experts run as their own
+        module (a TP-sharded or hooked one, a user's own, expert parallelism)."""
         shared = self.shared_experts
-        if not _plain_swiglu(shared, training=self.training):
-            return shared(x)
-        b, t, d = x.shape
-        weights = (shared.w_gate.weight, shared.w_up.weight, shared.w_down.weight)
-        if torch.is_autocast_enabled(x.device.type):
-            weights = tuple(w.to(x.dtype) for w in weights)
-        with torch.autocast(x.device.type, enabled=False):
-            return swiglu_rows(x.reshape(b * t, d), *weights).view(b, t, d)
+        if type(self.experts) is not GroupedExperts or self.experts.expert_parallel is not None:
+            return None
+        if shared is None or not _plain_swiglu(shared, training=self.training):
+            return None
+        return shared.w_gate.weight, shared.w_up.weight, shared.w_down.weight
 
     def _balance(self, routing, b: int, t: int) -> torch.Tensor | None:
         terms = []

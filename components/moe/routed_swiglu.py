@@ -1,4 +1,4 @@
-"""Routed SwiGLU experts as one autograd Function: gather, grouped GEMMs, weighted combine.
+"""Routed (and shared) SwiGLU experts as one autograd Function: gather, grouped GEMMs, combine.
 
 Autograd over the plain composition (gather, three grouped GEMMs, SiLU, product, gate
 multiply, index_add_) runs and saves one op at a time: the gate and up projections as two
@@ -15,13 +15,17 @@ of width 2F, and one of depth 2F for the input gradient (no add), beat two of wi
 fp32 by 6-11% each at 528 x 128 x 96 per expert (AVX2 Zen 3, MKL), and the backward runs 4
 grouped GEMMs instead of 6.
 
-Saved per row, in the compute dtype: xs (D); gate and up (2F, one buffer), silu, their
-product and a (3F). The backward writes the gradient of [h_gate, h_up] into that saved
-buffer, its last reader, rather than allocating a new one (see `backward`), so the Function
-backpropagates once: `retain_graph` is refused.
+A MoE's shared experts (a plain SwiGLU every token passes) run in the same call as one more
+part, on x itself (no gather, weight 1): the routed rows are added into its output, and the
+routed input gradient into its input gradient, so neither a zero-filled buffer nor a sum of
+the two parts' outputs or gradients is made, and one Function's overhead is paid, not two.
+
+Saved per row of each part, in the compute dtype: xs (D); gate and up (2F, one buffer),
+silu, their product and a (3F). The backward writes the gradient of [h_gate, h_up] into that
+saved buffer, its last reader, rather than allocating a new one (see `_gate_up_grad`), so
+the Function backpropagates once: `retain_graph` and second derivatives are refused.
 d w_r = <grad of (a / w_r), silu(h_g) h_u> = <g_r W_down_e, silu(h_g) h_u>, read off the
-down projection's input gradient, which is computed anyway.
-"""
+down projection's input gradient, which is computed anyway."""
 
 from __future__ import annotations
 
@@ -66,22 +70,58 @@ def _gate_up_grad(grad_a: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, spa
     return h
 
 
+def _part_forward(xs: torch.Tensor, row_weight: torch.Tensor | None, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  w_down: torch.Tensor, offsets: torch.Tensor | None, capacity: int):
+    """One part's rows through its experts: xs [R, D], row_weight [R] or None (weight 1) ->
+    (its rows' outputs [R, D], what its backward needs: xs, h, silu, act, a)."""
+    hidden = w_gate.shape[1]
+    h = _mm(xs, torch.cat([w_gate, w_up], 1), offsets, capacity)  # [R, 2F]: gate | up
+    silu = F.silu(h[:, :hidden])
+    act = silu * h[:, hidden:]
+    a = act if row_weight is None else act * row_weight[:, None]
+    return _mm(a, w_down, offsets, capacity), (xs, h, silu, act, a)
+
+
+def _part_backward(grad_rows: torch.Tensor, saved: tuple, row_weight: torch.Tensor | None, w_gate: torch.Tensor,
+                   w_up: torch.Tensor, w_down: torch.Tensor, offsets: torch.Tensor | None, capacity: int, *,
+                   input_grad: bool, spare: torch.Tensor | None):
+    """The gradients of `_part_forward` given its output rows' gradient grad_rows [R, D]:
+    (grad of xs [R, D] or None, of row_weight [R] or None, of w_gate, w_up, w_down). `spare`:
+    a dead [R, D] buffer for grad xs, or None. Writes into the saved activations."""
+    xs, h, silu, act, a = saved
+    c, hidden = capacity, w_gate.shape[1]
+    # Fresh [R, *] buffers are what this costs beyond its GEMMs (each a first touch of new
+    # pages on CPU), so dead ones are reused: act (read for the last time here) takes the
+    # product summed for the routing weight's gradient, then serves `_gate_up_grad`.
+    grad_w_down = _weight_grad(grad_rows, a, offsets, c)
+    grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, c)  # [R, F], before the weight
+    grad_weight = None
+    if row_weight is not None:
+        product = grad_act * act if torch.compiler.is_compiling() else torch.mul(grad_act, act, out=act)
+        # a bf16 sum accumulates in fp32 on its own; asking for an fp32 result copied [R, F] first
+        grad_weight = product.sum(-1).to(row_weight.dtype)
+        grad_act = grad_act.mul_(row_weight[:, None])
+    grad_h = _gate_up_grad(grad_act, h, silu, act)
+    grad_w_gate_up = _weight_grad(grad_h, xs, offsets, c)  # [E, 2F, D]
+    grad_xs = None
+    if input_grad:
+        grad_xs = _mm(grad_h, torch.cat([w_gate, w_up], 1).transpose(-1, -2), offsets, c, out=spare)
+    return grad_xs, grad_weight, grad_w_gate_up[:, :hidden], grad_w_gate_up[:, hidden:], grad_w_down
+
+
 class _RoutedSwiGLU(torch.autograd.Function):
-    """See `routed_swiglu` and `swiglu_rows` (row_token and row_weight None: every token is
-    one row, in order, of weight 1)."""
+    """See `routed_swiglu`."""
 
     @staticmethod
-    def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity):
-        hidden = w_gate.shape[1]
-        xs = x if row_token is None else x.index_select(0, row_token)
-        h = _mm(xs, torch.cat([w_gate, w_up], 1), offsets, capacity)  # [R, 2F]: gate | up
-        silu = F.silu(h[:, :hidden])
-        act = silu * h[:, hidden:]
-        a = act if row_weight is None else act * row_weight[:, None]
-        out = _mm(a, w_down, offsets, capacity)
-        if row_token is not None:
-            out = x.new_zeros(x.shape).index_add_(0, row_token, out)
-        ctx.save_for_backward(xs, h, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets)
+    def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity, s_gate, s_up, s_down):
+        out, saved = None, ()
+        if s_gate is not None:  # the shared part: every token one row, in order
+            out, saved = _part_forward(x, None, s_gate, s_up, s_down, None, x.shape[0])
+        rows, routed_saved = _part_forward(x.index_select(0, row_token), row_weight, w_gate, w_up, w_down,
+                                           offsets, capacity)
+        out = (x.new_zeros(x.shape) if out is None else out).index_add_(0, row_token, rows)
+        ctx.save_for_backward(*routed_saved, row_token, row_weight, w_gate, w_up, w_down, offsets,
+                              *saved, s_gate, s_up, s_down)
         ctx.capacity = capacity
         return out
 
@@ -95,54 +135,41 @@ class _RoutedSwiGLU(torch.autograd.Function):
                                "so second derivatives (backward with create_graph=True, as Sophia-H's "
                                "Hessian-vector products take) do not pass a MoE layer")
         ctx.spent = True
-        xs, h, silu, act, a, row_token, row_weight, w_gate, w_up, w_down, offsets = ctx.saved_tensors
-        c, hidden = ctx.capacity, w_gate.shape[1]
-        # Fresh [R, *] buffers are what this costs beyond its GEMMs (each a first touch of new
-        # pages on CPU), so dead ones are reused: act (read for the last time here) takes the
-        # product summed for the routing weight's gradient, then serves `_gate_up_grad`.
-        grad_rows = grad_out.contiguous()
-        if row_token is not None:
-            grad_rows = grad_rows.index_select(0, row_token)  # [R, D]
-        grad_w_down = _weight_grad(grad_rows, a, offsets, c)
-        grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, c)  # [R, F], before the weight
-        grad_weight = None
-        if row_weight is not None:
-            product = torch.mul(grad_act, act, out=act) if not torch.compiler.is_compiling() else grad_act * act
-            # a bf16 sum accumulates in fp32 on its own; asking for an fp32 result copied [R, F] first
-            grad_weight = product.sum(-1).to(row_weight.dtype)
-            grad_act = grad_act.mul_(row_weight[:, None])
-        grad_h = _gate_up_grad(grad_act, h, silu, act)
-        grad_w_gate_up = _weight_grad(grad_h, xs, offsets, c)  # [E, 2F, D]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w_gate_up = torch.cat([w_gate, w_up], 1)
-            spare = None if row_token is None else grad_rows  # not grad_out's own storage
-            grad_x = _mm(grad_h, w_gate_up.transpose(-1, -2), offsets, c, out=spare)  # [R, D]
-            if row_token is not None:
-                grad_x = grad_out.new_zeros(grad_out.shape).index_add_(0, row_token, grad_x)
-        return (grad_x, None, grad_weight, grad_w_gate_up[:, :hidden], grad_w_gate_up[:, hidden:], grad_w_down,
-                None, None)
+        saved = ctx.saved_tensors
+        routed, (row_token, row_weight, w_gate, w_up, w_down, offsets) = saved[:5], saved[5:11]
+        shared, (s_gate, s_up, s_down) = saved[11:-3], saved[-3:]
+        grad_out = grad_out.contiguous()
+        needs_x = ctx.needs_input_grad[0]
+        grad_x, grad_shared = None, (None, None, None)
+        if s_gate is not None:
+            grad_x, _, *grad_shared = _part_backward(grad_out, shared, None, s_gate, s_up, s_down, None,
+                                                     grad_out.shape[0], input_grad=needs_x, spare=None)
+        grad_rows = grad_out.index_select(0, row_token)  # [R, D]
+        grad_xs, grad_weight, *grad_routed = _part_backward(
+            grad_rows, routed, row_weight, w_gate, w_up, w_down, offsets, ctx.capacity, input_grad=needs_x,
+            spare=grad_rows)
+        if needs_x:
+            grad_x = (grad_out.new_zeros(grad_out.shape) if grad_x is None else grad_x).index_add_(
+                0, row_token, grad_xs)
+        return (grad_x, None, grad_weight, *grad_routed, None, None, *grad_shared)
 
 
 def routed_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor, rows: torch.Tensor | None, *,
-                  capacity: int = 0) -> torch.Tensor:
-    """sum over rows r with row_token[r] = n of row_weight[r] * SwiGLU_{e(r)}(x[n]) -> [N, D].
+                  capacity: int = 0, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """sum over rows r with row_token[r] = n of row_weight[r] * SwiGLU_{e(r)}(x[n]) -> [N, D],
+    plus SwiGLU_shared(x[n]) for every token when `shared` is given.
 
     x [N, D]; row_token int64 [R] (the token of each expert-sorted row; padding rows carry any
     token and weight 0); row_weight [R] (the gate of each row); w_gate, w_up [E, F, D];
     w_down [E, D, F]; rows int64 [E] (rows per expert, summing to R > 0), or `capacity` > 0
-    rows for every expert (R = E * capacity: one batched GEMM per product). x, row_weight and
-    the weights share one dtype (fp32 or bf16), the output's too. Differentiable in x,
-    row_weight and the three weights.
+    rows for every expert (R = E * capacity: one batched GEMM per product); shared: the shared
+    SwiGLU's nn.Linear weights (w_gate, w_up [Fs, D], w_down [D, Fs]), or None. x, row_weight
+    and the weights share one dtype (fp32 or bf16), the output's too. Differentiable once, in x,
+    row_weight and every weight.
     """
     offsets = None if capacity else rows.cumsum(0).to(torch.int32)
-    return _RoutedSwiGLU.apply(x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity)
-
-
-def swiglu_rows(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """w_down (silu(w_gate x) * w_up x) for every row of x [N, D] (N > 0), with nn.Linear's
-    weights w_gate, w_up [F, D] and w_down [D, F], all of x's dtype -> [N, D]: a SwiGLU with
-    the routed experts' kernels (one GEMM for gate and up, buffers reused in the backward),
-    for a MoE's shared experts. Differentiable in x and the weights; backpropagates once."""
-    return _RoutedSwiGLU.apply(x, None, None, w_gate[None], w_up[None], w_down[None], None, x.shape[0])
+    s_gate, s_up, s_down = (None, None, None) if shared is None else (w[None] for w in shared)
+    return _RoutedSwiGLU.apply(x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity,
+                               s_gate, s_up, s_down)

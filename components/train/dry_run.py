@@ -106,7 +106,7 @@ def per_rank_report(config: fdl.Buildable, model: nn.Module, *, console: Console
     micro, n_micro = _micro_batches(config, layout)
     # a GPU run's attention is fused (flash/efficient kernels save no [seq, seq] probabilities)
     fused = args.get("device", "cpu") != "cpu"
-    # routed experts pad each expert's rows to ROW_MULTIPLE on CPU (GPU runs pad nothing)
+    # routed experts pad each expert's rows to at most ROW_MULTIPLE on CPU (GPU runs pad nothing)
     acts = activation_memory.measure(model, micro_batch=micro, seq_len=seq_len, ep=layout.ep,
                                      row_multiple=1 if fused else ROW_MULTIPLE)
     checkpointing = getattr(args.get("compute"), "activation_checkpointing", "none")
