@@ -23,13 +23,13 @@ from tessera.components.moe.router import Router
 
 
 def build(*, dim: int, hidden: int, n_experts: int, top_k: int, n_groups: int, topk_groups: int,
-          capacity_factor: float | None = None) -> MoE:
+          capacity_factor: float | None = None, shared: bool = True) -> MoE:
     torch.manual_seed(0)
     router = Router(dim=dim, n_experts=n_experts, top_k=top_k, score_func="sigmoid", n_groups=n_groups,
                     topk_groups=topk_groups, group_score="top2_sum", normalize_weights=True, scaling_factor=1.5,
                     expert_bias=True)
     moe = MoE(dim=dim, router=router, experts=GroupedExperts(n_experts=n_experts, dim=dim, hidden_dim=hidden),
-              shared_experts=SwiGLU(dim=dim, hidden_dim=hidden), capacity_factor=capacity_factor)
+              shared_experts=SwiGLU(dim=dim, hidden_dim=hidden) if shared else None, capacity_factor=capacity_factor)
     moe.reset_parameters(init_std=0.3, out_std=0.3)
     with torch.no_grad():  # a bias that changes choices, as after some aux-free updates
         router.expert_bias.copy_(torch.randn(n_experts) * 0.1)
@@ -75,7 +75,8 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity_factor: float | None) -> torch
 
     rows = []
     for token, pairs in zip(x, naive_drop(naive_route(moe, x), ex.n_experts, capacity_factor)):
-        y = swiglu(token, sh.w_gate.weight.double(), sh.w_up.weight.double(), sh.w_down.weight.double())
+        y = torch.zeros_like(token) if sh is None else swiglu(
+            token, sh.w_gate.weight.double(), sh.w_up.weight.double(), sh.w_down.weight.double())
         for e, gate in pairs:
             y = y + gate * swiglu(token, ex.w_gate[e].double(), ex.w_up[e].double(), ex.w_down[e].double())
         rows.append(y)
@@ -87,6 +88,7 @@ CASES = {
     "wide": dict(dim=32, hidden=24, n_experts=16, top_k=4, n_groups=4, topk_groups=2),
     "odd widths": dict(dim=20, hidden=12, n_experts=8, top_k=3, n_groups=2, topk_groups=2),  # per-expert fallback
     "capacity": dict(dim=32, hidden=16, n_experts=8, top_k=2, n_groups=1, topk_groups=1, capacity_factor=0.5),
+    "no shared": dict(dim=32, hidden=16, n_experts=8, top_k=2, n_groups=2, topk_groups=1, shared=False),
 }
 
 

@@ -10,20 +10,19 @@ weighted combine. Here, per padded row r of the expert-sorted layout:
     a = silu(h_gate) * h_up * w_r                the routing weight folded in before the down GEMM (F < D)
     out[token_r] += a @ W_down_e^T               one index_add_ over the padded rows
 
-The stacked [E, 2F, D] weight is built per call (a copy of the weights, not saved). One GEMM
-of width 2F, and one of depth 2F for the input gradient (no add), beat two of width F in
-fp32 by 6-11% each at 528 x 128 x 96 per expert (AVX2 Zen 3, MKL), and the backward runs 4
-grouped GEMMs instead of 6.
+In fp32 the gate and up projections are one GEMM over a stacked [E, 2F, D] weight (built per
+call, not saved), and their input gradient one GEMM of depth 2F (no add): 4 GEMMs in the
+backward instead of 6 (`FUSED_GATE_UP_DTYPES`; 16-bit experts run two).
 
 A MoE's shared experts (a plain SwiGLU every token passes) run in the same call as one more
 part, on x itself (no gather, weight 1): the routed rows are added into its output, and the
 routed input gradient into its input gradient, so neither a zero-filled buffer nor a sum of
 the two parts' outputs or gradients is made, and one Function's overhead is paid, not two.
 
-Saved per row of each part, in the compute dtype: xs (D); gate and up (2F, one buffer),
-silu, their product and a (3F). The backward writes the gradient of [h_gate, h_up] into that
-saved buffer, its last reader, rather than allocating a new one (see `_gate_up_grad`), so
-the Function backpropagates once: `retain_graph` and second derivatives are refused.
+Saved per row of each part, in the compute dtype: xs (D); gate and up (2F), silu, their
+product and a (3F). The backward writes its gradients into saved buffers after their last
+read rather than allocating new ones (see `_part_backward`), so the Function backpropagates
+once: `retain_graph` and second derivatives are refused.
 d w_r = <grad of (a / w_r), silu(h_g) h_u> = <g_r W_down_e, silu(h_g) h_u>, read off the
 down projection's input gradient, which is computed anyway."""
 
@@ -55,13 +54,38 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | No
     return grouped_weight_grad(grad, x, offsets)
 
 
-def _gate_up_grad(grad_a: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
-    """The gradient [R, 2F] of h = [h_gate | h_up] given grad_a [R, F], the gradient of
-    silu(h_gate) * h_up. Eager, it is written into h itself, each half after its last read
-    (grad_a * h_up goes to `spare`, a dead [R, F] buffer, first); a traced graph, where
-    buffers are the compiler's to plan (and `out=` must be contiguous), computes it afresh."""
-    hidden = silu.shape[1]
-    gate, up = h[:, :hidden], h[:, hidden:]
+FUSED_GATE_UP_DTYPES = (torch.float32,)
+"""Compute dtypes whose gate and up projections run as one GEMM of width 2F into one [R, 2F]
+buffer. In fp32 (MKL, AVX2 Zen 3) that beats two GEMMs of width F by 6-11% each way. In bf16
+(oneDNN, AVX512-BF16 Zen 4) SiLU and its backward on the buffer's strided halves took 2.6x as
+long as on contiguous tensors and the layer ran no faster (0.97-1.03), so 16-bit experts run
+two GEMMs into two buffers."""
+
+
+def _part_forward(xs: torch.Tensor, row_weight: torch.Tensor | None, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  w_down: torch.Tensor, offsets: torch.Tensor | None, capacity: int):
+    """One part's rows through its experts: xs [R, D], row_weight [R] or None (weight 1) ->
+    (its rows' outputs [R, D], what its backward needs: (xs, h, None, silu, act, a) where
+    h = [gate | up] [R, 2F] is one GEMM's output (`FUSED_GATE_UP_DTYPES`), else
+    (xs, gate, up, silu, act, a))."""
+    if xs.dtype in FUSED_GATE_UP_DTYPES:
+        h = _mm(xs, torch.cat([w_gate, w_up], 1), offsets, capacity)
+        first, up, (gate, up_values) = h, None, h.split(w_gate.shape[1], dim=1)
+    else:
+        first = gate = _mm(xs, w_gate, offsets, capacity)
+        up = up_values = _mm(xs, w_up, offsets, capacity)
+    silu = F.silu(gate)
+    act = silu * up_values
+    a = act if row_weight is None else act * row_weight[:, None]
+    return _mm(a, w_down, offsets, capacity), (xs, first, up, silu, act, a)
+
+
+def _fused_h_grad(grad_a: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """The gradient [R, 2F] of h = [gate | up] given grad_a [R, F], that of silu(gate) * up.
+    Eager, it is written into h itself, each half after its last read (grad_a * up goes to
+    `spare`, a dead [R, F] buffer, first); a traced graph, where buffers are the compiler's to
+    plan (and `out=` must be contiguous), computes it afresh."""
+    gate, up = h.split(silu.shape[1], dim=1)
     if torch.compiler.is_compiling():
         return torch.cat([torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * silu], 1)
     torch.mul(grad_a, up, out=spare)
@@ -70,16 +94,34 @@ def _gate_up_grad(grad_a: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, spa
     return h
 
 
-def _part_forward(xs: torch.Tensor, row_weight: torch.Tensor | None, w_gate: torch.Tensor, w_up: torch.Tensor,
-                  w_down: torch.Tensor, offsets: torch.Tensor | None, capacity: int):
-    """One part's rows through its experts: xs [R, D], row_weight [R] or None (weight 1) ->
-    (its rows' outputs [R, D], what its backward needs: xs, h, silu, act, a)."""
-    hidden = w_gate.shape[1]
-    h = _mm(xs, torch.cat([w_gate, w_up], 1), offsets, capacity)  # [R, 2F]: gate | up
-    silu = F.silu(h[:, :hidden])
-    act = silu * h[:, hidden:]
-    a = act if row_weight is None else act * row_weight[:, None]
-    return _mm(a, w_down, offsets, capacity), (xs, h, silu, act, a)
+def _split_grads(grad_a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, silu: torch.Tensor,
+                 spare: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad gate, grad up), each [R, F], given grad_a [R, F], the gradient of silu(gate) * up;
+    eager, written into grad_a and `spare` (dead [R, F] buffers)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * silu
+    grad_up = torch.mul(grad_a, silu, out=spare)
+    return torch.ops.aten.silu_backward.grad_input(grad_a.mul_(up), gate, grad_input=grad_a), grad_up
+
+
+def _gate_up_backward(grad_a: torch.Tensor, saved: tuple, w_gate: torch.Tensor, w_up: torch.Tensor,
+                      offsets: torch.Tensor | None, capacity: int, *, input_grad: bool, spare: torch.Tensor | None):
+    """(grad xs [R, D] or None, grad w_gate, grad w_up) given grad_a [R, F], the gradient of
+    silu(gate) * up; the saved `act` [R, F] (read for the last time before) is overwritten."""
+    xs, first, up, silu, act, _ = saved
+    if up is None:  # one GEMM each way over [gate | up]
+        grad_h = _fused_h_grad(grad_a, first, silu, act)
+        grad_w = _weight_grad(grad_h, xs, offsets, capacity)  # [E, 2F, D]
+        grad_xs = None
+        if input_grad:
+            grad_xs = _mm(grad_h, torch.cat([w_gate, w_up], 1).transpose(-1, -2), offsets, capacity, out=spare)
+        return (grad_xs, *grad_w.split(w_gate.shape[1], dim=1))
+    grad_gate, grad_up = _split_grads(grad_a, first, up, silu, act)
+    grad_xs = None
+    if input_grad:  # each product rounded before the sum in both layouts (the compiled graph's order)
+        grad_xs = _mm(grad_gate, w_gate.transpose(-1, -2), offsets, capacity, out=spare)
+        grad_xs = grad_xs.add_(_mm(grad_up, w_up.transpose(-1, -2), offsets, capacity))
+    return (grad_xs, _weight_grad(grad_gate, xs, offsets, capacity), _weight_grad(grad_up, xs, offsets, capacity))
 
 
 def _part_backward(grad_rows: torch.Tensor, saved: tuple, row_weight: torch.Tensor | None, w_gate: torch.Tensor,
@@ -88,25 +130,21 @@ def _part_backward(grad_rows: torch.Tensor, saved: tuple, row_weight: torch.Tens
     """The gradients of `_part_forward` given its output rows' gradient grad_rows [R, D]:
     (grad of xs [R, D] or None, of row_weight [R] or None, of w_gate, w_up, w_down). `spare`:
     a dead [R, D] buffer for grad xs, or None. Writes into the saved activations."""
-    xs, h, silu, act, a = saved
-    c, hidden = capacity, w_gate.shape[1]
+    act, a = saved[4], saved[5]
     # Fresh [R, *] buffers are what this costs beyond its GEMMs (each a first touch of new
     # pages on CPU), so dead ones are reused: act (read for the last time here) takes the
-    # product summed for the routing weight's gradient, then serves `_gate_up_grad`.
-    grad_w_down = _weight_grad(grad_rows, a, offsets, c)
-    grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, c)  # [R, F], before the weight
+    # product summed for the routing weight's gradient, then serves the gate and up's.
+    grad_w_down = _weight_grad(grad_rows, a, offsets, capacity)
+    grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, capacity)  # [R, F], before the weight
     grad_weight = None
     if row_weight is not None:
         product = grad_act * act if torch.compiler.is_compiling() else torch.mul(grad_act, act, out=act)
         # a bf16 sum accumulates in fp32 on its own; asking for an fp32 result copied [R, F] first
         grad_weight = product.sum(-1).to(row_weight.dtype)
         grad_act = grad_act.mul_(row_weight[:, None])
-    grad_h = _gate_up_grad(grad_act, h, silu, act)
-    grad_w_gate_up = _weight_grad(grad_h, xs, offsets, c)  # [E, 2F, D]
-    grad_xs = None
-    if input_grad:
-        grad_xs = _mm(grad_h, torch.cat([w_gate, w_up], 1).transpose(-1, -2), offsets, c, out=spare)
-    return grad_xs, grad_weight, grad_w_gate_up[:, :hidden], grad_w_gate_up[:, hidden:], grad_w_down
+    grad_xs, grad_w_gate, grad_w_up = _gate_up_backward(grad_act, saved, w_gate, w_up, offsets, capacity,
+                                                        input_grad=input_grad, spare=spare)
+    return grad_xs, grad_weight, grad_w_gate, grad_w_up, grad_w_down
 
 
 class _RoutedSwiGLU(torch.autograd.Function):
@@ -136,8 +174,8 @@ class _RoutedSwiGLU(torch.autograd.Function):
                                "Hessian-vector products take) do not pass a MoE layer")
         ctx.spent = True
         saved = ctx.saved_tensors
-        routed, (row_token, row_weight, w_gate, w_up, w_down, offsets) = saved[:5], saved[5:11]
-        shared, (s_gate, s_up, s_down) = saved[11:-3], saved[-3:]
+        routed, (row_token, row_weight, w_gate, w_up, w_down, offsets) = saved[:6], saved[6:12]
+        shared, (s_gate, s_up, s_down) = saved[12:-3], saved[-3:]
         grad_out = grad_out.contiguous()
         needs_x = ctx.needs_input_grad[0]
         grad_x, grad_shared = None, (None, None, None)
