@@ -24,16 +24,43 @@ ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threa
         "optimizer.eps=1e-5"]
 
 
-def two_processes(steps: int, folder, *extra: str, async_save: bool = False) -> list[float]:
-    """Train on 2 processes under torchrun (tests/helpers/workers/fsdp.py; validating every 2
-    steps, which every rank must join); returns the per-step losses rank 0 reports."""
-    extra = (f"metrics.folder={folder}/metrics", "metrics.eval_every=2", "metrics.plots=False",
-             "metrics.tensorboard=False", *extra)
-    done = torchrun(worker("fsdp"), str(steps), str(folder), *ARGS, *extra, timeout=300,
-                    env={"ASYNC_SAVE": str(int(async_save))})
+def two_process_jobs(*jobs: dict) -> dict[str, list[float]]:
+    """Train each job ({label, steps, folder, extra, async_save}) on 2 processes, one after
+    another in one torchrun launch (tests/helpers/workers/fsdp.py; validating every 2 steps,
+    which every rank must join); returns each label's per-step losses rank 0 reports."""
+    spec = [{"label": job["label"], "steps": job["steps"], "folder": str(job["folder"]),
+             "async_save": job.get("async_save", False),
+             "overrides": [*ARGS, f"metrics.folder={job['folder']}/metrics", "metrics.eval_every=2",
+                           "metrics.plots=False", "metrics.tensorboard=False", *job.get("extra", ())]}
+            for job in jobs]
+    done = torchrun(worker("fsdp"), json.dumps(spec), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("LOSSES"))
-    return json.loads(line[len("LOSSES"):])
+    losses = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("LOSSES "):
+            label, values = line[len("LOSSES "):].split(" ", 1)
+            losses[label] = json.loads(values)
+    assert set(losses) == {job["label"] for job in jobs}, done.stdout[-2000:]
+    return losses
+
+
+def two_processes(steps: int, folder, *extra: str, async_save: bool = False) -> list[float]:
+    """One run on 2 processes (see `two_process_jobs`): its per-step losses."""
+    return two_process_jobs(dict(label="run", steps=steps, folder=folder, extra=extra, async_save=async_save))["run"]
+
+
+# bf16 is slow on AVX2-only CPUs: the bf16_params runs are small
+BF16_SMALL = ("precision=@bf16_params", "batch_size=4", "seq_len=32", "validation.batches=2")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """The 2-process runs that need nothing from another run, in one launch (each process pays
+    the imports once): fp32 steps 1-4 into `two`, and bf16_params steps 1-4 into `bf16`."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    losses = two_process_jobs(dict(label="two", steps=4, folder=folder / "two"),
+                              dict(label="bf16", steps=4, folder=folder / "bf16", extra=BF16_SMALL))
+    return folder, losses
 
 
 def one_process(steps: int, folder, *extra: str):
@@ -55,8 +82,10 @@ def weights(folder, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
-    sharded = two_processes(4, tmp_path / "two")                  # 2 processes, steps 1-4, sharded saves
+def test_two_processes_train_and_reshard_checkpoints_like_one(sharded_runs, tmp_path):
+    folder, losses = sharded_runs
+    sharded = losses["two"]                                        # 2 processes, steps 1-4, sharded saves
+    shutil.copytree(folder / "two", tmp_path / "two")
     assert len(list((tmp_path / "two" / "step-00000004").glob("shard-*.safetensors"))) == 2
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
@@ -85,17 +114,16 @@ def test_two_processes_train_and_reshard_checkpoints_like_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(tmp_path):
-    small = ("precision=@bf16_params", "batch_size=4", "seq_len=32",
-             "validation.batches=2")  # bf16 is slow on AVX2-only CPUs
-    sharded = two_processes(4, tmp_path / "two", *small)
-    single = one_process(4, tmp_path / "one", *small).losses
+def test_bf16_params_under_fsdp_keeps_fp32_sharded_masters(sharded_runs, tmp_path):
+    folder, losses = sharded_runs
+    sharded = losses["bf16"]
+    single = one_process(4, tmp_path / "one", *BF16_SMALL).losses
     assert sharded[0] == pytest.approx(single[0], rel=1e-2)  # bf16 compute either way; masters start
     assert sharded == pytest.approx(single, rel=3e-2)          # rounded on one process, exact on two
     from safetensors.torch import load_file
 
     stored = {}
-    for file in (tmp_path / "two" / "step-00000004").glob("*.safetensors"):
+    for file in (folder / "bf16" / "step-00000004").glob("*.safetensors"):
         stored.update(load_file(file))
     assert {v.dtype for k, v in stored.items() if k.startswith("model.")} == {torch.float32}
 
