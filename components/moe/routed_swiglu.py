@@ -41,6 +41,8 @@ def _mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, cap
     out] where given (a dead buffer), else a grouped one (which allocates its result)."""
     if capacity:
         n = weight.shape[0]
+        if n == 1:  # one expert (the shared part): the plain GEMM nn.Linear runs
+            return torch.mm(x, weight[0].t(), out=out)
         result = None if out is None else out.view(n, capacity, -1)
         return torch.bmm(x.view(n, capacity, -1), weight.transpose(1, 2), out=result).view(x.shape[0], -1)
     return grouped_mm_at(x, weight, offsets)
@@ -50,6 +52,8 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | No
     """grad_e^T x_e per expert: [R, out], [R, in] -> [E, out, in] (the gradient of `_mm`'s weight)."""
     if capacity:
         n = grad.shape[0] // capacity
+        if n == 1:
+            return (grad.t() @ x)[None]
         return torch.bmm(grad.view(n, capacity, -1).transpose(1, 2), x.view(n, capacity, -1))
     return grouped_weight_grad(grad, x, offsets)
 
