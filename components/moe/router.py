@@ -97,7 +97,9 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
         if self.training and (torch.compiler.is_compiling() or not _in_backward()):
             with torch.no_grad():
                 self.step_load += expert_counts(indices.flatten(), self.n_experts).float()
-        return Routing(weights=weights * self.scaling_factor, indices=indices, scores=scores)
+        if self.scaling_factor != 1.0:  # a multiply by 1 costs a pass each way over [N, K]
+            weights = weights * self.scaling_factor
+        return Routing(weights=weights, indices=indices, scores=scores)
 
     def _group_limited(self, choice: torch.Tensor) -> torch.Tensor:
         """choice [N, E] with the experts outside each token's best `topk_groups` groups at -inf.
