@@ -160,14 +160,19 @@ def test_shared_experts_with_a_hook_run_as_their_own_module_and_agree():
         torch.testing.assert_close(ours, module, rtol=1e-4, atol=1e-5)
 
 
-def test_a_second_backward_or_second_derivatives_through_the_experts_are_refused_with_a_message():
-    """The experts' backward writes into what it saved (no fresh buffers), so backpropagating
-    twice (retain_graph=True) would be wrong: it says so instead."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_second_backward_gives_the_same_gradients_and_second_derivatives_are_refused(dtype):
+    """A pipeline schedule that splits the backward into input and weight gradients (DualPipeV)
+    runs the experts' backward twice on the same saved activations: both passes must agree.
+    Second derivatives (Sophia-H's Hessian-vector products) end in a message, not a wrong number."""
     moe = build(**CASES["debug"])
-    loss = moe(torch.randn(2, 16, moe.dim)).square().sum()
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="runs once: backward with retain_graph=True"):
-        loss.backward()
-    loss = moe(torch.randn(2, 16, moe.dim)).square().sum()
+    x = torch.randn(2, 16, moe.dim, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = moe(x).float().square().sum()
+    inputs = [x, *moe.parameters()]
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs, retain_graph=True)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(loss, list(moe.parameters()), create_graph=True)  # second derivatives: the same
+        torch.autograd.grad(loss, inputs, create_graph=True)

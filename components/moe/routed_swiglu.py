@@ -20,9 +20,10 @@ routed input gradient into its input gradient, so neither a zero-filled buffer n
 the two parts' outputs or gradients is made, and one Function's overhead is paid, not two.
 
 Saved per row of each part, in the compute dtype: xs (D); gate and up (2F), silu, their
-product and a (3F). The backward writes its gradients into saved buffers after their last
-read rather than allocating new ones (see `_part_backward`), so the Function backpropagates
-once: `retain_graph` and second derivatives are refused.
+product and a (3F). The backward only reads them (a pipeline schedule that splits the
+backward into input and weight gradients runs it twice) and allocates one [R, F] or [R, 2F]
+buffer per part beyond its GEMMs' outputs (see `_part_backward`). It has no graph of its
+own: second derivatives are refused.
 d w_r = <grad of (a / w_r), silu(h_g) h_u> = <g_r W_down_e, silu(h_g) h_u>, read off the
 down projection's input gradient, which is computed anyway."""
 
@@ -84,43 +85,52 @@ def _part_forward(xs: torch.Tensor, row_weight: torch.Tensor | None, w_gate: tor
     return _mm(a, w_down, offsets, capacity), (xs, first, up, silu, act, a)
 
 
-def _fused_h_grad(grad_a: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
-    """The gradient [R, 2F] of h = [gate | up] given grad_a [R, F], that of silu(gate) * up.
-    Eager, it is written into h itself, each half after its last read (grad_a * up goes to
-    `spare`, a dead [R, F] buffer, first); a traced graph, where buffers are the compiler's to
-    plan (and `out=` must be contiguous), computes it afresh."""
-    gate, up = h.split(silu.shape[1], dim=1)
-    if torch.compiler.is_compiling():
-        return torch.cat([torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * silu], 1)
-    torch.mul(grad_a, up, out=spare)
-    torch.mul(grad_a, silu, out=up)
-    torch.ops.aten.silu_backward.grad_input(spare, gate, grad_input=gate)
-    return h
+def _scratch(grad_act: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's one fresh [R, *] buffer and its [R, F] part that takes the product summed
+    for the routing weight's gradient: fused, the gradient of [gate | up] [R, 2F] (the product
+    goes to its up half, written last); else [R, F] for the gradient of up."""
+    if not fused:
+        spare = torch.empty_like(grad_act)
+        return spare, spare
+    grad_h = grad_act.new_empty(grad_act.shape[0], 2 * grad_act.shape[1])
+    return grad_h, grad_h[:, grad_act.shape[1]:]
 
 
-def _split_grads(grad_a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, silu: torch.Tensor,
-                 spare: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad gate, grad up), each [R, F], given grad_a [R, F], the gradient of silu(gate) * up;
-    eager, written into grad_a and `spare` (dead [R, F] buffers)."""
+def _gate_up_grads(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor):
+    """Given grad_a [R, F], the gradient of silu(gate) * up: fused (saved h = [gate | up]),
+    the gradient [R, 2F] of h, written into `scratch`; else (grad gate, grad up), written into
+    grad_a and `scratch`. A traced graph, where buffers are the compiler's to plan (and `out=`
+    must be contiguous), computes them afresh."""
+    _, first, up, silu, _, _ = saved
+    fused = up is None
+    gate, up = first.split(silu.shape[1], dim=1) if fused else (first, up)
     if torch.compiler.is_compiling():
-        return torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * silu
-    grad_up = torch.mul(grad_a, silu, out=spare)
+        grads = torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * silu
+        return torch.cat(grads, 1) if fused else grads
+    if fused:
+        grad_gate, grad_up = scratch.split(silu.shape[1], dim=1)
+        torch.mul(grad_a, up, out=grad_gate)
+        torch.mul(grad_a, silu, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return scratch
+    grad_up = torch.mul(grad_a, silu, out=scratch)
     return torch.ops.aten.silu_backward.grad_input(grad_a.mul_(up), gate, grad_input=grad_a), grad_up
 
 
-def _gate_up_backward(grad_a: torch.Tensor, saved: tuple, w_gate: torch.Tensor, w_up: torch.Tensor,
-                      offsets: torch.Tensor | None, capacity: int, *, input_grad: bool, spare: torch.Tensor | None):
+def _gate_up_backward(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor, w_gate: torch.Tensor,
+                      w_up: torch.Tensor, offsets: torch.Tensor | None, capacity: int, *, input_grad: bool,
+                      spare: torch.Tensor | None):
     """(grad xs [R, D] or None, grad w_gate, grad w_up) given grad_a [R, F], the gradient of
-    silu(gate) * up; the saved `act` [R, F] (read for the last time before) is overwritten."""
-    xs, first, up, silu, act, _ = saved
-    if up is None:  # one GEMM each way over [gate | up]
-        grad_h = _fused_h_grad(grad_a, first, silu, act)
-        grad_w = _weight_grad(grad_h, xs, offsets, capacity)  # [E, 2F, D]
+    silu(gate) * up; grad xs written into `spare` [R, D] where given."""
+    xs = saved[0]
+    grads = _gate_up_grads(grad_a, saved, scratch)
+    if isinstance(grads, torch.Tensor):  # one GEMM each way over [gate | up]
+        grad_w = _weight_grad(grads, xs, offsets, capacity)  # [E, 2F, D]
         grad_xs = None
         if input_grad:
-            grad_xs = _mm(grad_h, torch.cat([w_gate, w_up], 1).transpose(-1, -2), offsets, capacity, out=spare)
+            grad_xs = _mm(grads, torch.cat([w_gate, w_up], 1).transpose(-1, -2), offsets, capacity, out=spare)
         return (grad_xs, *grad_w.split(w_gate.shape[1], dim=1))
-    grad_gate, grad_up = _split_grads(grad_a, first, up, silu, act)
+    grad_gate, grad_up = grads
     grad_xs = None
     if input_grad:  # each product rounded before the sum in both layouts (the compiled graph's order)
         grad_xs = _mm(grad_gate, w_gate.transpose(-1, -2), offsets, capacity, out=spare)
@@ -133,20 +143,22 @@ def _part_backward(grad_rows: torch.Tensor, saved: tuple, row_weight: torch.Tens
                    input_grad: bool, spare: torch.Tensor | None):
     """The gradients of `_part_forward` given its output rows' gradient grad_rows [R, D]:
     (grad of xs [R, D] or None, of row_weight [R] or None, of w_gate, w_up, w_down). `spare`:
-    a dead [R, D] buffer for grad xs, or None. Writes into the saved activations."""
+    a dead [R, D] buffer for grad xs, or None. The saved activations are only read: a backward
+    split into input and weight gradients (DualPipeV) runs this twice on them."""
     act, a = saved[4], saved[5]
     # Fresh [R, *] buffers are what this costs beyond its GEMMs (each a first touch of new
-    # pages on CPU), so dead ones are reused: act (read for the last time here) takes the
-    # product summed for the routing weight's gradient, then serves the gate and up's.
+    # pages on CPU), so there is one (`_scratch`), and grad_act is reused in place.
     grad_w_down = _weight_grad(grad_rows, a, offsets, capacity)
     grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, capacity)  # [R, F], before the weight
+    scratch, product_buffer = _scratch(grad_act, fused=saved[2] is None)
     grad_weight = None
     if row_weight is not None:
-        product = grad_act * act if torch.compiler.is_compiling() else torch.mul(grad_act, act, out=act)
+        compiling = torch.compiler.is_compiling()
+        product = grad_act * act if compiling else torch.mul(grad_act, act, out=product_buffer)
         # a bf16 sum accumulates in fp32 on its own; asking for an fp32 result copied [R, F] first
         grad_weight = product.sum(-1).to(row_weight.dtype)
-        grad_act = grad_act.mul_(row_weight[:, None])
-    grad_xs, grad_w_gate, grad_w_up = _gate_up_backward(grad_act, saved, w_gate, w_up, offsets, capacity,
+        grad_act = grad_act * row_weight[:, None] if compiling else grad_act.mul_(row_weight[:, None])
+    grad_xs, grad_w_gate, grad_w_up = _gate_up_backward(grad_act, saved, scratch, w_gate, w_up, offsets, capacity,
                                                         input_grad=input_grad, spare=spare)
     return grad_xs, grad_weight, grad_w_gate, grad_w_up, grad_w_down
 
@@ -169,14 +181,10 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "spent", False):
-            raise RuntimeError("the MoE experts' backward writes into its saved activations, so it runs once: "
-                               "backward with retain_graph=True through a MoE layer is not supported")
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError("the MoE experts are differentiable once: their backward has no graph of its own, "
                                "so second derivatives (backward with create_graph=True, as Sophia-H's "
                                "Hessian-vector products take) do not pass a MoE layer")
-        ctx.spent = True
         saved = ctx.saved_tensors
         routed, (row_token, row_weight, w_gate, w_up, w_down, offsets) = saved[:6], saved[6:12]
         shared, (s_gate, s_up, s_down) = saved[12:-3], saved[-3:]
