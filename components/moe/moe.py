@@ -119,10 +119,10 @@ class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
         return out
 
     def _shared_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The shared experts' weights where the routed experts' call can compute them too: a
-        plain SwiGLU beside `GroupedExperts` on this process (one Function for both parts:
-        1.2 of the debug layer's 7 ms, fp32); None where the shared experts run as their own
-        module (a TP-sharded or hooked one, a user's own, expert parallelism)."""
+        """The shared experts' weights where the routed experts' call can compute them too (a
+        plain SwiGLU beside `GroupedExperts` on this process: one Function for both parts, see
+        `routed_swiglu`); None where the shared experts run as their own module (a TP-sharded
+        or hooked one, a user's own, or beside expert parallelism)."""
         shared = self.shared_experts
         if type(self.experts) is not GroupedExperts or self.experts.expert_parallel is not None:
             return None
