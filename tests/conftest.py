@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -12,8 +13,11 @@ import torch
 
 torch.set_num_threads(1)
 # The matmul-speed cache (precision `auto`, MFU peak) lives in one folder per test session,
-# shared with subprocesses: tests never read or write the user's own cache.
-os.environ.setdefault("TESSERA_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-cache-"))
+# shared with subprocesses: tests never read or write the user's own cache. The process that
+# made the folder removes it when it exits (one was left in /tmp per session before).
+if "TESSERA_CACHE_DIR" not in os.environ:
+    os.environ["TESSERA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-cache-")
+    atexit.register(shutil.rmtree, os.environ["TESSERA_CACHE_DIR"], ignore_errors=True)
 
 # Test-only components (tests/helpers) may appear in configs that checkpoints serialize.
 import tessera.registry.serialize  # noqa: E402

@@ -152,21 +152,33 @@ class GroupedExperts(nn.Module, ExpertBank):
         if _uniform_allowed(x, dtype):  # counted once here for both the capacity and the layout
             counts = expert_counts(sorted_expert, self.n_experts)
             capacity = uniform_capacity(counts, multiple=multiple)
-        if capacity:
-            rows, slot, total = None, uniform_layout(sorted_expert, counts, capacity), self.n_experts * capacity
-        else:
-            rows, slot, total = padded_layout(sorted_expert, self.n_experts, multiple=multiple)
-        # The assignment of each row; padding rows take an extra one of weight 0 (the last
-        # token's, computed and never counted). The weights reach the rows by one index_select,
-        # whose backward is a cheap index_add (an index_copy's backward ran a slow index_put).
-        m = n * k
-        row_assign = torch.full((total,), m, dtype=torch.int64, device=x.device).index_copy_(0, slot, order)
-        row_token = (row_assign // k).clamp_(max=n - 1)
-        row_weight = torch.cat([flat_weight, flat_weight.new_zeros(1)]).index_select(0, row_assign)
+        if capacity or multiple > 1:
+            rows, row_token, row_weight = self._padded_rows(sorted_expert, order, flat_weight, (n, k), capacity,
+                                                            counts, multiple=multiple)
+        else:  # every row an assignment, in expert order: no padding, nothing to place
+            rows = expert_counts(sorted_expert, self.n_experts) if counts is None else counts
+            row_token, row_weight = order // k, flat_weight.index_select(0, order)
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             return routed_swiglu(x.to(dtype), row_token, row_weight.to(dtype), self.w_gate.to(dtype),
                                  self.w_up.to(dtype), self.w_down.to(dtype), rows, capacity=capacity,
                                  shared=None if shared is None else tuple(w.to(dtype) for w in shared))
+
+    def _padded_rows(self, sorted_expert: torch.Tensor, order: torch.Tensor, flat_weight: torch.Tensor,
+                     n_k: tuple[int, int], capacity: int, counts: torch.Tensor | None, *,
+                     multiple: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(rows per expert [E] or None for the uniform layout, token [R] and weight [R] of
+        each row) where padding rows sit among the assignments (`padded_layout`, or the uniform
+        layout's blocks of `capacity`): they take an extra assignment of weight 0 (the last
+        token's, computed and never counted). The weights reach the rows by one index_select,
+        whose backward is a cheap index_add (an index_copy's backward ran a slow index_put)."""
+        if capacity:
+            rows, slot, total = None, uniform_layout(sorted_expert, counts, capacity), self.n_experts * capacity
+        else:
+            rows, slot, total = padded_layout(sorted_expert, self.n_experts, multiple=multiple)
+        (n, k), m = n_k, order.numel()
+        row_assign = torch.full((total,), m, dtype=torch.int64, device=order.device).index_copy_(0, slot, order)
+        row_token = (row_assign // k).clamp_(max=n - 1)
+        return rows, row_token, torch.cat([flat_weight, flat_weight.new_zeros(1)]).index_select(0, row_assign)
 
     def grouped_forward(self, xs: torch.Tensor, rows: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its rows: xs [R, D] sorted by expert, `rows` int64 [E'] per
