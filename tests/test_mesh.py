@@ -167,29 +167,8 @@ def on_four(tmp, reference, on_two):
     return on_processes(4, tmp / "on_four", [*sharded_on_four_jobs(tmp), *composed_on_four_jobs(tmp)])
 
 
-# The groups by what they run (each is its launch's results, shared by every group of that launch).
 @pytest.fixture(scope="module")
-def data_parallel(on_two):
-    return on_two
-
-
-@pytest.fixture(scope="module")
-def model_parallel(on_two):
-    return on_two
-
-
-@pytest.fixture(scope="module")
-def sharded_on_four(on_four):
-    return on_four
-
-
-@pytest.fixture(scope="module")
-def composed_on_four(on_four):
-    return on_four
-
-
-@pytest.fixture(scope="module")
-def resumed_in_one_process(tmp, data_parallel, composed_on_four):
+def resumed_in_one_process(tmp, on_two, on_four):
     """One process resuming the checkpoints of ZeRO-1 (2 processes) and of ZeRO-1 beside experts (4)."""
     out = {}
     for label, recipe, source in [("zero1-then-one", "llama", "zero1-llama"),
@@ -211,7 +190,7 @@ def assert_same_run(got: tuple, expected: tuple, label: str) -> None:
         torch.testing.assert_close(got[1][name], value, rtol=1e-4, atol=1e-5, msg=f"{label}: {name}")
 
 
-LAYOUTS = {"ddp": "data_parallel", "zero1": "data_parallel", "fsdp": "data_parallel", "hsdp": "sharded_on_four"}
+LAYOUTS = {"ddp": "on_two", "zero1": "on_two", "fsdp": "on_two", "hsdp": "on_four"}
 
 
 @pytest.mark.slow
@@ -226,18 +205,18 @@ def test_every_data_parallel_layout_trains_as_one_process(reference, request, la
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_tensor_parallel_trains_as_one_process(reference, model_parallel, recipe):
+def test_tensor_parallel_trains_as_one_process(reference, on_two, recipe):
     """tp=2 through the recipe's own data and trainer: both ranks read the same batches, heads,
     hidden widths and vocabulary are split, norms sequence-parallel; the run equals one process."""
-    assert_same_run(model_parallel[f"tp-{recipe}"], reference[f"one-{recipe}"], f"tp-{recipe}")
+    assert_same_run(on_two[f"tp-{recipe}"], reference[f"one-{recipe}"], f"tp-{recipe}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_pipeline_parallel_trains_as_one_process(reference, model_parallel, recipe):
+def test_pipeline_parallel_trains_as_one_process(reference, on_two, recipe):
     """pp=2 (1F1B, 4 micro-batches) through the recipe's trainer: losses (MoE balance and MTP
     terms included), and the weights of both stages, equal one process's."""
-    assert_same_run(model_parallel[f"pp-{recipe}"], reference[f"one-{recipe}"], f"pp-{recipe}")
+    assert_same_run(on_two[f"pp-{recipe}"], reference[f"one-{recipe}"], f"pp-{recipe}")
 
 
 COMPOSITIONS = {
@@ -256,28 +235,27 @@ COMPOSITIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("label", ["fsdp_pp-llama", "fsdp_pp-deepseek", "tp_pp-llama", "tp_pp-deepseek",
                                    *COMPOSITIONS])
-def test_compositions_train_as_one_process(reference, request, label):
+def test_compositions_train_as_one_process(reference, on_four, label):
     """4 processes, fp32: losses over every step and the final weights of the whole model
     (each process's stages merged, experts and FSDP shards gathered) equal one process's."""
-    runs = request.getfixturevalue("sharded_on_four" if label.startswith("fsdp_pp-") else "composed_on_four")
-    assert_same_run(runs[label], reference[f"one-{label.split('-')[1]}"], label)
+    assert_same_run(on_four[label], reference[f"one-{label.split('-')[1]}"], label)
 
 
 @pytest.mark.slow
-def test_expert_parallel_beside_plain_ddp_and_a_pipeline_without_validation(reference, model_parallel):
+def test_expert_parallel_beside_plain_ddp_and_a_pipeline_without_validation(reference, on_two):
     """EP beside DDP with the default (fused where possible) AdamW over experts (DTensors) and
     replicated weights (plain); a pipelined run with validation.batches=0."""
-    runs = results(reference, model_parallel)
+    runs = results(reference, on_two)
     assert_same_run(runs["ep_ddp-deepseek"], runs["one-deepseek"], "ep_ddp-deepseek")
     assert runs["pp_noeval-llama"][0] == pytest.approx(runs["one-llama"][0], rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.slow
-def test_bf16_weights_train_under_fsdp_x_pp(reference, sharded_on_four):
+def test_bf16_weights_train_under_fsdp_x_pp(reference, on_four):
     """bf16 weights (FSDP's mixed precision: fp32 shards, bf16 gathered copies) under FSDP x PP
     follow the fp32 single-process run to bf16's accuracy; casting FSDP's shards in place (as a
     plain model's bf16 policy does) instead froze the weights."""
-    losses, weights, _ = sharded_on_four["fsdp_pp_bf16-llama"]
+    losses, weights, _ = on_four["fsdp_pp_bf16-llama"]
     expected = reference["one-llama"][0]
     assert losses == pytest.approx(expected, rel=2 ** -8)  # one bf16 ulp, relative
     # The first steps follow far closer than that: a frozen model would not (its step-2 loss
@@ -286,17 +264,17 @@ def test_bf16_weights_train_under_fsdp_x_pp(reference, sharded_on_four):
 
 
 @pytest.mark.slow
-def test_expert_parallel_beside_fsdp_trains_as_one_process(reference, model_parallel):
+def test_expert_parallel_beside_fsdp_trains_as_one_process(reference, on_two):
     """ep=2: each process holds 4 of the 8 routed experts per MoE layer (all-to-all dispatch),
     FSDP2 shards the rest; losses, weights (experts gathered) and the routers' aux-free bias
     equal the single-process run's."""
     expected = reference["one-deepseek"]
     assert any("expert_bias" in name for name in expected[1])
-    assert_same_run(model_parallel["ep-deepseek"], expected, "ep-deepseek")
+    assert_same_run(on_two["ep-deepseek"], expected, "ep-deepseek")
 
 
-RESUMED = {"zero1-then-one": "resumed_in_one_process", "one-then-zero1": "data_parallel",
-           "fsdp-then-hsdp": "sharded_on_four"}
+RESUMED = {"zero1-then-one": "resumed_in_one_process", "one-then-zero1": "on_two",
+           "fsdp-then-hsdp": "on_four"}
 
 
 @pytest.mark.slow
@@ -307,22 +285,22 @@ def test_checkpoints_resume_exactly_under_another_layout(reference, request, lab
 
 
 @pytest.mark.slow
-def test_zero1_beside_expert_parallelism_resumes_in_one_process(reference, composed_on_four, resumed_in_one_process):
+def test_zero1_beside_expert_parallelism_resumes_in_one_process(reference, on_four, resumed_in_one_process):
     """Dense ZeRO-1 partitions and the experts' own optimizer state, saved from 4 processes,
     load into one process's AdamW and continue exactly; and the other way round."""
-    runs = results(composed_on_four, resumed_in_one_process)
+    runs = results(on_four, resumed_in_one_process)
     for label in ("ep_zero1-then-one", "one-then-ep_zero1"):
         assert_same_run(runs[label], reference["one-deepseek"], label)
 
 
 @pytest.mark.slow
-def test_ddp_registers_the_comm_hook_and_periodic_sync_replaces_ddp(reference, data_parallel):
-    losses, _, stats = data_parallel["hook-llama"]
+def test_ddp_registers_the_comm_hook_and_periodic_sync_replaces_ddp(reference, on_two):
+    losses, _, stats = on_two["hook-llama"]
     expected = reference["one-llama"][0]
     assert losses == pytest.approx(expected, rel=1e-3)  # fp16 gradients: close, not equal
     assert losses != pytest.approx(expected, rel=1e-7, abs=0)  # ... because the hook compressed them
     assert stats["bytes"] == STEPS * stats["params"] * 2  # every gradient, every step, in 2 bytes
-    losses, _, stats = data_parallel["sync-llama"]
+    losses, _, stats = on_two["sync-llama"]
     assert stats["seen"] == [[step, 2] for step in range(1, STEPS + 1)]  # after each step, over both replicas
     assert stats["bytes"] is None and losses[-1] < losses[0]
 
