@@ -19,6 +19,7 @@ from tessera.components.mlp.gated import SwiGLU
 from tessera.components.moe import experts as experts_module
 from tessera.components.moe.experts import GroupedExperts
 from tessera.components.moe.moe import MoE
+from tessera.components.moe.routed_swiglu import routed_swiglu
 from tessera.components.moe.router import Router
 
 
@@ -135,10 +136,44 @@ def test_load_counts_match_the_per_token_routing():
     torch.testing.assert_close(moe.router.step_load, expected)
 
 
-def test_shared_experts_with_a_hook_run_as_their_own_module_and_agree():
-    """A plain shared SwiGLU runs on the routed experts' kernels; one a user hooked (as a probe,
-    an adapter, tensor parallelism would) runs as its own module, so the hook fires, with the
-    same output and gradients."""
+class _CountingLinear(torch.nn.Linear):
+    """A Linear subclass (as fp8 training or an adapter swaps in) that counts its calls."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(x)
+
+
+def _forward_hook(shared, seen):
+    return shared.register_forward_hook(lambda module, args, out: seen.append("forward"))
+
+
+def _backward_hook(shared, seen):
+    return shared.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append("backward"))
+
+
+def _linear_subclass(shared, seen):
+    counting = _CountingLinear(shared.w_up.in_features, shared.w_up.out_features, bias=False)
+    counting.weight, original = shared.w_up.weight, shared.w_up
+    shared.w_up = counting
+    _CountingLinear.calls = 0
+
+    class Undo:
+        def remove(self):
+            seen.append(f"{_CountingLinear.calls} calls")
+            shared.w_up = original
+    return Undo()
+
+
+@pytest.mark.parametrize("change, expected", [(_forward_hook, ["forward"]), (_backward_hook, ["backward"]),
+                                              (_linear_subclass, ["1 calls"])], ids=["forward hook", "backward hook",
+                                                                                     "Linear subclass"])
+def test_shared_experts_a_user_changed_run_as_their_own_module_and_agree(change, expected):
+    """A plain shared SwiGLU runs on the routed experts' kernels; one a user hooked or whose
+    Linear was swapped for a subclass (fp8 training, an adapter) runs as its own module, so the
+    hook or subclass runs, with the same output and gradients."""
     moe = build(**CASES["debug"])
     x = torch.randn(2, 16, moe.dim)
     params = list(moe.parameters())
@@ -150,14 +185,29 @@ def test_shared_experts_with_a_hook_run_as_their_own_module_and_agree():
 
     fused = run()
     seen = []
-    handle = moe.shared_experts.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    handle = change(moe.shared_experts, seen)
     try:
-        hooked = run()
+        changed = run()
     finally:
         handle.remove()
-    assert seen == [torch.Size([2, 16, moe.dim])]
-    for ours, module in zip(fused, hooked):  # the same sums in another order: fp32 rounding apart
+    assert seen == expected
+    for ours, module in zip(fused, changed):  # the same sums in another order: fp32 rounding apart
         torch.testing.assert_close(ours, module, rtol=1e-4, atol=1e-5)
+
+
+def test_the_experts_function_runs_a_meta_pass_in_fp32():
+    """A shape pass on the meta device (a memory tracker, pipeline shape inference) goes through
+    the grouped GEMM's operator, whose shape function takes fp32 (torch's own takes bf16 only)."""
+    def meta(*shape, grad=True):
+        return torch.empty(*shape, device="meta", requires_grad=grad)
+
+    x, w_gate, w_up, w_down = meta(16, 8), meta(2, 4, 8), meta(2, 4, 8), meta(2, 8, 4)
+    shared = (meta(4, 8), meta(4, 8), meta(8, 4))
+    row_token = torch.zeros(24, dtype=torch.long, device="meta")
+    rows = torch.tensor([12, 12], device="meta")
+    out = routed_swiglu(x, row_token, meta(24), w_gate, w_up, w_down, rows, shared=shared)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape and w_gate.grad.shape == w_gate.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

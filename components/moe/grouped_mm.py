@@ -85,12 +85,19 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     return _grouped_mm_op(x, weight, counts.cumsum(0).to(torch.int32))
 
 
+def _through_op(x: torch.Tensor) -> bool:
+    """Whether a call on `x` goes through the custom operator rather than straight to the
+    kernel: when traced, and for meta and fake tensors (a shape pass: torch._grouped_mm's own
+    meta kernel refuses fp32, the operator's does not)."""
+    return torch.compiler.is_compiling() or x.is_meta or type(x) is not torch.Tensor
+
+
 def grouped_mm_at(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`grouped_mm` given the experts' end rows: `offsets` int32 [E], the cumulative counts
-    (computed once by a caller running several GEMMs over one layout). M must be > 0. Not
-    differentiable: for callers inside an autograd Function, which run it eagerly without the
-    custom operator's dispatch (~0.1 ms a call on CPU) and traced through the operator."""
-    if torch.compiler.is_compiling():
+    (computed once by a caller running several GEMMs over one layout). M must be > 0. For
+    callers that compute their own gradients (an autograd Function's forward and backward):
+    eager, it calls the kernel without the custom operator's dispatch (~0.1 ms a call on CPU)."""
+    if _through_op(x):
         return _grouped_mm_op(x, weight, offsets)
     return _grouped_mm_kernel(x, weight, offsets)
 
@@ -99,6 +106,6 @@ def grouped_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.
     """grad_out_e^T x_e for each expert e: [M, out] and [M, in] sorted by expert, `offsets` int32
     [E] end rows -> [E, out, in], the weight gradient of `grouped_mm_at` (an empty expert's is 0).
     Eager without the operator's dispatch, as `grouped_mm_at`."""
-    if torch.compiler.is_compiling():
+    if _through_op(x):
         return _weight_grad_op(grad_out, x, offsets)
     return _weight_grad_kernel(grad_out, x, offsets)

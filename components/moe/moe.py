@@ -46,15 +46,20 @@ def capacity_keep(weights: torch.Tensor, indices: torch.Tensor, n_experts: int, 
 
 
 def _plain_swiglu(module: torch.nn.Module, *, training: bool) -> bool:
-    """Whether `module` computes exactly w_down(silu(w_gate x) * w_up x) from plain weights:
-    a SwiGLU without biases, hooks or active dropout, none of its weights a DTensor (tensor
+    """Whether `module` computes exactly w_down(silu(w_gate x) * w_up x) from plain weights, so
+    the routed experts' Function may compute it instead: a SwiGLU of three plain nn.Linear
+    without biases (not fp8's or an adapter's Linear subclass), no active dropout, no module
+    hook of its own or global one (which would not fire), and no DTensor weight (tensor
     parallelism shards them and plans their communication)."""
-    if type(module) is not SwiGLU or module.w_gate.bias is not None or (training and module.dropout.p):
+    if type(module) is not SwiGLU or (training and module.dropout.p):
         return False
-    parts = (module, module.w_gate, module.w_up, module.w_down)
-    if any(m._forward_hooks or m._forward_pre_hooks for m in parts):
+    linears = (module.w_gate, module.w_up, module.w_down)
+    if any(type(m) is not torch.nn.Linear or m.bias is not None or isinstance(m.weight, DTensor) for m in linears):
         return False
-    return not any(isinstance(m.weight, DTensor) for m in parts[1:])
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(m, name) for m in (module, *linears) for name in hooks):
+        return False
+    return not any(getattr(torch.nn.modules.module, f"_global{name}") for name in hooks)
 
 
 @FEED_FORWARD.register("moe")

@@ -60,8 +60,9 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | No
 
 
 FUSED_GATE_UP_DTYPES = (torch.float32,)
-"""Compute dtypes whose gate and up projections run as one GEMM of width 2F into one [R, 2F]
-buffer. In fp32 (MKL, AVX2 Zen 3) that beats two GEMMs of width F by 6-11% each way. In bf16
+"""Compute dtypes whose gate and up projections run on CPU as one GEMM of width 2F into one
+[R, 2F] buffer. In fp32 (MKL, AVX2 Zen 3) that beats two GEMMs of width F by 6-11% each way
+(not measured on GPUs, which keep two GEMMs and no per-call weight copy). In bf16
 (oneDNN, AVX512-BF16 Zen 4) SiLU and its backward on the buffer's strided halves took 2.6x as
 long as on contiguous tensors and the layer ran no faster (0.97-1.03), so 16-bit experts run
 two GEMMs into two buffers."""
@@ -73,7 +74,7 @@ def _part_forward(xs: torch.Tensor, row_weight: torch.Tensor | None, w_gate: tor
     (its rows' outputs [R, D], what its backward needs: (xs, h, None, silu, act, a) where
     h = [gate | up] [R, 2F] is one GEMM's output (`FUSED_GATE_UP_DTYPES`), else
     (xs, gate, up, silu, act, a))."""
-    if xs.dtype in FUSED_GATE_UP_DTYPES:
+    if xs.dtype in FUSED_GATE_UP_DTYPES and xs.device.type == "cpu":
         h = _mm(xs, torch.cat([w_gate, w_up], 1), offsets, capacity)
         first, up, (gate, up_values) = h, None, h.split(w_gate.shape[1], dim=1)
     else:
@@ -129,7 +130,9 @@ def _gate_up_backward(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor,
         grad_xs = None
         if input_grad:
             grad_xs = _mm(grads, torch.cat([w_gate, w_up], 1).transpose(-1, -2), offsets, capacity, out=spare)
-        return (grad_xs, *grad_w.split(w_gate.shape[1], dim=1))
+        # each half copied: as views of one GEMM's output, gate and up's gradients would share
+        # storage (autograd keeps a contiguous one as .grad) or be cloned by autograd anyway
+        return (grad_xs, *(g.clone(memory_format=torch.contiguous_format) for g in grad_w.split(w_gate.shape[1], 1)))
     grad_gate, grad_up = grads
     grad_xs = None
     if input_grad:  # each product rounded before the sum in both layouts (the compiled graph's order)
