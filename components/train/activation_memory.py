@@ -61,9 +61,11 @@ class ActivationBytes:
 def _routed_expert_bytes(moe: MoE, tokens: int, element: int, *, row_multiple: int = 1, ep: int = 1) -> float:
     """What routing `tokens` tokens top_k each through `moe` saves, for a balanced routing.
 
-    Rows: each expert's rows are padded to a multiple of `row_multiple` (16 on CPU, 1 on
-    GPUs), so the GEMMs run on M / multiple * multiple + (n_experts / ep) * multiple rows for
-    M = tokens * top_k assignments (balanced: a process receives as many rows as it sends).
+    Rows: each expert's rows are padded to a multiple of `row_multiple` (the planners pass
+    `ROW_MULTIPLE` on CPU, the most any layout pads: 16-bit GEMMs pad that, fp32 ones none; 1
+    on GPUs), so the GEMMs run on at most M / multiple * multiple + (n_experts / ep) * multiple
+    rows for M = tokens * top_k assignments (balanced: a process receives as many rows as it
+    sends; without padding and without ep exactly M).
     Without ep (`routed_swiglu`, one autograd Function) each row saves its gathered input
     (dim), the gate, up, SiLU, product and weighted product (5 x hidden), its int64 token and
     its gate. Under ep (`expert_parallel.local_experts` + `combine`, plain autograd) each row
