@@ -75,10 +75,12 @@ def test_moe_compiles_without_graph_breaks(dtype):
     x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
     compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")  # fullgraph: a break is an error
     out = compiled(x)
-    (grad,) = torch.autograd.grad(out.float().square().sum(), x)
-    (ref_grad,) = torch.autograd.grad(moe(x).float().square().sum(), x)
+    inputs = [x, *moe.parameters()]  # routed and shared experts' weights, router
+    grads = torch.autograd.grad(out.float().square().sum(), inputs)
+    ref_grads = torch.autograd.grad(moe(x).float().square().sum(), inputs)
     torch.testing.assert_close(out, moe(x))
-    torch.testing.assert_close(grad, ref_grad)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad)
 
 
 def test_aux_free_bias_balances_a_skewed_stream():
