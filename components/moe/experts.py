@@ -153,8 +153,8 @@ class GroupedExperts(nn.Module, ExpertBank):
             counts = expert_counts(sorted_expert, self.n_experts)
             capacity = uniform_capacity(counts, multiple=multiple)
         if capacity or multiple > 1:
-            rows, row_token, row_weight = self._padded_rows(sorted_expert, order, flat_weight, (n, k), capacity,
-                                                            counts, multiple=multiple)
+            rows, row_token, row_weight = self._padded_rows(sorted_expert, order, flat_weight, capacity, counts,
+                                                            n=n, k=k, multiple=multiple)
         else:  # every row an assignment, in expert order: no padding, nothing to place
             rows = expert_counts(sorted_expert, self.n_experts) if counts is None else counts
             row_token, row_weight = order // k, flat_weight.index_select(0, order)
@@ -164,7 +164,7 @@ class GroupedExperts(nn.Module, ExpertBank):
                                  shared=None if shared is None else tuple(w.to(dtype) for w in shared))
 
     def _padded_rows(self, sorted_expert: torch.Tensor, order: torch.Tensor, flat_weight: torch.Tensor,
-                     n_k: tuple[int, int], capacity: int, counts: torch.Tensor | None, *,
+                     capacity: int, counts: torch.Tensor | None, *, n: int, k: int,
                      multiple: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(rows per expert [E] or None for the uniform layout, token [R] and weight [R] of
         each row) where padding rows sit among the assignments (`padded_layout`, or the uniform
@@ -175,8 +175,7 @@ class GroupedExperts(nn.Module, ExpertBank):
             rows, slot, total = None, uniform_layout(sorted_expert, counts, capacity), self.n_experts * capacity
         else:
             rows, slot, total = padded_layout(sorted_expert, self.n_experts, multiple=multiple)
-        (n, k), m = n_k, order.numel()
-        row_assign = torch.full((total,), m, dtype=torch.int64, device=order.device).index_copy_(0, slot, order)
+        row_assign = torch.full((total,), n * k, dtype=torch.int64, device=order.device).index_copy_(0, slot, order)
         row_token = (row_assign // k).clamp_(max=n - 1)
         return rows, row_token, torch.cat([flat_weight, flat_weight.new_zeros(1)]).index_select(0, row_assign)
 

@@ -97,13 +97,12 @@ def _scratch(grad_act: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.T
     return grad_h, grad_h[:, grad_act.shape[1]:]
 
 
-def _gate_up_grads(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor):
+def _gate_up_grads(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor, *, fused: bool):
     """Given grad_a [R, F], the gradient of silu(gate) * up: fused (saved h = [gate | up]),
     the gradient [R, 2F] of h, written into `scratch`; else (grad gate, grad up), written into
     grad_a and `scratch`. A traced graph, where buffers are the compiler's to plan (and `out=`
     must be contiguous), computes them afresh."""
     _, first, up, silu, _, _ = saved
-    fused = up is None
     gate, up = first.split(silu.shape[1], dim=1) if fused else (first, up)
     if torch.compiler.is_compiling():
         grads = torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * silu
@@ -119,13 +118,13 @@ def _gate_up_grads(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor):
 
 
 def _gate_up_backward(grad_a: torch.Tensor, saved: tuple, scratch: torch.Tensor, w_gate: torch.Tensor,
-                      w_up: torch.Tensor, offsets: torch.Tensor | None, capacity: int, *, input_grad: bool,
-                      spare: torch.Tensor | None):
+                      w_up: torch.Tensor, offsets: torch.Tensor | None, capacity: int, *, fused: bool,
+                      input_grad: bool, spare: torch.Tensor | None):
     """(grad xs [R, D] or None, grad w_gate, grad w_up) given grad_a [R, F], the gradient of
     silu(gate) * up; grad xs written into `spare` [R, D] where given."""
     xs = saved[0]
-    grads = _gate_up_grads(grad_a, saved, scratch)
-    if isinstance(grads, torch.Tensor):  # one GEMM each way over [gate | up]
+    grads = _gate_up_grads(grad_a, saved, scratch, fused=fused)
+    if fused:  # one GEMM each way over [gate | up]
         grad_w = _weight_grad(grads, xs, offsets, capacity)  # [E, 2F, D]
         grad_xs = None
         if input_grad:
@@ -153,7 +152,8 @@ def _part_backward(grad_rows: torch.Tensor, saved: tuple, row_weight: torch.Tens
     # pages on CPU), so there is one (`_scratch`), and grad_act is reused in place.
     grad_w_down = _weight_grad(grad_rows, a, offsets, capacity)
     grad_act = _mm(grad_rows, w_down.transpose(-1, -2), offsets, capacity)  # [R, F], before the weight
-    scratch, product_buffer = _scratch(grad_act, fused=saved[2] is None)
+    fused = saved[2] is None  # `_part_forward` saved h = [gate | up] and no separate up
+    scratch, product_buffer = _scratch(grad_act, fused=fused)
     grad_weight = None
     if row_weight is not None:
         compiling = torch.compiler.is_compiling()
@@ -162,7 +162,7 @@ def _part_backward(grad_rows: torch.Tensor, saved: tuple, row_weight: torch.Tens
         grad_weight = product.sum(-1).to(row_weight.dtype)
         grad_act = grad_act * row_weight[:, None] if compiling else grad_act.mul_(row_weight[:, None])
     grad_xs, grad_w_gate, grad_w_up = _gate_up_backward(grad_act, saved, scratch, w_gate, w_up, offsets, capacity,
-                                                        input_grad=input_grad, spare=spare)
+                                                        fused=fused, input_grad=input_grad, spare=spare)
     return grad_xs, grad_weight, grad_w_gate, grad_w_up, grad_w_down
 
 
