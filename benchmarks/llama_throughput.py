@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import (  # noqa: E402
+    allocate_as_a_run,
     fast_precisions,
     hf_causal_lm_loss,
     interleaved_medians,
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    allocator = allocate_as_a_run()
     import transformers
     from rich.console import Console
     from rich.table import Table
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     models.update({name: ours_model(**options) for name, options in variants})
     flops = training_flops_per_token(models["tessera"], args.seq)
     console = Console(width=150)
+    console.print(allocator, highlight=False)
     precisions, skipped = fast_precisions()
     for reason in skipped:
         console.print(reason, highlight=False)

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import (  # noqa: E402
+    allocate_as_a_run,
     fast_precisions,
     hf_causal_lm_loss,
     interleaved_medians,
@@ -238,10 +239,12 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
 
 
 def _console_and_precisions():
-    """A wide rich console, and the precisions this machine runs fast (the skipped ones said on it)."""
+    """A wide rich console, and the precisions this machine runs fast (the skipped ones said on
+    it); sets the host allocator as a run does, before anything is timed (`allocate_as_a_run`)."""
     from rich.console import Console
 
     console = Console(width=160)
+    console.print(allocate_as_a_run(), highlight=False)
     precisions, skipped = fast_precisions()
     for reason in skipped:
         console.print(reason, highlight=False)
