@@ -85,10 +85,11 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
     def _route(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x, self.weight.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
-        if self.n_groups > 1:
-            choice = self._group_limited(choice)
-        indices = choice.topk(self.top_k, dim=-1).indices
+        with torch.no_grad():  # the choice is integer: recording its ops for autograd only costs time
+            choice = scores if self.expert_bias is None else scores + self.expert_bias
+            if self.n_groups > 1:
+                choice = self._group_limited(choice)
+            indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
         if self.normalize_weights:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
