@@ -176,8 +176,8 @@ def test_pipeline_parallelism_refuses_auto_naming_what_to_set(monkeypatch):
     model = build_model_on_meta(recipe.config("debug").model)
     plan = fdl.build(PARALLEL_PLAN.config("mesh", pp=2))
     with pytest.raises(MeshError, match=r"auto cannot size a pipeline \(pp=2\).*step\.micro_batch_size"):
-        auto_micro_batch.plan(model, parallel=plan, precision=FP32(), batch_size=BATCH, seq_len=SEQ, device="cpu",
-                              checkpointing="none", memory_limit="1GB")
+        auto_micro_batch.plan(model, parallel=plan, precision=FP32(), optimizer=torch.optim.AdamW, batch_size=BATCH,
+                              seq_len=SEQ, device="cpu", checkpointing="none", memory_limit="1GB")
 
 
 def test_candidates_are_the_divisors_largest_first():

@@ -70,6 +70,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.param_groups = [g for sub, _ in self._subs for g in sub.param_groups]
         self._share()
 
+    @classmethod
+    def state_tensors(cls, groups: ParamGroups, *, expert_stacks: str = "adamw", batched: bool = False,
+                      **_: Any) -> dict[int, float]:
+        """{id(parameter): state tensors of its size} (`tessera.components.optim.state_size`):
+        one (the momentum) for each matrix routed to Muon, two (AdamW's moments) for the rest."""
+        out: dict[int, float] = {}
+        for group in groups:
+            routes = _route(list(group["params"]), group.get("kind", "matrix"), expert_stacks, batched)
+            for route, tensors in routes.items():
+                out.update({id(p): 2.0 if route == "adamw" else 1.0 for p in tensors})
+        return out
+
     def _share(self) -> None:
         """Point every sub-optimizer at this optimizer's state and at its slice of its groups."""
         start = 0

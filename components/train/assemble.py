@@ -85,8 +85,9 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
     flops_per_token = training_flops_per_token(model, seq_len)
     moe_layers = moe_layer_indices(model, ReportsExpertLoad)
     sized = step.micro_batch_size == "auto"
-    planned = auto_micro_batch.plan(model, parallel=parallel, precision=precision, batch_size=batch_size,
-                                    seq_len=seq_len, device=device, checkpointing=compute.activation_checkpointing,
+    planned = auto_micro_batch.plan(model, parallel=parallel, precision=precision, optimizer=optimizer,
+                                    batch_size=batch_size, seq_len=seq_len, device=device,
+                                    checkpointing=compute.activation_checkpointing,
                                     memory_limit=step.memory_limit) if sized else None
     model = parallel.apply(model, precision=precision, device=device)
     rank, processes = world()
@@ -110,8 +111,8 @@ def assemble(*, model: DecoderLM, data: TrainingData, optimizer: OptimizerFactor
     wrapped = precision.wrap_optimizer(parallel.wrap_optimizer(raw_optimizer))
     _refuse_second_order(raw_optimizer, wrapped, processes)
     if planned is not None:  # weights, optimizer and data ready: the trial steps run as the run's steps will
-        choice = auto_micro_batch.choose(planned, model, parallel=parallel, precision=precision, data=data,
-                                         share=micro_batch_size, seq_len=seq_len, device=device)
+        choice = auto_micro_batch.choose(planned, model, parallel=parallel, precision=precision, optimizer=optimizer,
+                                         data=data, share=micro_batch_size, seq_len=seq_len, device=device)
         micro_batch_size = choice.size
         if announce and parallel.is_main_process:
             Console().print(choice.note, highlight=False, soft_wrap=True)

@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tessera.components.interfaces import DryRunError, ParallelPlan, PrecisionPolicy, TrainingData
+from tessera.components.interfaces import DryRunError, OptimizerFactory, ParallelPlan, PrecisionPolicy, TrainingData
 from tessera.components.moe.experts import ROW_MULTIPLE
+from tessera.components.optim.param_groups import decay_groups
+from tessera.components.optim.state_size import state_tensors
 from tessera.components.parallel.layout import Layout
 from tessera.components.parallel.mesh import MeshError
 from tessera.components.train import activation_memory, memory_model
@@ -53,11 +55,12 @@ class Choice:
     note: str
 
 
-def plan(model: nn.Module, *, parallel: ParallelPlan, precision: PrecisionPolicy, batch_size: int, seq_len: int,
-         device: str, checkpointing: str, memory_limit: str | int | None) -> Planned:
+def plan(model: nn.Module, *, parallel: ParallelPlan, precision: PrecisionPolicy, optimizer: OptimizerFactory,
+         batch_size: int, seq_len: int, device: str, checkpointing: str, memory_limit: str | int | None) -> Planned:
     """The budget and the candidates' predicted peaks, from the largest down to the first
-    that fits, for `model` still unapplied (on the meta device for a prediction). A MeshError
-    (the command line's one-line fault) refuses pipeline parallelism."""
+    that fits, for `model` still unapplied (on the meta device for a prediction) and the state
+    `optimizer` keeps (`state_size`). A MeshError (the command line's one-line fault) refuses
+    pipeline parallelism."""
     held = held_bytes([*model.parameters(), *model.buffers()])
     if memory_limit is not None:
         budget, source = parse_size(memory_limit), "step.memory_limit"
@@ -78,15 +81,17 @@ def plan(model: nn.Module, *, parallel: ParallelPlan, precision: PrecisionPolicy
     if any(not p.is_meta for p in model.parameters()):
         return unplanned("the model arrived with its weights, and the planner measures on the meta device")
     try:
-        predicted, optimizer = _predict(model, layout, precision, batch_size // layout.dp, budget=budget,
-                                        seq_len=seq_len, device=device, checkpointing=checkpointing)
+        states = memory_model.optimizer_states(model, state_tensors(optimizer, decay_groups(model)))
+        predicted, optimizer_bytes = _predict(model, layout, precision, batch_size // layout.dp, budget=budget,
+                                              seq_len=seq_len, device=device, checkpointing=checkpointing,
+                                              optimizer_states=states)
     except DryRunError as err:
         return unplanned(f"the planner cannot size this model: {err}")
-    return Planned(budget=budget, budget_source=source, predicted=predicted, optimizer=optimizer)
+    return Planned(budget=budget, budget_source=source, predicted=predicted, optimizer=optimizer_bytes)
 
 
 def _predict(model: nn.Module, layout: Layout, precision: PrecisionPolicy, share: int, *, budget: int, seq_len: int,
-             device: str, checkpointing: str) -> tuple[dict[int, float], float]:
+             device: str, checkpointing: str, optimizer_states: tuple[float, float]) -> tuple[dict[int, float], float]:
     """Planned peaks (as `--dry-run` plans one) from the largest candidate down to the first
     within `budget` (each is a meta pass: smaller ones are planned only if needed), and the
     optimizer state's bytes."""
@@ -97,7 +102,8 @@ def _predict(model: nn.Module, layout: Layout, precision: PrecisionPolicy, share
         acts = activation_memory.measure(model, micro_batch=micro, seq_len=seq_len, ep=layout.ep,
                                          row_multiple=1 if fused else ROW_MULTIPLE)
         step = memory_model.StepShape(n_micro=share // micro, tokens=micro * seq_len, checkpointing=checkpointing,
-                                      fused_attention=fused, vocab_size=getattr(model, "vocab_size", None))
+                                      fused_attention=fused, vocab_size=getattr(model, "vocab_size", None),
+                                      optimizer_states=optimizer_states)
         peak = memory_model.peak_memory(model, layout, element, acts, step=step)
         predicted[micro], optimizer = peak.total, peak.optimizer
         if peak.total <= budget:
@@ -111,21 +117,25 @@ def candidates(share: int) -> list[int]:
 
 
 def choose(planned: Planned, model: nn.Module, *, parallel: ParallelPlan, precision: PrecisionPolicy,
-           data: TrainingData, share: int, seq_len: int, device: str) -> Choice:
+           optimizer: OptimizerFactory, data: TrainingData, share: int, seq_len: int, device: str) -> Choice:
     """Confirm by trial steps, from the largest candidate predicted to fit down, the largest
-    whose measured peak fits `planned.budget` (the same on every process). Raises
-    MemoryError, naming the switches that lower the peak, when not even one sequence fits."""
+    whose measured peak fits `planned.budget` (the same on every process), counting the state
+    `optimizer` will keep. Raises MemoryError, naming the switches that lower the peak, when
+    not even one sequence fits."""
     sizes = candidates(share)
     fitting = [m for m in sizes if planned.predicted.get(m, 0.0) <= planned.budget]
-    # unplanned: assume AdamW, two states the size of the weights
-    optimizer = planned.optimizer if planned.optimizer is not None else 2.0 * held_bytes(list(model.parameters()))
+    if planned.optimizer is not None:
+        optimizer_bytes = planned.optimizer
+    else:  # unplanned: each parameter's state tensors the size of what this process holds of it
+        per_parameter = state_tensors(optimizer, decay_groups(model))
+        optimizer_bytes = sum(per_parameter.get(id(p), 0.0) * held_bytes([p]) for p in model.parameters())
     measured: dict[int, float | None] = {}
     elsewhere: set[int] = set()  # fit here, not on another process
     start = _agree_min(fitting[0] if fitting else sizes[-1])
     for micro in (m for m in sizes if m <= start):
         peak = trial_peak(model, parallel=parallel, precision=precision, data=data, micro=micro,
                           n_micro=share // micro, seq_len=seq_len, device=device)
-        measured[micro] = None if peak is None else peak + optimizer
+        measured[micro] = None if peak is None else peak + optimizer_bytes
         fits_here = measured[micro] is not None and measured[micro] <= planned.budget
         if _agree_all(fits_here):
             return Choice(size=micro, note=_note(planned, share, micro, measured, elsewhere))

@@ -22,6 +22,8 @@ from torch import nn
 from tessera.components.interfaces import ElementBytes, ParallelPlan, PrecisionPolicy, RoutedExperts
 from tessera.components.model import stats
 from tessera.components.moe.experts import ROW_MULTIPLE
+from tessera.components.optim.param_groups import decay_groups
+from tessera.components.optim.state_size import state_tensors
 from tessera.components.parallel.layout import Layout
 from tessera.components.parallel.single import SingleProcess
 from tessera.components.precision.auto import Auto
@@ -93,6 +95,16 @@ def element_bytes_of(config: fdl.Buildable) -> ElementBytes:
     return policy.element_bytes(torch.device(args.get("device", "cpu")).type)
 
 
+def optimizer_states_of(config: fdl.Buildable, model: nn.Module) -> tuple[float, float]:
+    """`StepShape.optimizer_states` of the config's optimizer over `model`'s parameter groups
+    (no optimizer given: AdamW's two moments for every parameter)."""
+    optimizer = config.__arguments__.get("optimizer")
+    if optimizer is None:
+        return memory_model.StepShape.optimizer_states
+    factory = fdl.build(optimizer) if isinstance(optimizer, fdl.Buildable) else optimizer
+    return memory_model.optimizer_states(model, state_tensors(factory, decay_groups(model)))
+
+
 def per_rank_report(config: fdl.Buildable, model: nn.Module, *, console: Console,
                     capacity_gb: float = 80.0) -> dict[str, Any]:
     """Print and return the memory on the busiest rank, communication per step and pipeline
@@ -111,7 +123,8 @@ def per_rank_report(config: fdl.Buildable, model: nn.Module, *, console: Console
                                      row_multiple=1 if fused else ROW_MULTIPLE)
     checkpointing = getattr(args.get("compute"), "activation_checkpointing", "none")
     step = memory_model.StepShape(n_micro=n_micro, tokens=micro * seq_len, checkpointing=checkpointing,
-                                  fused_attention=fused, vocab_size=getattr(model, "vocab_size", None))
+                                  fused_attention=fused, vocab_size=getattr(model, "vocab_size", None),
+                                  optimizer_states=optimizer_states_of(config, model))
     mem = memory_model.peak_memory(model, layout, element, acts, step=step)
     moes = [m for m in model.layers.modules() if isinstance(m, RoutedExperts)]
     comm = comm_volume.per_step(model, layout, element, n_micro=n_micro, tokens=micro * seq_len,

@@ -63,6 +63,20 @@ def rank_parameters(model: nn.Module, layout: Layout) -> list[RankParameters]:
     return out
 
 
+def optimizer_states(model: nn.Module, per_parameter: dict[int, float]) -> tuple[float, float]:
+    """`StepShape.optimizer_states` of `model`: the state tensors per element of its dense and
+    of its routed-expert parameters, averaged by size, given each parameter's
+    (`tessera.components.optim.state_size.state_tensors`; a parameter missing there, such as
+    a frozen one, keeps none)."""
+    experts = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.routed_experts.parameters()}
+    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # is expert -> [state elements, elements]
+    for param in model.parameters():
+        part = sums[id(param) in experts]
+        part[0] += per_parameter.get(id(param), 0.0) * param.numel()
+        part[1] += param.numel()
+    return tuple(states / count if count else 0.0 for states, count in (sums[False], sums[True]))
+
+
 def _dense_and_expert(module: nn.Module) -> tuple[float, float]:
     """(dense, routed-expert) parameter counts of `module`."""
     expert = sum(stats.count_parameters(m.routed_experts) for m in module.modules() if isinstance(m, RoutedExperts))
@@ -106,15 +120,16 @@ class StepShape:
     """What one training step runs on each rank, beside the layout.
 
     n_micro: micro-batches per step; tokens: tokens per micro-batch; vocab_size: the head's
-    width (None: no loss-backward buffers counted); optimizer_states: states per parameter
-    (AdamW: 2); checkpointing: "none", "selective" (attention recomputed) or "full" (each
+    width (None: no loss-backward buffers counted); optimizer_states: the optimizer's state
+    tensors per parameter element, averaged by size over the (dense, routed-expert) parameters
+    (AdamW: 2 each; `optimizer_states` below); checkpointing: "none", "selective" (attention recomputed) or "full" (each
     block's input kept); fused_attention: attention saves no [seq, seq] probabilities (flash).
     """
 
     n_micro: int
     tokens: int = 0
     vocab_size: int | None = None
-    optimizer_states: int = 2
+    optimizer_states: tuple[float, float] = (2.0, 2.0)
     checkpointing: str = "none"
     fused_attention: bool = False
 
@@ -163,9 +178,11 @@ def _state_bytes(params: RankParameters, layout: Layout, element: ElementBytes,
     (and the experts' state when ep = 1: under ep each process steps its own experts)."""
     dense_shard, expert_shard = layout.dp_shard, layout.expert_shard
     local = params.dense / dense_shard + params.expert / expert_shard
-    share = params.dense / (dense_shard * (layout.dp_replicate if layout.zero1 else 1)) + \
-        params.expert / (expert_shard * (layout.dp_replicate if layout.zero1 and layout.ep == 1 else 1))
-    optimizer = share * (step.optimizer_states * element.optimizer_state + element.master)
+    dense_share = params.dense / (dense_shard * (layout.dp_replicate if layout.zero1 else 1))
+    expert_share = params.expert / (expert_shard * (layout.dp_replicate if layout.zero1 and layout.ep == 1 else 1))
+    dense_states, expert_states = step.optimizer_states
+    optimizer = dense_share * (dense_states * element.optimizer_state + element.master) + \
+        expert_share * (expert_states * element.optimizer_state + element.master)
     return local * element.parameter, local * element.gradient, optimizer
 
 
