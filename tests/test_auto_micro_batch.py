@@ -16,6 +16,7 @@ from rich.console import Console
 
 from tessera.cli import resolve
 from tessera.components.model.decoder import DecoderLM
+from tessera.components.optim.param_groups import decay_groups
 from tessera.components.parallel.mesh import MeshError
 from tessera.components.precision.policies import FP32
 from tessera.components.train import auto_micro_batch, memory_model
@@ -24,7 +25,7 @@ from tessera.components.train.launch import build_model_on_meta, launch
 from tessera.components.train.memory_budget import parse_size
 from tessera.components.train.step_options import StepOptions
 from tessera.recipes.llama_pretrain import recipe
-from tessera.registry import PARALLEL_PLAN, ConfigError
+from tessera.registry import OPTIMIZER, PARALLEL_PLAN, ConfigError
 
 from helpers.launch import run_recipe, torchrun, worker
 from helpers.stdlib_bytes import StdlibBytes
@@ -69,6 +70,20 @@ def test_auto_chooses_the_largest_micro_batch_whose_measured_peak_fits(peaks, be
     chosen, note = _note(capsys.readouterr().out)
     assert chosen == expected, note
     assert f"of a {limit / 1e6:.1f} MB budget from step.memory_limit" in note and f"; {too_big} predicted" in note
+
+
+def test_under_muon_the_trials_count_its_one_state_tensor_per_matrix(capsys):
+    # Muon keeps one fp32 tensor per hidden matrix where AdamW keeps two. Counted as AdamW (9.4 MB
+    # more here), 8 would seem over a budget 0.7 of that above its real peak, in plan and trial
+    # alike (the plan's own excess over the peak is 4.2 MB here)
+    muon = fdl.build(OPTIMIZER.partial("muon"))
+    peak = measure("llama_pretrain", PARALLEL_PLAN.config("single"), BATCH, SEQ, 1, muon)
+    model = build_model_on_meta(_config().model)
+    muon_matrices = sum(p.numel() for g in decay_groups(model) if g["kind"] == "matrix" for p in g["params"])
+    limit = int(peak + 0.7 * 4 * muon_matrices)
+    launch(_config("optimizer=@muon", "step.micro_batch_size=auto", f"step.memory_limit={limit}"))
+    chosen, note = _note(capsys.readouterr().out)
+    assert chosen == 8, (note, peak, limit)
 
 
 def test_the_auto_run_is_the_run_of_its_micro_batch_set_by_hand(peaks, capsys):

@@ -16,12 +16,15 @@ import fiddle as fdl
 import torch
 import torch.distributed as dist
 
+from tessera.components.optim.param_groups import decay_groups
 from tessera.registry import PARALLEL_PLAN
 
 from helpers.live_bytes import LiveTensorBytes
 
 
-def measure(recipe_name, parallel, batch, seq, n_micro) -> int:
+def measure(recipe_name, parallel, batch, seq, n_micro, optimizer=None) -> int:
+    """`optimizer`: a factory called with the model's parameter groups (`decay_groups`, as the
+    trainer does); None: torch's AdamW over the parameters."""
     torch.manual_seed(0)
     cfg = importlib.import_module(f"tessera.recipes.{recipe_name}").recipe.config("debug")
     tracker = LiveTensorBytes()
@@ -32,7 +35,9 @@ def measure(recipe_name, parallel, batch, seq, n_micro) -> int:
         model = plan.apply(model, device="cpu")
         plan.materialize(model, "cpu")
         plan.ready(model)
-        opt = plan.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-3) if optimizer is None else \
+            optimizer(decay_groups(model))
+        opt = plan.wrap_optimizer(inner)
         rank, dp = plan.data_parallel
         rows = torch.Generator().manual_seed(rank)
         for _ in range(2):
