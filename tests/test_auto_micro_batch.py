@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from tessera.cli import resolve
+from tessera.components.interfaces import DryRunError
 from tessera.components.model.decoder import DecoderLM
 from tessera.components.optim.param_groups import decay_groups
 from tessera.components.parallel.mesh import MeshError
@@ -72,18 +73,25 @@ def test_auto_chooses_the_largest_micro_batch_whose_measured_peak_fits(peaks, be
     assert f"of a {limit / 1e6:.1f} MB budget from step.memory_limit" in note and f"; {too_big} predicted" in note
 
 
-def test_under_muon_the_trials_count_its_one_state_tensor_per_matrix(capsys):
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+def test_under_muon_the_trials_count_its_one_state_tensor_per_matrix(planned, monkeypatch, capsys):
     # Muon keeps one fp32 tensor per hidden matrix where AdamW keeps two. Counted as AdamW (9.4 MB
     # more here), 8 would seem over a budget 0.7 of that above its real peak, in plan and trial
-    # alike (the plan's own excess over the peak is 4.2 MB here)
+    # alike (the plan's own excess over the peak is 4.2 MB here). Unplanned (a planner that
+    # cannot size the model), the trials count the state from the live model's parameters.
     muon = fdl.build(OPTIMIZER.partial("muon"))
     peak = measure("llama_pretrain", PARALLEL_PLAN.config("single"), BATCH, SEQ, 1, muon)
     model = build_model_on_meta(_config().model)
     muon_matrices = sum(p.numel() for g in decay_groups(model) if g["kind"] == "matrix" for p in g["params"])
     limit = int(peak + 0.7 * 4 * muon_matrices)
+    if not planned:
+        def cannot(*args, **kwargs):
+            raise DryRunError("not sized in this test")
+        monkeypatch.setattr(auto_micro_batch, "_predict", cannot)
     launch(_config("optimizer=@muon", "step.micro_batch_size=auto", f"step.memory_limit={limit}"))
     chosen, note = _note(capsys.readouterr().out)
     assert chosen == 8, (note, peak, limit)
+    assert ("unplanned: the planner cannot size this model" in note) != planned, note
 
 
 def test_the_auto_run_is_the_run_of_its_micro_batch_set_by_hand(peaks, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -43,8 +44,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                  ns_dtype: Literal["auto", "bf16", "fp32"] = "auto",
                  expert_stacks: Literal["adamw", "muon"] = "adamw", batched: bool = False,
                  ns_steps: int = torch_muon.DEFAULT_NS_STEPS):
-        if expert_stacks not in ("adamw", "muon"):
-            raise ValueError(f"optimizer.expert_stacks={expert_stacks!r}: use 'adamw' or 'muon'")
+        _check_expert_stacks(expert_stacks)
         self.ns_dtype = ns_dtype
         self._auto_fp32: bool | None = None  # resolved on the first step, from the parameters' device
         split: dict[str, list[dict[str, Any]]] = {"muon": [], "stacked": [], "adamw": []}
@@ -71,14 +71,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._share()
 
     @classmethod
-    def state_tensors(cls, groups: ParamGroups, *, expert_stacks: str = "adamw", batched: bool = False,
-                      **_: Any) -> dict[int, float]:
-        """{id(parameter): state tensors of its size} (`tessera.components.optim.state_size`):
-        one (the momentum) for each matrix routed to Muon, two (AdamW's moments) for the rest."""
+    def state_tensors(cls, groups: ParamGroups, **settings: Any) -> dict[int, float]:
+        """{id(parameter): state tensors of its size} (`tessera.components.optim.state_size`) under
+        this optimizer's keyword `settings`: one (the momentum) for each matrix routed to Muon,
+        two (AdamW's moments) for the rest."""
+        expert_stacks = settings.get("expert_stacks", inspect.signature(cls).parameters["expert_stacks"].default)
+        _check_expert_stacks(expert_stacks)
         out: dict[int, float] = {}
         for group in groups:
-            routes = _route(list(group["params"]), group.get("kind", "matrix"), expert_stacks, batched)
-            for route, tensors in routes.items():
+            for route, tensors in _route(list(group["params"]), group.get("kind", "matrix"), expert_stacks,
+                                         batched=False).items():  # batched or not, Muon keeps one tensor
                 out.update({id(p): 2.0 if route == "adamw" else 1.0 for p in tensors})
         return out
 
@@ -131,6 +133,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # replaces self.state and the group dicts
         self._share()
+
+
+def _check_expert_stacks(expert_stacks: str) -> None:
+    if expert_stacks not in ("adamw", "muon"):
+        raise ValueError(f"optimizer.expert_stacks={expert_stacks!r}: use 'adamw' or 'muon'")
 
 
 def _route(tensors: list[torch.Tensor], kind: str, expert_stacks: str,

@@ -29,6 +29,12 @@ class SophiaH(torch.optim.Optimizer, SecondOrderOptimizer):
     def __new__(cls, params: Any, **options: Any) -> torch.optim.Optimizer:
         return _implementation()(params, **options)
 
+    @classmethod
+    def state_tensors(cls, groups: Any, **_: Any) -> dict[int, float]:
+        """{id(parameter): 3.0} (`tessera.components.optim.state_size`): the implementation keeps
+        a momentum, the latest Hessian estimate and its moving average, each the parameter's size."""
+        return {id(p): 3.0 for group in groups for p in group["params"]}
+
     def __init__(self, params: Any, *, lr: float = 0.06, betas: tuple[float, float] = (0.96, 0.99),
                  weight_decay: float = 0.0, weight_decouple: bool = True, p: float = 0.01, update_period: int = 10,
                  num_samples: int = 1, hessian_distribution: Literal["gaussian", "rademacher"] = "gaussian",

@@ -15,18 +15,20 @@ import functools
 from typing import Any
 
 import torch
+from torch import nn
 
-from tessera.components.interfaces import ParamGroups
+from tessera.components.optim.param_groups import decay_groups
 
 ADAMW_STATE_TENSORS = 2.0
 """What an optimizer that does not say is assumed to keep: AdamW's two moments."""
 
 
-def state_tensors(optimizer: Any, groups: ParamGroups) -> dict[int, float]:
+def state_tensors(optimizer: Any, model: nn.Module) -> dict[int, float]:
     """{id(parameter): state tensors of its size} that `optimizer` (a factory as the trainer
-    calls it: a class, a function, or a functools.partial of either) keeps for each parameter of
-    `groups` (torch parameter groups or plain tensors) once it has stepped."""
-    groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+    calls it: a class, a function, or a functools.partial of either) keeps for each trainable
+    parameter of `model` once it has stepped, given the trainer's parameter groups
+    (`decay_groups`, whose decay switches change no state)."""
+    groups = decay_groups(model)
     target, settings = _unwrap(optimizer)
     count = getattr(target, "state_tensors", None)
     if count is not None:

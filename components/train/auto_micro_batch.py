@@ -24,7 +24,6 @@ from torch import nn
 
 from tessera.components.interfaces import DryRunError, OptimizerFactory, ParallelPlan, PrecisionPolicy, TrainingData
 from tessera.components.moe.experts import ROW_MULTIPLE
-from tessera.components.optim.param_groups import decay_groups
 from tessera.components.optim.state_size import state_tensors
 from tessera.components.parallel.layout import Layout
 from tessera.components.parallel.mesh import MeshError
@@ -81,17 +80,16 @@ def plan(model: nn.Module, *, parallel: ParallelPlan, precision: PrecisionPolicy
     if any(not p.is_meta for p in model.parameters()):
         return unplanned("the model arrived with its weights, and the planner measures on the meta device")
     try:
-        states = memory_model.optimizer_states(model, state_tensors(optimizer, decay_groups(model)))
         predicted, optimizer_bytes = _predict(model, layout, precision, batch_size // layout.dp, budget=budget,
                                               seq_len=seq_len, device=device, checkpointing=checkpointing,
-                                              optimizer_states=states)
+                                              optimizer_states=state_tensors(optimizer, model))
     except DryRunError as err:
         return unplanned(f"the planner cannot size this model: {err}")
     return Planned(budget=budget, budget_source=source, predicted=predicted, optimizer=optimizer_bytes)
 
 
 def _predict(model: nn.Module, layout: Layout, precision: PrecisionPolicy, share: int, *, budget: int, seq_len: int,
-             device: str, checkpointing: str, optimizer_states: tuple[float, float]) -> tuple[dict[int, float], float]:
+             device: str, checkpointing: str, optimizer_states: dict[int, float]) -> tuple[dict[int, float], float]:
     """Planned peaks (as `--dry-run` plans one) from the largest candidate down to the first
     within `budget` (each is a meta pass: smaller ones are planned only if needed), and the
     optimizer state's bytes."""
@@ -126,8 +124,9 @@ def choose(planned: Planned, model: nn.Module, *, parallel: ParallelPlan, precis
     fitting = [m for m in sizes if planned.predicted.get(m, 0.0) <= planned.budget]
     if planned.optimizer is not None:
         optimizer_bytes = planned.optimizer
-    else:  # unplanned: each parameter's state tensors the size of what this process holds of it
-        per_parameter = state_tensors(optimizer, decay_groups(model))
+    else:  # unplanned: each parameter's state tensors times what this process holds of it (under
+        # ZeRO-1, which holds whole parameters and steps a share of them, an overcount)
+        per_parameter = state_tensors(optimizer, model)
         optimizer_bytes = sum(per_parameter.get(id(p), 0.0) * held_bytes([p]) for p in model.parameters())
     measured: dict[int, float | None] = {}
     elsewhere: set[int] = set()  # fit here, not on another process

@@ -22,7 +22,6 @@ from torch import nn
 from tessera.components.interfaces import ElementBytes, ParallelPlan, PrecisionPolicy, RoutedExperts
 from tessera.components.model import stats
 from tessera.components.moe.experts import ROW_MULTIPLE
-from tessera.components.optim.param_groups import decay_groups
 from tessera.components.optim.state_size import state_tensors
 from tessera.components.parallel.layout import Layout
 from tessera.components.parallel.single import SingleProcess
@@ -95,14 +94,13 @@ def element_bytes_of(config: fdl.Buildable) -> ElementBytes:
     return policy.element_bytes(torch.device(args.get("device", "cpu")).type)
 
 
-def optimizer_states_of(config: fdl.Buildable, model: nn.Module) -> tuple[float, float]:
-    """`StepShape.optimizer_states` of the config's optimizer over `model`'s parameter groups
-    (no optimizer given: AdamW's two moments for every parameter)."""
+def optimizer_states_of(config: fdl.Buildable, model: nn.Module) -> dict[int, float] | None:
+    """`StepShape.optimizer_states` of the config's optimizer over `model` (None: no optimizer
+    given, counted as AdamW)."""
     optimizer = config.__arguments__.get("optimizer")
     if optimizer is None:
-        return memory_model.StepShape.optimizer_states
-    factory = fdl.build(optimizer) if isinstance(optimizer, fdl.Buildable) else optimizer
-    return memory_model.optimizer_states(model, state_tensors(factory, decay_groups(model)))
+        return None
+    return state_tensors(fdl.build(optimizer) if isinstance(optimizer, fdl.Buildable) else optimizer, model)
 
 
 def per_rank_report(config: fdl.Buildable, model: nn.Module, *, console: Console,

@@ -16,11 +16,12 @@ peak activations.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
 from tessera.components.interfaces import ElementBytes, RoutedExperts
-from tessera.components.model import stats
+from tessera.components.optim.state_size import ADAMW_STATE_TENSORS
 from tessera.components.parallel.layout import Layout
 from tessera.components.train import pipeline_bubble
 from tessera.components.train.activation_memory import ActivationBytes
@@ -29,18 +30,26 @@ from tessera.components.train.activation_memory import ActivationBytes
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RankParameters:
     """Parameter counts of one pipeline rank before data-parallel sharding: `dense` (split by
-    tp) and `expert` (routed experts, split by ep); `root`: the dense parameters outside the
+    tp) and `expert` (routed experts, split by ep); `dense_state`, `expert_state`: the
+    optimizer's state elements for them, split alike; `root`: the dense parameters outside the
     blocks (embedding, final norm, head: FSDP's root unit); `units`: per block (main layers,
     then MTP modules), its (dense, expert) counts, each block being one FSDP unit."""
 
     dense: float
     expert: float
+    dense_state: float = 0.0
+    expert_state: float = 0.0
     root: float = 0.0
     units: tuple[tuple[float, float], ...] = ()
 
 
-def rank_parameters(model: nn.Module, layout: Layout) -> list[RankParameters]:
-    """Per pipeline rank: its dense and routed-expert parameter counts after tp and ep."""
+def rank_parameters(model: nn.Module, layout: Layout,
+                    optimizer_states: Mapping[int, float] | None = None) -> list[RankParameters]:
+    """Per pipeline rank: its dense and routed-expert parameter counts after tp and ep, and
+    the state elements `optimizer_states` gives them (see `StepShape.optimizer_states`)."""
+    def states(p: nn.Parameter) -> float:
+        return ADAMW_STATE_TENSORS if optimizer_states is None else optimizer_states.get(id(p), 0.0)
+
     in_layers = {id(p) for layer in model.layers for p in layer.parameters()}
     first = {id(p) for p in model.embedding.parameters()}
     mtp = list(getattr(model, "mtp", None) or [])
@@ -49,38 +58,29 @@ def rank_parameters(model: nn.Module, layout: Layout) -> list[RankParameters]:
     out = []
     for rank, stages in enumerate(layout.rank_stages(len(model.layers))):
         blocks = [model.layers[i] for stage in stages for i in stage]
-        head = 0.0
-        if layout.holds_first(rank):
-            head += sum(p.numel() for p in outside if id(p) in first)
+        head = [p for p in outside if id(p) in first] if layout.holds_first(rank) else []
         if layout.holds_last(rank):  # final norm, head, MTP (DualPipeV's last stage sits on rank 0)
-            head += sum(p.numel() for p in outside if id(p) not in first and id(p) not in in_mtp)
+            head += [p for p in outside if id(p) not in first and id(p) not in in_mtp]
             blocks += mtp
         counts = [_dense_and_expert(block) for block in blocks]
-        dense = sum(d for d, _ in counts) + head
-        expert = sum(e for _, e in counts)
-        out.append(RankParameters(dense=dense / layout.tp, expert=expert / layout.ep, root=head / layout.tp,
-                                  units=tuple((d / layout.tp, e / layout.ep) for d, e in counts)))
+        state = [_dense_and_expert(block, states) for block in blocks]
+        head_count, head_state = sum(p.numel() for p in head), sum(states(p) * p.numel() for p in head)
+        out.append(RankParameters(
+            dense=(sum(d for d, _ in counts) + head_count) / layout.tp, expert=sum(e for _, e in counts) / layout.ep,
+            dense_state=(sum(d for d, _ in state) + head_state) / layout.tp,
+            expert_state=sum(e for _, e in state) / layout.ep,
+            root=head_count / layout.tp, units=tuple((d / layout.tp, e / layout.ep) for d, e in counts)))
     return out
 
 
-def optimizer_states(model: nn.Module, per_parameter: dict[int, float]) -> tuple[float, float]:
-    """`StepShape.optimizer_states` of `model`: the state tensors per element of its dense and
-    of its routed-expert parameters, averaged by size, given each parameter's
-    (`tessera.components.optim.state_size.state_tensors`; a parameter missing there, such as
-    a frozen one, keeps none)."""
-    experts = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.routed_experts.parameters()}
-    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # is expert -> [state elements, elements]
-    for param in model.parameters():
-        part = sums[id(param) in experts]
-        part[0] += per_parameter.get(id(param), 0.0) * param.numel()
-        part[1] += param.numel()
-    return tuple(states / count if count else 0.0 for states, count in (sums[False], sums[True]))
-
-
-def _dense_and_expert(module: nn.Module) -> tuple[float, float]:
-    """(dense, routed-expert) parameter counts of `module`."""
-    expert = sum(stats.count_parameters(m.routed_experts) for m in module.modules() if isinstance(m, RoutedExperts))
-    return float(stats.count_parameters(module) - expert), float(expert)
+def _dense_and_expert(module: nn.Module, weight: Callable[[nn.Parameter], float] = lambda p: 1.0
+                      ) -> tuple[float, float]:
+    """(dense, routed-expert) parameter elements of `module`, each parameter's times `weight`."""
+    experts = {id(p) for m in module.modules() if isinstance(m, RoutedExperts) for p in m.routed_experts.parameters()}
+    sums = [0.0, 0.0]
+    for p in module.parameters():
+        sums[id(p) in experts] += weight(p) * p.numel()
+    return sums[0], sums[1]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -120,16 +120,17 @@ class StepShape:
     """What one training step runs on each rank, beside the layout.
 
     n_micro: micro-batches per step; tokens: tokens per micro-batch; vocab_size: the head's
-    width (None: no loss-backward buffers counted); optimizer_states: the optimizer's state
-    tensors per parameter element, averaged by size over the (dense, routed-expert) parameters
-    (AdamW: 2 each; `optimizer_states` below); checkpointing: "none", "selective" (attention recomputed) or "full" (each
-    block's input kept); fused_attention: attention saves no [seq, seq] probabilities (flash).
+    width (None: no loss-backward buffers counted); optimizer_states: {id(parameter): state
+    tensors of its size} as `tessera.components.optim.state_size.state_tensors` gives them for
+    the run's optimizer (None: AdamW's two for every parameter); checkpointing: "none",
+    "selective" (attention recomputed) or "full" (each block's input kept); fused_attention:
+    attention saves no [seq, seq] probabilities (flash).
     """
 
     n_micro: int
     tokens: int = 0
     vocab_size: int | None = None
-    optimizer_states: tuple[float, float] = (2.0, 2.0)
+    optimizer_states: Mapping[int, float] | None = None
     checkpointing: str = "none"
     fused_attention: bool = False
 
@@ -151,8 +152,8 @@ def rank_memory(model: nn.Module, layout: Layout, element: ElementBytes, acts: A
     """
     ranks = []
     stages = layout.rank_stages(len(model.layers))
-    for rank, params in enumerate(rank_parameters(model, layout)):
-        held_params, grads, optimizer = _state_bytes(params, layout, element, step)
+    for rank, params in enumerate(rank_parameters(model, layout, step.optimizer_states)):
+        held_params, grads, optimizer = _state_bytes(params, layout, element)
         blocks = [list(stage) for stage in stages[rank]]
         if layout.holds_last(rank):  # the MTP blocks run on the last stage: the rank's last under every schedule
             blocks[-1] += list(range(len(model.layers), len(acts.blocks)))
@@ -171,18 +172,16 @@ def rank_memory(model: nn.Module, layout: Layout, element: ElementBytes, acts: A
     return ranks
 
 
-def _state_bytes(params: RankParameters, layout: Layout, element: ElementBytes,
-                 step: StepShape) -> tuple[float, float, float]:
+def _state_bytes(params: RankParameters, layout: Layout, element: ElementBytes) -> tuple[float, float, float]:
     """(parameters, gradients, optimizer state) bytes of one rank: FSDP shards the dense
     parameters (and the experts when ep = 1); ZeRO-1 shards the dense state over the replicas
     (and the experts' state when ep = 1: under ep each process steps its own experts)."""
     dense_shard, expert_shard = layout.dp_shard, layout.expert_shard
     local = params.dense / dense_shard + params.expert / expert_shard
-    dense_share = params.dense / (dense_shard * (layout.dp_replicate if layout.zero1 else 1))
-    expert_share = params.expert / (expert_shard * (layout.dp_replicate if layout.zero1 and layout.ep == 1 else 1))
-    dense_states, expert_states = step.optimizer_states
-    optimizer = dense_share * (dense_states * element.optimizer_state + element.master) + \
-        expert_share * (expert_states * element.optimizer_state + element.master)
+    dense_split = dense_shard * (layout.dp_replicate if layout.zero1 else 1)
+    expert_split = expert_shard * (layout.dp_replicate if layout.zero1 and layout.ep == 1 else 1)
+    optimizer = (params.dense_state / dense_split + params.expert_state / expert_split) * element.optimizer_state + \
+        (params.dense / dense_split + params.expert / expert_split) * element.master
     return local * element.parameter, local * element.gradient, optimizer
 
 
