@@ -37,8 +37,8 @@ class RankParameters:
 
     dense: float
     expert: float
-    dense_state: float = 0.0
-    expert_state: float = 0.0
+    dense_state: float
+    expert_state: float
     root: float = 0.0
     units: tuple[tuple[float, float], ...] = ()
 
