@@ -13,6 +13,7 @@ import torch.optim._muon as torch_muon
 from tessera.components.interfaces import ParamGroups
 from tessera.components.optim.adamw import adamw
 from tessera.components.optim.muon_experts import StackedMuon
+from tessera.components.optim.state_size import ADAMW_STATE_TENSORS
 from tessera.registry.kinds import OPTIMIZER
 
 
@@ -81,7 +82,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for group in groups:
             for route, tensors in _route(list(group["params"]), group.get("kind", "matrix"), expert_stacks,
                                          batched=False).items():  # batched or not, Muon keeps one tensor
-                out.update({id(p): 2.0 if route == "adamw" else 1.0 for p in tensors})
+                out.update({id(p): ADAMW_STATE_TENSORS if route == "adamw" else 1.0 for p in tensors})
         return out
 
     def _share(self) -> None:
