@@ -26,7 +26,8 @@ from tessera.components.train.metrics import moe_layer_indices
 from tessera.registry import PARALLEL_PLAN, PRECISION
 from tessera.registry.kinds import FEED_FORWARD
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 from helpers.routed_moe import RoutedMoE, UnsplitMoE, decoder_config, hand_counts
 
 SHAPE = dict(vocab=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, hidden=16)
@@ -115,7 +116,7 @@ def test_expert_parallel_faults_read_the_plugin_through_its_interfaces():
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("capabilities") / "result.json"
-    done = torchrun(worker("capabilities"), str(out), timeout=300)  # tests/ on the path: helpers.routed_moe
+    done = run_ranks(worker("capabilities"), str(out), timeout=300)  # tests/ on the path: helpers.routed_moe
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads(out.read_text())
 

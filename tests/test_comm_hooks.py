@@ -14,7 +14,8 @@ import torch
 from tessera.components.parallel.hooks.one_bit import compress, pack_signs, unpack_signs
 from tessera.components.parallel.hooks.powersgd import PowerSGD
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 
 STEPS = 30      # training steps of each end-to-end run
 WARMUP = 10     # uncompressed steps of powersgd / one_bit in those runs (= the lr warmup)
@@ -30,10 +31,10 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One torchrun of 2 processes for the whole module (tests/helpers/workers/comm_hooks.py): the
+    """One launch of 2 processes for the whole module (tests/helpers/workers/comm_hooks.py): the
     hooks' numerics on a small MLP, then the end-to-end runs (about 25 s on one thread per process)."""
     folder = tmp_path_factory.mktemp("comm_hooks")
-    done = torchrun(worker("comm_hooks"), str(folder / "results.pt"), str(STEPS), str(WARMUP), json.dumps(RUNS))
+    done = run_ranks(worker("comm_hooks"), str(folder / "results.pt"), str(STEPS), str(WARMUP), json.dumps(RUNS))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "results.pt")
 

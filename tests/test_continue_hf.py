@@ -21,7 +21,8 @@ from tessera.components.data.hf_tokenizer import hf_encoding
 from tessera.components.train.checkpoint import load_model
 from tessera.recipes.llama_pretrain import recipe
 
-from helpers.launch import run_recipe, torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import run_recipe, worker
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -163,7 +164,7 @@ def sharded(released, tmp_path_factory) -> dict[str, list[dict]]:
     tp_llama_checkpoint(out / "llama")
     jobs = [f"fsdp={released / 'ckpt'}", f"fsdp={out / 'deepseek'}", f"fsdp={out / 'gpt2'}", f"tp={out / 'llama'}",
             f"pp={out / 'llama'}"]
-    result = torchrun(worker("hf_sharded_load"), str(out), *jobs, timeout=300)
+    result = run_ranks(worker("hf_sharded_load"), str(out), *jobs, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     by_rank = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(2)]
     return {job.split("=")[0] + ":" + Path(job.split("=", 1)[1]).name: [ranks[job] for ranks in by_rank]

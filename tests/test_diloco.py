@@ -13,7 +13,8 @@ from torch import nn
 
 from tessera.components.parallel.diloco import DiLoCo
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 
 LR, MU, H = 0.7, 0.9, 3  # the outer step and sync period of the numerics checks
 E2E_STEPS, E2E_H = 30, 5
@@ -74,10 +75,10 @@ def test_bad_settings_name_the_fix():
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One torchrun of 2 processes (tests/helpers/workers/diloco.py): the numerics on a small MLP,
+    """One launch of 2 processes (tests/helpers/workers/diloco.py): the numerics on a small MLP,
     then the end-to-end runs."""
     folder = tmp_path_factory.mktemp("diloco")
-    done = torchrun(worker("diloco"), str(folder / "results.pt"), str(E2E_STEPS), str(H), json.dumps(RUNS))
+    done = run_ranks(worker("diloco"), str(folder / "results.pt"), str(E2E_STEPS), str(H), json.dumps(RUNS))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "results.pt")
 

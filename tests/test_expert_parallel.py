@@ -22,7 +22,8 @@ from tessera.components.moe.experts import GroupedExperts
 from tessera.components.moe.moe import MoE
 from tessera.components.moe.router import Router
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 from helpers.workers.expert_parallel import build, train
 
 E, EP, D, H, K = 8, 2, 16, 12, 2
@@ -116,7 +117,7 @@ def test_deepseek_debug_model_with_expert_parallel_beside_fsdp_or_ddp_trains_lik
     the replica mesh) with FSDP; DCP checkpoints saved under each load into one process."""
     import torch.distributed.checkpoint as dcp
 
-    done = torchrun(worker("expert_parallel"), str(tmp_path))
+    done = run_ranks(worker("expert_parallel"), str(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = {path.stem.removeprefix("result-"): json.loads(path.read_text())
                for path in tmp_path.glob("result-*.json")}

@@ -15,7 +15,8 @@ from tessera.components.train.checkpoint import Checkpointer
 from tessera.components.train.launch import launch
 from tessera.recipes.llama_pretrain import recipe
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 
 ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
         "scheduler.total_steps=6", "scheduler.warmup_steps=2", "model.layers[*].attention.dropout=0.0",
@@ -26,14 +27,14 @@ ARGS = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threa
 
 def two_process_jobs(*jobs: dict) -> dict[str, list[float]]:
     """Train each job ({label, steps, folder, extra, async_save}) on 2 processes, one after
-    another in one torchrun launch (tests/helpers/workers/fsdp.py; validating every 2 steps,
+    another in one launch (tests/helpers/workers/fsdp.py; validating every 2 steps,
     which every rank must join); returns each label's per-step losses rank 0 reports."""
     spec = [{"label": job["label"], "steps": job["steps"], "folder": str(job["folder"]),
              "async_save": job.get("async_save", False),
              "overrides": [*ARGS, f"metrics.folder={job['folder']}/metrics", "metrics.eval_every=2",
                            "metrics.plots=False", "metrics.tensorboard=False", *job.get("extra", ())]}
             for job in jobs]
-    done = torchrun(worker("fsdp"), json.dumps(spec), timeout=300)
+    done = run_ranks(worker("fsdp"), json.dumps(spec), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = {}
     for line in done.stdout.splitlines():

@@ -2,8 +2,8 @@
 llama and DeepSeek debug models exactly as one process does, checkpoints move between
 layouts, and plans that cannot run fail before training with the constraint they break.
 
-The layouts run in two torchrun launches (1 thread per rank), one on 2 processes and one on 4,
-each running its layouts in sequence (tests/helpers/workers/mesh.py)."""
+The layouts run in two launches of forked ranks (tests/helpers/forked_ranks.py, 1 thread per rank),
+one on 2 processes and one on 4, each running its layouts in sequence (tests/helpers/workers/mesh.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from tessera.components.train.launch import launch
 from tessera.recipes import deepseek_pretrain, llama_pretrain
 from tessera.registry.errors import ConfigError
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 from helpers.worker_outputs import merged_weights
 
 RECIPES = {"llama": llama_pretrain.recipe, "deepseek": deepseek_pretrain.recipe}
@@ -58,7 +59,7 @@ def on_processes(processes: int, tmp, jobs: list[dict]) -> dict[str, tuple]:
              "weights": str(tmp / f"{j['label']}.safetensors"),
              "args": args(j["recipe"], f"parallel={j['plan']}", *j.get("extra", ()))} for j in jobs]
     (tmp / "jobs.json").write_text(json.dumps(spec))
-    done = torchrun(worker("mesh"), str(tmp / "jobs.json"), processes=processes)
+    done = run_ranks(worker("mesh"), str(tmp / "jobs.json"), processes=processes)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = {}
     for job in spec:
@@ -86,8 +87,8 @@ def results(*groups: dict[str, tuple]) -> dict[str, tuple]:
     return {label: run for group in groups for label, run in group.items()}
 
 
-# The runs are grouped by process count: one torchrun launch of 2 processes and one of 4 (each
-# process of a launch pays the imports once, ~3 s of CPU, however many jobs it then runs); each
+# The runs are grouped by process count: one launch of 2 ranks and one of 4 (each rank of a
+# launch sets up once, however many jobs it then runs); each
 # launch is a module fixture, set up when the first test that needs it runs. Checkpoints pass
 # between launches: the reference's to ZeRO-1 (1 -> 2) and to ZeRO-1 beside experts (1 -> 4),
 # FSDP's to HSDP (2 -> 4), ZeRO-1's to one process (2 -> 1), and ZeRO-1 beside experts' to one

@@ -18,7 +18,8 @@ from tessera.cli import resolve
 from tessera.components.train.launch import launch
 from tessera.recipes import deepseek_pretrain
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 from helpers.worker_outputs import merged_weights
 
 ARGS = ["debug", "batch_size=8", "seq_len=32", "precision=@fp32", "compute.threads=1", "progress=None",
@@ -34,7 +35,7 @@ LAYOUTS = {"fsdp": "@mesh(dp_shard=2)", "tp": "@mesh(tp=2)", "ep": "@mesh(dp_sha
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The one-process reference, and every layout on 2 processes (one torchrun, jobs in turn)."""
+    """The one-process reference, and every layout on 2 processes (one launch, jobs in turn)."""
     tmp = tmp_path_factory.mktemp("muon_sharded")
     config, _ = resolve(deepseek_pretrain.recipe, [*ARGS, "checkpoint=None"])
     one = launch(config)
@@ -42,7 +43,7 @@ def runs(tmp_path_factory):
     jobs = [{"label": label, "recipe": "deepseek", "folder": None, "weights": str(tmp / f"{label}.safetensors"),
              "args": [*ARGS, f"parallel={plan}"]} for label, plan in LAYOUTS.items()]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    done = torchrun(worker("mesh"), str(tmp / "jobs.json"), processes=2)
+    done = run_ranks(worker("mesh"), str(tmp / "jobs.json"), processes=2)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     for job in jobs:
         losses = json.loads(Path(job["weights"] + ".result.json").read_text())["losses"]

@@ -1,7 +1,7 @@
 """Pipeline parallelism: how a `DecoderLM` is cut into stages (in process), and every
 schedule on 2 CPU processes (gloo) training exactly as one process does.
 
-The 2-process cases run in one torchrun launch per module (`pipelined_runs`,
+The 2-process cases run in one launch of forked ranks per module (`pipelined_runs`,
 tests/helpers/workers/pipeline.py); each rank trains the single-process reference itself
 (same seed, same batches) and its pipeline stages, and rank 0 prints the largest differences
 as JSON.
@@ -29,7 +29,8 @@ from tessera.components.parallel.pipeline import (
 from tessera.recipes.deepseek_pretrain import recipe as deepseek_recipe
 from tessera.recipes.llama_pretrain import recipe as llama_recipe
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 
 
 def meta_model(recipe, *overrides: str):
@@ -133,7 +134,7 @@ def test_stages_start_from_the_single_process_weights():
 # -- every schedule on 2 processes equals one process ---------------------------------------------
 @pytest.fixture(scope="module")
 def pipelined_runs() -> dict[str, list[dict]]:
-    done = torchrun(worker("pipeline"))
+    done = run_ranks(worker("pipeline"))
     assert done.returncode == 0, done.stderr[-4000:]
     cases = [json.loads(line[len("CASE "):]) for line in done.stdout.splitlines() if line.startswith("CASE ")]
     return {case["case"]: case["ranks"] for case in cases}

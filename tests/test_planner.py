@@ -16,7 +16,8 @@ from tessera.components.train.dry_run import layout_of, per_rank_report
 from tessera.components.train.launch import build_model_on_meta
 from tessera.registry import OPTIMIZER, PARALLEL_PLAN, PRECISION
 
-from helpers.launch import run_recipe, torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import run_recipe, worker
 
 
 # -- closed forms ------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def _measure(cases: dict[str, Case], processes: int) -> dict[str, int]:
     """Each case's measured peak (tests/helpers/workers/memory_peaks.py on `processes` processes)."""
     import json
 
-    done = torchrun(worker("memory_peaks"), json.dumps(cases), processes=processes)
+    done = run_ranks(worker("memory_peaks"), json.dumps(cases), processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("PEAKS"))
     return json.loads(line[len("PEAKS"):])

@@ -7,7 +7,7 @@ one process for inference (`load_model`) and for the transformers export.
 Each source job trains a debug model for STEPS steps under its plan and checkpoints at the
 end; each load job resumes that finished run under another plan (so nothing trains: the job
 only loads, optimizer state included) and reports what its model holds. The jobs of each
-process count run in one torchrun launch (tests/helpers/workers/resharding_jobs.py), the 1-process
+process count run in one launch of forked ranks (tests/helpers/workers/resharding_jobs.py), the 1-process
 ones in pytest.
 The reference for every load is the source run's own final model: its weights and optimizer
 state gathered whole, and its logits of a fixed batch computed under its own plan.
@@ -28,7 +28,8 @@ from tessera.components.train.checkpoint import Checkpointer, CheckpointLoadErro
 from tessera.components.train.export import export_hf
 from tessera.registry import serialize
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 from helpers.workers import resharding_jobs
 from helpers.workers.resharding_jobs import LENGTH, fixed_tokens
 
@@ -98,7 +99,7 @@ def runs(tmp_path_factory):
         jobs += [job(tmp, f"{source}>{plan}", source.split("-")[1], plan, resume=str(checkpoint_of(tmp, source)))
                  for source, plan in loads]
         (tmp / f"jobs-{processes}.json").write_text(json.dumps(jobs))
-        done = torchrun(worker("resharding_jobs"), str(tmp / f"jobs-{processes}.json"), processes=processes)
+        done = run_ranks(worker("resharding_jobs"), str(tmp / f"jobs-{processes}.json"), processes=processes)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
         out.update({j["label"]: merged(tmp, j["label"]) for j in jobs})
     for source in SOURCES + SOURCES_ON_FOUR:

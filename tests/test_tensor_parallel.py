@@ -24,7 +24,8 @@ from tessera.components.parallel.tensor_parallel import (
 from tessera.components.train.launch import build_model_on_meta
 from tessera.recipes import deepseek_pretrain, llama_pretrain
 
-from helpers.launch import torchrun, worker
+from helpers.forked_ranks import run_ranks
+from helpers.launch import worker
 
 TWO = [dict(model="llama", sp=True, loss_parallel=True, dp=1, tied=False),
        dict(model="llama", sp=False, loss_parallel=False, dp=1, tied=True),  # the head shares the embedding
@@ -34,7 +35,7 @@ FOUR = [dict(model="llama", sp=True, loss_parallel=True, dp=2, tied=False),   # 
 
 
 def launch(processes: int, cases: list[dict]) -> list[dict]:
-    done = torchrun(worker("tensor_parallel"), json.dumps(cases), processes=processes)
+    done = run_ranks(worker("tensor_parallel"), json.dumps(cases), processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line[len("CASE"):]) for line in done.stdout.splitlines() if line.startswith("CASE")]
 

@@ -1,4 +1,4 @@
-"""Run under torchrun (2 processes) by tests/test_comm_hooks.py: each DDP communication hook's
+"""Run on 2 processes by tests/test_comm_hooks.py: each DDP communication hook's
 numerics on a small MLP, then end-to-end runs of the llama debug model, in the same processes.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/comm_hooks.py \
@@ -66,7 +66,7 @@ def main() -> None:
     dist.barrier()
 
     # The end-to-end runs share this process group: launch() leaves it after a run, and joining a
-    # new one in the same torchrun processes hangs, so it is left once, after the last run.
+    # new one in the same processes hangs, so it is left once, after the last run.
     launching.leave_process_group = lambda: None
     args = ["debug", "batch_size=8", "seq_len=64", "precision=@fp32", "compute.threads=1", "progress=None",
             "checkpoint=None", "metrics=None", "validation.batches=0", "model.layers[*].attention.dropout=0.0",

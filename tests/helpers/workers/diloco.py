@@ -1,4 +1,4 @@
-"""Run under torchrun (2 processes) by tests/test_diloco.py: DiLoCo and local SGD on a small MLP
+"""Run on 2 processes by tests/test_diloco.py: DiLoCo and local SGD on a small MLP
 (each rank's weights around every sync, and the all-reduces it issued), then end-to-end runs of
 the llama debug model, in the same processes.
 

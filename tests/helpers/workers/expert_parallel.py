@@ -1,5 +1,5 @@
 """The DeepSeek debug model under expert parallelism, for tests/test_expert_parallel.py: `build` and
-`train` (shared with the test's single-process reference), and, run under torchrun on 2
+`train` (shared with the test's single-process reference), and, run on 2
 processes, ep=2 beside FSDP or DDP and ep=1 with the experts replicated, each trained with
 `train`; rank 0 writes `result-<label>.json` ([losses, norms]) and `<label>.safetensors` (the
 whole final state); every rank writes its DCP shards (`<label>-dcp`) and the all-to-all's row

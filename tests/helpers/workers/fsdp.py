@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_fsdp.py: runs of the llama recipe under `parallel=@fsdp`, one
+"""Run on several processes by tests/test_fsdp.py: runs of the llama recipe under `parallel=@fsdp`, one
 after another in the same processes, each checkpointing every 2 steps into its folder (resumed
 if it holds any; asynchronously if the job says so); rank 0 prints `LOSSES <label> <json>`.
 
@@ -32,7 +32,7 @@ def main() -> None:
     jobs = json.loads(sys.argv[1])
     ensure_process_group()
     # The runs share this process group: launch() leaves it after a run, and joining a new one in
-    # the same torchrun processes hangs, so it is left once, after the last run.
+    # the same processes hangs, so it is left once, after the last run.
     launching.leave_process_group = lambda: None
     for job in jobs:
         losses = run(job)

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_continue_hf.py: for each PLAN=FOLDER, the transformers
+"""Run on several processes by tests/test_continue_hf.py: for each PLAN=FOLDER, the transformers
 checkpoint FOLDER loaded into the model laid out by PLAN (`fsdp`; `tp` or `pp`: tensor or
 pipeline parallel over all processes); rank r writes OUT/rank-r.json with, per PLAN=FOLDER and
 parameter, whether it is a DTensor, its local and whole shapes, the values this rank read, and

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_mesh.py: recipe jobs under `mesh` plans, one after another in
+"""Run on several processes by tests/test_mesh.py: recipe jobs under `mesh` plans, one after another in
 the same processes, each reporting its losses, its whole weights and a few counts.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/mesh.py JOBS.json

@@ -1,4 +1,4 @@
-"""Run under torchrun (2 processes) by tests/test_pipeline.py: every schedule trains the llama or
+"""Run on 2 processes by tests/test_pipeline.py: every schedule trains the llama or
 DeepSeek debug model on 2 pipeline stages and, on each rank, the single-process reference (same
 seed, same batches); rank 0 prints `CASE <json>` per case: every rank's report of the largest
 differences, the losses, the stage's tensor names and the measured bubble.

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_resharding.py: train or resume recipe jobs under a parallel
+"""Run on several processes by tests/test_resharding.py: train or resume recipe jobs under a parallel
 plan and write, per rank, what each job's final model holds.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/helpers/workers/resharding_jobs.py JOBS.json

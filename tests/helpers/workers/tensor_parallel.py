@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_tensor_parallel.py: each case trains the parallel model (TP,
+"""Run on several processes by tests/test_tensor_parallel.py: each case trains the parallel model (TP,
 or FSDP x TP) and, inside the same processes, the single-process reference on the same batches;
 rank 0 prints `CASE <json>` with what the tests compare.
 
