@@ -1,48 +1,104 @@
-"""The test launcher of forked ranks (tests/helpers/forked_ranks.py), against what torchrun gives a
-worker: each rank's distributed variables and arguments, its output returned, a failing rank's
-exit ending its peers and failing the launch, and a launch past its limit killed."""
+"""The test launcher of forked ranks (tests/helpers/forked_ranks.py), against what `python
+program` under torchrun gives a worker: its rank's variables, arguments, working folder, path and
+thread count, its output returned rank by rank, its exit handlers run; a failing rank's exit
+ending its peers (no process left) and failing the launch; a launch past its limit killed."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 
 import pytest
 
 from helpers.forked_ranks import run_ranks
+from helpers.launch import ROOT
 
 PROGRAM = """
-import os, sys, time
-print("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], sys.argv[1:], os.environ["OMP_NUM_THREADS"])
-if sys.argv[1] == "fail" and os.environ["RANK"] == "1":
-    sys.exit(3)
-if sys.argv[1] != "ok":
-    time.sleep(120)  # the peer of a failing rank, or a hang
+import atexit, json, os, sys, time
+import torch
+
+def main():
+    mode, pids = sys.argv[1], sys.argv[2]
+    rank = os.environ.get("RANK")
+    with open(os.path.join(pids, f"{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    print(json.dumps({"rank": rank, "world": os.environ.get("WORLD_SIZE"), "args": sys.argv[1:], "cwd": os.getcwd(),
+                      "path0": sys.path[0], "path": sys.path, "threads": torch.get_num_threads()}))
+    print(f"stderr of {rank}", file=sys.stderr)
+    atexit.register(print, f"exit handler of {rank}")
+    if mode == "fail" and rank == "1":
+        raise ValueError("rank 1 fails")
+    if mode != "ok":
+        time.sleep(120)  # the peer of a failing rank, or a hang
+
+if __name__ == "__main__":
+    main()
 """
 
 
 @pytest.fixture
 def program(tmp_path):
-    path = tmp_path / "ranks.py"
+    path = tmp_path / "program" / "ranks.py"
+    path.parent.mkdir()
     path.write_text(PROGRAM)
+    (tmp_path / "pids").mkdir()
     return path
 
 
-def test_each_rank_runs_the_program_with_its_rank_and_arguments(program):
-    done = run_ranks(program, "ok", processes=3)
+def _reports(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def _all_ended(pids) -> bool:
+    for file in pids.glob("*.pid"):
+        try:
+            os.kill(int(file.read_text()), 0)
+        except ProcessLookupError:
+            continue
+        return False
+    return True
+
+
+def test_each_rank_runs_the_program_as_python_would(program):
+    pids = program.parent.parent / "pids"
+    done = run_ranks(program, "ok", str(pids), processes=3)
     assert done.returncode == 0, done.stderr
-    assert sorted(done.stdout.splitlines()) == [f"rank {r} of 3 ['ok'] 1" for r in range(3)]
+    reports = _reports(done.stdout)
+    assert [r["rank"] for r in reports] == ["0", "1", "2"]  # rank 0's output first
+    for r in reports:
+        assert r["world"] == "3" and r["args"] == ["ok", str(pids)] and r["threads"] == 1
+        assert r["cwd"] == str(ROOT) and r["path0"] == str(program.parent)
+        assert str(ROOT) not in r["path"]
+    assert [line for line in done.stdout.splitlines() if line.startswith("exit handler")] == \
+        [f"exit handler of {r}" for r in range(3)]
+    assert done.stderr.splitlines() == [f"stderr of {r}" for r in range(3)]
+
+
+def test_one_process_has_no_distributed_variables(program):
+    done = run_ranks(program, "ok", str(program.parent.parent / "pids"), processes=1)
+    assert done.returncode == 0, done.stderr
+    assert [(r["rank"], r["world"]) for r in _reports(done.stdout)] == [(None, None)]
 
 
 def test_a_failing_rank_ends_its_peers_and_fails_the_launch(program):
+    pids = program.parent.parent / "pids"
     start = time.monotonic()
-    done = run_ranks(program, "fail", processes=2)
+    done = run_ranks(program, "fail", str(pids), processes=2)
     assert done.returncode == 1
-    assert time.monotonic() - start < 60  # rank 0 would sleep 120 s
+    assert "ValueError: rank 1 fails" in done.stderr
+    assert time.monotonic() - start < 60 and _all_ended(pids)  # rank 0 would sleep 120 s
 
 
 def test_a_launch_past_its_limit_is_killed(program):
+    pids = program.parent.parent / "pids"
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        run_ranks(program, "hang", processes=2, timeout=3)
-    assert time.monotonic() - start < 60
+        run_ranks(program, "hang", str(pids), processes=2, timeout=5)
+    assert time.monotonic() - start < 60 and _all_ended(pids)
+
+
+def test_variables_torch_reads_on_import_are_refused(program):
+    with pytest.raises(ValueError, match="TORCH_LOGS"):
+        run_ranks(program, "ok", "x", env={"TORCH_LOGS": "+dynamo"})

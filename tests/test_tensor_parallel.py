@@ -3,7 +3,7 @@ gathered logits) and FSDP x TP on 2 x 2 processes train the llama and DeepSeek d
 (MLA + MoE + MTP) exactly as one process does; models that tp cannot split are refused with
 the constraint they break.
 
-Each process count is launched once (torchrun, gloo, 1 thread per rank,
+Each process count is launched once (forked ranks, gloo, 1 thread per rank,
 tests/helpers/workers/tensor_parallel.py); every case trains the parallel model and, inside the
 same processes, the single-process reference on the same batches, and rank 0 prints what the
 tests compare."""

@@ -3,31 +3,38 @@ compiler, DTensor and fiddle, instead of started afresh by torchrun.
 
 Why: on a 2-core CI machine each torchrun launch paid ~2 CPU-s for its agent and each rank
 ~3.5 CPU-s to import the same libraries again (torch's optimizers import its compiler on their
-first step), so the numerics workers below spent minutes of the suite starting up. The tests
-that use this compare parallel layouts' numbers with one process's; how a run is launched
-(torchrun restarts, signals, its logs, several nodes) stays tested through torchrun itself
-(`helpers.launch.torchrun`).
+first step), so the numerics workers spent minutes of the suite starting up. The tests that use
+this compare parallel layouts' numbers with one process's; how a run is launched and how its
+processes end (torchrun restarts, signals, its logs, several nodes, the interpreter's teardown
+of gloo) stays tested through torchrun itself (`helpers.launch.torchrun`).
 
-What a rank gets is what a plain env:// launch gives it (the `srun` path of
-`components/parallel/process_group.py`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-MASTER_ADDR/MASTER_PORT (rank 0 hosts the store), the launch's environment (`launch.environment`),
-`sys.argv`, the checkout's root as its working folder, the program's folder first on its path,
-and the program run as `__main__` with the interpreter's exit handlers run at its end. A rank
-that fails ends the others, as torchrun does.
+What a rank gets is what torchrun gives a worker on one node: RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, GROUP_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT and a rendezvous store the
+launcher holds (TORCHELASTIC_USE_AGENT_STORE, so no rank races another program for a port); the
+launch's environment (`launch.environment`), `sys.argv`, the checkout's root as its working
+folder and `python program`'s path (the program's folder, PYTHONPATH, the interpreter's own);
+the program runs as `__main__`, then the interpreter's thread join and exit handlers. Unlike a
+fresh process, a rank ends with `os._exit` after them (the interpreter's finalization is
+skipped), and variables that torch reads on import come from the server's environment (so
+`env` may not set them). A rank that fails ends the others, as torchrun does.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
+import json
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 from helpers.launch import ROOT, environment
@@ -35,49 +42,59 @@ from helpers.launch import ROOT, environment
 # Imported once by the server (in each pytest process that launches ranks), not by every rank.
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.tensor", "torch.distributed.checkpoint",
            "torch.distributed.fsdp", "fiddle", "safetensors.torch"]
+IMPORT_TIME_PREFIXES = ("TORCH", "OMP_", "MKL_", "PYTHON")  # read when the server imported torch
 GRACE_SECONDS = 10.0  # a failed rank's peers get this long to end on SIGTERM before SIGKILL
 
-_context: multiprocessing.context.ForkServerContext | None = None
 
-
+@functools.cache
 def _server() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, its preload set before its server first starts (the server is one
-    per process: if another caller started it first, ranks import what it lacks themselves)."""
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
-    return _context
+    """The forkserver context, its server started now with the preload and the launches'
+    environment (one OpenMP thread). The server is one per process: if another caller started
+    it first, ranks import what it lacks themselves."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    saved = dict(os.environ)
+    os.environ.update(environment())
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return context
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@functools.cache
+def _interpreter_path() -> tuple[str, ...]:
+    """sys.path of a bare `python` here, after its script folder (what PYTHONPATH adds to)."""
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"],
+                          capture_output=True, text=True, check=True, env=bare)
+    return tuple(json.loads(done.stdout))
 
 
-def _rank(program: str, args: list[str], env: dict[str, str], out: str, err: str) -> None:
-    """One rank: stdout and stderr into `out` and `err`, `env` as the whole environment, then
-    `program` as `python program ARGS` would run it."""
-    for fd, path in ((1, out), (2, err)):
-        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def _rank(program: str, args: list[str], env: dict[str, str], path: list[str], out: str, err: str) -> None:
+    """One rank: stdout and stderr into `out` and `err`, `env` as the whole environment, `path`
+    as sys.path, then `program` as `python program ARGS` runs it, up to its exit handlers."""
+    for fd, name in ((1, out), (2, err)):
+        file = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(file, fd)
         os.close(file)
     sys.stdout.reconfigure(line_buffering=True)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(ROOT)
-    sys.argv = [program, *args]
-    first = [str(Path(program).parent), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
-    rest = [p for p in sys.path if p and Path(p).resolve() != ROOT and p not in first]
-    sys.path[:] = [*dict.fromkeys(first), *rest]  # as `python program` has it: the root is not on it
-    import torch
-
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # the server's OpenMP read its own environment
+    sys.argv, sys.path[:] = [program, *args], path
+    code: int | str | None = 0
     try:
         runpy.run_path(program, run_name="__main__")
-    finally:
-        atexit._run_exitfuncs()  # multiprocessing ends a child with os._exit, which skips them
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException:  # noqa: BLE001 - printed as the interpreter prints it, then the exit code 1
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # the interpreter's order: non-daemon threads joined, then exit handlers
+    atexit._run_exitfuncs()  # multiprocessing ends a child with os._exit, which skips them
+    sys.exit(code)  # multiprocessing turns it into the exit code (a message: printed, then 1)
 
 
 def run_ranks(program: Path, *args: str, processes: int = 2, timeout: float = 600,
@@ -85,24 +102,37 @@ def run_ranks(program: Path, *args: str, processes: int = 2, timeout: float = 60
     """Run `program ARGS` on `processes` forked ranks (1: one process without the distributed
     variables) and wait; the ranks' stdout and stderr (rank 0's first) come back as text.
     returncode: 0, or 1 when a rank failed (its peers are then ended). Raises
-    subprocess.TimeoutExpired after `timeout` s, the ranks killed."""
-    context, port = _server(), _free_port()
+    subprocess.TimeoutExpired after `timeout` s, the ranks killed; ValueError for an `env`
+    variable that torch reads on import (use `launch.torchrun` for those)."""
+    refused = [key for key in env or {} if key.startswith(IMPORT_TIME_PREFIXES)]
+    if refused:
+        raise ValueError(f"{refused}: read when torch is imported, which forked ranks do not do; use launch.torchrun")
+    import torch.distributed as dist
+
+    context = _server()
+    path = [str(Path(program).parent), *(p for p in environment(env)["PYTHONPATH"].split(os.pathsep) if p),
+            *_interpreter_path()]
+    # the rendezvous store torchrun's agent would hold: bound here, so its port is taken before any rank starts
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) if processes > 1 else None
     command = [f"<{processes} forked ranks>", str(program), *args]
     with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
         outputs = [(Path(folder, f"{rank}.out"), Path(folder, f"{rank}.err")) for rank in range(processes)]
-        ranks = []
-        for rank, (out, err) in enumerate(outputs):
-            rank_env = environment(env)
-            if processes > 1:  # one process runs as `python program` would, as `launch.command` has it
-                rank_env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
-                             "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            ranks.append(context.Process(target=_rank, args=(str(program), list(args), rank_env, str(out), str(err)),
-                                         name=f"rank-{rank}"))
-            ranks[-1].start()
+        ranks: list[multiprocessing.process.BaseProcess] = []
         try:
+            for rank, (out, err) in enumerate(outputs):
+                rank_env = environment(env)
+                if store is not None:  # one process runs as `python program` would, as `launch.command` has it
+                    rank_env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+                                 "LOCAL_WORLD_SIZE": str(processes), "GROUP_WORLD_SIZE": "1",
+                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                                 "TORCHELASTIC_USE_AGENT_STORE": str(True), "TORCHELASTIC_RESTART_COUNT": "0"}
+                ranks.append(context.Process(target=_rank, name=f"rank-{rank}",
+                                             args=(str(program), list(args), rank_env, path, str(out), str(err))))
+                ranks[-1].start()
             failed = _wait(ranks, deadline=time.monotonic() + timeout)
         finally:
             _end(ranks)
+            del store
         stdout, stderr = ("".join(p.read_text(errors="replace") for p in paths if p.exists())
                           for paths in zip(*outputs))
     if failed is None:

@@ -1,5 +1,6 @@
 """Every program a test runs in another process goes through here: a recipe as a user runs it,
-or a worker program of tests/helpers/workers, on one process or several under torchrun.
+or a worker program of tests/helpers/workers, on one process or several under torchrun (the
+numerics workers' ranks are forked instead: tests/helpers/forked_ranks.py).
 
 Children run with one thread per process, in the checkout's root, with the installed `tessera`
 package and with `tests/` importable (so workers and checkpointed configs find `helpers.*`);

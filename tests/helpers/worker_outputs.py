@@ -1,4 +1,4 @@
-"""Reading what torchrun workers write (tests/helpers/workers/mesh.py): each rank's whole tensors."""
+"""Reading what multi-process workers write (tests/helpers/workers/mesh.py): each rank's whole tensors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_planner.py, in one process or under torchrun: for each case, the peak of live
+"""Run by tests/test_planner.py, in one process or several: for each case, the peak of live
 tensor bytes (tests/helpers/live_bytes.py) from building the debug model under the case's parallel
 plan through two optimizer steps, the busiest process's; prints `PEAKS <json>` (rank 0).
 

@@ -79,8 +79,8 @@ def run(job: dict) -> None:
     full = get_model_state_dict(result.model, options=StateDictOptions(full_state_dict=True))
     save_file({k: v.clone() for k, v in full.items()}, job["weights"] + "." + os.environ["RANK"])
     dist.barrier()
-    if os.environ["RANK"] == "0":  # a file, not stdout: the processes share one pipe, and another's
-        # output without a trailing newline once ran into this line and hid it from the test
+    if os.environ["RANK"] == "0":  # a file, not stdout: under torchrun the processes share one pipe, and
+        # another's output without a trailing newline once ran into this line and hid it from the test
         Path(job["weights"] + ".result.json").write_text(json.dumps({"losses": result.losses, "stats": stats}))
 
 
