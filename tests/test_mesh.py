@@ -87,12 +87,11 @@ def results(*groups: dict[str, tuple]) -> dict[str, tuple]:
     return {label: run for group in groups for label, run in group.items()}
 
 
-# The runs are grouped by process count: one launch of 2 ranks and one of 4 (each rank of a
-# launch sets up once, however many jobs it then runs); each
-# launch is a module fixture, set up when the first test that needs it runs. Checkpoints pass
-# between launches: the reference's to ZeRO-1 (1 -> 2) and to ZeRO-1 beside experts (1 -> 4),
-# FSDP's to HSDP (2 -> 4), ZeRO-1's to one process (2 -> 1), and ZeRO-1 beside experts' to one
-# process (4 -> 1).
+# The runs are grouped by process count: one launch of 2 ranks and one of 4 (each rank sets up
+# once, however many jobs it then runs); each launch is a module fixture, set up when the first
+# test that needs it runs. Checkpoints pass between launches: the reference's to ZeRO-1 (1 -> 2)
+# and to ZeRO-1 beside experts (1 -> 4), FSDP's to HSDP (2 -> 4), ZeRO-1's to one process
+# (2 -> 1), and ZeRO-1 beside experts' to one process (4 -> 1).
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
