@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--dim 512] [--layers 4] [--batch 4] [--seq 512] [--steps 5]
     python benchmarks/train_throughput.py dense [--no-compile]   # the dense d=512 table (llama_throughput.py)
-    python benchmarks/train_throughput.py moe [--dim 256 --experts 16 --top-k 4 ...]  # the MoE layer table only
+    python benchmarks/train_throughput.py moe [--dim 256 --experts 16 --top-k 4 ...] [--no-compile]  # MoE table only
 
 Both models are built from one HF DeepseekV3 config and hold the same weights (ours loaded
 through `tessera.components.families.deepseek.hf`), so they compute the same function; each runs full
@@ -12,10 +12,11 @@ trainer's `compute.compile=True`; theirs: torch.compile of the whole model), tim
 (one step of each in turn) and reported as medians. MFU divides achieved FLOP/s (FLOPs per token from
 `tessera.components.model.stats`, attention included, MTP off since transformers has none) by the
 machine's matmul peak measured here for that dtype. A last table compares one MoE layer
-with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expert width), and
-the same two as bare GEMMs (`gemm_floor`: what the MoE's expert shapes cost before any routing).
-Rows in a precision this machine runs slowly (bf16 without AMX / AVX512-BF16) are skipped
-with the reason printed. torchtitan's DeepSeek-V3 is not in the table: its models import
+with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expert width),
+eager and each layer compiled, and the same two as bare GEMMs (`gemm_floor`: what the MoE's
+expert shapes cost before any routing). Rows in a precision this machine runs slowly (bf16
+without AMX / AVX512-BF16) are skipped with the reason printed. torchtitan's DeepSeek-V3 is
+not in the table: its models import
 triton, absent on CPU.
 """
 
@@ -96,6 +97,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--topk-groups", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8, help="interleaved timed steps per model")
     parser.add_argument("--rounds", type=int, default=5, help="MoE table: rounds of interleaved steps (median taken)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="MoE table: skip the compiled rows (torch.compile of each layer, ~20 s per precision)")
     return parser.parse_args(argv)
 
 
@@ -192,6 +195,7 @@ def batched_swiglu_gemms(n_experts: int, capacity: int, hidden: int, dim: int, d
 
 def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     """One MoE layer (forward+backward) against a dense SwiGLU with the same activated FLOPs,
+    eager and each layer under torch.compile (what a run with `compute.compile=True` gets),
     and the same comparison for their bare GEMMs: the routed experts' rows per expert as the
     grouped layout pads them (one GEMM per expert), and as the uniform layout does (every
     expert at the busiest one's rows, one bmm per product), each plus the shared expert's.
@@ -200,6 +204,9 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
 
     width = (moe.router.top_k + 1) * moe.experts.hidden_dim
     dense = SwiGLU(dim=args.dim, hidden_dim=width)
+    layers = {"eager": (moe, dense)}
+    if not args.no_compile:  # compiled wrappers around the same modules: one set of weights
+        layers["compiled"] = (torch.compile(moe, dynamic=False), torch.compile(dense, dynamic=False))
     x = torch.randn(args.batch, args.seq, args.dim)
     with torch.no_grad():
         counts = torch.bincount(moe.router(x.view(-1, args.dim)).indices.flatten(), minlength=moe.n_experts)
@@ -207,7 +214,7 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
     layer_table = Table(title=f"MoE layer vs dense SwiGLU of equal activated FLOPs (dim {args.dim}, {moe.n_experts} "
                               f"experts top-{moe.top_k} + 1 shared of width {hidden}; forward+backward, 1 thread, "
                               f"thread-time medians of {args.steps} interleaved steps, median of {args.rounds} rounds)")
-    for col in ("precision", "MoE ms", "dense ms", "MoE / dense", "GEMMs alone: MoE / dense",
+    for col in ("precision", "layers", "MoE ms", "dense ms", "MoE / dense", "GEMMs alone: MoE / dense",
                 "as bmm: MoE / dense"):
         layer_table.add_column(col, justify="right")
     for name, dtype in precisions:
@@ -223,18 +230,21 @@ def moe_table(moe, args: argparse.Namespace, precisions, console) -> None:
         gemm_dtype = dtype or torch.float32
         multiple = row_multiple("cpu", gemm_dtype)  # as the layer pads each expert's rows
         padded = ((counts + multiple - 1) // multiple * multiple).tolist()
-        steps = {"moe": layer_step(moe), "dense": layer_step(dense),
-                 "moe gemms": swiglu_gemms([(m, hidden) for m in padded] + [(n_tokens, hidden)], args.dim, gemm_dtype),
-                 "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype),
-                 "moe bmm": batched_swiglu_gemms(moe.n_experts, max(padded), hidden, args.dim, gemm_dtype),
-                 "shared gemms": swiglu_gemms([(n_tokens, hidden)], args.dim, gemm_dtype)}
+        steps = {f"{kind} {which}": layer_step(module) for kind, pair in layers.items()
+                 for which, module in zip(("moe", "dense"), pair)}
+        steps |= {"moe gemms": swiglu_gemms([(m, hidden) for m in padded] + [(n_tokens, hidden)], args.dim,
+                                            gemm_dtype),
+                  "dense gemms": swiglu_gemms([(n_tokens, width)], args.dim, gemm_dtype),
+                  "moe bmm": batched_swiglu_gemms(moe.n_experts, max(padded), hidden, args.dim, gemm_dtype),
+                  "shared gemms": swiglu_gemms([(n_tokens, hidden)], args.dim, gemm_dtype)}
         rounds = [interleaved_medians(steps, repeats=args.steps, clock=time.thread_time) for _ in range(args.rounds)]
-        ratio = statistics.median(r["moe"] / r["dense"] for r in rounds)
         floor = statistics.median(r["moe gemms"] / r["dense gemms"] for r in rounds)
         floor_bmm = statistics.median((r["moe bmm"] + r["shared gemms"]) / r["dense gemms"] for r in rounds)
-        moe_ms, dense_ms = (statistics.median(r[key] for r in rounds) * 1e3 for key in ("moe", "dense"))
-        layer_table.add_row(name, f"{moe_ms:.1f}", f"{dense_ms:.1f}", f"{ratio:.2f}", f"{floor:.2f}",
-                            f"{floor_bmm:.2f}")
+        for kind in layers:
+            ratio = statistics.median(r[f"{kind} moe"] / r[f"{kind} dense"] for r in rounds)
+            moe_ms, dense_ms = (statistics.median(r[f"{kind} {key}"] for r in rounds) * 1e3 for key in ("moe", "dense"))
+            layer_table.add_row(name, kind, f"{moe_ms:.1f}", f"{dense_ms:.1f}", f"{ratio:.2f}", f"{floor:.2f}",
+                                f"{floor_bmm:.2f}")
     console.print(layer_table)
 
 
