@@ -16,8 +16,7 @@ with a dense SwiGLU of equal activated FLOPs (hidden = (top_k + n_shared) * expe
 eager and each layer compiled, and the same two as bare GEMMs (`gemm_floor`: what the MoE's
 expert shapes cost before any routing). Rows in a precision this machine runs slowly (bf16
 without AMX / AVX512-BF16) are skipped with the reason printed. torchtitan's DeepSeek-V3 is
-not in the table: its models import
-triton, absent on CPU.
+not in the table: its models import triton, absent on CPU.
 """
 
 from __future__ import annotations
