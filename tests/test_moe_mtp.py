@@ -120,6 +120,53 @@ def test_zero_gamma_leaves_bias_unchanged_and_gates_ignore_bias():
     assert torch.equal(routing.indices.sort(-1).values, (scores + before).topk(2).indices.sort(-1).values)
 
 
+
+def naive_group_limited_routing(x, weight, bias, *, score_func, n_groups, topk_groups, group_score, top_k,
+                                scale):
+    """Per token, in plain Python: a group's score is its best (or best two) biased scores; the
+    top_k biased scores among the best topk_groups groups' experts are picked; each gate is the
+    unbiased score, normalised over the picks and scaled. Returns picks and gates sorted by expert."""
+    logits = x @ weight.T
+    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    per_group = weight.shape[0] // n_groups
+    picks, gates = [], []
+    for token_scores in scores.tolist():
+        choice = [s + b for s, b in zip(token_scores, bias.tolist())]
+        groups = [sorted(choice[g * per_group:(g + 1) * per_group], reverse=True) for g in range(n_groups)]
+        group_value = [g[0] + g[1] if group_score == "top2_sum" else g[0] for g in groups]
+        kept = sorted(range(n_groups), key=lambda g: -group_value[g])[:topk_groups]
+        candidates = [e for e in range(len(choice)) if e // per_group in kept]
+        chosen = sorted(sorted(candidates, key=lambda e: -choice[e])[:top_k])
+        total = sum(token_scores[e] for e in chosen)
+        picks.append(chosen)
+        gates.append([scale * token_scores[e] / total for e in chosen])
+    return torch.tensor(picks), torch.tensor(gates)
+
+
+@pytest.mark.parametrize("score_func,n_groups,topk_groups,group_score", [
+    ("sigmoid", 2, 1, "top2_sum"),  # the flagship debug preset's routing
+    ("softmax", 4, 1, "max"),
+    ("sigmoid", 4, 2, "top2_sum"),  # V3's kind: several groups kept
+    ("softmax", 4, 3, "max"),
+])
+def test_group_limited_routing_matches_a_per_token_loop(score_func, n_groups, topk_groups, group_score):
+    torch.manual_seed(0)
+    router = Router(dim=16, n_experts=16, top_k=4, score_func=score_func, n_groups=n_groups, topk_groups=topk_groups,
+                    group_score=group_score, normalize_weights=True, scaling_factor=2.5, expert_bias=True)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.expert_bias.normal_(0, 0.05)
+    x = torch.randn(64, 16)
+    routing = router(x)
+    order = routing.indices.argsort(-1)
+    picks, gates = naive_group_limited_routing(
+        x, router.weight, router.expert_bias, score_func=score_func, n_groups=n_groups, topk_groups=topk_groups,
+        group_score=group_score, top_k=4, scale=2.5)
+    assert torch.equal(routing.indices.gather(-1, order), picks)
+    torch.testing.assert_close(routing.weights.gather(-1, order), gates, rtol=1e-5, atol=1e-6)
+    # the group limit changes some token's picks, so it is really exercised
+    assert not torch.equal(picks, (routing.scores + router.expert_bias).topk(4).indices.sort(-1).values)
+
 def test_activation_checkpointing_counts_load_once():
     moe = make_moe()
     block = TransformerBlock(attention=GroupedQueryAttention(dim=16, n_heads=2), feed_forward=moe,
