@@ -148,7 +148,7 @@ class GroupedExperts(nn.Module, ExpertBank):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         sorted_expert, order = torch.sort(flat_expert, stable=True)
         multiple = row_multiple(device, dtype)
-        capacity, counts = 0, None
+        capacity, counts, offsets = 0, None, None
         if _uniform_allowed(x, dtype):  # counted once here for both the capacity and the layout
             counts = expert_counts(sorted_expert, self.n_experts)
             capacity = uniform_capacity(counts, multiple=multiple)
@@ -156,12 +156,16 @@ class GroupedExperts(nn.Module, ExpertBank):
             rows, row_token, row_weight = self._padded_rows(sorted_expert, order, flat_weight, capacity, counts,
                                                             n=n, k=k, multiple=multiple)
         else:  # every row an assignment, in expert order: no padding, nothing to place
-            rows = expert_counts(sorted_expert, self.n_experts) if counts is None else counts
+            rows = counts
+            if counts is None:  # each expert's end row, read off the sorted ids (2 launches; count + cumsum: 5)
+                offsets = torch.searchsorted(sorted_expert, torch.arange(1, self.n_experts + 1, device=x.device),
+                                             out_int32=True)
             row_token, row_weight = order // k, flat_weight.index_select(0, order)
         with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
             return routed_swiglu(x.to(dtype), row_token, row_weight.to(dtype), self.w_gate.to(dtype),
                                  self.w_up.to(dtype), self.w_down.to(dtype), rows, capacity=capacity,
-                                 shared=None if shared is None else tuple(w.to(dtype) for w in shared))
+                                 shared=None if shared is None else tuple(w.to(dtype) for w in shared),
+                                 offsets=offsets)
 
     def _padded_rows(self, sorted_expert: torch.Tensor, order: torch.Tensor, flat_weight: torch.Tensor,
                      capacity: int, counts: torch.Tensor | None, *, n: int, k: int,

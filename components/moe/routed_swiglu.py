@@ -172,8 +172,8 @@ class _RoutedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity, s_gate, s_up, s_down):
         out, saved = None, ()
-        if s_gate is not None:  # the shared part: every token one row, in order
-            out, saved = _part_forward(x, None, s_gate, s_up, s_down, None, x.shape[0])
+        if s_gate is not None:  # the shared part: every token one row, in order; its weights as one expert
+            out, saved = _part_forward(x, None, s_gate[None], s_up[None], s_down[None], None, x.shape[0])
         rows, routed_saved = _part_forward(x.index_select(0, row_token), row_weight, w_gate, w_up, w_down,
                                            offsets, capacity)
         out = (x.new_zeros(x.shape) if out is None else out).index_add_(0, row_token, rows)
@@ -195,8 +195,9 @@ class _RoutedSwiGLU(torch.autograd.Function):
         needs_x = ctx.needs_input_grad[0]
         grad_x, grad_shared = None, (None, None, None)
         if s_gate is not None:
-            grad_x, _, *grad_shared = _part_backward(grad_out, shared, None, s_gate, s_up, s_down, None,
-                                                     grad_out.shape[0], input_grad=needs_x, spare=None)
+            grad_x, _, *grad_shared = _part_backward(grad_out, shared, None, s_gate[None], s_up[None], s_down[None],
+                                                     None, grad_out.shape[0], input_grad=needs_x, spare=None)
+            grad_shared = [g[0] for g in grad_shared]  # [1, out, in] -> the nn.Linear weight's [out, in]
         grad_rows = grad_out.index_select(0, row_token)  # [R, D]
         grad_xs, grad_weight, *grad_routed = _part_backward(
             grad_rows, routed, row_weight, w_gate, w_up, w_down, offsets, ctx.capacity, input_grad=needs_x,
@@ -209,20 +210,23 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
 def routed_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor, rows: torch.Tensor | None, *,
-                  capacity: int = 0, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+                  capacity: int = 0, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
     """sum over rows r with row_token[r] = n of row_weight[r] * SwiGLU_{e(r)}(x[n]) -> [N, D],
     plus SwiGLU_shared(x[n]) for every token when `shared` is given.
 
     x [N, D]; row_token int64 [R] (the token of each expert-sorted row; padding rows carry any
     token and weight 0); row_weight [R] (the gate of each row); w_gate, w_up [E, F, D];
     w_down [E, D, F]; rows int64 [E] (rows per expert, summing to R > 0), or `capacity` > 0
-    rows for every expert (R = E * capacity: one batched GEMM per product); shared: the shared
+    rows for every expert (R = E * capacity: one batched GEMM per product), or None with
+    `offsets` int32 [E] (each expert's end row, the cumulative rows) given instead; shared: the shared
     SwiGLU's nn.Linear weights (w_gate, w_up [Fs, D], w_down [D, Fs]), or None. x, row_weight
     and the weights share one dtype (fp32 or bf16), the output's too. Differentiable once, in x,
     row_weight and every weight.
     """
-    offsets = None if capacity else rows.cumsum(0).to(torch.int32)
-    s_gate, s_up, s_down = (None, None, None) if shared is None else (w[None] for w in shared)
+    if offsets is None and not capacity:
+        offsets = rows.cumsum(0).to(torch.int32)
+    # 2-D into the Function: a [None] view taken here would be an autograd node per weight each way
+    s_gate, s_up, s_down = (None, None, None) if shared is None else shared
     return _RoutedSwiGLU.apply(x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity,
                                s_gate, s_up, s_down)
