@@ -109,17 +109,20 @@ class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        routing = self.router(x.reshape(b * t, d))
+        # one view for router and experts: their input gradients meet here and go back through one
+        # view (two views made an autograd node each and summed the two [B, T, D] gradients after)
+        flat = x.reshape(b * t, d)
+        routing = self.router(flat)
         keep = None
         if self.training and self.capacity_factor is not None:
             keep = capacity_keep(routing.weights, routing.indices, self.experts.n_experts, self.capacity_factor)
         if torch.is_autocast_enabled(x.device.type):  # cast once for routed and shared experts, not twice
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+            flat = flat.to(torch.get_autocast_dtype(x.device.type))
         shared = self._shared_weights()
-        out = self.experts(x.reshape(b * t, d), routing.indices, routing.weights, keep,
+        out = self.experts(flat, routing.indices, routing.weights, keep,
                            **({} if shared is None else {"shared": shared})).view(b, t, d)
         if self.shared_experts is not None and shared is None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(flat.view(b, t, d))
         self._aux = self._balance(routing, b, t) if self.training else None
         return out
 
