@@ -120,7 +120,6 @@ def test_zero_gamma_leaves_bias_unchanged_and_gates_ignore_bias():
     assert torch.equal(routing.indices.sort(-1).values, (scores + before).topk(2).indices.sort(-1).values)
 
 
-
 def naive_group_limited_routing(x, weight, bias, *, score_func, n_groups, topk_groups, group_score, top_k,
                                 scale):
     """Per token, in plain Python: a group's score is its best (or best two) biased scores; the
@@ -166,6 +165,7 @@ def test_group_limited_routing_matches_a_per_token_loop(score_func, n_groups, to
     torch.testing.assert_close(routing.weights.gather(-1, order), gates, rtol=1e-5, atol=1e-6)
     # the group limit changes some token's picks, so it is really exercised
     assert not torch.equal(picks, (routing.scores + router.expert_bias).topk(4).indices.sort(-1).values)
+
 
 def test_activation_checkpointing_counts_load_once():
     moe = make_moe()
