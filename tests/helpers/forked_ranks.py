@@ -109,8 +109,8 @@ def run_ranks(program: Path, *args: str, processes: int = 2, timeout: float = 60
         raise ValueError(f"{refused}: read when torch is imported, which forked ranks do not do; use launch.torchrun")
     import torch.distributed as dist
 
-    context = _server()
-    path = [str(Path(program).parent), *(p for p in environment(env)["PYTHONPATH"].split(os.pathsep) if p),
+    context, launch_env = _server(), environment(env)
+    path = [str(Path(program).parent), *(p for p in launch_env["PYTHONPATH"].split(os.pathsep) if p),
             *_interpreter_path()]
     # the rendezvous store torchrun's agent would hold: bound here, so its port is taken before any rank starts
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) if processes > 1 else None
@@ -120,7 +120,7 @@ def run_ranks(program: Path, *args: str, processes: int = 2, timeout: float = 60
         ranks: list[multiprocessing.process.BaseProcess] = []
         try:
             for rank, (out, err) in enumerate(outputs):
-                rank_env = environment(env)
+                rank_env = dict(launch_env)
                 if store is not None:  # one process runs as `python program` would, as `launch.command` has it
                     rank_env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
                                  "LOCAL_WORLD_SIZE": str(processes), "GROUP_WORLD_SIZE": "1",
