@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 
 from helpers.forked_ranks import run_ranks
-from helpers.launch import ROOT
+from helpers.launch import ROOT, environment
 
 PROGRAM = """
 import atexit, json, os, sys, time
@@ -80,6 +81,32 @@ def test_one_process_has_no_distributed_variables(program):
     done = run_ranks(program, "ok", str(program.parent.parent / "pids"), processes=1)
     assert done.returncode == 0, done.stderr
     assert [(r["rank"], r["world"]) for r in _reports(done.stdout)] == [(None, None)]
+
+
+ENDINGS = """
+import atexit, sys
+atexit.register(print, "exit handler")
+how = sys.argv[1]
+if how == "code":
+    sys.exit(2)
+if how == "message":
+    sys.exit("stopped: a message")
+raise ValueError("the program fails")
+"""
+
+
+@pytest.mark.parametrize("how", ["code", "message", "exception"])
+def test_one_process_ends_as_python_ends_it(tmp_path, how):
+    """One forked process (what `launch.run_recipe` runs) gives the exit code, stderr and exit
+    handlers' output of the same program under a fresh `python`."""
+    program = tmp_path / "ends.py"
+    program.write_text(ENDINGS)
+    forked = run_ranks(program, how, processes=1)
+    fresh = subprocess.run([sys.executable, str(program), how], capture_output=True, text=True, cwd=ROOT,
+                           env=environment())
+    assert fresh.returncode in (1, 2) and fresh.stdout == "exit handler\n"
+    assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
+    assert forked.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]  # the message or the exception
 
 
 def test_a_failing_rank_ends_its_peers_and_fails_the_launch(program):

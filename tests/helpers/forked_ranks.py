@@ -101,7 +101,8 @@ def run_ranks(program: Path, *args: str, processes: int = 2, timeout: float = 60
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `program ARGS` on `processes` forked ranks (1: one process without the distributed
     variables) and wait; the ranks' stdout and stderr (rank 0's first) come back as text.
-    returncode: 0, or 1 when a rank failed (its peers are then ended). Raises
+    returncode: one process's own exit code (as `python program` would end: 2 for a usage
+    error, -N for signal N); of several, 0, or 1 when a rank failed (its peers are then ended). Raises
     subprocess.TimeoutExpired after `timeout` s, the ranks killed; ValueError for an `env`
     variable that torch reads on import (use `launch.torchrun` for those)."""
     refused = [key for key in env or {} if key.startswith(IMPORT_TIME_PREFIXES)]
@@ -137,7 +138,8 @@ def run_ranks(program: Path, *args: str, processes: int = 2, timeout: float = 60
                           for paths in zip(*outputs))
     if failed is None:
         raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
-    return subprocess.CompletedProcess(command, int(failed), stdout, stderr)
+    code = ranks[0].exitcode if processes == 1 else int(failed)
+    return subprocess.CompletedProcess(command, code, stdout, stderr)
 
 
 def _wait(ranks: list, *, deadline: float) -> bool | None:
