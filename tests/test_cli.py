@@ -29,7 +29,7 @@ def test_print_shows_resolved_tree_with_overrides():
 
 def test_dry_run_reports_parameters_quickly():
     with child_cpu_seconds() as cpu:  # CPU time, not wall time: other work on the machine does not count
-        result = run_recipe("--dry-run")
+        result = run_recipe("--dry-run", fresh=True)  # a fresh interpreter: its imports are what a user pays
     elapsed = cpu[0]
     assert result.returncode == 0, result.stderr
     # independent count: build the preset's model for real (not on meta), here
@@ -56,7 +56,8 @@ def test_dump_then_load_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_run_from_command_line_trains():
-    result = run_recipe("steps=15", "batch_size=4", "seq_len=64", "progress.log_every=5", timeout=180)
+    # fresh: a training run (with its process group) ends through the interpreter's own finalization
+    result = run_recipe("steps=15", "batch_size=4", "seq_len=64", "progress.log_every=5", timeout=180, fresh=True)
     assert result.returncode == 0, result.stderr
     assert "done: loss" in result.stdout and "step    15" in result.stdout
 

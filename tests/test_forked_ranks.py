@@ -17,7 +17,7 @@ from helpers.forked_ranks import run_ranks
 from helpers.launch import ROOT, environment
 
 PROGRAM = """
-import atexit, json, os, sys, time
+import atexit, json, multiprocessing, os, sys, time
 import torch
 
 def main():
@@ -26,7 +26,8 @@ def main():
     with open(os.path.join(pids, f"{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     print(json.dumps({"rank": rank, "world": os.environ.get("WORLD_SIZE"), "args": sys.argv[1:], "cwd": os.getcwd(),
-                      "path0": sys.path[0], "path": sys.path, "threads": torch.get_num_threads()}))
+                      "path0": sys.path[0], "path": sys.path, "threads": torch.get_num_threads(),
+                      "start_method": multiprocessing.get_start_method()}))
     print(f"stderr of {rank}", file=sys.stderr)
     atexit.register(print, f"exit handler of {rank}")
     if mode == "fail" and rank == "1":
@@ -81,6 +82,9 @@ def test_one_process_has_no_distributed_variables(program):
     done = run_ranks(program, "ok", str(program.parent.parent / "pids"), processes=1)
     assert done.returncode == 0, done.stderr
     assert [(r["rank"], r["world"]) for r in _reports(done.stdout)] == [(None, None)]
+    fresh = subprocess.run([sys.executable, "-c", "import multiprocessing; print(multiprocessing.get_start_method())"],
+                           capture_output=True, text=True, check=True)
+    assert _reports(done.stdout)[0]["start_method"] == fresh.stdout.strip()  # not the server's forkserver
 
 
 ENDINGS = """

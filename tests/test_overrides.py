@@ -181,7 +181,8 @@ def _attention_runs(cfg, seq_len: int = 64) -> torch.Tensor:
 def test_mla_to_gqa_swap_on_the_flagship_runs_as_a_user_would():
     from helpers.launch import run_recipe
 
-    result = run_recipe("model.layers[*].attention=@gqa", "--dry-run", recipe="deepseek_pretrain")
+    # fresh: stderr holds no note but the swap's, import-time warnings included
+    result = run_recipe("model.layers[*].attention=@gqa", "--dry-run", recipe="deepseek_pretrain", fresh=True)
     assert result.returncode == 0, result.stderr
     assert "parameters (total)" in result.stdout and "error" not in result.stderr
     # one note for the broadcast, naming MLA's query-latent norm as left behind

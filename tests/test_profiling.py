@@ -18,7 +18,8 @@ ARGS = ["steps=4", "batch_size=2", "seq_len=32", "compute.threads=1", "scheduler
 
 @pytest.mark.slow  # one recipe run: about 10 s alone
 def test_profiled_steps_write_a_trace_with_their_ops(tmp_path):
-    done = run_recipe(*ARGS, f"metrics.folder={tmp_path}", "metrics.profile=2:3")
+    # fresh: the profiler's exit-time teardown runs in the interpreter's finalization
+    done = run_recipe(*ARGS, f"metrics.folder={tmp_path}", "metrics.profile=2:3", fresh=True)
     assert done.returncode == 0, done.stderr[-3000:]
     trace = tmp_path / "trace-steps-2-3.json"
     assert f"profile: wrote {trace}" in done.stderr

@@ -84,6 +84,7 @@ def _rank(program: str, args: list[str], env: dict[str, str], path: list[str], o
     os.environ.update(env)
     os.chdir(ROOT)
     sys.argv, sys.path[:] = [program, *args], path
+    multiprocessing.set_start_method(None, force=True)  # the platform's default, as under `python` (not forkserver)
     code: int | str | None = 0
     try:
         runpy.run_path(program, run_name="__main__")

@@ -72,22 +72,29 @@ def start(program: Path, *args: str, processes: int = 1, env: dict[str, str] | N
                             env=environment(env), **popen)
 
 
+# What a run reads when it starts, not when torch is imported: a forked run takes them as a fresh
+# interpreter would. Any other variable (PYTHONPATH, TORCH_*, OMP_*, LD_*, MALLOC_*, locale, ...)
+# gets a fresh interpreter.
+RUN_TIME_VARIABLES = ("COLUMNS", "TESSERA_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_recipe(*args: str, recipe: str = "llama_pretrain", env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+               timeout: float = 120, fresh: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `python recipes/<recipe>.py ARGS` in a process of its own, as a user would, and wait:
     its exit code, stdout and stderr as text.
 
-    The process is forked from a server that has imported torch and its compiler
-    (`forked_ranks.run_ranks`): a `--dry-run` took 0.8 s instead of 4.9 (2-core Zen 3), as
-    a fresh interpreter's imports cost more than most of these short runs. What differs from `python` is said there: the
-    interpreter's finalization is skipped and torch's import-time variables are the server's,
-    so an `env` that sets any of them (or PYTHONPATH, for a package installed since) gets a
-    fresh interpreter. Launches, signals and restarts are tested on fresh ones (`run_program`,
-    `start`, `torchrun`)."""
+    Unless `fresh`, the process is forked from a server that has imported torch and its
+    compiler (`forked_ranks.run_ranks`): a `--dry-run` took 0.8 s instead of 4.9 (2-core Zen
+    3), as a fresh interpreter's imports cost more than most of these short runs. What differs
+    from `python` is said there: the interpreter's finalization (where an undestroyed process
+    group or the profiler can abort it) is skipped, warnings printed while torch is imported go
+    to the server, and import-time variables are the server's, so an `env` outside
+    `RUN_TIME_VARIABLES` gets a fresh interpreter. `fresh=True` for a test of what those cover;
+    launches, signals and restarts are tested on fresh ones (`run_program`, `start`, `torchrun`)."""
     from helpers import forked_ranks  # it builds on this module's environment
 
     env = {"COLUMNS": "200", **(env or {})}
-    if any(key.startswith(forked_ranks.IMPORT_TIME_PREFIXES) for key in env):
+    if fresh or not all(key.startswith(RUN_TIME_VARIABLES) for key in env):
         return run_program(recipe_script(recipe), *args, timeout=timeout, env=env)
     return forked_ranks.run_ranks(recipe_script(recipe), *args, processes=1, timeout=timeout, env=env)
 
