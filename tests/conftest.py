@@ -18,6 +18,11 @@ torch.set_num_threads(1)
 if "TESSERA_CACHE_DIR" not in os.environ:
     os.environ["TESSERA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-cache-")
     atexit.register(shutil.rmtree, os.environ["TESSERA_CACHE_DIR"], ignore_errors=True)
+# torchrun's log folders too (PET_LOG_DIR is its --log-dir): left to itself, each launch made a
+# /tmp/torchelastic_* folder that nothing removed, 18-94 per suite run.
+if "PET_LOG_DIR" not in os.environ:
+    os.environ["PET_LOG_DIR"] = tempfile.mkdtemp(prefix="tessera-torchrun-logs-")
+    atexit.register(shutil.rmtree, os.environ["PET_LOG_DIR"], ignore_errors=True)
 
 # Test-only components (tests/helpers) may appear in configs that checkpoints serialize.
 import tessera.registry.serialize  # noqa: E402
