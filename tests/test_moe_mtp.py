@@ -48,6 +48,47 @@ def test_moe_equals_per_token_loop():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def grouped_moe_with_every_option() -> MoE:
+    """`make_moe` with group-limited routing (2 groups, 1 kept), a balance loss and a capacity."""
+    moe = make_moe(balance_alpha=0.01, capacity_factor=1.0)
+    moe.router.n_groups, moe.router.topk_groups = 2, 1
+    return moe
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 16), (2, 0, 16)])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(shape):
+    """No token: the sum over tokens is empty, so the output is empty and every weight's gradient
+    zero (what nn.Linear gives), with no balance loss and no load counted; a real batch after it
+    runs as on a fresh layer. It used to fail in the shared experts' GEMM ("Have to provide offsets")."""
+    moe = grouped_moe_with_every_option()
+    x = torch.randn(*shape, requires_grad=True)
+    out = moe(x)
+    assert out.shape == x.shape and moe.auxiliary_loss() is None
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, param in moe.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name
+    assert not moe.router.step_load.any()
+    tokens = torch.randn(2, 5, 16)
+    torch.testing.assert_close(moe(tokens), grouped_moe_with_every_option()(tokens))
+    assert moe.router.step_load.sum() == 2 * 5 * 2
+
+
+def test_the_layer_runs_on_meta_tensors_with_a_real_runs_shapes():
+    """A shape pass on the meta device (a model built there, as for FLOP counting): the output's
+    shape and dtype are those of the same layer on CPU, a CPU autocast around it or not (meta has
+    no autocast of its own). It used to fail where the router switches autocast off ("unsupported
+    scalarType")."""
+    with torch.device("meta"):
+        meta = make_moe()
+    x = torch.randn(2, 5, 16)
+    expected = make_moe()(x)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = meta(x.to("meta"))
+        assert out.is_meta and (out.shape, out.dtype) == (expected.shape, expected.dtype), autocast
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mm_and_its_gradients_match_a_per_expert_loop(dtype):
     from tessera.components.moe.grouped_mm import grouped_mm

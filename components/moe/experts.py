@@ -12,6 +12,7 @@ from tessera.components.interfaces import ExpertBank
 from tessera.components.model.init import normal_
 from tessera.components.moe.grouped_mm import grouped_mm
 from tessera.components.moe.routed_swiglu import routed_swiglu
+from tessera.components.precision.autocast_state import autocast_dtype, autocast_off
 
 
 def expert_counts(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -145,7 +146,7 @@ class GroupedExperts(nn.Module, ExpertBank):
         if keep is not None:  # dropped assignments weigh 0 (shapes stay static for torch.compile)
             flat_weight = flat_weight * keep.flatten()
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = autocast_dtype(device) or x.dtype
         sorted_expert, order = torch.sort(flat_expert, stable=True)
         multiple = row_multiple(device, dtype)
         capacity, counts, offsets = 0, None, None
@@ -161,7 +162,7 @@ class GroupedExperts(nn.Module, ExpertBank):
                 offsets = torch.searchsorted(sorted_expert, torch.arange(1, self.n_experts + 1, device=x.device),
                                              out_int32=True)
             row_token, row_weight = order // k, flat_weight.index_select(0, order)
-        with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
+        with autocast_off(device):  # grouped_mm is not an autocast op: cast explicitly
             return routed_swiglu(x.to(dtype), row_token, row_weight.to(dtype), self.w_gate.to(dtype),
                                  self.w_up.to(dtype), self.w_down.to(dtype), rows, capacity=capacity,
                                  shared=None if shared is None else tuple(w.to(dtype) for w in shared),

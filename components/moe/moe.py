@@ -21,6 +21,7 @@ from tessera.components.parallel.tp_styles import (
     Replicate,
     ReplicatedCompute,
 )
+from tessera.components.precision.autocast_state import autocast_dtype
 from tessera.registry.invariants import invariant
 from tessera.registry.kinds import FEED_FORWARD
 
@@ -116,8 +117,9 @@ class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
         keep = None
         if self.training and self.capacity_factor is not None:
             keep = capacity_keep(routing.weights, routing.indices, self.experts.n_experts, self.capacity_factor)
-        if torch.is_autocast_enabled(x.device.type):  # cast once for routed and shared experts, not twice
-            flat = flat.to(torch.get_autocast_dtype(x.device.type))
+        compute_dtype = autocast_dtype(x.device.type)
+        if compute_dtype is not None:  # cast once for routed and shared experts, not twice
+            flat = flat.to(compute_dtype)
         shared = self._shared_weights()
         out = self.experts(flat, routing.indices, routing.weights, keep,
                            **({} if shared is None else {"shared": shared})).view(b, t, d)
@@ -139,6 +141,8 @@ class MoE(FeedForward, AuxiliaryLoss, RoutedExperts, TensorParallel):
         return shared.w_gate.weight, shared.w_up.weight, shared.w_down.weight
 
     def _balance(self, routing, b: int, t: int) -> torch.Tensor | None:
+        if b * t == 0:  # no token, nothing to balance (the losses' means over tokens would be 0 / 0)
+            return None
         terms = []
         scores = routing.scores.view(b, t, -1)
         indices = routing.indices.view(b, t, -1)

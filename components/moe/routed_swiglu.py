@@ -171,6 +171,10 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity, s_gate, s_up, s_down):
+        if x.shape[0] == 0:  # no token (an empty batch): an empty output, zero weight gradients as nn.Linear's
+            ctx.save_for_backward(x, row_weight, w_gate, w_up, w_down, s_gate, s_up, s_down)
+            ctx.capacity = None
+            return x.new_zeros(x.shape)
         out, saved = None, ()
         if s_gate is not None:  # the shared part: every token one row, in order; its weights as one expert
             out, saved = _part_forward(x, None, s_gate[None], s_up[None], s_down[None], None, x.shape[0])
@@ -189,6 +193,10 @@ class _RoutedSwiGLU(torch.autograd.Function):
                                "so second derivatives (backward with create_graph=True, as Sophia-H's "
                                "Hessian-vector products take) do not pass a MoE layer")
         saved = ctx.saved_tensors
+        if ctx.capacity is None:  # the empty batch's: every gradient zero
+            x, row_weight, *weights = saved
+            zeros = [None if w is None else torch.zeros_like(w) for w in weights]
+            return (torch.zeros_like(x), None, torch.zeros_like(row_weight), *zeros[:3], None, None, *zeros[3:])
         routed, (row_token, row_weight, w_gate, w_up, w_down, offsets) = saved[:6], saved[6:12]
         shared, (s_gate, s_up, s_down) = saved[12:-3], saved[-3:]
         grad_out = grad_out.contiguous()

@@ -12,6 +12,7 @@ from torch import nn
 
 from tessera.components.interfaces import OptimizerStepHook, ReportsExpertLoad
 from tessera.components.model.init import normal_
+from tessera.components.precision.autocast_state import autocast_off
 from tessera.registry.invariants import invariant
 
 
@@ -78,7 +79,7 @@ class Router(nn.Module, OptimizerStepHook, ReportsExpertLoad):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> Routing:
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in fp32 under autocast
+        with autocast_off(x.device.type):  # routing decisions stay in fp32 under autocast
             return self._route(x.float())
 
     def _route(self, x: torch.Tensor) -> Routing:
