@@ -171,9 +171,9 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, row_token, row_weight, w_gate, w_up, w_down, offsets, capacity, s_gate, s_up, s_down):
-        if x.shape[0] == 0:  # no token (an empty batch): an empty output, zero weight gradients as nn.Linear's
+        ctx.empty = x.shape[0] == 0
+        if ctx.empty:  # no token (an empty batch): an empty output, zero weight gradients as nn.Linear's
             ctx.save_for_backward(x, row_weight, w_gate, w_up, w_down, s_gate, s_up, s_down)
-            ctx.capacity = None
             return x.new_zeros(x.shape)
         out, saved = None, ()
         if s_gate is not None:  # the shared part: every token one row, in order; its weights as one expert
@@ -193,7 +193,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
                                "so second derivatives (backward with create_graph=True, as Sophia-H's "
                                "Hessian-vector products take) do not pass a MoE layer")
         saved = ctx.saved_tensors
-        if ctx.capacity is None:  # the empty batch's: every gradient zero
+        if ctx.empty:  # every gradient zero
             x, row_weight, *weights = saved
             zeros = [None if w is None else torch.zeros_like(w) for w in weights]
             return (torch.zeros_like(x), None, torch.zeros_like(row_weight), *zeros[:3], None, None, *zeros[3:])
@@ -230,7 +230,8 @@ def routed_swiglu(x: torch.Tensor, row_token: torch.Tensor, row_weight: torch.Te
     `offsets` int32 [E] (each expert's end row, the cumulative rows) given instead; shared: the shared
     SwiGLU's nn.Linear weights (w_gate, w_up [Fs, D], w_down [D, Fs]), or None. x, row_weight
     and the weights share one dtype (fp32 or bf16), the output's too. Differentiable once, in x,
-    row_weight and every weight.
+    row_weight and every weight. N = 0 (an empty batch) gives [0, D] and zero weight gradients,
+    whatever the rows say.
     """
     if offsets is None and not capacity:
         offsets = rows.cumsum(0).to(torch.int32)
