@@ -44,6 +44,7 @@ from tessera.components.interfaces import ExpertBank, RoutedExperts
 from tessera.components.moe.experts import expert_counts, padded_layout, row_multiple, swiglu_experts
 from tessera.components.moe.router import set_load_group
 from tessera.components.parallel.process_group import average_in_place
+from tessera.components.precision.autocast_state import autocast_dtype, autocast_off
 
 
 # -- the three local pieces: plan the dispatch, run the local experts, combine --------------------
@@ -167,8 +168,8 @@ class ExpertParallel:
         received = counts.sum(1).tolist()
         self.sent, self.received = plan.splits, received
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):  # grouped_mm is not an autocast op: cast explicitly
+        dtype = autocast_dtype(device) or x.dtype
+        with autocast_off(device):  # grouped_mm is not an autocast op: cast explicitly
             rows = _AllToAll.apply(x.index_select(0, plan.token).to(dtype), received, plan.splits, self.group)
             local = [_ExpertGradient.apply(_local(w), 1.0 / self.ep).to(dtype)
                      for w in experts.parameters(recurse=False)]  # type: ignore[attr-defined]
